@@ -1,0 +1,39 @@
+"""ControlPlaneService: read and watch the fleet, the plan and the pairing table."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from control_plane.controller import PairingController
+from dynamo_grpc.registry import Registry
+from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
+from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
+
+PLAN_DOCUMENT = "plan"
+
+
+class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
+    def __init__(self, registry: Registry, pairings: PairingController) -> None:
+        self._registry = registry
+        self._pairings = pairings
+
+    async def ListWorkers(self, request: cp_pb.ListWorkersRequest, context: grpc.aio.ServicerContext
+                          ) -> cp_pb.ListWorkersResponse:
+        workers = await self._registry.list_workers(request.role)
+        return cp_pb.ListWorkersResponse(workers=[w for w in workers if not request.model or w.model == request.model])
+
+    async def GetPlan(self, request: cp_pb.GetPlanRequest, context: grpc.aio.ServicerContext
+                      ) -> cp_pb.GetPlanResponse:
+        data = await self._registry.get_document(PLAN_DOCUMENT)
+        return cp_pb.GetPlanResponse(plan=cp_pb.Plan.FromString(data) if data else cp_pb.Plan())
+
+    async def GetPairings(self, request: cp_pb.GetPairingsRequest, context: grpc.aio.ServicerContext
+                          ) -> cp_pb.GetPairingsResponse:
+        return cp_pb.GetPairingsResponse(table=self._pairings.table)
+
+    async def WatchPairings(self, request: cp_pb.WatchPairingsRequest, context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[cp_pb.WatchPairingsResponse]:
+        async for table in self._pairings.watch():
+            yield cp_pb.WatchPairingsResponse(table=table)

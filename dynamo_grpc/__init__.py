@@ -1,0 +1,1 @@
+"""Disaggregated LLM serving with typed gRPC contracts."""

@@ -1,0 +1,143 @@
+"""`dynamo-grpc`: run a role (prefill, decode, router, control-plane), a whole deployment (serve), or a request."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from dynamo_grpc.config import (ConfigError, ServerConfig, add_engine_flags, add_flag, add_server_flags,
+                                server_config, worker_config)
+from dynamo_grpc.client import RouterClient
+from dynamo_grpc.registry import EtcdRegistry, MemoryRegistry, Registry
+from dynamo_grpc.roles import (RunningRole, start_all_in_one, start_control_plane, start_decode, start_prefill,
+                               start_router)
+from dynamo_grpc.v1 import common_pb2 as pb
+
+log = logging.getLogger("dynamo_grpc")
+
+DEFAULT_ROUTER_PORT = 50051
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynamo-grpc", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    roles = parser.add_subparsers(dest="command", required=True)
+    for name, help in (("prefill", "run a prefill worker"), ("decode", "run a decode worker")):
+        sub = roles.add_parser(name, help=help)
+        add_server_flags(sub)
+        add_engine_flags(sub)
+    sub = roles.add_parser("router", help="run a router")
+    add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
+    sub = roles.add_parser("control-plane", help="run the control plane (pairings, plan, fleet)")
+    add_server_flags(sub)
+    sub = roles.add_parser("serve", help="run 1 router + 1 prefill + 1 decode + control plane on this host")
+    add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
+    add_engine_flags(sub)
+    add_flag(sub, "prompt", default="", help="send this prompt through the deployment, print the answer, exit")
+    add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate for --prompt")
+    sub = roles.add_parser("generate", help="send one request to a router and stream the answer")
+    add_flag(sub, "router", default=f"127.0.0.1:{DEFAULT_ROUTER_PORT}", help="router endpoint host:port")
+    add_flag(sub, "model", default="sim-tiny", help="model name")
+    add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate")
+    sub.add_argument("prompt", help="prompt text")
+    return parser
+
+
+async def _connect_registry(config: ServerConfig, *, required: bool) -> Registry:
+    if not config.etcd:
+        if required:
+            raise ConfigError("--etcd is required for a standalone role (e.g. --etcd 127.0.0.1:2379); "
+                              "use `dynamo-grpc serve` for a single-process deployment without etcd")
+        return MemoryRegistry(namespace=config.namespace)
+    registry = EtcdRegistry(config.etcd, namespace=config.namespace, lease_ttl_s=config.lease_ttl_s)
+    await registry.connect()
+    return registry
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _run_role(start: Callable[[], Awaitable[RunningRole]], registry: Registry) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(registry.close)
+        role = await start()
+        stack.push_async_callback(role.stop)
+        await _until_signalled()
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    worker = worker_config(args)
+    registry = await _connect_registry(worker.server, required=False)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(registry.close)
+        deployment = await start_all_in_one(worker, registry)
+        stack.push_async_callback(deployment.stop)
+        endpoint, model = deployment.router.endpoint, worker.engine.model
+        print(f"dynamo-grpc: serving {model!r}; send requests to RouterService at {endpoint} "
+              f"(try: dynamo-grpc generate --router {endpoint} --model {model} 'Hello')", flush=True)
+        if args.prompt:
+            return await _generate(endpoint, model, args.prompt, int(args.max_tokens))
+        await _until_signalled()
+    return 0
+
+
+async def _generate(endpoint: str, model: str, prompt: str, max_tokens: int) -> int:
+    async with RouterClient(endpoint) as client:
+        stream = client.generate(prompt, model=model, max_tokens=max_tokens)
+        async for response in stream:
+            if response.HasField("tokens"):
+                print(response.tokens.text, end="", flush=True)
+            else:
+                c = response.completion
+                kv = f", KV pulled: {c.kv_transfer.bytes} bytes from {c.prefill_worker_id}" if c.kv_transfer.bytes else ""
+                print(f"\n[{c.usage.prompt_tokens} prompt + {c.usage.completion_tokens} completion tokens, "
+                      f"finish: {pb.FinishReason.Name(c.finish_reason)}{kv}]")
+    return 0
+
+
+async def _main(args: argparse.Namespace) -> int:
+    command = args.command
+    if command == "generate":
+        return await _generate(args.router, args.model, args.prompt, int(args.max_tokens))
+    if command == "serve":
+        return await _serve(args)
+    server = server_config(args)
+    registry = await _connect_registry(server, required=True)
+    if command == "prefill":
+        config = worker_config(args)
+        await _run_role(lambda: start_prefill(config, registry), registry)
+    elif command == "decode":
+        config = worker_config(args)
+        await _run_role(lambda: start_decode(config, registry), registry)
+    elif command == "router":
+        await _run_role(lambda: start_router(server, registry), registry)
+    elif command == "control-plane":
+        await _run_role(lambda: start_control_plane(server, registry), registry)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s {args.command} %(name)s: %(message)s")
+    try:
+        return asyncio.run(_main(args))
+    except ConfigError as error:
+        print(f"dynamo-grpc {args.command}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The engine contract: one small Protocol that the vLLM and simulated adapters both implement.
+
+Servicers speak only to this Protocol, so a worker role never knows which engine runs behind it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dynamo_grpc.v1 import common_pb2 as pb
+
+
+class FinishReason(enum.IntEnum):
+    """Why a generation ended; values match `dynamo_grpc.v1.FinishReason`."""
+
+    STOP = pb.FINISH_REASON_STOP
+    LENGTH = pb.FINISH_REASON_LENGTH
+    CANCELLED = pb.FINISH_REASON_CANCELLED
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Validated sampling parameters (see `SamplingParams` in common.proto for the defaults)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One generation. `produce_kv` asks a prefill engine to hold the prompt's KV for pulling;
+    `kv_handle` asks a decode engine to pull the prompt's KV instead of computing it."""
+
+    request_id: str
+    prompt: str | tuple[int, ...]
+    sampling: Sampling
+    produce_kv: bool = False
+    kv_handle: pb.KvHandle | None = None
+
+
+@dataclass
+class EngineOutput:
+    """New tokens of one step; the last output of a request carries `finish_reason` and `usage`."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    usage: pb.Usage | None = None
+    kv_handle: pb.KvHandle | None = None
+    kv_transfer: pb.KvTransferStats | None = None
+
+
+class Engine(Protocol):
+    """What a worker needs from an inference engine."""
+
+    model: str
+    fingerprint: str
+    kind: str
+
+    def capacity(self) -> pb.WorkerCapacity: ...
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Stream outputs until the request finishes; closing the iterator aborts it."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a running request: its stream ends with FinishReason.CANCELLED. Unknown ids are ignored."""
+        ...
+
+    def stats(self) -> pb.WorkerStats: ...
+
+    async def shutdown(self) -> None: ...

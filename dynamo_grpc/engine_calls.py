@@ -1,0 +1,45 @@
+"""What prefill and decode servicers share: turning a GenerationParams into an engine run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from dynamo_grpc.engine.base import Engine, EngineOutput, EngineRequest
+from dynamo_grpc.errors import DeadlineExceeded, NotFound
+from dynamo_grpc.params import check_request_id, prompt_of, sampling_of, seconds_left
+from dynamo_grpc.v1 import common_pb2 as pb
+
+
+def engine_request(engine: Engine, request_id: str, params: pb.GenerationParams, *,
+                   produce_kv: bool = False, kv_handle: pb.KvHandle | None = None) -> EngineRequest:
+    """Validate a request against this worker's engine and build the engine's view of it."""
+    check_request_id(request_id)
+    if params.model != engine.model:
+        raise NotFound(f"model {params.model!r} is not served here; this worker serves {engine.model!r}",
+                       request_id=request_id, reason="MODEL_NOT_FOUND")
+    return EngineRequest(request_id=request_id, prompt=prompt_of(params, request_id),
+                         sampling=sampling_of(params, request_id), produce_kv=produce_kv, kv_handle=kv_handle)
+
+
+@contextlib.asynccontextmanager
+async def engine_run(engine: Engine, request: EngineRequest, params: pb.GenerationParams
+                     ) -> AsyncIterator[AsyncIterator[EngineOutput]]:
+    """The engine's output stream, bounded by the request's deadline; leaving the block aborts the request."""
+    timeout = seconds_left(params, request.request_id)
+    outputs = engine.generate(request)
+    try:
+        async with asyncio.timeout(timeout):
+            yield outputs
+    except TimeoutError:
+        raise DeadlineExceeded("the request's deadline passed before it finished",
+                               request_id=request.request_id) from None
+    finally:
+        await engine.abort(request.request_id)
+        await outputs.aclose()  # type: ignore[attr-defined]
+
+
+def completion_of(out: EngineOutput, *, prefill_worker_id: str, decode_worker_id: str) -> pb.Completion:
+    return pb.Completion(finish_reason=int(out.finish_reason or 0), usage=out.usage, kv_transfer=out.kv_transfer,
+                         prefill_worker_id=prefill_worker_id, decode_worker_id=decode_worker_id)

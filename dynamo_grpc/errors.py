@@ -1,0 +1,99 @@
+"""One exception hierarchy and one exception -> gRPC status table for the whole project.
+
+Every error leaves a server as a canonical status code plus `google.rpc.ErrorInfo` (AIP-193): `reason`
+in UPPER_SNAKE, our domain, and the request id in `metadata`, so clients can branch on `reason`
+instead of parsing messages.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "dynamo-grpc"
+
+
+class DynamoError(Exception):
+    """An error a client can act on; `message` is shown to users, so it carries no internals."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, *, request_id: str = "", reason: str | None = None,
+                 code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
+        if reason is not None:
+            self.reason = reason
+        if code is not None:
+            self.code = code
+
+    def to_status(self) -> grpc.Status:
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN)
+        if self.request_id:
+            info.metadata["request_id"] = self.request_id
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
+        return rpc_status.to_status(status)
+
+
+class InvalidArgument(DynamoError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+
+class NotFound(DynamoError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(DynamoError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "REQUEST_ID_IN_USE"
+
+
+class PermissionDenied(DynamoError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class FailedPrecondition(DynamoError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(DynamoError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(DynamoError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(DynamoError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError, *, request_id: str = "") -> DynamoError:
+    """Turn a downstream call's failure into our error, keeping its code and reason for the caller."""
+    reason = error.code().name
+    status = rpc_status.from_call(error)
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason = info.reason
+    return DynamoError(error.details() or reason, request_id=request_id, reason=reason, code=error.code())
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason of a failed call (the status code name when it carries none)."""
+    return from_rpc_error(error).reason

@@ -1,0 +1,67 @@
+"""The decode side of KV transfer: pull a prefill worker's held KV over gRPC, check it, release it."""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+import grpc
+
+from dynamo_grpc.channels import ChannelPool
+from dynamo_grpc.errors import DynamoError, FailedPrecondition, from_rpc_error
+from dynamo_grpc.v1 import common_pb2 as pb
+from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
+from dynamo_grpc.v1 import kv_transfer_pb2_grpc as kv_grpc
+
+
+class KvPuller:
+    """Pulls KV bytes named by a `KvHandle`; one per decode worker, channels shared across requests."""
+
+    def __init__(self, channels: ChannelPool, *, fingerprint: str) -> None:
+        self._channels = channels
+        self._fingerprint = fingerprint
+
+    async def pull(self, handle: pb.KvHandle, *, request_id: str) -> tuple[bytes, pb.KvTransferStats]:
+        """All bytes of the transfer, verified against the handle's size and CRC-32."""
+        if handle.engine_fingerprint != self._fingerprint:
+            raise FailedPrecondition(
+                f"KV handle comes from an incompatible engine ({handle.engine_fingerprint}); this decode "
+                f"worker runs {self._fingerprint}. Pair only workers with the same engine fingerprint.",
+                request_id=request_id, reason="ENGINE_FINGERPRINT_MISMATCH")
+        stub = kv_grpc.KvTransferServiceStub(self._channels.get(handle.endpoint))
+        started = time.perf_counter()
+        buffer = bytearray(handle.total_bytes)
+        received = 0
+        try:
+            async for chunk in stub.PullKv(kv_pb.PullKvRequest(
+                    request_id=request_id, transfer_id=handle.transfer_id, pull_token=handle.pull_token,
+                    engine_fingerprint=self._fingerprint)):
+                end = chunk.offset + len(chunk.data)
+                if end > len(buffer):
+                    raise _data_loss(request_id, f"KV chunk ends at byte {end}, past the announced {len(buffer)}")
+                buffer[chunk.offset:end] = chunk.data
+                received += len(chunk.data)
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, request_id=request_id) from None
+        if received != handle.total_bytes:
+            raise _data_loss(request_id, f"KV pull got {received} of {handle.total_bytes} bytes")
+        data = bytes(buffer)
+        if zlib.crc32(data) != handle.crc32:
+            raise _data_loss(request_id, "KV bytes failed their CRC-32 check")
+        stats = pb.KvTransferStats(bytes=received, duration_us=int((time.perf_counter() - started) * 1e6),
+                                   path="grpc")
+        return data, stats
+
+    async def release(self, handle: pb.KvHandle, *, request_id: str) -> bool:
+        """Tell the prefill worker to free the transfer (idempotent)."""
+        stub = kv_grpc.KvTransferServiceStub(self._channels.get(handle.endpoint))
+        try:
+            response = await stub.ReleaseKv(kv_pb.ReleaseKvRequest(
+                request_id=request_id, transfer_id=handle.transfer_id, pull_token=handle.pull_token))
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, request_id=request_id) from None
+        return response.released
+
+
+def _data_loss(request_id: str, message: str) -> DynamoError:
+    return DynamoError(message, request_id=request_id, reason="KV_TRANSFER_CORRUPT", code=grpc.StatusCode.DATA_LOSS)

@@ -1,0 +1,129 @@
+"""The prefill side of KV transfer: KV bytes held under a lease until a decode worker pulls them.
+
+A transfer is freed exactly once, by whichever comes first: the puller's release, the lease expiry
+(the decode worker never came), or shutdown. Freeing runs the owner's callback, which returns the
+engine's blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import time
+import uuid
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from google.protobuf import timestamp_pb2
+
+from dynamo_grpc.errors import FailedPrecondition, NotFound, PermissionDenied
+from dynamo_grpc.v1 import common_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+_FORGOTTEN_LIMIT = 4096
+
+
+@dataclass
+class _Held:
+    handle: pb.KvHandle
+    data: bytes
+    on_free: Callable[[], None] | None
+    expiry: asyncio.TimerHandle | None = None
+
+
+class LeasedKvStore:
+    """KV bytes of finished prefills, each claimable with its own pull token until its lease ends."""
+
+    def __init__(self, *, endpoint: str, host: str, ttl_s: float = 30.0) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"KV lease TTL must be positive, got {ttl_s}")
+        self.endpoint = endpoint
+        self.host = host
+        self.ttl_s = ttl_s
+        self._held: dict[str, _Held] = {}
+        # Recently freed transfer ids -> why, so a late puller learns "expired" rather than "unknown".
+        self._forgotten: OrderedDict[str, str] = OrderedDict()
+        self.transfers_completed = 0
+        self.transfers_expired = 0
+
+    def hold(self, *, data: bytes, num_tokens: int, layout: pb.KvLayout, fingerprint: str,
+             on_free: Callable[[], None] | None = None, ttl_s: float | None = None) -> pb.KvHandle:
+        """Keep `data` for one pull and return the handle that claims it."""
+        ttl = self.ttl_s if ttl_s is None else ttl_s
+        expires = timestamp_pb2.Timestamp()
+        expires.FromNanoseconds(time.time_ns() + int(ttl * 1e9))
+        handle = pb.KvHandle(
+            transfer_id=uuid.uuid4().hex, endpoint=self.endpoint, pull_token=secrets.token_urlsafe(24),
+            num_tokens=num_tokens, layout=layout, engine_fingerprint=fingerprint, lease_expires_at=expires,
+            total_bytes=len(data), crc32=zlib.crc32(data), host=self.host,
+        )
+        held = _Held(handle, data, on_free)
+        held.expiry = asyncio.get_running_loop().call_later(ttl, self._expire, handle.transfer_id)
+        self._held[handle.transfer_id] = held
+        return handle
+
+    def claim(self, transfer_id: str, pull_token: str, fingerprint: str) -> bytes:
+        """The held bytes, if the caller proves it may have them."""
+        held = self._lookup(transfer_id, pull_token)
+        if fingerprint and fingerprint != held.handle.engine_fingerprint:
+            raise FailedPrecondition(
+                f"KV transfer {transfer_id} was produced by an incompatible engine "
+                f"({held.handle.engine_fingerprint}); the puller runs {fingerprint}. "
+                "Pair only workers with the same engine fingerprint.",
+                reason="ENGINE_FINGERPRINT_MISMATCH")
+        return held.data
+
+    def release(self, transfer_id: str, pull_token: str) -> bool:
+        """Free a transfer after its pull; False when it is already gone (releasing is idempotent)."""
+        try:
+            self._lookup(transfer_id, pull_token)
+        except NotFound:
+            return False
+        self._free(transfer_id, "released")
+        self.transfers_completed += 1
+        return True
+
+    def close(self) -> None:
+        for transfer_id in list(self._held):
+            self._free(transfer_id, "shut down")
+
+    @property
+    def held_transfers(self) -> int:
+        return len(self._held)
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(len(h.data) for h in self._held.values())
+
+    def _lookup(self, transfer_id: str, pull_token: str) -> _Held:
+        held = self._held.get(transfer_id)
+        if held is None:
+            why = self._forgotten.get(transfer_id)
+            if why is None:
+                raise NotFound(f"no KV transfer {transfer_id!r} on {self.endpoint}", reason="KV_HANDLE_NOT_FOUND")
+            raise NotFound(f"KV transfer {transfer_id!r} is gone ({why}); prefill again",
+                           reason="KV_HANDLE_EXPIRED" if why == "lease expired" else "KV_HANDLE_NOT_FOUND")
+        if not hmac.compare_digest(held.handle.pull_token, pull_token):
+            raise PermissionDenied(f"wrong pull token for KV transfer {transfer_id!r}", reason="BAD_PULL_TOKEN")
+        return held
+
+    def _expire(self, transfer_id: str) -> None:
+        if transfer_id in self._held:
+            log.info("KV transfer %s expired unpulled after %.1f s", transfer_id, self.ttl_s)
+            self._free(transfer_id, "lease expired")
+            self.transfers_expired += 1
+
+    def _free(self, transfer_id: str, why: str) -> None:
+        held = self._held.pop(transfer_id)
+        if held.expiry is not None:
+            held.expiry.cancel()
+        self._forgotten[transfer_id] = why
+        while len(self._forgotten) > _FORGOTTEN_LIMIT:
+            self._forgotten.popitem(last=False)
+        if held.on_free is not None:
+            held.on_free()

@@ -1,0 +1,74 @@
+"""Checks and converts the request messages shared by every service (GenerationParams, SamplingParams).
+
+Every check fails with INVALID_ARGUMENT and a message that names the field and the allowed range.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from dynamo_grpc.engine.base import Sampling
+from dynamo_grpc.errors import DeadlineExceeded, InvalidArgument
+from dynamo_grpc.v1 import common_pb2 as pb
+
+MAX_TEMPERATURE = 2.0
+
+
+def prompt_of(params: pb.GenerationParams, request_id: str) -> str | tuple[int, ...]:
+    """The prompt as text or token ids; empty prompts are refused."""
+    form = params.prompt.WhichOneof("form")
+    prompt: str | tuple[int, ...]
+    if form == "text":
+        prompt = params.prompt.text
+    elif form == "token_ids":
+        prompt = tuple(params.prompt.token_ids.ids)
+    else:
+        prompt = ""
+    if not prompt:
+        raise InvalidArgument("prompt is empty: set prompt.text or prompt.token_ids", request_id=request_id,
+                              reason="EMPTY_PROMPT")
+    return prompt
+
+
+def sampling_of(params: pb.GenerationParams, request_id: str) -> Sampling:
+    """Validated sampling parameters with the documented defaults filled in."""
+    s = params.sampling
+    defaults = Sampling()
+    sampling = Sampling(
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else defaults.max_tokens,
+        temperature=s.temperature if s.HasField("temperature") else defaults.temperature,
+        top_p=s.top_p if s.HasField("top_p") else defaults.top_p,
+        top_k=s.top_k,
+        seed=s.seed if s.HasField("seed") else None,
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+    )
+
+    def bad(field: str, allowed: str, value: object) -> InvalidArgument:
+        return InvalidArgument(f"sampling.{field} must be {allowed}, got {value}", request_id=request_id,
+                               reason="BAD_SAMPLING_PARAMS")
+
+    if sampling.max_tokens < 1:
+        raise bad("max_tokens", "at least 1", sampling.max_tokens)
+    if not (0.0 <= sampling.temperature <= MAX_TEMPERATURE):
+        raise bad("temperature", f"in [0, {MAX_TEMPERATURE}]", sampling.temperature)
+    if math.isnan(sampling.top_p) or not (0.0 < sampling.top_p <= 1.0):
+        raise bad("top_p", "in (0, 1]", sampling.top_p)
+    return sampling
+
+
+def check_request_id(request_id: str) -> None:
+    if not request_id:
+        raise InvalidArgument("request_id is empty; every request needs an id unique among live requests",
+                              reason="MISSING_REQUEST_ID")
+
+
+def seconds_left(params: pb.GenerationParams, request_id: str) -> float | None:
+    """Time until the request's deadline, or None without one; a past deadline fails at once."""
+    if not params.HasField("deadline"):
+        return None
+    left = params.deadline.ToNanoseconds() / 1e9 - time.time()
+    if left <= 0:
+        raise DeadlineExceeded("the request's deadline has already passed", request_id=request_id)
+    return left

@@ -1,0 +1,169 @@
+"""Starting and stopping each role: build its parts, serve them, register, and undo it all in order.
+
+Shutdown order: report NOT_SERVING -> leave the registry (routers stop picking us) -> stop the
+server with a grace period for in-flight calls -> shut the engine down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from google.protobuf import timestamp_pb2
+
+from control_plane.control_plane_service import ControlPlaneServicer
+from control_plane.controller import PairingController
+from dynamo_grpc.channels import ChannelPool
+from dynamo_grpc.config import ServerConfig, WorkerConfig
+from dynamo_grpc.decode_service import DecodeServicer
+from dynamo_grpc.engine.simulated import SimulatedEngine
+from dynamo_grpc.fleet import Fleet
+from dynamo_grpc.kv_client import KvPuller
+from dynamo_grpc.kv_store import LeasedKvStore
+from dynamo_grpc.kv_transfer_service import KvTransferServicer
+from dynamo_grpc.prefill_service import PrefillServicer
+from dynamo_grpc.registry import Registry
+from dynamo_grpc.router import Router
+from dynamo_grpc.router_service import RouterServicer
+from dynamo_grpc.server import RunningServer, ServiceBinding, start_server
+from dynamo_grpc.v1 import common_pb2 as pb
+from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
+from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
+from dynamo_grpc.v1 import decode_pb2 as decode_pb
+from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
+from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
+from dynamo_grpc.v1 import kv_transfer_pb2_grpc as kv_grpc
+from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
+from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
+from dynamo_grpc.v1 import router_pb2 as router_pb
+from dynamo_grpc.v1 import router_pb2_grpc as router_grpc
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 5.0
+
+
+def _service(module: object, name: str) -> str:
+    return module.DESCRIPTOR.services_by_name[name].full_name  # type: ignore[attr-defined]
+
+
+@dataclass
+class RunningRole:
+    """A started role; `stop()` undoes everything `start_*` did, in reverse."""
+
+    name: str
+    endpoint: str
+    server: RunningServer
+    registry: Registry
+    worker_id: str = ""
+    cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        await self.server.health.enter_graceful_shutdown()
+        if self.worker_id:
+            await self.registry.deregister(self.worker_id)
+        await self.server.stop(GRACE_S)
+        for cleanup in self.cleanups:
+            await cleanup()
+        log.info("%s stopped", self.name)
+
+
+def _worker_info(worker_id: str, role: int, engine: SimulatedEngine, endpoint: str, server: ServerConfig
+                 ) -> pb.WorkerInfo:
+    started = timestamp_pb2.Timestamp()
+    started.GetCurrentTime()
+    return pb.WorkerInfo(worker_id=worker_id, role=role, model=engine.model, endpoint=endpoint,
+                         host=server.node_name, engine_fingerprint=engine.fingerprint, capacity=engine.capacity(),
+                         started_at=started, engine=engine.kind)
+
+
+async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole:
+    store = LeasedKvStore(endpoint="", host=config.server.node_name, ttl_s=config.kv_ttl_s)
+    engine = SimulatedEngine(config.engine, kv_store=store)
+    server = await start_server([
+        ServiceBinding(PrefillServicer(engine), prefill_grpc.add_PrefillServiceServicer_to_server,
+                       _service(prefill_pb, "PrefillService")),
+        ServiceBinding(KvTransferServicer(store), kv_grpc.add_KvTransferServiceServicer_to_server,
+                       _service(kv_pb, "KvTransferService")),
+    ], host=config.server.host, port=config.server.port)
+    endpoint = store.endpoint = config.server.endpoint(server.port)
+    worker_id = config.resolved_worker_id("prefill")
+    await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_PREFILL, engine, endpoint, config.server))
+    log.info("prefill worker %s serving %s on %s", worker_id, engine.model, endpoint)
+
+    async def close_store() -> None:
+        store.close()
+
+    return RunningRole("prefill worker", endpoint, server, registry, worker_id, [engine.shutdown, close_store])
+
+
+async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
+    channels = ChannelPool()
+    fingerprint = SimulatedEngine(config.engine).fingerprint
+    engine = SimulatedEngine(config.engine, kv_puller=KvPuller(channels, fingerprint=fingerprint))
+    worker_id = config.resolved_worker_id("decode")
+    server = await start_server([
+        ServiceBinding(DecodeServicer(engine, worker_id=worker_id), decode_grpc.add_DecodeServiceServicer_to_server,
+                       _service(decode_pb, "DecodeService")),
+    ], host=config.server.host, port=config.server.port)
+    endpoint = config.server.endpoint(server.port)
+    await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_DECODE, engine, endpoint, config.server))
+    log.info("decode worker %s serving %s on %s", worker_id, engine.model, endpoint)
+    return RunningRole("decode worker", endpoint, server, registry, worker_id, [engine.shutdown, channels.close])
+
+
+async def start_router(config: ServerConfig, registry: Registry) -> RunningRole:
+    channels = ChannelPool()
+    fleet = Fleet(registry)
+    await fleet.start()
+    server = await start_server([
+        ServiceBinding(RouterServicer(Router(fleet, channels)), router_grpc.add_RouterServiceServicer_to_server,
+                       _service(router_pb, "RouterService")),
+    ], host=config.host, port=config.port)
+    endpoint = config.endpoint(server.port)
+    log.info("router serving on %s (%d workers known)", endpoint, len(fleet.workers))
+    return RunningRole("router", endpoint, server, registry, cleanups=[fleet.stop, channels.close])
+
+
+async def start_control_plane(config: ServerConfig, registry: Registry) -> RunningRole:
+    pairings = PairingController(registry)
+    await pairings.start()
+    server = await start_server([
+        ServiceBinding(ControlPlaneServicer(registry, pairings), cp_grpc.add_ControlPlaneServiceServicer_to_server,
+                       _service(cp_pb, "ControlPlaneService")),
+    ], host=config.host, port=config.port)
+    endpoint = config.endpoint(server.port)
+    log.info("control plane serving on %s", endpoint)
+    return RunningRole("control plane", endpoint, server, registry, cleanups=[pairings.stop])
+
+
+@dataclass
+class Deployment:
+    """Every role of a one-host deployment, started in dependency order and stopped in reverse."""
+
+    control_plane: RunningRole
+    prefill: RunningRole
+    decode: RunningRole
+    router: RunningRole
+
+    async def stop(self) -> None:
+        for role in (self.router, self.decode, self.prefill, self.control_plane):
+            await role.stop()
+
+
+async def start_all_in_one(worker: WorkerConfig, registry: Registry) -> Deployment:
+    """Control plane, one prefill and one decode worker on free ports, and the router on `worker.server.port`."""
+    internal = dataclasses.replace(worker.server, port=0)
+    started: list[RunningRole] = []
+    try:
+        started.append(await start_control_plane(internal, registry))
+        started.append(await start_prefill(dataclasses.replace(worker, server=internal), registry))
+        started.append(await start_decode(dataclasses.replace(worker, server=internal), registry))
+        started.append(await start_router(worker.server, registry))
+    except BaseException:
+        for role in reversed(started):
+            await role.stop()
+        raise
+    return Deployment(*started)

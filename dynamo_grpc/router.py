@@ -1,0 +1,118 @@
+"""The router's request path: pick a pair, prefill there, decode with the KV handle, relay tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from dynamo_grpc.channels import ChannelPool
+from dynamo_grpc.errors import AlreadyExists, DeadlineExceeded, from_rpc_error
+from dynamo_grpc.fleet import Fleet
+from dynamo_grpc.params import prompt_of, sampling_of, seconds_left
+from dynamo_grpc.v1 import common_pb2 as pb
+from dynamo_grpc.v1 import decode_pb2 as decode_pb
+from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
+from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
+from dynamo_grpc.v1 import kv_transfer_pb2_grpc as kv_grpc
+from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
+from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
+from dynamo_grpc.v1 import router_pb2 as router_pb
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    def __init__(self, fleet: Fleet, channels: ChannelPool) -> None:
+        self._fleet = fleet
+        self._channels = channels
+        self._live: set[str] = set()
+
+    async def generate(self, request_id: str, params: pb.GenerationParams, cancelled: asyncio.Event
+                       ) -> AsyncIterator[router_pb.GenerateResponse]:
+        """Run one request end to end; setting `cancelled` stops it and frees its KV everywhere."""
+        prompt_of(params, request_id)
+        sampling_of(params, request_id)
+        timeout = seconds_left(params, request_id)
+        if request_id in self._live:
+            raise AlreadyExists(f"request id {request_id!r} is already running; use a fresh id",
+                                request_id=request_id)
+        self._live.add(request_id)
+        try:
+            async with asyncio.timeout(timeout):
+                async for response in self._run(request_id, params, cancelled):
+                    yield response
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed before it finished", request_id=request_id) from None
+        finally:
+            self._live.discard(request_id)
+
+    async def _run(self, request_id: str, params: pb.GenerationParams, cancelled: asyncio.Event
+                   ) -> AsyncIterator[router_pb.GenerateResponse]:
+        route = self._fleet.route(params.model, request_id)
+        handle = None
+        # 1) Prefill on the paired worker (its KV is then held there under a lease).
+        if route.prefill is not None:
+            handle = await self._prefill(route.prefill, request_id, params)
+            if cancelled.is_set():
+                if handle is not None:
+                    await self._release(handle, request_id)
+                yield router_pb.GenerateResponse(request_id=request_id, completion=pb.Completion(
+                    finish_reason=pb.FINISH_REASON_CANCELLED, prefill_worker_id=route.prefill.worker_id))
+                return
+        # 2) Decode, pulling that KV; relay its stream; forward a cancel.
+        start = decode_pb.DecodeStart(params=params, kv_handle=handle,
+                                      prefill_worker_id=route.prefill.worker_id if handle else "")
+        consumed = False
+        try:
+            with self._fleet.busy(route.decode):
+                async for event in self._decode(route.decode, request_id, start, cancelled):
+                    if event.HasField("completion"):
+                        consumed = event.completion.kv_transfer.bytes > 0
+                        yield router_pb.GenerateResponse(request_id=request_id, completion=event.completion)
+                    else:
+                        yield router_pb.GenerateResponse(request_id=request_id, tokens=event.tokens)
+        finally:
+            if handle is not None and not consumed:
+                await asyncio.shield(self._release(handle, request_id))
+
+    async def _prefill(self, worker: pb.WorkerInfo, request_id: str, params: pb.GenerationParams
+                       ) -> pb.KvHandle | None:
+        """The KV handle, or None when the prefill worker is gone (the decode worker then prefills)."""
+        stub = prefill_grpc.PrefillServiceStub(self._channels.get(worker.endpoint))
+        with self._fleet.busy(worker):
+            try:
+                response = await stub.Prefill(prefill_pb.PrefillRequest(request_id=request_id, params=params))
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    log.warning("request %s: prefill worker %s unavailable (%s); prefilling on decode",
+                                request_id, worker.worker_id, error.details())
+                    return None
+                raise from_rpc_error(error, request_id=request_id) from None
+        return response.kv_handle
+
+    async def _decode(self, worker: pb.WorkerInfo, request_id: str, start: decode_pb.DecodeStart,
+                      cancelled: asyncio.Event) -> AsyncIterator[decode_pb.DecodeResponse]:
+        async def requests() -> AsyncIterator[decode_pb.DecodeRequest]:
+            yield decode_pb.DecodeRequest(request_id=request_id, start=start)
+            await cancelled.wait()
+            yield decode_pb.DecodeRequest(request_id=request_id, cancel=pb.CancelAction(reason="client cancelled"))
+
+        stub = decode_grpc.DecodeServiceStub(self._channels.get(worker.endpoint))
+        call = stub.Decode(requests())
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, request_id=request_id) from None
+        finally:
+            call.cancel()
+
+    async def _release(self, handle: pb.KvHandle, request_id: str) -> None:
+        stub = kv_grpc.KvTransferServiceStub(self._channels.get(handle.endpoint))
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await stub.ReleaseKv(kv_pb.ReleaseKvRequest(request_id=request_id, transfer_id=handle.transfer_id,
+                                                        pull_token=handle.pull_token))

@@ -1,0 +1,69 @@
+"""The prefill side's leased KV store: claims, tokens, release and expiry, with no leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+
+import pytest
+
+from dynamo_grpc.errors import FailedPrecondition, NotFound, PermissionDenied
+from dynamo_grpc.kv_store import LeasedKvStore
+from dynamo_grpc.v1 import common_pb2 as pb
+
+
+def hold(store: LeasedKvStore, data: bytes = b"kv" * 100, **kwargs) -> tuple[pb.KvHandle, list[str]]:
+    freed: list[str] = []
+    handle = store.hold(data=data, num_tokens=10, layout=pb.KvLayout(block_size=32), fingerprint="fp",
+                        on_free=lambda: freed.append("freed"), **kwargs)
+    return handle, freed
+
+
+async def test_claim_needs_the_pull_token_and_release_frees_once() -> None:
+    store = LeasedKvStore(endpoint="127.0.0.1:1", host="h", ttl_s=30)
+    handle, freed = hold(store)
+    assert handle.total_bytes == 200 and handle.crc32 == zlib.crc32(b"kv" * 100)
+    assert handle.endpoint == "127.0.0.1:1" and handle.lease_expires_at.seconds > 0
+
+    assert store.claim(handle.transfer_id, handle.pull_token, "fp") == b"kv" * 100
+    with pytest.raises(PermissionDenied):
+        store.claim(handle.transfer_id, "not-the-token", "fp")
+    with pytest.raises(FailedPrecondition) as mismatch:
+        store.claim(handle.transfer_id, handle.pull_token, "another-engine")
+    assert mismatch.value.reason == "ENGINE_FINGERPRINT_MISMATCH"
+
+    assert store.release(handle.transfer_id, handle.pull_token) is True
+    assert store.release(handle.transfer_id, handle.pull_token) is False
+    assert freed == ["freed"]
+    assert (store.held_transfers, store.held_bytes, store.transfers_completed) == (0, 0, 1)
+
+
+async def test_unknown_transfer_is_not_found() -> None:
+    store = LeasedKvStore(endpoint="e", host="h")
+    with pytest.raises(NotFound) as error:
+        store.claim("no-such-transfer", "token", "fp")
+    assert error.value.reason == "KV_HANDLE_NOT_FOUND"
+
+
+async def test_unpulled_transfer_expires_and_frees_its_blocks() -> None:
+    store = LeasedKvStore(endpoint="e", host="h", ttl_s=30)
+    handle, freed = hold(store, ttl_s=0.05)
+    await asyncio.sleep(0.2)
+    assert freed == ["freed"]
+    assert (store.held_transfers, store.transfers_expired) == (0, 1)
+    with pytest.raises(NotFound) as error:
+        store.claim(handle.transfer_id, handle.pull_token, "fp")
+    assert error.value.reason == "KV_HANDLE_EXPIRED"
+
+
+async def test_close_frees_everything() -> None:
+    store = LeasedKvStore(endpoint="e", host="h")
+    _, freed_a = hold(store)
+    _, freed_b = hold(store)
+    store.close()
+    assert freed_a == freed_b == ["freed"] and store.held_transfers == 0
+
+
+def test_ttl_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="TTL"):
+        LeasedKvStore(endpoint="e", host="h", ttl_s=0)

@@ -1,0 +1,107 @@
+"""The simulated engine: deterministic, KV-dependent tokens; bounded paged KV; abort frees everything."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dynamo_grpc.engine import EngineRequest, FinishReason, Sampling, SimulatedEngine, SimulatedEngineConfig
+from dynamo_grpc.engine.simulated import synthesize_kv
+from dynamo_grpc.errors import AlreadyExists, InvalidArgument, ResourceExhausted
+
+FAST = SimulatedEngineConfig(decode_step_s=0.0005, prefill_s_per_token=0.0, num_blocks=64)
+
+
+async def run(engine: SimulatedEngine, prompt, *, request_id: str = "r", **sampling) -> tuple[list[int], FinishReason]:
+    tokens: list[int] = []
+    finish = None
+    async for out in engine.generate(EngineRequest(request_id, prompt, Sampling(temperature=0.0, **sampling))):
+        tokens += out.token_ids
+        finish = out.finish_reason or finish
+    assert finish is not None
+    return tokens, finish
+
+
+async def test_greedy_output_is_a_function_of_the_prompt() -> None:
+    engine = SimulatedEngine(FAST)
+    first, finish = await run(engine, "The quick brown fox", max_tokens=20, ignore_eos=True)
+    again, _ = await run(engine, "The quick brown fox", max_tokens=20, ignore_eos=True)
+    other, _ = await run(engine, "The quick brown cat", max_tokens=20, ignore_eos=True)
+    assert first == again and first != other
+    assert len(first) == 20 and finish is FinishReason.LENGTH
+    assert engine.stats().used_kv_blocks == 0 and engine.stats().active_requests == 0
+
+
+def test_kv_bytes_depend_on_the_whole_prefix() -> None:
+    a = synthesize_kv(tuple(range(70)), block_size=32, bytes_per_token=8)
+    b = synthesize_kv((1,) + tuple(range(1, 70)), block_size=32, bytes_per_token=8)
+    assert len(a) == 70 * 8
+    assert all(a[i * 256:(i + 1) * 256] != b[i * 256:(i + 1) * 256] for i in range(2))
+
+
+async def test_stop_token_ends_generation() -> None:
+    engine = SimulatedEngine(FAST)
+    tokens, _ = await run(engine, "stop here", max_tokens=30, ignore_eos=True)
+    stop_at = tokens[5]
+    stopped, finish = await run(engine, "stop here", max_tokens=30, ignore_eos=True, stop_token_ids=(stop_at,))
+    assert finish is FinishReason.STOP and stopped == tokens[:tokens.index(stop_at) + 1]
+
+
+async def test_abort_ends_the_stream_cancelled_and_frees_blocks() -> None:
+    engine = SimulatedEngine(FAST)
+    request = EngineRequest("long", "a long generation", Sampling(max_tokens=1000, ignore_eos=True))
+    outputs = []
+    async for out in engine.generate(request):
+        outputs.append(out)
+        if len(outputs) == 3:
+            assert engine.stats().used_kv_blocks > 0
+            await engine.abort("long")
+    assert outputs[-1].finish_reason is FinishReason.CANCELLED
+    assert outputs[-1].usage.completion_tokens == 3
+    assert engine.stats().used_kv_blocks == 0 and engine.stats().active_requests == 0
+
+
+async def test_closing_the_stream_frees_blocks() -> None:
+    engine = SimulatedEngine(FAST)
+    stream = engine.generate(EngineRequest("r", "abandoned", Sampling(max_tokens=1000, ignore_eos=True)))
+    await anext(stream)
+    await stream.aclose()
+    await asyncio.sleep(0)
+    assert engine.stats().used_kv_blocks == 0 and engine.stats().active_requests == 0
+
+
+async def test_requests_wait_for_free_blocks() -> None:
+    engine = SimulatedEngine(SimulatedEngineConfig(decode_step_s=0.001, prefill_s_per_token=0, num_blocks=2,
+                                                   block_size=32))
+    # Each request needs both blocks, so the second runs only after the first frees them.
+    results = await asyncio.gather(run(engine, "x" * 40, request_id="a", max_tokens=20, ignore_eos=True),
+                                   run(engine, "y" * 40, request_id="b", max_tokens=20, ignore_eos=True))
+    assert [len(tokens) for tokens, _ in results] == [20, 20]
+    assert engine.stats().used_kv_blocks == 0
+
+
+async def test_bad_requests_are_refused_before_taking_resources() -> None:
+    engine = SimulatedEngine(SimulatedEngineConfig(num_blocks=2, block_size=32, max_model_len=100))
+    with pytest.raises(InvalidArgument) as empty:
+        await run(engine, "")
+    assert empty.value.reason == "EMPTY_PROMPT"
+    with pytest.raises(InvalidArgument) as long:
+        await run(engine, "x" * 90, max_tokens=20)
+    assert long.value.reason == "CONTEXT_TOO_LONG"
+    with pytest.raises(InvalidArgument) as vocab:
+        await run(engine, (1, 2, 99999))
+    assert vocab.value.reason == "TOKEN_OUT_OF_VOCABULARY"
+    with pytest.raises(ResourceExhausted) as full:
+        await run(engine, "x" * 70, max_tokens=10)
+    assert full.value.reason == "KV_CACHE_TOO_SMALL"
+    assert engine.stats().used_kv_blocks == 0
+
+
+async def test_duplicate_live_request_id_is_refused() -> None:
+    engine = SimulatedEngine(FAST)
+    first = engine.generate(EngineRequest("same", "one", Sampling(max_tokens=100, ignore_eos=True)))
+    await anext(first)
+    with pytest.raises(AlreadyExists):
+        await run(engine, "two", request_id="same")
+    await first.aclose()
