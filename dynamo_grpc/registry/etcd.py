@@ -1,0 +1,400 @@
+"""Worker registry in etcd.
+
+Each registry holds one lease for everything it registers, so when its process dies the workers
+vanish from the fleet within the lease TTL, and close() removes them at once by revoking it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from types import TracebackType
+
+import grpc
+import grpc.aio
+from etcd3aio import (
+    Etcd3Client,
+    EtcdConnectionError,
+    EtcdError,
+    EtcdPermissionDeniedError,
+    EtcdTransientError,
+    EtcdUnauthenticatedError,
+    prefix_range_end,
+)
+from etcd3aio._protobuf import WatchCreateRequest, WatchRequest, WatchResponse
+from etcd3aio.kv import KVService
+from google.protobuf.message import DecodeError
+
+from dynamo_grpc.registry.base import (
+    RegistryUnavailable,
+    all_roles,
+    document_key,
+    namespace_prefix,
+    worker_key,
+    workers_prefix,
+)
+from dynamo_grpc.v1 import common_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+MIN_LEASE_TTL_S = 2
+OP_TIMEOUT_S = 5.0
+_RPC_ATTEMPTS = 10
+_RESYNC_BACKOFF_S = (0.1, 2.0)
+# gRPC's default reconnect backoff grows to minutes; a registry must notice a restarted etcd within
+# a lease TTL, and etcd3aio offers no public knob for it.
+_RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+_FATAL_CODES = (
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNIMPLEMENTED,
+)
+
+
+class EtcdRegistry:
+    """Registry backed by etcd; survives etcd restarts and re-registers if its lease is lost."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        namespace: str = "default",
+        lease_ttl_s: int = 10,
+        connect_timeout_s: float = 3.0,
+    ) -> None:
+        if isinstance(endpoints, str):
+            endpoints = [e for e in endpoints.split(",") if e]
+        if not endpoints:
+            raise ValueError("endpoints must name at least one etcd host:port")
+        if lease_ttl_s < MIN_LEASE_TTL_S:
+            raise ValueError(f"lease_ttl_s must be at least {MIN_LEASE_TTL_S} (etcd's minimum lease), "
+                             f"got {lease_ttl_s}")
+        namespace_prefix(namespace)
+        self.endpoints = tuple(endpoints)
+        self.namespace = namespace
+        self.lease_ttl_s = lease_ttl_s
+        self.connect_timeout_s = connect_timeout_s
+        self._client: Etcd3Client | None = None
+        self._lease_id = 0
+        self._registered: dict[str, tuple[str, bytes]] = {}
+        self._lease_lock = asyncio.Lock()
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def connect(self) -> None:
+        """Open the connection, failing fast with RegistryUnavailable if etcd does not answer."""
+        if self._client is not None:
+            return
+        client = Etcd3Client(list(self.endpoints), rpc_max_attempts=_RPC_ATTEMPTS)
+        client._manager.grpc_options.extend(_RECONNECT_OPTIONS)
+        await client.connect()
+        try:
+            await self._ping(client)
+        except BaseException:
+            await client.close()
+            raise
+        self._client = client
+
+    async def register(self, info: pb.WorkerInfo) -> None:
+        key = worker_key(self.namespace, info.role, info.worker_id)
+        value = info.SerializeToString()
+        client, kv = self._connected(), self._kv()
+        with self._unavailable("registering " + info.worker_id):
+            async with self._lease_lock:
+                previous = self._registered.get(info.worker_id)
+                if not self._lease_id:
+                    await self._restore_lease(client)
+                try:
+                    await kv.put(key, value, lease=self._lease_id, timeout=OP_TIMEOUT_S)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    self._lease_id = 0
+                    await self._restore_lease(client)
+                    await kv.put(key, value, lease=self._lease_id, timeout=OP_TIMEOUT_S)
+                if previous is not None and previous[0] != key:
+                    await kv.delete(previous[0], timeout=OP_TIMEOUT_S)
+                self._registered[info.worker_id] = (key, value)
+        if self._keepalive_task is None:
+            self._keepalive_task = asyncio.create_task(self._keepalive(), name="registry-lease-keepalive")
+
+    async def deregister(self, worker_id: str) -> None:
+        kv = self._kv()
+        with self._unavailable("deregistering " + worker_id):
+            async with self._lease_lock:
+                entry = self._registered.get(worker_id)
+                keys = [entry[0]] if entry else [worker_key(self.namespace, role, worker_id)
+                                                 for role in all_roles()]
+                await kv.txn([], [kv.txn_op_delete(k) for k in keys], timeout=OP_TIMEOUT_S)
+                self._registered.pop(worker_id, None)
+
+    async def list_workers(self, role: int = pb.WORKER_ROLE_UNSPECIFIED) -> list[pb.WorkerInfo]:
+        prefix = workers_prefix(self.namespace, role)
+        kv = self._kv()
+        with self._unavailable("listing workers"):
+            response = await kv.get(prefix, prefix_range_end(prefix), timeout=OP_TIMEOUT_S)
+        return _sorted_workers(entry.value for entry in response.kvs)
+
+    async def watch_workers(self) -> AsyncIterator[dict[str, pb.WorkerInfo]]:
+        prefix = workers_prefix(self.namespace)
+        async with contextlib.aclosing(self._follow(prefix, prefix_range_end(prefix))) as states:
+            async for state in states:
+                yield {w.worker_id: w for w in _sorted_workers(state.values())}
+
+    async def put_document(self, name: str, data: bytes) -> None:
+        key = document_key(self.namespace, name)
+        kv = self._kv()
+        with self._unavailable(f"writing document {name!r}"):
+            await kv.put(key, data, timeout=OP_TIMEOUT_S)
+
+    async def get_document(self, name: str) -> bytes | None:
+        key = document_key(self.namespace, name)
+        kv = self._kv()
+        with self._unavailable(f"reading document {name!r}"):
+            response = await kv.get(key, timeout=OP_TIMEOUT_S)
+        return bytes(response.kvs[0].value) if response.kvs else None
+
+    async def delete_document(self, name: str) -> None:
+        key = document_key(self.namespace, name)
+        kv = self._kv()
+        with self._unavailable(f"deleting document {name!r}"):
+            await kv.delete(key, timeout=OP_TIMEOUT_S)
+
+    async def watch_document(self, name: str) -> AsyncIterator[bytes | None]:
+        key = document_key(self.namespace, name)
+        async with contextlib.aclosing(self._follow(key, None)) as states:
+            async for state in states:
+                value = state.get(key.encode())
+                yield None if value is None else bytes(value)
+
+    async def close(self) -> None:
+        """Stop the keepalive and revoke the lease so this registry's workers vanish immediately."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+            await asyncio.gather(self._keepalive_task, return_exceptions=True)
+            self._keepalive_task = None
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            if self._lease_id:
+                await client.lease.revoke(self._lease_id, timeout=2.0, max_attempts=2)
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            log.warning("registry: could not revoke lease %x (%s); its %d workers vanish when it expires "
+                        "within %ds", self._lease_id, _describe(exc), len(self._registered), self.lease_ttl_s)
+        finally:
+            self._lease_id = 0
+            self._registered.clear()
+            await client.close()
+
+    async def __aenter__(self) -> EtcdRegistry:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _ping(self, client: Etcd3Client) -> None:
+        """Retry a linearizable read until the deadline, so an etcd that is still starting is waited for."""
+        assert client.kv is not None
+        kv = client.kv
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout_s
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                await kv.get(namespace_prefix(self.namespace), count_only=True,
+                                    timeout=max(remaining, 0.1), max_attempts=1)
+                return
+            except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+                if loop.time() + 0.2 >= deadline:
+                    raise RegistryUnavailable(
+                        f"cannot reach etcd at {', '.join(self.endpoints)} within "
+                        f"{self.connect_timeout_s:g}s ({_describe(exc)}); start etcd (plain `etcd` "
+                        "listens on 127.0.0.1:2379) or pass --etcd host:port of a running one"
+                    ) from exc
+            await asyncio.sleep(0.2)
+
+    def _connected(self) -> Etcd3Client:
+        if self._client is None:
+            state = "closed" if self._closed else "not connected; call connect() or use `async with`"
+            raise RuntimeError(f"EtcdRegistry is {state}")
+        return self._client
+
+    def _kv(self) -> KVService:
+        kv = self._connected().kv
+        assert kv is not None
+        return kv
+
+    @contextlib.contextmanager
+    def _unavailable(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (EtcdConnectionError, EtcdTransientError, TimeoutError) as exc:
+            raise RegistryUnavailable(
+                f"etcd at {', '.join(self.endpoints)} unavailable while {what}: {_describe(exc)}") from exc
+
+    async def _restore_lease(self, client: Etcd3Client) -> None:
+        """Grant a fresh lease and atomically re-put every registered worker under it."""
+        assert client.kv is not None and client.lease is not None
+        lease = await client.lease.grant(self.lease_ttl_s, timeout=OP_TIMEOUT_S)
+        if self._registered:
+            puts = [client.kv.txn_op_put(key, value, lease=lease.ID)
+                    for key, value in self._registered.values()]
+            await client.kv.txn([], puts, timeout=OP_TIMEOUT_S)
+        self._lease_id = lease.ID
+
+    async def _keepalive(self) -> None:
+        """Renew the lease every ttl/3; re-register under a new lease if etcd dropped ours.
+
+        Errors are logged and retried on the next tick: a dead keepalive would silently drop the
+        workers from the fleet.
+        """
+        interval = self.lease_ttl_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._refresh_lease(timeout=interval)
+            except Exception as exc:
+                log.warning("registry: lease keepalive to etcd at %s failed (%s); retrying in %.1fs",
+                            ", ".join(self.endpoints), _describe(exc), interval)
+
+    async def _refresh_lease(self, *, timeout: float) -> None:
+        client = self._connected()
+        lease_id = self._lease_id
+        if lease_id:
+            ttl = await asyncio.wait_for(_keep_alive_once(client, lease_id), timeout)
+            if ttl > 0:
+                return
+        async with self._lease_lock:
+            if self._lease_id != lease_id:
+                return
+            if lease_id:
+                log.warning("registry: etcd lease %x is gone; re-registering %d workers under a new lease",
+                            lease_id, len(self._registered))
+                self._lease_id = 0
+            await self._restore_lease(client)
+
+    async def _follow(self, key: str, range_end: bytes | None) -> AsyncIterator[dict[bytes, bytes]]:
+        """Contents of a key range now, then after every change.
+
+        Lists first and watches from the list's revision + 1, so no event falls in between; whenever
+        the watch breaks (etcd restarted, connection lost, history compacted) it lists again.
+        """
+        state: dict[bytes, bytes] | None = None
+        backoff = _RESYNC_BACKOFF_S[0]
+        while not self._closed:
+            try:
+                client = self._connected()
+                listed = await self._kv().get(key, range_end, timeout=OP_TIMEOUT_S)
+                fresh = {entry.key: entry.value for entry in listed.kvs}
+                if fresh != state:
+                    state = fresh
+                    yield dict(state)
+                watch = _watch_stream(client, key, range_end, listed.header.revision + 1)
+                async with contextlib.aclosing(watch) as responses:
+                    async for response in responses:
+                        if response.canceled or response.compact_revision:
+                            reason = response.cancel_reason or f"compacted at {response.compact_revision}"
+                            raise _WatchCancelled(reason)
+                        if not response.events:
+                            continue
+                        for event in response.events:
+                            if event.type == event.DELETE:
+                                state.pop(event.kv.key, None)
+                            else:
+                                state[event.kv.key] = event.kv.value
+                        backoff = _RESYNC_BACKOFF_S[0]
+                        yield dict(state)
+            except asyncio.CancelledError:
+                if self._closed and _not_cancelling():
+                    return
+                raise
+            except Exception as exc:
+                if self._closed:
+                    return
+                if not _retryable(exc):
+                    raise
+                log.warning("registry: watching %s failed (%s); listing again in %.1fs",
+                            key, _describe(exc), backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _RESYNC_BACKOFF_S[1])
+
+
+class _WatchCancelled(EtcdError):
+    """etcd ended a watch on its side (e.g. its start revision was compacted away)."""
+
+
+async def _watch_stream(
+    client: Etcd3Client, key: str, range_end: bytes | None, start_revision: int
+) -> AsyncIterator[WatchResponse]:
+    """One watch stream, ending or raising when it breaks; the caller resumes by listing again.
+
+    etcd3aio's watch() feeds the stream from a request generator that never finishes, and when the
+    stream fails gRPC leaves that feeder task pending forever; writing the create request on the call
+    itself leaves nothing behind.
+    """
+    assert client.watch is not None
+    call = client.watch._stub.Watch()
+    try:
+        create = WatchCreateRequest(key=key.encode(), range_end=range_end or b"",
+                                    start_revision=start_revision)
+        await call.write(WatchRequest(create_request=create))
+        while (response := await call.read()) is not grpc.aio.EOF:
+            yield response
+    finally:
+        call.cancel()
+
+
+async def _keep_alive_once(client: Etcd3Client, lease_id: int) -> int:
+    """One keepalive round trip; returns the remaining TTL (<= 0 when etcd no longer has the lease)."""
+    assert client.lease is not None
+    stream = client.lease.keep_alive(lease_id)
+    try:
+        async for response in stream:
+            return int(response.TTL)
+    finally:
+        stream.cancel()
+    raise EtcdConnectionError(f"lease keepalive for {lease_id:x} ended without a response")
+
+
+def _sorted_workers(values: Iterable[bytes]) -> list[pb.WorkerInfo]:
+    workers = []
+    for value in values:
+        try:
+            workers.append(pb.WorkerInfo.FromString(value))
+        except DecodeError:
+            log.warning("registry: skipping an undecodable worker entry (%d bytes)", len(value))
+    return sorted(workers, key=lambda w: w.worker_id)
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, (EtcdUnauthenticatedError, EtcdPermissionDeniedError)):
+        return False
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() not in _FATAL_CODES
+    return isinstance(exc, (EtcdError, TimeoutError, asyncio.InvalidStateError))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _not_cancelling() -> bool:
+    """True when a CancelledError came from close() tearing down the channel, not from our task's owner."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0

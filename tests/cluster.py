@@ -1,0 +1,72 @@
+"""Test helpers: a one-host deployment over real sockets, and stubs to reach each of its services."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from dynamo_grpc.channels import CHANNEL_OPTIONS
+from dynamo_grpc.client import RouterClient
+from dynamo_grpc.config import ServerConfig, WorkerConfig
+from dynamo_grpc.engine import SimulatedEngineConfig
+from dynamo_grpc.errors import error_reason
+from dynamo_grpc.roles import Deployment
+from dynamo_grpc.v1 import common_pb2 as pb
+from dynamo_grpc.v1 import decode_pb2 as decode_pb
+from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
+from dynamo_grpc.v1 import kv_transfer_pb2_grpc as kv_grpc
+from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
+from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
+
+MODEL = "sim-tiny"
+FAST_ENGINE = SimulatedEngineConfig(model=MODEL, decode_step_s=0.001, prefill_s_per_token=1e-5, num_blocks=512)
+
+
+def worker_config(**engine: object) -> WorkerConfig:
+    return WorkerConfig(server=ServerConfig(port=0), engine=dataclasses.replace(FAST_ENGINE, **engine))
+
+
+@dataclass
+class Stubs:
+    """Typed stubs for every service of a deployment."""
+
+    deployment: Deployment
+
+    def __post_init__(self) -> None:
+        self._channels: list[grpc.aio.Channel] = []
+        self.router = RouterClient(self.deployment.router.endpoint)
+        self.prefill = prefill_grpc.PrefillServiceStub(self._channel(self.deployment.prefill.endpoint))
+        self.kv = kv_grpc.KvTransferServiceStub(self._channel(self.deployment.prefill.endpoint))
+        self.decode = decode_grpc.DecodeServiceStub(self._channel(self.deployment.decode.endpoint))
+
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        self._channels.append(channel)
+        return channel
+
+    async def close(self) -> None:
+        await self.router.channel.close()
+        for channel in self._channels:
+            await channel.close()
+
+    async def prefill_stats(self) -> pb.WorkerStats:
+        return (await self.prefill.GetPrefillStats(prefill_pb.GetPrefillStatsRequest())).stats
+
+    async def decode_stats(self) -> pb.WorkerStats:
+        return (await self.decode.GetDecodeStats(decode_pb.GetDecodeStatsRequest())).stats
+
+    async def assert_no_leaks(self) -> None:
+        """Both engines and the prefill's KV store hold nothing."""
+        prefill, decode = await self.prefill_stats(), await self.decode_stats()
+        assert (prefill.active_requests, prefill.used_kv_blocks, prefill.held_transfers) == (0, 0, 0), prefill
+        assert (decode.active_requests, decode.used_kv_blocks) == (0, 0), decode
+
+
+async def rpc_failure(awaitable) -> tuple[grpc.StatusCode, str]:
+    """The status code and ErrorInfo reason a call fails with."""
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await awaitable
+    return failure.value.code(), error_reason(failure.value)

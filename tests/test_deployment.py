@@ -1,0 +1,166 @@
+"""One request through Router -> Prefill -> KvTransfer -> Decode over real sockets (in-memory registry)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from dynamo_grpc.client import params
+from dynamo_grpc.registry import MemoryRegistry
+from dynamo_grpc.roles import start_all_in_one
+from dynamo_grpc.v1 import common_pb2 as pb
+from dynamo_grpc.v1 import decode_pb2 as decode_pb
+from tests.cluster import MODEL, Stubs, worker_config
+
+
+@contextlib.asynccontextmanager
+async def running(**engine: object) -> AsyncIterator[Stubs]:
+    registry = MemoryRegistry()
+    deployment = await start_all_in_one(worker_config(**engine), registry)
+    stubs = Stubs(deployment)
+    try:
+        yield stubs
+    finally:
+        await stubs.close()
+        await deployment.stop()
+        await registry.close()
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Stubs]:
+    async with running() as stubs:
+        yield stubs
+
+
+async def aggregated(stubs: Stubs, prompt: str | list[int], max_tokens: int) -> list[int]:
+    """What the decode worker generates when it prefills locally (no KV handle)."""
+    async def requests():
+        yield decode_pb.DecodeRequest(request_id=f"agg-{prompt!r}"[:60], start=decode_pb.DecodeStart(
+            params=params(prompt, model=MODEL, max_tokens=max_tokens, ignore_eos=True)))
+
+    tokens: list[int] = []
+    async for response in stubs.decode.Decode(requests()):
+        tokens += response.tokens.token_ids
+        if response.HasField("completion"):
+            assert response.completion.kv_transfer.bytes == 0
+    return tokens
+
+
+PROMPTS = ["Hi", "x" * 32, "The quick brown fox jumps over the lazy dog. " * 5, "y" * 100, "shared prefix: one",
+           "shared prefix: two", list(range(1, 200)), "z" * 257]
+
+
+async def test_disaggregated_output_equals_aggregated(cluster: Stubs) -> None:
+    # (1) Run every prompt concurrently through the router: prefill on one worker, decode on the other.
+    results = await asyncio.gather(*(
+        cluster.router.generate(p, model=MODEL, max_tokens=24, ignore_eos=True, request_id=f"r{i}").collect()
+        for i, p in enumerate(PROMPTS)))
+    prefill_id = cluster.deployment.prefill.worker_id
+    for prompt, result in zip(PROMPTS, results):
+        completion = result.completion
+        prompt_tokens = len(prompt.encode()) if isinstance(prompt, str) else len(prompt)
+        # (2) The KV really crossed: the decode worker pulled all of it from the prefill worker.
+        assert completion.prefill_worker_id == prefill_id
+        assert completion.decode_worker_id == cluster.deployment.decode.worker_id
+        assert completion.kv_transfer.bytes == prompt_tokens * 4096 and completion.kv_transfer.path == "grpc"
+        assert completion.usage.prompt_tokens == prompt_tokens
+        assert completion.usage.cached_tokens == prompt_tokens
+        assert completion.usage.completion_tokens == 24 == len(result.token_ids)
+        assert completion.finish_reason == pb.FINISH_REASON_LENGTH
+        assert result.text == bytes(result.token_ids).decode()
+        # (3) Token for token what the decode worker computes on its own.
+        assert result.token_ids == await aggregated(cluster, prompt, 24)
+    # (4) Nothing left behind on either side.
+    await cluster.assert_no_leaks()
+    stats = await cluster.prefill_stats()
+    assert stats.transfers_completed == len(PROMPTS) and stats.transfers_expired == 0
+
+
+async def test_tokens_stream_in_batches_before_the_end(cluster: Stubs) -> None:
+    stream = cluster.router.generate("stream me", model=MODEL, max_tokens=50, ignore_eos=True)
+    batches = 0
+    async for response in stream:
+        if response.HasField("tokens"):
+            batches += 1
+            assert response.tokens.token_ids
+        else:
+            assert response.completion.usage.completion_tokens == 50
+    assert batches >= 2
+
+
+async def test_cancel_stops_decode_and_frees_kv_everywhere(cluster: Stubs) -> None:
+    stream = cluster.router.generate("cancel me", model=MODEL, max_tokens=5000, ignore_eos=True, request_id="c1")
+    received = 0
+    completion = None
+    async for response in stream:
+        if response.HasField("tokens"):
+            received += len(response.tokens.token_ids)
+            if received >= 5:
+                stream.cancel()
+        else:
+            completion = response.completion
+    assert completion is not None and completion.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert 5 <= completion.usage.completion_tokens < 5000
+    await cluster.assert_no_leaks()
+
+
+async def test_cancel_during_prefill_releases_the_held_kv() -> None:
+    # A slow prefill (0.5 s) gives the cancel time to arrive before decode starts.
+    async with running(prefill_s_per_token=0.05) as stubs:
+        stream = stubs.router.generate("0123456789", model=MODEL, max_tokens=10, request_id="c2")
+        await asyncio.sleep(0.1)
+        stream.cancel()
+        result = await stream.collect()
+        assert result.completion.finish_reason == pb.FINISH_REASON_CANCELLED
+        assert result.token_ids == []
+        await stubs.assert_no_leaks()
+        assert (await stubs.prefill_stats()).transfers_completed == 1
+
+
+async def test_client_disconnect_aborts_the_request(cluster: Stubs) -> None:
+    stream = cluster.router.generate("going away", model=MODEL, max_tokens=5000, ignore_eos=True)
+    async for response in stream:
+        if response.HasField("tokens"):
+            break
+    stream.call.cancel()
+    for _ in range(100):
+        if (await cluster.decode_stats()).active_requests == 0:
+            break
+        await asyncio.sleep(0.02)
+    await cluster.assert_no_leaks()
+
+
+async def test_prefill_worker_gone_falls_back_to_local_prefill(cluster: Stubs) -> None:
+    expected = await aggregated(cluster, "no prefill", 8)
+    await cluster.deployment.prefill.server.server.stop(0)
+    result = await cluster.router.generate("no prefill", model=MODEL, max_tokens=8, ignore_eos=True).collect()
+    assert result.token_ids == expected
+    assert result.completion.prefill_worker_id == "" and result.completion.kv_transfer.bytes == 0
+
+
+async def test_request_id_is_assigned_and_echoed(cluster: Stubs) -> None:
+    async for response in cluster.router.generate("ids", model=MODEL, max_tokens=2):
+        assert len(response.request_id) == 32
+    async for response in cluster.router.generate("ids", model=MODEL, max_tokens=2, request_id="mine"):
+        assert response.request_id == "mine"
+
+
+async def test_health_reports_serving_then_not_serving() -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    registry = MemoryRegistry()
+    deployment = await start_all_in_one(worker_config(), registry)
+    async with grpc.aio.insecure_channel(deployment.decode.endpoint) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        check = await health.Check(health_pb2.HealthCheckRequest(service="dynamo_grpc.v1.DecodeService"))
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        await deployment.decode.server.health.enter_graceful_shutdown()
+        check = await health.Check(health_pb2.HealthCheckRequest(service="dynamo_grpc.v1.DecodeService"))
+        assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    await deployment.stop()
+    assert await registry.list_workers() == []
+    await registry.close()
