@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -148,11 +149,15 @@ def build_tiny_model(out_dir: Path = DEFAULT_MODEL_DIR, *, force: bool = False) 
         _build_model(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if not is_complete(out_dir):  # not a concurrent build that finished first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
 if __name__ == "__main__":
-    print(build_tiny_model(DEFAULT_MODEL_DIR, force="--force" in os.sys.argv))
+    print(build_tiny_model(DEFAULT_MODEL_DIR, force="--force" in sys.argv))

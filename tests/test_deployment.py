@@ -164,3 +164,27 @@ async def test_health_reports_serving_then_not_serving() -> None:
     await deployment.stop()
     assert await registry.list_workers() == []
     await registry.close()
+
+
+async def test_control_plane_watch_follows_the_fleet() -> None:
+    from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
+    from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
+
+    registry = MemoryRegistry()
+    deployment = await start_all_in_one(worker_config(), registry)
+    async with grpc.aio.insecure_channel(deployment.control_plane.endpoint) as channel:
+        control = cp_grpc.ControlPlaneServiceStub(channel)
+        watch = control.WatchPairings(cp_pb.WatchPairingsRequest())
+        # (1) The current table first: the one compatible same-host pair.
+        first = (await anext(aiter(watch))).table
+        assert [(p.prefill_worker_id, p.decode_worker_id, p.same_host) for p in first.pairings] == [
+            (deployment.prefill.worker_id, deployment.decode.worker_id, True)]
+        # (2) The decode worker leaves: a new version without pairs follows.
+        await deployment.decode.stop()
+        second = (await asyncio.wait_for(anext(aiter(watch)), 5)).table
+        assert second.version > first.version and not second.pairings
+        assert (await control.GetPairings(cp_pb.GetPairingsRequest())).table == second
+        watch.cancel()
+    for role in (deployment.router, deployment.prefill, deployment.control_plane):
+        await role.stop()
+    await registry.close()
