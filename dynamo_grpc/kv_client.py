@@ -21,8 +21,8 @@ class KvPuller:
         self._channels = channels
         self._fingerprint = fingerprint
 
-    async def pull(self, handle: pb.KvHandle, *, request_id: str) -> tuple[bytes, pb.KvTransferStats]:
-        """All bytes of the transfer, verified against the handle's size and CRC-32."""
+    async def pull(self, handle: pb.KvHandle, *, request_id: str) -> tuple[bytearray, pb.KvTransferStats]:
+        """All bytes of the transfer, verified against the handle's size and CRC-32 as they arrive."""
         if handle.engine_fingerprint != self._fingerprint:
             raise FailedPrecondition(
                 f"KV handle comes from an incompatible engine ({handle.engine_fingerprint}); this decode "
@@ -31,7 +31,7 @@ class KvPuller:
         stub = kv_grpc.KvTransferServiceStub(self._channels.get(handle.endpoint))
         started = time.perf_counter()
         buffer = bytearray(handle.total_bytes)
-        received = 0
+        received = crc = 0
         try:
             async for chunk in stub.PullKv(kv_pb.PullKvRequest(
                     request_id=request_id, transfer_id=handle.transfer_id, pull_token=handle.pull_token,
@@ -40,17 +40,18 @@ class KvPuller:
                 if end > len(buffer):
                     raise _data_loss(request_id, f"KV chunk ends at byte {end}, past the announced {len(buffer)}")
                 buffer[chunk.offset:end] = chunk.data
+                if crc >= 0:  # in-order chunks are checked as they arrive; others once at the end
+                    crc = zlib.crc32(chunk.data, crc) if chunk.offset == received else -1
                 received += len(chunk.data)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, request_id=request_id) from None
         if received != handle.total_bytes:
             raise _data_loss(request_id, f"KV pull got {received} of {handle.total_bytes} bytes")
-        data = bytes(buffer)
-        if zlib.crc32(data) != handle.crc32:
+        if (crc if crc >= 0 else zlib.crc32(buffer)) != handle.crc32:
             raise _data_loss(request_id, "KV bytes failed their CRC-32 check")
         stats = pb.KvTransferStats(bytes=received, duration_us=int((time.perf_counter() - started) * 1e6),
                                    path="grpc")
-        return data, stats
+        return buffer, stats
 
     async def release(self, handle: pb.KvHandle, *, request_id: str) -> bool:
         """Tell the prefill worker to free the transfer (idempotent)."""

@@ -13,7 +13,7 @@ from dynamo_grpc.v1 import kv_transfer_pb2_grpc as kv_grpc
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 1024 * 1024
 
 
 class KvTransferServicer(kv_grpc.KvTransferServiceServicer):

@@ -220,7 +220,8 @@ class SimulatedEngine:
                                     "retry later", request_id=rid, reason="WORKER_BUSY")
         return blocks
 
-    async def _pull(self, handle: pb.KvHandle, rid: str, prompt_tokens: int) -> tuple[bytes, pb.KvTransferStats]:
+    async def _pull(self, handle: pb.KvHandle, rid: str, prompt_tokens: int
+                    ) -> tuple[bytearray, pb.KvTransferStats]:
         if handle.num_tokens != prompt_tokens:
             raise FailedPrecondition(
                 f"KV handle covers {handle.num_tokens} tokens but the prompt has {prompt_tokens}; "
