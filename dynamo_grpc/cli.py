@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dynamo_grpc.config import (ConfigError, ServerConfig, add_engine_flags, add_flag, add_server_flags,
                                 server_config, worker_config)
 from dynamo_grpc.client import RouterClient
-from dynamo_grpc.registry import EtcdRegistry, MemoryRegistry, Registry
+from dynamo_grpc.registry import EtcdRegistry, MemoryRegistry, Registry, RegistryUnavailable
 from dynamo_grpc.roles import (RunningRole, start_all_in_one, start_control_plane, start_decode, start_prefill,
                                start_router)
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -86,7 +86,7 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"dynamo-grpc: serving {model!r}; send requests to RouterService at {endpoint} "
               f"(try: dynamo-grpc generate --router {endpoint} --model {model} 'Hello')", flush=True)
         if args.prompt:
-            return await _generate(endpoint, model, args.prompt, int(args.max_tokens))
+            return await _generate(endpoint, model, args.prompt, args.max_tokens)
         await _until_signalled()
     return 0
 
@@ -108,21 +108,19 @@ async def _generate(endpoint: str, model: str, prompt: str, max_tokens: int) -> 
 async def _main(args: argparse.Namespace) -> int:
     command = args.command
     if command == "generate":
-        return await _generate(args.router, args.model, args.prompt, int(args.max_tokens))
+        return await _generate(args.router, args.model, args.prompt, args.max_tokens)
     if command == "serve":
         return await _serve(args)
     server = server_config(args)
+    worker = worker_config(args) if command in ("prefill", "decode") else None
     registry = await _connect_registry(server, required=True)
-    if command == "prefill":
-        config = worker_config(args)
-        await _run_role(lambda: start_prefill(config, registry), registry)
-    elif command == "decode":
-        config = worker_config(args)
-        await _run_role(lambda: start_decode(config, registry), registry)
-    elif command == "router":
-        await _run_role(lambda: start_router(server, registry), registry)
-    elif command == "control-plane":
-        await _run_role(lambda: start_control_plane(server, registry), registry)
+    starts = {
+        "prefill": lambda: start_prefill(worker, registry),
+        "decode": lambda: start_decode(worker, registry),
+        "router": lambda: start_router(server, registry),
+        "control-plane": lambda: start_control_plane(server, registry),
+    }
+    await _run_role(starts[command], registry)
     return 0
 
 
@@ -135,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"dynamo-grpc {args.command}: {error}", file=sys.stderr)
         return 2
+    except RegistryUnavailable as error:
+        print(f"dynamo-grpc {args.command}: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -100,16 +100,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(host=args.host, port=int(args.port), advertise_host=args.advertise_host,
+    return ServerConfig(host=args.host, port=args.port, advertise_host=args.advertise_host,
                         node_name=args.node_name, etcd=tuple(e for e in args.etcd.split(",") if e),
-                        namespace=args.namespace, lease_ttl_s=int(args.lease_ttl_s))
+                        namespace=args.namespace, lease_ttl_s=args.lease_ttl_s)
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
     try:
-        engine = SimulatedEngineConfig(**{f.name: type(getattr(SimulatedEngineConfig(), f.name))(getattr(args, f.name))
-                                          for f in fields(SimulatedEngineConfig)})
+        engine = SimulatedEngineConfig(**{f.name: getattr(args, f.name) for f in fields(SimulatedEngineConfig)})
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    return WorkerConfig(server=server_config(args), engine=engine, worker_id=args.worker_id,
-                        kv_ttl_s=float(args.kv_ttl_s))
+    return WorkerConfig(server=server_config(args), engine=engine, worker_id=args.worker_id, kv_ttl_s=args.kv_ttl_s)
