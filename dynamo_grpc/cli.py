@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(sub, "model", default="sim-tiny", help="model name")
     add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate")
     sub.add_argument("prompt", help="prompt text")
+    sub = roles.add_parser("make-model", help="build the tiny local Llama + tokenizer (deterministic, no hub)")
+    sub.add_argument("dir", nargs="?", default=None, help="output directory [env DYNAMO_GRPC_MODEL_DIR; "
+                     "default ~/.cache/dynamo-grpc/tiny-llama]")
+    sub.add_argument("--force", action="store_true", help="rebuild even if a complete model is there")
     return parser
 
 
@@ -124,8 +128,18 @@ async def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_model(args: argparse.Namespace) -> int:
+    from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR, build_tiny_model
+
+    print("dynamo-grpc make-model: building the tiny Llama (a few seconds)...", file=sys.stderr, flush=True)
+    print(build_tiny_model(args.dir or DEFAULT_MODEL_DIR, force=args.force))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "make-model":
+        return _make_model(args)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {args.command} %(name)s: %(message)s")
     try:
