@@ -41,22 +41,35 @@ class Router:
             raise AlreadyExists(f"request id {request_id!r} is already running; use a fresh id",
                                 request_id=request_id)
         self._live.add(request_id)
+        # The deadline cancels the request like a client would, then turns its end into DEADLINE_EXCEEDED;
+        # cancelling this task instead could land inside gRPC's write of a response and lose the status.
+        expired = asyncio.Event()
+
+        def expire() -> None:
+            expired.set()
+            cancelled.set()
+
+        timer = asyncio.get_running_loop().call_later(timeout, expire) if timeout is not None else None
         try:
-            async with asyncio.timeout(timeout):
-                async for response in self._run(request_id, params, cancelled):
+            async with contextlib.aclosing(self._run(request_id, params, cancelled, timeout)) as responses:
+                async for response in responses:
+                    if expired.is_set() and response.HasField("completion"):
+                        break
                     yield response
-        except TimeoutError:
-            raise DeadlineExceeded("the request's deadline passed before it finished", request_id=request_id) from None
+            if expired.is_set():
+                raise DeadlineExceeded("the request's deadline passed before it finished", request_id=request_id)
         finally:
+            if timer is not None:
+                timer.cancel()
             self._live.discard(request_id)
 
-    async def _run(self, request_id: str, params: pb.GenerationParams, cancelled: asyncio.Event
-                   ) -> AsyncIterator[router_pb.GenerateResponse]:
+    async def _run(self, request_id: str, params: pb.GenerationParams, cancelled: asyncio.Event,
+                   timeout: float | None) -> AsyncIterator[router_pb.GenerateResponse]:
         route = self._fleet.route(params.model, request_id)
         handle = None
         # 1) Prefill on the paired worker (its KV is then held there under a lease).
         if route.prefill is not None:
-            handle = await self._prefill(route.prefill, request_id, params)
+            handle = await self._prefill(route.prefill, request_id, params, timeout)
             if cancelled.is_set():
                 if handle is not None:
                     await self._release(handle, request_id)
@@ -79,13 +92,14 @@ class Router:
             if handle is not None and not consumed:
                 await asyncio.shield(self._release(handle, request_id))
 
-    async def _prefill(self, worker: pb.WorkerInfo, request_id: str, params: pb.GenerationParams
-                       ) -> pb.KvHandle | None:
+    async def _prefill(self, worker: pb.WorkerInfo, request_id: str, params: pb.GenerationParams,
+                       timeout: float | None) -> pb.KvHandle | None:
         """The KV handle, or None when the prefill worker is gone (the decode worker then prefills)."""
         stub = prefill_grpc.PrefillServiceStub(self._channels.get(worker.endpoint))
         with self._fleet.busy(worker):
             try:
-                response = await stub.Prefill(prefill_pb.PrefillRequest(request_id=request_id, params=params))
+                response = await stub.Prefill(prefill_pb.PrefillRequest(request_id=request_id, params=params),
+                                              timeout=timeout)
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.UNAVAILABLE:
                     log.warning("request %s: prefill worker %s unavailable (%s); prefilling on decode",
