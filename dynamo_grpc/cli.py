@@ -10,12 +10,25 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
-from dynamo_grpc.config import (ConfigError, ServerConfig, add_engine_flags, add_flag, add_server_flags,
-                                server_config, worker_config)
 from dynamo_grpc.client import RouterClient
+from dynamo_grpc.config import (
+    ConfigError,
+    ServerConfig,
+    add_engine_flags,
+    add_flag,
+    add_server_flags,
+    server_config,
+    worker_config,
+)
 from dynamo_grpc.registry import EtcdRegistry, MemoryRegistry, Registry, RegistryUnavailable
-from dynamo_grpc.roles import (RunningRole, start_all_in_one, start_control_plane, start_decode, start_prefill,
-                               start_router)
+from dynamo_grpc.roles import (
+    RunningRole,
+    start_all_in_one,
+    start_control_plane,
+    start_decode,
+    start_prefill,
+    start_router,
+)
 from dynamo_grpc.v1 import common_pb2 as pb
 
 log = logging.getLogger("dynamo_grpc")

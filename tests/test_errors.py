@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
-from dynamo_grpc.client import params
+from dynamo_grpc.client import GenerateStream, RouterClient, params
+from dynamo_grpc.config import ServerConfig
 from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.roles import start_all_in_one, start_router
-from dynamo_grpc.config import ServerConfig
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
-from dynamo_grpc.client import RouterClient
 from tests.cluster import MODEL, Stubs, rpc_failure, worker_config
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
@@ -35,9 +35,7 @@ async def cluster() -> AsyncIterator[Stubs]:
     await registry.close()
 
 
-def generate(stubs: Stubs, p: pb.GenerationParams, request_id: str = "") -> asyncio.Future:
-    from dynamo_grpc.client import GenerateStream
-
+def generate(stubs: Stubs, p: pb.GenerationParams, request_id: str = ""):
     return GenerateStream(stubs.router.stub, request_id, p).collect()
 
 
@@ -156,9 +154,7 @@ async def test_handle_for_another_prompt(cluster: Stubs) -> None:
 
 async def test_expired_kv_handle() -> None:
     registry = MemoryRegistry()
-    config = worker_config()
-    deployment = await start_all_in_one(type(config)(server=config.server, engine=config.engine, kv_ttl_s=0.2),
-                                        registry)
+    deployment = await start_all_in_one(dataclasses.replace(worker_config(), kv_ttl_s=0.2), registry)
     stubs = Stubs(deployment)
     handle = await prefill(stubs)
     await asyncio.sleep(0.5)
