@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from dynamo_grpc.engine.base import Engine, EngineOutput, EngineRequest, FinishReason
 from dynamo_grpc.errors import DeadlineExceeded, NotFound
-from dynamo_grpc.params import check_request_id, prompt_of, sampling_of, seconds_left
+from dynamo_grpc.params import check_request_id, deadline_timer, prompt_of, sampling_of, seconds_left
 from dynamo_grpc.v1 import common_pb2 as pb
 
 
@@ -26,35 +26,22 @@ def engine_request(engine: Engine, request_id: str, params: pb.GenerationParams,
 @contextlib.asynccontextmanager
 async def engine_run(engine: Engine, request: EngineRequest, params: pb.GenerationParams
                      ) -> AsyncIterator[AsyncIterator[EngineOutput]]:
-    """The engine's output stream, bounded by the request's deadline; leaving the block aborts the request.
-
-    The deadline aborts the engine request rather than cancelling this task: a cancellation would land
-    wherever the task waits, often inside gRPC's write of a response, where it cannot become a status.
-    """
+    """The engine's output stream, bounded by the request's deadline; leaving the block aborts the request."""
     rid = request.request_id
-    timeout = seconds_left(params, rid)
     outputs = engine.generate(request)
-    expired = asyncio.Event()
+    with deadline_timer(seconds_left(params, rid), lambda: asyncio.ensure_future(engine.abort(rid))) as expired:
 
-    def expire() -> None:
-        expired.set()
-        asyncio.ensure_future(engine.abort(rid))
+        async def checked() -> AsyncIterator[EngineOutput]:
+            async for out in outputs:
+                if expired.is_set() and out.finish_reason is FinishReason.CANCELLED:
+                    raise DeadlineExceeded("the request's deadline passed before it finished", request_id=rid)
+                yield out
 
-    timer = asyncio.get_running_loop().call_later(timeout, expire) if timeout is not None else None
-
-    async def checked() -> AsyncIterator[EngineOutput]:
-        async for out in outputs:
-            if expired.is_set() and out.finish_reason is FinishReason.CANCELLED:
-                raise DeadlineExceeded("the request's deadline passed before it finished", request_id=rid)
-            yield out
-
-    try:
-        yield checked()
-    finally:
-        if timer is not None:
-            timer.cancel()
-        await engine.abort(rid)
-        await outputs.aclose()  # type: ignore[attr-defined]
+        try:
+            yield checked()
+        finally:
+            await engine.abort(rid)
+            await outputs.aclose()  # type: ignore[attr-defined]
 
 
 def completion_of(out: EngineOutput, *, prefill_worker_id: str, decode_worker_id: str) -> pb.Completion:

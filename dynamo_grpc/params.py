@@ -5,8 +5,11 @@ Every check fails with INVALID_ARGUMENT and a message that names the field and t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
+from collections.abc import Callable, Iterator
 
 from dynamo_grpc.engine.base import Sampling
 from dynamo_grpc.errors import DeadlineExceeded, InvalidArgument
@@ -72,3 +75,25 @@ def seconds_left(params: pb.GenerationParams, request_id: str) -> float | None:
     if left <= 0:
         raise DeadlineExceeded("the request's deadline has already passed", request_id=request_id)
     return left
+
+
+@contextlib.contextmanager
+def deadline_timer(timeout: float | None, on_expire: Callable[[], None]) -> Iterator[asyncio.Event]:
+    """Run `on_expire` when `timeout` runs out inside the block; the event tells whether it did.
+
+    Deadlines stop a request through its own abort path rather than by cancelling the handler task: a
+    cancellation lands wherever the task waits, often inside gRPC's write of a response, where it
+    cannot become a status and the client waits forever.
+    """
+    expired = asyncio.Event()
+
+    def fire() -> None:
+        expired.set()
+        on_expire()
+
+    timer = asyncio.get_running_loop().call_later(timeout, fire) if timeout is not None else None
+    try:
+        yield expired
+    finally:
+        if timer is not None:
+            timer.cancel()

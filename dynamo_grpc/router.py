@@ -12,7 +12,7 @@ import grpc
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.errors import AlreadyExists, DeadlineExceeded, from_rpc_error
 from dynamo_grpc.fleet import Fleet
-from dynamo_grpc.params import prompt_of, sampling_of, seconds_left
+from dynamo_grpc.params import deadline_timer, prompt_of, sampling_of, seconds_left
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
@@ -41,26 +41,18 @@ class Router:
             raise AlreadyExists(f"request id {request_id!r} is already running; use a fresh id",
                                 request_id=request_id)
         self._live.add(request_id)
-        # The deadline cancels the request like a client would, then turns its end into DEADLINE_EXCEEDED;
-        # cancelling this task instead could land inside gRPC's write of a response and lose the status.
-        expired = asyncio.Event()
-
-        def expire() -> None:
-            expired.set()
-            cancelled.set()
-
-        timer = asyncio.get_running_loop().call_later(timeout, expire) if timeout is not None else None
+        # The deadline cancels the request like a client would, then turns its end into DEADLINE_EXCEEDED.
         try:
-            async with contextlib.aclosing(self._run(request_id, params, cancelled, timeout)) as responses:
-                async for response in responses:
-                    if expired.is_set() and response.HasField("completion"):
-                        break
-                    yield response
-            if expired.is_set():
-                raise DeadlineExceeded("the request's deadline passed before it finished", request_id=request_id)
+            with deadline_timer(timeout, cancelled.set) as expired:
+                async with contextlib.aclosing(self._run(request_id, params, cancelled, timeout)) as responses:
+                    async for response in responses:
+                        if expired.is_set() and response.HasField("completion"):
+                            break
+                        yield response
+                if expired.is_set():
+                    raise DeadlineExceeded("the request's deadline passed before it finished",
+                                           request_id=request_id)
         finally:
-            if timer is not None:
-                timer.cancel()
             self._live.discard(request_id)
 
     async def _run(self, request_id: str, params: pb.GenerationParams, cancelled: asyncio.Event,
