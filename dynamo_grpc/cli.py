@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate for --prompt")
     sub = roles.add_parser("generate", help="send one request to a router and stream the answer")
     add_flag(sub, "router", default=f"127.0.0.1:{DEFAULT_ROUTER_PORT}", help="router endpoint host:port")
-    add_flag(sub, "model", default="sim-tiny", help="model name")
+    add_flag(sub, "model", default="tiny-llama", help="model name")
     add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate")
     sub.add_argument("prompt", help="prompt text")
     sub = roles.add_parser("make-model", help="build the tiny local Llama + tokenizer (deterministic, no hub)")

@@ -9,10 +9,17 @@ import argparse
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dynamo_grpc.engine.simulated import SimulatedEngineConfig
+from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
+
+EngineConfig = SimulatedEngineConfig | VllmEngineConfig
+ENGINES: dict[str, type[SimulatedEngineConfig] | type[VllmEngineConfig]] = {
+    "vllm": VllmEngineConfig, "simulated": SimulatedEngineConfig}
+KV_PULL_FAILURE_POLICIES = ("fail", "local-prefill")
 
 
 class ConfigError(ValueError):
@@ -54,13 +61,17 @@ class WorkerConfig:
     """A prefill or decode worker."""
 
     server: ServerConfig
-    engine: SimulatedEngineConfig
+    engine: EngineConfig
     worker_id: str = ""
     kv_ttl_s: float = 30.0
+    kv_pull_failure: str = "fail"
 
     def __post_init__(self) -> None:
         if self.kv_ttl_s <= 0:
             raise ConfigError(f"--kv-ttl-s must be positive, got {self.kv_ttl_s}")
+        if self.kv_pull_failure not in KV_PULL_FAILURE_POLICIES:
+            raise ConfigError(f"--kv-pull-failure must be one of {', '.join(KV_PULL_FAILURE_POLICIES)}, "
+                              f"got {self.kv_pull_failure!r}")
 
     def resolved_worker_id(self, role: str) -> str:
         return self.worker_id or f"{role}-{self.server.node_name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -74,8 +85,14 @@ def env_default(name: str, default: Any) -> Any:
 
 def add_flag(parser: argparse.ArgumentParser, name: str, *, default: Any, help: str, **kwargs: Any) -> None:
     var = "DYNAMO_GRPC_" + name.upper().replace("-", "_")
-    parser.add_argument(f"--{name}", default=env_default(name, default), help=f"{help} [env {var}; default {default}]",
-                        **kwargs)
+    shown = "" if default is None else f"; default {default}"
+    parser.add_argument(f"--{name}", default=env_default(name, default), help=f"{help} [env {var}{shown}]", **kwargs)
+
+
+def _flag_type(example: Any) -> Callable[[str], Any]:
+    if isinstance(example, bool):
+        return lambda text: {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+    return type(example)
 
 
 def add_server_flags(parser: argparse.ArgumentParser, *, port: int = 0) -> None:
@@ -88,15 +105,29 @@ def add_server_flags(parser: argparse.ArgumentParser, *, port: int = 0) -> None:
     add_flag(parser, "lease-ttl-s", default=10, type=int, help="etcd lease TTL of this process's registration")
 
 
+def _engine_fields() -> dict[str, list[tuple[str, Any]]]:
+    """Each engine setting that has a flag -> the engines using it, with their defaults."""
+    settings: dict[str, list[tuple[str, Any]]] = {}
+    for kind, config in ENGINES.items():
+        for f in fields(config):
+            if not f.name.startswith("test_") and f.name not in ("model", "served_model_name"):
+                settings.setdefault(f.name, []).append((kind, f.default))
+    return settings
+
+
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    base = SimulatedEngineConfig()
-    add_flag(parser, "model", default=base.model, help="served model name")
-    for f in fields(SimulatedEngineConfig):
-        if f.name != "model":
-            add_flag(parser, f.name.replace("_", "-"), default=getattr(base, f.name), type=type(getattr(base, f.name)),
-                     help=f"simulated engine: {f.name.replace('_', ' ')}")
+    add_flag(parser, "engine", default="vllm", choices=sorted(ENGINES),
+             help="inference engine: vllm (real, the tiny local model by default) or simulated (cost model)")
+    add_flag(parser, "model", default="", help="served model name (default: tiny-llama for vllm, the model "
+             "directory's name; sim-tiny for simulated)")
+    for name, users in _engine_fields().items():
+        defaults = "; ".join(f"{kind} {default}" for kind, default in users)
+        add_flag(parser, name.replace("_", "-"), default=None, type=_flag_type(users[0][1]),
+                 help=f"{' and '.join(kind for kind, _ in users)} engine: {name.replace('_', ' ')} ({defaults})")
     add_flag(parser, "worker-id", default="", help="unique worker id (default: role-node-pid-random)")
     add_flag(parser, "kv-ttl-s", default=30.0, type=float, help="seconds a prefill holds unpulled KV")
+    add_flag(parser, "kv-pull-failure", default="fail", choices=KV_PULL_FAILURE_POLICIES,
+             help="decode worker, when pulling a prompt's KV fails: fail the request, or prefill it locally")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -106,8 +137,18 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    config = ENGINES[args.engine]
+    chosen = {f.name: getattr(args, f.name) for f in fields(config) if getattr(args, f.name, None) is not None}
+    if args.model:
+        chosen["served_model_name" if config is VllmEngineConfig else "model"] = args.model
+    unused = [f"--{name.replace('_', '-')}" for name in _engine_fields()
+              if name not in chosen and getattr(args, name, None) is not None]
+    if unused:
+        verb = "does" if len(unused) == 1 else "do"
+        raise ConfigError(f"{', '.join(unused)} {verb} not apply to --engine {args.engine}")
     try:
-        engine = SimulatedEngineConfig(**{f.name: getattr(args, f.name) for f in fields(SimulatedEngineConfig)})
+        engine = config(**chosen)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    return WorkerConfig(server=server_config(args), engine=engine, worker_id=args.worker_id, kv_ttl_s=args.kv_ttl_s)
+    return WorkerConfig(server=server_config(args), engine=engine, worker_id=args.worker_id, kv_ttl_s=args.kv_ttl_s,
+                        kv_pull_failure=args.kv_pull_failure)

@@ -3,40 +3,68 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
-from dynamo_grpc.engine.base import Engine
+from dynamo_grpc.engine.base import Engine, EngineOutput
 from dynamo_grpc.engine_calls import completion_of, engine_request, engine_run
+from dynamo_grpc.errors import DynamoError
 from dynamo_grpc.streams import background, coalesce, first_message, watch_for_cancel
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
 
+log = logging.getLogger(__name__)
+
+# Failures of the pull itself, after which prefilling locally can still answer the request.
+PULL_FAILURES = frozenset({"KV_HANDLE_NOT_FOUND", "KV_HANDLE_EXPIRED", "BAD_PULL_TOKEN", "KV_TRANSFER_CORRUPT",
+                           "UNAVAILABLE", "ENGINE_FINGERPRINT_MISMATCH"})
+
 
 class DecodeServicer(decode_grpc.DecodeServiceServicer):
-    def __init__(self, engine: Engine, *, worker_id: str) -> None:
+    def __init__(self, engine: Engine, *, worker_id: str, local_prefill_on_pull_failure: bool = False) -> None:
         self._engine = engine
         self._worker_id = worker_id
+        self._local_prefill_on_pull_failure = local_prefill_on_pull_failure
 
     async def Decode(self, request_iterator: AsyncIterator[decode_pb.DecodeRequest],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[decode_pb.DecodeResponse]:
         opening = await first_message(request_iterator, "start")
         rid, start = opening.request_id, opening.start
         handle = start.kv_handle if start.HasField("kv_handle") else None
-        engine_req = engine_request(self._engine, rid, start.params, kv_handle=handle)
-        async with (engine_run(self._engine, engine_req, start.params) as outputs,
-                    background(watch_for_cancel(request_iterator, rid, lambda: self._engine.abort(rid))),
-                    contextlib.aclosing(coalesce(outputs)) as batches):
+        async with (background(watch_for_cancel(request_iterator, rid, lambda: self._engine.abort(rid))),
+                    contextlib.aclosing(coalesce(self._outputs(rid, start.params, handle))) as batches):
             async for out in batches:
                 if out.token_ids:
                     yield decode_pb.DecodeResponse(request_id=rid, tokens=pb.TokenBatch(token_ids=out.token_ids,
                                                                                        text=out.text))
                 if out.finish_reason is not None:
+                    pulled = out.kv_transfer is not None and out.kv_transfer.path
                     yield decode_pb.DecodeResponse(request_id=rid, completion=completion_of(
-                        out, prefill_worker_id=start.prefill_worker_id if handle else "",
+                        out, prefill_worker_id=start.prefill_worker_id if pulled else "",
                         decode_worker_id=self._worker_id))
+
+    async def _outputs(self, rid: str, params: pb.GenerationParams, handle: pb.KvHandle | None
+                       ) -> AsyncIterator[EngineOutput]:
+        """The engine's outputs; if the KV pull fails and this worker may, it prefills the prompt itself."""
+        produced = False
+        try:
+            async with engine_run(self._engine, engine_request(self._engine, rid, params, kv_handle=handle),
+                                  params) as outputs:
+                async for out in outputs:
+                    produced = True
+                    yield out
+            return
+        except DynamoError as error:
+            if produced or handle is None or not self._local_prefill_on_pull_failure or \
+                    error.reason not in PULL_FAILURES:
+                raise
+            log.warning("request %s: KV pull failed (%s: %s); prefilling locally", rid, error.reason, error)
+        async with engine_run(self._engine, engine_request(self._engine, rid, params), params) as outputs:
+            async for out in outputs:
+                yield out
 
     async def GetDecodeStats(self, request: decode_pb.GetDecodeStatsRequest, context: grpc.aio.ServicerContext
                              ) -> decode_pb.GetDecodeStatsResponse:

@@ -21,13 +21,17 @@ class KvPuller:
         self._channels = channels
         self._fingerprint = fingerprint
 
-    async def pull(self, handle: pb.KvHandle, *, request_id: str) -> tuple[bytearray, pb.KvTransferStats]:
-        """All bytes of the transfer, verified against the handle's size and CRC-32 as they arrive."""
+    def check_compatible(self, handle: pb.KvHandle, *, request_id: str) -> None:
+        """Refuse KV from an engine whose cache this engine cannot read."""
         if handle.engine_fingerprint != self._fingerprint:
             raise FailedPrecondition(
                 f"KV handle comes from an incompatible engine ({handle.engine_fingerprint}); this decode "
                 f"worker runs {self._fingerprint}. Pair only workers with the same engine fingerprint.",
                 request_id=request_id, reason="ENGINE_FINGERPRINT_MISMATCH")
+
+    async def pull(self, handle: pb.KvHandle, *, request_id: str) -> tuple[bytearray, pb.KvTransferStats]:
+        """All bytes of the transfer, verified against the handle's size and CRC-32 as they arrive."""
+        self.check_compatible(handle, request_id=request_id)
         stub = kv_grpc.KvTransferServiceStub(self._channels.get(handle.endpoint))
         started = time.perf_counter()
         buffer = bytearray(handle.total_bytes)

@@ -31,7 +31,7 @@ _FORGOTTEN_LIMIT = 4096
 @dataclass
 class _Held:
     handle: pb.KvHandle
-    data: bytes
+    data: bytes | memoryview
     on_free: Callable[[], None] | None
     expiry: asyncio.TimerHandle | None = None
 
@@ -51,23 +51,25 @@ class LeasedKvStore:
         self.transfers_completed = 0
         self.transfers_expired = 0
 
-    def hold(self, *, data: bytes, num_tokens: int, layout: pb.KvLayout, fingerprint: str,
-             on_free: Callable[[], None] | None = None, ttl_s: float | None = None) -> pb.KvHandle:
-        """Keep `data` for one pull and return the handle that claims it."""
+    def hold(self, *, data: bytes | memoryview, num_tokens: int, layout: pb.KvLayout, fingerprint: str,
+             on_free: Callable[[], None] | None = None, ttl_s: float | None = None,
+             shm_segment: str = "") -> pb.KvHandle:
+        """Keep `data` for one pull and return the handle that claims it; `shm_segment` names the
+        shared memory behind `data` for a same-host decode worker to read in place."""
         ttl = self.ttl_s if ttl_s is None else ttl_s
         expires = timestamp_pb2.Timestamp()
         expires.FromNanoseconds(time.time_ns() + int(ttl * 1e9))
         handle = pb.KvHandle(
             transfer_id=uuid.uuid4().hex, endpoint=self.endpoint, pull_token=secrets.token_urlsafe(24),
             num_tokens=num_tokens, layout=layout, engine_fingerprint=fingerprint, lease_expires_at=expires,
-            total_bytes=len(data), crc32=zlib.crc32(data), host=self.host,
+            total_bytes=len(data), crc32=zlib.crc32(data), host=self.host, shm_segment=shm_segment,
         )
         held = _Held(handle, data, on_free)
         held.expiry = asyncio.get_running_loop().call_later(ttl, self._expire, handle.transfer_id)
         self._held[handle.transfer_id] = held
         return handle
 
-    def claim(self, transfer_id: str, pull_token: str, fingerprint: str) -> bytes:
+    def claim(self, transfer_id: str, pull_token: str, fingerprint: str) -> bytes | memoryview:
         """The held bytes, if the caller proves it may have them."""
         held = self._lookup(transfer_id, pull_token)
         if fingerprint and fingerprint != held.handle.engine_fingerprint:

@@ -6,6 +6,7 @@ server with a grace period for in-flight calls -> shut the engine down.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,9 +19,9 @@ from control_plane.controller import PairingController
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.decode_service import DecodeServicer
-from dynamo_grpc.engine.simulated import SimulatedEngine
+from dynamo_grpc.engine.base import Engine
+from dynamo_grpc.engine.simulated import SimulatedEngine, SimulatedEngineConfig
 from dynamo_grpc.fleet import Fleet
-from dynamo_grpc.kv_client import KvPuller
 from dynamo_grpc.kv_store import LeasedKvStore
 from dynamo_grpc.kv_transfer_service import KvTransferServicer
 from dynamo_grpc.prefill_service import PrefillServicer
@@ -70,7 +71,24 @@ class RunningRole:
         log.info("%s stopped", self.name)
 
 
-def _worker_info(worker_id: str, role: int, engine: SimulatedEngine, endpoint: str, server: ServerConfig
+async def start_engine(config: WorkerConfig, *, kv_store: LeasedKvStore | None = None,
+                       kv_channels: ChannelPool | None = None) -> Engine:
+    """The worker's engine; a prefill engine gets the KV store, a decode engine channels to pull with."""
+    host = config.server.node_name
+    if isinstance(config.engine, SimulatedEngineConfig):
+        return SimulatedEngine(config.engine, kv_store=kv_store, kv_channels=kv_channels)
+    from dynamo_grpc.engine.vllm_engine import VllmEngine
+    from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR, build_tiny_model, is_complete
+
+    if config.engine.model_path == str(DEFAULT_MODEL_DIR) and not is_complete(DEFAULT_MODEL_DIR):
+        log.info("building the tiny local model in %s (first run only, a few seconds)", DEFAULT_MODEL_DIR)
+        await asyncio.to_thread(build_tiny_model, DEFAULT_MODEL_DIR)
+    log.info("starting vLLM on %s (about half a minute on a CPU)", config.engine.model_path)
+    # Engine start blocks for a while; off the event loop, leases keep being renewed meanwhile.
+    return await asyncio.to_thread(VllmEngine, config.engine, kv_store=kv_store, kv_channels=kv_channels, host=host)
+
+
+def _worker_info(worker_id: str, role: int, engine: Engine, endpoint: str, server: ServerConfig
                  ) -> pb.WorkerInfo:
     started = timestamp_pb2.Timestamp()
     started.GetCurrentTime()
@@ -81,7 +99,7 @@ def _worker_info(worker_id: str, role: int, engine: SimulatedEngine, endpoint: s
 
 async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole:
     store = LeasedKvStore(endpoint="", host=config.server.node_name, ttl_s=config.kv_ttl_s)
-    engine = SimulatedEngine(config.engine, kv_store=store)
+    engine = await start_engine(config, kv_store=store)
     server = await start_server([
         ServiceBinding(PrefillServicer(engine), prefill_grpc.add_PrefillServiceServicer_to_server,
                        _service(prefill_pb, "PrefillService")),
@@ -101,11 +119,12 @@ async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole
 
 async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     channels = ChannelPool()
-    fingerprint = SimulatedEngine(config.engine).fingerprint
-    engine = SimulatedEngine(config.engine, kv_puller=KvPuller(channels, fingerprint=fingerprint))
+    engine = await start_engine(config, kv_channels=channels)
     worker_id = config.resolved_worker_id("decode")
+    decode = DecodeServicer(engine, worker_id=worker_id, local_prefill_on_pull_failure=
+                            config.kv_pull_failure == "local-prefill")
     server = await start_server([
-        ServiceBinding(DecodeServicer(engine, worker_id=worker_id), decode_grpc.add_DecodeServiceServicer_to_server,
+        ServiceBinding(decode, decode_grpc.add_DecodeServiceServicer_to_server,
                        _service(decode_pb, "DecodeService")),
     ], host=config.server.host, port=config.server.port)
     endpoint = config.server.endpoint(server.port)

@@ -23,7 +23,7 @@ from tests.processes import RoleProcess
 pytestmark = pytest.mark.slow
 
 MODEL = "sim-tiny"
-ENGINE_FLAGS = ("--decode-step-s", "0.002", "--model", MODEL)
+ENGINE_FLAGS = ("--engine", "simulated", "--decode-step-s", "0.002", "--model", MODEL)
 
 
 async def eventually(check: Callable[[], object], timeout_s: float = 15.0, what: str = "") -> None:

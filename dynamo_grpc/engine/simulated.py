@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason
 from dynamo_grpc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from dynamo_grpc.kv_client import KvPuller
@@ -94,13 +95,13 @@ class SimulatedEngine:
     kind = "simulated"
 
     def __init__(self, config: SimulatedEngineConfig, *, kv_store: LeasedKvStore | None = None,
-                 kv_puller: KvPuller | None = None) -> None:
+                 kv_channels: ChannelPool | None = None) -> None:
         self.config = config
         self.model = config.model
         self.fingerprint = (f"simulated-1/{config.model}/bs{config.block_size}/kv{config.kv_bytes_per_token}"
                             f"/L{config.num_layers}/uint8")
         self._store = kv_store
-        self._puller = kv_puller
+        self._puller = KvPuller(kv_channels, fingerprint=self.fingerprint) if kv_channels else None
         self._blocks = BlockPool(config.num_blocks)
         self._live: dict[str, asyncio.Event] = {}
         self._finished = 0

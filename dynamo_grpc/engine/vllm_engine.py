@@ -1,37 +1,65 @@
 """The vLLM adapter of the Engine protocol, over vLLM's in-process async engine (`AsyncLLM`).
 
-Runs aggregated generation (the decode role prefilling locally). Moving KV between engines needs our KV
-connector; until it exists, prefill-with-handle and decode-with-handle fail with FAILED_PRECONDITION.
+Three modes, chosen per request:
+- aggregated: a plain vLLM generation;
+- prefill (`produce_kv`): one token with our KV connector saving the prompt's blocks into shared memory,
+  which the worker's `LeasedKvStore` then leases to one decode worker;
+- decode (`kv_handle`): the prompt's KV comes from a prefill worker, read in place from its shared memory
+  when both run on one host, else pulled over gRPC into a local segment; the connector writes it into
+  vLLM's paged cache before the step that recomputes the last prompt token.
+The engine core never touches the network; see `vllm_connector`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+import logging
+import math
 import os
-from collections.abc import AsyncIterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dynamo_grpc import shm
+from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason
-from dynamo_grpc.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from dynamo_grpc.errors import AlreadyExists, DynamoError, FailedPrecondition, InvalidArgument
+from dynamo_grpc.kv_client import KvPuller
+from dynamo_grpc.kv_store import LeasedKvStore
+from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR
 from dynamo_grpc.v1 import common_pb2 as pb
 
+log = logging.getLogger(__name__)
+
+CONNECTOR_NAME = "DynamoKvConnector"
+CONNECTOR_MODULE = "dynamo_grpc.engine.vllm_connector"
+TEST_CORRUPT_LOADS = "test_corrupt_loads"
+
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
+SEGMENT_PREFIX = "dynamo-grpc-kv-"
+# An abandoned prefill's segment may still be written by the engine step in flight; unlink it again later.
+_LATE_UNLINK_S = 5.0
 
 
 @dataclass(frozen=True)
 class VllmEngineConfig:
     """Engine arguments that matter on a CPU box; defaults suit the tiny local Llama."""
 
-    model_path: str
+    model_path: str = str(DEFAULT_MODEL_DIR)
     served_model_name: str = ""
     dtype: str = "float32"
     block_size: int = 32
-    max_model_len: int = 1024
+    max_model_len: int = 2048
     max_num_seqs: int = 8
     kv_cache_gib: int = 1
     enforce_eager: bool = True
+    test_corrupt_kv_loads: bool = False
+    """Test hook: the connector replaces every KV block it loads with noise."""
 
     @property
     def model(self) -> str:
@@ -48,21 +76,43 @@ def _set_cpu_defaults(config: VllmEngineConfig) -> None:
 class VllmEngine:
     kind = "vllm"
 
-    def __init__(self, config: VllmEngineConfig) -> None:
+    def __init__(self, config: VllmEngineConfig, *, kv_store: LeasedKvStore | None = None,
+                 kv_channels: ChannelPool | None = None, host: str = "") -> None:
         import vllm
+        from vllm.config import KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         _set_cpu_defaults(config)
+        removed = shm.sweep(SEGMENT_PREFIX)
+        if removed:
+            log.info("removed %d KV segments left by workers that are gone", removed)
         self.config = config
         self.model = config.model
+        self._kv_usage = _KvUsage()
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=config.model_path, served_model_name=config.model, dtype=config.dtype,
             block_size=config.block_size, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
-            enforce_eager=config.enforce_eager, disable_log_stats=True))
-        cache = self._llm.vllm_config.cache_config
-        self.fingerprint = (f"vllm-{vllm.__version__}/{config.model}/{config.dtype}/kv-{cache.cache_dtype}"
-                            f"/bs{cache.block_size}")
+            enforce_eager=config.enforce_eager, disable_log_stats=False,
+            kv_transfer_config=KVTransferConfig(
+                kv_connector=CONNECTOR_NAME, kv_connector_module_path=CONNECTOR_MODULE,
+                kv_role="kv_both", kv_load_failure_policy="fail",
+                kv_connector_extra_config={TEST_CORRUPT_LOADS: config.test_corrupt_kv_loads})),
+            stat_loggers=[self._kv_usage.factory])
+        vllm_config = self._llm.vllm_config
+        model_config, cache = vllm_config.model_config, vllm_config.cache_config
+        self._num_layers = model_config.get_num_layers(vllm_config.parallel_config)
+        kv_dtype = config.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
+        self._bytes_per_token = (2 * self._num_layers * model_config.get_num_kv_heads(vllm_config.parallel_config)
+                                 * model_config.get_head_size() * model_config.dtype.itemsize)
+        self._kv_dtype = kv_dtype
+        self.fingerprint = (
+            f"vllm-{vllm.__version__}/{config.model}/{config.dtype}/kv-{kv_dtype}/bs{cache.block_size}"
+            f"/L{self._num_layers}xH{model_config.get_num_kv_heads(vllm_config.parallel_config)}"
+            f"xD{model_config.get_head_size()}/tp{vllm_config.parallel_config.tensor_parallel_size}")
+        self._store = kv_store
+        self._puller = KvPuller(kv_channels, fingerprint=self.fingerprint) if kv_channels else None
+        self._host = host
         self._live: set[str] = set()
         self._finished = 0
 
@@ -71,26 +121,125 @@ class VllmEngine:
         return pb.WorkerCapacity(kv_blocks=cache.num_gpu_blocks or 0, block_size=cache.block_size,
                                  max_batch_size=self.config.max_num_seqs)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        from vllm.renderers.inputs.preprocess import parse_model_prompt
+    def layout(self, num_tokens: int) -> pb.KvLayout:
+        block_size = self.config.block_size
+        return pb.KvLayout(block_size=block_size, num_blocks=math.ceil(num_tokens / block_size),
+                           bytes_per_token=self._bytes_per_token, num_layers=self._num_layers, dtype=self._kv_dtype)
 
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         rid = request.request_id
-        if request.produce_kv or request.kv_handle is not None:
-            raise FailedPrecondition("KV transfer is not available with the vLLM engine yet; "
-                                     "route to a decode worker without a KV handle", request_id=rid,
-                                     reason="KV_TRANSFER_UNSUPPORTED")
         if rid in self._live:
             raise AlreadyExists(f"request id {rid!r} is already running on this worker; use a fresh id",
                                 request_id=rid)
-        prompt: Any = request.prompt if isinstance(request.prompt, str) else {
-            "prompt_token_ids": list(request.prompt)}
+        if request.produce_kv and self._store is None:
+            raise FailedPrecondition("this worker holds no KV store; it cannot serve prefill requests",
+                                     request_id=rid, reason="NOT_A_PREFILL_WORKER")
+        if request.kv_handle is not None and self._puller is None:
+            raise FailedPrecondition("this worker cannot pull KV", request_id=rid, reason="NOT_A_DECODE_WORKER")
+        self._live.add(rid)
+        try:
+            engine_input = await self._render(request)
+            if request.produce_kv:
+                outputs = self._prefill(request, engine_input)
+            elif request.kv_handle is not None:
+                outputs = self._decode(request, request.kv_handle, engine_input)
+            else:
+                outputs = self._plain(request, engine_input)
+            async with contextlib.aclosing(outputs):
+                async for out in outputs:
+                    yield out
+        finally:
+            self._live.discard(rid)
+            self._finished += 1
+
+    async def _render(self, request: EngineRequest) -> Any:
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        prompt: Any = request.prompt if isinstance(request.prompt, str) else {"prompt_token_ids": list(request.prompt)}
         try:
             (engine_input,) = await self._llm.renderer.render_cmpl_async(
                 [parse_model_prompt(self._llm.model_config, prompt)])
-            params = self._sampling(request)
         except ValueError as error:
-            raise InvalidArgument(str(error), request_id=rid, reason="INVALID_PROMPT") from None
-        self._live.add(rid)
+            raise InvalidArgument(str(error), request_id=request.request_id, reason="INVALID_PROMPT") from None
+        return engine_input
+
+    async def _prefill(self, request: EngineRequest, engine_input: Any) -> AsyncIterator[EngineOutput]:
+        """One token; the prompt's KV ends up in a leased shared-memory segment."""
+        assert self._store is not None
+        segment = f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+        params = self._sampling(request, max_tokens=1, kv_transfer={"save_to": segment})
+        leased = False
+        try:
+            async for out, saved in self._run(request, engine_input, params):
+                if saved:
+                    out.kv_handle = self._lease(segment, int(saved["num_tokens"]))
+                    leased = True
+                elif out.finish_reason in (FinishReason.LENGTH, FinishReason.STOP):
+                    raise DynamoError("the engine finished the prefill without saving its KV; see the worker log",
+                                      request_id=request.request_id, reason="KV_SAVE_FAILED")
+                yield out
+        finally:
+            if not leased:
+                shm.unlink(segment)
+                asyncio.get_running_loop().call_later(_LATE_UNLINK_S, shm.unlink, segment)
+
+    def _lease(self, segment: str, num_tokens: int) -> pb.KvHandle:
+        assert self._store is not None
+        mapping = shm.attach(segment)
+        # The store drops its view on free; streams still sending keep theirs until they finish.
+        return self._store.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=self.layout(num_tokens),
+                                fingerprint=self.fingerprint, on_free=lambda: shm.unlink(segment),
+                                shm_segment=segment)
+
+    async def _decode(self, request: EngineRequest, handle: pb.KvHandle, engine_input: Any
+                      ) -> AsyncIterator[EngineOutput]:
+        """Tokens from the prompt's pulled KV: in place on the same host, else through a local segment."""
+        assert self._puller is not None
+        rid = request.request_id
+        prompt_tokens = len(engine_input["prompt_token_ids"])
+        if handle.num_tokens != prompt_tokens:
+            raise FailedPrecondition(
+                f"KV handle covers {handle.num_tokens} tokens but the prompt has {prompt_tokens}; "
+                "send the same prompt that was prefilled", request_id=rid, reason="KV_HANDLE_PROMPT_MISMATCH")
+        self._puller.check_compatible(handle, request_id=rid)
+        if handle.shm_segment and handle.host == self._host and shm.size_of(handle.shm_segment) == handle.total_bytes:
+            segment = handle.shm_segment
+            transfer = pb.KvTransferStats(bytes=handle.total_bytes, path="shm")
+            done: Callable[[], Any] = lambda: self._puller.release(handle, request_id=rid)  # noqa: E731
+        else:
+            data, transfer = await self._puller.pull(handle, request_id=rid)
+            await self._puller.release(handle, request_id=rid)
+            segment = f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+            mapping = shm.create(segment, len(data))
+            mapping[:] = data
+            mapping.close()
+            del data
+            done = lambda: _unlink_async(segment)  # noqa: E731
+        params = self._sampling(request, kv_transfer={"load_from": segment, "num_tokens": handle.num_tokens})
+        loaded = False
+        try:
+            async for out, _ in self._run(request, engine_input, params):
+                if not loaded:  # the first step has read the segment
+                    loaded = True
+                    await done()
+                if out.finish_reason is not None:
+                    out.kv_transfer = transfer
+                    if out.usage is not None:
+                        out.usage.cached_tokens = max(out.usage.cached_tokens, handle.num_tokens - 1)
+                yield out
+        finally:
+            if not loaded:
+                with contextlib.suppress(DynamoError):
+                    await done()
+
+    async def _plain(self, request: EngineRequest, engine_input: Any) -> AsyncIterator[EngineOutput]:
+        async for out, _ in self._run(request, engine_input, self._sampling(request)):
+            yield out
+
+    async def _run(self, request: EngineRequest, engine_input: Any, params: Any
+                   ) -> AsyncIterator[tuple[EngineOutput, dict[str, Any] | None]]:
+        """vLLM's outputs, with the connector's `kv_transfer_params` on the last one."""
+        rid = request.request_id
         finished = False
         usage = pb.Usage()
         try:
@@ -102,38 +251,82 @@ class VllmEngine:
                 result = EngineOutput(list(completion.token_ids), completion.text)
                 if out.finished:
                     finished = True
+                    if completion.finish_reason == "error":
+                        raise DynamoError("the engine failed the request (a KV load failed); see the worker log",
+                                          request_id=rid, reason="ENGINE_ERROR")
                     result.finish_reason = _FINISH.get(completion.finish_reason or "abort", FinishReason.STOP)
                     result.usage = usage
-                yield result
+                yield result, out.kv_transfer_params if out.finished else None
             if not finished:
-                yield EngineOutput(finish_reason=FinishReason.CANCELLED, usage=usage)
+                yield EngineOutput(finish_reason=FinishReason.CANCELLED, usage=usage), None
                 finished = True
         except ValueError as error:
             raise InvalidArgument(str(error), request_id=rid, reason="INVALID_PROMPT") from None
         finally:
-            self._live.discard(rid)
-            self._finished += 1
             if not finished:
                 await self._llm.abort(rid)
 
-    def _sampling(self, request: EngineRequest) -> Any:
+    def _sampling(self, request: EngineRequest, *, max_tokens: int | None = None,
+                  kv_transfer: dict[str, Any] | None = None) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         s = request.sampling
-        return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                              seed=s.seed, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
-                              output_kind=RequestOutputKind.DELTA)
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens or s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                seed=s.seed, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
+                output_kind=RequestOutputKind.DELTA,
+                extra_args={"kv_transfer_params": kv_transfer} if kv_transfer else None)
+        except ValueError as error:
+            raise InvalidArgument(str(error), request_id=request.request_id, reason="INVALID_SAMPLING") from None
 
     async def abort(self, request_id: str) -> None:
         if request_id in self._live:
             await self._llm.abort(request_id)
 
     def stats(self) -> pb.WorkerStats:
-        return pb.WorkerStats(active_requests=len(self._live), requests_finished=self._finished,
-                              total_kv_blocks=self.capacity().kv_blocks)
+        total = self.capacity().kv_blocks
+        stats = pb.WorkerStats(active_requests=len(self._live), requests_finished=self._finished,
+                               total_kv_blocks=total, used_kv_blocks=round(self._kv_usage.usage * total))
+        if self._store is not None:
+            stats.held_transfers = self._store.held_transfers
+            stats.held_kv_bytes = self._store.held_bytes
+            stats.transfers_completed = self._store.transfers_completed
+            stats.transfers_expired = self._store.transfers_expired
+        return stats
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
         # Its __del__ shuts down again; at interpreter exit that fails on torn-down globals.
         del self._llm
         gc.collect()
+
+
+async def _unlink_async(segment: str) -> None:
+    shm.unlink(segment)
+
+
+class _KvUsage:
+    """The engine's latest KV cache usage (0..1), from vLLM's per-step scheduler stats."""
+
+    def __init__(self) -> None:
+        self.usage = 0.0
+
+    def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        usage = self
+
+        class Recorder(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:
+                if scheduler_stats is not None:
+                    usage.usage = scheduler_stats.kv_cache_usage
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return Recorder(vllm_config, engine_index)

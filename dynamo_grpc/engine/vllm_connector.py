@@ -1,0 +1,215 @@
+"""Our vLLM KV connector: copies a request's KV blocks between vLLM's paged cache and shared memory.
+
+vLLM loads it inside its engine-core process (`kv_connector_module_path`). All networking stays in
+the worker's gRPC process, so the engine never waits on the network:
+
+- prefill: when the prompt's last chunk has run, the request's blocks are copied into the shared-memory
+  segment the adapter named; the worker's KV store then leases that segment to one decode worker, and
+  vLLM frees its blocks at once;
+- decode: before the forward pass that finishes the prompt, blocks are copied from a segment (the prefill
+  worker's own on the same host, or a local one a gRPC pull filled) into the blocks vLLM allocated for
+  the request. The last prompt token is always recomputed: its step samples the first output token.
+
+Per request, `kv_transfer_params` says what to do:
+    {"save_to": NAME}                     write the prompt's blocks to segment NAME
+    {"load_from": NAME, "num_tokens": N}  read the KV of the first N prompt tokens from NAME
+
+A segment is layer-major, then block, each block byte-for-byte as vLLM stores it. Both sides agree on
+that layout because the router pairs only engines with the same fingerprint (block size and layout
+included), and the decode adapter checks it again before a pull.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from dynamo_grpc import shm
+from dynamo_grpc.engine.vllm_engine import CONNECTOR_NAME, TEST_CORRUPT_LOADS
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockCopy:
+    """Copy blocks `segment_blocks` of a segment to or from the engine's blocks `block_ids`."""
+
+    segment: str
+    block_ids: list[int]
+    first_segment_block: int = 0
+
+
+@dataclass
+class StepPlan(KVConnectorMetadata):
+    """What the worker side copies in one engine step."""
+
+    saves: list[BlockCopy] = field(default_factory=list)
+    loads: list[BlockCopy] = field(default_factory=list)
+
+
+class DynamoKvConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self._block_size = vllm_config.cache_config.block_size
+        # Scheduler side.
+        self._local_hits: dict[str, int] = {}
+        self._loads: dict[str, tuple[str, int, int]] = {}  # request -> (segment, first block, end block)
+        self._unsaved: dict[str, Request] = {}
+        self._saved: dict[str, dict[str, Any]] = {}
+        # Worker side.
+        self._kv_caches: list[torch.Tensor] = []
+        self._corrupt_loads = bool(self._kv_transfer_config.get_from_extra_config(TEST_CORRUPT_LOADS, False))
+        self._failed_blocks: set[int] = set()
+
+    # ---- scheduler side ----
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        params = request.kv_transfer_params or {}
+        if "load_from" not in params:
+            return 0, False
+        loadable = min(int(params["num_tokens"]), request.num_prompt_tokens) - 1
+        self._local_hits[request.request_id] = num_computed_tokens
+        return max(loadable - num_computed_tokens, 0), False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        params = request.kv_transfer_params or {}
+        rid = request.request_id
+        if "save_to" in params:
+            self._unsaved[rid] = request
+        local = self._local_hits.pop(rid, 0)
+        if num_external_tokens > 0:
+            self._loads[rid] = (params["load_from"], local // self._block_size,
+                                math.ceil((local + num_external_tokens) / self._block_size))
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._kv_cache_manager is not None
+        plan = StepPlan()
+        for rid, (segment, first, end) in self._loads.items():
+            block_ids = self._kv_cache_manager.get_block_ids(rid)[0][first:end]
+            plan.loads.append(BlockCopy(segment, block_ids, first))
+        self._loads.clear()
+        for rid, request in list(self._unsaved.items()):
+            scheduled = scheduler_output.num_scheduled_tokens.get(rid, 0)
+            if scheduled and request.num_computed_tokens + scheduled >= request.num_prompt_tokens:
+                num_blocks = math.ceil(request.num_prompt_tokens / self._block_size)
+                block_ids = self._kv_cache_manager.get_block_ids(rid)[0][:num_blocks]
+                segment = request.kv_transfer_params["save_to"]
+                plan.saves.append(BlockCopy(segment, block_ids))
+                self._saved[rid] = {"saved_to": segment, "num_tokens": request.num_prompt_tokens,
+                                    "num_blocks": num_blocks}
+                del self._unsaved[rid]
+        return plan
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        self._unsaved.pop(rid, None)
+        self._local_hits.pop(rid, None)
+        self._loads.pop(rid, None)
+        return False, self._saved.pop(rid, None)
+
+    # ---- worker side ----
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        num_blocks = self._kv_cache_config.num_blocks
+        for name in sorted(kv_caches):
+            cache = kv_caches[name]
+            if cache.shape[0] != num_blocks:
+                raise RuntimeError(f"{CONNECTOR_NAME}: KV cache of {name} has shape {tuple(cache.shape)}; "
+                                   f"expected {num_blocks} blocks in dimension 0")
+            self._kv_caches.append(cache)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        plan = self._get_connector_metadata()
+        assert isinstance(plan, StepPlan)
+        for load in plan.loads:
+            try:
+                self._load(load)
+            except (OSError, ValueError, RuntimeError) as error:
+                log.error("%s: loading KV from segment %s failed: %s", CONNECTOR_NAME, load.segment, error)
+                self._failed_blocks.update(load.block_ids)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        plan = self._get_connector_metadata()
+        assert isinstance(plan, StepPlan)
+        for save in plan.saves:
+            try:
+                self._save(save)
+            except (OSError, ValueError, RuntimeError) as error:
+                # The adapter sees no segment and fails the prefill with a clear error.
+                log.error("%s: saving KV to segment %s failed: %s", CONNECTOR_NAME, save.segment, error)
+                shm.unlink(save.segment)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def _segment_view(self, buffer: Any, num_blocks: int) -> list[torch.Tensor]:
+        """Per layer, a tensor over the segment shaped like that layer's blocks."""
+        views, offset = [], 0
+        flat = torch.frombuffer(buffer, dtype=torch.uint8)
+        for cache in self._kv_caches:
+            shape = (num_blocks, *cache.shape[1:])
+            nbytes = math.prod(shape) * cache.element_size()
+            views.append(flat[offset:offset + nbytes].view(cache.dtype).view(shape))
+            offset += nbytes
+        if offset != len(flat):
+            raise ValueError(f"segment holds {len(flat)} bytes, {num_blocks} blocks need {offset}")
+        return views
+
+    def _block_bytes(self) -> int:
+        return sum(math.prod(c.shape[1:]) * c.element_size() for c in self._kv_caches)
+
+    def _save(self, save: BlockCopy) -> None:
+        segment = shm.create(save.segment, self._block_bytes() * len(save.block_ids))
+        try:
+            self._copy_out(segment, save.block_ids)
+        finally:
+            segment.close()  # the tensor views over it are gone by now
+
+    def _load(self, load: BlockCopy) -> None:
+        segment = shm.attach(load.segment)
+        try:
+            self._copy_in(segment, load)
+        finally:
+            segment.close()
+
+    def _copy_out(self, segment: Any, block_ids: list[int]) -> None:
+        ids = torch.tensor(block_ids, dtype=torch.long)
+        for cache, view in zip(self._kv_caches, self._segment_view(segment, len(ids)), strict=True):
+            if cache.device == view.device:
+                torch.index_select(cache, 0, ids, out=view)
+            else:
+                view.copy_(cache.index_select(0, ids.to(cache.device)))
+
+    def _copy_in(self, segment: Any, load: BlockCopy) -> None:
+        ids = torch.tensor(load.block_ids, dtype=torch.long)
+        first = load.first_segment_block
+        for cache, view in zip(self._kv_caches, self._segment_view(segment, len(segment) // self._block_bytes()),
+                               strict=True):
+            source = view[first:first + len(ids)]
+            if self._corrupt_loads:
+                source = torch.randn(source.shape).to(source.dtype)
+            cache.index_copy_(0, ids.to(cache.device), source.to(cache.device))

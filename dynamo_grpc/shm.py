@@ -1,0 +1,87 @@
+"""Named shared-memory segments that outlive the process that made them.
+
+A prefill engine writes a request's KV into a segment, and the worker's KV store leases it out
+until a decode worker has read it; on the same host the decode engine reads it in place.
+`multiprocessing.shared_memory` would unlink a segment when its creator exits, so this uses the
+POSIX shm directory directly. Names carry the creating process id so `sweep` can remove what a
+crashed process left behind.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+
+
+def _path(name: str) -> Path:
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"bad shared-memory segment name {name!r}")
+    return SHM_DIR / name
+
+
+def create(name: str, size: int) -> mmap.mmap:
+    """A new zero-filled, writable segment; fails if the name is taken."""
+    fd = os.open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    except BaseException:
+        os.unlink(_path(name))
+        raise
+    finally:
+        os.close(fd)
+
+
+def attach(name: str) -> mmap.mmap:
+    """An existing segment, mapped copy-on-write: readers can never change what the owner holds."""
+    fd = os.open(_path(name), os.O_RDONLY)
+    try:
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+
+
+def size_of(name: str) -> int | None:
+    """The segment's size in bytes, or None when it does not exist."""
+    try:
+        return _path(name).stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def unlink(name: str) -> bool:
+    """Remove the name (mappings stay valid until closed); False when it was already gone."""
+    try:
+        os.unlink(_path(name))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def owner_pid(name: str, prefix: str) -> int | None:
+    """The creating process id encoded in `{prefix}{pid}-…` names."""
+    pid, _, _ = name[len(prefix):].partition("-")
+    return int(pid) if name.startswith(prefix) and pid.isdigit() else None
+
+
+def sweep(prefix: str) -> int:
+    """Unlink segments named `{prefix}{pid}-…` whose creating process is gone; returns how many."""
+    removed = 0
+    for path in SHM_DIR.glob(f"{prefix}*"):
+        pid = owner_pid(path.name, prefix)
+        if pid is not None and not _alive(pid):
+            removed += unlink(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
