@@ -116,7 +116,8 @@ async def _generate(endpoint: str, model: str, prompt: str, max_tokens: int) -> 
                 print(response.tokens.text, end="", flush=True)
             else:
                 c = response.completion
-                kv = f", KV pulled: {c.kv_transfer.bytes} bytes from {c.prefill_worker_id}" if c.kv_transfer.bytes else ""
+                kv = (f", KV moved: {c.kv_transfer.bytes} bytes from {c.prefill_worker_id} via {c.kv_transfer.path}"
+                      if c.kv_transfer.bytes else "")
                 print(f"\n[{c.usage.prompt_tokens} prompt + {c.usage.completion_tokens} completion tokens, "
                       f"finish: {pb.FinishReason.Name(c.finish_reason)}{kv}]")
     return 0

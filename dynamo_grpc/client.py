@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from dynamo_grpc.channels import CHANNEL_OPTIONS
+from dynamo_grpc.streams import first_set
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import router_pb2 as router_pb
 from dynamo_grpc.v1 import router_pb2_grpc as router_grpc
@@ -26,24 +27,30 @@ class GenerateStream:
 
     def __init__(self, stub: router_grpc.RouterServiceStub, request_id: str, params: pb.GenerationParams) -> None:
         self._cancel = asyncio.Event()
+        self._ended = asyncio.Event()
         self._request_id = request_id
 
         async def requests() -> AsyncIterator[router_pb.GenerateRequest]:
             yield router_pb.GenerateRequest(request_id=request_id, start=params)
-            await self._cancel.wait()
-            yield router_pb.GenerateRequest(request_id=request_id, cancel=pb.CancelAction(reason="client cancel"))
+            await first_set(self._cancel, self._ended)
+            if not self._ended.is_set():
+                yield router_pb.GenerateRequest(request_id=request_id, cancel=pb.CancelAction(reason="client cancel"))
 
         self.call = stub.Generate(requests())
 
     def cancel(self) -> None:
         self._cancel.set()
 
-    def __aiter__(self) -> AsyncIterator[router_pb.GenerateResponse]:
-        return self.call.__aiter__()
+    async def __aiter__(self) -> AsyncIterator[router_pb.GenerateResponse]:
+        try:
+            async for response in self.call:
+                yield response
+        finally:
+            self._ended.set()  # lets the request sender finish with the call
 
     async def collect(self) -> GenerateResult:
         result = GenerateResult()
-        async for response in self.call:
+        async for response in self:
             if response.HasField("tokens"):
                 result.token_ids.extend(response.tokens.token_ids)
                 result.text += response.tokens.text

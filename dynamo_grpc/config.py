@@ -110,7 +110,7 @@ def _engine_fields() -> dict[str, list[tuple[str, Any]]]:
     settings: dict[str, list[tuple[str, Any]]] = {}
     for kind, config in ENGINES.items():
         for f in fields(config):
-            if not f.name.startswith("test_") and f.name not in ("model", "served_model_name"):
+            if f.name not in ("model", "served_model_name"):
                 settings.setdefault(f.name, []).append((kind, f.default))
     return settings
 
@@ -138,7 +138,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
     config = ENGINES[args.engine]
-    chosen = {f.name: getattr(args, f.name) for f in fields(config) if getattr(args, f.name, None) is not None}
+    chosen = {name: getattr(args, name) for name in _engine_fields()
+              if name in {f.name for f in fields(config)} and getattr(args, name) is not None}
     if args.model:
         chosen["served_model_name" if config is VllmEngineConfig else "model"] = args.model
     unused = [f"--{name.replace('_', '-')}" for name in _engine_fields()

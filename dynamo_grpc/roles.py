@@ -178,8 +178,14 @@ async def start_all_in_one(worker: WorkerConfig, registry: Registry) -> Deployme
     started: list[RunningRole] = []
     try:
         started.append(await start_control_plane(internal, registry))
-        started.append(await start_prefill(dataclasses.replace(worker, server=internal), registry))
-        started.append(await start_decode(dataclasses.replace(worker, server=internal), registry))
+        # Engines start side by side: each spends much of its start-up in its own processes.
+        workers = await asyncio.gather(start_prefill(dataclasses.replace(worker, server=internal), registry),
+                                       start_decode(dataclasses.replace(worker, server=internal), registry),
+                                       return_exceptions=True)
+        started += [role for role in workers if isinstance(role, RunningRole)]
+        for failure in workers:
+            if isinstance(failure, BaseException):
+                raise failure
         started.append(await start_router(worker.server, registry))
     except BaseException:
         for role in reversed(started):

@@ -13,6 +13,7 @@ from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.errors import AlreadyExists, DeadlineExceeded, from_rpc_error
 from dynamo_grpc.fleet import Fleet
 from dynamo_grpc.params import deadline_timer, prompt_of, sampling_of, seconds_left
+from dynamo_grpc.streams import first_set
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
@@ -102,10 +103,14 @@ class Router:
 
     async def _decode(self, worker: pb.WorkerInfo, request_id: str, start: decode_pb.DecodeStart,
                       cancelled: asyncio.Event) -> AsyncIterator[decode_pb.DecodeResponse]:
+        ended = asyncio.Event()
+
         async def requests() -> AsyncIterator[decode_pb.DecodeRequest]:
             yield decode_pb.DecodeRequest(request_id=request_id, start=start)
-            await cancelled.wait()
-            yield decode_pb.DecodeRequest(request_id=request_id, cancel=pb.CancelAction(reason="client cancelled"))
+            # Ends with the call, so gRPC's task sending these messages never outlives it.
+            await first_set(cancelled, ended)
+            if not ended.is_set():
+                yield decode_pb.DecodeRequest(request_id=request_id, cancel=pb.CancelAction(reason="client cancelled"))
 
         stub = decode_grpc.DecodeServiceStub(self._channels.get(worker.endpoint))
         call = stub.Decode(requests())
@@ -115,6 +120,7 @@ class Router:
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, request_id=request_id) from None
         finally:
+            ended.set()
             call.cancel()
 
     async def _release(self, handle: pb.KvHandle, request_id: str) -> None:
@@ -122,3 +128,4 @@ class Router:
         with contextlib.suppress(grpc.aio.AioRpcError):
             await stub.ReleaseKv(kv_pb.ReleaseKvRequest(request_id=request_id, transfer_id=handle.transfer_id,
                                                         pull_token=handle.pull_token))
+

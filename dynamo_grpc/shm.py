@@ -1,7 +1,8 @@
 """Named shared-memory segments that outlive the process that made them.
 
 A prefill engine writes a request's KV into a segment, and the worker's KV store leases it out
-until a decode worker has read it; on the same host the decode engine reads it in place.
+until a decode worker has taken it; on the same host the decode worker takes it by linking a name
+of its own to the same memory, so nothing is copied and the lease can end at once.
 `multiprocessing.shared_memory` would unlink a segment when its creator exits, so this uses the
 POSIX shm directory directly. Names carry the creating process id so `sweep` can remove what a
 crashed process left behind.
@@ -42,6 +43,11 @@ def attach(name: str) -> mmap.mmap:
         return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
     finally:
         os.close(fd)
+
+
+def link(name: str, new_name: str) -> None:
+    """A second name for a segment: its memory lives until both names are unlinked and unmapped."""
+    os.link(_path(name), _path(new_name))
 
 
 def size_of(name: str) -> int | None:

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from dynamo_grpc.tiny_model import build_tiny_model
 from tests.etcd_server import EtcdServer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny local Llama, built once per run (a few seconds)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
 @pytest.fixture

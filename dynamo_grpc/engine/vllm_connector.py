@@ -6,9 +6,10 @@ the worker's gRPC process, so the engine never waits on the network:
 - prefill: when the prompt's last chunk has run, the request's blocks are copied into the shared-memory
   segment the adapter named; the worker's KV store then leases that segment to one decode worker, and
   vLLM frees its blocks at once;
-- decode: before the forward pass that finishes the prompt, blocks are copied from a segment (the prefill
-  worker's own on the same host, or a local one a gRPC pull filled) into the blocks vLLM allocated for
-  the request. The last prompt token is always recomputed: its step samples the first output token.
+- decode: before the forward pass that finishes the prompt, blocks are copied from a segment into the
+  blocks vLLM allocated for the request. The worker made that segment its own: a second name for the
+  prefill worker's segment on the same host (no copy), or a local one a gRPC pull filled. The last
+  prompt token is always recomputed: its step samples the first output token.
 
 Per request, `kv_transfer_params` says what to do:
     {"save_to": NAME}                     write the prompt's blocks to segment NAME
@@ -34,7 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from dynamo_grpc import shm
-from dynamo_grpc.engine.vllm_engine import CONNECTOR_NAME, TEST_CORRUPT_LOADS
+from dynamo_grpc.engine.vllm_engine import CONNECTOR_NAME
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -75,7 +76,6 @@ class DynamoKvConnector(KVConnectorBase_V1):
         self._saved: dict[str, dict[str, Any]] = {}
         # Worker side.
         self._kv_caches: list[torch.Tensor] = []
-        self._corrupt_loads = bool(self._kv_transfer_config.get_from_extra_config(TEST_CORRUPT_LOADS, False))
         self._failed_blocks: set[int] = set()
 
     # ---- scheduler side ----
@@ -209,7 +209,4 @@ class DynamoKvConnector(KVConnectorBase_V1):
         first = load.first_segment_block
         for cache, view in zip(self._kv_caches, self._segment_view(segment, len(segment) // self._block_bytes()),
                                strict=True):
-            source = view[first:first + len(ids)]
-            if self._corrupt_loads:
-                source = torch.randn(source.shape).to(source.dtype)
-            cache.index_copy_(0, ids.to(cache.device), source.to(cache.device))
+            cache.index_copy_(0, ids.to(cache.device), view[first:first + len(ids)].to(cache.device))

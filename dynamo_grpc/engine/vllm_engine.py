@@ -20,7 +20,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from typing import Any
 from dynamo_grpc import shm
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason
-from dynamo_grpc.errors import AlreadyExists, DynamoError, FailedPrecondition, InvalidArgument
+from dynamo_grpc.errors import AlreadyExists, DynamoError, FailedPrecondition, InvalidArgument, NotFound
 from dynamo_grpc.kv_client import KvPuller
 from dynamo_grpc.kv_store import LeasedKvStore
 from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 CONNECTOR_NAME = "DynamoKvConnector"
 CONNECTOR_MODULE = "dynamo_grpc.engine.vllm_connector"
-TEST_CORRUPT_LOADS = "test_corrupt_loads"
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
 SEGMENT_PREFIX = "dynamo-grpc-kv-"
@@ -58,8 +57,6 @@ class VllmEngineConfig:
     max_num_seqs: int = 8
     kv_cache_gib: int = 1
     enforce_eager: bool = True
-    test_corrupt_kv_loads: bool = False
-    """Test hook: the connector replaces every KV block it loads with noise."""
 
     @property
     def model(self) -> str:
@@ -96,8 +93,7 @@ class VllmEngine:
             enforce_eager=config.enforce_eager, disable_log_stats=False,
             kv_transfer_config=KVTransferConfig(
                 kv_connector=CONNECTOR_NAME, kv_connector_module_path=CONNECTOR_MODULE,
-                kv_role="kv_both", kv_load_failure_policy="fail",
-                kv_connector_extra_config={TEST_CORRUPT_LOADS: config.test_corrupt_kv_loads})),
+                kv_role="kv_both", kv_load_failure_policy="fail")),
             stat_loggers=[self._kv_usage.factory])
         vllm_config = self._llm.vllm_config
         model_config, cache = vllm_config.model_config, vllm_config.cache_config
@@ -202,35 +198,46 @@ class VllmEngine:
                 f"KV handle covers {handle.num_tokens} tokens but the prompt has {prompt_tokens}; "
                 "send the same prompt that was prefilled", request_id=rid, reason="KV_HANDLE_PROMPT_MISMATCH")
         self._puller.check_compatible(handle, request_id=rid)
-        if handle.shm_segment and handle.host == self._host and shm.size_of(handle.shm_segment) == handle.total_bytes:
-            segment = handle.shm_segment
-            transfer = pb.KvTransferStats(bytes=handle.total_bytes, path="shm")
-            done: Callable[[], Any] = lambda: self._puller.release(handle, request_id=rid)  # noqa: E731
-        else:
-            data, transfer = await self._puller.pull(handle, request_id=rid)
-            await self._puller.release(handle, request_id=rid)
-            segment = f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
-            mapping = shm.create(segment, len(data))
-            mapping[:] = data
-            mapping.close()
-            del data
-            done = lambda: _unlink_async(segment)  # noqa: E731
-        params = self._sampling(request, kv_transfer={"load_from": segment, "num_tokens": handle.num_tokens})
-        loaded = False
+        segment = f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
         try:
+            transfer = self._take_in_place(handle, segment) or await self._pull_into(handle, segment, rid)
+            # For a linked segment, the release is what checks the pull token and that the lease still holds.
+            if not await self._puller.release(handle, request_id=rid) and transfer.path == "shm":
+                raise NotFound(f"KV transfer {handle.transfer_id} is gone (lease expired or already taken); "
+                               "prefill again", request_id=rid, reason="KV_HANDLE_EXPIRED")
+            params = self._sampling(request, kv_transfer={"load_from": segment, "num_tokens": handle.num_tokens})
             async for out, _ in self._run(request, engine_input, params):
-                if not loaded:  # the first step has read the segment
-                    loaded = True
-                    await done()
+                shm.unlink(segment)  # the engine's first step has read it
                 if out.finish_reason is not None:
                     out.kv_transfer = transfer
                     if out.usage is not None:
                         out.usage.cached_tokens = max(out.usage.cached_tokens, handle.num_tokens - 1)
                 yield out
         finally:
-            if not loaded:
-                with contextlib.suppress(DynamoError):
-                    await done()
+            shm.unlink(segment)
+
+    async def _pull_into(self, handle: pb.KvHandle, segment: str, rid: str) -> pb.KvTransferStats:
+        """Pull the KV over gRPC into a new local segment."""
+        assert self._puller is not None
+        data, transfer = await self._puller.pull(handle, request_id=rid)
+        mapping = shm.create(segment, len(data))
+        mapping[:] = data
+        mapping.close()
+        return transfer
+
+    def _take_in_place(self, handle: pb.KvHandle, segment: str) -> pb.KvTransferStats | None:
+        """Take a same-host prefill's segment under our own name (no copy); None when that is not possible."""
+        if not handle.shm_segment or handle.host != self._host:
+            return None
+        try:
+            shm.link(handle.shm_segment, segment)
+        except (OSError, ValueError) as error:
+            log.info("KV segment %s is not reachable here (%s); pulling over gRPC", handle.shm_segment, error)
+            return None
+        if shm.size_of(segment) != handle.total_bytes:
+            shm.unlink(segment)
+            return None
+        return pb.KvTransferStats(bytes=handle.total_bytes, path="shm")
 
     async def _plain(self, request: EngineRequest, engine_input: Any) -> AsyncIterator[EngineOutput]:
         async for out, _ in self._run(request, engine_input, self._sampling(request)):
@@ -300,10 +307,6 @@ class VllmEngine:
         # Its __del__ shuts down again; at interpreter exit that fails on torn-down globals.
         del self._llm
         gc.collect()
-
-
-async def _unlink_async(segment: str) -> None:
-    shm.unlink(segment)
 
 
 class _KvUsage:

