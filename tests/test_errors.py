@@ -152,13 +152,25 @@ async def test_handle_for_another_prompt(cluster: Stubs) -> None:
     await cluster.kv.ReleaseKv(kv_pb.ReleaseKvRequest(transfer_id=handle.transfer_id, pull_token=handle.pull_token))
 
 
-async def test_expired_kv_handle() -> None:
+@pytest.mark.parametrize("policy", ["fail", "local-prefill"])
+async def test_expired_kv_handle(policy: str) -> None:
     registry = MemoryRegistry()
-    deployment = await start_all_in_one(dataclasses.replace(worker_config(), kv_ttl_s=0.2), registry)
+    deployment = await start_all_in_one(dataclasses.replace(worker_config(), kv_ttl_s=0.2, kv_pull_failure=policy),
+                                        registry)
     stubs = Stubs(deployment)
     handle = await prefill(stubs)
     await asyncio.sleep(0.5)
-    assert await rpc_failure(decode_with(stubs, handle)) == (NOT_FOUND, "KV_HANDLE_EXPIRED")
+    if policy == "fail":
+        assert await rpc_failure(decode_with(stubs, handle)) == (NOT_FOUND, "KV_HANDLE_EXPIRED")
+    else:  # the decode worker prefills the prompt itself and answers
+        async def requests():
+            yield decode_pb.DecodeRequest(request_id="d", start=decode_pb.DecodeStart(
+                params=params("abc", model=MODEL, max_tokens=4), kv_handle=handle, prefill_worker_id="p"))
+
+        responses = [r async for r in stubs.decode.Decode(requests())]
+        completion = responses[-1].completion
+        assert completion.usage.completion_tokens == 4 and completion.finish_reason
+        assert completion.kv_transfer.bytes == 0 and completion.prefill_worker_id == ""
     stats = await stubs.prefill_stats()
     assert stats.transfers_expired == 1
     await stubs.assert_no_leaks()

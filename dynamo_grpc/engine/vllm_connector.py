@@ -15,9 +15,9 @@ Per request, `kv_transfer_params` says what to do:
     {"save_to": NAME}                     write the prompt's blocks to segment NAME
     {"load_from": NAME, "num_tokens": N}  read the KV of the first N prompt tokens from NAME
 
-A segment is layer-major, then block, each block byte-for-byte as vLLM stores it. Both sides agree on
-that layout because the router pairs only engines with the same fingerprint (block size and layout
-included), and the decode adapter checks it again before a pull.
+Segments hold whole blocks (see `kv_blocks`). Both sides agree on their layout because the router
+pairs only engines with the same fingerprint (block size and layout included), and the decode adapter
+checks it again before a pull.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from dynamo_grpc import shm
+from dynamo_grpc.engine.kv_blocks import load_blocks, save_blocks
 from dynamo_grpc.engine.vllm_engine import CONNECTOR_NAME
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ class DynamoKvConnector(KVConnectorBase_V1):
         assert isinstance(plan, StepPlan)
         for load in plan.loads:
             try:
-                self._load(load)
+                load_blocks(self._kv_caches, load.block_ids, load.segment, load.first_segment_block)
             except (OSError, ValueError, RuntimeError) as error:
                 log.error("%s: loading KV from segment %s failed: %s", CONNECTOR_NAME, load.segment, error)
                 self._failed_blocks.update(load.block_ids)
@@ -156,7 +157,7 @@ class DynamoKvConnector(KVConnectorBase_V1):
         assert isinstance(plan, StepPlan)
         for save in plan.saves:
             try:
-                self._save(save)
+                save_blocks(self._kv_caches, save.block_ids, save.segment)
             except (OSError, ValueError, RuntimeError) as error:
                 # The adapter sees no segment and fails the prefill with a clear error.
                 log.error("%s: saving KV to segment %s failed: %s", CONNECTOR_NAME, save.segment, error)
@@ -165,48 +166,3 @@ class DynamoKvConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
-
-    def _segment_view(self, buffer: Any, num_blocks: int) -> list[torch.Tensor]:
-        """Per layer, a tensor over the segment shaped like that layer's blocks."""
-        views, offset = [], 0
-        flat = torch.frombuffer(buffer, dtype=torch.uint8)
-        for cache in self._kv_caches:
-            shape = (num_blocks, *cache.shape[1:])
-            nbytes = math.prod(shape) * cache.element_size()
-            views.append(flat[offset:offset + nbytes].view(cache.dtype).view(shape))
-            offset += nbytes
-        if offset != len(flat):
-            raise ValueError(f"segment holds {len(flat)} bytes, {num_blocks} blocks need {offset}")
-        return views
-
-    def _block_bytes(self) -> int:
-        return sum(math.prod(c.shape[1:]) * c.element_size() for c in self._kv_caches)
-
-    def _save(self, save: BlockCopy) -> None:
-        segment = shm.create(save.segment, self._block_bytes() * len(save.block_ids))
-        try:
-            self._copy_out(segment, save.block_ids)
-        finally:
-            segment.close()  # the tensor views over it are gone by now
-
-    def _load(self, load: BlockCopy) -> None:
-        segment = shm.attach(load.segment)
-        try:
-            self._copy_in(segment, load)
-        finally:
-            segment.close()
-
-    def _copy_out(self, segment: Any, block_ids: list[int]) -> None:
-        ids = torch.tensor(block_ids, dtype=torch.long)
-        for cache, view in zip(self._kv_caches, self._segment_view(segment, len(ids)), strict=True):
-            if cache.device == view.device:
-                torch.index_select(cache, 0, ids, out=view)
-            else:
-                view.copy_(cache.index_select(0, ids.to(cache.device)))
-
-    def _copy_in(self, segment: Any, load: BlockCopy) -> None:
-        ids = torch.tensor(load.block_ids, dtype=torch.long)
-        first = load.first_segment_block
-        for cache, view in zip(self._kv_caches, self._segment_view(segment, len(segment) // self._block_bytes()),
-                               strict=True):
-            cache.index_copy_(0, ids.to(cache.device), view[first:first + len(ids)].to(cache.device))

@@ -1,0 +1,72 @@
+"""Copying whole KV blocks between an engine's paged cache and a shared-memory segment.
+
+A segment is layer-major, then block, each block byte-for-byte as the engine stores it (dimension 0
+of every layer's cache indexes blocks). Copying whole blocks keeps this independent of how an
+attention backend lays out heads and tokens inside a block; engines with the same fingerprint agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dynamo_grpc import shm
+
+
+def block_bytes(caches: Sequence[torch.Tensor]) -> int:
+    """Bytes of one block across all layers."""
+    return sum(math.prod(c.shape[1:]) * c.element_size() for c in caches)
+
+
+def save_blocks(caches: Sequence[torch.Tensor], block_ids: Sequence[int], segment: str) -> None:
+    """Write blocks `block_ids` of every layer into a new segment."""
+    mapping = shm.create(segment, block_bytes(caches) * len(block_ids))
+    try:
+        _copy_out(caches, block_ids, mapping)
+    finally:
+        mapping.close()  # the tensor views over it died with _copy_out
+
+
+def load_blocks(caches: Sequence[torch.Tensor], block_ids: Sequence[int], segment: str, first: int = 0) -> None:
+    """Read the segment's blocks `first`, `first + 1`, ... into the cache's blocks `block_ids`."""
+    mapping = shm.attach(segment)
+    try:
+        _copy_in(caches, block_ids, mapping, first)
+    finally:
+        mapping.close()
+
+
+def _layer_views(caches: Sequence[torch.Tensor], buffer: Any) -> list[torch.Tensor]:
+    """Per layer, a tensor over the buffer shaped like that layer's blocks."""
+    total = len(buffer)
+    if total % block_bytes(caches):
+        raise ValueError(f"segment of {total} bytes is not a whole number of {block_bytes(caches)}-byte blocks")
+    num_blocks = total // block_bytes(caches)
+    flat = torch.frombuffer(buffer, dtype=torch.uint8)
+    views, offset = [], 0
+    for cache in caches:
+        shape = (num_blocks, *cache.shape[1:])
+        size = math.prod(shape) * cache.element_size()
+        views.append(flat[offset:offset + size].view(cache.dtype).view(shape))
+        offset += size
+    return views
+
+
+def _copy_out(caches: Sequence[torch.Tensor], block_ids: Sequence[int], buffer: Any) -> None:
+    ids = torch.tensor(block_ids, dtype=torch.long)
+    for cache, view in zip(caches, _layer_views(caches, buffer), strict=True):
+        if cache.device == view.device:
+            torch.index_select(cache, 0, ids, out=view)
+        else:
+            view.copy_(cache.index_select(0, ids.to(cache.device)))
+
+
+def _copy_in(caches: Sequence[torch.Tensor], block_ids: Sequence[int], buffer: Any, first: int) -> None:
+    ids = torch.tensor(block_ids, dtype=torch.long)
+    for cache, view in zip(caches, _layer_views(caches, buffer), strict=True):
+        if first + len(ids) > len(view):
+            raise ValueError(f"segment has {len(view)} blocks, asked for {first}..{first + len(ids) - 1}")
+        cache.index_copy_(0, ids.to(cache.device), view[first:first + len(ids)].to(cache.device))

@@ -1,0 +1,57 @@
+"""Whole-block KV copies between paged caches and shared memory (no engine needed)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from dynamo_grpc import shm
+from dynamo_grpc.engine.kv_blocks import block_bytes, load_blocks, save_blocks
+
+
+def caches(fill: bool) -> list[torch.Tensor]:
+    """Two layers shaped like vLLM-CPU's: [blocks, kv heads, block size, 2 x head size]."""
+    make = torch.randn if fill else torch.zeros
+    return [make(8, 2, 4, 6, dtype=torch.float32) for _ in range(2)]
+
+
+@pytest.fixture
+def segment() -> Iterator[str]:
+    name = f"dynamo-grpc-test-{uuid.uuid4().hex}"
+    yield name
+    shm.unlink(name)
+
+
+def test_blocks_land_where_asked_and_nowhere_else(segment: str) -> None:
+    source, target = caches(True), caches(False)
+    save_blocks(source, [5, 1, 6], segment)
+    assert shm.size_of(segment) == 3 * block_bytes(source) == 3 * 2 * (2 * 4 * 6 * 4)
+    # Skip the first saved block (as a decode engine does when it already caches a prefix).
+    load_blocks(target, [0, 7], segment, first=1)
+    for src, dst in zip(source, target):
+        assert torch.equal(dst[0], src[1]) and torch.equal(dst[7], src[6])
+        assert not dst[1:7].any()
+
+
+def test_a_segment_of_the_wrong_shape_is_refused(segment: str) -> None:
+    save_blocks(caches(True), [0, 1], segment)
+    with pytest.raises(ValueError, match="asked for"):
+        load_blocks(caches(False), [0, 1, 2], segment)
+    other = [torch.zeros(8, 3, 4, 6) for _ in range(2)]
+    with pytest.raises(ValueError, match="whole number"):
+        load_blocks(other, [0], segment)
+
+
+def test_segments_of_dead_processes_are_swept() -> None:
+    prefix = f"dynamo-grpc-test-{uuid.uuid4().hex[:8]}-"
+    dead, alive = f"{prefix}999999999-a", f"{prefix}1-b"  # pid 1 always exists
+    for name in (dead, alive):
+        shm.create(name, 16).close()
+    try:
+        assert shm.sweep(prefix) == 1
+        assert shm.size_of(dead) is None and shm.size_of(alive) == 16
+    finally:
+        shm.unlink(alive)
