@@ -24,6 +24,7 @@ from dynamo_grpc.engine.simulated import SimulatedEngine, SimulatedEngineConfig
 from dynamo_grpc.fleet import Fleet
 from dynamo_grpc.kv_store import LeasedKvStore
 from dynamo_grpc.kv_transfer_service import KvTransferServicer
+from dynamo_grpc.kv_wire import add_kv_transfer_service
 from dynamo_grpc.prefill_service import PrefillServicer
 from dynamo_grpc.registry import Registry
 from dynamo_grpc.router import Router
@@ -35,7 +36,6 @@ from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
-from dynamo_grpc.v1 import kv_transfer_pb2_grpc as kv_grpc
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
 from dynamo_grpc.v1 import router_pb2 as router_pb
@@ -103,7 +103,7 @@ async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole
     server = await start_server([
         ServiceBinding(PrefillServicer(engine), prefill_grpc.add_PrefillServiceServicer_to_server,
                        _service(prefill_pb, "PrefillService")),
-        ServiceBinding(KvTransferServicer(store), kv_grpc.add_KvTransferServiceServicer_to_server,
+        ServiceBinding(KvTransferServicer(store), add_kv_transfer_service,
                        _service(kv_pb, "KvTransferService")),
     ], host=config.server.host, port=config.server.port)
     endpoint = store.endpoint = config.server.endpoint(server.port)

@@ -8,6 +8,7 @@ attention backend lays out heads and tokens inside a block; engines with the sam
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,7 +46,9 @@ def _layer_views(caches: Sequence[torch.Tensor], buffer: Any) -> list[torch.Tens
     if total % block_bytes(caches):
         raise ValueError(f"segment of {total} bytes is not a whole number of {block_bytes(caches)}-byte blocks")
     num_blocks = total // block_bytes(caches)
-    flat = torch.frombuffer(buffer, dtype=torch.uint8)
+    with warnings.catch_warnings():  # a read-only segment: only ever copied from
+        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+        flat = torch.frombuffer(buffer, dtype=torch.uint8)
     views, offset = [], 0
     for cache in caches:
         shape = (num_blocks, *cache.shape[1:])

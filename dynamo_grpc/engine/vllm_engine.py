@@ -219,9 +219,8 @@ class VllmEngine:
     async def _pull_into(self, handle: pb.KvHandle, segment: str, rid: str) -> pb.KvTransferStats:
         """Pull the KV over gRPC into a new local segment."""
         assert self._puller is not None
-        data, transfer = await self._puller.pull(handle, request_id=rid)
-        mapping = shm.create(segment, len(data))
-        mapping[:] = data
+        mapping, transfer = await self._puller.pull(handle, request_id=rid,
+                                                    into=lambda size: shm.create(segment, size))
         mapping.close()
         return transfer
 
