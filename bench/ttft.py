@@ -56,10 +56,13 @@ def generation(prompt: list[int]) -> pb.GenerationParams:
     return params(prompt, model=MODEL, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
-async def first_token(responses: AsyncIterator[object]) -> None:
+async def first_token(responses: AsyncIterator[object]) -> float:
+    """When the first token arrived; reads the stream to its end, so the next request starts on idle engines."""
+    first = 0.0
     async for response in responses:
-        if response.HasField("tokens"):  # type: ignore[attr-defined]
-            return
+        if not first and response.HasField("tokens"):  # type: ignore[attr-defined]
+            first = time.perf_counter()
+    return first
 
 
 def decode_call(stubs: Stubs, rid: str, prompt: list[int], handle: pb.KvHandle | None = None
@@ -71,23 +74,26 @@ def decode_call(stubs: Stubs, rid: str, prompt: list[int], handle: pb.KvHandle |
     return stubs.decode.Decode(requests())
 
 
-async def aggregated(stubs: Stubs, rid: str, prompt: list[int]) -> None:
-    await first_token(decode_call(stubs, rid, prompt))
+async def aggregated(stubs: Stubs, rid: str, prompt: list[int]) -> tuple[float, float | None]:
+    return await first_token(decode_call(stubs, rid, prompt)), None
 
 
-async def disagg_shm(stubs: Stubs, rid: str, prompt: list[int]) -> None:
-    await first_token(stubs.router.generate(prompt, model=MODEL, max_tokens=MAX_TOKENS, ignore_eos=True,
-                                            request_id=rid))
+async def disagg_shm(stubs: Stubs, rid: str, prompt: list[int]) -> tuple[float, float | None]:
+    return await first_token(stubs.router.generate(prompt, model=MODEL, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                                   request_id=rid)), None
 
 
-async def disagg_grpc(stubs: Stubs, rid: str, prompt: list[int]) -> None:
+async def disagg_grpc(stubs: Stubs, rid: str, prompt: list[int]) -> tuple[float, float | None]:
+    """Also says when the KV handle arrived, to split the time into prefill and decode."""
     response = await stubs.prefill.Prefill(prefill_pb.PrefillRequest(request_id=rid, params=generation(prompt)))
+    prefilled = time.perf_counter()
     handle = response.kv_handle
     handle.host = "another-host"
-    await first_token(decode_call(stubs, rid, prompt, handle))
+    return await first_token(decode_call(stubs, rid, prompt, handle)), prefilled
 
 
-MODES: dict[str, Callable[[Stubs, str, list[int]], Awaitable[None]]] = {
+# Each returns (when the first token arrived, when the prefill's KV handle arrived, if it is visible).
+MODES: dict[str, Callable[[Stubs, str, list[int]], Awaitable[tuple[float, float | None]]]] = {
     "aggregated": aggregated, "disagg-shm": disagg_shm, "disagg-grpc": disagg_grpc}
 
 
@@ -103,22 +109,27 @@ async def run(tokens: list[int], trials: int) -> None:
     try:
         for mode in MODES.values():  # warm-up: first requests pay one-time costs
             await mode(stubs, f"warm-{rng.random()}", [rng.randrange(10, 4000) for _ in range(64)])
-        print(f"{'prompt':>7} {'mode':<12} {'TTFT p50 ms':>11} {'min':>7} {'max':>7} {'vs aggregated':>13}")
+        print(f"{'prompt':>7} {'mode':<12} {'TTFT p50 ms':>11} {'min':>7} {'max':>7} {'vs aggregated':>13}"
+              f" {'of which prefill':>16}")
         for n in tokens:
             times: dict[str, list[float]] = {name: [] for name in MODES}
+            prefills: dict[str, list[float]] = {name: [] for name in MODES}
             for trial in range(trials):
                 order = list(MODES.items())
                 rng.shuffle(order)
                 for name, mode in order:
                     prompt = [rng.randrange(10, 4000) for _ in range(n)]
                     started = time.perf_counter()
-                    await mode(stubs, f"{name}-{n}-{trial}", prompt)
-                    times[name].append((time.perf_counter() - started) * 1e3)
+                    first, prefilled = await mode(stubs, f"{name}-{n}-{trial}", prompt)
+                    times[name].append((first - started) * 1e3)
+                    if prefilled is not None:
+                        prefills[name].append((prefilled - started) * 1e3)
             base = statistics.median(times["aggregated"])
             for name, samples in times.items():
                 p50 = statistics.median(samples)
+                split = f"{statistics.median(prefills[name]):>13.1f} ms" if prefills[name] else ""
                 print(f"{n:>7} {name:<12} {p50:>11.1f} {min(samples):>7.1f} {max(samples):>7.1f} "
-                      f"{p50 / base:>12.2f}x", flush=True)
+                      f"{p50 / base:>12.2f}x {split}", flush=True)
     finally:
         await stubs.router.channel.close()
         await channels.close()
