@@ -94,6 +94,13 @@ class LeasedKvStore:
         for transfer_id in list(self._held):
             self._free(transfer_id, "shut down")
 
+    def add_stats(self, stats: pb.WorkerStats) -> None:
+        """Fill the store's part of a worker's stats."""
+        stats.held_transfers = self.held_transfers
+        stats.held_kv_bytes = self.held_bytes
+        stats.transfers_completed = self.transfers_completed
+        stats.transfers_expired = self.transfers_expired
+
     @property
     def held_transfers(self) -> int:
         return len(self._held)

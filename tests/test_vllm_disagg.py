@@ -43,6 +43,7 @@ BLOCK_SIZE = 32
 KV_BYTES_PER_TOKEN = 2 * 4 * 2 * 64 * 4  # keys+values x layers x KV heads x head size x float32
 KV_TTL_S = 3.0
 MAX_TOKENS = 12
+STEP_TOKENS = 256
 SENTENCE = "The river crosses the ancient city at night because the bridge is old. "
 PROMPTS: list[str | list[int]] = [
     "Hello",                                   # one block
@@ -53,6 +54,7 @@ PROMPTS: list[str | list[int]] = [
     list(range(5, 5 + 2 * BLOCK_SIZE)),        # token ids, exactly two blocks
     [42],                                      # a single token: nothing to load, all recomputed
     list(range(100, 100 + 3 * BLOCK_SIZE + 7)),
+    list(range(900, 900 + 11 * BLOCK_SIZE + 5)),  # longer than a step's token budget: prefilled in chunks
     "seven eight nine ten river mountain city",
 ]
 
@@ -65,7 +67,8 @@ async def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     registry = EtcdRegistry([etcd.endpoint], namespace="vllm-disagg")
     await registry.connect()
     config = WorkerConfig(server=ServerConfig(port=0), kv_ttl_s=KV_TTL_S,
-                          engine=VllmEngineConfig(model_path=str(tiny_model_dir), max_num_seqs=16))
+                          engine=VllmEngineConfig(model_path=str(tiny_model_dir), max_num_seqs=16,
+                                                  max_num_batched_tokens=STEP_TOKENS))
     deployment = await start_all_in_one(config, registry)
     stubs = Stubs(deployment)
     try:

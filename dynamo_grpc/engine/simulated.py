@@ -179,10 +179,7 @@ class SimulatedEngine:
         stats = pb.WorkerStats(active_requests=len(self._live), used_kv_blocks=self._blocks.total - self._blocks.free,
                                total_kv_blocks=self._blocks.total, requests_finished=self._finished)
         if self._store is not None:
-            stats.held_transfers = self._store.held_transfers
-            stats.held_kv_bytes = self._store.held_bytes
-            stats.transfers_completed = self._store.transfers_completed
-            stats.transfers_expired = self._store.transfers_expired
+            self._store.add_stats(stats)
         return stats
 
     async def shutdown(self) -> None:

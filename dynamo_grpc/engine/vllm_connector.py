@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BlockCopy:
-    """Copy blocks `segment_blocks` of a segment to or from the engine's blocks `block_ids`."""
+    """Copy a segment's blocks `first_segment_block`, +1, ... to or from the engine's blocks `block_ids`."""
 
     segment: str
     block_ids: list[int]
@@ -73,6 +73,7 @@ class DynamoKvConnector(KVConnectorBase_V1):
         # Scheduler side.
         self._local_hits: dict[str, int] = {}
         self._loads: dict[str, tuple[str, int, int]] = {}  # request -> (segment, first block, end block)
+        self._loaded: set[str] = set()
         self._unsaved: dict[str, Request] = {}
         self._saved: dict[str, dict[str, Any]] = {}
         # Worker side.
@@ -83,8 +84,8 @@ class DynamoKvConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params or {}
-        if "load_from" not in params:
-            return 0, False
+        if "load_from" not in params or request.request_id in self._loaded:
+            return 0, False  # a preempted request that already loaded recomputes: its segment is gone
         loadable = min(int(params["num_tokens"]), request.num_prompt_tokens) - 1
         self._local_hits[request.request_id] = num_computed_tokens
         return max(loadable - num_computed_tokens, 0), False
@@ -96,6 +97,7 @@ class DynamoKvConnector(KVConnectorBase_V1):
             self._unsaved[rid] = request
         local = self._local_hits.pop(rid, 0)
         if num_external_tokens > 0:
+            self._loaded.add(rid)
             self._loads[rid] = (params["load_from"], local // self._block_size,
                                 math.ceil((local + num_external_tokens) / self._block_size))
 
@@ -113,8 +115,7 @@ class DynamoKvConnector(KVConnectorBase_V1):
                 block_ids = self._kv_cache_manager.get_block_ids(rid)[0][:num_blocks]
                 segment = request.kv_transfer_params["save_to"]
                 plan.saves.append(BlockCopy(segment, block_ids))
-                self._saved[rid] = {"saved_to": segment, "num_tokens": request.num_prompt_tokens,
-                                    "num_blocks": num_blocks}
+                self._saved[rid] = {"saved_to": segment, "num_tokens": request.num_prompt_tokens}
                 del self._unsaved[rid]
         return plan
 
@@ -123,6 +124,7 @@ class DynamoKvConnector(KVConnectorBase_V1):
         self._unsaved.pop(rid, None)
         self._local_hits.pop(rid, None)
         self._loads.pop(rid, None)
+        self._loaded.discard(rid)
         return False, self._saved.pop(rid, None)
 
     # ---- worker side ----

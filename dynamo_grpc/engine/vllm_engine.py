@@ -55,6 +55,8 @@ class VllmEngineConfig:
     block_size: int = 32
     max_model_len: int = 2048
     max_num_seqs: int = 8
+    max_num_batched_tokens: int = 0
+    """Tokens per engine step; longer prompts prefill in chunks. 0 keeps vLLM's default."""
     kv_cache_gib: int = 1
     enforce_eager: bool = True
 
@@ -90,7 +92,7 @@ class VllmEngine:
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=config.model_path, served_model_name=config.model, dtype=config.dtype,
             block_size=config.block_size, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
-            enforce_eager=config.enforce_eager, disable_log_stats=False,
+            max_num_batched_tokens=config.max_num_batched_tokens or None, enforce_eager=config.enforce_eager, disable_log_stats=False,
             kv_transfer_config=KVTransferConfig(
                 kv_connector=CONNECTOR_NAME, kv_connector_module_path=CONNECTOR_MODULE,
                 kv_role="kv_both", kv_load_failure_policy="fail")),
@@ -295,10 +297,7 @@ class VllmEngine:
         stats = pb.WorkerStats(active_requests=len(self._live), requests_finished=self._finished,
                                total_kv_blocks=total, used_kv_blocks=round(self._kv_usage.usage * total))
         if self._store is not None:
-            stats.held_transfers = self._store.held_transfers
-            stats.held_kv_bytes = self._store.held_bytes
-            stats.transfers_completed = self._store.transfers_completed
-            stats.transfers_expired = self._store.transfers_expired
+            self._store.add_stats(stats)
         return stats
 
     async def shutdown(self) -> None:
