@@ -105,3 +105,39 @@ async def test_duplicate_live_request_id_is_refused() -> None:
     with pytest.raises(AlreadyExists):
         await run(engine, "two", request_id="same")
     await first.aclose()
+
+
+class RecordingCost:
+    """A step cost that remembers every step it priced."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int, int, int]] = []
+
+    def step_ms(self, prefill_tokens: int, prefill_context: int, decode_batch: int, decode_context: int) -> float:
+        self.steps.append((prefill_tokens, prefill_context, decode_batch, decode_context))
+        return 1.0
+
+
+async def test_steps_carry_decodes_and_one_prefill_chunk_at_a_time() -> None:
+    cost = RecordingCost()
+    engine = SimulatedEngine(SimulatedEngineConfig(num_blocks=64, max_num_batched_tokens=100), cost=cost)
+    decoding = asyncio.ensure_future(run(engine, "d" * 10, request_id="d", max_tokens=40, ignore_eos=True))
+    await asyncio.sleep(0.01)
+    long, _ = await run(engine, "p" * 250, request_id="p", max_tokens=2, ignore_eos=True)
+    await decoding
+    chunks = [(p, ctx, b) for p, ctx, b, _ in cost.steps if p > 1 and p != 10]
+    # 250 prompt tokens in chunks within the step budget, each step also carrying the running decode...
+    assert sum(p for p, _, _ in chunks) == 250 and len(chunks) == 3
+    assert all(p + b <= 100 and b == 1 for p, _, b in chunks)
+    # ...and each chunk attends to everything before it.
+    assert [ctx for _, ctx, _ in chunks] == [99, 198, 250]
+    assert len(long) == 2
+
+
+async def test_time_scale_runs_the_clock_faster() -> None:
+    engine = SimulatedEngine(SimulatedEngineConfig(num_blocks=64, decode_step_s=0.02, time_scale=1000))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    tokens, _ = await run(engine, "fast", max_tokens=50, ignore_eos=True)
+    assert len(tokens) == 50 and engine.steps == 50
+    assert loop.time() - started < 0.5  # 50 steps of 20 simulated ms = 1 s of simulated time

@@ -14,7 +14,8 @@ import math
 import random
 import zlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -44,10 +45,16 @@ class SimulatedEngineConfig:
     max_model_len: int = 8192
     prefill_s_per_token: float = 20e-6
     decode_step_s: float = 2e-3
+    max_num_batched_tokens: int = 2048
+    """Tokens per step: decodes first, then one prefill chunk (longer prompts prefill over several steps)."""
+    time_scale: float = 1.0
+    """Simulated seconds per wall-clock second; above 1 the engine runs faster than real time."""
 
     def __post_init__(self) -> None:
+        if self.time_scale <= 0:
+            raise ValueError(f"simulated engine: time_scale must be positive, got {self.time_scale}")
         for name in ("block_size", "num_blocks", "kv_bytes_per_token", "num_layers", "max_batch_size",
-                     "max_model_len"):
+                     "max_model_len", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"simulated engine: {name} must be at least 1, got {getattr(self, name)}")
         for name in ("prefill_s_per_token", "decode_step_s"):
@@ -89,22 +96,72 @@ def synthesize_kv(prompt: tuple[int, ...], *, block_size: int, bytes_per_token: 
     return b"".join(parts)
 
 
+class StepCost(Protocol):
+    """How long one engine step takes, from what it carries."""
+
+    def step_ms(self, prefill_tokens: int, prefill_context: int, decode_batch: int, decode_context: int) -> float:
+        """`prefill_tokens` new prompt tokens attending to `prefill_context` tokens in all, plus
+        `decode_batch` sequences generating one token each over `decode_context` cached tokens in all."""
+        ...
+
+
+@dataclass(frozen=True)
+class LinearStepCost:
+    """A fixed time for a step with decodes plus a time per prefill token: enough for a small CPU model."""
+
+    prefill_ms_per_token: float
+    decode_step_ms: float
+
+    def step_ms(self, prefill_tokens: int, prefill_context: int, decode_batch: int, decode_context: int) -> float:
+        return prefill_tokens * self.prefill_ms_per_token + (self.decode_step_ms if decode_batch else 0.0)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """A request inside the step loop."""
+
+    request: EngineRequest
+    prompt: tuple[int, ...]
+    blocks: int
+    usage: pb.Usage
+    outputs: asyncio.Queue[EngineOutput | BaseException] = field(default_factory=asyncio.Queue)
+    to_prefill: int = 0
+    kv: bytes | bytearray | None = None
+    transfer: pb.KvTransferStats | None = None
+    tokens: _TokenStream | None = None
+    aborted: bool = False
+
+    @property
+    def context(self) -> int:
+        return len(self.prompt) - self.to_prefill + self.usage.completion_tokens
+
+
 class SimulatedEngine:
-    """The simulated adapter of the Engine protocol."""
+    """The simulated adapter of the Engine protocol.
+
+    Like a real engine it runs in steps: each step carries every running decode plus at most one
+    prefill chunk (up to `max_num_batched_tokens` in all), and lasts what the step cost model says for
+    that mix, so a long prefill slows the decodes it shares steps with. `time_scale` > 1 runs the
+    simulated clock faster than the wall clock.
+    """
 
     kind = "simulated"
 
     def __init__(self, config: SimulatedEngineConfig, *, kv_store: LeasedKvStore | None = None,
-                 kv_channels: ChannelPool | None = None) -> None:
+                 kv_channels: ChannelPool | None = None, cost: StepCost | None = None) -> None:
         self.config = config
         self.model = config.model
         self.fingerprint = (f"simulated-1/{config.model}/bs{config.block_size}/kv{config.kv_bytes_per_token}"
                             f"/L{config.num_layers}/uint8")
         self._store = kv_store
         self._puller = KvPuller(kv_channels, fingerprint=self.fingerprint) if kv_channels else None
+        self._cost = cost or LinearStepCost(config.prefill_s_per_token * 1e3, config.decode_step_s * 1e3)
         self._blocks = BlockPool(config.num_blocks)
-        self._live: dict[str, asyncio.Event] = {}
+        self._live: dict[str, _Sequence] = {}
+        self._scheduled: list[_Sequence] = []
+        self._stepper: asyncio.Task[None] | None = None
         self._finished = 0
+        self.steps = 0
 
     def capacity(self) -> pb.WorkerCapacity:
         return pb.WorkerCapacity(kv_blocks=self.config.num_blocks, block_size=self.config.block_size,
@@ -122,58 +179,40 @@ class SimulatedEngine:
         rid = request.request_id
         prompt = self.tokenize(request.prompt)
         max_tokens = 1 if request.produce_kv else request.sampling.max_tokens
-        blocks = self._admit(rid, prompt, max_tokens, request)
-        aborted = self._live[rid] = asyncio.Event()
-        owned = 0
+        seq = _Sequence(request, prompt, self._admit(rid, prompt, max_tokens, request),
+                        pb.Usage(prompt_tokens=len(prompt)), to_prefill=len(prompt))
+        self._live[rid] = seq
+        needed, seq.blocks = seq.blocks, 0
         try:
-            await self._blocks.acquire(blocks)
-            owned = blocks
-            # 1) The prompt's KV: pulled from a prefill worker, or computed here.
-            transfer = None
+            await self._blocks.acquire(needed)
+            seq.blocks = needed
             if request.kv_handle is not None:
-                kv, transfer = await self._pull(request.kv_handle, rid, len(prompt))
-            else:
-                await asyncio.sleep(len(prompt) * self.config.prefill_s_per_token)
-                kv = synthesize_kv(prompt, block_size=self.config.block_size,
-                                   bytes_per_token=self.config.kv_bytes_per_token)
-            usage = pb.Usage(prompt_tokens=len(prompt), cached_tokens=len(prompt) if transfer else 0)
-            tokens = _TokenStream(kv, request)
-            # 2) Prefill role: sample one token, hand the blocks to the KV store until pulled.
-            if request.produce_kv:
-                if aborted.is_set():
-                    yield EngineOutput(finish_reason=FinishReason.CANCELLED, usage=usage)
-                    return
-                first = tokens.next()
-                handle = self._hold(kv, len(prompt), owned)
-                owned = 0
-                usage.completion_tokens = 1
-                yield EngineOutput([first], _text([first]), FinishReason.LENGTH, usage, kv_handle=handle)
+                # The prompt's KV comes from a prefill worker; the last prompt token is recomputed.
+                seq.kv, seq.transfer = await self._pull(request.kv_handle, rid, len(prompt))
+                seq.to_prefill, seq.usage.cached_tokens = 1, len(prompt)
+            if seq.aborted:
+                yield EngineOutput(finish_reason=FinishReason.CANCELLED, usage=seq.usage)
                 return
-            # 3) Decode loop, one token per step.
-            for _ in range(max_tokens):
-                await asyncio.sleep(self.config.decode_step_s)
-                if aborted.is_set():
-                    yield EngineOutput(finish_reason=FinishReason.CANCELLED, usage=usage, kv_transfer=transfer)
-                    return
-                token = tokens.next()
-                usage.completion_tokens += 1
-                finish = tokens.stop_reason(token, usage.completion_tokens)
-                out = EngineOutput([token], _text([token]), finish)
-                if finish is not None:
-                    out.usage, out.kv_transfer = usage, transfer
-                    yield out
-                    return
+            self._schedule(seq)
+            while True:
+                out = await seq.outputs.get()
+                if isinstance(out, BaseException):
+                    raise out
                 yield out
+                if out.finish_reason is not None:
+                    return
         finally:
             self._live.pop(rid, None)
+            if seq in self._scheduled:
+                self._scheduled.remove(seq)
             self._finished += 1
-            if owned:
-                self._blocks.release(owned)
+            if seq.blocks:
+                self._blocks.release(seq.blocks)
 
     async def abort(self, request_id: str) -> None:
-        event = self._live.get(request_id)
-        if event is not None:
-            event.set()
+        seq = self._live.get(request_id)
+        if seq is not None:
+            seq.aborted = True
 
     def stats(self) -> pb.WorkerStats:
         stats = pb.WorkerStats(active_requests=len(self._live), used_kv_blocks=self._blocks.total - self._blocks.free,
@@ -183,8 +222,74 @@ class SimulatedEngine:
         return stats
 
     async def shutdown(self) -> None:
-        for event in self._live.values():
-            event.set()
+        for seq in self._live.values():
+            seq.aborted = True
+
+    def _schedule(self, seq: _Sequence) -> None:
+        self._scheduled.append(seq)
+        if self._stepper is None or self._stepper.done():
+            self._stepper = asyncio.get_running_loop().create_task(self._run_steps())
+
+    async def _run_steps(self) -> None:
+        """The engine loop: plan a step, let its time pass, hand out what it produced."""
+        while self._scheduled:
+            for seq in [s for s in self._scheduled if s.aborted]:
+                self._finish(seq, EngineOutput(finish_reason=FinishReason.CANCELLED, usage=seq.usage,
+                                               kv_transfer=seq.transfer))
+            decodes = [s for s in self._scheduled if s.to_prefill == 0]
+            budget = self.config.max_num_batched_tokens - len(decodes)
+            prefill = next((s for s in self._scheduled if s.to_prefill > 0), None) if budget > 0 else None
+            chunk = min(prefill.to_prefill, budget) if prefill else 0
+            if not decodes and not chunk:
+                return
+            ms = self._cost.step_ms(chunk, prefill.context + chunk if prefill else 0, len(decodes),
+                                    sum(s.context for s in decodes))
+            await asyncio.sleep(ms / 1e3 / self.config.time_scale)
+            self.steps += 1
+            try:
+                for seq in decodes:
+                    if seq in self._scheduled and not seq.aborted:
+                        self._emit_token(seq)
+                if prefill is not None and prefill in self._scheduled and not prefill.aborted:
+                    prefill.to_prefill -= chunk
+                    if prefill.to_prefill == 0:
+                        self._prefilled(prefill)
+            except Exception as error:  # a bug here must fail the requests, not hang them
+                for seq in list(self._scheduled):
+                    self._scheduled.remove(seq)
+                    seq.outputs.put_nowait(error)
+                raise
+
+    def _prefilled(self, seq: _Sequence) -> None:
+        """The prompt's KV exists now: a prefill request hands it to the store, others sample their first token."""
+        if seq.kv is None:
+            seq.kv = synthesize_kv(seq.prompt, block_size=self.config.block_size,
+                                   bytes_per_token=self.config.kv_bytes_per_token)
+        seq.tokens = _TokenStream(seq.kv, seq.request)
+        if not seq.request.produce_kv:
+            self._emit_token(seq)
+            return
+        first = seq.tokens.next()
+        handle = self._hold(seq.kv, len(seq.prompt), seq.blocks)
+        seq.blocks = 0
+        seq.usage.completion_tokens = 1
+        self._finish(seq, EngineOutput([first], _text([first]), FinishReason.LENGTH, seq.usage, kv_handle=handle))
+
+    def _emit_token(self, seq: _Sequence) -> None:
+        assert seq.tokens is not None
+        token = seq.tokens.next()
+        seq.usage.completion_tokens += 1
+        finish = seq.tokens.stop_reason(token, seq.usage.completion_tokens)
+        out = EngineOutput([token], _text([token]), finish)
+        if finish is None:
+            seq.outputs.put_nowait(out)
+            return
+        out.usage, out.kv_transfer = seq.usage, seq.transfer
+        self._finish(seq, out)
+
+    def _finish(self, seq: _Sequence, out: EngineOutput) -> None:
+        self._scheduled.remove(seq)
+        seq.outputs.put_nowait(out)
 
     def _admit(self, rid: str, prompt: tuple[int, ...], max_tokens: int, request: EngineRequest) -> int:
         """Check a request before it takes resources; return the KV blocks it needs."""
