@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import (
@@ -58,6 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(sub, "model", default="tiny-llama", help="model name")
     add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate")
     sub.add_argument("prompt", help="prompt text")
+    sub = roles.add_parser("bench", help="load a router with requests and report TTFT, ITL, throughput, goodput")
+    add_flag(sub, "router", default=f"127.0.0.1:{DEFAULT_ROUTER_PORT}", help="router endpoint host:port")
+    add_flag(sub, "model", default="tiny-llama", help="model name")
+    add_flag(sub, "requests", default=100, type=int, help="requests to send")
+    add_flag(sub, "isl", default="512", help="input tokens: N, uniform:LO:HI or normal:MEAN:STD")
+    add_flag(sub, "osl", default="64", help="output tokens: N, uniform:LO:HI or normal:MEAN:STD")
+    add_flag(sub, "concurrency", default=8, type=int, help="requests in flight (closed loop)")
+    add_flag(sub, "rate", default=0.0, type=float, help="Poisson arrivals per second (open loop; 0 = closed loop)")
+    add_flag(sub, "shared-prefix-tokens", default=0, type=int, help="tokens every prompt of a group starts with")
+    add_flag(sub, "prefix-groups", default=1, type=int, help="groups of prompts sharing a prefix")
+    add_flag(sub, "vocab-max", default=250, type=int, help="largest token id to send (the simulated engine "
+             "takes ids below 256)")
+    add_flag(sub, "slo-ttft-ms", default=1000.0, type=float, help="TTFT objective for goodput")
+    add_flag(sub, "slo-itl-ms", default=100.0, type=float, help="inter-token latency objective for goodput")
+    add_flag(sub, "seed", default=0, type=int, help="workload seed")
+    add_flag(sub, "json", default="", help="write the summary and every request here")
+    add_flag(sub, "plot", default="", help="write a PNG plot here (needs matplotlib: the bench extra)")
     sub = roles.add_parser("make-model", help="build the tiny local Llama + tokenizer (deterministic, no hub)")
     sub.add_argument("dir", nargs="?", default=None, help="output directory [env DYNAMO_GRPC_MODEL_DIR; "
                      "default ~/.cache/dynamo-grpc/tiny-llama]")
@@ -123,10 +141,42 @@ async def _generate(endpoint: str, model: str, prompt: str, max_tokens: int) -> 
     return 0
 
 
+async def _bench(args: argparse.Namespace) -> int:
+    from dynamo_grpc.loadgen import (
+        Lengths,
+        Objectives,
+        Workload,
+        render,
+        router_sender,
+        run_load,
+        summarize,
+        write_outputs,
+    )
+
+    try:
+        workload = Workload(requests=args.requests, input_tokens=Lengths(args.isl), output_tokens=Lengths(args.osl),
+                            concurrency=args.concurrency, rate=args.rate, shared_prefix_tokens=args.shared_prefix_tokens,
+                            prefix_groups=args.prefix_groups, vocab=(10, args.vocab_max), seed=args.seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    print(f"dynamo-grpc bench: {workload.requests} requests to {args.router} "
+          f"({f'{workload.rate:g}/s Poisson' if workload.rate else f'concurrency {workload.concurrency}'})",
+          file=sys.stderr)
+    async with RouterClient(args.router) as client:
+        records = await run_load(router_sender(client, args.model), workload)
+    summary = summarize(records, Objectives(args.slo_ttft_ms, args.slo_itl_ms))
+    print(render(summary))
+    write_outputs(records, summary, json_path=Path(args.json) if args.json else None,
+                  plot_path=Path(args.plot) if args.plot else None)
+    return 0 if summary["failed"] == 0 else 1
+
+
 async def _main(args: argparse.Namespace) -> int:
     command = args.command
     if command == "generate":
         return await _generate(args.router, args.model, args.prompt, args.max_tokens)
+    if command == "bench":
+        return await _bench(args)
     if command == "serve":
         return await _serve(args)
     server = server_config(args)

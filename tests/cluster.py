@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -13,7 +15,8 @@ from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine import SimulatedEngineConfig
 from dynamo_grpc.errors import error_reason
-from dynamo_grpc.roles import Deployment
+from dynamo_grpc.registry import MemoryRegistry
+from dynamo_grpc.roles import Deployment, start_all_in_one
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
@@ -63,6 +66,20 @@ class Stubs:
         prefill, decode = await self.prefill_stats(), await self.decode_stats()
         assert (prefill.active_requests, prefill.used_kv_blocks, prefill.held_transfers) == (0, 0, 0), prefill
         assert (decode.active_requests, decode.used_kv_blocks) == (0, 0), decode
+
+
+@contextlib.asynccontextmanager
+async def running(**engine: object) -> AsyncIterator[Stubs]:
+    """A one-host deployment on the fast simulated engine (with `engine` settings changed), stopped after."""
+    registry = MemoryRegistry()
+    deployment = await start_all_in_one(worker_config(**engine), registry)
+    stubs = Stubs(deployment)
+    try:
+        yield stubs
+    finally:
+        await stubs.close()
+        await deployment.stop()
+        await registry.close()
 
 
 async def rpc_failure(awaitable) -> tuple[grpc.StatusCode, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,20 +13,7 @@ from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.roles import start_all_in_one
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
-from tests.cluster import MODEL, Stubs, worker_config
-
-
-@contextlib.asynccontextmanager
-async def running(**engine: object) -> AsyncIterator[Stubs]:
-    registry = MemoryRegistry()
-    deployment = await start_all_in_one(worker_config(**engine), registry)
-    stubs = Stubs(deployment)
-    try:
-        yield stubs
-    finally:
-        await stubs.close()
-        await deployment.stop()
-        await registry.close()
+from tests.cluster import MODEL, Stubs, running, worker_config
 
 
 @pytest.fixture
