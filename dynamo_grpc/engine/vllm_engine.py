@@ -18,7 +18,6 @@ import gc
 import logging
 import math
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
