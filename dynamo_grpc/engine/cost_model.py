@@ -1,0 +1,190 @@
+"""How long one engine step takes on an H100, fitted to measured step times.
+
+The simulated engine needs step times that react to batching the way a GPU does: a step costs a
+floor no matter how little it carries (every weight is read once), long prefill chunks are
+compute-bound, decodes pay for the KV cache they read, and a prefill chunk sharing a step with decodes
+stretches that step for all of them. `StepCostModel` captures those effects with a handful of
+coefficients fitted per model shape to `calibration/h100_llama_step_grid.json` (see the README there).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CALIBRATION_DIR = Path(__file__).parent / "calibration"
+GRID_FILE = CALIBRATION_DIR / "h100_llama_step_grid.json"
+STEP_TIMES_FILE = CALIBRATION_DIR / "h100_llama_step_times.json"
+
+SHAPES = ("llama3_8b", "llama3_70b")
+
+# bf16 K and V for every layer: 2 x layers x kv_heads x head_dim x 2 bytes.
+KV_BYTES_PER_TOKEN = {"llama3_8b": 131072, "llama3_70b": 327680}
+
+# Assumed sustained bandwidths (GB/s, 1e9 bytes) for moving KV between workers. The host links are
+# measured on the calibration H100 (pinned host->device 45, device->host 52); the rest are nominal
+# line rates less protocol overhead, not measurements.
+LINK_GBPS = {
+    "nvlink": 450.0,  # H100 NVLink 4, one direction
+    "pcie5_host": 45.0,  # pinned host->device copy, the slower direction
+    "rdma_400g": 50.0,  # 400 Gb/s InfiniBand / RoCE
+    "tcp_100g": 12.0,  # 100 Gb/s Ethernet
+    "tcp_10g": 1.2,  # 10 Gb/s Ethernet
+}
+
+# GEMMs process tokens in tiles: a step with 520 tokens costs about what one with 576 does.
+GEMM_TILE_TOKENS = 64
+
+
+def transfer_ms(nbytes: int, link: str) -> float:
+    """Time to move `nbytes` over a named link at its assumed bandwidth (no latency, no contention)."""
+    if link not in LINK_GBPS:
+        raise ValueError(f"unknown link {link!r}; known: {', '.join(sorted(LINK_GBPS))}")
+    if nbytes < 0:
+        raise ValueError(f"nbytes must not be negative, got {nbytes}")
+    return nbytes / (LINK_GBPS[link] * 1e9) * 1e3
+
+
+@dataclass(frozen=True)
+class StepCostModel:
+    """Fitted coefficients for one model shape; `step_ms` turns a step's contents into milliseconds.
+
+    A step carries at most one prefill chunk (`prefill_tokens` new tokens after `prefill_context`
+    already-cached ones) and `decode_batch` decodes that together attend to `decode_context_total`
+    cached tokens. Its time is the sum of:
+
+    - GEMMs: a smooth max of the weight-read floor and compute time, which grows with the tokens in the
+      step (rounded up to the GEMM tile); `knee_tokens` is where the two meet, `knee_sharpness` how
+      abruptly one takes over from the other;
+    - per-token work outside the GEMMs (norms, rotary, activations);
+    - prefill attention, proportional to the query-key pairs of a causal chunk;
+    - decode attention, proportional to the cached tokens read (memory-bound);
+    - interference: each decode in a step that also carries a prefill chunk costs extra in proportion
+      to the chunk's length. It is what the calibration data shows beyond the other terms (one
+      attention launch shaped by the longest query is a plausible cause), and it is the cost that
+      disaggregation removes.
+    """
+
+    shape: str
+    floor_ms: float
+    knee_tokens: float
+    knee_sharpness: float
+    per_token_ms: float
+    prefill_attention_ms_per_pair: float
+    decode_attention_ms_per_token: float
+    interference_ms_per_decode_token: float
+
+    def step_ms(self, prefill_tokens: int, prefill_context: int, decode_batch: int,
+                decode_context_total: int) -> float:
+        """Milliseconds for one step; an empty step costs nothing."""
+        if min(prefill_tokens, prefill_context, decode_batch, decode_context_total) < 0:
+            raise ValueError("step contents must not be negative")
+        tokens = prefill_tokens + decode_batch
+        if tokens == 0:
+            return 0.0
+        terms = _terms(np.array([prefill_tokens], float), np.array([prefill_context], float),
+                       np.array([decode_batch], float), np.array([decode_context_total], float),
+                       self.knee_tokens, self.knee_sharpness)
+        return float(terms[0] @ self._linear_coefficients())
+
+    def prefill_ms(self, tokens: int, context: int = 0) -> float:
+        """A step that carries only a prefill chunk."""
+        return self.step_ms(tokens, context, 0, 0)
+
+    def decode_ms(self, batch: int, context_total: int) -> float:
+        """A step that carries only decodes."""
+        return self.step_ms(0, 0, batch, context_total)
+
+    def _linear_coefficients(self) -> np.ndarray:
+        return np.array([self.floor_ms, self.per_token_ms, self.prefill_attention_ms_per_pair,
+                         self.decode_attention_ms_per_token, self.interference_ms_per_decode_token])
+
+
+def _terms(prefill_tokens: np.ndarray, prefill_context: np.ndarray, decode_batch: np.ndarray,
+           decode_context_total: np.ndarray, knee_tokens: float, knee_sharpness: float) -> np.ndarray:
+    """One row per step, one column per linear coefficient of `StepCostModel` (same order)."""
+    tokens = prefill_tokens + decode_batch
+    tiled = np.ceil(tokens / GEMM_TILE_TOKENS) * GEMM_TILE_TOKENS
+    gemm = (1.0 + (tiled / knee_tokens) ** knee_sharpness) ** (1.0 / knee_sharpness)
+    causal_pairs = prefill_tokens * (prefill_context + prefill_tokens / 2.0)
+    return np.stack([gemm, tokens, causal_pairs, decode_context_total, decode_batch * prefill_tokens], axis=1)
+
+
+@dataclass(frozen=True)
+class MeasuredStep:
+    """One calibration point: what the step carried and its median time."""
+
+    label: str
+    prefill_tokens: int
+    decode_batch: int
+    decode_context_each: int
+    ms: float
+
+
+def measured_steps(shape: str, path: Path = GRID_FILE) -> list[MeasuredStep]:
+    """Every prefill, decode and mixed point of one shape in a calibration file."""
+    data = json.loads(path.read_text())[shape]
+    steps = [MeasuredStep(f"prefill P{p}", int(p), 0, 0, ms) for p, ms in data["prefill"].items()]
+    for key, ms in data["decode"].items():
+        batch, context = (int(x) for x in re.fullmatch(r"B(\d+)_C(\d+)", key).groups())
+        steps.append(MeasuredStep(f"decode {key}", 0, batch, context, ms))
+    for key, ms in data["mixed"].items():
+        tokens, batch, context = (int(x) for x in re.fullmatch(r"P(\d+)_B(\d+)_C(\d+)", key).groups())
+        steps.append(MeasuredStep(f"mixed {key}", tokens, batch, context, ms))
+    return steps
+
+
+# The knee is searched on a grid; for each candidate the other coefficients come from least squares.
+_KNEE_SHARPNESS = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 20.0)
+_KNEE_TOKENS = tuple(float(x) for x in np.geomspace(128, 800, 25))
+# Relative errors are flattened with reweighted least squares toward an L8 fit: the simulator
+# relies on every measured shape being close, not just on a small average error.
+_ERROR_NORM = 8
+_REWEIGHTING_ROUNDS = 40
+
+
+def fit_step_cost_model(shape: str, steps: list[MeasuredStep]) -> StepCostModel:
+    """Fit the coefficients to measured steps, minimising relative error."""
+    measured = np.array([s.ms for s in steps])
+    columns = (np.array([s.prefill_tokens for s in steps], float), np.zeros(len(steps)),
+               np.array([s.decode_batch for s in steps], float),
+               np.array([s.decode_batch * s.decode_context_each for s in steps], float))
+    best = None
+    for sharpness in _KNEE_SHARPNESS:
+        for knee in _KNEE_TOKENS:
+            relative_terms = _terms(*columns, knee, sharpness) / measured[:, None]
+            coefficients, loss = _fit_relative(relative_terms)
+            if best is None or loss < best[0]:
+                best = (loss, knee, sharpness, coefficients)
+    _, knee, sharpness, coefficients = best
+    c = [float(x) for x in coefficients]
+    if min(c) < 0:
+        raise ValueError(f"{shape}: a fitted coefficient is negative ({c}); step time would not be monotone")
+    return StepCostModel(shape, floor_ms=c[0], knee_tokens=knee, knee_sharpness=sharpness, per_token_ms=c[1],
+                         prefill_attention_ms_per_pair=c[2], decode_attention_ms_per_token=c[3],
+                         interference_ms_per_decode_token=c[4])
+
+
+def _fit_relative(relative_terms: np.ndarray) -> tuple[np.ndarray, float]:
+    """Coefficients making `relative_terms @ c` close to 1 in the L8 sense (damped reweighting)."""
+    ones = np.ones(len(relative_terms))
+    weights = ones.copy()
+    for _ in range(_REWEIGHTING_ROUNDS):
+        root = np.sqrt(weights)
+        coefficients, *_ = np.linalg.lstsq(relative_terms * root[:, None], root, rcond=None)
+        error = np.abs(relative_terms @ coefficients - ones)
+        weights = 0.5 * weights + 0.5 * np.maximum(error, 1e-3) ** (_ERROR_NORM - 2)
+    return coefficients, float(np.sum(error ** _ERROR_NORM))
+
+
+@functools.cache
+def load_cost_model(shape: str) -> StepCostModel:
+    """The step cost model for "llama3_8b" or "llama3_70b", fitted once per process to the grid file."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; known: {', '.join(SHAPES)}")
+    return fit_step_cost_model(shape, measured_steps(shape))
