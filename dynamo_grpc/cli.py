@@ -30,11 +30,17 @@ from dynamo_grpc.roles import (
     start_prefill,
     start_router,
 )
+from dynamo_grpc.router import DEFAULT_MAX_MIGRATIONS
 from dynamo_grpc.v1 import common_pb2 as pb
 
 log = logging.getLogger("dynamo_grpc")
 
 DEFAULT_ROUTER_PORT = 50051
+
+
+def add_migration_flag(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "max-migrations", default=DEFAULT_MAX_MIGRATIONS, type=int,
+             help="times a request moves to another decode worker when its worker dies mid-stream")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_flags(sub)
     sub = roles.add_parser("router", help="run a router")
     add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
+    add_migration_flag(sub)
     sub = roles.add_parser("control-plane", help="run the control plane (pairings, plan, fleet)")
     add_server_flags(sub)
     sub = roles.add_parser("serve", help="run 1 router + 1 prefill + 1 decode + control plane on this host")
     add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
     add_engine_flags(sub)
+    add_migration_flag(sub)
     add_flag(sub, "prompt", default="", help="send this prompt through the deployment, print the answer, exit")
     add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate for --prompt")
     sub = roles.add_parser("generate", help="send one request to a router and stream the answer")
@@ -115,7 +123,7 @@ async def _serve(args: argparse.Namespace) -> int:
     registry = await _connect_registry(worker.server, required=False)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(registry.close)
-        deployment = await start_all_in_one(worker, registry)
+        deployment = await start_all_in_one(worker, registry, max_migrations=args.max_migrations)
         stack.push_async_callback(deployment.stop)
         endpoint, model = deployment.router.endpoint, worker.engine.model
         print(f"dynamo-grpc: serving {model!r}; send requests to RouterService at {endpoint} "
@@ -185,7 +193,7 @@ async def _main(args: argparse.Namespace) -> int:
     starts = {
         "prefill": lambda: start_prefill(worker, registry),
         "decode": lambda: start_decode(worker, registry),
-        "router": lambda: start_router(server, registry),
+        "router": lambda: start_router(server, registry, max_migrations=args.max_migrations),
         "control-plane": lambda: start_control_plane(server, registry),
     }
     await _run_role(starts[command], registry)

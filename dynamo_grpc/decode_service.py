@@ -34,8 +34,9 @@ class DecodeServicer(decode_grpc.DecodeServiceServicer):
         opening = await first_message(request_iterator, "start")
         rid, start = opening.request_id, opening.start
         handle = start.kv_handle if start.HasField("kv_handle") else None
+        resume = tuple(start.resume_token_ids)
         async with (background(watch_for_cancel(request_iterator, rid, lambda: self._engine.abort(rid))),
-                    contextlib.aclosing(coalesce(self._outputs(rid, start.params, handle))) as batches):
+                    contextlib.aclosing(coalesce(self._outputs(rid, start.params, handle, resume))) as batches):
             async for out in batches:
                 if out.token_ids:
                     yield decode_pb.DecodeResponse(request_id=rid, tokens=pb.TokenBatch(token_ids=out.token_ids,
@@ -46,13 +47,13 @@ class DecodeServicer(decode_grpc.DecodeServiceServicer):
                         out, prefill_worker_id=start.prefill_worker_id if pulled else "",
                         decode_worker_id=self._worker_id))
 
-    async def _outputs(self, rid: str, params: pb.GenerationParams, handle: pb.KvHandle | None
-                       ) -> AsyncIterator[EngineOutput]:
+    async def _outputs(self, rid: str, params: pb.GenerationParams, handle: pb.KvHandle | None,
+                       resume: tuple[int, ...]) -> AsyncIterator[EngineOutput]:
         """The engine's outputs; if the KV pull fails and this worker may, it prefills the prompt itself."""
         produced = False
         try:
-            async with engine_run(self._engine, engine_request(self._engine, rid, params, kv_handle=handle),
-                                  params) as outputs:
+            async with engine_run(self._engine, engine_request(self._engine, rid, params, kv_handle=handle,
+                                                               resume=resume), params) as outputs:
                 async for out in outputs:
                     produced = True
                     yield out

@@ -7,20 +7,26 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from dynamo_grpc.engine.base import Engine, EngineOutput, EngineRequest, FinishReason
-from dynamo_grpc.errors import DeadlineExceeded, NotFound
+from dynamo_grpc.errors import DeadlineExceeded, InvalidArgument, NotFound
 from dynamo_grpc.params import check_request_id, deadline_timer, prompt_of, sampling_of, seconds_left
 from dynamo_grpc.v1 import common_pb2 as pb
 
 
 def engine_request(engine: Engine, request_id: str, params: pb.GenerationParams, *,
-                   produce_kv: bool = False, kv_handle: pb.KvHandle | None = None) -> EngineRequest:
+                   produce_kv: bool = False, kv_handle: pb.KvHandle | None = None,
+                   resume: tuple[int, ...] = ()) -> EngineRequest:
     """Validate a request against this worker's engine and build the engine's view of it."""
     check_request_id(request_id)
     if params.model != engine.model:
         raise NotFound(f"model {params.model!r} is not served here; this worker serves {engine.model!r}",
                        request_id=request_id, reason="MODEL_NOT_FOUND")
-    return EngineRequest(request_id=request_id, prompt=prompt_of(params, request_id),
-                         sampling=sampling_of(params, request_id), produce_kv=produce_kv, kv_handle=kv_handle)
+    sampling = sampling_of(params, request_id)
+    if resume and (kv_handle is not None or len(resume) >= sampling.max_tokens):
+        raise InvalidArgument(f"resume_token_ids ({len(resume)}) must be fewer than max_tokens "
+                              f"({sampling.max_tokens}) and cannot come with a KV handle",
+                              request_id=request_id, reason="BAD_RESUME")
+    return EngineRequest(request_id=request_id, prompt=prompt_of(params, request_id), sampling=sampling,
+                         produce_kv=produce_kv, kv_handle=kv_handle, resume=resume)
 
 
 @contextlib.asynccontextmanager

@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from control_plane.pairing import compute_pairings
@@ -54,9 +54,10 @@ class Fleet:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def route(self, model: str, request_id: str) -> Route:
+    def route(self, model: str, request_id: str, *, exclude: Collection[str] = ()) -> Route:
+        """The pair for a request; `exclude` names decode workers that just failed it."""
         decodes = {w.worker_id: w for w in self.workers.values()
-                   if w.role == pb.WORKER_ROLE_DECODE and w.model == model}
+                   if w.role == pb.WORKER_ROLE_DECODE and w.model == model and w.worker_id not in exclude}
         if not decodes:
             served = sorted({w.model for w in self.workers.values() if w.role == pb.WORKER_ROLE_DECODE})
             if not served:

@@ -27,7 +27,7 @@ from dynamo_grpc.kv_transfer_service import KvTransferServicer
 from dynamo_grpc.kv_wire import add_kv_transfer_service
 from dynamo_grpc.prefill_service import PrefillServicer
 from dynamo_grpc.registry import Registry
-from dynamo_grpc.router import Router
+from dynamo_grpc.router import DEFAULT_MAX_MIGRATIONS, Router
 from dynamo_grpc.router_service import RouterServicer
 from dynamo_grpc.server import RunningServer, ServiceBinding, start_server
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -133,12 +133,14 @@ async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     return RunningRole("decode worker", endpoint, server, registry, worker_id, [engine.shutdown, channels.close])
 
 
-async def start_router(config: ServerConfig, registry: Registry) -> RunningRole:
+async def start_router(config: ServerConfig, registry: Registry, *,
+                       max_migrations: int = DEFAULT_MAX_MIGRATIONS) -> RunningRole:
     channels = ChannelPool()
     fleet = Fleet(registry)
     await fleet.start()
+    router = Router(fleet, channels, max_migrations=max_migrations)
     server = await start_server([
-        ServiceBinding(RouterServicer(Router(fleet, channels)), router_grpc.add_RouterServiceServicer_to_server,
+        ServiceBinding(RouterServicer(router), router_grpc.add_RouterServiceServicer_to_server,
                        _service(router_pb, "RouterService")),
     ], host=config.host, port=config.port)
     endpoint = config.endpoint(server.port)
@@ -172,7 +174,8 @@ class Deployment:
             await role.stop()
 
 
-async def start_all_in_one(worker: WorkerConfig, registry: Registry) -> Deployment:
+async def start_all_in_one(worker: WorkerConfig, registry: Registry, *,
+                           max_migrations: int = DEFAULT_MAX_MIGRATIONS) -> Deployment:
     """Control plane, one prefill and one decode worker on free ports, and the router on `worker.server.port`."""
     internal = dataclasses.replace(worker.server, port=0)
     started: list[RunningRole] = []
@@ -186,7 +189,7 @@ async def start_all_in_one(worker: WorkerConfig, registry: Registry) -> Deployme
         for failure in workers:
             if isinstance(failure, BaseException):
                 raise failure
-        started.append(await start_router(worker.server, registry))
+        started.append(await start_router(worker.server, registry, max_migrations=max_migrations))
     except BaseException:
         for role in reversed(started):
             await role.stop()

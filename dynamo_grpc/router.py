@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from dynamo_grpc.channels import ChannelPool
-from dynamo_grpc.errors import AlreadyExists, DeadlineExceeded, from_rpc_error
+from dynamo_grpc.errors import AlreadyExists, DeadlineExceeded, DynamoError, from_rpc_error
 from dynamo_grpc.fleet import Fleet
 from dynamo_grpc.params import deadline_timer, prompt_of, sampling_of, seconds_left
 from dynamo_grpc.streams import first_set
@@ -26,10 +26,14 @@ from dynamo_grpc.v1 import router_pb2 as router_pb
 log = logging.getLogger(__name__)
 
 
+DEFAULT_MAX_MIGRATIONS = 2
+
+
 class Router:
-    def __init__(self, fleet: Fleet, channels: ChannelPool) -> None:
+    def __init__(self, fleet: Fleet, channels: ChannelPool, *, max_migrations: int = DEFAULT_MAX_MIGRATIONS) -> None:
         self._fleet = fleet
         self._channels = channels
+        self._max_migrations = max_migrations
         self._live: set[str] = set()
 
     async def generate(self, request_id: str, params: pb.GenerationParams, cancelled: asyncio.Event
@@ -69,21 +73,45 @@ class Router:
                 yield router_pb.GenerateResponse(request_id=request_id, completion=pb.Completion(
                     finish_reason=pb.FINISH_REASON_CANCELLED, prefill_worker_id=route.prefill.worker_id))
                 return
-        # 2) Decode, pulling that KV; relay its stream; forward a cancel.
+        # 2) Decode, pulling that KV; relay its stream; forward a cancel. If the decode worker dies, another
+        #    one resumes after the tokens already relayed (migration), so the client sees one stream.
         start = decode_pb.DecodeStart(params=params, kv_handle=handle,
                                       prefill_worker_id=route.prefill.worker_id if handle else "")
+        decode, generated, failed = route.decode, [], []
         consumed = False
         try:
-            with self._fleet.busy(route.decode):
-                async for event in self._decode(route.decode, request_id, start, cancelled):
-                    if event.HasField("completion"):
-                        consumed = event.completion.kv_transfer.bytes > 0
-                        yield router_pb.GenerateResponse(request_id=request_id, completion=event.completion)
-                    else:
-                        yield router_pb.GenerateResponse(request_id=request_id, tokens=event.tokens)
+            while True:
+                try:
+                    with self._fleet.busy(decode):
+                        async for event in self._decode(decode, request_id, start, cancelled):
+                            if event.HasField("completion"):
+                                consumed = event.completion.kv_transfer.bytes > 0
+                                yield router_pb.GenerateResponse(request_id=request_id, completion=event.completion)
+                            else:
+                                generated += event.tokens.token_ids
+                                yield router_pb.GenerateResponse(request_id=request_id, tokens=event.tokens)
+                    return
+                except DynamoError as error:
+                    if not self._worker_lost(error, cancelled) or len(failed) >= self._max_migrations or \
+                            len(generated) >= sampling_of(params, request_id).max_tokens:
+                        raise
+                    failed.append(decode.worker_id)
+                    try:
+                        decode = self._fleet.route(params.model, request_id, exclude=failed).decode
+                    except DynamoError:
+                        raise error from None  # nowhere to resume: report the loss itself
+                    log.warning("request %s: decode worker %s lost after %d tokens (%s); resuming on %s",
+                                request_id, failed[-1], len(generated), error.message, decode.worker_id)
+                    start = decode_pb.DecodeStart(params=params, resume_token_ids=generated)
         finally:
             if handle is not None and not consumed:
                 await asyncio.shield(self._release(handle, request_id))
+
+    @staticmethod
+    def _worker_lost(error: DynamoError, cancelled: asyncio.Event) -> bool:
+        """The stream broke because the worker went away, not because of the request or its client."""
+        return error.code == grpc.StatusCode.UNAVAILABLE or (
+            error.code == grpc.StatusCode.CANCELLED and not cancelled.is_set())
 
     async def _prefill(self, worker: pb.WorkerInfo, request_id: str, params: pb.GenerationParams,
                        timeout: float | None) -> pb.KvHandle | None:

@@ -24,3 +24,8 @@ def hf_greedy(model_dir: Path, prompt: str | list[int], max_tokens: int) -> list
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=max_tokens, min_new_tokens=max_tokens)
     return out[0, ids.shape[1]:].tolist()
+
+
+def hf_tokens(model_dir: Path, prompt: str) -> list[int]:
+    tokenizer, _ = _load(model_dir)
+    return tokenizer(prompt)["input_ids"]

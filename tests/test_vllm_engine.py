@@ -11,7 +11,7 @@ import pytest
 
 from dynamo_grpc.engine import EngineRequest, FinishReason, Sampling
 from dynamo_grpc.errors import FailedPrecondition
-from tests.hf_reference import hf_greedy
+from tests.hf_reference import hf_greedy, hf_tokens
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm,
               pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -60,3 +60,12 @@ async def test_greedy_tokens_equal_hf_and_cancel_frees_the_request(engine, tiny_
     # (3) Without a KV store (prefill worker) or channels (decode worker), KV modes are refused clearly.
     with pytest.raises(FailedPrecondition):
         await collect(engine, EngineRequest("p", "x", sampling, produce_kv=True))
+    # (4) A resumed request (migration) continues exactly where the first run was, and counts all tokens.
+    resumed: list[int] = []
+    last = None
+    async for out in engine.generate(EngineRequest("resume", PROMPTS[1], sampling, resume=tuple(results[1][0][:5]))):
+        resumed += out.token_ids
+        last = out
+    assert resumed == results[1][0][5:]
+    assert last is not None and last.usage.completion_tokens == 12
+    assert last.usage.prompt_tokens == len(hf_tokens(tiny_model_dir, PROMPTS[1]))

@@ -37,13 +37,16 @@ class Sampling:
 @dataclass(frozen=True)
 class EngineRequest:
     """One generation. `produce_kv` asks a prefill engine to hold the prompt's KV for pulling;
-    `kv_handle` asks a decode engine to pull the prompt's KV instead of computing it."""
+    `kv_handle` asks a decode engine to pull the prompt's KV instead of computing it; `resume`
+    continues a generation that another worker started (migration)."""
 
     request_id: str
     prompt: str | tuple[int, ...]
     sampling: Sampling
     produce_kv: bool = False
     kv_handle: pb.KvHandle | None = None
+    resume: tuple[int, ...] = ()
+    """Tokens already generated elsewhere: they extend the prompt, count as output, and are not sent again."""
 
 
 @dataclass

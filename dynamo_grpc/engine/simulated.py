@@ -21,6 +21,7 @@ import numpy as np
 
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason
+from dynamo_grpc.engine.cost_model import SHAPES, load_cost_model
 from dynamo_grpc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from dynamo_grpc.kv_client import KvPuller
 from dynamo_grpc.kv_store import LeasedKvStore
@@ -49,8 +50,13 @@ class SimulatedEngineConfig:
     """Tokens per step: decodes first, then one prefill chunk (longer prompts prefill over several steps)."""
     time_scale: float = 1.0
     """Simulated seconds per wall-clock second; above 1 the engine runs faster than real time."""
+    cost_model: str = ""
+    """Step times: "" for the two settings above, or an H100-calibrated shape: llama3_8b, llama3_70b."""
 
     def __post_init__(self) -> None:
+        if self.cost_model and self.cost_model not in SHAPES:
+            raise ValueError(f"simulated engine: cost_model must be one of {', '.join(SHAPES)} (or empty), "
+                             f"got {self.cost_model!r}")
         if self.time_scale <= 0:
             raise ValueError(f"simulated engine: time_scale must be positive, got {self.time_scale}")
         for name in ("block_size", "num_blocks", "kv_bytes_per_token", "num_layers", "max_batch_size",
@@ -99,9 +105,10 @@ def synthesize_kv(prompt: tuple[int, ...], *, block_size: int, bytes_per_token: 
 class StepCost(Protocol):
     """How long one engine step takes, from what it carries."""
 
-    def step_ms(self, prefill_tokens: int, prefill_context: int, decode_batch: int, decode_context: int) -> float:
+    def step_ms(self, prefill_tokens: int, prefill_context: int, decode_batch: int,
+                decode_context_total: int) -> float:
         """`prefill_tokens` new prompt tokens attending to `prefill_context` tokens in all, plus
-        `decode_batch` sequences generating one token each over `decode_context` cached tokens in all."""
+        `decode_batch` sequences generating one token each over `decode_context_total` cached tokens."""
         ...
 
 
@@ -112,7 +119,8 @@ class LinearStepCost:
     prefill_ms_per_token: float
     decode_step_ms: float
 
-    def step_ms(self, prefill_tokens: int, prefill_context: int, decode_batch: int, decode_context: int) -> float:
+    def step_ms(self, prefill_tokens: int, prefill_context: int, decode_batch: int,
+                decode_context_total: int) -> float:
         return prefill_tokens * self.prefill_ms_per_token + (self.decode_step_ms if decode_batch else 0.0)
 
 
@@ -133,6 +141,7 @@ class _Sequence:
 
     @property
     def context(self) -> int:
+        """Tokens whose KV exists (resumed tokens are prefilled after the prompt and count as output)."""
         return len(self.prompt) - self.to_prefill + self.usage.completion_tokens
 
 
@@ -155,7 +164,8 @@ class SimulatedEngine:
                             f"/L{config.num_layers}/uint8")
         self._store = kv_store
         self._puller = KvPuller(kv_channels, fingerprint=self.fingerprint) if kv_channels else None
-        self._cost = cost or LinearStepCost(config.prefill_s_per_token * 1e3, config.decode_step_s * 1e3)
+        self._cost = cost or (load_cost_model(config.cost_model) if config.cost_model else
+                              LinearStepCost(config.prefill_s_per_token * 1e3, config.decode_step_s * 1e3))
         self._blocks = BlockPool(config.num_blocks)
         self._live: dict[str, _Sequence] = {}
         self._scheduled: list[_Sequence] = []
@@ -180,7 +190,8 @@ class SimulatedEngine:
         prompt = self.tokenize(request.prompt)
         max_tokens = 1 if request.produce_kv else request.sampling.max_tokens
         seq = _Sequence(request, prompt, self._admit(rid, prompt, max_tokens, request),
-                        pb.Usage(prompt_tokens=len(prompt)), to_prefill=len(prompt))
+                        pb.Usage(prompt_tokens=len(prompt), completion_tokens=len(request.resume)),
+                        to_prefill=len(prompt) + len(request.resume))
         self._live[rid] = seq
         needed, seq.blocks = seq.blocks, 0
         try:
@@ -266,6 +277,8 @@ class SimulatedEngine:
             seq.kv = synthesize_kv(seq.prompt, block_size=self.config.block_size,
                                    bytes_per_token=self.config.kv_bytes_per_token)
         seq.tokens = _TokenStream(seq.kv, seq.request)
+        for _ in seq.request.resume:  # the same choices as the worker that started it made
+            seq.tokens.next()
         if not seq.request.produce_kv:
             self._emit_token(seq)
             return

@@ -150,14 +150,22 @@ class VllmEngine:
             self._finished += 1
 
     async def _render(self, request: EngineRequest) -> Any:
+        """The engine's input; a resumed request's prompt is extended by the tokens it already produced."""
+        engine_input = await self._render_prompt(request.prompt, request.request_id)
+        if request.resume:
+            ids = (*engine_input["prompt_token_ids"], *request.resume)
+            engine_input = await self._render_prompt(ids, request.request_id)
+        return engine_input
+
+    async def _render_prompt(self, prompt: str | tuple[int, ...], rid: str) -> Any:
         from vllm.renderers.inputs.preprocess import parse_model_prompt
 
-        prompt: Any = request.prompt if isinstance(request.prompt, str) else {"prompt_token_ids": list(request.prompt)}
+        form: Any = prompt if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
         try:
             (engine_input,) = await self._llm.renderer.render_cmpl_async(
-                [parse_model_prompt(self._llm.model_config, prompt)])
+                [parse_model_prompt(self._llm.model_config, form)])
         except ValueError as error:
-            raise InvalidArgument(str(error), request_id=request.request_id, reason="INVALID_PROMPT") from None
+            raise InvalidArgument(str(error), request_id=rid, reason="INVALID_PROMPT") from None
         return engine_input
 
     async def _prefill(self, request: EngineRequest, engine_input: Any) -> AsyncIterator[EngineOutput]:
@@ -248,12 +256,13 @@ class VllmEngine:
         """vLLM's outputs, with the connector's `kv_transfer_params` on the last one."""
         rid = request.request_id
         finished = False
-        usage = pb.Usage()
+        resumed = len(request.resume)
+        usage = pb.Usage(completion_tokens=resumed)
         try:
             async for out in self._llm.generate(engine_input, params, request_id=rid):
                 completion = out.outputs[0]
-                usage.prompt_tokens = len(out.prompt_token_ids or ())
-                usage.cached_tokens = out.num_cached_tokens or 0
+                usage.prompt_tokens = len(out.prompt_token_ids or ()) - resumed
+                usage.cached_tokens = min(out.num_cached_tokens or 0, usage.prompt_tokens)
                 usage.completion_tokens += len(completion.token_ids)
                 result = EngineOutput(list(completion.token_ids), completion.text)
                 if out.finished:
@@ -280,7 +289,7 @@ class VllmEngine:
         s = request.sampling
         try:
             return SamplingParams(
-                max_tokens=max_tokens or s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                max_tokens=max_tokens or s.max_tokens - len(request.resume), temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                 seed=s.seed, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
                 output_kind=RequestOutputKind.DELTA,
                 extra_args={"kv_transfer_params": kv_transfer} if kv_transfer else None)

@@ -1,20 +1,23 @@
 from dynamo_grpc.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeStart(_message.Message):
-    __slots__ = ("params", "kv_handle", "prefill_worker_id")
+    __slots__ = ("params", "kv_handle", "prefill_worker_id", "resume_token_ids")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     KV_HANDLE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     params: _common_pb2.GenerationParams
     kv_handle: _common_pb2.KvHandle
     prefill_worker_id: str
-    def __init__(self, params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., kv_handle: _Optional[_Union[_common_pb2.KvHandle, _Mapping]] = ..., prefill_worker_id: _Optional[str] = ...) -> None: ...
+    resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., kv_handle: _Optional[_Union[_common_pb2.KvHandle, _Mapping]] = ..., prefill_worker_id: _Optional[str] = ..., resume_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "start", "cancel")

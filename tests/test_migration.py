@@ -1,0 +1,72 @@
+"""Migration: when a decode worker dies mid-stream, another resumes the request and the client's stream
+continues with no token lost or repeated."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import grpc
+
+from dynamo_grpc.config import ServerConfig
+from dynamo_grpc.registry import MemoryRegistry
+from dynamo_grpc.roles import RunningRole, start_all_in_one, start_decode
+from dynamo_grpc.v1 import decode_pb2 as decode_pb
+from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
+from tests.cluster import MODEL, Stubs, rpc_failure, worker_config
+
+PROMPT, MAX_TOKENS = "migrate me, please", 150
+
+
+async def busy_worker(*roles: RunningRole) -> RunningRole:
+    """The decode worker running our one request."""
+    for role in roles:
+        async with grpc.aio.insecure_channel(role.endpoint) as channel:
+            stats = await decode_grpc.DecodeServiceStub(channel).GetDecodeStats(decode_pb.GetDecodeStatsRequest())
+        if stats.stats.active_requests:
+            return role
+    raise AssertionError("no decode worker is running the request")
+
+
+async def test_a_request_survives_its_decode_worker_dying() -> None:
+    registry = MemoryRegistry()
+    config = worker_config(decode_step_s=0.004)
+    deployment = await start_all_in_one(config, registry)
+    spare = await start_decode(dataclasses.replace(config, server=ServerConfig(port=0)), registry)
+    await asyncio.sleep(0.1)  # the router sees the second decode worker
+    stubs = Stubs(deployment)
+    try:
+        expected = (await stubs.router.generate(PROMPT, model=MODEL, max_tokens=MAX_TOKENS,
+                                                ignore_eos=True).collect()).token_ids
+        stream = stubs.router.generate(PROMPT, model=MODEL, max_tokens=MAX_TOKENS, ignore_eos=True)
+        tokens: list[int] = []
+        completion = None
+        lost = None
+        async for response in stream:
+            if response.HasField("completion"):
+                completion = response.completion
+                continue
+            tokens += response.tokens.token_ids
+            if lost is None and len(tokens) >= 20:
+                lost = await busy_worker(deployment.decode, spare)
+                await lost.server.server.stop(0)  # dies mid-stream, still registered
+        assert lost is not None and completion is not None
+        assert tokens == expected  # nothing lost, nothing repeated
+        assert completion.usage.completion_tokens == MAX_TOKENS
+        assert completion.decode_worker_id not in ("", lost.worker_id)
+        # With no worker left to resume on, the loss itself is reported.
+        survivor = spare if lost is deployment.decode else deployment.decode
+        stream = stubs.router.generate(PROMPT, model=MODEL, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+        async def kill_after_first_tokens() -> None:
+            async for response in stream:
+                if response.HasField("tokens"):
+                    await survivor.server.server.stop(0)
+
+        code, _ = await rpc_failure(kill_after_first_tokens())
+        assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    finally:
+        await stubs.close()
+        await spare.stop()
+        await deployment.stop()
+        await registry.close()
