@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import (
@@ -33,9 +34,13 @@ from dynamo_grpc.roles import (
 from dynamo_grpc.router import DEFAULT_MAX_MIGRATIONS
 from dynamo_grpc.v1 import common_pb2 as pb
 
+if TYPE_CHECKING:
+    from dynamo_grpc.frontend import RunningFrontend
+
 log = logging.getLogger("dynamo_grpc")
 
 DEFAULT_ROUTER_PORT = 50051
+DEFAULT_HTTP_PORT = 8000
 
 
 def add_migration_flag(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
     add_engine_flags(sub)
     add_migration_flag(sub)
+    add_flag(sub, "http-host", default="127.0.0.1", help="address of the OpenAI-compatible HTTP frontend")
+    add_flag(sub, "http-port", default=DEFAULT_HTTP_PORT, type=int,
+             help="port of the OpenAI-compatible HTTP frontend (0 = any free port)")
     add_flag(sub, "prompt", default="", help="send this prompt through the deployment, print the answer, exit")
     add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate for --prompt")
+    sub = roles.add_parser("frontend", help="run the OpenAI-compatible HTTP frontend for a router")
+    add_server_flags(sub, port=DEFAULT_HTTP_PORT)
+    add_flag(sub, "router", default=f"127.0.0.1:{DEFAULT_ROUTER_PORT}", help="router endpoint host:port")
+    add_flag(sub, "model-path", default="", help="model directory whose chat template renders chat requests "
+             "(default: plain 'role: content' lines)")
     sub = roles.add_parser("generate", help="send one request to a router and stream the answer")
     add_flag(sub, "router", default=f"127.0.0.1:{DEFAULT_ROUTER_PORT}", help="router endpoint host:port")
     add_flag(sub, "model", default="tiny-llama", help="model name")
@@ -130,6 +143,33 @@ async def _serve(args: argparse.Namespace) -> int:
               f"(try: dynamo-grpc generate --router {endpoint} --model {model} 'Hello')", flush=True)
         if args.prompt:
             return await _generate(endpoint, model, args.prompt, args.max_tokens)
+        frontend = await _start_frontend(endpoint, registry, args.http_host, args.http_port,
+                                         model_path=getattr(worker.engine, "model_path", None))
+        stack.push_async_callback(frontend.stop)
+        print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1 (try: curl {frontend.url}/v1/completions "
+              f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", "
+              f"\"max_tokens\": 16}}')", flush=True)
+        await _until_signalled()
+    return 0
+
+
+async def _start_frontend(router: str, registry: Registry, host: str, port: int, *,
+                          model_path: str | None) -> RunningFrontend:
+    from dynamo_grpc.frontend import start_frontend
+    from dynamo_grpc.openai_protocol import load_chat_template
+
+    template = load_chat_template(model_path) if model_path else None
+    return await start_frontend(router, registry, host=host, port=port, chat_template=template)
+
+
+async def _frontend(args: argparse.Namespace) -> int:
+    registry = await _connect_registry(server_config(args), required=True)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(registry.close)
+        frontend = await _start_frontend(args.router, registry, args.host, args.port,
+                                         model_path=args.model_path or None)
+        stack.push_async_callback(frontend.stop)
+        print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1, forwarding to the router at {args.router}", flush=True)
         await _until_signalled()
     return 0
 
@@ -185,6 +225,8 @@ async def _main(args: argparse.Namespace) -> int:
         return await _generate(args.router, args.model, args.prompt, args.max_tokens)
     if command == "bench":
         return await _bench(args)
+    if command == "frontend":
+        return await _frontend(args)
     if command == "serve":
         return await _serve(args)
     server = server_config(args)

@@ -1,0 +1,230 @@
+"""The OpenAI-compatible frontend, driven by the real `openai` SDK against a simulated deployment."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+
+from dynamo_grpc.frontend import RunningFrontend, start_frontend
+from dynamo_grpc.openai_protocol import chat_prompt
+from dynamo_grpc.registry import MemoryRegistry
+from dynamo_grpc.roles import start_all_in_one
+from dynamo_grpc.tiny_model import CHAT_TEMPLATE
+from tests.cluster import MODEL, Stubs, worker_config
+
+GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+
+
+@dataclass
+class Served:
+    stubs: Stubs
+    frontend: RunningFrontend
+    client: openai.AsyncOpenAI
+    http: httpx.AsyncClient
+
+    async def metric(self, series: str) -> float:
+        """One series' value from /metrics (0 while it does not exist yet)."""
+        text = (await self.http.get("/metrics")).text
+        match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Served]:
+    registry = MemoryRegistry()
+    deployment = await start_all_in_one(worker_config(), registry)
+    frontend = await start_frontend(deployment.router.endpoint, registry, host="127.0.0.1", port=0)
+    stubs = Stubs(deployment)
+    client = openai.AsyncOpenAI(base_url=f"{frontend.url}/v1", api_key="unused", max_retries=0)
+    http = httpx.AsyncClient(base_url=frontend.url)
+    try:
+        yield Served(stubs, frontend, client, http)
+    finally:
+        await http.aclose()
+        await client.close()
+        await frontend.stop()
+        await stubs.close()
+        await deployment.stop()
+        await registry.close()
+
+
+async def grpc_tokens(served: Served, prompt: str | list[int], max_tokens: int) -> list[int]:
+    result = await served.stubs.router.generate(prompt, model=MODEL, max_tokens=max_tokens,
+                                                ignore_eos=True).collect()
+    return result.token_ids
+
+
+@pytest.mark.parametrize("prompt", ["Hello, disaggregated world", list(range(1, 40))])
+async def test_completion_equals_the_grpc_path(served: Served, prompt: str | list[int]) -> None:
+    completion = await served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, **GREEDY)
+    expected = await grpc_tokens(served, prompt, 24)
+    choice = completion.choices[0]
+    assert choice.token_ids == expected
+    assert choice.text == bytes(expected).decode()
+    assert choice.finish_reason == "length"
+    prompt_tokens = len(prompt.encode()) if isinstance(prompt, str) else len(prompt)
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens,
+            completion.usage.total_tokens) == (prompt_tokens, 24, prompt_tokens + 24)
+    assert completion.usage.prompt_tokens_details.cached_tokens == prompt_tokens  # KV came from prefill
+    assert completion.object == "text_completion" and completion.model == MODEL
+
+
+async def test_streaming_completion_equals_the_grpc_path(served: Served) -> None:
+    stream = await served.client.completions.create(model=MODEL, prompt="stream me", max_tokens=30, stream=True,
+                                                    **GREEDY)
+    chunks = [chunk async for chunk in stream]
+    text_chunks = [c for c in chunks if c.choices[0].text]
+    assert len(text_chunks) >= 2  # tokens arrive as they are made, not all at the end
+    assert [t for c in chunks for t in c.choices[0].token_ids] == await grpc_tokens(served, "stream me", 30)
+    assert "".join(c.choices[0].text for c in chunks) == bytes(await grpc_tokens(served, "stream me", 30)).decode()
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert len({c.id for c in chunks}) == 1
+
+
+async def test_chat_stream_with_usage(served: Served) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    stream = await served.client.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=12, stream=True,
+        stream_options={"include_usage": True}, **GREEDY)
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    *answer, finish, usage = chunks
+    assert finish.choices[0].finish_reason == "length"
+    assert usage.choices == [] and all(c.usage is None for c in chunks[:-1])
+    prompt = "system: be brief\nuser: hi\nassistant:"
+    assert (usage.usage.prompt_tokens, usage.usage.completion_tokens) == (len(prompt.encode()), 12)
+    content = "".join(c.choices[0].delta.content or "" for c in answer)
+    assert content == bytes(await grpc_tokens(served, prompt, 12)).decode()
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].id.startswith("chatcmpl-")
+
+
+async def test_chat_without_streaming(served: Served) -> None:
+    reply = await served.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}], max_tokens=5,
+        **GREEDY)
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == bytes(await grpc_tokens(served, "user: hi\nassistant:", 5)).decode()
+    assert reply.usage.completion_tokens == 5
+
+
+def test_the_models_own_template_gives_the_plain_prompt() -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert chat_prompt(messages, CHAT_TEMPLATE) == chat_prompt(messages, None) == \
+        "system: be brief\nuser: hi\nassistant:"
+
+
+async def test_chat_template_shapes_the_prompt(served: Served) -> None:
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<bot>"
+    registry = served.stubs.deployment.router.registry
+    frontend = await start_frontend(served.stubs.deployment.router.endpoint, registry, host="127.0.0.1", port=0,
+                                    chat_template=template)
+    try:
+        async with openai.AsyncOpenAI(base_url=f"{frontend.url}/v1", api_key="x", max_retries=0) as client:
+            reply = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                         max_tokens=4, **GREEDY)
+    finally:
+        await frontend.stop()
+    assert reply.usage.prompt_tokens == len("<user>hi<bot>")
+    assert reply.choices[0].message.content == bytes(await grpc_tokens(served, "<user>hi<bot>", 4)).decode()
+
+
+async def test_models_and_health(served: Served) -> None:
+    models = await served.client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert (await served.http.get("/health")).status_code == 200
+
+    registry = served.stubs.deployment.decode.registry
+    await registry.deregister(served.stubs.deployment.decode.worker_id)
+    health = await served.http.get("/health")
+    assert health.status_code == 503 and "no decode worker" in health.json()["reason"]
+    assert (await served.client.models.list()).data == []
+    with pytest.raises(openai.APIStatusError) as refused:  # the router's UNAVAILABLE (NO_WORKERS)
+        await served.client.completions.create(model=MODEL, prompt="anyone?", max_tokens=3)
+    assert refused.value.status_code == 503 and refused.value.code == "no_workers"
+
+
+async def test_metrics_move(served: Served) -> None:
+    requests_ok = 'dynamo_frontend_requests_total{endpoint="/v1/completions",status="200"}'
+    before = {s: await served.metric(s) for s in (requests_ok, "dynamo_frontend_generated_tokens_total",
+                                                  "dynamo_frontend_time_to_first_token_seconds_count")}
+    await served.client.completions.create(model=MODEL, prompt="count me", max_tokens=7, **GREEDY)
+    assert await served.metric(requests_ok) == before[requests_ok] + 1
+    assert await served.metric("dynamo_frontend_generated_tokens_total") == 7
+    assert await served.metric("dynamo_frontend_time_to_first_token_seconds_count") == 1
+    assert await served.metric('dynamo_frontend_time_to_first_token_seconds_bucket{le="+Inf"}') == 1
+    assert await served.metric("dynamo_frontend_inflight_requests") == 0
+    response = await served.http.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "# TYPE dynamo_frontend_time_to_first_token_seconds histogram" in response.text
+
+
+async def test_request_id_is_honoured_and_echoed(served: Served) -> None:
+    raw = await served.client.completions.with_raw_response.create(
+        model=MODEL, prompt="id me", max_tokens=3, extra_headers={"X-Request-Id": "my-request-7"})
+    assert raw.headers["x-request-id"] == "my-request-7"
+    assert raw.parse().id == "cmpl-my-request-7"
+
+    raw = await served.client.completions.with_raw_response.create(model=MODEL, prompt="id me", max_tokens=3)
+    made = raw.headers["x-request-id"]
+    assert made and raw.parse().id == f"cmpl-{made}"
+
+
+async def test_a_live_request_id_cannot_be_reused(served: Served) -> None:
+    headers = {"X-Request-Id": "twice"}
+    stream = await served.client.completions.create(model=MODEL, prompt="long", max_tokens=5000, stream=True,
+                                                    extra_body={"ignore_eos": True}, extra_headers=headers)
+    await stream.__anext__()
+    with pytest.raises(openai.ConflictError) as refused:
+        await served.client.completions.create(model=MODEL, prompt="again", max_tokens=3, extra_headers=headers)
+    assert refused.value.code == "request_id_in_use"
+    await stream.close()
+
+
+async def test_bad_requests_get_400_naming_the_field(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        await served.client.completions.create(model=MODEL, prompt="hi", n=2)
+    assert refused.value.param == "n" and "`n`" in refused.value.message
+
+    with pytest.raises(openai.BadRequestError) as refused:  # checked by the router: BAD_SAMPLING_PARAMS
+        await served.client.completions.create(model=MODEL, prompt="hi", temperature=3.0)
+    assert refused.value.code == "bad_sampling_params" and "temperature" in refused.value.message
+
+    missing = await served.http.post("/v1/completions", json={"model": MODEL})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "prompt"
+    malformed = await served.http.post("/v1/chat/completions", content=b"{not json",
+                                       headers={"Content-Type": "application/json"})
+    assert malformed.status_code == 400 and "not valid JSON" in malformed.json()["error"]["message"]
+    no_messages = await served.http.post("/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert no_messages.status_code == 400 and no_messages.json()["error"]["param"] == "messages"
+
+
+async def test_unknown_model_is_404(served: Served) -> None:
+    with pytest.raises(openai.NotFoundError) as refused:
+        await served.client.completions.create(model="no-such-model", prompt="hi", stream=True)
+    assert refused.value.code == "model_not_found" and "no-such-model" in refused.value.message
+    assert await served.metric('dynamo_frontend_requests_total{endpoint="/v1/completions",status="404"}') == 1
+
+
+async def test_client_disconnect_cancels_the_request_everywhere(served: Served) -> None:
+    # 5000 tokens take the simulated engine over 5 s; the disconnect must end the request long before.
+    stream = await served.client.completions.create(model=MODEL, prompt="walk away", max_tokens=5000, stream=True,
+                                                    extra_body={"ignore_eos": True})
+    received = [await stream.__anext__() for _ in range(5)]
+    assert all(c.choices[0].text for c in received)
+    assert (await served.stubs.decode_stats()).active_requests == 1
+    await stream.close()
+
+    for _ in range(100):
+        if (await served.stubs.decode_stats()).active_requests == 0:
+            break
+        await asyncio.sleep(0.02)
+    await served.stubs.assert_no_leaks()
+    assert await served.metric("dynamo_frontend_inflight_requests") == 0
+    assert await served.metric('dynamo_frontend_requests_total{endpoint="/v1/completions",status="499"}') == 1
+    assert await served.metric("dynamo_frontend_generated_tokens_total") < 5000
