@@ -97,6 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(sub, "seed", default=0, type=int, help="workload seed")
     add_flag(sub, "json", default="", help="write the summary and every request here")
     add_flag(sub, "plot", default="", help="write a PNG plot here (needs matplotlib: the bench extra)")
+    sub = roles.add_parser("compile", help="check a deployment spec (YAML) and print its plan")
+    sub.add_argument("spec", help="the deployment spec, e.g. examples/disagg_8gpu.yaml")
+    sub.add_argument("--json", action="store_true", help="print the plan as JSON")
+    sub.add_argument("--k8s-out", default=None, help="also write Kubernetes manifests into this folder")
+    sub.add_argument("--k8s-image", default="dynamo-grpc:latest", help="container image for the manifests")
+    sub.add_argument("--k8s-namespace", default="default", help="Kubernetes namespace for the manifests")
+    sub.add_argument("--k8s-etcd", default=None, help="etcd endpoints the pods use (default: the spec's)")
+    sub.add_argument("--k8s-shared-memory", action="store_true",
+                     help="share the node's /dev/shm and process ids so same-node pairs move KV in place")
+    sub = roles.add_parser("from-vllm", help="turn a `vllm serve ...` command line into a disaggregated spec")
+    sub.add_argument("--gpus", type=int, default=None, help="GPUs on the node (default: what the command used)")
+    sub.add_argument("--host-name", default="node-0", help="name of the node in the spec")
+    sub.add_argument("--address", default="127.0.0.1", help="address of the node")
+    sub.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoint for the spec")
+    sub.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU, to size TP")
+    sub.add_argument("vllm_argv", nargs=argparse.REMAINDER, help="-- vllm serve MODEL [flags]")
     sub = roles.add_parser("make-model", help="build the tiny local Llama + tokenizer (deterministic, no hub)")
     sub.add_argument("dir", nargs="?", default=None, help="output directory [env DYNAMO_GRPC_MODEL_DIR; "
                      "default ~/.cache/dynamo-grpc/tiny-llama]")
@@ -250,10 +266,49 @@ def _make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compile(args: argparse.Namespace) -> int:
+    from control_plane.compiler import compile_spec, plan_to_json, render_plan
+    from control_plane.kubernetes import write_manifests
+    from control_plane.spec import SpecError, load_spec
+
+    try:
+        plan = compile_spec(load_spec(args.spec))
+    except (SpecError, OSError) as error:
+        print(f"dynamo-grpc compile: {error}", file=sys.stderr)
+        return 2
+    print(plan_to_json(plan) if args.json else render_plan(plan))
+    if args.k8s_out:
+        written = write_manifests(plan, args.k8s_out, image=args.k8s_image, namespace=args.k8s_namespace,
+                                  etcd_endpoints=args.k8s_etcd, shared_memory=args.k8s_shared_memory)
+        print(f"wrote {len(written)} files to {args.k8s_out}", file=sys.stderr)
+    return 0
+
+
+def _from_vllm(args: argparse.Namespace) -> int:
+    from control_plane.from_vllm import spec_from_vllm
+    from control_plane.spec import dump_spec
+
+    argv = args.vllm_argv[1:] if args.vllm_argv[:1] == ["--"] else args.vllm_argv
+    try:
+        spec, notes = spec_from_vllm(argv, gpus=args.gpus, host_name=args.host_name, address=args.address,
+                                     etcd=args.etcd, gpu_memory_gib=args.gpu_memory_gib)
+    except ValueError as error:
+        print(f"dynamo-grpc from-vllm: {error}", file=sys.stderr)
+        return 2
+    print(dump_spec(spec), end="")
+    for note in notes:
+        print(f"# note: {note}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "make-model":
         return _make_model(args)
+    if args.command == "compile":
+        return _compile(args)
+    if args.command == "from-vllm":
+        return _from_vllm(args)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {args.command} %(name)s: %(message)s")
     try:

@@ -1,0 +1,258 @@
+"""Spec -> plan: every process of a deployment with its host, devices, port and exact command line.
+
+The plan is what an operator (or the Kubernetes writer) runs; compiling the same spec always gives the
+same plan, so plans can be diffed and reviewed. Allocation rules:
+- workers are placed round-robin over their pool's hosts (`pool_placement`), prefill pool first;
+- on each GPU host, workers take consecutive GPU indices in that order, `tensor_parallel_size` each
+  (handed over as CUDA_VISIBLE_DEVICES); CPU hosts give no devices;
+- on each host, workers take consecutive ports from `base_port` in that order, skipping the router's
+  and control plane's ports;
+- worker ids are `<role>-<index>`; the initial pairing table is `compute_pairings` over the planned
+  workers (same-host pairs first), with engine fingerprints predicted from the KV-layout arguments.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shlex
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from control_plane.pairing import compute_pairings
+from control_plane.spec import KV_LAYOUT_ARGS, PoolSpec, Spec, engine_arg_defaults, pool_placement
+from dynamo_grpc.v1 import common_pb2 as pb
+from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
+
+PROGRAM = "dynamo-grpc"
+_ROLE_ENUM = {"prefill": pb.WORKER_ROLE_PREFILL, "decode": pb.WORKER_ROLE_DECODE, "router": pb.WORKER_ROLE_ROUTER}
+
+
+@dataclass(frozen=True)
+class PlannedProcess:
+    """One process of the deployment: a worker, the router or the control plane."""
+
+    id: str
+    role: str
+    host: str
+    address: str
+    port: int
+    command: tuple[str, ...]
+    devices: tuple[int, ...] = ()
+    tensor_parallel_size: int = 1
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """Resolved engine arguments (model path and served name included); empty for router and control plane."""
+    engine_flags: tuple[str, ...] = ()
+    """The command's flags that every worker of the pool shares (engine and KV transfer), for other targets."""
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.address}:{self.port}"
+
+    def shell(self) -> str:
+        """The command as one shell line, environment first."""
+        env = [f"{name}={shlex.quote(value)}" for name, value in sorted(self.env.items())]
+        return " ".join(env + [shlex.join(self.command)])
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    namespace: str
+    model: str
+    engine: str
+    etcd: tuple[str, ...]
+    processes: tuple[PlannedProcess, ...]
+    pairings: tuple[tuple[str, str, bool], ...]
+    """(prefill id, decode id, same host), same-host pairs first."""
+    router_policy: str
+    min_uncached_tokens: int
+    slo: dict[str, float]
+    transfer: dict[str, Any]
+    notes: tuple[str, ...] = ()
+
+    def by_role(self, role: str) -> list[PlannedProcess]:
+        return [p for p in self.processes if p.role == role]
+
+    @property
+    def workers(self) -> list[PlannedProcess]:
+        return [p for p in self.processes if p.role in ("prefill", "decode")]
+
+    def to_proto(self) -> cp_pb.Plan:
+        """The plan as ControlPlaneService.GetPlan serves it (the proto has no control-plane role)."""
+        return cp_pb.Plan(model=self.model, workers=[
+            cp_pb.PlannedWorker(name=p.id, role=_ROLE_ENUM[p.role], host=p.host, port=p.port, devices=p.devices,
+                                engine_args={k: _flag_value(v) for k, v in p.engine_args.items()})
+            for p in self.processes if p.role in _ROLE_ENUM])
+
+    def pairing_table(self, version: int = 0) -> cp_pb.PairingTable:
+        return cp_pb.PairingTable(version=version, pairings=[
+            cp_pb.Pairing(prefill_worker_id=p, decode_worker_id=d, same_host=same) for p, d, same in self.pairings])
+
+
+def compile_spec(spec: Spec) -> Plan:
+    """Turn a checked spec into the concrete, deterministic plan."""
+    next_port: dict[str, int] = {}
+    next_gpu: dict[str, int] = {}
+    fixed_ports = {(spec.router.host, spec.router.port), (spec.control_plane.host, spec.control_plane.port)}
+
+    def take_port(host: str) -> int:
+        port = next_port.get(host, spec.base_port)
+        while (host, port) in fixed_ports:
+            port += 1
+        next_port[host] = port + 1
+        return port
+
+    def take_devices(host: str, count: int) -> tuple[int, ...]:
+        if spec.host(host).gpus == 0:
+            return ()
+        first = next_gpu.get(host, 0)
+        next_gpu[host] = first + count
+        return tuple(range(first, first + count))
+
+    processes: list[PlannedProcess] = []
+    for pool in spec.pools():
+        engine_args = _resolved_engine_args(spec, pool)
+        engine_flags = _engine_flags(spec, engine_args)
+        for index, host in enumerate(pool_placement(pool)):
+            worker_id = f"{pool.role}-{index}"
+            port = take_port(host)
+            devices = take_devices(host, pool.tensor_parallel_size)
+            command = (*_server_command(spec, pool.role, host, port), "--worker-id", worker_id, *engine_flags)
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))} if devices else {}
+            processes.append(PlannedProcess(
+                id=worker_id, role=pool.role, host=host, address=spec.host(host).address, port=port,
+                command=command, devices=devices, tensor_parallel_size=pool.tensor_parallel_size,
+                engine_args=engine_args, engine_flags=engine_flags, env=env))
+    for role, host, port in (("router", spec.router.host, spec.router.port),
+                             ("control-plane", spec.control_plane.host, spec.control_plane.port)):
+        processes.append(PlannedProcess(id=role, role=role, host=host, address=spec.host(host).address, port=port,
+                                        command=_server_command(spec, role, host, port)))
+    pairings = _initial_pairings(spec, processes)
+    return Plan(
+        name=spec.name, namespace=spec.namespace, model=spec.model.served_name, engine=spec.model.engine,
+        etcd=spec.etcd, processes=tuple(processes), pairings=pairings, router_policy=spec.router.policy,
+        min_uncached_tokens=spec.router.min_uncached_tokens,
+        slo={k: v for k, v in (("ttft_ms", spec.slo.ttft_ms), ("itl_ms", spec.slo.itl_ms)) if v is not None},
+        transfer={"kv_ttl_s": spec.transfer.kv_ttl_s, "on_pull_failure": spec.transfer.on_pull_failure},
+        notes=tuple(_notes(spec, pairings)))
+
+
+def _resolved_engine_args(spec: Spec, pool: PoolSpec) -> dict[str, Any]:
+    args: dict[str, Any] = {"served_model_name": spec.model.served_name}
+    if spec.model.engine == "vllm":
+        args["model_path"] = spec.model.path
+    args.update(spec.engine_args_for(pool))
+    return args
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _engine_flags(spec: Spec, engine_args: dict[str, Any]) -> tuple[str, ...]:
+    """--engine, the model, the engine arguments in the engine config's field order, then KV transfer
+    (both settings on both roles: a worker ignores the one that is not its own)."""
+    flags = ["--engine", spec.model.engine]
+    if spec.model.engine == "vllm":
+        flags += ["--model-path", spec.model.path]
+    flags += ["--model", spec.model.served_name]
+    for name in engine_arg_defaults(spec.model.engine):
+        if name in engine_args:
+            flags += [f"--{name.replace('_', '-')}", _flag_value(engine_args[name])]
+    flags += ["--kv-ttl-s", _flag_value(spec.transfer.kv_ttl_s), "--kv-pull-failure", spec.transfer.on_pull_failure]
+    return tuple(flags)
+
+
+def _bind_address(address: str) -> str:
+    """Listen on every interface, except for a loopback host (nothing outside could reach it anyway)."""
+    try:
+        loopback = ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        loopback = address == "localhost"
+    return address if loopback else "0.0.0.0"
+
+
+def _server_command(spec: Spec, role: str, host: str, port: int) -> tuple[str, ...]:
+    address = spec.host(host).address
+    return (PROGRAM, role, "--host", _bind_address(address), "--port", str(port), "--advertise-host", address,
+            "--node-name", host, "--etcd", ",".join(spec.etcd), "--namespace", spec.namespace)
+
+
+def _initial_pairings(spec: Spec, processes: list[PlannedProcess]) -> tuple[tuple[str, str, bool], ...]:
+    """The control plane's first table, from the same rule it applies to live workers."""
+    defaults = engine_arg_defaults(spec.model.engine)
+
+    def fingerprint(p: PlannedProcess) -> str:
+        layout = "/".join(f"{k}={p.engine_args.get(k, defaults[k])}" for k in KV_LAYOUT_ARGS if k in defaults)
+        return f"{spec.model.engine}/{spec.model.served_name}/{layout}/tp{p.tensor_parallel_size}"
+
+    infos = [pb.WorkerInfo(worker_id=p.id, role=_ROLE_ENUM[p.role], host=p.host, model=spec.model.served_name,
+                           engine=spec.model.engine, engine_fingerprint=fingerprint(p))
+             for p in processes if p.role in ("prefill", "decode")]
+    table = compute_pairings(infos)
+    return tuple((p.prefill_worker_id, p.decode_worker_id, p.same_host) for p in table.pairings)
+
+
+def _notes(spec: Spec, pairings: tuple[tuple[str, str, bool], ...]) -> list[str]:
+    """What the plan records but the runtime does not act on yet, and what the operator should know."""
+    notes = []
+    tp = spec.prefill.tensor_parallel_size
+    if tp > 1:
+        notes.append(f"tensor_parallel_size {tp}: each worker gets {tp} GPUs in CUDA_VISIBLE_DEVICES, but the "
+                     "worker CLI has no --tensor-parallel-size flag yet")
+    if spec.router.policy != "least_loaded" or spec.router.min_uncached_tokens:
+        notes.append(f"router policy {spec.router.policy} (min_uncached_tokens "
+                     f"{spec.router.min_uncached_tokens}) is recorded in the plan; the router has no flags for "
+                     "them yet and picks the least-loaded pair")
+    if spec.slo.ttft_ms is not None or spec.slo.itl_ms is not None:
+        notes.append("SLO targets are recorded for sizing; nothing enforces them at run time")
+    for where, extra in (("model", spec.model.extra_engine_args), ("prefill", spec.prefill.extra_engine_args),
+                         ("decode", spec.decode.extra_engine_args)):
+        if extra:
+            listed = ", ".join(f"{k}={_flag_value(v)}" for k, v in extra.items())
+            notes.append(f"{where}.engine_args.extra not passed (the worker CLI has no flags for them): {listed}")
+    remote = sum(1 for *_, same in pairings if not same)
+    if remote:
+        notes.append(f"{remote} of {len(pairings)} pairs span hosts and move KV over gRPC (PullKv)")
+    return notes
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    out = asdict(plan)
+    out["processes"] = [{**asdict(p), "endpoint": p.endpoint, "shell": p.shell()} for p in plan.processes]
+    out["pairings"] = [{"prefill": p, "decode": d, "same_host": same} for p, d, same in plan.pairings]
+    return out
+
+
+def plan_to_json(plan: Plan) -> str:
+    return json.dumps(plan_to_dict(plan), indent=2) + "\n"
+
+
+def render_plan(plan: Plan) -> str:
+    """A table of processes, the pairing table, the commands and the notes, for people."""
+    title = (f"plan {plan.name}: model {plan.model} ({plan.engine}), namespace {plan.namespace}, "
+             f"etcd {','.join(plan.etcd)}")
+    lines = [title, ""]
+    header = ("ID", "ROLE", "HOST", "ENDPOINT", "DEVICES", "TP")
+    rows = [(p.id, p.role, p.host, p.endpoint, ",".join(map(str, p.devices)) or "-",
+             str(p.tensor_parallel_size) if p.role in ("prefill", "decode") else "-") for p in plan.processes]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    same = sum(1 for *_, s in plan.pairings if s)
+    lines += ["", f"pairings: {len(plan.pairings)} ({same} same-host), router policy {plan.router_policy}"]
+    for prefill in dict.fromkeys(p for p, _, _ in plan.pairings):
+        near = [d for p, d, s in plan.pairings if p == prefill and s]
+        far = [d for p, d, s in plan.pairings if p == prefill and not s]
+        parts = [f"{label}: {', '.join(ids)}" for label, ids in (("same host", near), ("other hosts", far)) if ids]
+        lines.append(f"  {prefill} -> {'; '.join(parts)}")
+    lines += ["", "commands:"] + [f"  [{p.host}] {p.shell()}" for p in plan.processes]
+    if plan.notes:
+        lines += ["", "notes:"] + [f"  - {note}" for note in plan.notes]
+    return "\n".join(lines) + "\n"

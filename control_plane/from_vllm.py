@@ -1,0 +1,273 @@
+"""`vllm serve ...` -> an equivalent disaggregated deployment spec, with a note for every decision.
+
+Accepted forms: `vllm serve MODEL [flags]`, `python -m vllm.entrypoints.openai.api_server --model MODEL
+[flags]`, flags as `--flag value`, `--flag=value`, bare booleans (`--enforce-eager`, `--no-...`), vLLM's
+short aliases (`-tp`, `-pp`, `-dp`) and underscores for dashes.
+
+Sizing rule (the model's size cannot be read offline, so it is estimated from its name):
+- the spec's node has the GPUs the original command used (TP x PP x DP), at least 2, or `gpus`;
+- the pools split the node's GPUs half and half;
+- per-worker TP is the smallest power of two whose GPUs hold the weights in half their memory (weights =
+  parameters in the name, e.g. "8B", x bytes per parameter of the dtype; the other half is for KV and
+  activations), never above the user's TP (it is known to fit) nor above half the node. Without a size
+  in the name, the user's TP is kept, capped at half the node;
+- each pool runs as many workers of that TP as its half holds.
+So `vllm serve meta-llama/Llama-3.1-8B-Instruct -tp 8` becomes 4 prefill + 4 decode workers at TP 1.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePath
+from typing import Any
+
+from control_plane.spec import Spec, spec_from_dict
+
+API_SERVER_MODULES = ("vllm.entrypoints.openai.api_server", "vllm.entrypoints.api_server")
+DEFAULT_GPU_MEMORY_GIB = 80.0
+# How much of a worker's GPU memory the weights may take; the rest is KV cache and activations.
+WEIGHT_SHARE = 0.5
+
+# vLLM flag -> (engine argument, type). Kept on both pools.
+ENGINE_FLAGS: dict[str, tuple[str, type]] = {
+    "dtype": ("dtype", str),
+    "max-model-len": ("max_model_len", int),
+    "max-num-seqs": ("max_num_seqs", int),
+    "max-num-batched-tokens": ("max_num_batched_tokens", int),
+    "block-size": ("block_size", int),
+    "enforce-eager": ("enforce_eager", bool),
+}
+FRONTEND_FLAGS = (
+    "host", "port", "uds", "api-key", "allowed-origins", "allowed-methods", "allowed-headers", "allow-credentials",
+    "ssl-keyfile", "ssl-certfile", "ssl-ca-certs", "ssl-cert-reqs", "root-path", "middleware", "uvicorn-log-level",
+    "disable-uvicorn-access-log", "chat-template", "chat-template-content-format", "response-role",
+    "return-tokens-as-token-ids", "disable-frontend-multiprocessing", "enable-request-id-headers",
+    "enable-auto-tool-choice", "tool-call-parser", "tool-parser-plugin", "reasoning-parser",
+    "enable-prompt-tokens-details", "enable-server-load-tracking", "disable-fastapi-docs", "api-server-count",
+    "log-config-file", "max-log-len", "disable-log-requests", "enable-log-requests", "headless",
+)
+# Flags this translation replaces, with why.
+REPLACED_FLAGS = {
+    "tensor-parallel-size": "replaced by the pools' tensor_parallel_size (see the sizing note)",
+    "pipeline-parallel-size": "pipeline parallelism is not supported; the pools use tensor parallelism only",
+    "data-parallel-size": "replaced by the prefill and decode pools (several workers each)",
+    "kv-transfer-config": "dynamo-grpc configures its own KV connector",
+    "kv-connector": "dynamo-grpc configures its own KV connector",
+    "distributed-executor-backend": "each worker is one process; the backend follows from its TP",
+    "disable-log-stats": "workers always collect engine stats (they report KV usage)",
+    "config": "read the config file's settings into flags first; its contents are not seen here",
+    "device": "the spec's hosts say which devices exist",
+}
+BOOLEAN_FLAGS = {
+    "enforce-eager", "trust-remote-code", "enable-prefix-caching", "enable-chunked-prefill", "disable-log-stats",
+    "disable-custom-all-reduce", "enable-lora", "disable-sliding-window", "skip-tokenizer-init",
+    "enable-sleep-mode", "disable-async-output-proc", "enable-expert-parallel", "async-scheduling",
+    "allow-credentials", "disable-uvicorn-access-log", "return-tokens-as-token-ids",
+    "disable-frontend-multiprocessing", "enable-request-id-headers", "enable-auto-tool-choice",
+    "enable-prompt-tokens-details", "enable-server-load-tracking", "disable-fastapi-docs",
+    "disable-log-requests", "enable-log-requests", "headless",
+}
+SHORT_ALIASES = {"-tp": "tensor-parallel-size", "-pp": "pipeline-parallel-size", "-dp": "data-parallel-size"}
+BYTES_PER_PARAMETER = {"float32": 4.0, "float": 4.0, "float16": 2.0, "half": 2.0, "bfloat16": 2.0, "auto": 2.0}
+QUANTIZED_BYTES = {"fp8": 1.0, "int8": 1.0, "awq": 0.5, "gptq": 0.5, "bitsandbytes": 0.5, "gguf": 0.5}
+
+
+def spec_from_vllm(argv: list[str], *, gpus: int | None = None, host_name: str = "node-0",
+                   address: str = "127.0.0.1", etcd: str = "127.0.0.1:2379",
+                   gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB, name: str | None = None) -> tuple[Spec, list[str]]:
+    """The disaggregated spec for a `vllm serve` command line, and a note for each flag dropped or decision made.
+
+    `gpus` is the node's GPU count (default: what the command used, at least 2; 0 means a CPU host).
+    Raises ValueError for a command line this cannot read.
+    """
+    model_tag, flags = _parse_command(argv)
+    notes: list[str] = []
+    engine_args: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    parallel = {"tensor-parallel-size": 1, "pipeline-parallel-size": 1, "data-parallel-size": 1}
+    served_name = ""
+    quantization = ""
+    for flag, value in flags:
+        if flag == "model":
+            if model_tag and value != model_tag:
+                notes.append(f"--model {value} dropped: the positional model {model_tag} wins")
+            model_tag = model_tag or str(value)
+        elif flag in ENGINE_FLAGS:
+            arg, kind = ENGINE_FLAGS[flag]
+            engine_args[arg] = _convert(flag, value, kind)
+        elif flag.startswith("no-") and flag[3:] in ENGINE_FLAGS and ENGINE_FLAGS[flag[3:]][1] is bool:
+            engine_args[ENGINE_FLAGS[flag[3:]][0]] = False
+        elif flag == "served-model-name":
+            names = str(value).split()
+            served_name = names[0]
+            if len(names) > 1:
+                notes.append(f"--served-model-name: only the first name ({served_name}) is served; "
+                             f"dropped {', '.join(names[1:])}")
+        elif flag in parallel:
+            parallel[flag] = _convert(flag, value, int)
+            if flag != "tensor-parallel-size" and parallel[flag] > 1:
+                notes.append(f"--{flag} {value} dropped: {REPLACED_FLAGS[flag]}")
+        elif flag == "device" and str(value) == "cpu" and gpus is None:
+            gpus = 0
+            notes.append("--device cpu: the spec's host is a CPU host (gpus: 0)")
+        elif flag in REPLACED_FLAGS:
+            notes.append(f"--{flag} dropped: {REPLACED_FLAGS[flag]}")
+        elif flag in FRONTEND_FLAGS:
+            notes.append(f"--{flag} dropped: a setting of vLLM's OpenAI HTTP frontend; clients reach the router's "
+                         "gRPC RouterService on router.port")
+        else:
+            if flag == "quantization":
+                quantization = str(value)
+            extra[flag.replace("-", "_")] = value
+            notes.append(f"--{flag} kept verbatim under model.engine_args.extra: the worker CLI has no flag for it, "
+                         "so compiled commands do not pass it")
+    if not model_tag:
+        raise ValueError("no model given: expected `vllm serve MODEL ...` or `--model MODEL`")
+    if "dtype" not in engine_args:
+        engine_args["dtype"] = "auto"
+        notes.append("dtype: auto (vLLM's default; the worker's own default is float32)")
+    for arg, worker_default in (("max_model_len", 2048), ("max_num_seqs", 8)):
+        if arg not in engine_args:
+            notes.append(f"{arg} not given: vLLM picks it, the worker defaults to {worker_default}; "
+                         f"set model.engine_args.{arg} to change it")
+    if "enforce_eager" not in engine_args:
+        engine_args["enforce_eager"] = False
+        notes.append("enforce_eager: false (vLLM's default; the worker's own default is true, for CPUs)")
+
+    used = parallel["tensor-parallel-size"] * parallel["pipeline-parallel-size"] * parallel["data-parallel-size"]
+    if gpus is None:
+        gpus = max(2, used)
+        if used < 2:
+            notes.append(f"the command used {used} GPU; disaggregation needs one per pool, so the spec asks for "
+                         "2 (pass the node's real GPU count to use more)")
+    bytes_per_parameter = QUANTIZED_BYTES.get(quantization) or BYTES_PER_PARAMETER.get(engine_args["dtype"], 2.0)
+    tp, workers, sizing = _size_pools(gpus, parallel["tensor-parallel-size"], _parameters_b(model_tag),
+                                      bytes_per_parameter, gpu_memory_gib)
+    notes.append(sizing)
+
+    served_name = served_name or model_tag
+    model: dict[str, Any] = {"path": model_tag, "served_name": served_name, "engine": "vllm",
+                             "engine_args": {**engine_args, **({"extra": extra} if extra else {})}}
+    pool = {"workers": workers, "tensor_parallel_size": tp, "hosts": [host_name]}
+    spec = spec_from_dict({
+        "name": name or _slug(served_name), "model": model,
+        "hosts": [{"name": host_name, "address": address, "gpus": gpus}],
+        "prefill": dict(pool), "decode": dict(pool),
+        "router": {"port": 50051, "policy": "least_loaded"},
+        "etcd": [etcd],
+    }, source="from-vllm")
+    return spec, notes
+
+
+def _parse_command(argv: list[str]) -> tuple[str, list[tuple[str, Any]]]:
+    """The positional model (or "") and the flags as (name with dashes, value), in order."""
+    args = list(argv)
+    if args and args[0] == "--":
+        args = args[1:]
+    if args and PurePath(args[0]).name == "vllm":
+        args = args[1:]
+        if not args or args[0] != "serve":
+            raise ValueError(f"expected `vllm serve ...`, got `vllm {' '.join(args[:1])}`")
+        args = args[1:]
+    elif args and args[0] == "serve":
+        args = args[1:]
+    elif args and re.fullmatch(r"python[0-9.]*", PurePath(args[0]).name):
+        if len(args) < 3 or args[1] != "-m" or args[2] not in API_SERVER_MODULES:
+            raise ValueError(f"expected `python -m {API_SERVER_MODULES[0]} ...`, got `{' '.join(args[:3])}`")
+        args = args[3:]
+    elif args and args[0] == "-m" and len(args) > 1 and args[1] in API_SERVER_MODULES:
+        args = args[2:]
+    model = ""
+    flags: list[tuple[str, Any]] = []
+    index = 0
+    while index < len(args):
+        token = args[index]
+        index += 1
+        if not token.startswith("-") or _is_number(token):
+            if model:
+                raise ValueError(f"unexpected argument {token!r} (the model is already {model!r})")
+            model = token
+            continue
+        name, has_value, value = token.partition("=")
+        name = SHORT_ALIASES.get(name, name.lstrip("-").replace("_", "-"))
+        boolean = name in BOOLEAN_FLAGS or (name.startswith("no-") and name[3:] in BOOLEAN_FLAGS)
+        if has_value:
+            flags.append((name, _convert(name, value, bool) if boolean else value))
+        elif boolean or index >= len(args) or (args[index].startswith("-") and not _is_number(args[index])):
+            flags.append((name, True))
+        else:
+            flags.append((name, args[index]))
+            index += 1
+    return model, flags
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _convert(flag: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--{flag} expects true or false, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--{flag} expects {'an integer' if kind is int else kind.__name__}, got {value!r}") from None
+
+
+def _parameters_b(model: str) -> float | None:
+    """Billions of parameters from a name like Llama-3.1-8B-Instruct or Mixtral-8x7B; None if it has none."""
+    found = re.search(r"(?<![a-z0-9.])(?:(\d+)x)?(\d+(?:\.\d+)?)b(?![a-z0-9])", PurePath(model).name.lower())
+    if not found:
+        return None
+    experts = int(found.group(1)) if found.group(1) else 1
+    return experts * float(found.group(2))
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def _size_pools(gpus: int, user_tp: int, parameters_b: float | None, bytes_per_parameter: float,
+                gpu_memory_gib: float) -> tuple[int, int, str]:
+    """(TP per worker, workers per pool, a note that explains them)."""
+    if gpus == 0:
+        return 1, 1, "sizing: CPU host, so 1 prefill + 1 decode worker at TP 1"
+    if gpus < 2:
+        raise ValueError(f"disaggregation needs at least 2 GPUs (one per pool), got {gpus}; pass gpus=0 for a CPU host")
+    half = gpus // 2
+    cap = min(_power_of_two_at_most(user_tp), _power_of_two_at_most(half))
+    if parameters_b is None:
+        tp = cap
+        why = (f"the model's size is not in its name, so the user's TP {user_tp} is kept, capped at half the node "
+               f"({half} GPUs)")
+    else:
+        weights_gib = parameters_b * 1e9 * bytes_per_parameter / 2**30
+        fit = 1
+        while weights_gib > WEIGHT_SHARE * fit * gpu_memory_gib and fit < 1024:
+            fit *= 2
+        tp = min(fit, cap)
+        why = (f"{parameters_b:g}B parameters x {bytes_per_parameter:g} bytes = {weights_gib:.0f} GiB of weights "
+               f"fit in {WEIGHT_SHARE:.0%} of {fit} x {gpu_memory_gib:g} GiB GPUs")
+        if fit > cap:
+            why += f"; capped at TP {tp} (the user's TP {user_tp} or half the node): it may not fit, add nodes"
+    workers = half // tp
+    idle = gpus - 2 * workers * tp
+    note = (f"sizing: {gpus} GPUs split half and half; TP {tp} per worker because {why}; so {workers} prefill + "
+            f"{workers} decode workers")
+    return tp, workers, note + (f"; {idle} GPU(s) left idle" if idle else "")
+
+
+def _slug(name: str) -> str:
+    """A spec name from a model name: lowercase letters, digits and '-'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", PurePath(name).name.lower()).strip("-")[:40].strip("-")
+    return slug or "vllm-disagg"

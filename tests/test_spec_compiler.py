@@ -1,0 +1,274 @@
+"""Deployment spec -> plan -> commands and manifests; `vllm serve` -> spec. Pure Python, no servers."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from control_plane.compiler import compile_spec, plan_to_json, render_plan
+from control_plane.from_vllm import spec_from_vllm
+from control_plane.kubernetes import write_manifests
+from control_plane.spec import SpecError, dump_spec, load_spec, parse_spec
+from dynamo_grpc.cli import build_parser
+from dynamo_grpc.config import server_config, worker_config
+from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
+from dynamo_grpc.v1 import common_pb2 as pb
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+GOOD = """\
+name: llama-disagg
+model:
+  path: /models/llama-3-8b
+  served_name: llama-3-8b
+  engine: vllm
+  engine_args: {dtype: bfloat16, max_model_len: 8192}
+hosts:
+  - {name: node-a, address: 10.0.0.1, gpus: 8}
+  - {name: node-b, address: 10.0.0.2, gpus: 8}
+prefill:
+  workers: 4
+  tensor_parallel_size: 2
+  hosts: [node-a, node-b]
+  engine_args: {max_num_batched_tokens: 8192}
+decode:
+  workers: 2
+  tensor_parallel_size: 2
+  hosts: [node-a, node-b]
+router: {port: 50051, policy: kv_aware, disaggregation: {min_uncached_tokens: 512}}
+slo: {ttft_ms: 500, itl_ms: 50}
+transfer: {kv_ttl_s: 30, on_pull_failure: local-prefill}
+etcd: [10.0.0.1:2379]
+"""
+
+
+def problems_of(text: str) -> str:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, source="spec.yaml")
+    return str(caught.value)
+
+
+def replace(old: str, new: str) -> str:
+    assert old in GOOD
+    return GOOD.replace(old, new)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (replace("prefill:\n", "prefil:\n"), "spec.yaml:10: prefil: unknown field; did you mean 'prefill'?"),
+    (replace("prefill:\n", "prefil:\n"), "spec.yaml:1: prefill: missing required field"),
+    (replace("  workers: 4\n", "  workers: four\n"), "spec.yaml:11: prefill.workers: expected an integer, got 'four'"),
+    (replace("  workers: 2\n", "  workers: 0\n"), "spec.yaml:16: decode.workers: must be at least 1, got 0"),
+    (replace("tensor_parallel_size: 2\n  hosts: [node-a, node-b]\n  engine_args",
+             "tensor_parallel_size: 3\n  hosts: [node-a, node-b]\n  engine_args"),
+     "spec.yaml:12: prefill.tensor_parallel_size: must be a power of two (1, 2, 4, 8, ...), got 3; try 2 or 4"),
+    (replace("  hosts: [node-a, node-b]\nrouter", "  hosts: [node-a, nodeb]\nrouter"),
+     "spec.yaml:18: decode.hosts[1]: unknown host 'nodeb'; did you mean 'node-b'? (hosts: node-a, node-b)"),
+    (replace("workers: 4\n", "workers: 12\n"),
+     ("spec.yaml:8: hosts[0].gpus: host 'node-a' has 8 GPUs but its workers need 14 (prefill 6 x TP 2 + "
+      "decode 1 x TP 2); lower workers or tensor_parallel_size")),
+    (replace("port: 50051", "port: 70000"), "spec.yaml:19: router.port: port must be in 1..65535, got 70000"),
+    (GOOD + "control_plane: {port: 50051}\n",
+     "spec.yaml:23: control_plane.port: port 50051 on host 'node-a' is already router.port; pick another"),
+    (replace("engine: vllm", "engine: vlm"),
+     "spec.yaml:5: model.engine: unknown engine 'vlm'; did you mean 'vllm'? (choose from simulated, vllm)"),
+    (replace("policy: kv_aware", "policy: kv-aware"),
+     "spec.yaml:19: router.policy: unknown policy 'kv-aware'; did you mean 'kv_aware'?"),
+    (replace("ttft_ms: 500", "ttft_ms: 0"), "spec.yaml:20: slo.ttft_ms: must be positive, got 0"),
+    (replace("itl_ms: 50", "itl_ms: -5"), "spec.yaml:20: slo.itl_ms: must be positive, got -5"),
+    (replace("on_pull_failure: local-prefill", "on_pull_failure: retry"),
+     "spec.yaml:21: transfer.on_pull_failure: must be one of fail, local-prefill, got 'retry'"),
+    (replace("max_model_len: 8192", "max_modle_len: 8192"),
+     "spec.yaml:6: model.engine_args.max_modle_len: unknown engine argument for vllm; did you mean 'max_model_len'?"),
+    (replace("max_num_batched_tokens: 8192", "max_num_batched_tokens: lots"),
+     "spec.yaml:14: prefill.engine_args.max_num_batched_tokens: expected int (like the default 0), got 'lots'"),
+    (replace("  path: /models/llama-3-8b\n", ""), "spec.yaml:3: model.path: missing required field"),
+    (replace("etcd: [10.0.0.1:2379]\n", ""), "spec.yaml:1: etcd: missing required field"),
+    (replace("etcd: [10.0.0.1:2379]", "etcd: [10.0.0.1]"), "spec.yaml:22: etcd[0]: expected host:port, got '10.0.0.1'"),
+    (replace("  - {name: node-b,", "  - {name: node-a,"),
+     "spec.yaml:9: hosts[1].name: host 'node-a' is already defined at line 8"),
+    (replace("  hosts: [node-a, node-b]\nrouter", "  hosts: [node-a, node-b]\n  engine_args: {dtype: float16}\nrouter"),
+     "spec.yaml:19: decode.engine_args.dtype: 'float16' differs from prefill's 'bfloat16'"),
+    (replace("name: llama-disagg", "name: Llama_Disagg"), "spec.yaml:1: name: 'Llama_Disagg' must be 1-40 lowercase"),
+    ("name: x\nmodel: [\n", "spec.yaml:3: (spec): not valid YAML"),
+])
+def test_bad_spec_names_file_line_field_and_fix(text: str, expected: str) -> None:
+    assert expected in problems_of(text)
+
+
+def test_every_problem_is_reported_at_once_in_line_order() -> None:
+    text = replace("engine: vllm", "engine: vlm").replace("ttft_ms: 500", "ttft_ms: 0").replace(
+        "policy: kv_aware", "policy: fastest")
+    error = pytest.raises(SpecError, parse_spec, text, source="spec.yaml").value
+    assert [(p.line, p.path) for p in error.problems] == [
+        (5, "model.engine"), (19, "router.policy"), (20, "slo.ttft_ms")]
+    assert str(error).startswith("3 problems in the deployment spec:\n  spec.yaml:5: model.engine:")
+
+
+def test_good_spec_compiles_to_placed_workers_with_devices_ports_and_pairings() -> None:
+    plan = compile_spec(parse_spec(GOOD))
+    rows = [(p.id, p.host, p.port, p.devices, p.env.get("CUDA_VISIBLE_DEVICES")) for p in plan.processes]
+    assert rows == [
+        ("prefill-0", "node-a", 50100, (0, 1), "0,1"),
+        ("prefill-1", "node-b", 50100, (0, 1), "0,1"),
+        ("prefill-2", "node-a", 50101, (2, 3), "2,3"),
+        ("prefill-3", "node-b", 50101, (2, 3), "2,3"),
+        ("decode-0", "node-a", 50102, (4, 5), "4,5"),
+        ("decode-1", "node-b", 50102, (4, 5), "4,5"),
+        ("router", "node-a", 50051, (), None),
+        ("control-plane", "node-a", 50052, (), None),
+    ]
+    assert plan.by_role("decode")[1].endpoint == "10.0.0.2:50102"
+    assert plan.pairings[:2] == (("prefill-0", "decode-0", True), ("prefill-1", "decode-1", True))
+    assert len(plan.pairings) == 8 and sum(same for *_, same in plan.pairings) == 4
+    assert plan.by_role("prefill")[0].command == (
+        "dynamo-grpc", "prefill", "--host", "0.0.0.0", "--port", "50100", "--advertise-host", "10.0.0.1",
+        "--node-name", "node-a", "--etcd", "10.0.0.1:2379", "--namespace", "llama-disagg",
+        "--worker-id", "prefill-0", "--engine", "vllm", "--model-path", "/models/llama-3-8b",
+        "--model", "llama-3-8b", "--dtype", "bfloat16", "--max-model-len", "8192",
+        "--max-num-batched-tokens", "8192", "--kv-ttl-s", "30", "--kv-pull-failure", "local-prefill")
+    assert "--max-num-batched-tokens" not in plan.by_role("decode")[0].command
+    assert compile_spec(parse_spec(GOOD)) == plan
+    assert plan_to_json(compile_spec(parse_spec(GOOD))) == plan_to_json(plan)
+
+
+def test_compiled_commands_parse_with_the_real_cli() -> None:
+    plan = compile_spec(parse_spec(GOOD))
+    for process in plan.processes:
+        assert process.command[0] == "dynamo-grpc"
+        args = build_parser().parse_args(list(process.command[1:]))
+        assert args.command == process.role
+        server = server_config(args)
+        assert (server.port, server.node_name, server.endpoint(server.port)) == (
+            process.port, process.host, process.endpoint)
+        if process.role in ("prefill", "decode"):
+            worker = worker_config(args)
+            assert worker.worker_id == process.id
+            assert worker.kv_pull_failure == "local-prefill" and worker.kv_ttl_s == 30
+            engine = worker.engine
+            assert isinstance(engine, VllmEngineConfig)
+            assert (engine.model_path, engine.model, engine.dtype, engine.max_model_len) == (
+                "/models/llama-3-8b", "llama-3-8b", "bfloat16", 8192)
+            assert engine.max_num_batched_tokens == (8192 if process.role == "prefill" else 0)
+
+
+def test_plan_outputs_text_json_and_proto() -> None:
+    plan = compile_spec(parse_spec(GOOD))
+    text = render_plan(plan)
+    assert "prefill-0      prefill        node-a  10.0.0.1:50100  0,1      2" in text
+    assert "prefill-0 -> same host: decode-0; other hosts: decode-1" in text
+    assert "CUDA_VISIBLE_DEVICES=0,1 dynamo-grpc prefill --host 0.0.0.0" in text
+    assert "no --tensor-parallel-size flag yet" in text and "kv_aware" in text
+    data = json.loads(plan_to_json(plan))
+    assert data["processes"][0]["shell"].startswith("CUDA_VISIBLE_DEVICES=0,1 dynamo-grpc prefill")
+    assert data["pairings"][0] == {"prefill": "prefill-0", "decode": "decode-0", "same_host": True}
+    proto = plan.to_proto()
+    assert proto.model == "llama-3-8b" and len(proto.workers) == 7
+    assert proto.workers[0].role == pb.WORKER_ROLE_PREFILL and list(proto.workers[0].devices) == [0, 1]
+    assert proto.workers[0].engine_args["max_num_batched_tokens"] == "8192"
+    assert plan.pairing_table(version=3).pairings[0].same_host
+
+
+@pytest.mark.parametrize("name", ["disagg_8gpu.yaml", "tiny_cpu.yaml"])
+def test_examples_compile_and_round_trip(name: str) -> None:
+    spec = load_spec(EXAMPLES / name)
+    assert parse_spec(dump_spec(spec)) == spec
+    plan = compile_spec(spec)
+    for process in plan.processes:
+        build_parser().parse_args(list(process.command[1:]))
+    if name == "tiny_cpu.yaml":
+        assert [p.devices for p in plan.workers] == [(), ()]
+        assert plan.workers[0].command[2:4] == ("--host", "127.0.0.1")
+
+
+def test_vllm_tp8_single_node_becomes_four_plus_four() -> None:
+    spec, notes = spec_from_vllm(["vllm", "serve", "meta-llama/Llama-3.1-8B-Instruct", "--tensor-parallel-size", "8",
+                                  "--max-model-len", "8192", "--dtype", "bfloat16"])
+    assert (spec.prefill.workers, spec.prefill.tensor_parallel_size) == (4, 1)
+    assert (spec.decode.workers, spec.decode.tensor_parallel_size) == (4, 1)
+    assert spec.hosts[0].gpus == 8
+    assert spec.model.path == spec.model.served_name == "meta-llama/Llama-3.1-8B-Instruct"
+    assert spec.model.engine_args["max_model_len"] == 8192 and spec.model.engine_args["dtype"] == "bfloat16"
+    assert any(note.startswith("sizing: 8 GPUs split half and half; TP 1") for note in notes)
+    plan = compile_spec(spec)
+    assert [p.devices for p in plan.workers] == [(i,) for i in range(8)]
+
+
+def test_vllm_flags_kept_dropped_and_noted() -> None:
+    spec, notes = spec_from_vllm([
+        "vllm", "serve", "my-org/custom-model", "-tp", "2", "--max-num-seqs=64", "--block-size", "16",
+        "--enforce-eager", "--served-model-name", "custom", "--host", "0.0.0.0", "--port", "8000",
+        "--api-key", "secret", "--gpu-memory-utilization=0.85", "--trust-remote-code", "--max_num_batched_tokens",
+        "4096", "--pipeline-parallel-size", "2"])
+    args = spec.model.engine_args
+    assert (args["max_num_seqs"], args["block_size"], args["enforce_eager"], args["max_num_batched_tokens"]) == (
+        64, 16, True, 4096)
+    assert spec.model.served_name == "custom" and spec.name == "custom"
+    assert spec.model.extra_engine_args == {"gpu_memory_utilization": "0.85", "trust_remote_code": True}
+    joined = "\n".join(notes)
+    for flag in ("--host", "--port", "--api-key"):
+        assert f"{flag} dropped: a setting of vLLM's OpenAI HTTP frontend" in joined
+    assert "--pipeline-parallel-size 2 dropped: pipeline parallelism is not supported" in joined
+    assert "--gpu-memory-utilization kept verbatim under model.engine_args.extra" in joined
+    # No size in the name: the user's TP 2 stays (4 GPUs used -> 2 per pool -> 1 worker each).
+    assert (spec.hosts[0].gpus, spec.prefill.tensor_parallel_size, spec.prefill.workers) == (4, 2, 1)
+    assert "model.engine_args.extra not passed" in render_plan(compile_spec(spec))
+
+
+def test_vllm_api_server_form_and_cpu_host() -> None:
+    spec, notes = spec_from_vllm(["python3", "-m", "vllm.entrypoints.openai.api_server", "--model",
+                                  "/models/tiny-llama", "--dtype=float32", "--device", "cpu"])
+    assert spec.model.path == "/models/tiny-llama" and spec.hosts[0].gpus == 0
+    assert (spec.prefill.workers, spec.decode.workers) == (1, 1)
+    assert spec.model.engine_args["dtype"] == "float32"
+    assert any("CPU host" in note for note in notes)
+    plan = compile_spec(spec)
+    for process in plan.workers:
+        worker_config(build_parser().parse_args(list(process.command[1:])))
+
+
+def test_vllm_big_model_keeps_tp_and_bad_commands_are_refused() -> None:
+    spec, _ = spec_from_vllm(["--", "vllm", "serve", "meta-llama/Llama-3.1-70B-Instruct", "-tp", "8"])
+    assert (spec.prefill.workers, spec.prefill.tensor_parallel_size) == (1, 4)
+    with pytest.raises(ValueError, match="no model given"):
+        spec_from_vllm(["vllm", "serve", "--dtype", "bfloat16"])
+    with pytest.raises(ValueError, match="--max-model-len expects an integer"):
+        spec_from_vllm(["vllm", "serve", "m", "--max-model-len", "big"])
+    with pytest.raises(ValueError, match="expected `vllm serve"):
+        spec_from_vllm(["vllm", "bench", "m"])
+
+
+def test_kubernetes_manifests_parse_back_with_gpu_requests(tmp_path: Path) -> None:
+    plan = compile_spec(parse_spec(GOOD))
+    paths = write_manifests(plan, tmp_path, image="registry/dynamo-grpc:1", images={"router": "registry/router:1"},
+                            namespace="serving", etcd_endpoints="etcd.serving:2379")
+    assert sorted(p.name for p in paths) == ["control-plane.yaml", "decode.yaml", "etcd-NOTE.md", "prefill.yaml",
+                                             "router.yaml"]
+    docs = {p.stem: list(yaml.safe_load_all(p.read_text())) for p in paths if p.suffix == ".yaml"}
+    prefill = docs["prefill"][0]
+    assert (prefill["kind"], prefill["metadata"]["name"], prefill["metadata"]["namespace"]) == (
+        "Deployment", "llama-disagg-prefill", "serving")
+    assert prefill["spec"]["replicas"] == 4 and docs["decode"][0]["spec"]["replicas"] == 2
+    container = prefill["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 2}
+    assert container["image"] == "registry/dynamo-grpc:1"
+    args = build_parser().parse_args(container["args"])
+    assert worker_config(args).server.etcd == ("etcd.serving:2379",)
+    assert [d["kind"] for d in docs["router"]] == ["Deployment", "Service"]
+    assert docs["router"][1]["spec"]["ports"][0]["port"] == 50051
+    router = docs["router"][0]["spec"]["template"]["spec"]["containers"][0]
+    assert router["image"] == "registry/router:1" and "resources" not in router
+    first = {p.name: p.read_text() for p in paths}
+    write_manifests(plan, tmp_path, image="registry/dynamo-grpc:1", images={"router": "registry/router:1"},
+                    namespace="serving", etcd_endpoints="etcd.serving:2379")
+    assert {p.name: p.read_text() for p in paths} == first
+
+
+def test_spec_from_file_reports_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(textwrap.dedent(GOOD).replace("gpus: 8}\n  - {name: node-b", "gpus: eight}\n  - {name: node-b"))
+    with pytest.raises(SpecError, match=rf"{path}:8: hosts\[0\].gpus: expected an integer, got 'eight'"):
+        load_spec(path)
