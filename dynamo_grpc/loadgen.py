@@ -129,7 +129,8 @@ def router_sender(client: RouterClient, model: str) -> Sender:
     return send
 
 
-async def run_load(send: Sender, workload: Workload, *, progress: bool = True) -> list[RequestRecord]:
+async def run_load(send: Sender, workload: Workload, *, progress: bool = True,
+                   clock: Callable[[], float] = time.perf_counter) -> list[RequestRecord]:
     """Send the workload's requests; closed-loop at `concurrency`, or open-loop at `rate`."""
     jobs = workload.prompts()
     records: list[RequestRecord] = []
@@ -140,13 +141,13 @@ async def run_load(send: Sender, workload: Workload, *, progress: bool = True) -
     async def one(prompt: list[int], max_tokens: int) -> None:
         nonlocal done
         async with slots:
-            record = RequestRecord(len(prompt), time.perf_counter())
+            record = RequestRecord(len(prompt), clock())
             records.append(record)
             try:
                 await send(prompt, max_tokens, record)
             except Exception as error:  # noqa: BLE001 - a failed request is counted, not fatal to the run
                 record.error = f"{type(error).__name__}: {error}"[:200]
-            record.ended = time.perf_counter()
+            record.ended = clock()
             done += 1
             if progress and (done % max(1, len(jobs) // 20) == 0 or done == len(jobs)):
                 print(f"\r  {done}/{len(jobs)} requests", end="", file=sys.stderr, flush=True)

@@ -124,6 +124,14 @@ class LinearStepCost:
         return prefill_tokens * self.prefill_ms_per_token + (self.decode_step_ms if decode_batch else 0.0)
 
 
+class KvSource(Protocol):
+    """Where a decode engine gets a prompt's KV: `KvPuller` over gRPC, or an in-process stand-in."""
+
+    async def pull(self, handle: pb.KvHandle, *, request_id: str) -> tuple[bytes | bytearray, pb.KvTransferStats]: ...
+
+    async def release(self, handle: pb.KvHandle, *, request_id: str) -> bool: ...
+
+
 @dataclass(eq=False)
 class _Sequence:
     """A request inside the step loop."""
@@ -157,13 +165,14 @@ class SimulatedEngine:
     kind = "simulated"
 
     def __init__(self, config: SimulatedEngineConfig, *, kv_store: LeasedKvStore | None = None,
-                 kv_channels: ChannelPool | None = None, cost: StepCost | None = None) -> None:
+                 kv_channels: ChannelPool | None = None, kv_source: KvSource | None = None,
+                 cost: StepCost | None = None) -> None:
         self.config = config
         self.model = config.model
         self.fingerprint = (f"simulated-1/{config.model}/bs{config.block_size}/kv{config.kv_bytes_per_token}"
                             f"/L{config.num_layers}/uint8")
         self._store = kv_store
-        self._puller = KvPuller(kv_channels, fingerprint=self.fingerprint) if kv_channels else None
+        self._puller = kv_source or (KvPuller(kv_channels, fingerprint=self.fingerprint) if kv_channels else None)
         self._cost = cost or (load_cost_model(config.cost_model) if config.cost_model else
                               LinearStepCost(config.prefill_s_per_token * 1e3, config.decode_step_s * 1e3))
         self._blocks = BlockPool(config.num_blocks)

@@ -1,0 +1,145 @@
+"""A fleet of simulated engines on a virtual clock: GPU-scale what-ifs in seconds of CPU.
+
+The engines are the real `SimulatedEngine` (its step loop, paged KV blocks and calibrated cost model);
+only what lies between them is replaced. Requests go straight to the least-loaded engine, as the router
+would pick, and a KV transfer takes the time its modelled bytes need over a named link. Time is virtual:
+whenever every task waits on a timer the clock jumps to the next one, so an hour of serving takes
+seconds and no result depends on how busy this machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+from collections import Counter
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from dynamo_grpc.engine.base import EngineRequest, Sampling
+from dynamo_grpc.engine.cost_model import KV_BYTES_PER_TOKEN, transfer_ms
+from dynamo_grpc.engine.simulated import SimulatedEngine, SimulatedEngineConfig
+from dynamo_grpc.kv_store import LeasedKvStore
+from dynamo_grpc.loadgen import RequestRecord, Workload, run_load
+from dynamo_grpc.v1 import common_pb2 as pb
+
+T = TypeVar("T")
+
+KV_MEMORY_GB = 40.0
+"""HBM left for KV cache per simulated GPU after weights and activations (an assumption, not measured)."""
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock jumps to the next timer whenever nothing is ready to run.
+
+    It steps in through two attributes of CPython's `BaseEventLoop` (`_ready`, `_scheduled`), stable since
+    asyncio began; nothing here may wait on real I/O.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._virtual_now = 0.0
+
+    def time(self) -> float:
+        return self._virtual_now
+
+    def _run_once(self) -> None:
+        if not self._ready and self._scheduled:  # type: ignore[attr-defined]
+            self._virtual_now = max(self._virtual_now, self._scheduled[0].when())  # type: ignore[attr-defined]
+        super()._run_once()  # type: ignore[misc]
+
+
+def run_virtual(coroutine: Coroutine[Any, Any, T]) -> T:
+    loop = VirtualClockLoop()
+    try:
+        return loop.run_until_complete(coroutine)
+    finally:
+        loop.close()
+
+
+@dataclass(frozen=True)
+class FleetShape:
+    """Workers of one deployment; each is one simulated GPU."""
+
+    decode_workers: int
+    prefill_workers: int = 0
+    """0 means aggregated: every worker prefills its own requests."""
+    decode_chunk_tokens: int = 2048
+    """Token budget per step on decode (or aggregated) workers: how much prefill rides with decodes."""
+    prefill_chunk_tokens: int = 8192
+    link: str = "nvlink"
+    """How KV moves from prefill to decode workers (see `cost_model.LINK_GBPS`)."""
+
+    @property
+    def gpus(self) -> int:
+        return self.decode_workers + self.prefill_workers
+
+    def describe(self) -> str:
+        if not self.prefill_workers:
+            return f"agg {self.decode_workers} (chunk {self.decode_chunk_tokens})"
+        return f"disagg {self.prefill_workers}P+{self.decode_workers}D ({self.link})"
+
+
+class _LinkedKv:
+    """A decode engine's KV source: the prefill engine's store, across a modelled link."""
+
+    def __init__(self, stores: dict[str, LeasedKvStore], modelled_bytes_per_token: int, link: str) -> None:
+        self._stores = stores
+        self._bytes_per_token = modelled_bytes_per_token
+        self._link = link
+
+    async def pull(self, handle: pb.KvHandle, *, request_id: str) -> tuple[bytes | bytearray, pb.KvTransferStats]:
+        data = self._stores[handle.endpoint].claim(handle.transfer_id, handle.pull_token, "")
+        nbytes = handle.num_tokens * self._bytes_per_token
+        ms = transfer_ms(nbytes, self._link)
+        await asyncio.sleep(ms / 1e3)
+        return bytes(data), pb.KvTransferStats(bytes=nbytes, duration_us=int(ms * 1e3), path=self._link)
+
+    async def release(self, handle: pb.KvHandle, *, request_id: str) -> bool:
+        return self._stores[handle.endpoint].release(handle.transfer_id, handle.pull_token)
+
+
+async def simulate(shape: FleetShape, workload: Workload, *, model: str = "llama3_70b",
+                   kv_memory_gb: float = KV_MEMORY_GB) -> list[RequestRecord]:
+    """Serve the workload on the fleet; run it under `run_virtual`."""
+    block_size = 16
+    blocks = int(kv_memory_gb * 1e9 / KV_BYTES_PER_TOKEN[model] / block_size)
+    base = SimulatedEngineConfig(model=model, cost_model=model, block_size=block_size, num_blocks=blocks,
+                                 kv_bytes_per_token=4, max_batch_size=100_000, max_model_len=1 << 20)
+    stores = {f"prefill-{i}": LeasedKvStore(endpoint=f"prefill-{i}", host="sim", ttl_s=3600)
+              for i in range(shape.prefill_workers)}
+    prefills = [SimulatedEngine(dataclasses.replace(base, max_num_batched_tokens=shape.prefill_chunk_tokens),
+                                kv_store=store) for store in stores.values()]
+    source = _LinkedKv(stores, KV_BYTES_PER_TOKEN[model], shape.link)
+    decodes = [SimulatedEngine(dataclasses.replace(base, max_num_batched_tokens=shape.decode_chunk_tokens),
+                               kv_source=source) for _ in range(shape.decode_workers)]
+    load: Counter[int] = Counter()
+    ids = itertools.count()
+    loop = asyncio.get_running_loop()
+
+    def least_loaded(engines: list[SimulatedEngine]) -> SimulatedEngine:
+        return min(engines, key=lambda e: load[id(e)])
+
+    async def send(prompt: list[int], max_tokens: int, record: RequestRecord) -> None:
+        rid = f"r{next(ids)}"
+        request = EngineRequest(rid, tuple(prompt), Sampling(max_tokens=max_tokens, temperature=0.0,
+                                                            ignore_eos=True))
+        if prefills:
+            prefill = least_loaded(prefills)
+            load[id(prefill)] += 1
+            try:
+                async for out in prefill.generate(dataclasses.replace(request, produce_kv=True)):
+                    if out.kv_handle is not None:
+                        request = dataclasses.replace(request, kv_handle=out.kv_handle)
+            finally:
+                load[id(prefill)] -= 1
+        decode = least_loaded(decodes)
+        load[id(decode)] += 1
+        try:
+            async for out in decode.generate(request):
+                record.token_times += [loop.time()] * len(out.token_ids)
+        finally:
+            load[id(decode)] -= 1
+
+    return await run_load(send, workload, progress=False, clock=loop.time)
