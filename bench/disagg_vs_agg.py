@@ -19,7 +19,6 @@ import time
 from dynamo_grpc.fleetsim import KV_MEMORY_GB, FleetShape, run_virtual, simulate
 from dynamo_grpc.loadgen import Lengths, Objectives, Workload, summarize
 
-OBJECTIVES = Objectives(ttft_ms=2000.0, itl_ms=100.0)
 RATES_PER_GPU = (0.15, 0.25, 0.35, 0.45, 0.55, 0.7, 0.9)
 AGG_CHUNKS = (256, 512, 1024, 2048)
 
@@ -31,14 +30,14 @@ def shapes(gpus: int) -> list[FleetShape]:
             + [FleetShape(decode_workers=gpus - p, prefill_workers=p, link=link) for p in splits])
 
 
-def best_goodput(shape: FleetShape, requests: int) -> dict[str, float]:
+def best_goodput(shape: FleetShape, requests: int, objectives: Objectives) -> dict[str, float]:
     """The rate at which this fleet's goodput peaks, and what it was there."""
     best = {"rate": 0.0, "goodput": 0.0, "ttft_p90_ms": 0.0, "tpot_p90_ms": 0.0}
     for per_gpu in RATES_PER_GPU:
         rate = per_gpu * shape.gpus
         workload = Workload(requests=requests, input_tokens=Lengths("3000"), output_tokens=Lengths("150"),
                             rate=rate, seed=1)
-        summary = summarize(run_virtual(simulate(shape, workload)), OBJECTIVES)
+        summary = summarize(run_virtual(simulate(shape, workload)), objectives)
         if summary["goodput_requests_per_s"] > best["goodput"]:
             best = {"rate": rate, "goodput": summary["goodput_requests_per_s"],
                     "ttft_p90_ms": summary["ttft_ms"]["p90"], "tpot_p90_ms": summary["tpot_ms"]["p90"]}
@@ -51,10 +50,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--requests", type=int, default=300, help="requests per simulated point")
+    parser.add_argument("--ttft-ms", type=float, default=2000.0, help="TTFT objective")
+    parser.add_argument("--itl-ms", type=float, default=100.0, help="objective for a request's mean inter-token latency")
     parser.add_argument("--json", default="", help="write every point here")
     args = parser.parse_args()
-    print(f"70B-shaped on simulated H100s, ISL 3000 / OSL 150, objectives TTFT <= {OBJECTIVES.ttft_ms:g} ms and "
-          f"mean ITL <= {OBJECTIVES.itl_ms:g} ms, {KV_MEMORY_GB:g} GB of KV per GPU")
+    objectives = Objectives(ttft_ms=args.ttft_ms, itl_ms=args.itl_ms)
+    print(f"70B-shaped on simulated H100s, ISL 3000 / OSL 150, objectives TTFT <= {objectives.ttft_ms:g} ms and "
+          f"mean ITL <= {objectives.itl_ms:g} ms, {KV_MEMORY_GB:g} GB of KV per GPU")
     results = []
     for gpus in args.gpus:
         started = time.time()
@@ -62,7 +64,7 @@ def main() -> None:
               f"{'TTFT p90':>9} {'TPOT p90':>9}")
         rows = []
         for shape in shapes(gpus):
-            best = best_goodput(shape, args.requests)
+            best = best_goodput(shape, args.requests, objectives)
             rows.append((shape, best))
             print(f"  {shape.describe():<34} {best['rate']:>9.2f} {best['goodput']:>8.2f} "
                   f"{best['goodput'] / gpus:>8.3f} {best['ttft_p90_ms']:>7.0f}ms {best['tpot_p90_ms']:>7.1f}ms",
@@ -77,7 +79,7 @@ def main() -> None:
         results += [{"gpus": gpus, "configuration": s.describe(), **b} for s, b in rows]
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"objectives": vars(OBJECTIVES), "points": results}, f, indent=1)
+            json.dump({"objectives": vars(objectives), "points": results}, f, indent=1)
 
 
 if __name__ == "__main__":
