@@ -22,6 +22,7 @@ from dynamo_grpc.config import (
     server_config,
     worker_config,
 )
+from dynamo_grpc.fleet import DisaggregationPolicy
 from dynamo_grpc.registry import EtcdRegistry, MemoryRegistry, Registry, RegistryUnavailable
 from dynamo_grpc.roles import (
     RunningRole,
@@ -43,9 +44,19 @@ DEFAULT_ROUTER_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
 
 
-def add_migration_flag(parser: argparse.ArgumentParser) -> None:
+def add_router_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "max-migrations", default=DEFAULT_MAX_MIGRATIONS, type=int,
              help="times a request moves to another decode worker when its worker dies mid-stream")
+    add_flag(parser, "disagg-min-prompt-tokens", default=0, type=int,
+             help="prompts shorter than this prefill on the decode worker (0: always disaggregate)")
+    add_flag(parser, "disagg-max-prefill-queue", default=0, type=int,
+             help="requests in flight that make a prefill worker saturated, so decode prefills locally "
+             "(0: no limit)")
+
+
+def router_settings(args: argparse.Namespace) -> dict[str, object]:
+    return {"max_migrations": args.max_migrations, "policy": DisaggregationPolicy(
+        min_prompt_tokens=args.disagg_min_prompt_tokens, max_prefill_queue=args.disagg_max_prefill_queue)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,13 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_flags(sub)
     sub = roles.add_parser("router", help="run a router")
     add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
-    add_migration_flag(sub)
+    add_router_flags(sub)
     sub = roles.add_parser("control-plane", help="run the control plane (pairings, plan, fleet)")
     add_server_flags(sub)
     sub = roles.add_parser("serve", help="run 1 router + 1 prefill + 1 decode + control plane on this host")
     add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
     add_engine_flags(sub)
-    add_migration_flag(sub)
+    add_router_flags(sub)
     add_flag(sub, "http-host", default="127.0.0.1", help="address of the OpenAI-compatible HTTP frontend")
     add_flag(sub, "http-port", default=DEFAULT_HTTP_PORT, type=int,
              help="port of the OpenAI-compatible HTTP frontend (0 = any free port)")
@@ -152,7 +163,7 @@ async def _serve(args: argparse.Namespace) -> int:
     registry = await _connect_registry(worker.server, required=False)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(registry.close)
-        deployment = await start_all_in_one(worker, registry, max_migrations=args.max_migrations)
+        deployment = await start_all_in_one(worker, registry, **router_settings(args))
         stack.push_async_callback(deployment.stop)
         endpoint, model = deployment.router.endpoint, worker.engine.model
         print(f"dynamo-grpc: serving {model!r}; send requests to RouterService at {endpoint} "
@@ -251,7 +262,7 @@ async def _main(args: argparse.Namespace) -> int:
     starts = {
         "prefill": lambda: start_prefill(worker, registry),
         "decode": lambda: start_decode(worker, registry),
-        "router": lambda: start_router(server, registry, max_migrations=args.max_migrations),
+        "router": lambda: start_router(server, registry, **router_settings(args)),
         "control-plane": lambda: start_control_plane(server, registry),
     }
     await _run_role(starts[command], registry)

@@ -22,6 +22,19 @@ PAIRINGS_DOCUMENT = "pairings"
 
 
 @dataclass(frozen=True)
+class DisaggregationPolicy:
+    """When a request with a paired prefill worker still prefills on its decode worker."""
+
+    min_prompt_tokens: int = 0
+    """Shorter prompts prefill locally: moving their KV costs more than it saves. 0: always disaggregate."""
+    max_prefill_queue: int = 0
+    """A prefill worker with this many requests in flight from this router is saturated. 0: no limit."""
+
+
+ALWAYS_DISAGGREGATE = DisaggregationPolicy()
+
+
+@dataclass(frozen=True)
 class Route:
     """Where one request runs; no prefill worker means the decode worker prefills locally."""
 
@@ -36,8 +49,9 @@ class Fleet:
     plane, the router derives the same table itself, so a router works standalone.
     """
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE) -> None:
         self._registry = registry
+        self._policy = policy
         self.workers: dict[str, pb.WorkerInfo] = {}
         self._table: cp_pb.PairingTable | None = None
         self._in_flight: Counter[str] = Counter()
@@ -54,8 +68,9 @@ class Fleet:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def route(self, model: str, request_id: str, *, exclude: Collection[str] = ()) -> Route:
-        """The pair for a request; `exclude` names decode workers that just failed it."""
+    def route(self, model: str, request_id: str, *, prompt_tokens: int = 0, exclude: Collection[str] = ()) -> Route:
+        """The pair for a request; `exclude` names decode workers that just failed it. A short prompt, or a
+        saturated prefill worker, keeps the prefill on the decode worker (conditional disaggregation)."""
         decodes = {w.worker_id: w for w in self.workers.values()
                    if w.role == pb.WORKER_ROLE_DECODE and w.model == model and w.worker_id not in exclude}
         if not decodes:
@@ -72,6 +87,10 @@ class Fleet:
             return Route(decode=decode, prefill=None)
         best = min(pairs, key=lambda p: (self._in_flight[p.decode_worker_id] + self._in_flight[p.prefill_worker_id],
                                          not p.same_host, next(self._tie_breaker)))
+        policy = self._policy
+        if prompt_tokens < policy.min_prompt_tokens or (
+                policy.max_prefill_queue and self._in_flight[best.prefill_worker_id] >= policy.max_prefill_queue):
+            return Route(decode=decodes[best.decode_worker_id], prefill=None)
         return Route(decode=decodes[best.decode_worker_id], prefill=self.workers[best.prefill_worker_id])
 
     @contextlib.contextmanager

@@ -34,6 +34,13 @@ def prompt_of(params: pb.GenerationParams, request_id: str) -> str | tuple[int, 
     return prompt
 
 
+def estimated_tokens(params: pb.GenerationParams) -> int:
+    """Prompt length in tokens: exact for token ids; for text, about four UTF-8 bytes a token."""
+    if params.prompt.WhichOneof("form") == "token_ids":
+        return len(params.prompt.token_ids.ids)
+    return -(-len(params.prompt.text.encode()) // 4)
+
+
 def sampling_of(params: pb.GenerationParams, request_id: str) -> Sampling:
     """Validated sampling parameters with the documented defaults filled in."""
     s = params.sampling

@@ -21,7 +21,7 @@ from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.decode_service import DecodeServicer
 from dynamo_grpc.engine.base import Engine
 from dynamo_grpc.engine.simulated import SimulatedEngine, SimulatedEngineConfig
-from dynamo_grpc.fleet import Fleet
+from dynamo_grpc.fleet import ALWAYS_DISAGGREGATE, DisaggregationPolicy, Fleet
 from dynamo_grpc.kv_store import LeasedKvStore
 from dynamo_grpc.kv_transfer_service import KvTransferServicer
 from dynamo_grpc.kv_wire import add_kv_transfer_service
@@ -134,9 +134,10 @@ async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
 
 
 async def start_router(config: ServerConfig, registry: Registry, *,
-                       max_migrations: int = DEFAULT_MAX_MIGRATIONS) -> RunningRole:
+                       max_migrations: int = DEFAULT_MAX_MIGRATIONS,
+                       policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE) -> RunningRole:
     channels = ChannelPool()
-    fleet = Fleet(registry)
+    fleet = Fleet(registry, policy)
     await fleet.start()
     router = Router(fleet, channels, max_migrations=max_migrations)
     server = await start_server([
@@ -175,7 +176,8 @@ class Deployment:
 
 
 async def start_all_in_one(worker: WorkerConfig, registry: Registry, *,
-                           max_migrations: int = DEFAULT_MAX_MIGRATIONS) -> Deployment:
+                           max_migrations: int = DEFAULT_MAX_MIGRATIONS,
+                           policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE) -> Deployment:
     """Control plane, one prefill and one decode worker on free ports, and the router on `worker.server.port`."""
     internal = dataclasses.replace(worker.server, port=0)
     started: list[RunningRole] = []
@@ -189,7 +191,7 @@ async def start_all_in_one(worker: WorkerConfig, registry: Registry, *,
         for failure in workers:
             if isinstance(failure, BaseException):
                 raise failure
-        started.append(await start_router(worker.server, registry, max_migrations=max_migrations))
+        started.append(await start_router(worker.server, registry, max_migrations=max_migrations, policy=policy))
     except BaseException:
         for role in reversed(started):
             await role.stop()

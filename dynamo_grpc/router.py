@@ -12,7 +12,7 @@ import grpc
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.errors import AlreadyExists, DeadlineExceeded, DynamoError, from_rpc_error
 from dynamo_grpc.fleet import Fleet
-from dynamo_grpc.params import deadline_timer, prompt_of, sampling_of, seconds_left
+from dynamo_grpc.params import deadline_timer, estimated_tokens, prompt_of, sampling_of, seconds_left
 from dynamo_grpc.streams import first_set
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
@@ -62,7 +62,7 @@ class Router:
 
     async def _run(self, request_id: str, params: pb.GenerationParams, cancelled: asyncio.Event,
                    timeout: float | None) -> AsyncIterator[router_pb.GenerateResponse]:
-        route = self._fleet.route(params.model, request_id)
+        route = self._fleet.route(params.model, request_id, prompt_tokens=estimated_tokens(params))
         handle = None
         # 1) Prefill on the paired worker (its KV is then held there under a lease).
         if route.prefill is not None:

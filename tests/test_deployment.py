@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from dynamo_grpc.client import params
+from dynamo_grpc.fleet import DisaggregationPolicy
 from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.roles import start_all_in_one
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -174,3 +175,22 @@ async def test_control_plane_watch_follows_the_fleet() -> None:
     for role in (deployment.router, deployment.prefill, deployment.control_plane):
         await role.stop()
     await registry.close()
+
+
+async def test_short_prompts_and_a_saturated_prefill_worker_prefill_on_decode() -> None:
+    registry = MemoryRegistry()
+    policy = DisaggregationPolicy(min_prompt_tokens=16, max_prefill_queue=1)
+    deployment = await start_all_in_one(worker_config(prefill_s_per_token=0.002), registry, policy=policy)
+    stubs = Stubs(deployment)
+    try:
+        short = await stubs.router.generate("tiny", model=MODEL, max_tokens=4).collect()
+        assert short.completion.prefill_worker_id == "" and short.completion.kv_transfer.bytes == 0
+        # Two long prompts at once: the first takes the prefill worker, the second finds it saturated.
+        results = await asyncio.gather(*(stubs.router.generate("x" * 400 + str(i), model=MODEL, max_tokens=4)
+                                         .collect() for i in range(2)))
+        moved = sorted(r.completion.kv_transfer.bytes > 0 for r in results)
+        assert moved == [False, True]
+    finally:
+        await stubs.close()
+        await deployment.stop()
+        await registry.close()
