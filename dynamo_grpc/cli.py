@@ -34,6 +34,7 @@ from dynamo_grpc.roles import (
 )
 from dynamo_grpc.router import DEFAULT_MAX_MIGRATIONS
 from dynamo_grpc.v1 import common_pb2 as pb
+from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
 if TYPE_CHECKING:
     from dynamo_grpc.frontend import RunningFrontend
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_flags(sub)
     sub = roles.add_parser("control-plane", help="run the control plane (pairings, plan, fleet)")
     add_server_flags(sub)
+    add_flag(sub, "spec", default="", help="deployment spec whose compiled plan is published (GetPlan)")
     sub = roles.add_parser("serve", help="run 1 router + 1 prefill + 1 decode + control plane on this host")
     add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
     add_engine_flags(sub)
@@ -258,12 +260,13 @@ async def _main(args: argparse.Namespace) -> int:
         return await _serve(args)
     server = server_config(args)
     worker = worker_config(args) if command in ("prefill", "decode") else None
+    plan = _plan_of(args.spec) if command == "control-plane" else None
     registry = await _connect_registry(server, required=True)
     starts = {
         "prefill": lambda: start_prefill(worker, registry),
         "decode": lambda: start_decode(worker, registry),
         "router": lambda: start_router(server, registry, **router_settings(args)),
-        "control-plane": lambda: start_control_plane(server, registry),
+        "control-plane": lambda: start_control_plane(server, registry, plan=plan),
     }
     await _run_role(starts[command], registry)
     return 0
@@ -275,6 +278,18 @@ def _make_model(args: argparse.Namespace) -> int:
     print("dynamo-grpc make-model: building the tiny Llama (a few seconds)...", file=sys.stderr, flush=True)
     print(build_tiny_model(args.dir or DEFAULT_MODEL_DIR, force=args.force))
     return 0
+
+
+def _plan_of(spec_path: str) -> cp_pb.Plan | None:
+    from control_plane.compiler import compile_spec
+    from control_plane.spec import SpecError, load_spec
+
+    if not spec_path:
+        return None
+    try:
+        return compile_spec(load_spec(spec_path)).to_proto()
+    except (SpecError, OSError) as error:
+        raise ConfigError(f"--spec: {error}") from None
 
 
 def _compile(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
 
-from control_plane.control_plane_service import ControlPlaneServicer
+from control_plane.control_plane_service import PLAN_DOCUMENT, ControlPlaneServicer
 from control_plane.controller import PairingController
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.config import ServerConfig, WorkerConfig
@@ -149,7 +149,11 @@ async def start_router(config: ServerConfig, registry: Registry, *,
     return RunningRole("router", endpoint, server, registry, cleanups=[fleet.stop, channels.close])
 
 
-async def start_control_plane(config: ServerConfig, registry: Registry) -> RunningRole:
+async def start_control_plane(config: ServerConfig, registry: Registry, *,
+                              plan: cp_pb.Plan | None = None) -> RunningRole:
+    """`plan` (compiled from a deployment spec) is published for GetPlan and every process to read."""
+    if plan is not None:
+        await registry.put_document(PLAN_DOCUMENT, plan.SerializeToString())
     pairings = PairingController(registry)
     await pairings.start()
     server = await start_server([

@@ -6,6 +6,7 @@ import json
 import textwrap
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
 
@@ -272,3 +273,24 @@ def test_spec_from_file_reports_its_path(tmp_path: Path) -> None:
     path.write_text(textwrap.dedent(GOOD).replace("gpus: 8}\n  - {name: node-b", "gpus: eight}\n  - {name: node-b"))
     with pytest.raises(SpecError, match=rf"{path}:8: hosts\[0\].gpus: expected an integer, got 'eight'"):
         load_spec(path)
+
+
+async def test_the_control_plane_publishes_a_compiled_plan() -> None:
+    from control_plane.compiler import compile_spec
+    from control_plane.spec import load_spec
+    from dynamo_grpc.config import ServerConfig
+    from dynamo_grpc.registry import MemoryRegistry
+    from dynamo_grpc.roles import start_control_plane
+    from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
+    from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
+
+    plan = compile_spec(load_spec(EXAMPLES / "disagg_8gpu.yaml")).to_proto()
+    registry = MemoryRegistry()
+    role = await start_control_plane(ServerConfig(port=0), registry, plan=plan)
+    try:
+        async with grpc.aio.insecure_channel(role.endpoint) as channel:
+            served = (await cp_grpc.ControlPlaneServiceStub(channel).GetPlan(cp_pb.GetPlanRequest())).plan
+        assert served == plan and len(served.workers) == 9
+    finally:
+        await role.stop()
+        await registry.close()
