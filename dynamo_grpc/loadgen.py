@@ -129,6 +129,35 @@ def router_sender(client: RouterClient, model: str) -> Sender:
     return send
 
 
+def openai_sender(base_url: str, model: str, session: Any) -> Sender:
+    """Streams /v1/completions from any OpenAI-compatible server (ours or vLLM's) at `base_url`.
+
+    `session` is an aiohttp.ClientSession. Tokens are counted by each chunk's `token_ids` (asked for with
+    `return_token_ids`, which both servers honour), because one chunk may carry several tokens.
+    """
+    url = base_url.rstrip("/") + "/v1/completions"
+
+    async def send(prompt: list[int], max_tokens: int, record: RequestRecord) -> None:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                "ignore_eos": True, "stream": True, "return_token_ids": True}
+        async with session.post(url, json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
+            async for line in response.content:
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise RuntimeError(f"stream error: {chunk['error'].get('message', chunk['error'])}")
+                now = time.perf_counter()
+                for choice in chunk.get("choices") or ():
+                    record.token_times += [now] * len(choice.get("token_ids") or ())
+    return send
+
+
 async def run_load(send: Sender, workload: Workload, *, progress: bool = True,
                    clock: Callable[[], float] = time.perf_counter) -> list[RequestRecord]:
     """Send the workload's requests; closed-loop at `concurrency`, or open-loop at `rate`."""
@@ -189,6 +218,7 @@ def summarize(records: list[RequestRecord], objectives: Objectives) -> dict[str,
         "requests_per_s": len(ok) / span, "output_tokens_per_s": output_tokens / span,
         "input_tokens_per_s": sum(r.input_tokens for r in ok) / span,
         "goodput_requests_per_s": sum(r.meets(objectives) for r in records) / span,
+        "slo_attainment": sum(r.meets(objectives) for r in records) / len(records),
         "objectives": asdict(objectives),
         "errors": sorted({r.error for r in records if r.error})[:5],
     }
