@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -126,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoint for the spec")
     sub.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU, to size TP")
     sub.add_argument("vllm_argv", nargs=argparse.REMAINDER, help="-- vllm serve MODEL [flags]")
+    sub = roles.add_parser("plan", help="size prefill and decode pools for a workload and SLOs (simulated H100s)")
+    sub.add_argument("--model", choices=("llama3_8b", "llama3_70b"), default="llama3_70b", help="model shape")
+    sub.add_argument("--isl", type=int, required=True, help="input tokens per request")
+    sub.add_argument("--osl", type=int, required=True, help="output tokens per request")
+    sub.add_argument("--rate", type=float, required=True, help="requests per second to serve")
+    sub.add_argument("--ttft-ms", type=float, default=2000.0, help="TTFT objective")
+    sub.add_argument("--itl-ms", type=float, default=100.0, help="inter-token latency objective")
+    sub.add_argument("--max-gpus", type=int, default=64, help="largest fleet to consider")
+    sub.add_argument("--link", default="nvlink", help="KV link between pools: nvlink, rdma_400g, tcp_100g, tcp_10g")
+    sub.add_argument("--spec-out", default=None, help="write the cheapest disaggregated plan as a deployment spec")
+    sub.add_argument("--model-path", default="/models/model", help="model path for the spec")
+    sub.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoint for the spec")
     sub = roles.add_parser("make-model", help="build the tiny local Llama + tokenizer (deterministic, no hub)")
     sub.add_argument("dir", nargs="?", default=None, help="output directory [env DYNAMO_GRPC_MODEL_DIR; "
                      "default ~/.cache/dynamo-grpc/tiny-llama]")
@@ -327,8 +340,36 @@ def _from_vllm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from control_plane.planner import PlannerWorkload, plan_pools, pool_plan_to_spec
+    from control_plane.spec import dump_spec
+    from dynamo_grpc.loadgen import Objectives
+
+    print("dynamo-grpc plan: simulating candidate fleets (seconds to a minute)...", file=sys.stderr, flush=True)
+    try:
+        plan = plan_pools(args.model, PlannerWorkload(args.isl, args.osl, args.rate),
+                          Objectives(args.ttft_ms, args.itl_ms), max_gpus=args.max_gpus, link=args.link)
+    except ValueError as error:
+        print(f"dynamo-grpc plan: {error}", file=sys.stderr)
+        return 2
+    print(plan.render())
+    if args.spec_out:
+        if plan.disaggregated is None:
+            print("dynamo-grpc plan: no disaggregated plan met the objectives; no spec written", file=sys.stderr)
+            return 2
+        target = plan.disaggregated
+        spec = pool_plan_to_spec(dataclasses.replace(plan, chosen=target), model_path=args.model_path,
+                                 served_name=Path(args.model_path).name,
+                                 hosts=[("node-0", "127.0.0.1", target.shape.gpus)], etcd=args.etcd)
+        Path(args.spec_out).write_text(dump_spec(spec))
+        print(f"wrote the {target.shape.gpus}-GPU disaggregated plan to {args.spec_out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "make-model":
         return _make_model(args)
     if args.command == "compile":

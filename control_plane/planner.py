@@ -1,0 +1,596 @@
+"""Size the prefill and decode pools for a workload and its latency objectives, offline and online.
+
+Offline, `plan_pools` picks the fewest GPUs that meet a TTFT and an ITL objective at a given arrival
+rate. The calibrated step cost model gives a first guess in microseconds; the guess is then checked,
+and corrected, by serving the workload on a simulated fleet (`dynamo_grpc.fleetsim`), because queueing,
+batch fluctuation and prefill/decode interference are what decide the answer near the objectives and
+closed-form estimates get them only roughly right. `pool_plan_to_spec` turns the answer into a
+deployment spec that `dynamo-grpc compile` accepts.
+
+Online, `PoolAutoscaler` turns periodic metrics into desired pool sizes: up at once when the objectives
+are missed or the load outgrows the pools, down only after a lower size has been enough for a whole
+cooldown window, and to zero after a long idle spell.
+
+Only tensor parallel 1 is modelled: the cost model is fitted to single-GPU step times, so a plan for
+TP 2 or more would be a guess presented as a measurement, and `plan_pools` refuses it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from control_plane.spec import Spec, spec_from_dict
+from dynamo_grpc.engine.cost_model import KV_BYTES_PER_TOKEN, StepCostModel, load_cost_model, transfer_ms
+from dynamo_grpc.fleetsim import KV_MEMORY_GB, FleetShape, run_virtual, simulate
+from dynamo_grpc.loadgen import Lengths, Objectives, Workload, summarize
+
+BLOCK_SIZE = 16
+"""KV block size of the simulated fleet; the KV-capacity estimate rounds sequences up to it."""
+AGGREGATED_CHUNKS = (256, 512, 1024, 2048)
+PREFILL_CHUNK_TOKENS = 8192
+REQUIRED_ATTAINMENT = 0.95
+"""Share of requests that must meet both objectives for a simulated fleet to count as meeting them."""
+STABLE_UTILISATION = 0.97
+"""A fleet whose steady-state utilisation the cost model puts above this is unstable: a short simulation
+may still pass it (the queue has not grown yet), so it is never proposed."""
+
+
+class PlanError(ValueError):
+    """No fleet within the limits meets the objectives; the message says what bound it."""
+
+
+@dataclass(frozen=True)
+class PlannerWorkload:
+    isl: int
+    """Input (prompt) tokens per request."""
+    osl: int
+    """Output tokens per request."""
+    rate: float
+    """Poisson arrivals per second."""
+
+    def __post_init__(self) -> None:
+        if self.isl < 1 or self.osl < 1 or self.rate <= 0:
+            raise ValueError("isl and osl must be at least 1 and rate must be positive")
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What a simulated fleet did with the workload."""
+
+    shape: FleetShape
+    requests: int
+    seed: int
+    ttft_p90_ms: float
+    tpot_p90_ms: float
+    attainment: float
+    """Share of requests that met both objectives."""
+    goodput: float
+    """Requests/s meeting both objectives: attainment x the offered rate."""
+
+    @property
+    def meets(self) -> bool:
+        return self.attainment >= REQUIRED_ATTAINMENT
+
+    def describe(self) -> str:
+        return (f"{self.shape.describe():<28} {self.shape.gpus:>3} GPUs  {self.requests:>4} req  TTFT p90 {self.ttft_p90_ms:7.0f} ms  "
+                f"TPOT p90 {self.tpot_p90_ms:6.1f} ms  met {self.attainment:6.1%}  "
+                f"{'ok' if self.meets else 'misses'}")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The cost model's closed-form answer, the starting point of the simulated search."""
+
+    prefill_ms: float
+    """One prompt on an idle prefill worker."""
+    prefill_rps_per_gpu: float
+    kv_batch_limit: int
+    """Sequences whose KV (prompt and output) fits one GPU's KV memory."""
+    decode_batch: int
+    """Largest decode batch whose step meets the ITL objective and whose KV fits."""
+    decode_step_ms: float
+    decode_rps_per_gpu: float
+    decode_max_rps_per_gpu: float
+    """Throughput at the largest batch that fits, whatever its ITL: beyond it decode queues grow."""
+    prefill_workers: int
+    decode_workers: int
+    aggregated_rps_per_gpu: dict[int, float] = field(default_factory=dict)
+    """Per chunk budget; a budget that cannot meet the objectives is left out."""
+    aggregated_max_rps_per_gpu: dict[int, float] = field(default_factory=dict)
+    aggregated_workers: int = 0
+    """0 when no chunk budget can meet the objectives."""
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    model: str
+    workload: PlannerWorkload
+    objectives: Objectives
+    chosen: Verification
+    disaggregated: Verification | None
+    """The cheapest disaggregated fleet that met the objectives, if any did."""
+    aggregated: Verification | None
+    estimate: Estimate
+    simulations: tuple[Verification, ...]
+    notes: tuple[str, ...] = ()
+    tensor_parallel_size: int = 1
+    kv_memory_gb: float = KV_MEMORY_GB
+    searched_aggregated: bool = True
+
+    @property
+    def shape(self) -> FleetShape:
+        return self.chosen.shape
+
+    @property
+    def prefill_workers(self) -> int:
+        return self.shape.prefill_workers
+
+    @property
+    def decode_workers(self) -> int:
+        return self.shape.decode_workers
+
+    @property
+    def gpus(self) -> int:
+        return self.shape.gpus * self.tensor_parallel_size
+
+    @property
+    def is_disaggregated(self) -> bool:
+        return self.shape.prefill_workers > 0
+
+    def render(self) -> str:
+        w, o, e = self.workload, self.objectives, self.estimate
+        guess = f"first guess {e.prefill_workers}P+{e.decode_workers}D, " + (
+            f"aggregated {e.aggregated_workers}" if e.aggregated_workers else "aggregated: none")
+        lines = [(f"{self.model}, ISL {w.isl} / OSL {w.osl} at {w.rate:g} req/s, TTFT <= {o.ttft_ms:g} ms, "
+                  f"ITL <= {o.itl_ms:g} ms (TP {self.tensor_parallel_size}, simulated H100s)"),
+                 (f"  estimate: prefill {e.prefill_ms:.0f} ms/prompt -> {e.prefill_rps_per_gpu:.2f} req/s per GPU; "
+                  f"decode batch {e.decode_batch} at {e.decode_step_ms:.0f} ms/step -> "
+                  f"{e.decode_rps_per_gpu:.2f} req/s per GPU; {guess}"),
+                 "  simulated:"]
+        lines += [f"    {v.describe()}" for v in self.simulations]
+        for label, best in (("disaggregated", self.disaggregated), ("aggregated", self.aggregated)):
+            none = "not searched" if label == "aggregated" and not self.searched_aggregated else \
+                "none met the objectives"
+            lines.append(f"  cheapest {label}: " + (f"{best.shape.describe()} = {best.shape.gpus} GPUs"
+                                                    if best else none))
+        lines.append(f"  plan: {self.shape.describe()} = {self.gpus} GPUs")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# --- the closed-form estimate ------------------------------------------------------------------------
+
+def _prefill_ms(cost: StepCostModel, tokens: int, chunk: int) -> float:
+    total, done = 0.0, 0
+    while done < tokens:
+        step = min(chunk, tokens - done)
+        total += cost.prefill_ms(step, done)
+        done += step
+    return total
+
+
+def _kv_batch_limit(model: str, workload: PlannerWorkload, kv_memory_gb: float) -> int:
+    """Sequences whose whole KV (prompt and output) fits one GPU's KV memory."""
+    blocks = int(kv_memory_gb * 1e9 / KV_BYTES_PER_TOKEN[model] / BLOCK_SIZE)
+    return blocks // math.ceil((workload.isl + workload.osl) / BLOCK_SIZE)
+
+
+def _aggregated_rates(cost: StepCostModel, workload: PlannerWorkload, objectives: Objectives, chunk: int,
+                      max_batch: int, ttft_margin: float) -> tuple[float, float]:
+    """(req/s per GPU within the objectives, req/s per GPU at all) for chunked prefill riding with decodes.
+
+    With a decode batch B, each step carries up to chunk - B prompt tokens, so a prompt takes k steps
+    that are slowed by the chunk, and a request's OSL / B share of the decode steps. Per request the
+    GPU spends k mixed steps and max(0, OSL/B - k) plain ones; their mean is the ITL a request sees.
+    """
+    context = workload.isl + workload.osl / 2
+    best = at_all = 0.0
+    for batch in range(1, max_batch + 1):
+        per_step = chunk - batch
+        if per_step < 1:
+            break
+        steps = math.ceil(workload.isl / per_step)
+        mixed = cost.step_ms(min(per_step, workload.isl), workload.isl // 2, batch, int(batch * context))
+        plain = cost.decode_ms(batch, int(batch * context))
+        decode_steps = workload.osl / batch
+        cycle_ms = steps * mixed + max(0.0, decode_steps - steps) * plain
+        rate = 1000.0 / cycle_ms
+        at_all = max(at_all, rate)
+        mean_itl = mixed if decode_steps < steps else cycle_ms / decode_steps
+        if mean_itl <= objectives.itl_ms and steps * mixed <= objectives.ttft_ms * ttft_margin:
+            best = max(best, rate)
+    return best, at_all
+
+
+def estimate_pools(model: str, workload: PlannerWorkload, objectives: Objectives, *, link: str = "nvlink",
+                   utilisation: float = 0.8, ttft_margin: float = 0.5,
+                   kv_memory_gb: float = KV_MEMORY_GB) -> Estimate:
+    """Worker counts from the step cost model alone, with `utilisation` as the headroom left for queueing.
+
+    A pool sized to run at `utilisation` of its capacity runs smaller batches than the capacity assumes,
+    so the ITL objective is applied to the full batch without a further margin.
+
+    Raises PlanError when no fleet of any size can meet the objectives (one prompt takes longer than the
+    TTFT objective, or a single decode step longer than the ITL objective).
+    """
+    cost = load_cost_model(model)
+    prefill_ms = _prefill_ms(cost, workload.isl, PREFILL_CHUNK_TOKENS)
+    context = workload.isl + workload.osl / 2
+    max_batch = _kv_batch_limit(model, workload, kv_memory_gb)
+    if max_batch < 1:
+        raise PlanError(f"one request's KV ({workload.isl + workload.osl} tokens) does not fit the "
+                        f"{kv_memory_gb:g} GB of KV memory of a GPU")
+    single_step = cost.decode_ms(1, int(context))
+    if single_step > objectives.itl_ms:
+        raise PlanError(f"a decode step of one sequence takes {single_step:.0f} ms on one GPU, above the ITL "
+                        f"objective of {objectives.itl_ms:g} ms; no number of TP-1 workers can meet it")
+    unloaded_ttft = prefill_ms + transfer_ms(workload.isl * KV_BYTES_PER_TOKEN[model], link) + single_step
+    if unloaded_ttft > objectives.ttft_ms:
+        raise PlanError(f"one {workload.isl}-token prompt takes {unloaded_ttft:.0f} ms to its first token on an "
+                        f"idle TP-1 fleet, above the TTFT objective of {objectives.ttft_ms:g} ms")
+    batch = max(b for b in range(1, max_batch + 1)
+                if b == 1 or cost.decode_ms(b, int(b * context)) <= objectives.itl_ms)
+    step_ms = cost.decode_ms(batch, int(batch * context))
+    prefill_rps = 1000.0 / prefill_ms
+    decode_rps = batch / (workload.osl * step_ms / 1000.0)
+    decode_max_rps = max_batch / (workload.osl * cost.decode_ms(max_batch, int(max_batch * context)) / 1000.0)
+    aggregated, aggregated_max = {}, {}
+    for chunk in AGGREGATED_CHUNKS:
+        within, at_all = _aggregated_rates(cost, workload, objectives, chunk, max_batch, ttft_margin)
+        aggregated_max[chunk] = at_all
+        if within:
+            aggregated[chunk] = within
+    best_aggregated = max(aggregated.values(), default=0.0)
+    return Estimate(
+        prefill_ms=prefill_ms, prefill_rps_per_gpu=prefill_rps, kv_batch_limit=max_batch, decode_batch=batch, decode_step_ms=step_ms,
+        decode_rps_per_gpu=decode_rps, decode_max_rps_per_gpu=decode_max_rps,
+        prefill_workers=math.ceil(workload.rate / (prefill_rps * utilisation)),
+        decode_workers=math.ceil(workload.rate / (decode_rps * utilisation)),
+        aggregated_rps_per_gpu=aggregated, aggregated_max_rps_per_gpu=aggregated_max,
+        aggregated_workers=math.ceil(workload.rate / (best_aggregated * utilisation)) if best_aggregated else 0)
+
+
+# --- the simulated search ----------------------------------------------------------------------------
+
+def verify(model: str, workload: PlannerWorkload, objectives: Objectives, shape: FleetShape, *,
+           requests: int = 200, seed: int = 1, kv_memory_gb: float = KV_MEMORY_GB) -> Verification:
+    """Serve `requests` Poisson arrivals on the simulated fleet and score it against the objectives."""
+    load = Workload(requests=requests, input_tokens=Lengths(str(workload.isl)),
+                    output_tokens=Lengths(str(workload.osl)), rate=workload.rate, seed=seed)
+    records = run_virtual(simulate(shape, load, model=model, kv_memory_gb=kv_memory_gb))
+    summary = summarize(records, objectives)
+    attainment = sum(r.meets(objectives) for r in records) / len(records)
+    return Verification(shape=shape, requests=requests, seed=seed, ttft_p90_ms=summary["ttft_ms"].get("p90", math.inf),
+                        tpot_p90_ms=summary["tpot_ms"].get("p90", 0.0), attainment=attainment,
+                        goodput=attainment * workload.rate)
+
+
+def _smallest(start: int, lowest: int, highest: int, passes_short: Callable[[int], Verification | None],
+              confirm: Callable[[Verification], Verification | None]) -> Verification | None:
+    """The fleet at the smallest size that meets the objectives, searching from `start` down or up.
+
+    Sizes are assumed monotone (if n GPUs meet the objectives, n + 1 do too), so the walk uses short
+    runs, and only its answer gets the long run; if that fails the walk goes on upward.
+    """
+    size = min(max(start, lowest), highest)
+    passing = passes_short(size)
+    if passing is not None:
+        while size > lowest and (smaller := passes_short(size - 1)) is not None:
+            size, passing = size - 1, smaller
+    while True:
+        if passing is not None and (confirmed := confirm(passing)) is not None:
+            return confirmed
+        size += 1
+        if size > highest:
+            return None
+        passing = passes_short(size)
+
+
+def plan_pools(model: str, workload: PlannerWorkload, objectives: Objectives, *, max_gpus: int = 64,
+               tp_options: Iterable[int] = (1,), link: str = "nvlink", aggregated: bool = True,
+               requests: int = 200, confirm_requests: int = 600, seed: int = 1, search_span: int = 4,
+               candidates_per_size: int = 2, kv_memory_gb: float = KV_MEMORY_GB) -> PoolPlan:
+    """The fewest simulated H100s that serve `workload` within `objectives`, disaggregated or aggregated.
+
+    For each fleet size, from the estimate's guess, the `candidates_per_size` splits (or aggregated chunk
+    budgets) the cost model rates best are simulated with `requests` arrivals; the search walks down
+    while a size still meets the objectives and up (at most `search_span` sizes past the guess) until
+    one does. A fleet meets them when at least 95% of its requests meet both the TTFT and the ITL
+    objective, in the short run and then in a run of `confirm_requests` with another seed: a short run
+    ends before a rare burst of arrivals has built the queue that a marginal fleet never drains.
+    Fleets the cost model calls unstable (`STABLE_UTILISATION`) are not simulated. Ties go to
+    disaggregation.
+    """
+    tp = sorted(set(tp_options))
+    if tp != [1]:
+        raise ValueError(f"tensor parallel sizes {tp} requested, but only TP 1 is modelled: the step cost model "
+                         "is fitted to single-GPU H100 step times and has no term for TP communication; "
+                         "plan with tp_options=(1,) and treat larger TP as a separate measurement")
+    if max_gpus < 1:
+        raise ValueError("max_gpus must be at least 1")
+    estimate = estimate_pools(model, workload, objectives, link=link, kv_memory_gb=kv_memory_gb)
+    results: dict[tuple[FleetShape, int], Verification] = {}
+
+    def check(shape: FleetShape, count: int, run_seed: int) -> Verification:
+        if (shape, count) not in results:
+            results[shape, count] = verify(model, workload, objectives, shape, requests=count, seed=run_seed,
+                                           kv_memory_gb=kv_memory_gb)
+        return results[shape, count]
+
+    def first_meeting(shapes: list[FleetShape]) -> Verification | None:
+        return next((v for v in (check(s, requests, seed) for s in shapes[:candidates_per_size]) if v.meets), None)
+
+    def confirm(short: Verification) -> Verification | None:
+        confirmed = check(short.shape, confirm_requests, seed + 1)
+        return confirmed if confirmed.meets else None
+
+    def disaggregated_at(size: int) -> Verification | None:
+        def load(prefill: int) -> float:  # the busier pool's utilisation, as the cost model predicts it
+            return max(workload.rate / (prefill * estimate.prefill_rps_per_gpu),
+                       workload.rate / ((size - prefill) * estimate.decode_rps_per_gpu))
+
+        stable = [p for p in range(1, size)
+                  if workload.rate / (p * estimate.prefill_rps_per_gpu) <= STABLE_UTILISATION
+                  and workload.rate / ((size - p) * estimate.decode_max_rps_per_gpu) <= STABLE_UTILISATION]
+        return first_meeting([FleetShape(decode_workers=size - p, prefill_workers=p, link=link,
+                                         prefill_chunk_tokens=PREFILL_CHUNK_TOKENS) for p in sorted(stable, key=load)])
+
+    def aggregated_at(size: int) -> Verification | None:
+        chunks = sorted(estimate.aggregated_rps_per_gpu, key=lambda c: -estimate.aggregated_rps_per_gpu[c])
+        stable = [c for c in chunks
+                  if workload.rate / (size * estimate.aggregated_max_rps_per_gpu[c]) <= STABLE_UTILISATION]
+        return first_meeting([FleetShape(decode_workers=size, decode_chunk_tokens=c) for c in stable])
+
+    notes = [(f"TP 1 only: every worker is one simulated H100 with {kv_memory_gb:g} GB of KV memory; "
+              f"KV moves over {link}")]
+    guess = estimate.prefill_workers + estimate.decode_workers
+    best_disaggregated = None
+    if max_gpus >= 2:
+        best_disaggregated = _smallest(guess, 2, min(max_gpus, guess + search_span), disaggregated_at, confirm)
+    best_aggregated = None
+    if aggregated and estimate.aggregated_workers:
+        guess = estimate.aggregated_workers
+        best_aggregated = _smallest(guess, 1, min(max_gpus, guess + search_span), aggregated_at, confirm)
+    elif aggregated:
+        notes.append("aggregated: the cost model finds no chunk budget whose mixed steps meet the objectives")
+    options = [v for v in (best_disaggregated, best_aggregated) if v is not None]
+    simulations = tuple(sorted(results.values(), key=lambda v: (v.shape.gpus, v.shape.prefill_workers == 0,
+                                                                v.shape.prefill_workers, v.shape.decode_chunk_tokens,
+                                                                v.requests)))
+    if not options:
+        tried = "\n".join(f"  {v.describe()}" for v in simulations)
+        raise PlanError(f"no fleet of at most {max_gpus} GPUs tried met the objectives (searched up to "
+                        f"{search_span} sizes past the estimate):\n{tried}")
+    chosen = min(options, key=lambda v: (v.shape.gpus, v.shape.prefill_workers == 0))
+    return PoolPlan(model=model, workload=workload, objectives=objectives, chosen=chosen,
+                    disaggregated=best_disaggregated, aggregated=best_aggregated, estimate=estimate,
+                    simulations=simulations, notes=tuple(notes), kv_memory_gb=kv_memory_gb,
+                    searched_aggregated=aggregated)
+
+
+# --- the deployment spec -----------------------------------------------------------------------------
+
+def _place_pools(prefill: int, decode: int, hosts: list[tuple[str, str, int]]
+                 ) -> tuple[list[str], list[str]]:
+    """Host lists for the two pools such that the spec's round-robin placement fits every host's GPUs.
+
+    Both pools over every host comes first: each node then holds prefill and decode workers, so KV can
+    move within a node. Otherwise prefill takes the first hosts and decode the rest.
+    """
+    names = [name for name, _, gpus in hosts if gpus > 0]
+    capacity = {name: gpus for name, _, gpus in hosts}
+
+    def fits(prefill_hosts: list[str], decode_hosts: list[str]) -> bool:
+        used = dict.fromkeys(capacity, 0)
+        for pool_hosts, workers in ((prefill_hosts, prefill), (decode_hosts, decode)):
+            for index in range(workers):
+                used[pool_hosts[index % len(pool_hosts)]] += 1
+        return all(used[name] <= capacity[name] for name in used)
+
+    layouts = [(names, names)] + [(names[:k], names[k:]) for k in range(1, len(names))]
+    for prefill_hosts, decode_hosts in layouts:
+        if fits(prefill_hosts, decode_hosts):
+            return prefill_hosts, decode_hosts
+    raise ValueError(f"the plan needs {prefill} prefill + {decode} decode GPUs, which the hosts "
+                     f"({', '.join(f'{n}: {g}' for n, _, g in hosts)}) cannot hold")
+
+
+def pool_plan_to_spec(plan: PoolPlan, *, model_path: str, served_name: str,
+                      hosts: list[tuple[str, str, int]], etcd: str | list[str], name: str = "planned",
+                      engine: str = "vllm") -> Spec:
+    """A deployment spec for a disaggregated plan, checked by the spec parser.
+
+    `hosts` are (name, address, gpus). With engine "simulated" the workers run the calibrated cost model
+    of the plan's model, so the planned fleet can be tried without GPUs.
+    """
+    if not plan.is_disaggregated:
+        raise ValueError("the plan is aggregated, and a spec needs at least one prefill worker; use "
+                         "plan.disaggregated (the cheapest disaggregated fleet) or plan with aggregated=False")
+    if not hosts:
+        raise ValueError("give at least one host")
+    prefill_hosts, decode_hosts = _place_pools(plan.prefill_workers, plan.decode_workers, list(hosts))
+    context = plan.workload.isl + plan.workload.osl
+    model_args: dict[str, object] = {"max_model_len": math.ceil(context / 1024) * 1024}
+    # The simulated decode workers batched as many sequences as their KV memory held; so may these.
+    decode_args: dict[str, object] = {"max_num_batched_tokens": plan.shape.decode_chunk_tokens}
+    if engine == "vllm":
+        model_args["dtype"] = "bfloat16"  # what the calibration measured
+        decode_args["max_num_seqs"] = plan.estimate.kv_batch_limit
+    elif engine == "simulated":
+        model_args.update(cost_model=plan.model, block_size=BLOCK_SIZE, num_blocks=int(
+            plan.kv_memory_gb * 1e9 / KV_BYTES_PER_TOKEN[plan.model] / BLOCK_SIZE))
+        decode_args["max_batch_size"] = plan.estimate.kv_batch_limit
+    data = {
+        "name": name,
+        "model": {"path": model_path, "served_name": served_name, "engine": engine, "engine_args": model_args},
+        "hosts": [{"name": h, "address": a, "gpus": g} for h, a, g in hosts],
+        "prefill": {"workers": plan.prefill_workers, "tensor_parallel_size": plan.tensor_parallel_size,
+                    "hosts": prefill_hosts, "engine_args": {"max_num_batched_tokens": plan.shape.prefill_chunk_tokens}},
+        "decode": {"workers": plan.decode_workers, "tensor_parallel_size": plan.tensor_parallel_size,
+                   "hosts": decode_hosts, "engine_args": decode_args},
+        # The simulated fleet routed each request to the least-loaded worker; so does this router.
+        "router": {"policy": "least_loaded"},
+        "slo": {"ttft_ms": plan.objectives.ttft_ms, "itl_ms": plan.objectives.itl_ms},
+        "etcd": [etcd] if isinstance(etcd, str) else list(etcd),
+    }
+    return spec_from_dict(data, source="<planner>")
+
+
+# --- online: the autoscaler --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PoolCapacity:
+    """Requests/s one worker of each pool sustains within the objectives."""
+
+    prefill_rps: float
+    decode_rps: float
+
+    @classmethod
+    def from_plan(cls, plan: PoolPlan) -> PoolCapacity:
+        """The planned rate shared over the planned workers: verified by simulation, so conservative."""
+        if not plan.is_disaggregated:
+            raise ValueError("the autoscaler sizes two pools; give it a disaggregated plan")
+        return cls(prefill_rps=plan.workload.rate / plan.prefill_workers,
+                   decode_rps=plan.workload.rate / plan.decode_workers)
+
+
+@dataclass(frozen=True)
+class PoolMetrics:
+    """One observation window of the deployment."""
+
+    arrival_rate: float
+    """Requests/s that arrived in the window."""
+    ttft_p90_ms: float | None = None
+    itl_p90_ms: float | None = None
+    prefill_queue: int = 0
+    """Requests waiting for a prefill worker."""
+    decode_queue: int = 0
+    """Requests waiting for a decode slot (KV room)."""
+    prefill_workers: int = 0
+    decode_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ScaleDecision:
+    prefill_workers: int
+    decode_workers: int
+    reason: str = ""
+
+
+@dataclass
+class _PoolState:
+    workers: int
+    lower_since: float | None = None
+    lower_target: int = 0
+    last_scale_up: float = -math.inf
+
+
+class PoolAutoscaler:
+    """Desired prefill and decode worker counts from periodic metrics; pure logic, the clock injected.
+
+    - Up, at once: to the count that keeps predicted utilisation (arrival rate / capacity) at
+      `target_utilisation`, and one more in a pool that misses an objective or has a long queue (at most
+      once per `settle_s` per pool, since a new worker takes time to help).
+    - Down, slowly: only to a count with `scale_down_band` more headroom than the up rule needs, and only
+      after every observation for `scale_down_cooldown_s` asked for it (then to the largest they asked for).
+      Noise around a threshold therefore moves a pool up once and never back and forth.
+    - To zero after `idle_to_zero_s` without traffic; back with one decode worker on the first request.
+      Prefill goes to zero too: a decode worker prefills its own prompts when no prefill worker exists
+      (the router falls back to it), so one GPU serves a cold start and an idle deployment holds none.
+      The prefill pool returns with the next metrics that show load.
+    """
+
+    def __init__(self, capacity: PoolCapacity, objectives: Objectives, *, clock: Callable[[], float] = time.monotonic,
+                 target_utilisation: float = 0.8, scale_down_band: float = 0.15,
+                 scale_down_cooldown_s: float = 300.0, settle_s: float = 60.0, idle_to_zero_s: float = 600.0,
+                 max_queue_per_worker: float = 4.0, max_prefill: int = 64, max_decode: int = 64) -> None:
+        if capacity.prefill_rps <= 0 or capacity.decode_rps <= 0:
+            raise ValueError("pool capacities must be positive")
+        if not 0 < target_utilisation <= 1 or not 0 <= scale_down_band < 1:
+            raise ValueError("target_utilisation must be in (0, 1] and scale_down_band in [0, 1)")
+        self.capacity = capacity
+        self.objectives = objectives
+        self._clock = clock
+        self._utilisation = target_utilisation
+        self._band = scale_down_band
+        self._cooldown_s = scale_down_cooldown_s
+        self._settle_s = settle_s
+        self._idle_to_zero_s = idle_to_zero_s
+        self._max_queue = max_queue_per_worker
+        self._limits = {"prefill": max_prefill, "decode": max_decode}
+        self._pools: dict[str, _PoolState] | None = None
+        self._last_traffic = clock()
+
+    @property
+    def desired(self) -> ScaleDecision:
+        pools = self._pools or {"prefill": _PoolState(0), "decode": _PoolState(0)}
+        return ScaleDecision(pools["prefill"].workers, pools["decode"].workers)
+
+    def request_arrived(self) -> ScaleDecision:
+        """Call on a request that found no decode worker: start one (a cold start)."""
+        self._last_traffic = self._clock()
+        pools = self._ensure_pools(0, 0)
+        if pools["decode"].workers == 0:
+            pools["decode"] = _PoolState(1, last_scale_up=self._last_traffic)
+            return ScaleDecision(pools["prefill"].workers, 1, "cold start: first request, one decode worker")
+        return self.desired
+
+    def update(self, metrics: PoolMetrics) -> ScaleDecision:
+        now = self._clock()
+        pools = self._ensure_pools(metrics.prefill_workers, metrics.decode_workers)
+        busy = metrics.arrival_rate > 0 or metrics.prefill_queue > 0 or metrics.decode_queue > 0
+        if busy:
+            self._last_traffic = now
+        elif now - self._last_traffic >= self._idle_to_zero_s:
+            if pools["prefill"].workers or pools["decode"].workers:
+                self._pools = {"prefill": _PoolState(0), "decode": _PoolState(0)}
+                return ScaleDecision(0, 0, f"no traffic for {now - self._last_traffic:.0f} s: scale to zero")
+            return self.desired
+
+        ttft_missed = metrics.ttft_p90_ms is not None and metrics.ttft_p90_ms > self.objectives.ttft_ms
+        itl_missed = metrics.itl_p90_ms is not None and metrics.itl_p90_ms > self.objectives.itl_ms
+        queues = {"prefill": metrics.prefill_queue, "decode": metrics.decode_queue}
+        queue_per_worker = {role: queues[role] / max(1, pools[role].workers) for role in pools}
+        short_of = {role: queue_per_worker[role] > self._max_queue for role in pools}
+        if ttft_missed:  # the first token waits on whichever pool is queueing more
+            short_of[max(("prefill", "decode"), key=lambda role: queue_per_worker[role])] = True
+        if itl_missed:
+            short_of["decode"] = True
+        missed = ttft_missed or itl_missed
+
+        reasons = []
+        for role, per_worker in (("prefill", self.capacity.prefill_rps), ("decode", self.capacity.decode_rps)):
+            state = pools[role]
+            floor = 1 if role == "decode" else 0
+            needed = max(floor, math.ceil(metrics.arrival_rate / (per_worker * self._utilisation)))
+            enough_after_down = max(floor, math.ceil(
+                metrics.arrival_rate / (per_worker * self._utilisation * (1 - self._band))))
+            target = needed
+            if short_of[role] and now - state.last_scale_up >= self._settle_s:
+                target = max(target, state.workers + 1)
+            target = min(target, self._limits[role])
+            if target > state.workers:
+                why = "objective missed or queue long" if target > needed else \
+                    f"{metrics.arrival_rate:.2f} req/s needs {needed}"
+                reasons.append(f"{role} {state.workers} -> {target} ({why})")
+                pools[role] = _PoolState(target, last_scale_up=now)
+            elif enough_after_down < state.workers and not missed:
+                if state.lower_since is None:
+                    state.lower_since, state.lower_target = now, enough_after_down
+                state.lower_target = max(state.lower_target, enough_after_down)
+                if now - state.lower_since >= self._cooldown_s:
+                    reasons.append(f"{role} {state.workers} -> {state.lower_target} (enough for "
+                                   f"{now - state.lower_since:.0f} s)")
+                    pools[role] = _PoolState(state.lower_target, last_scale_up=state.last_scale_up)
+            else:
+                state.lower_since = None
+        decision = self.desired
+        return ScaleDecision(decision.prefill_workers, decision.decode_workers, "; ".join(reasons))
+
+    def _ensure_pools(self, prefill: int, decode: int) -> dict[str, _PoolState]:
+        if self._pools is None:
+            self._pools = {"prefill": _PoolState(prefill), "decode": _PoolState(decode)}
+        return self._pools

@@ -1,0 +1,210 @@
+"""The SLA planner: offline pool sizes that meet the objectives with the fewest GPUs, and a steady autoscaler."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+
+import pytest
+
+from control_plane.compiler import compile_spec
+from control_plane.planner import (
+    PlanError,
+    PlannerWorkload,
+    PoolAutoscaler,
+    PoolCapacity,
+    PoolMetrics,
+    PoolPlan,
+    estimate_pools,
+    plan_pools,
+    pool_plan_to_spec,
+    verify,
+)
+from control_plane.spec import dump_spec, parse_spec
+from dynamo_grpc.loadgen import Objectives
+
+MODEL = "llama3_70b"
+OBJECTIVES = Objectives(ttft_ms=2000, itl_ms=100)
+# Short runs keep the module to seconds of CPU; the planner's own defaults are longer.
+RUNS = {"requests": 150, "confirm_requests": 300}
+
+
+@pytest.fixture(scope="module")
+def plan_at_4() -> PoolPlan:
+    return plan_pools(MODEL, PlannerWorkload(3000, 150, 4.0), OBJECTIVES, **RUNS)
+
+
+@pytest.fixture(scope="module")
+def plan_at_8() -> PoolPlan:
+    return plan_pools(MODEL, PlannerWorkload(3000, 150, 8.0), OBJECTIVES, aggregated=False, **RUNS)
+
+
+def test_the_disaggregated_answer_meets_the_objectives_and_is_minimal_in_its_bottleneck_pool(
+        plan_at_4: PoolPlan) -> None:
+    answer = plan_at_4.disaggregated
+    assert answer is not None
+    workload = plan_at_4.workload
+    again = verify(MODEL, workload, OBJECTIVES, answer.shape, requests=300, seed=7)
+    assert again.goodput >= 0.95 * workload.rate, again.describe()
+    estimate = plan_at_4.estimate
+    prefill_load = workload.rate / (answer.shape.prefill_workers * estimate.prefill_rps_per_gpu)
+    decode_load = workload.rate / (answer.shape.decode_workers * estimate.decode_rps_per_gpu)
+    smaller = (dataclasses.replace(answer.shape, prefill_workers=answer.shape.prefill_workers - 1)
+               if prefill_load >= decode_load else
+               dataclasses.replace(answer.shape, decode_workers=answer.shape.decode_workers - 1))
+    fewer = verify(MODEL, workload, OBJECTIVES, smaller, requests=300, seed=7)
+    assert fewer.goodput < 0.95 * workload.rate, fewer.describe()
+
+
+def test_the_plan_takes_the_cheaper_of_aggregated_and_disaggregated(plan_at_4: PoolPlan) -> None:
+    options = [v for v in (plan_at_4.aggregated, plan_at_4.disaggregated) if v is not None]
+    assert plan_at_4.gpus == min(v.shape.gpus for v in options)
+    assert plan_at_4.chosen.meets and plan_at_4.chosen.requests == RUNS["confirm_requests"]
+    assert "plan:" in plan_at_4.render()
+
+
+def test_a_higher_rate_needs_more_gpus(plan_at_4: PoolPlan, plan_at_8: PoolPlan) -> None:
+    assert plan_at_4.disaggregated is not None
+    assert plan_at_8.gpus > plan_at_4.disaggregated.shape.gpus
+    assert plan_at_8.prefill_workers >= plan_at_4.disaggregated.shape.prefill_workers
+
+
+def test_a_stricter_itl_objective_moves_the_choice_to_disaggregation(plan_at_4: PoolPlan) -> None:
+    # At ITL 100 ms a 256-token prefill chunk riding with the decodes costs them little: aggregation
+    # needs fewer GPUs (its worker also prefills, so no prefill pool sits half idle).
+    assert plan_at_4.aggregated is not None and plan_at_4.disaggregated is not None
+    assert not plan_at_4.is_disaggregated
+    assert plan_at_4.aggregated.shape.gpus < plan_at_4.disaggregated.shape.gpus
+    # At 60 ms the chunks' slowdown of the decode steps (the floor is ~52 ms at batch 1) costs aggregation
+    # more GPUs than disaggregation needs.
+    strict = plan_pools(MODEL, PlannerWorkload(3000, 150, 4.0), Objectives(ttft_ms=2000, itl_ms=60), **RUNS)
+    assert strict.is_disaggregated and strict.chosen.tpot_p90_ms <= 60
+    assert strict.aggregated is None or strict.aggregated.shape.gpus > strict.gpus
+
+
+def test_unreachable_objectives_and_tensor_parallelism_are_refused() -> None:
+    with pytest.raises(PlanError, match="decode step"):
+        estimate_pools(MODEL, PlannerWorkload(3000, 150, 1.0), Objectives(ttft_ms=2000, itl_ms=30))
+    with pytest.raises(PlanError, match="first token"):
+        estimate_pools(MODEL, PlannerWorkload(3000, 150, 1.0), Objectives(ttft_ms=300, itl_ms=100))
+    with pytest.raises(ValueError, match="only TP 1 is modelled"):
+        plan_pools(MODEL, PlannerWorkload(3000, 150, 1.0), OBJECTIVES, tp_options=(1, 2))
+
+
+def test_a_plan_becomes_a_spec_that_round_trips_and_compiles(plan_at_8: PoolPlan) -> None:
+    hosts = [("node-a", "10.0.0.1", 8), ("node-b", "10.0.0.2", 8)]
+    spec = pool_plan_to_spec(plan_at_8, model_path="/models/llama-3-70b", served_name="llama-3-70b",
+                             hosts=hosts, etcd="10.0.0.1:2379")
+    assert (spec.prefill.workers, spec.decode.workers) == (plan_at_8.prefill_workers, plan_at_8.decode_workers)
+    assert parse_spec(dump_spec(spec)) == spec
+    compiled = compile_spec(spec)
+    assert compiled is not None
+    with pytest.raises(ValueError, match="cannot hold"):
+        pool_plan_to_spec(plan_at_8, model_path="/m", served_name="m", hosts=[("node-a", "10.0.0.1", 4)],
+                          etcd="10.0.0.1:2379")
+
+
+def test_an_aggregated_plan_is_not_turned_into_a_spec(plan_at_4: PoolPlan) -> None:
+    with pytest.raises(ValueError, match="aggregated"):
+        pool_plan_to_spec(plan_at_4, model_path="/m", served_name="m", hosts=[("a", "10.0.0.1", 8)], etcd="e:2379")
+    as_disaggregated = dataclasses.replace(plan_at_4, chosen=plan_at_4.disaggregated)
+    spec = pool_plan_to_spec(as_disaggregated, model_path="/m", served_name="m", hosts=[("a", "10.0.0.1", 8)],
+                             etcd="e:2379", engine="simulated")
+    assert spec.model.engine_args["cost_model"] == MODEL
+
+
+# --- the autoscaler ----------------------------------------------------------------------------------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+CAPACITY = PoolCapacity(prefill_rps=1.25, decode_rps=2.5)  # 4P+2D serve 5 req/s
+
+
+def autoscaler(clock: FakeClock, **kwargs: float) -> PoolAutoscaler:
+    return PoolAutoscaler(CAPACITY, OBJECTIVES, clock=clock, scale_down_cooldown_s=300, settle_s=60,
+                          idle_to_zero_s=600, **kwargs)
+
+
+def healthy(rate: float, prefill: int, decode: int) -> PoolMetrics:
+    return PoolMetrics(arrival_rate=rate, ttft_p90_ms=900, itl_p90_ms=60, prefill_workers=prefill,
+                       decode_workers=decode)
+
+
+def count_changes(scaler: PoolAutoscaler, clock: FakeClock) -> int:
+    noise = random.Random(3)
+    counts = [(4, 2)]
+    for _ in range(100):
+        clock.now += 10
+        # 4 prefill workers at 80% utilisation carry 4.0 req/s: the rate wanders across that line.
+        rate = 4.0 * (1 + noise.uniform(-0.1, 0.1))
+        decision = scaler.update(healthy(rate, *counts[-1]))
+        counts.append((decision.prefill_workers, decision.decode_workers))
+    return sum(a != b for a, b in itertools.pairwise(counts))
+
+
+def test_noise_around_a_threshold_moves_a_pool_at_most_once_each_way() -> None:
+    clock = FakeClock()
+    assert count_changes(autoscaler(clock), clock) <= 2
+    # Without the cooldown and the band, the same input flaps.
+    clock = FakeClock()
+    eager = PoolAutoscaler(CAPACITY, OBJECTIVES, clock=clock, scale_down_cooldown_s=0, scale_down_band=0)
+    assert count_changes(eager, clock) > 20
+
+
+def test_scale_down_waits_for_the_cooldown_and_scale_up_does_not() -> None:
+    clock = FakeClock()
+    scaler = autoscaler(clock)
+    assert (scaler.update(healthy(5.0, 5, 3)).prefill_workers, scaler.desired.decode_workers) == (5, 3)
+    for _ in range(30):  # first seen at 10 s, so until 300 s it has held for less than the cooldown
+        clock.now += 10
+        decision = scaler.update(healthy(1.5, 5, 3))
+        assert (decision.prefill_workers, decision.decode_workers) == (5, 3)
+    clock.now += 10
+    decision = scaler.update(healthy(1.5, 5, 3))
+    assert (decision.prefill_workers, decision.decode_workers) == (2, 1)
+    # A burst a minute later is met at once.
+    clock.now += 60
+    decision = scaler.update(healthy(6.0, 2, 1))
+    assert (decision.prefill_workers, decision.decode_workers) == (6, 3) and "needs" in decision.reason
+
+
+def test_a_missed_objective_adds_a_worker_to_the_pool_that_misses_it_once_per_settle_window() -> None:
+    clock = FakeClock()
+    scaler = autoscaler(clock)
+    slow_tokens = PoolMetrics(arrival_rate=2.0, ttft_p90_ms=900, itl_p90_ms=140, prefill_workers=2,
+                              decode_workers=1)
+    assert (scaler.update(slow_tokens).prefill_workers, scaler.desired.decode_workers) == (2, 2)
+    clock.now += 10
+    assert scaler.update(dataclasses.replace(slow_tokens, decode_workers=2)).decode_workers == 2  # settling
+    clock.now += 60
+    assert scaler.update(dataclasses.replace(slow_tokens, decode_workers=2)).decode_workers == 3
+    queued_prefills = PoolMetrics(arrival_rate=2.0, ttft_p90_ms=4000, itl_p90_ms=60, prefill_queue=9,
+                                  prefill_workers=2, decode_workers=3)
+    clock.now += 10
+    assert scaler.update(queued_prefills).prefill_workers == 3
+
+
+def test_idle_scales_to_zero_and_the_first_request_brings_one_decode_worker_back() -> None:
+    clock = FakeClock()
+    scaler = autoscaler(clock)
+    scaler.update(healthy(3.0, 3, 2))
+    for _ in range(59):
+        clock.now += 10
+        decision = scaler.update(PoolMetrics(arrival_rate=0.0, prefill_workers=3, decode_workers=2))
+        assert decision.decode_workers >= 1
+    clock.now += 10
+    decision = scaler.update(PoolMetrics(arrival_rate=0.0, prefill_workers=0, decode_workers=1))
+    assert (decision.prefill_workers, decision.decode_workers) == (0, 0) and "zero" in decision.reason
+    clock.now += 3600
+    woken = scaler.request_arrived()
+    assert (woken.prefill_workers, woken.decode_workers) == (0, 1)
+    clock.now += 10
+    decision = scaler.update(healthy(0.5, 0, 1))
+    assert decision.decode_workers >= 1 and decision.prefill_workers >= 1
