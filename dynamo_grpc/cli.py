@@ -38,6 +38,7 @@ from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
 if TYPE_CHECKING:
+    from control_plane.compiler import Plan
     from dynamo_grpc.frontend import RunningFrontend
 
 log = logging.getLogger("dynamo_grpc")
@@ -120,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--k8s-etcd", default=None, help="etcd endpoints the pods use (default: the spec's)")
     sub.add_argument("--k8s-shared-memory", action="store_true",
                      help="share the node's /dev/shm and process ids so same-node pairs move KV in place")
+    sub = roles.add_parser("up", help="run the plan's processes for this host, restarting any that die")
+    sub.add_argument("spec", help="the deployment spec")
+    sub.add_argument("--host", default="", help="which of the spec's hosts this machine is (default: guessed)")
+    sub = roles.add_parser("down", help="stop what `dynamo-grpc up SPEC` runs")
+    sub.add_argument("spec", help="the deployment spec")
     sub = roles.add_parser("from-vllm", help="turn a `vllm serve ...` command line into a disaggregated spec")
     sub.add_argument("--gpus", type=int, default=None, help="GPUs on the node (default: what the command used)")
     sub.add_argument("--host-name", default="node-0", help="name of the node in the spec")
@@ -269,6 +275,8 @@ async def _main(args: argparse.Namespace) -> int:
         return await _bench(args)
     if command == "frontend":
         return await _frontend(args)
+    if command == "up":
+        return await _up(args)
     if command == "serve":
         return await _serve(args)
     server = server_config(args)
@@ -293,16 +301,45 @@ def _make_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan_of(spec_path: str) -> cp_pb.Plan | None:
+def _compiled(spec_path: str) -> Plan:
     from control_plane.compiler import compile_spec
     from control_plane.spec import SpecError, load_spec
 
-    if not spec_path:
-        return None
     try:
-        return compile_spec(load_spec(spec_path)).to_proto()
+        return compile_spec(load_spec(spec_path))
     except (SpecError, OSError) as error:
-        raise ConfigError(f"--spec: {error}") from None
+        raise ConfigError(str(error)) from None
+
+
+def _plan_of(spec_path: str) -> cp_pb.Plan | None:
+    return _compiled(spec_path).to_proto() if spec_path else None
+
+
+async def _up(args: argparse.Namespace) -> int:
+    from control_plane.supervisor import Supervisor, local_host, state_dir
+
+    plan = _compiled(args.spec)
+    try:
+        supervisor = Supervisor(plan, args.host or local_host(plan), state_dir(plan))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"dynamo-grpc up: {len(supervisor.children)} processes of {plan.name!r} on {supervisor.host}, logs in "
+          f"{supervisor.state}; stop with Ctrl-C or `dynamo-grpc down {args.spec}`", flush=True)
+    await supervisor.run(stop)
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from control_plane.supervisor import signal_down
+
+    if not signal_down(_compiled(args.spec)):
+        print(f"dynamo-grpc down: no `dynamo-grpc up {args.spec}` is running", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -376,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         return _compile(args)
     if args.command == "from-vllm":
         return _from_vllm(args)
+    if args.command == "down":
+        try:
+            return _down(args)
+        except ConfigError as error:
+            print(f"dynamo-grpc down: {error}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {args.command} %(name)s: %(message)s")
     try:

@@ -1,0 +1,139 @@
+"""The local target: run a plan's processes for one host, restart the ones that die, stop them all in order.
+
+`dynamo-grpc up SPEC` runs a `Supervisor` in the foreground; `dynamo-grpc down SPEC` (another shell)
+signals it through the pid file in its state folder. Each process logs to `<state>/<id>.log`.
+Start order: control plane, workers, router (so it finds workers); stop order is the reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from control_plane.compiler import Plan, PlannedProcess
+
+log = logging.getLogger(__name__)
+
+STATE_ROOT = Path(os.environ.get("DYNAMO_GRPC_STATE_DIR") or Path.home() / ".cache" / "dynamo-grpc" / "up")
+_ORDER = {"control-plane": 0, "prefill": 1, "decode": 1, "router": 2}
+_STOP_GRACE_S = 10.0
+
+
+def state_dir(plan: Plan) -> Path:
+    return STATE_ROOT / plan.name
+
+
+def local_host(plan: Plan) -> str:
+    """The plan's host this machine is: named like it, or the only host, or the one on a loopback address."""
+    hosts = {p.host: p.address for p in plan.processes}
+    if len(hosts) == 1:
+        return next(iter(hosts))
+    names = {socket.gethostname(), socket.getfqdn()}
+    for host, address in sorted(hosts.items()):
+        if host in names or address.startswith("127.") or address == "localhost":
+            return host
+    raise ValueError(f"none of the plan's hosts ({', '.join(sorted(hosts))}) is this machine; pass --host")
+
+
+@dataclass
+class _Child:
+    spec: PlannedProcess
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    backoff_s: float = 1.0
+
+
+@dataclass
+class Supervisor:
+    plan: Plan
+    host: str
+    state: Path
+    max_backoff_s: float = 30.0
+    children: list[_Child] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        mine = [p for p in self.plan.processes if p.host == self.host]
+        if not mine:
+            raise ValueError(f"the plan has no processes on host {self.host!r}")
+        self.children = [_Child(p) for p in sorted(mine, key=lambda p: _ORDER.get(p.role, 1))]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start everything, keep it running until `stop` is set, then stop everything."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        pid_file = self.state / "supervisor.pid"
+        pid_file.write_text(str(os.getpid()))
+        try:
+            for child in self.children:
+                await self._start(child)
+            while not stop.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=0.5)
+                for child in self.children:
+                    if not stop.is_set() and child.proc is not None and child.proc.returncode is not None:
+                        await self._restart(child, stop)
+        finally:
+            await self._stop_all()
+            pid_file.unlink(missing_ok=True)
+
+    async def _start(self, child: _Child) -> None:
+        command = list(child.spec.command)
+        if command[0] == "dynamo-grpc":  # the same interpreter, whether or not the script is on PATH
+            command[:1] = [sys.executable, "-m", "dynamo_grpc.cli"]
+        with open(self.state / f"{child.spec.id}.log", "ab") as out:  # noqa: ASYNC230 - a local file, once
+            child.proc = await asyncio.create_subprocess_exec(
+                *command, stdout=out, stderr=asyncio.subprocess.STDOUT, env={**os.environ, **child.spec.env},
+                start_new_session=True)
+        log.info("started %s (pid %d): %s", child.spec.id, child.proc.pid, child.spec.shell())
+
+    async def _restart(self, child: _Child, stop: asyncio.Event) -> None:
+        assert child.proc is not None
+        log.warning("%s exited with %s; restarting in %.0f s (see %s)", child.spec.id, child.proc.returncode,
+                    child.backoff_s, self.state / f"{child.spec.id}.log")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=child.backoff_s)
+        if stop.is_set():
+            return
+        child.restarts += 1
+        child.backoff_s = min(child.backoff_s * 2, self.max_backoff_s)
+        await self._start(child)
+
+    async def _stop_all(self) -> None:
+        for child in reversed(self.children):
+            proc = child.proc
+            if proc is None or proc.returncode is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=_STOP_GRACE_S)
+            except asyncio.TimeoutError:
+                log.warning("%s did not stop within %.0f s; killing it", child.spec.id, _STOP_GRACE_S)
+                os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+            log.info("stopped %s", child.spec.id)
+
+
+def signal_down(plan: Plan, *, timeout_s: float = 30.0) -> bool:
+    """Ask a running `up` of this plan to stop everything; False when none is running."""
+    import time
+
+    pid_file = state_dir(plan) / "supervisor.pid"
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, signal.SIGTERM)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    raise TimeoutError(f"`dynamo-grpc up` (pid {pid}) did not stop within {timeout_s:.0f} s")
