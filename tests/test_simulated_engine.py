@@ -141,3 +141,27 @@ async def test_time_scale_runs_the_clock_faster() -> None:
     tokens, _ = await run(engine, "fast", max_tokens=50, ignore_eos=True)
     assert len(tokens) == 50 and engine.steps == 50
     assert loop.time() - started < 0.5  # 50 steps of 20 simulated ms = 1 s of simulated time
+
+
+async def test_prefix_cache_skips_blocks_earlier_requests_computed() -> None:
+    cost = RecordingCost()
+    engine = SimulatedEngine(SimulatedEngineConfig(num_blocks=64), cost=cost)
+
+    async def usage_of(prompt: str, rid: str, engine: SimulatedEngine = engine) -> tuple[list[int], int]:
+        tokens, cached = [], -1
+        async for out in engine.generate(EngineRequest(rid, prompt, Sampling(max_tokens=3, temperature=0.0,
+                                                                             ignore_eos=True))):
+            tokens += out.token_ids
+            cached = out.usage.cached_tokens if out.usage else cached
+        return tokens, cached
+
+    shared = "s" * 64
+    first, cached_first = await usage_of(shared + "tail one", "a")
+    again, cached_again = await usage_of(shared + "tail one", "b")
+    other, cached_other = await usage_of(shared + "another", "c")
+    assert (cached_first, cached_again, cached_other) == (0, 64, 64)  # two full 32-token blocks
+    assert again == first  # reused KV gives the same tokens
+    assert sum(p for p, _, _, _ in cost.steps) == 72 + 8 + 7  # later prompts computed only past the cache
+    off = SimulatedEngine(SimulatedEngineConfig(num_blocks=64, prefix_caching=False))
+    await usage_of(shared + "tail one", "d", off)
+    assert (await usage_of(shared + "tail one", "e", off))[1] == 0

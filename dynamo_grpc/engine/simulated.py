@@ -13,6 +13,7 @@ import hashlib
 import math
 import random
 import zlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -52,6 +53,8 @@ class SimulatedEngineConfig:
     """Simulated seconds per wall-clock second; above 1 the engine runs faster than real time."""
     cost_model: str = ""
     """Step times: "" for the two settings above, or an H100-calibrated shape: llama3_8b, llama3_70b."""
+    prefix_caching: bool = True
+    """Reuse the KV of prompt blocks that earlier requests computed."""
 
     def __post_init__(self) -> None:
         if self.cost_model and self.cost_model not in SHAPES:
@@ -100,6 +103,45 @@ def synthesize_kv(prompt: tuple[int, ...], *, block_size: int, bytes_per_token: 
         seed = int.from_bytes(prefix.digest(), "little")
         parts.append(np.random.default_rng(seed).bytes(len(block) * bytes_per_token))
     return b"".join(parts)
+
+
+def block_hashes(prompt: tuple[int, ...], block_size: int) -> list[bytes]:
+    """One hash per full block, each covering the whole prefix up to it (the prefix cache's keys)."""
+    prefix = hashlib.blake2b(digest_size=8)
+    hashes = []
+    for start in range(0, len(prompt) - block_size + 1, block_size):
+        prefix.update(np.asarray(prompt[start:start + block_size], dtype=np.uint32).tobytes())
+        hashes.append(prefix.digest())
+    return hashes
+
+
+class PrefixCache:
+    """Which full prompt blocks this engine still has, newest last; the oldest are forgotten first.
+
+    Like vLLM's, it reuses the KV of blocks that finished requests left behind. Unlike vLLM's, cached
+    blocks do not count against the block pool: the cache holds at most `capacity` block hashes.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._blocks: OrderedDict[bytes, None] = OrderedDict()
+
+    def hit_blocks(self, hashes: list[bytes]) -> int:
+        """How many leading blocks are cached; they become the most recently used."""
+        hits = 0
+        for digest in hashes:
+            if digest not in self._blocks:
+                break
+            self._blocks.move_to_end(digest)
+            hits += 1
+        return hits
+
+    def store(self, hashes: list[bytes]) -> None:
+        for digest in hashes:
+            self._blocks[digest] = None
+            self._blocks.move_to_end(digest)
+        while len(self._blocks) > self.capacity:
+            self._blocks.popitem(last=False)
 
 
 class StepCost(Protocol):
@@ -176,6 +218,7 @@ class SimulatedEngine:
         self._cost = cost or (load_cost_model(config.cost_model) if config.cost_model else
                               LinearStepCost(config.prefill_s_per_token * 1e3, config.decode_step_s * 1e3))
         self._blocks = BlockPool(config.num_blocks)
+        self._prefix_cache = PrefixCache(config.num_blocks) if config.prefix_caching else None
         self._live: dict[str, _Sequence] = {}
         self._scheduled: list[_Sequence] = []
         self._stepper: asyncio.Task[None] | None = None
@@ -210,6 +253,12 @@ class SimulatedEngine:
                 # The prompt's KV comes from a prefill worker; the last prompt token is recomputed.
                 seq.kv, seq.transfer = await self._pull(request.kv_handle, rid, len(prompt))
                 seq.to_prefill, seq.usage.cached_tokens = 1, len(prompt)
+            elif self._prefix_cache is not None:
+                # Cached leading blocks need no compute; the last prompt token is always computed.
+                cached = min(self._prefix_cache.hit_blocks(block_hashes(prompt, self.config.block_size))
+                             * self.config.block_size, len(prompt) - 1)
+                seq.to_prefill -= cached
+                seq.usage.cached_tokens = cached
             if seq.aborted:
                 yield EngineOutput(finish_reason=FinishReason.CANCELLED, usage=seq.usage)
                 return
@@ -225,6 +274,8 @@ class SimulatedEngine:
             self._live.pop(rid, None)
             if seq in self._scheduled:
                 self._scheduled.remove(seq)
+            if self._prefix_cache is not None and seq.tokens is not None:
+                self._prefix_cache.store(block_hashes(prompt, self.config.block_size))
             self._finished += 1
             if seq.blocks:
                 self._blocks.release(seq.blocks)
