@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 
 from control_plane.pairing import compute_pairings
@@ -19,6 +19,7 @@ from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 log = logging.getLogger(__name__)
 
 PAIRINGS_DOCUMENT = "pairings"
+_MAX_RETRY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ class Fleet:
         self._first_snapshot = asyncio.Event()
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._follow_workers()), asyncio.create_task(self._follow_pairings())]
+        self._tasks = [asyncio.create_task(self._keep_following("workers", self._follow_workers)),
+                       asyncio.create_task(self._keep_following("pairings", self._follow_pairings))]
         await self._first_snapshot.wait()
 
     async def stop(self) -> None:
@@ -101,6 +103,18 @@ class Fleet:
             yield
         finally:
             self._in_flight[worker.worker_id] -= 1
+
+    async def _keep_following(self, what: str, follow: Callable[[], Awaitable[None]]) -> None:
+        """A watch that fails is started again, so the router never keeps serving from a frozen view."""
+        delay = 0.5
+        while True:
+            try:
+                await follow()
+                return  # the registry was closed
+            except Exception as error:  # noqa: BLE001 - logged, then retried
+                log.warning("fleet: watching %s failed (%s); retrying in %.1f s", what, error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_RETRY_S)
 
     async def _follow_workers(self) -> None:
         async for snapshot in self._registry.watch_workers():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from control_plane.pairing import compute_pairings
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -24,3 +26,30 @@ def test_only_compatible_workers_pair_and_same_host_comes_first() -> None:
 
 def test_no_decode_workers_means_no_pairs() -> None:
     assert not compute_pairings([worker("p", pb.WORKER_ROLE_PREFILL)]).pairings
+
+
+async def test_the_fleet_restarts_a_failed_registry_watch() -> None:
+    from dynamo_grpc.fleet import Fleet
+    from dynamo_grpc.registry import MemoryRegistry, RegistryUnavailable
+
+    class FlakyRegistry(MemoryRegistry):
+        failures = 1
+
+        async def watch_workers(self):  # type: ignore[override]
+            if self.failures:
+                self.failures -= 1
+                raise RegistryUnavailable("etcd is restarting")
+            async for snapshot in super().watch_workers():
+                yield snapshot
+
+    registry = FlakyRegistry()
+    fleet = Fleet(registry)
+    await asyncio.wait_for(fleet.start(), timeout=5)
+    await registry.register(pb.WorkerInfo(worker_id="d1", role=pb.WORKER_ROLE_DECODE, model="m", endpoint="x:1"))
+    for _ in range(50):
+        if "d1" in fleet.workers:
+            break
+        await asyncio.sleep(0.02)
+    assert "d1" in fleet.workers and registry.failures == 0
+    await fleet.stop()
+    await registry.close()
