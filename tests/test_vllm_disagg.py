@@ -237,3 +237,35 @@ async def test_cancels_and_expiry_leave_no_blocks_held(cluster: Stubs) -> None:
     prefill_stats = await cluster.prefill_stats()
     assert prefill_stats.transfers_expired >= 1 and prefill_stats.held_kv_bytes == 0
     assert not list(shm.SHM_DIR.glob(f"{SEGMENT_PREFIX}{os.getpid()}-*"))
+
+
+async def test_openai_chat_through_the_frontend_on_real_engines(cluster: Stubs, tiny_model_dir: Path) -> None:
+    import openai
+    from transformers import AutoTokenizer
+
+    from dynamo_grpc.frontend import start_frontend
+    from dynamo_grpc.openai_protocol import load_chat_template
+
+    frontend = await start_frontend(cluster.deployment.router.endpoint, cluster.deployment.router.registry,
+                                    host="127.0.0.1", port=0, chat_template=load_chat_template(tiny_model_dir))
+    client = openai.AsyncOpenAI(base_url=f"{frontend.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where is the river?"}]
+    try:
+        stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS,
+                                                      temperature=0, stream=True,
+                                                      stream_options={"include_usage": True})
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            usage = chunk.usage or usage
+    finally:
+        await client.close()
+        await frontend.stop()
+    # The prompt is the model's own chat template, tokenized as HF does it; the answer is HF's greedy one.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert usage is not None and usage.prompt_tokens == len(prompt_ids) and usage.completion_tokens == MAX_TOKENS
+    expected = hf_greedy(tiny_model_dir, prompt_ids, MAX_TOKENS)
+    assert text == tokenizer.decode(expected, skip_special_tokens=True)
