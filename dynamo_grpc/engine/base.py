@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from dynamo_grpc.errors import FailedPrecondition
 from dynamo_grpc.v1 import common_pb2 as pb
 
 
@@ -59,6 +60,16 @@ class EngineOutput:
     usage: pb.Usage | None = None
     kv_handle: pb.KvHandle | None = None
     kv_transfer: pb.KvTransferStats | None = None
+
+
+def check_kv_roles(request: EngineRequest, *, holds_kv: bool, pulls_kv: bool) -> None:
+    """Refuse a KV mode this worker was not built for: prefill needs a KV store, decode-with-handle a puller."""
+    if request.produce_kv and not holds_kv:
+        raise FailedPrecondition("this worker holds no KV store; it cannot serve prefill requests",
+                                 request_id=request.request_id, reason="NOT_A_PREFILL_WORKER")
+    if request.kv_handle is not None and not pulls_kv:
+        raise FailedPrecondition("this worker cannot pull KV", request_id=request.request_id,
+                                 reason="NOT_A_DECODE_WORKER")
 
 
 class Engine(Protocol):

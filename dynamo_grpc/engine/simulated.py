@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from dynamo_grpc.channels import ChannelPool
-from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason
+from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason, check_kv_roles
 from dynamo_grpc.engine.cost_model import SHAPES, load_cost_model
 from dynamo_grpc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from dynamo_grpc.kv_client import KvPuller
@@ -381,11 +381,7 @@ class SimulatedEngine:
                 f"prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
                 f"of {self.config.max_model_len} tokens; shorten the prompt or lower max_tokens",
                 request_id=rid, reason="CONTEXT_TOO_LONG")
-        if request.produce_kv and self._store is None:
-            raise FailedPrecondition("this worker holds no KV store; it cannot serve prefill requests",
-                                     request_id=rid, reason="NOT_A_PREFILL_WORKER")
-        if request.kv_handle is not None and self._puller is None:
-            raise FailedPrecondition("this worker cannot pull KV", request_id=rid, reason="NOT_A_DECODE_WORKER")
+        check_kv_roles(request, holds_kv=self._store is not None, pulls_kv=self._puller is not None)
         blocks = math.ceil(total / self.config.block_size)
         if blocks > self._blocks.total:
             raise ResourceExhausted(

@@ -26,7 +26,7 @@ from typing import Any
 
 from dynamo_grpc import shm
 from dynamo_grpc.channels import ChannelPool
-from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason
+from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason, check_kv_roles
 from dynamo_grpc.errors import AlreadyExists, DynamoError, FailedPrecondition, InvalidArgument, NotFound
 from dynamo_grpc.kv_client import KvPuller
 from dynamo_grpc.kv_store import LeasedKvStore
@@ -71,6 +71,11 @@ def _set_cpu_defaults(config: VllmEngineConfig) -> None:
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "dynamo-grpc" / "vllm"))
 
 
+def _new_segment_name() -> str:
+    """Named after this process, so `shm.sweep` can remove it if the process dies."""
+    return f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+
+
 class VllmEngine:
     kind = "vllm"
 
@@ -91,7 +96,8 @@ class VllmEngine:
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=config.model_path, served_model_name=config.model, dtype=config.dtype,
             block_size=config.block_size, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens or None, enforce_eager=config.enforce_eager, disable_log_stats=False,
+            max_num_batched_tokens=config.max_num_batched_tokens or None, enforce_eager=config.enforce_eager,
+            disable_log_stats=False,  # the per-step stats feed `_KvUsage`
             kv_transfer_config=KVTransferConfig(
                 kv_connector=CONNECTOR_NAME, kv_connector_module_path=CONNECTOR_MODULE,
                 kv_role="kv_both", kv_load_failure_policy="fail")),
@@ -99,14 +105,12 @@ class VllmEngine:
         vllm_config = self._llm.vllm_config
         model_config, cache = vllm_config.model_config, vllm_config.cache_config
         self._num_layers = model_config.get_num_layers(vllm_config.parallel_config)
-        kv_dtype = config.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
-        self._bytes_per_token = (2 * self._num_layers * model_config.get_num_kv_heads(vllm_config.parallel_config)
-                                 * model_config.get_head_size() * model_config.dtype.itemsize)
-        self._kv_dtype = kv_dtype
+        kv_heads, head_size = model_config.get_num_kv_heads(vllm_config.parallel_config), model_config.get_head_size()
+        self._kv_dtype = config.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
+        self._bytes_per_token = 2 * self._num_layers * kv_heads * head_size * model_config.dtype.itemsize
         self.fingerprint = (
-            f"vllm-{vllm.__version__}/{config.model}/{config.dtype}/kv-{kv_dtype}/bs{cache.block_size}"
-            f"/L{self._num_layers}xH{model_config.get_num_kv_heads(vllm_config.parallel_config)}"
-            f"xD{model_config.get_head_size()}/tp{vllm_config.parallel_config.tensor_parallel_size}")
+            f"vllm-{vllm.__version__}/{config.model}/{config.dtype}/kv-{self._kv_dtype}/bs{cache.block_size}"
+            f"/L{self._num_layers}xH{kv_heads}xD{head_size}/tp{vllm_config.parallel_config.tensor_parallel_size}")
         self._store = kv_store
         self._puller = KvPuller(kv_channels, fingerprint=self.fingerprint) if kv_channels else None
         self._host = host
@@ -128,11 +132,7 @@ class VllmEngine:
         if rid in self._live:
             raise AlreadyExists(f"request id {rid!r} is already running on this worker; use a fresh id",
                                 request_id=rid)
-        if request.produce_kv and self._store is None:
-            raise FailedPrecondition("this worker holds no KV store; it cannot serve prefill requests",
-                                     request_id=rid, reason="NOT_A_PREFILL_WORKER")
-        if request.kv_handle is not None and self._puller is None:
-            raise FailedPrecondition("this worker cannot pull KV", request_id=rid, reason="NOT_A_DECODE_WORKER")
+        check_kv_roles(request, holds_kv=self._store is not None, pulls_kv=self._puller is not None)
         self._live.add(rid)
         try:
             engine_input = await self._render(request)
@@ -171,7 +171,7 @@ class VllmEngine:
     async def _prefill(self, request: EngineRequest, engine_input: Any) -> AsyncIterator[EngineOutput]:
         """One token; the prompt's KV ends up in a leased shared-memory segment."""
         assert self._store is not None
-        segment = f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+        segment = _new_segment_name()
         params = self._sampling(request, max_tokens=1, kv_transfer={"save_to": segment})
         leased = False
         try:
@@ -207,7 +207,7 @@ class VllmEngine:
                 f"KV handle covers {handle.num_tokens} tokens but the prompt has {prompt_tokens}; "
                 "send the same prompt that was prefilled", request_id=rid, reason="KV_HANDLE_PROMPT_MISMATCH")
         self._puller.check_compatible(handle, request_id=rid)
-        segment = f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+        segment = _new_segment_name()
         try:
             transfer = self._take_in_place(handle, segment) or await self._pull_into(handle, segment, rid)
             # For a linked segment, the release is what checks the pull token and that the lease still holds.
@@ -215,15 +215,18 @@ class VllmEngine:
                 raise NotFound(f"KV transfer {handle.transfer_id} is gone (lease expired or already taken); "
                                "prefill again", request_id=rid, reason="KV_HANDLE_EXPIRED")
             params = self._sampling(request, kv_transfer={"load_from": segment, "num_tokens": handle.num_tokens})
+            loaded = False
             async for out, _ in self._run(request, engine_input, params):
-                shm.unlink(segment)  # the engine's first step has read it
+                if not loaded:  # the engine's first step has read the segment
+                    shm.unlink(segment)
+                    loaded = True
                 if out.finish_reason is not None:
                     out.kv_transfer = transfer
                     if out.usage is not None:
                         out.usage.cached_tokens = max(out.usage.cached_tokens, handle.num_tokens - 1)
                 yield out
         finally:
-            shm.unlink(segment)
+            shm.unlink(segment)  # when the request ended before its first step
 
     async def _pull_into(self, handle: pb.KvHandle, segment: str, rid: str) -> pb.KvTransferStats:
         """Pull the KV over gRPC into a new local segment."""
