@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from dynamo_grpc.channels import CHANNEL_OPTIONS
-from dynamo_grpc.streams import first_set
+from dynamo_grpc.streams import start_then_cancel
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import router_pb2 as router_pb
 from dynamo_grpc.v1 import router_pb2_grpc as router_grpc
@@ -30,13 +30,10 @@ class GenerateStream:
         self._ended = asyncio.Event()
         self._request_id = request_id
 
-        async def requests() -> AsyncIterator[router_pb.GenerateRequest]:
-            yield router_pb.GenerateRequest(request_id=request_id, start=params)
-            await first_set(self._cancel, self._ended)
-            if not self._ended.is_set():
-                yield router_pb.GenerateRequest(request_id=request_id, cancel=pb.CancelAction(reason="client cancel"))
-
-        self.call = stub.Generate(requests())
+        self.call = stub.Generate(start_then_cancel(
+            router_pb.GenerateRequest(request_id=request_id, start=params),
+            router_pb.GenerateRequest(request_id=request_id, cancel=pb.CancelAction(reason="client cancel")),
+            self._cancel, self._ended))
 
     def cancel(self) -> None:
         self._cancel.set()

@@ -13,7 +13,7 @@ from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.errors import AlreadyExists, DeadlineExceeded, DynamoError, from_rpc_error
 from dynamo_grpc.fleet import Fleet
 from dynamo_grpc.params import deadline_timer, estimated_tokens, prompt_of, sampling_of, seconds_left
-from dynamo_grpc.streams import first_set
+from dynamo_grpc.streams import start_then_cancel
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
@@ -133,15 +133,11 @@ class Router:
                       cancelled: asyncio.Event) -> AsyncIterator[decode_pb.DecodeResponse]:
         ended = asyncio.Event()
 
-        async def requests() -> AsyncIterator[decode_pb.DecodeRequest]:
-            yield decode_pb.DecodeRequest(request_id=request_id, start=start)
-            # Ends with the call, so gRPC's task sending these messages never outlives it.
-            await first_set(cancelled, ended)
-            if not ended.is_set():
-                yield decode_pb.DecodeRequest(request_id=request_id, cancel=pb.CancelAction(reason="client cancelled"))
-
         stub = decode_grpc.DecodeServiceStub(self._channels.get(worker.endpoint))
-        call = stub.Decode(requests())
+        call = stub.Decode(start_then_cancel(
+            decode_pb.DecodeRequest(request_id=request_id, start=start),
+            decode_pb.DecodeRequest(request_id=request_id, cancel=pb.CancelAction(reason="client cancelled")),
+            cancelled, ended))
         try:
             async for event in call:
                 yield event

@@ -92,6 +92,16 @@ async def coalesce(outputs: AsyncIterator[EngineOutput]) -> AsyncIterator[Engine
             await task
 
 
+async def start_then_cancel(start: Any, cancel: Any, cancelled: asyncio.Event, ended: asyncio.Event
+                            ) -> AsyncIterator[Any]:
+    """The client side of one of our bidi calls: `start`, then `cancel` if `cancelled` is set first.
+    It ends when the call has `ended`, so gRPC's task sending these messages never outlives the call."""
+    yield start
+    await first_set(cancelled, ended)
+    if not ended.is_set():
+        yield cancel
+
+
 async def first_set(*events: asyncio.Event) -> None:
     """Wait until any of `events` is set."""
     waits = [asyncio.ensure_future(event.wait()) for event in events]
