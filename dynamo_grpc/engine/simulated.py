@@ -14,7 +14,7 @@ import math
 import random
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -93,26 +93,24 @@ class BlockPool:
             self._room.notify_all()
 
 
-def synthesize_kv(prompt: tuple[int, ...], *, block_size: int, bytes_per_token: int) -> bytes:
-    """Deterministic stand-in KV bytes; each block depends on its whole prefix, like real attention KV."""
-    parts = []
+def _prefix_digests(prompt: tuple[int, ...], block_size: int) -> Iterator[tuple[int, bytes]]:
+    """(tokens in the block, hash of the whole prefix up to its end) for each block, the last maybe partial."""
     prefix = hashlib.blake2b(digest_size=8)
     for start in range(0, len(prompt), block_size):
         block = prompt[start:start + block_size]
         prefix.update(np.asarray(block, dtype=np.uint32).tobytes())
-        seed = int.from_bytes(prefix.digest(), "little")
-        parts.append(np.random.default_rng(seed).bytes(len(block) * bytes_per_token))
-    return b"".join(parts)
+        yield len(block), prefix.digest()
+
+
+def synthesize_kv(prompt: tuple[int, ...], *, block_size: int, bytes_per_token: int) -> bytes:
+    """Deterministic stand-in KV bytes; each block depends on its whole prefix, like real attention KV."""
+    return b"".join(np.random.default_rng(int.from_bytes(digest, "little")).bytes(tokens * bytes_per_token)
+                    for tokens, digest in _prefix_digests(prompt, block_size))
 
 
 def block_hashes(prompt: tuple[int, ...], block_size: int) -> list[bytes]:
     """One hash per full block, each covering the whole prefix up to it (the prefix cache's keys)."""
-    prefix = hashlib.blake2b(digest_size=8)
-    hashes = []
-    for start in range(0, len(prompt) - block_size + 1, block_size):
-        prefix.update(np.asarray(prompt[start:start + block_size], dtype=np.uint32).tobytes())
-        hashes.append(prefix.digest())
-    return hashes
+    return [digest for tokens, digest in _prefix_digests(prompt, block_size) if tokens == block_size]
 
 
 class PrefixCache:
@@ -246,6 +244,7 @@ class SimulatedEngine:
                         to_prefill=len(prompt) + len(request.resume))
         self._live[rid] = seq
         needed, seq.blocks = seq.blocks, 0
+        hashes = block_hashes(prompt, self.config.block_size) if self._prefix_cache is not None else []
         try:
             await self._blocks.acquire(needed)
             seq.blocks = needed
@@ -255,7 +254,7 @@ class SimulatedEngine:
                 seq.to_prefill, seq.usage.cached_tokens = 1, len(prompt)
             elif self._prefix_cache is not None:
                 # Cached leading blocks need no compute; the last prompt token is always computed.
-                cached = min(self._prefix_cache.hit_blocks(block_hashes(prompt, self.config.block_size))
+                cached = min(self._prefix_cache.hit_blocks(hashes)
                              * self.config.block_size, len(prompt) - 1)
                 seq.to_prefill -= cached
                 seq.usage.cached_tokens = cached
@@ -275,7 +274,7 @@ class SimulatedEngine:
             if seq in self._scheduled:
                 self._scheduled.remove(seq)
             if self._prefix_cache is not None and seq.tokens is not None:
-                self._prefix_cache.store(block_hashes(prompt, self.config.block_size))
+                self._prefix_cache.store(hashes)
             self._finished += 1
             if seq.blocks:
                 self._blocks.release(seq.blocks)
