@@ -216,7 +216,8 @@ async def test_client_disconnect_cancels_the_request_everywhere(served: Served) 
     stream = await served.client.completions.create(model=MODEL, prompt="walk away", max_tokens=5000, stream=True,
                                                     extra_body={"ignore_eos": True})
     received = [await stream.__anext__() for _ in range(5)]
-    assert all(c.choices[0].text for c in received)
+    # Sampling is random here, and an ignored EOS streams as empty text: ask for text, not text in every chunk.
+    assert "".join(c.choices[0].text for c in received)
     assert (await served.stubs.decode_stats()).active_requests == 1
     await stream.close()
 
