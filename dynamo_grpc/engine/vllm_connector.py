@@ -35,7 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from dynamo_grpc import shm
-from dynamo_grpc.engine.kv_blocks import load_blocks, save_blocks
+from dynamo_grpc.engine.kv_blocks import block_major, load_blocks, save_blocks
 from dynamo_grpc.engine.vllm_engine import CONNECTOR_NAME
 
 if TYPE_CHECKING:
@@ -132,11 +132,10 @@ class DynamoKvConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         num_blocks = self._kv_cache_config.num_blocks
         for name in sorted(kv_caches):
-            cache = kv_caches[name]
-            if cache.shape[0] != num_blocks:
-                raise RuntimeError(f"{CONNECTOR_NAME}: KV cache of {name} has shape {tuple(cache.shape)}; "
-                                   f"expected {num_blocks} blocks in dimension 0")
-            self._kv_caches.append(cache)
+            try:
+                self._kv_caches += block_major(kv_caches[name], num_blocks)
+            except ValueError as error:
+                raise RuntimeError(f"{CONNECTOR_NAME}: layer {name}: {error}") from None
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         plan = self._get_connector_metadata()
