@@ -128,9 +128,12 @@ def compile_spec(spec: Spec) -> Plan:
     for role, host, port in (("router", spec.router.host, spec.router.port),
                              ("control-plane", spec.control_plane.host, spec.control_plane.port)):
         command = _server_command(spec, role, host, port)
-        if role == "router" and spec.router.min_uncached_tokens:
-            # Without a prefix index every prompt token counts as uncached.
-            command = (*command, "--disagg-min-prompt-tokens", str(spec.router.min_uncached_tokens))
+        if role == "router":
+            command = (*command, "--policy", spec.router.policy)
+            if spec.router.policy == "kv_aware" and spec.model.engine == "vllm":
+                command = (*command, "--tokenizer", spec.model.path)  # to look text prompts up
+            if spec.router.min_uncached_tokens:
+                command = (*command, "--disagg-min-prompt-tokens", str(spec.router.min_uncached_tokens))
         processes.append(PlannedProcess(id=role, role=role, host=host, address=spec.host(host).address, port=port,
                                         command=command))
     pairings = _initial_pairings(spec, processes)
@@ -210,12 +213,9 @@ def _notes(spec: Spec, pairings: tuple[tuple[str, str, bool], ...]) -> list[str]
     if tp > 1:
         notes.append(f"tensor_parallel_size {tp}: each worker gets {tp} GPUs in CUDA_VISIBLE_DEVICES, but the "
                      "worker CLI has no --tensor-parallel-size flag yet")
-    if spec.router.policy != "least_loaded":
-        notes.append(f"router policy {spec.router.policy} is recorded in the plan; the router has no prefix "
-                     "index yet and picks the least-loaded pair")
-    if spec.router.min_uncached_tokens:
+    if spec.router.min_uncached_tokens and spec.router.policy != "kv_aware":
         notes.append(f"min_uncached_tokens {spec.router.min_uncached_tokens} counts every prompt token as "
-                     "uncached (no prefix index yet)")
+                     f"uncached: only the kv_aware policy knows what workers cache")
     if spec.slo.ttft_ms is not None or spec.slo.itl_ms is not None:
         notes.append("SLO targets are recorded for sizing; nothing enforces them at run time")
     for where, extra in (("model", spec.model.extra_engine_args), ("prefill", spec.prefill.extra_engine_args),

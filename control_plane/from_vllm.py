@@ -153,7 +153,7 @@ def spec_from_vllm(argv: list[str], *, gpus: int | None = None, host_name: str =
         "name": name or _slug(served_name), "model": model,
         "hosts": [{"name": host_name, "address": address, "gpus": gpus}],
         "prefill": dict(pool), "decode": dict(pool),
-        "router": {"port": 50051, "policy": "least_loaded"},
+        "router": {"port": 50051, "policy": "kv_aware"},
         "etcd": [etcd],
     }, source="from-vllm")
     return spec, notes

@@ -432,7 +432,7 @@ def pool_plan_to_spec(plan: PoolPlan, *, model_path: str, served_name: str,
         "decode": {"workers": plan.decode_workers, "tensor_parallel_size": plan.tensor_parallel_size,
                    "hosts": decode_hosts, "engine_args": decode_args},
         # The simulated fleet routed each request to the least-loaded worker; so does this router.
-        "router": {"policy": "least_loaded"},
+        "router": {"policy": "kv_aware"},
         "slo": {"ttft_ms": plan.objectives.ttft_ms, "itl_ms": plan.objectives.itl_ms},
         "etcd": [etcd] if isinstance(etcd, str) else list(etcd),
     }

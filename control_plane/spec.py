@@ -32,9 +32,8 @@ from typing import Any
 
 import yaml
 
-from dynamo_grpc.config import ENGINES, KV_PULL_FAILURE_POLICIES
+from dynamo_grpc.config import ENGINES, KV_PULL_FAILURE_POLICIES, ROUTING_POLICIES
 
-ROUTER_POLICIES = ("kv_aware", "least_loaded", "round_robin")
 DEFAULT_ROUTER_PORT = 50051
 DEFAULT_CONTROL_PLANE_PORT = 50052
 DEFAULT_BASE_PORT = 50100
@@ -79,7 +78,7 @@ class PoolSpec:
 class RouterSpec:
     host: str
     port: int = DEFAULT_ROUTER_PORT
-    policy: str = "least_loaded"
+    policy: str = "kv_aware"
     min_uncached_tokens: int = 0
     """Prompts with fewer uncached tokens than this may be served without a separate prefill."""
 
@@ -590,7 +589,7 @@ class _Checker:
             return _MISSING
         host = self.host_ref(items.get("host"), "router.host", host_names, default_host)
         port = self.port(items.get("port"), "router.port", DEFAULT_ROUTER_PORT)
-        policy = self.choice(items.get("policy"), "router.policy", ROUTER_POLICIES, "policy", "least_loaded")
+        policy = self.choice(items.get("policy"), "router.policy", ROUTING_POLICIES, "policy", "kv_aware")
         min_uncached: Any = 0
         if "disaggregation" in items:
             sub = self.mapping(items["disaggregation"], "router.disaggregation", (), ("min_uncached_tokens",))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import (
+    ROUTING_POLICIES,
     ConfigError,
     ServerConfig,
     add_engine_flags,
@@ -48,6 +49,12 @@ DEFAULT_HTTP_PORT = 8000
 
 
 def add_router_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "policy", default="kv_aware", choices=ROUTING_POLICIES,
+             help="how the router picks workers: kv_aware (prefix-cache hits and queued prompt tokens), "
+             "least_loaded (requests in flight) or round_robin")
+    add_flag(parser, "tokenizer", default="",
+             help="the model's tokenizer directory, so kv_aware routing can look up text prompts for vLLM "
+             "workers (token-id prompts and simulated workers need none)")
     add_flag(parser, "max-migrations", default=DEFAULT_MAX_MIGRATIONS, type=int,
              help="times a request moves to another decode worker when its worker dies mid-stream")
     add_flag(parser, "disagg-min-prompt-tokens", default=0, type=int,
@@ -58,7 +65,8 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def router_settings(args: argparse.Namespace) -> dict[str, object]:
-    return {"max_migrations": args.max_migrations, "policy": DisaggregationPolicy(
+    return {"max_migrations": args.max_migrations, "routing": args.policy, "tokenizer": args.tokenizer,
+            "policy": DisaggregationPolicy(
         min_prompt_tokens=args.disagg_min_prompt_tokens, max_prefill_queue=args.disagg_max_prefill_queue)}
 
 
@@ -184,7 +192,10 @@ async def _serve(args: argparse.Namespace) -> int:
     registry = await _connect_registry(worker.server, required=False)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(registry.close)
-        deployment = await start_all_in_one(worker, registry, **router_settings(args))
+        settings = router_settings(args)
+        if not settings["tokenizer"] and hasattr(worker.engine, "model_path"):
+            settings["tokenizer"] = worker.engine.model_path  # the router reads the prompts vLLM will
+        deployment = await start_all_in_one(worker, registry, **settings)
         stack.push_async_callback(deployment.stop)
         endpoint, model = deployment.router.endpoint, worker.engine.model
         print(f"dynamo-grpc: serving {model!r}; send requests to RouterService at {endpoint} "

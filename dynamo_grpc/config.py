@@ -20,6 +20,7 @@ EngineConfig = SimulatedEngineConfig | VllmEngineConfig
 ENGINES: dict[str, type[SimulatedEngineConfig] | type[VllmEngineConfig]] = {
     "vllm": VllmEngineConfig, "simulated": SimulatedEngineConfig}
 KV_PULL_FAILURE_POLICIES = ("fail", "local-prefill")
+ROUTING_POLICIES = ("kv_aware", "least_loaded", "round_robin")
 
 
 class ConfigError(ValueError):

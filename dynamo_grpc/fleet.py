@@ -7,14 +7,21 @@ import contextlib
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
+import grpc
+
 from control_plane.pairing import compute_pairings
+from dynamo_grpc.channels import ChannelPool
+from dynamo_grpc.config import ROUTING_POLICIES
 from dynamo_grpc.errors import NotFound, Unavailable
+from dynamo_grpc.kv_events import PrefixIndex
 from dynamo_grpc.registry import Registry
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
+from dynamo_grpc.v1 import kv_events_pb2 as events_pb
+from dynamo_grpc.v1 import kv_events_pb2_grpc as events_grpc
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +48,39 @@ class Route:
 
     decode: pb.WorkerInfo
     prefill: pb.WorkerInfo | None
+    uncached_tokens: int = 0
+    """Prompt tokens the prefilling worker (the prefill one, else the decode one) has to compute."""
 
 
 class Fleet:
-    """Follows the registry and picks the least-loaded compatible pair per request.
+    """Follows the registry and picks a compatible pair per request, by the routing policy.
 
+    - kv_aware: the prefill goes where it finishes first: the fewest prompt tokens still to compute
+      there, counting this prompt's tokens that worker's prefix cache does not hold (known from every
+      worker's KV events); the decode goes to the least-loaded worker paired with it.
+    - least_loaded: the pair with the fewest requests in flight from this router.
+    - round_robin: the pairs in turn.
     Pairings come from the control plane's published table when there is one; without a control
     plane, the router derives the same table itself, so a router works standalone.
     """
 
-    def __init__(self, registry: Registry, policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE) -> None:
+    def __init__(self, registry: Registry, policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE, *,
+                 routing: str = "kv_aware", channels: ChannelPool | None = None) -> None:
+        if routing not in ROUTING_POLICIES:
+            raise ValueError(f"routing policy must be one of {', '.join(ROUTING_POLICIES)}, got {routing!r}")
         self._registry = registry
         self._policy = policy
+        self.routing = routing
         self.workers: dict[str, pb.WorkerInfo] = {}
+        self.prefix_index = PrefixIndex()
+        self._own_channels = channels is None
+        self._channels = channels if channels is not None else ChannelPool()
+        self._cache_feeds: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._table: cp_pb.PairingTable | None = None
         self._in_flight: Counter[str] = Counter()
+        self._queued_tokens: Counter[str] = Counter()
         self._tie_breaker = itertools.count()
+        self._turn = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
         self._first_snapshot = asyncio.Event()
 
@@ -66,13 +90,18 @@ class Fleet:
         await self._first_snapshot.wait()
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *(task for _, task in self._cache_feeds.values())]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._own_channels:
+            await self._channels.close()
 
-    def route(self, model: str, request_id: str, *, prompt_tokens: int = 0, exclude: Collection[str] = ()) -> Route:
-        """The pair for a request; `exclude` names decode workers that just failed it. A short prompt, or a
-        saturated prefill worker, keeps the prefill on the decode worker (conditional disaggregation)."""
+    def route(self, model: str, request_id: str, *, prompt_tokens: int = 0, prompt: Sequence[int] | None = None,
+              exclude: Collection[str] = ()) -> Route:
+        """The pair for a request; `exclude` names decode workers that just failed it. `prompt` (token ids)
+        lets the kv_aware policy count cached tokens. A short uncached prompt, or a saturated prefill
+        worker, keeps the prefill on the decode worker (conditional disaggregation)."""
         decodes = {w.worker_id: w for w in self.workers.values()
                    if w.role == pb.WORKER_ROLE_DECODE and w.model == model and w.worker_id not in exclude}
         if not decodes:
@@ -84,25 +113,56 @@ class Fleet:
                            request_id=request_id, reason="MODEL_NOT_FOUND")
         table = self._table if self._table is not None else compute_pairings(self.workers.values())
         pairs = [p for p in table.pairings if p.decode_worker_id in decodes and p.prefill_worker_id in self.workers]
+        prompt_tokens = len(prompt) if prompt is not None else prompt_tokens
+        cached: dict[str, int] = {}
+        if self.routing == "kv_aware" and prompt is not None:
+            cached = self.prefix_index.cached_tokens(prompt, {*decodes, *(p.prefill_worker_id for p in pairs)})
+
+        def uncached(worker_id: str) -> int:
+            return prompt_tokens - cached.get(worker_id, 0)
+
+        def prefill_work(worker_id: str) -> int:
+            """Prompt tokens the worker must compute before this request's prefill is done."""
+            return self._queued_tokens[worker_id] + uncached(worker_id)
+
         if not pairs:
-            decode = min(decodes.values(), key=lambda w: (self._in_flight[w.worker_id], next(self._tie_breaker)))
-            return Route(decode=decode, prefill=None)
-        best = min(pairs, key=lambda p: (self._in_flight[p.decode_worker_id] + self._in_flight[p.prefill_worker_id],
-                                         not p.same_host, next(self._tie_breaker)))
-        policy = self._policy
-        if prompt_tokens < policy.min_prompt_tokens or (
+            candidates = sorted(decodes)
+            if self.routing == "round_robin":
+                decode = candidates[next(self._turn) % len(candidates)]
+            else:
+                key = prefill_work if self.routing == "kv_aware" else self._in_flight.__getitem__
+                decode = min(candidates, key=lambda w: (key(w), next(self._tie_breaker)))
+            return Route(decode=decodes[decode], prefill=None, uncached_tokens=uncached(decode))
+        if self.routing == "round_robin":
+            best = sorted(pairs, key=lambda p: (p.prefill_worker_id, p.decode_worker_id))[next(self._turn) % len(pairs)]
+        elif self.routing == "kv_aware":
+            best = min(pairs, key=lambda p: (prefill_work(p.prefill_worker_id), self._in_flight[p.decode_worker_id],
+                                             not p.same_host, next(self._tie_breaker)))
+        else:
+            best = min(pairs, key=lambda p: (self._in_flight[p.decode_worker_id] +
+                                             self._in_flight[p.prefill_worker_id], not p.same_host,
+                                             next(self._tie_breaker)))
+        decode, policy = decodes[best.decode_worker_id], self._policy
+        if uncached(decode.worker_id) < policy.min_prompt_tokens or (
                 policy.max_prefill_queue and self._in_flight[best.prefill_worker_id] >= policy.max_prefill_queue):
-            return Route(decode=decodes[best.decode_worker_id], prefill=None)
-        return Route(decode=decodes[best.decode_worker_id], prefill=self.workers[best.prefill_worker_id])
+            return Route(decode=decode, prefill=None, uncached_tokens=uncached(decode.worker_id))
+        return Route(decode=decode, prefill=self.workers[best.prefill_worker_id],
+                     uncached_tokens=uncached(best.prefill_worker_id))
+
+    def engine_of(self, model: str) -> str:
+        """The engine kind serving `model` ("" when none is registered)."""
+        return next((w.engine for w in self.workers.values() if w.model == model), "")
 
     @contextlib.contextmanager
-    def busy(self, worker: pb.WorkerInfo) -> Iterator[None]:
-        """Count a request against a worker while it runs there."""
+    def busy(self, worker: pb.WorkerInfo, tokens: int = 0) -> Iterator[None]:
+        """Count a request, and the prompt tokens it has to compute there, against a worker while it runs."""
         self._in_flight[worker.worker_id] += 1
+        self._queued_tokens[worker.worker_id] += tokens
         try:
             yield
         finally:
             self._in_flight[worker.worker_id] -= 1
+            self._queued_tokens[worker.worker_id] -= tokens
 
     async def _keep_following(self, what: str, follow: Callable[[], Awaitable[None]]) -> None:
         """A watch that fails is started again, so the router never keeps serving from a frozen view."""
@@ -123,7 +183,40 @@ class Fleet:
                 log.info("fleet: %d workers (joined: %s; left: %s)", len(snapshot), sorted(joined) or "-",
                          sorted(left) or "-")
             self.workers = snapshot
+            self._follow_caches()
             self._first_snapshot.set()
+
+    def _follow_caches(self) -> None:
+        """One KV-event feed per worker, for the kv_aware policy's prefix index."""
+        if self.routing != "kv_aware":
+            return
+        for worker_id, (endpoint, task) in list(self._cache_feeds.items()):
+            worker = self.workers.get(worker_id)
+            if worker is None or worker.endpoint != endpoint:  # gone, or back at another address
+                task.cancel()
+                del self._cache_feeds[worker_id]
+                self.prefix_index.forget(worker_id)
+        for worker_id, worker in self.workers.items():
+            if worker_id not in self._cache_feeds:
+                self._cache_feeds[worker_id] = (worker.endpoint, asyncio.create_task(self._follow_cache(worker)))
+
+    async def _follow_cache(self, worker: pb.WorkerInfo) -> None:
+        """Index the worker's cache; a broken feed is dropped from the index and restarted (it begins
+        with a full snapshot). A worker whose engine reports no events stays out of the index."""
+        delay = 0.5
+        stub = events_grpc.KvEventServiceStub(self._channels.get(worker.endpoint))
+        while True:
+            try:
+                async for change in stub.WatchKvEvents(events_pb.WatchKvEventsRequest()):
+                    self.prefix_index.apply(worker.worker_id, change)
+                    delay = 0.5
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return
+                log.debug("fleet: KV events of %s: %s; retrying in %.1f s", worker.worker_id, error.details(), delay)
+            self.prefix_index.forget(worker.worker_id)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _MAX_RETRY_S)
 
     async def _follow_pairings(self) -> None:
         async for data in self._registry.watch_document(PAIRINGS_DOCUMENT):

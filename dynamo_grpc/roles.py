@@ -22,10 +22,12 @@ from dynamo_grpc.decode_service import DecodeServicer
 from dynamo_grpc.engine.base import Engine
 from dynamo_grpc.engine.simulated import SimulatedEngine, SimulatedEngineConfig
 from dynamo_grpc.fleet import ALWAYS_DISAGGREGATE, DisaggregationPolicy, Fleet
+from dynamo_grpc.kv_event_service import KvEventServicer
 from dynamo_grpc.kv_store import LeasedKvStore
 from dynamo_grpc.kv_transfer_service import KvTransferServicer
 from dynamo_grpc.kv_wire import add_kv_transfer_service
 from dynamo_grpc.prefill_service import PrefillServicer
+from dynamo_grpc.prompt_tokens import PromptTokenizer
 from dynamo_grpc.registry import Registry
 from dynamo_grpc.router import DEFAULT_MAX_MIGRATIONS, Router
 from dynamo_grpc.router_service import RouterServicer
@@ -35,6 +37,8 @@ from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
+from dynamo_grpc.v1 import kv_events_pb2 as events_pb
+from dynamo_grpc.v1 import kv_events_pb2_grpc as events_grpc
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
@@ -88,6 +92,14 @@ async def start_engine(config: WorkerConfig, *, kv_store: LeasedKvStore | None =
     return await asyncio.to_thread(VllmEngine, config.engine, kv_store=kv_store, kv_channels=kv_channels, host=host)
 
 
+def _kv_events(engine: Engine) -> list[ServiceBinding]:
+    """Every worker tells routers what its prefix cache holds, when its engine reports it."""
+    if engine.kv_events is None:
+        return []
+    return [ServiceBinding(KvEventServicer(engine.kv_events), events_grpc.add_KvEventServiceServicer_to_server,
+                           _service(events_pb, "KvEventService"))]
+
+
 def _worker_info(worker_id: str, role: int, engine: Engine, endpoint: str, server: ServerConfig
                  ) -> pb.WorkerInfo:
     started = timestamp_pb2.Timestamp()
@@ -105,6 +117,7 @@ async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole
                        _service(prefill_pb, "PrefillService")),
         ServiceBinding(KvTransferServicer(store), add_kv_transfer_service,
                        _service(kv_pb, "KvTransferService")),
+        *_kv_events(engine),
     ], host=config.server.host, port=config.server.port)
     endpoint = store.endpoint = config.server.endpoint(server.port)
     worker_id = config.resolved_worker_id("prefill")
@@ -126,6 +139,7 @@ async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     server = await start_server([
         ServiceBinding(decode, decode_grpc.add_DecodeServiceServicer_to_server,
                        _service(decode_pb, "DecodeService")),
+        *_kv_events(engine),
     ], host=config.server.host, port=config.server.port)
     endpoint = config.server.endpoint(server.port)
     await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_DECODE, engine, endpoint, config.server))
@@ -135,11 +149,12 @@ async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
 
 async def start_router(config: ServerConfig, registry: Registry, *,
                        max_migrations: int = DEFAULT_MAX_MIGRATIONS,
-                       policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE) -> RunningRole:
+                       policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE, routing: str = "kv_aware",
+                       tokenizer: str = "") -> RunningRole:
     channels = ChannelPool()
-    fleet = Fleet(registry, policy)
+    fleet = Fleet(registry, policy, routing=routing, channels=channels)
     await fleet.start()
-    router = Router(fleet, channels, max_migrations=max_migrations)
+    router = Router(fleet, channels, max_migrations=max_migrations, tokenizer=PromptTokenizer(tokenizer))
     server = await start_server([
         ServiceBinding(RouterServicer(router), router_grpc.add_RouterServiceServicer_to_server,
                        _service(router_pb, "RouterService")),
@@ -181,7 +196,8 @@ class Deployment:
 
 async def start_all_in_one(worker: WorkerConfig, registry: Registry, *,
                            max_migrations: int = DEFAULT_MAX_MIGRATIONS,
-                           policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE) -> Deployment:
+                           policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE, routing: str = "kv_aware",
+                           tokenizer: str = "") -> Deployment:
     """Control plane, one prefill and one decode worker on free ports, and the router on `worker.server.port`."""
     internal = dataclasses.replace(worker.server, port=0)
     started: list[RunningRole] = []
@@ -195,7 +211,8 @@ async def start_all_in_one(worker: WorkerConfig, registry: Registry, *,
         for failure in workers:
             if isinstance(failure, BaseException):
                 raise failure
-        started.append(await start_router(worker.server, registry, max_migrations=max_migrations, policy=policy))
+        started.append(await start_router(worker.server, registry, max_migrations=max_migrations, policy=policy,
+                                          routing=routing, tokenizer=tokenizer))
     except BaseException:
         for role in reversed(started):
             await role.stop()

@@ -13,6 +13,7 @@ from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.errors import AlreadyExists, DeadlineExceeded, DynamoError, from_rpc_error
 from dynamo_grpc.fleet import Fleet
 from dynamo_grpc.params import deadline_timer, estimated_tokens, prompt_of, sampling_of, seconds_left
+from dynamo_grpc.prompt_tokens import PromptTokenizer
 from dynamo_grpc.streams import start_then_cancel
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
@@ -30,10 +31,12 @@ DEFAULT_MAX_MIGRATIONS = 2
 
 
 class Router:
-    def __init__(self, fleet: Fleet, channels: ChannelPool, *, max_migrations: int = DEFAULT_MAX_MIGRATIONS) -> None:
+    def __init__(self, fleet: Fleet, channels: ChannelPool, *, max_migrations: int = DEFAULT_MAX_MIGRATIONS,
+                 tokenizer: PromptTokenizer | None = None) -> None:
         self._fleet = fleet
         self._channels = channels
         self._max_migrations = max_migrations
+        self._tokenizer = tokenizer or PromptTokenizer()
         self._live: set[str] = set()
 
     async def generate(self, request_id: str, params: pb.GenerationParams, cancelled: asyncio.Event
@@ -62,11 +65,15 @@ class Router:
 
     async def _run(self, request_id: str, params: pb.GenerationParams, cancelled: asyncio.Event,
                    timeout: float | None) -> AsyncIterator[router_pb.GenerateResponse]:
-        route = self._fleet.route(params.model, request_id, prompt_tokens=estimated_tokens(params))
+        prompt = None
+        if self._fleet.routing == "kv_aware":
+            prompt = self._tokenizer.token_ids(params, self._fleet.engine_of(params.model))
+        tokens = len(prompt) if prompt is not None else estimated_tokens(params)
+        route = self._fleet.route(params.model, request_id, prompt_tokens=tokens, prompt=prompt)
         handle = None
         # 1) Prefill on the paired worker (its KV is then held there under a lease).
         if route.prefill is not None:
-            handle = await self._prefill(route.prefill, request_id, params, timeout)
+            handle = await self._prefill(route.prefill, request_id, params, timeout, route.uncached_tokens)
             if cancelled.is_set():
                 if handle is not None:
                     await self._release(handle, request_id)
@@ -78,11 +85,12 @@ class Router:
         start = decode_pb.DecodeStart(params=params, kv_handle=handle,
                                       prefill_worker_id=route.prefill.worker_id if handle else "")
         decode, generated, failed = route.decode, [], []
+        to_compute = route.uncached_tokens if handle is None else 0
         consumed = False
         try:
             while True:
                 try:
-                    with self._fleet.busy(decode):
+                    with self._fleet.busy(decode, to_compute):
                         async for event in self._decode(decode, request_id, start, cancelled):
                             if event.HasField("completion"):
                                 consumed = event.completion.kv_transfer.bytes > 0
@@ -114,10 +122,10 @@ class Router:
             error.code == grpc.StatusCode.CANCELLED and not cancelled.is_set())
 
     async def _prefill(self, worker: pb.WorkerInfo, request_id: str, params: pb.GenerationParams,
-                       timeout: float | None) -> pb.KvHandle | None:
+                       timeout: float | None, tokens: int) -> pb.KvHandle | None:
         """The KV handle, or None when the prefill worker is gone (the decode worker then prefills)."""
         stub = prefill_grpc.PrefillServiceStub(self._channels.get(worker.endpoint))
-        with self._fleet.busy(worker):
+        with self._fleet.busy(worker, tokens):
             try:
                 response = await stub.Prefill(prefill_pb.PrefillRequest(request_id=request_id, params=params),
                                               timeout=timeout)

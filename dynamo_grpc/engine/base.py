@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from dynamo_grpc.errors import FailedPrecondition
+from dynamo_grpc.kv_events import KvEventLog
 from dynamo_grpc.v1 import common_pb2 as pb
 
 
@@ -78,6 +79,8 @@ class Engine(Protocol):
     model: str
     fingerprint: str
     kind: str
+    kv_events: KvEventLog | None
+    """The blocks its prefix cache holds and their changes; None when the engine does not report them."""
 
     def capacity(self) -> pb.WorkerCapacity: ...
 

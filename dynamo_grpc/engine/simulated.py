@@ -9,7 +9,6 @@ expires, and abort frees everything. Tokens are bytes; generated ones are printa
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import random
 import zlib
@@ -25,6 +24,7 @@ from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason, c
 from dynamo_grpc.engine.cost_model import SHAPES, load_cost_model
 from dynamo_grpc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from dynamo_grpc.kv_client import KvPuller
+from dynamo_grpc.kv_events import KvEventLog, block_hashes, prefix_hashes
 from dynamo_grpc.kv_store import LeasedKvStore
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -93,24 +93,15 @@ class BlockPool:
             self._room.notify_all()
 
 
-def _prefix_digests(prompt: tuple[int, ...], block_size: int) -> Iterator[tuple[int, bytes]]:
-    """(tokens in the block, hash of the whole prefix up to its end) for each block, the last maybe partial."""
-    prefix = hashlib.blake2b(digest_size=8)
-    for start in range(0, len(prompt), block_size):
-        block = prompt[start:start + block_size]
-        prefix.update(np.asarray(block, dtype=np.uint32).tobytes())
-        yield len(block), prefix.digest()
+def tokenize(prompt: str | tuple[int, ...]) -> tuple[int, ...]:
+    """The simulated model's tokenizer: UTF-8 bytes."""
+    return tuple(prompt.encode()) if isinstance(prompt, str) else prompt
 
 
 def synthesize_kv(prompt: tuple[int, ...], *, block_size: int, bytes_per_token: int) -> bytes:
     """Deterministic stand-in KV bytes; each block depends on its whole prefix, like real attention KV."""
-    return b"".join(np.random.default_rng(int.from_bytes(digest, "little")).bytes(tokens * bytes_per_token)
-                    for tokens, digest in _prefix_digests(prompt, block_size))
-
-
-def block_hashes(prompt: tuple[int, ...], block_size: int) -> list[bytes]:
-    """One hash per full block, each covering the whole prefix up to it (the prefix cache's keys)."""
-    return [digest for tokens, digest in _prefix_digests(prompt, block_size) if tokens == block_size]
+    return b"".join(np.random.default_rng(digest).bytes(tokens * bytes_per_token)
+                    for tokens, digest in prefix_hashes(prompt, block_size))
 
 
 class PrefixCache:
@@ -120,11 +111,12 @@ class PrefixCache:
     blocks do not count against the block pool: the cache holds at most `capacity` block hashes.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, events: KvEventLog) -> None:
         self.capacity = capacity
-        self._blocks: OrderedDict[bytes, None] = OrderedDict()
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+        self._events = events
 
-    def hit_blocks(self, hashes: list[bytes]) -> int:
+    def hit_blocks(self, hashes: list[int]) -> int:
         """How many leading blocks are cached; they become the most recently used."""
         hits = 0
         for digest in hashes:
@@ -134,12 +126,13 @@ class PrefixCache:
             hits += 1
         return hits
 
-    def store(self, hashes: list[bytes]) -> None:
+    def store(self, hashes: list[int]) -> None:
         for digest in hashes:
             self._blocks[digest] = None
             self._blocks.move_to_end(digest)
-        while len(self._blocks) > self.capacity:
-            self._blocks.popitem(last=False)
+        evicted = [self._blocks.popitem(last=False)[0] for _ in range(len(self._blocks) - self.capacity)]
+        self._events.stored(hashes)
+        self._events.removed(evicted)
 
 
 class StepCost(Protocol):
@@ -216,7 +209,9 @@ class SimulatedEngine:
         self._cost = cost or (load_cost_model(config.cost_model) if config.cost_model else
                               LinearStepCost(config.prefill_s_per_token * 1e3, config.decode_step_s * 1e3))
         self._blocks = BlockPool(config.num_blocks)
-        self._prefix_cache = PrefixCache(config.num_blocks) if config.prefix_caching else None
+        self.kv_events = KvEventLog(config.block_size)
+        self._prefix_cache = PrefixCache(config.num_blocks, self.kv_events) if config.prefix_caching else None
+        self._prompt_tokens = self._hit_tokens = 0
         self._live: dict[str, _Sequence] = {}
         self._scheduled: list[_Sequence] = []
         self._stepper: asyncio.Task[None] | None = None
@@ -233,7 +228,7 @@ class SimulatedEngine:
                            dtype="uint8")
 
     def tokenize(self, prompt: str | tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(prompt.encode()) if isinstance(prompt, str) else prompt
+        return tokenize(prompt)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         rid = request.request_id
@@ -258,6 +253,8 @@ class SimulatedEngine:
                              * self.config.block_size, len(prompt) - 1)
                 seq.to_prefill -= cached
                 seq.usage.cached_tokens = cached
+                self._prompt_tokens += len(prompt)
+                self._hit_tokens += cached
             if seq.aborted:
                 yield EngineOutput(finish_reason=FinishReason.CANCELLED, usage=seq.usage)
                 return
@@ -286,7 +283,8 @@ class SimulatedEngine:
 
     def stats(self) -> pb.WorkerStats:
         stats = pb.WorkerStats(active_requests=len(self._live), used_kv_blocks=self._blocks.total - self._blocks.free,
-                               total_kv_blocks=self._blocks.total, requests_finished=self._finished)
+                               total_kv_blocks=self._blocks.total, requests_finished=self._finished,
+                               prompt_tokens=self._prompt_tokens, prefix_cache_hit_tokens=self._hit_tokens)
         if self._store is not None:
             self._store.add_stats(stats)
         return stats

@@ -116,6 +116,7 @@ class VllmEngine:
         self._host = host
         self._live: set[str] = set()
         self._finished = 0
+        self.kv_events = None
 
     def capacity(self) -> pb.WorkerCapacity:
         cache = self._llm.vllm_config.cache_config

@@ -199,7 +199,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., endpoint: _Optional[str] = ..., host: _Optional[str] = ..., engine_fingerprint: _Optional[str] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("active_requests", "used_kv_blocks", "total_kv_blocks", "held_transfers", "held_kv_bytes", "transfers_completed", "transfers_expired", "requests_finished")
+    __slots__ = ("active_requests", "used_kv_blocks", "total_kv_blocks", "held_transfers", "held_kv_bytes", "transfers_completed", "transfers_expired", "requests_finished", "prompt_tokens", "prefix_cache_hit_tokens")
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     USED_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +208,8 @@ class WorkerStats(_message.Message):
     TRANSFERS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     active_requests: int
     used_kv_blocks: int
     total_kv_blocks: int
@@ -216,4 +218,6 @@ class WorkerStats(_message.Message):
     transfers_completed: int
     transfers_expired: int
     requests_finished: int
-    def __init__(self, active_requests: _Optional[int] = ..., used_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., held_transfers: _Optional[int] = ..., held_kv_bytes: _Optional[int] = ..., transfers_completed: _Optional[int] = ..., transfers_expired: _Optional[int] = ..., requests_finished: _Optional[int] = ...) -> None: ...
+    prompt_tokens: int
+    prefix_cache_hit_tokens: int
+    def __init__(self, active_requests: _Optional[int] = ..., used_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., held_transfers: _Optional[int] = ..., held_kv_bytes: _Optional[int] = ..., transfers_completed: _Optional[int] = ..., transfers_expired: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ...) -> None: ...

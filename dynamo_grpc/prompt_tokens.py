@@ -1,0 +1,41 @@
+"""A prompt's token ids as the engines will see them, so the router can look its blocks up."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from dynamo_grpc.engine import simulated
+from dynamo_grpc.v1 import common_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class PromptTokenizer:
+    """Token-id prompts are used as they are; text is tokenized like the serving engine does: bytes for
+    the simulated engine, the model's Hugging Face tokenizer (`tokenizer_dir`) for vLLM. Without one,
+    text prompts to vLLM workers are routed by load alone."""
+
+    def __init__(self, tokenizer_dir: str = "") -> None:
+        self._dir = tokenizer_dir
+        self._hf: Any = None
+        self._warned = False
+
+    def token_ids(self, params: pb.GenerationParams, engine: str) -> tuple[int, ...] | None:
+        if params.prompt.WhichOneof("form") == "token_ids":
+            return tuple(params.prompt.token_ids.ids)
+        text = params.prompt.text
+        if engine == "simulated":
+            return simulated.tokenize(text)
+        if self._dir:
+            if self._hf is None:
+                from transformers import AutoTokenizer
+
+                self._hf = AutoTokenizer.from_pretrained(self._dir)
+            # Special tokens as the engine adds them (vLLM tokenizes with add_special_tokens=True).
+            return tuple(self._hf(text)["input_ids"])
+        if not self._warned:
+            self._warned = True
+            log.warning("router: text prompts for %s workers are routed by load only; pass --tokenizer to "
+                        "route them by prefix-cache hits too", engine)
+        return None
