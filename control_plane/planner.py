@@ -30,7 +30,9 @@ from dynamo_grpc.loadgen import Lengths, Objectives, Workload, summarize
 BLOCK_SIZE = 16
 """KV block size of the simulated fleet; the KV-capacity estimate rounds sequences up to it."""
 AGGREGATED_CHUNKS = (256, 512, 1024, 2048)
-PREFILL_CHUNK_TOKENS = 8192
+PREFILL_BUDGETS = (256, 512, 1024, 2048, 4096, 8192, 16384)
+SATURATION = 0.95
+"""A prefill token budget saturates the GPU when a prompt prefills within 5% of the fastest budget's time."""
 REQUIRED_ATTAINMENT = 0.95
 """Share of requests that must meet both objectives for a simulated fleet to count as meeting them."""
 STABLE_UTILISATION = 0.97
@@ -86,6 +88,8 @@ class Estimate:
 
     prefill_ms: float
     """One prompt on an idle prefill worker."""
+    prefill_budget: int
+    """Tokens per prefill step (`max_num_batched_tokens` of the prefill pool), from `prefill_token_budget`."""
     prefill_rps_per_gpu: float
     kv_batch_limit: int
     """Sequences whose KV (prompt and output) fits one GPU's KV memory."""
@@ -146,7 +150,8 @@ class PoolPlan:
             f"aggregated {e.aggregated_workers}" if e.aggregated_workers else "aggregated: none")
         lines = [(f"{self.model}, ISL {w.isl} / OSL {w.osl} at {w.rate:g} req/s, TTFT <= {o.ttft_ms:g} ms, "
                   f"ITL <= {o.itl_ms:g} ms (TP {self.tensor_parallel_size}, simulated H100s)"),
-                 (f"  estimate: prefill {e.prefill_ms:.0f} ms/prompt -> {e.prefill_rps_per_gpu:.2f} req/s per GPU; "
+                 (f"  estimate: prefill {e.prefill_ms:.0f} ms/prompt in steps of {e.prefill_budget} tokens -> "
+                  f"{e.prefill_rps_per_gpu:.2f} req/s per GPU; "
                   f"decode batch {e.decode_batch} at {e.decode_step_ms:.0f} ms/step -> "
                   f"{e.decode_rps_per_gpu:.2f} req/s per GPU; {guess}"),
                  "  simulated:"]
@@ -170,6 +175,17 @@ def _prefill_ms(cost: StepCostModel, tokens: int, chunk: int) -> float:
         total += cost.prefill_ms(step, done)
         done += step
     return total
+
+
+def prefill_token_budget(cost: StepCostModel, isl: int) -> int:
+    """The smallest step budget that saturates the GPU for this prompt length.
+
+    Past it, a bigger step prefills no faster (attention grows with the square of the chunk) but every
+    prompt batched into it waits for the whole step, so TTFT only gets worse.
+    """
+    times = {budget: _prefill_ms(cost, isl, budget) for budget in PREFILL_BUDGETS}
+    fastest = min(times.values())
+    return min(budget for budget, ms in times.items() if ms * SATURATION <= fastest)
 
 
 def _kv_batch_limit(model: str, workload: PlannerWorkload, kv_memory_gb: float) -> int:
@@ -217,7 +233,8 @@ def estimate_pools(model: str, workload: PlannerWorkload, objectives: Objectives
     TTFT objective, or a single decode step longer than the ITL objective).
     """
     cost = load_cost_model(model)
-    prefill_ms = _prefill_ms(cost, workload.isl, PREFILL_CHUNK_TOKENS)
+    prefill_budget = prefill_token_budget(cost, workload.isl)
+    prefill_ms = _prefill_ms(cost, workload.isl, prefill_budget)
     context = workload.isl + workload.osl / 2
     max_batch = _kv_batch_limit(model, workload, kv_memory_gb)
     if max_batch < 1:
@@ -245,7 +262,8 @@ def estimate_pools(model: str, workload: PlannerWorkload, objectives: Objectives
             aggregated[chunk] = within
     best_aggregated = max(aggregated.values(), default=0.0)
     return Estimate(
-        prefill_ms=prefill_ms, prefill_rps_per_gpu=prefill_rps, kv_batch_limit=max_batch, decode_batch=batch, decode_step_ms=step_ms,
+        prefill_ms=prefill_ms, prefill_budget=prefill_budget, prefill_rps_per_gpu=prefill_rps,
+        kv_batch_limit=max_batch, decode_batch=batch, decode_step_ms=step_ms,
         decode_rps_per_gpu=decode_rps, decode_max_rps_per_gpu=decode_max_rps,
         prefill_workers=math.ceil(workload.rate / (prefill_rps * utilisation)),
         decode_workers=math.ceil(workload.rate / (decode_rps * utilisation)),
@@ -336,7 +354,8 @@ def plan_pools(model: str, workload: PlannerWorkload, objectives: Objectives, *,
                   if workload.rate / (p * estimate.prefill_rps_per_gpu) <= STABLE_UTILISATION
                   and workload.rate / ((size - p) * estimate.decode_max_rps_per_gpu) <= STABLE_UTILISATION]
         return first_meeting([FleetShape(decode_workers=size - p, prefill_workers=p, link=link,
-                                         prefill_chunk_tokens=PREFILL_CHUNK_TOKENS) for p in sorted(stable, key=load)])
+                                         prefill_chunk_tokens=estimate.prefill_budget)
+                            for p in sorted(stable, key=load)])
 
     def aggregated_at(size: int) -> Verification | None:
         chunks = sorted(estimate.aggregated_rps_per_gpu, key=lambda c: -estimate.aggregated_rps_per_gpu[c])
@@ -431,7 +450,7 @@ def pool_plan_to_spec(plan: PoolPlan, *, model_path: str, served_name: str,
                     "hosts": prefill_hosts, "engine_args": {"max_num_batched_tokens": plan.shape.prefill_chunk_tokens}},
         "decode": {"workers": plan.decode_workers, "tensor_parallel_size": plan.tensor_parallel_size,
                    "hosts": decode_hosts, "engine_args": decode_args},
-        # The simulated fleet routed each request to the least-loaded worker; so does this router.
+        # The simulated fleet routed least-loaded, which kv_aware matches for prompts sharing no prefix.
         "router": {"policy": "kv_aware"},
         "slo": {"ttft_ms": plan.objectives.ttft_ms, "itl_ms": plan.objectives.itl_ms},
         "etcd": [etcd] if isinstance(etcd, str) else list(etcd),

@@ -16,12 +16,15 @@ from control_plane.planner import (
     PoolCapacity,
     PoolMetrics,
     PoolPlan,
+    _prefill_ms,
     estimate_pools,
     plan_pools,
     pool_plan_to_spec,
+    prefill_token_budget,
     verify,
 )
 from control_plane.spec import dump_spec, parse_spec
+from dynamo_grpc.engine.cost_model import load_cost_model
 from dynamo_grpc.loadgen import Objectives
 
 MODEL = "llama3_70b"
@@ -97,12 +100,25 @@ def test_a_plan_becomes_a_spec_that_round_trips_and_compiles(plan_at_8: PoolPlan
     spec = pool_plan_to_spec(plan_at_8, model_path="/models/llama-3-70b", served_name="llama-3-70b",
                              hosts=hosts, etcd="10.0.0.1:2379")
     assert (spec.prefill.workers, spec.decode.workers) == (plan_at_8.prefill_workers, plan_at_8.decode_workers)
+    # The prefill pool's step budget is the plan's: the one its simulation was verified with.
+    budget = plan_at_8.estimate.prefill_budget
+    assert spec.prefill.engine_args["max_num_batched_tokens"] == budget == plan_at_8.shape.prefill_chunk_tokens
     assert parse_spec(dump_spec(spec)) == spec
     compiled = compile_spec(spec)
     assert compiled is not None
     with pytest.raises(ValueError, match="cannot hold"):
         pool_plan_to_spec(plan_at_8, model_path="/m", served_name="m", hosts=[("node-a", "10.0.0.1", 4)],
                           etcd="10.0.0.1:2379")
+
+
+@pytest.mark.parametrize(("model", "isl"), [("llama3_8b", 3000), ("llama3_70b", 3000), ("llama3_70b", 300)])
+def test_the_prefill_budget_is_the_smallest_that_saturates_the_gpu(model: str, isl: int) -> None:
+    cost = load_cost_model(model)
+    budget = prefill_token_budget(cost, isl)
+    fastest = min(_prefill_ms(cost, isl, b) for b in (256, 512, 1024, 2048, 4096, 8192, 16384))
+    assert _prefill_ms(cost, isl, budget) <= fastest / 0.95
+    assert budget == 256 or _prefill_ms(cost, isl, budget // 2) > fastest / 0.95
+    assert budget < 8192  # the flat 8192 this replaces was past saturation for these prompts
 
 
 def test_an_aggregated_plan_is_not_turned_into_a_spec(plan_at_4: PoolPlan) -> None:
