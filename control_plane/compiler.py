@@ -209,6 +209,8 @@ def _initial_pairings(spec: Spec, processes: list[PlannedProcess]) -> tuple[tupl
 def _notes(spec: Spec, pairings: tuple[tuple[str, str, bool], ...]) -> list[str]:
     """What the plan records but the runtime does not act on yet, and what the operator should know."""
     notes = []
+    if not spec.prefill.workers:
+        notes.append("prefill.workers is 0: aggregated serving, each decode worker prefills its own prompts")
     tp = spec.prefill.tensor_parallel_size
     if tp > 1:
         notes.append(f"tensor_parallel_size {tp}: each worker gets {tp} GPUs in CUDA_VISIBLE_DEVICES, but the "

@@ -420,14 +420,11 @@ def _place_pools(prefill: int, decode: int, hosts: list[tuple[str, str, int]]
 def pool_plan_to_spec(plan: PoolPlan, *, model_path: str, served_name: str,
                       hosts: list[tuple[str, str, int]], etcd: str | list[str], name: str = "planned",
                       engine: str = "vllm") -> Spec:
-    """A deployment spec for a disaggregated plan, checked by the spec parser.
+    """A deployment spec for the plan, checked by the spec parser; an aggregated plan has no prefill workers.
 
     `hosts` are (name, address, gpus). With engine "simulated" the workers run the calibrated cost model
     of the plan's model, so the planned fleet can be tried without GPUs.
     """
-    if not plan.is_disaggregated:
-        raise ValueError("the plan is aggregated, and a spec needs at least one prefill worker; use "
-                         "plan.disaggregated (the cheapest disaggregated fleet) or plan with aggregated=False")
     if not hosts:
         raise ValueError("give at least one host")
     prefill_hosts, decode_hosts = _place_pools(plan.prefill_workers, plan.decode_workers, list(hosts))
@@ -447,7 +444,8 @@ def pool_plan_to_spec(plan: PoolPlan, *, model_path: str, served_name: str,
         "model": {"path": model_path, "served_name": served_name, "engine": engine, "engine_args": model_args},
         "hosts": [{"name": h, "address": a, "gpus": g} for h, a, g in hosts],
         "prefill": {"workers": plan.prefill_workers, "tensor_parallel_size": plan.tensor_parallel_size,
-                    "hosts": prefill_hosts, "engine_args": {"max_num_batched_tokens": plan.shape.prefill_chunk_tokens}},
+                    "hosts": prefill_hosts or decode_hosts, "engine_args": {
+                        "max_num_batched_tokens": plan.shape.prefill_chunk_tokens} if plan.prefill_workers else {}},
         "decode": {"workers": plan.decode_workers, "tensor_parallel_size": plan.tensor_parallel_size,
                    "hosts": decode_hosts, "engine_args": decode_args},
         # The simulated fleet routed least-loaded, which kv_aware matches for prompts sharing no prefix.

@@ -553,7 +553,8 @@ class _Checker:
         items = self.mapping(node, role, ("workers",), ("tensor_parallel_size", "hosts", "engine_args"))
         if items is None:
             return _MISSING
-        workers = self.integer(items.get("workers"), f"{role}.workers", minimum=1)
+        # No prefill workers is an aggregated deployment: decode workers prefill their own prompts.
+        workers = self.integer(items.get("workers"), f"{role}.workers", minimum=0 if role == "prefill" else 1)
         tp = self.integer(items.get("tensor_parallel_size"), f"{role}.tensor_parallel_size", minimum=1, default=1)
         if isinstance(tp, int) and not _is_power_of_two(tp):
             lower = 1 << (tp.bit_length() - 1)
@@ -655,7 +656,7 @@ class _Checker:
                      base_port: int) -> None:
         prefill, decode = pools["prefill"], pools["decode"]
         self.engine_configs(top, model, pools)
-        if prefill.tensor_parallel_size != decode.tensor_parallel_size:
+        if prefill.workers and prefill.tensor_parallel_size != decode.tensor_parallel_size:
             node = top["decode"].value.get("tensor_parallel_size", top["decode"])
             self.problem(node.line, "decode.tensor_parallel_size",
                          f"{decode.tensor_parallel_size} differs from prefill.tensor_parallel_size "
@@ -664,7 +665,7 @@ class _Checker:
         defaults = engine_arg_defaults(model.engine)
         merged = {role: {**defaults, **model.engine_args, **pool.engine_args} for role, pool in pools.items()}
         for arg in KV_LAYOUT_ARGS:
-            if arg in defaults and merged["prefill"][arg] != merged["decode"][arg]:
+            if prefill.workers and arg in defaults and merged["prefill"][arg] != merged["decode"][arg]:
                 node = top["decode"].value.get("engine_args", top["decode"])
                 self.problem(node.line, f"decode.engine_args.{arg}",
                              f"{merged['decode'][arg]!r} differs from prefill's {merged['prefill'][arg]!r}; "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
 import sys
@@ -150,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--itl-ms", type=float, default=100.0, help="inter-token latency objective")
     sub.add_argument("--max-gpus", type=int, default=64, help="largest fleet to consider")
     sub.add_argument("--link", default="nvlink", help="KV link between pools: nvlink, rdma_400g, tcp_100g, tcp_10g")
-    sub.add_argument("--spec-out", default=None, help="write the cheapest disaggregated plan as a deployment spec")
+    sub.add_argument("--spec-out", default=None, help="write the plan (the cheapest fleet found) as a deployment spec")
     sub.add_argument("--model-path", default="/models/model", help="model path for the spec")
     sub.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoint for the spec")
     sub = roles.add_parser("make-model", help="build the tiny local Llama + tokenizer (deterministic, no hub)")
@@ -402,15 +401,10 @@ def _plan(args: argparse.Namespace) -> int:
         return 2
     print(plan.render())
     if args.spec_out:
-        if plan.disaggregated is None:
-            print("dynamo-grpc plan: no disaggregated plan met the objectives; no spec written", file=sys.stderr)
-            return 2
-        target = plan.disaggregated
-        spec = pool_plan_to_spec(dataclasses.replace(plan, chosen=target), model_path=args.model_path,
-                                 served_name=Path(args.model_path).name,
-                                 hosts=[("node-0", "127.0.0.1", target.shape.gpus)], etcd=args.etcd)
+        spec = pool_plan_to_spec(plan, model_path=args.model_path, served_name=Path(args.model_path).name,
+                                 hosts=[("node-0", "127.0.0.1", plan.shape.gpus)], etcd=args.etcd)
         Path(args.spec_out).write_text(dump_spec(spec))
-        print(f"wrote the {target.shape.gpus}-GPU disaggregated plan to {args.spec_out}", file=sys.stderr)
+        print(f"wrote the {plan.shape.gpus}-GPU plan ({plan.shape.describe()}) to {args.spec_out}", file=sys.stderr)
     return 0
 
 

@@ -121,9 +121,15 @@ def test_the_prefill_budget_is_the_smallest_that_saturates_the_gpu(model: str, i
     assert budget < 8192  # the flat 8192 this replaces was past saturation for these prompts
 
 
-def test_an_aggregated_plan_is_not_turned_into_a_spec(plan_at_4: PoolPlan) -> None:
-    with pytest.raises(ValueError, match="aggregated"):
-        pool_plan_to_spec(plan_at_4, model_path="/m", served_name="m", hosts=[("a", "10.0.0.1", 8)], etcd="e:2379")
+def test_an_aggregated_plan_becomes_a_spec_without_prefill_workers(plan_at_4: PoolPlan) -> None:
+    assert not plan_at_4.is_disaggregated
+    spec = pool_plan_to_spec(plan_at_4, model_path="/m", served_name="m", hosts=[("a", "10.0.0.1", 8)],
+                             etcd="e:2379", engine="simulated")
+    assert (spec.prefill.workers, spec.decode.workers) == (0, plan_at_4.decode_workers)
+    assert spec.decode.engine_args["max_num_batched_tokens"] == plan_at_4.shape.decode_chunk_tokens
+    compiled = compile_spec(parse_spec(dump_spec(spec)))
+    assert [p.role for p in compiled.workers] == ["decode"] * plan_at_4.decode_workers
+    assert compiled.pairings == ()
     as_disaggregated = dataclasses.replace(plan_at_4, chosen=plan_at_4.disaggregated)
     spec = pool_plan_to_spec(as_disaggregated, model_path="/m", served_name="m", hosts=[("a", "10.0.0.1", 8)],
                              etcd="e:2379", engine="simulated")

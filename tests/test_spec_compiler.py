@@ -294,3 +294,10 @@ async def test_the_control_plane_publishes_a_compiled_plan() -> None:
     finally:
         await role.stop()
         await registry.close()
+
+
+def test_no_prefill_workers_is_an_aggregated_deployment() -> None:
+    plan = compile_spec(parse_spec(replace("prefill:\n  workers: 4", "prefill:\n  workers: 0"), source="spec.yaml"))
+    assert {p.role for p in plan.workers} == {"decode"} and plan.pairings == ()
+    assert any("aggregated" in note for note in plan.notes)
+    assert "must be at least 1" in problems_of(replace("decode:\n  workers: 2", "decode:\n  workers: 0"))
