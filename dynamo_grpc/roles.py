@@ -89,7 +89,8 @@ async def start_engine(config: WorkerConfig, *, kv_store: LeasedKvStore | None =
         await asyncio.to_thread(build_tiny_model, DEFAULT_MODEL_DIR)
     log.info("starting vLLM on %s (about half a minute on a CPU)", config.engine.model_path)
     # Engine start blocks for a while; off the event loop, leases keep being renewed meanwhile.
-    return await asyncio.to_thread(VllmEngine, config.engine, kv_store=kv_store, kv_channels=kv_channels, host=host)
+    return await asyncio.to_thread(VllmEngine, config.engine, kv_store=kv_store, kv_channels=kv_channels, host=host,
+                                   loop=asyncio.get_running_loop())
 
 
 def _kv_events(engine: Engine) -> list[ServiceBinding]:

@@ -16,6 +16,7 @@ import pytest
 
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import ServerConfig
+from dynamo_grpc.engine.vllm_kv_events import EventTranslator
 from dynamo_grpc.fleet import DisaggregationPolicy, Fleet
 from dynamo_grpc.kv_events import KvEventLog, PrefixIndex, block_hashes, chain_hash
 from dynamo_grpc.registry import EtcdRegistry
@@ -192,3 +193,17 @@ async def test_a_prompt_the_decode_worker_has_cached_prefills_there(etcd: EtcdSe
                 assert other.completion.prefill_worker_id
         finally:
             await router.stop()
+
+
+def test_vllm_block_names_become_ours_through_their_parents() -> None:
+    prompt = [t % 250 for t in range(4 * BLOCK + 3)]
+    ours = block_hashes(prompt, BLOCK)
+    translator = EventTranslator()
+    # vLLM stores the first two blocks, then two more chained to the second: named like the router names them.
+    assert translator.stored(["v0", "v1"], None, prompt[:2 * BLOCK], BLOCK) == ours[:2]
+    assert translator.stored(["v2", "v3"], "v1", prompt[2 * BLOCK:4 * BLOCK], BLOCK) == ours[2:]
+    assert translator.removed(["v3", "unknown"]) == [ours[3]]
+    # A batch whose parent was never seen (events were lost) cannot be named and is skipped.
+    assert translator.stored(["v9"], "lost", prompt[:BLOCK], BLOCK) == [] and translator.skipped == 1
+    translator.cleared()
+    assert len(translator) == 0 and translator.removed(["v0"]) == []

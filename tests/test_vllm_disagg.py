@@ -22,10 +22,14 @@ from dynamo_grpc import shm
 from dynamo_grpc.client import params
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine.vllm_engine import SEGMENT_PREFIX, VllmEngineConfig
+from dynamo_grpc.kv_events import block_hashes
+from dynamo_grpc.prompt_tokens import PromptTokenizer
 from dynamo_grpc.registry import EtcdRegistry
 from dynamo_grpc.roles import start_all_in_one
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
+from dynamo_grpc.v1 import kv_events_pb2 as events_pb
+from dynamo_grpc.v1 import kv_events_pb2_grpc as events_grpc
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from tests.cluster import Stubs, rpc_failure
@@ -69,7 +73,7 @@ async def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     config = WorkerConfig(server=ServerConfig(port=0), kv_ttl_s=KV_TTL_S,
                           engine=VllmEngineConfig(model_path=str(tiny_model_dir), max_num_seqs=16,
                                                   max_num_batched_tokens=STEP_TOKENS))
-    deployment = await start_all_in_one(config, registry)
+    deployment = await start_all_in_one(config, registry, tokenizer=str(tiny_model_dir))
     stubs = Stubs(deployment)
     try:
         yield stubs
@@ -269,3 +273,47 @@ async def test_openai_chat_through_the_frontend_on_real_engines(cluster: Stubs, 
     assert usage is not None and usage.prompt_tokens == len(prompt_ids) and usage.completion_tokens == MAX_TOKENS
     expected = hf_greedy(tiny_model_dir, prompt_ids, MAX_TOKENS)
     assert text == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+async def cached_blocks(endpoint: str, expected: set[int]) -> set[int]:
+    """The worker's prefix cache as its KvEventService reports it, once it holds `expected` (or after 10 s):
+    vLLM publishes its events after the engine step."""
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        stub = events_grpc.KvEventServiceStub(channel)
+        for _ in range(100):
+            feed = stub.WatchKvEvents(events_pb.WatchKvEventsRequest())
+            snapshot = await anext(aiter(feed))
+            feed.cancel()
+            assert snapshot.reset and snapshot.block_size == BLOCK_SIZE
+            if expected <= set(snapshot.stored_block_hashes):
+                break
+            await asyncio.sleep(0.1)
+    return set(snapshot.stored_block_hashes)
+
+
+async def test_workers_report_their_prefix_cache_in_engine_independent_hashes(cluster: Stubs,
+                                                                              tiny_model_dir: Path) -> None:
+    text = "A lighthouse keeper counts the ships that pass the harbour wall each evening. " * 4
+    # The router tokenizes text as vLLM does, so the hashes it computes are the ones workers report.
+    ids = PromptTokenizer(str(tiny_model_dir)).token_ids(generation(text), "vllm")
+    assert ids is not None
+    expected = set(block_hashes(ids, BLOCK_SIZE))
+    assert len(expected) >= 2
+    before = await cluster.prefill_stats()
+    for attempt in range(2):
+        handle = await prefill(cluster, f"events-{attempt}", text)
+        assert handle.num_tokens == len(ids)
+        await cluster.kv.ReleaseKv(kv_pb.ReleaseKvRequest(request_id=f"events-{attempt}",
+                                                          transfer_id=handle.transfer_id,
+                                                          pull_token=handle.pull_token))
+    assert expected <= await cached_blocks(cluster.deployment.prefill.endpoint, expected)
+    after = await cluster.prefill_stats()
+    assert after.prompt_tokens - before.prompt_tokens >= 2 * len(ids)
+    # The second prefill found every full block but the last token's in the cache.
+    assert after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens >= (len(ids) - 1) // BLOCK_SIZE * BLOCK_SIZE
+
+    # Through the router, the decode engine caches the blocks it loaded, and reports them too.
+    result = await cluster.router.generate(text, model=MODEL, max_tokens=2).collect()
+    assert result.completion.prefill_worker_id
+    assert expected <= await cached_blocks(cluster.deployment.decode.endpoint, expected)
+    await wait_idle(cluster)

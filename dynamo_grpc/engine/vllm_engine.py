@@ -27,8 +27,10 @@ from typing import Any
 from dynamo_grpc import shm
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason, check_kv_roles
+from dynamo_grpc.engine.vllm_kv_events import VllmKvEvents, new_endpoint
 from dynamo_grpc.errors import AlreadyExists, DynamoError, FailedPrecondition, InvalidArgument, NotFound
 from dynamo_grpc.kv_client import KvPuller
+from dynamo_grpc.kv_events import KvEventLog
 from dynamo_grpc.kv_store import LeasedKvStore
 from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -80,9 +82,11 @@ class VllmEngine:
     kind = "vllm"
 
     def __init__(self, config: VllmEngineConfig, *, kv_store: LeasedKvStore | None = None,
-                 kv_channels: ChannelPool | None = None, host: str = "") -> None:
+                 kv_channels: ChannelPool | None = None, host: str = "",
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """`loop`, the worker's event loop, receives the engine's KV cache events; without it none are reported."""
         import vllm
-        from vllm.config import KVTransferConfig
+        from vllm.config import KVEventsConfig, KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -92,16 +96,19 @@ class VllmEngine:
             log.info("removed %d KV segments left by workers that are gone", removed)
         self.config = config
         self.model = config.model
-        self._kv_usage = _KvUsage()
+        self._engine_stats = _EngineStats()
+        events_endpoint = new_endpoint() if loop is not None else ""
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=config.model_path, served_model_name=config.model, dtype=config.dtype,
             block_size=config.block_size, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens or None, enforce_eager=config.enforce_eager,
-            disable_log_stats=False,  # the per-step stats feed `_KvUsage`
+            disable_log_stats=False,  # the per-step stats feed `_EngineStats`
+            kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                            endpoint=events_endpoint) if events_endpoint else None,
             kv_transfer_config=KVTransferConfig(
                 kv_connector=CONNECTOR_NAME, kv_connector_module_path=CONNECTOR_MODULE,
                 kv_role="kv_both", kv_load_failure_policy="fail")),
-            stat_loggers=[self._kv_usage.factory])
+            stat_loggers=[self._engine_stats.factory])
         vllm_config = self._llm.vllm_config
         model_config, cache = vllm_config.model_config, vllm_config.cache_config
         self._num_layers = model_config.get_num_layers(vllm_config.parallel_config)
@@ -116,7 +123,8 @@ class VllmEngine:
         self._host = host
         self._live: set[str] = set()
         self._finished = 0
-        self.kv_events = None
+        self.kv_events = KvEventLog(cache.block_size) if loop is not None else None
+        self._kv_feed = VllmKvEvents(events_endpoint, self.kv_events, loop) if self.kv_events is not None else None
 
     def capacity(self) -> pb.WorkerCapacity:
         cache = self._llm.vllm_config.cache_config
@@ -306,29 +314,36 @@ class VllmEngine:
 
     def stats(self) -> pb.WorkerStats:
         total = self.capacity().kv_blocks
+        engine = self._engine_stats
         stats = pb.WorkerStats(active_requests=len(self._live), requests_finished=self._finished,
-                               total_kv_blocks=total, used_kv_blocks=round(self._kv_usage.usage * total))
+                               total_kv_blocks=total, used_kv_blocks=round(engine.kv_usage * total),
+                               prompt_tokens=engine.prompt_tokens, prefix_cache_hit_tokens=engine.hit_tokens)
         if self._store is not None:
             self._store.add_stats(stats)
         return stats
 
     async def shutdown(self) -> None:
+        if self._kv_feed is not None:
+            self._kv_feed.close()
         self._llm.shutdown()
         # Its __del__ shuts down again; at interpreter exit that fails on torn-down globals.
         del self._llm
         gc.collect()
 
 
-class _KvUsage:
-    """The engine's latest KV cache usage (0..1), from vLLM's per-step scheduler stats."""
+class _EngineStats:
+    """The engine's latest KV cache usage (0..1) and its prefix-cache hits since start, from vLLM's
+    per-step scheduler stats."""
 
     def __init__(self) -> None:
-        self.usage = 0.0
+        self.kv_usage = 0.0
+        self.prompt_tokens = 0
+        self.hit_tokens = 0
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
         from vllm.v1.metrics.loggers import StatLoggerBase
 
-        usage = self
+        totals = self
 
         class Recorder(StatLoggerBase):
             def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
@@ -337,7 +352,9 @@ class _KvUsage:
             def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                        engine_idx: int = 0) -> None:
                 if scheduler_stats is not None:
-                    usage.usage = scheduler_stats.kv_cache_usage
+                    totals.kv_usage = scheduler_stats.kv_cache_usage
+                    totals.prompt_tokens += scheduler_stats.prefix_cache_stats.queries
+                    totals.hit_tokens += scheduler_stats.prefix_cache_stats.hits
 
             def log_engine_initialized(self) -> None:
                 pass
