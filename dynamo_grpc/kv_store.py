@@ -53,16 +53,17 @@ class LeasedKvStore:
 
     def hold(self, *, data: bytes | memoryview, num_tokens: int, layout: pb.KvLayout, fingerprint: str,
              on_free: Callable[[], None] | None = None, ttl_s: float | None = None,
-             shm_segment: str = "") -> pb.KvHandle:
+             shm_segment: str = "", crc32: int | None = None) -> pb.KvHandle:
         """Keep `data` for one pull and return the handle that claims it; `shm_segment` names the
-        shared memory behind `data` for a same-host decode worker to read in place."""
+        shared memory behind `data` for a same-host decode worker to read in place. `crc32`, when the
+        caller computed it off the event loop, saves computing it here."""
         ttl = self.ttl_s if ttl_s is None else ttl_s
         expires = timestamp_pb2.Timestamp()
         expires.FromNanoseconds(time.time_ns() + int(ttl * 1e9))
         handle = pb.KvHandle(
             transfer_id=uuid.uuid4().hex, endpoint=self.endpoint, pull_token=secrets.token_urlsafe(24),
             num_tokens=num_tokens, layout=layout, engine_fingerprint=fingerprint, lease_expires_at=expires,
-            total_bytes=len(data), crc32=zlib.crc32(data), host=self.host, shm_segment=shm_segment,
+            total_bytes=len(data), crc32=zlib.crc32(data) if crc32 is None else crc32, host=self.host, shm_segment=shm_segment,
         )
         held = _Held(handle, data, on_free)
         held.expiry = asyncio.get_running_loop().call_later(ttl, self._expire, handle.transfer_id)
