@@ -146,11 +146,17 @@ def compile_spec(spec: Spec) -> Plan:
         notes=tuple(_notes(spec, pairings)))
 
 
+EXTRA = "extra."
+
+
 def _resolved_engine_args(spec: Spec, pool: PoolSpec) -> dict[str, Any]:
     args: dict[str, Any] = {"served_model_name": spec.model.served_name}
     if spec.model.engine == "vllm":
         args["model_path"] = spec.model.path
     args.update(spec.engine_args_for(pool))
+    # Engine arguments without a worker flag of their own, passed through as `--vllm-arg`.
+    args.update({f"{EXTRA}{name}": value for name, value in {**spec.model.extra_engine_args,
+                                                              **pool.extra_engine_args}.items()})
     return args
 
 
@@ -172,6 +178,9 @@ def _engine_flags(spec: Spec, engine_args: dict[str, Any]) -> tuple[str, ...]:
     for name in engine_arg_defaults(spec.model.engine):
         if name in engine_args:
             flags += [f"--{name.replace('_', '-')}", _flag_value(engine_args[name])]
+    if spec.model.engine == "vllm":
+        flags += [flag for name, value in engine_args.items() if name.startswith(EXTRA)
+                  for flag in ("--vllm-arg", f"{name.removeprefix(EXTRA)}={_flag_value(value)}")]
     flags += ["--kv-ttl-s", _flag_value(spec.transfer.kv_ttl_s), "--kv-pull-failure", spec.transfer.on_pull_failure]
     return tuple(flags)
 
@@ -222,9 +231,9 @@ def _notes(spec: Spec, pairings: tuple[tuple[str, str, bool], ...]) -> list[str]
         notes.append("SLO targets are recorded for sizing; nothing enforces them at run time")
     for where, extra in (("model", spec.model.extra_engine_args), ("prefill", spec.prefill.extra_engine_args),
                          ("decode", spec.decode.extra_engine_args)):
-        if extra:
+        if extra and spec.model.engine != "vllm":
             listed = ", ".join(f"{k}={_flag_value(v)}" for k, v in extra.items())
-            notes.append(f"{where}.engine_args.extra not passed (the worker CLI has no flags for them): {listed}")
+            notes.append(f"{where}.engine_args.extra not passed (only vLLM workers take them): {listed}")
     remote = sum(1 for *_, same in pairings if not same)
     if remote:
         notes.append(f"{remote} of {len(pairings)} pairs span hosts and move KV over gRPC (PullKv)")

@@ -119,8 +119,8 @@ def spec_from_vllm(argv: list[str], *, gpus: int | None = None, host_name: str =
             if flag == "quantization":
                 quantization = str(value)
             extra[flag.replace("-", "_")] = value
-            notes.append(f"--{flag} kept verbatim under model.engine_args.extra: the worker CLI has no flag for it, "
-                         "so compiled commands do not pass it")
+            notes.append(f"--{flag} kept verbatim under model.engine_args.extra; workers get it as "
+                         f"--vllm-arg {flag.replace('-', '_')}=…")
     if not model_tag:
         raise ValueError("no model given: expected `vllm serve MODEL ...` or `--model MODEL`")
     if "dtype" not in engine_args:

@@ -18,8 +18,8 @@ obvious, so a bad spec is fixed in one edit instead of one error per run.
 
 A host with `gpus: 0` is a CPU host: its workers get no devices. A pool's workers are spread over its
 hosts round-robin (`pool_placement`). Engine arguments under `model.engine_args` apply to both pools; a
-pool's own `engine_args` add to or override them. `engine_args.extra` holds engine flags the worker CLI
-has no flag for; they are kept for the record and not passed.
+pool's own `engine_args` add to or override them. `engine_args.extra` holds any other vLLM engine
+argument; vLLM workers get each as `--vllm-arg KEY=VALUE`.
 """
 
 from __future__ import annotations

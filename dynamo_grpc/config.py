@@ -17,7 +17,7 @@ from dynamo_grpc.engine.simulated import SimulatedEngineConfig
 from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
 
 EngineConfig = SimulatedEngineConfig | VllmEngineConfig
-ENGINES: dict[str, type[SimulatedEngineConfig] | type[VllmEngineConfig]] = {
+ENGINES: dict[str, type[SimulatedEngineConfig | VllmEngineConfig]] = {
     "vllm": VllmEngineConfig, "simulated": SimulatedEngineConfig}
 KV_PULL_FAILURE_POLICIES = ("fail", "local-prefill")
 ROUTING_POLICIES = ("kv_aware", "least_loaded", "round_robin")
@@ -111,7 +111,7 @@ def _engine_fields() -> dict[str, list[tuple[str, Any]]]:
     settings: dict[str, list[tuple[str, Any]]] = {}
     for kind, config in ENGINES.items():
         for f in fields(config):
-            if f.name not in ("model", "served_model_name"):
+            if f.name not in ("model", "served_model_name", "extra_args"):
                 settings.setdefault(f.name, []).append((kind, f.default))
     return settings
 
@@ -125,6 +125,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         defaults = "; ".join(f"{kind} {default}" for kind, default in users)
         add_flag(parser, name.replace("_", "-"), default=None, type=_flag_type(users[0][1]),
                  help=f"{' and '.join(kind for kind, _ in users)} engine: {name.replace('_', ' ')} ({defaults})")
+    parser.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="vllm engine: any other vLLM engine argument, e.g. --vllm-arg kv_cache_dtype=fp8 "
+                        "(repeatable; VALUE is read as YAML)")
     add_flag(parser, "worker-id", default="", help="unique worker id (default: role-node-pid-random)")
     add_flag(parser, "kv-ttl-s", default=30.0, type=float, help="seconds a prefill holds unpulled KV")
     add_flag(parser, "kv-pull-failure", default="fail", choices=KV_PULL_FAILURE_POLICIES,
@@ -143,6 +146,16 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
               if name in {f.name for f in fields(config)} and getattr(args, name) is not None}
     if args.model:
         chosen["served_model_name" if config is VllmEngineConfig else "model"] = args.model
+    if args.vllm_arg:
+        if config is not VllmEngineConfig:
+            raise ConfigError(f"--vllm-arg does not apply to --engine {args.engine}")
+        from dynamo_grpc.engine.vllm_engine import extra_engine_args
+
+        try:
+            extra_engine_args(tuple(args.vllm_arg))  # refuse a bad one now, not half a minute into start-up
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        chosen["extra_args"] = tuple(args.vllm_arg)
     unused = [f"--{name.replace('_', '-')}" for name in _engine_fields()
               if name not in chosen and getattr(args, name, None) is not None]
     if unused:

@@ -15,7 +15,7 @@ from control_plane.from_vllm import spec_from_vllm
 from control_plane.kubernetes import write_manifests
 from control_plane.spec import SpecError, dump_spec, load_spec, parse_spec
 from dynamo_grpc.cli import build_parser
-from dynamo_grpc.config import server_config, worker_config
+from dynamo_grpc.config import ConfigError, server_config, worker_config
 from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -216,7 +216,18 @@ def test_vllm_flags_kept_dropped_and_noted() -> None:
     assert "--gpu-memory-utilization kept verbatim under model.engine_args.extra" in joined
     # No size in the name: the user's TP 2 stays (4 GPUs used -> 2 per pool -> 1 worker each).
     assert (spec.hosts[0].gpus, spec.prefill.tensor_parallel_size, spec.prefill.workers) == (4, 2, 1)
-    assert "model.engine_args.extra not passed" in render_plan(compile_spec(spec))
+    # Kept flags reach every vLLM worker as --vllm-arg, which the worker checks against vLLM's own arguments.
+    plan = compile_spec(spec)
+    for process in plan.workers:
+        command = " ".join(process.command)
+        assert "--vllm-arg gpu_memory_utilization=0.85 --vllm-arg trust_remote_code=true" in command
+        config = worker_config(build_parser().parse_args(list(process.command[1:])))
+        assert config.engine.extra_args == ("gpu_memory_utilization=0.85", "trust_remote_code=true")
+    assert "not passed" not in render_plan(plan)
+    with pytest.raises(ConfigError, match="did you mean 'gpu_memory_utilization'"):
+        worker_config(build_parser().parse_args(["prefill", "--vllm-arg", "gpu_memory_utilisation=0.9"]))
+    with pytest.raises(ConfigError, match="does not apply to --engine simulated"):
+        worker_config(build_parser().parse_args(["prefill", "--engine", "simulated", "--vllm-arg", "seed=1"]))
 
 
 def test_vllm_api_server_form_and_cpu_host() -> None:

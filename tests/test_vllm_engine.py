@@ -26,7 +26,11 @@ async def engine(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator[object]:
     from dynamo_grpc.engine.vllm_engine import VllmEngine, VllmEngineConfig
 
     os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path / "vllm-cache"))
-    engine = VllmEngine(VllmEngineConfig(model_path=str(tiny_model_dir)))
+    # Any other vLLM engine argument passes through (`--vllm-arg`); prefix caching off changes no output.
+    engine = VllmEngine(VllmEngineConfig(model_path=str(tiny_model_dir),
+                                         extra_args=("enable_prefix_caching=false", "max_logprobs=3")))
+    assert not engine._llm.vllm_config.cache_config.enable_prefix_caching
+    assert engine._llm.vllm_config.model_config.max_logprobs == 3
     yield engine
     await engine.shutdown()
 

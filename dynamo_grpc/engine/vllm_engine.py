@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import math
@@ -61,6 +62,8 @@ class VllmEngineConfig:
     """Tokens per engine step; longer prompts prefill in chunks. 0 keeps vLLM's default."""
     kv_cache_gib: int = 1
     enforce_eager: bool = True
+    extra_args: tuple[str, ...] = ()
+    """Any other vLLM engine argument, as KEY=VALUE (`--vllm-arg`); VALUE is read as YAML (8, true, fp8)."""
 
     @property
     def model(self) -> str:
@@ -72,6 +75,38 @@ def _set_cpu_defaults(config: VllmEngineConfig) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "dynamo-grpc" / "vllm"))
+
+
+# Engine arguments this adapter sets itself, from its own settings or because the KV path depends on them.
+_OWN_ARGS = {"model": "--model-path", "served_model_name": "--model", "dtype": "--dtype",
+             "block_size": "--block-size", "max_model_len": "--max-model-len", "max_num_seqs": "--max-num-seqs",
+             "max_num_batched_tokens": "--max-num-batched-tokens", "enforce_eager": "",
+             "disable_log_stats": "", "kv_transfer_config": "", "kv_events_config": ""}
+
+
+def extra_engine_args(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """`--vllm-arg KEY=VALUE` pairs as vLLM engine arguments; a key vLLM does not know is refused by name."""
+    import difflib
+
+    import yaml
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"--vllm-arg expects KEY=VALUE, got {pair!r}")
+        if key in _OWN_ARGS:
+            own = _OWN_ARGS[key]
+            raise ValueError(f"--vllm-arg {key}: " + (f"use {own}" if own else "set by dynamo-grpc itself"))
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            raise ValueError(f"--vllm-arg {key}: not a vLLM engine argument"
+                             + (f"; did you mean {close[0]!r}?" if close else ""))
+        args[key] = yaml.safe_load(raw) if raw.strip() else ""
+    return args
 
 
 def _new_segment_name() -> str:
@@ -100,6 +135,7 @@ class VllmEngine:
         self._engine_stats = _EngineStats()
         events_endpoint = new_endpoint() if loop is not None else ""
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
+            **extra_engine_args(config.extra_args),
             model=config.model_path, served_model_name=config.model, dtype=config.dtype,
             block_size=config.block_size, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens or None, enforce_eager=config.enforce_eager,
