@@ -1,8 +1,9 @@
 """A fleet of simulated engines on a virtual clock: GPU-scale what-ifs in seconds of CPU.
 
 The engines are the real `SimulatedEngine` (its step loop, paged KV blocks and calibrated cost model);
-only what lies between them is replaced. Requests go straight to the least-loaded engine, as the router
-would pick, and a KV transfer takes the time its modelled bytes need over a named link. Time is virtual:
+only what lies between them is replaced. Requests go straight to an engine picked by the router's
+policies (least loaded, prefix-cache aware from the engines' own KV events, or round robin), and a KV
+transfer takes the time its modelled bytes need over a named link. Time is virtual:
 whenever every task waits on a timer the clock jumps to the next one, so an hour of serving takes
 seconds and no result depends on how busy this machine is.
 """
@@ -10,16 +11,19 @@ seconds and no result depends on how busy this machine is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from dynamo_grpc.config import ROUTING_POLICIES
 from dynamo_grpc.engine.base import EngineRequest, Sampling
 from dynamo_grpc.engine.cost_model import KV_BYTES_PER_TOKEN, transfer_ms
 from dynamo_grpc.engine.simulated import SimulatedEngine, SimulatedEngineConfig
+from dynamo_grpc.kv_events import PrefixIndex
 from dynamo_grpc.kv_store import LeasedKvStore
 from dynamo_grpc.loadgen import RequestRecord, Workload, run_load
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -70,15 +74,22 @@ class FleetShape:
     prefill_chunk_tokens: int = 8192
     link: str = "nvlink"
     """How KV moves from prefill to decode workers (see `cost_model.LINK_GBPS`)."""
+    routing: str = "least_loaded"
+    """How requests pick engines, as the router's `--policy`: least_loaded, kv_aware or round_robin."""
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTING_POLICIES:
+            raise ValueError(f"routing must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing!r}")
 
     @property
     def gpus(self) -> int:
         return self.decode_workers + self.prefill_workers
 
     def describe(self) -> str:
+        routed = "" if self.routing == "least_loaded" else f", {self.routing}"
         if not self.prefill_workers:
-            return f"agg {self.decode_workers} (chunk {self.decode_chunk_tokens})"
-        return f"disagg {self.prefill_workers}P+{self.decode_workers}D ({self.link})"
+            return f"agg {self.decode_workers} (chunk {self.decode_chunk_tokens}{routed})"
+        return f"disagg {self.prefill_workers}P+{self.decode_workers}D ({self.link}{routed})"
 
 
 class _LinkedKv:
@@ -100,46 +111,110 @@ class _LinkedKv:
         return self._stores[handle.endpoint].release(handle.transfer_id, handle.pull_token)
 
 
+@dataclass
+class FleetRun:
+    """What a simulated run produced: each request's record, and each engine's stats at the end."""
+
+    records: list[RequestRecord]
+    prefill_stats: list[pb.WorkerStats]
+    """The engines that prefilled: the prefill pool, or every engine when aggregated."""
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of prompt tokens the prefilling engines found in their prefix caches."""
+        prompt = sum(s.prompt_tokens for s in self.prefill_stats)
+        return sum(s.prefix_cache_hit_tokens for s in self.prefill_stats) / prompt if prompt else 0.0
+
+
+class _Picker:
+    """The router's choice among a pool's engines (`Fleet.route`, without pairings: any prefill engine
+    reaches any decode engine here). kv_aware reads a prefix index fed by the engines' KV events."""
+
+    def __init__(self, routing: str, index: PrefixIndex) -> None:
+        self.routing = routing
+        self._index = index
+        self.in_flight: Counter[str] = Counter()
+        self.queued_tokens: Counter[str] = Counter()
+        self._turns: Counter[int] = Counter()
+
+    def pick(self, pool: dict[str, SimulatedEngine], prompt: list[int], *, prefills: bool) -> tuple[str, int]:
+        """The engine's name and the prompt tokens it has to compute."""
+        names = list(pool)
+        kv_aware = self.routing == "kv_aware" and prefills
+        cached = self._index.cached_tokens(prompt, names) if kv_aware else {}
+        if self.routing == "round_robin":
+            turn = self._turns[id(pool)]
+            self._turns[id(pool)] += 1
+            name = names[turn % len(names)]
+        elif kv_aware:
+            name = min(names, key=lambda n: self.queued_tokens[n] + len(prompt) - cached.get(n, 0))
+        else:
+            name = min(names, key=self.in_flight.__getitem__)
+        return name, len(prompt) - cached.get(name, 0) if prefills else 0
+
+    @contextlib.contextmanager
+    def busy(self, name: str, tokens: int) -> Iterator[None]:
+        self.in_flight[name] += 1
+        self.queued_tokens[name] += tokens
+        try:
+            yield
+        finally:
+            self.in_flight[name] -= 1
+            self.queued_tokens[name] -= tokens
+
+
 async def simulate(shape: FleetShape, workload: Workload, *, model: str = "llama3_70b",
                    kv_memory_gb: float = KV_MEMORY_GB) -> list[RequestRecord]:
     """Serve the workload on the fleet; run it under `run_virtual`."""
+    return (await run_fleet(shape, workload, model=model, kv_memory_gb=kv_memory_gb)).records
+
+
+async def run_fleet(shape: FleetShape, workload: Workload, *, model: str = "llama3_70b",
+                    kv_memory_gb: float = KV_MEMORY_GB) -> FleetRun:
+    """`simulate`, with the engines' stats (prefix-cache hits among them) as well."""
     block_size = 16
     blocks = int(kv_memory_gb * 1e9 / KV_BYTES_PER_TOKEN[model] / block_size)
     base = SimulatedEngineConfig(model=model, cost_model=model, block_size=block_size, num_blocks=blocks,
                                  kv_bytes_per_token=4, max_batch_size=100_000, max_model_len=1 << 20)
     stores = {f"prefill-{i}": LeasedKvStore(endpoint=f"prefill-{i}", host="sim", ttl_s=3600)
               for i in range(shape.prefill_workers)}
-    prefills = [SimulatedEngine(dataclasses.replace(base, max_num_batched_tokens=shape.prefill_chunk_tokens),
-                                kv_store=store) for store in stores.values()]
+    prefills = {name: SimulatedEngine(dataclasses.replace(base, max_num_batched_tokens=shape.prefill_chunk_tokens),
+                                      kv_store=store) for name, store in stores.items()}
     source = _LinkedKv(stores, KV_BYTES_PER_TOKEN[model], shape.link)
-    decodes = [SimulatedEngine(dataclasses.replace(base, max_num_batched_tokens=shape.decode_chunk_tokens),
-                               kv_source=source) for _ in range(shape.decode_workers)]
-    load: Counter[int] = Counter()
+    decodes = {f"decode-{i}": SimulatedEngine(dataclasses.replace(base, max_num_batched_tokens=shape.decode_chunk_tokens),
+                                              kv_source=source) for i in range(shape.decode_workers)}
+    prefilling = prefills or decodes
+    index = PrefixIndex()
+    picker = _Picker(shape.routing, index)
     ids = itertools.count()
     loop = asyncio.get_running_loop()
 
-    def least_loaded(engines: list[SimulatedEngine]) -> SimulatedEngine:
-        return min(engines, key=lambda e: load[id(e)])
+    async def follow(name: str, engine: SimulatedEngine) -> None:
+        assert engine.kv_events is not None
+        async for change in engine.kv_events.watch():
+            index.apply(name, change)
 
     async def send(prompt: list[int], max_tokens: int, record: RequestRecord) -> None:
         rid = f"r{next(ids)}"
         request = EngineRequest(rid, tuple(prompt), Sampling(max_tokens=max_tokens, temperature=0.0,
                                                             ignore_eos=True))
         if prefills:
-            prefill = least_loaded(prefills)
-            load[id(prefill)] += 1
-            try:
-                async for out in prefill.generate(dataclasses.replace(request, produce_kv=True)):
+            name, uncached = picker.pick(prefills, prompt, prefills=True)
+            with picker.busy(name, uncached):
+                async for out in prefills[name].generate(dataclasses.replace(request, produce_kv=True)):
                     if out.kv_handle is not None:
                         request = dataclasses.replace(request, kv_handle=out.kv_handle)
-            finally:
-                load[id(prefill)] -= 1
-        decode = least_loaded(decodes)
-        load[id(decode)] += 1
-        try:
-            async for out in decode.generate(request):
+        name, uncached = picker.pick(decodes, prompt, prefills=not prefills)
+        with picker.busy(name, uncached):
+            async for out in decodes[name].generate(request):
                 record.token_times += [loop.time()] * len(out.token_ids)
-        finally:
-            load[id(decode)] -= 1
 
-    return await run_load(send, workload, progress=False, clock=loop.time)
+    feeds = [asyncio.create_task(follow(name, engine)) for name, engine in prefilling.items()
+             if shape.routing == "kv_aware"]
+    try:
+        records = await run_load(send, workload, progress=False, clock=loop.time)
+    finally:
+        for feed in feeds:
+            feed.cancel()
+        await asyncio.gather(*feeds, return_exceptions=True)
+    return FleetRun(records, [engine.stats() for engine in prefilling.values()])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from dynamo_grpc.fleetsim import FleetShape, run_virtual, simulate
+from dynamo_grpc.fleetsim import FleetShape, run_fleet, run_virtual, simulate
 from dynamo_grpc.loadgen import Lengths, Objectives, Workload, summarize
 
 
@@ -31,3 +31,21 @@ def test_disaggregation_keeps_long_prefills_out_of_decode_steps() -> None:
     # The same run twice gives the same numbers: nothing depends on this machine's load.
     again = summarize(run_virtual(simulate(FleetShape(decode_workers=1, prefill_workers=1), workload)), Objectives())
     assert again["ttft_ms"] == dis["ttft_ms"] and again["duration_s"] == dis["duration_s"]
+
+
+def test_prefix_aware_routing_reuses_cached_prefixes_and_answers_sooner() -> None:
+    # 8 prefixes of 1024 tokens over 2 prefill GPUs whose caches hold about 6 prefixes each (0.8 GB of 8B KV).
+    workload = Workload(requests=200, input_tokens=Lengths("1088"), output_tokens=Lengths("16"), rate=70,
+                        shared_prefix_tokens=1024, prefix_groups=8, seed=3)
+
+    def run(routing: str) -> tuple[float, float]:
+        fleet = run_virtual(run_fleet(FleetShape(prefill_workers=2, decode_workers=2, routing=routing), workload,
+                                      model="llama3_8b", kv_memory_gb=0.8))
+        summary = summarize(fleet.records, Objectives())
+        assert summary["failed"] == 0
+        return fleet.prefix_hit_rate, summary["ttft_ms"]["p90"]
+
+    kv_aware, round_robin = run("kv_aware"), run("round_robin")
+    # Measured: hit rate 0.86 against 0.58, TTFT p90 40 ms against 53 ms.
+    assert kv_aware[0] > round_robin[0] + 0.2
+    assert kv_aware[1] < 0.85 * round_robin[1]
