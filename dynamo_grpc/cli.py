@@ -23,7 +23,7 @@ from dynamo_grpc.config import (
     server_config,
     worker_config,
 )
-from dynamo_grpc.fleet import DisaggregationPolicy
+from dynamo_grpc.fleet import DEFAULT_LOAD_POLL_S, DisaggregationPolicy
 from dynamo_grpc.registry import EtcdRegistry, MemoryRegistry, Registry, RegistryUnavailable
 from dynamo_grpc.roles import (
     RunningRole,
@@ -51,6 +51,9 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "policy", default="kv_aware", choices=ROUTING_POLICIES,
              help="how the router picks workers: kv_aware (prefix-cache hits and queued prompt tokens), "
              "least_loaded (requests in flight) or round_robin")
+    add_flag(parser, "load-poll-s", default=DEFAULT_LOAD_POLL_S, type=float,
+             help="how often the router asks each worker for its load, so other routers' requests count too "
+             "(0: count only this router's)")
     add_flag(parser, "tokenizer", default="",
              help="the model's tokenizer directory, so kv_aware routing can look up text prompts for vLLM "
              "workers (token-id prompts and simulated workers need none)")
@@ -65,6 +68,7 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
 
 def router_settings(args: argparse.Namespace) -> dict[str, object]:
     return {"max_migrations": args.max_migrations, "routing": args.policy, "tokenizer": args.tokenizer,
+            "load_poll_s": args.load_poll_s,
             "policy": DisaggregationPolicy(
         min_prompt_tokens=args.disagg_min_prompt_tokens, max_prefill_queue=args.disagg_max_prefill_queue)}
 

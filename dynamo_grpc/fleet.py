@@ -20,13 +20,18 @@ from dynamo_grpc.kv_events import PrefixIndex
 from dynamo_grpc.registry import Registry
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
+from dynamo_grpc.v1 import decode_pb2 as decode_pb
+from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
 from dynamo_grpc.v1 import kv_events_pb2 as events_pb
 from dynamo_grpc.v1 import kv_events_pb2_grpc as events_grpc
+from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
+from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
 
 log = logging.getLogger(__name__)
 
 PAIRINGS_DOCUMENT = "pairings"
 _MAX_RETRY_S = 10.0
+DEFAULT_LOAD_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -58,14 +63,18 @@ class Fleet:
     - kv_aware: the prefill goes where it finishes first: the fewest prompt tokens still to compute
       there, counting this prompt's tokens that worker's prefix cache does not hold (known from every
       worker's KV events); the decode goes to the least-loaded worker paired with it.
-    - least_loaded: the pair with the fewest requests in flight from this router.
+    - least_loaded: the pair with the fewest requests running.
     - round_robin: the pairs in turn.
+    A worker's load is the larger of the requests this router sent it and the requests it reports
+    running (every `load_poll_s`, so requests from other routers count too); ties go to the decode
+    worker with the smaller share of its KV blocks in use.
     Pairings come from the control plane's published table when there is one; without a control
     plane, the router derives the same table itself, so a router works standalone.
     """
 
     def __init__(self, registry: Registry, policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE, *,
-                 routing: str = "kv_aware", channels: ChannelPool | None = None) -> None:
+                 routing: str = "kv_aware", channels: ChannelPool | None = None,
+                 load_poll_s: float = DEFAULT_LOAD_POLL_S) -> None:
         if routing not in ROUTING_POLICIES:
             raise ValueError(f"routing policy must be one of {', '.join(ROUTING_POLICIES)}, got {routing!r}")
         self._registry = registry
@@ -75,7 +84,9 @@ class Fleet:
         self.prefix_index = PrefixIndex()
         self._own_channels = channels is None
         self._channels = channels if channels is not None else ChannelPool()
-        self._cache_feeds: dict[str, tuple[str, asyncio.Task[None]]] = {}
+        self._load_poll_s = load_poll_s
+        self._reported: dict[str, pb.WorkerStats] = {}
+        self._feeds: dict[str, tuple[str, list[asyncio.Task[None]]]] = {}
         self._table: cp_pb.PairingTable | None = None
         self._in_flight: Counter[str] = Counter()
         self._queued_tokens: Counter[str] = Counter()
@@ -90,7 +101,7 @@ class Fleet:
         await self._first_snapshot.wait()
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *(task for _, task in self._cache_feeds.values())]
+        tasks = [*self._tasks, *(task for _, feeds in self._feeds.values() for task in feeds)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -130,24 +141,34 @@ class Fleet:
             if self.routing == "round_robin":
                 decode = candidates[next(self._turn) % len(candidates)]
             else:
-                key = prefill_work if self.routing == "kv_aware" else self._in_flight.__getitem__
-                decode = min(candidates, key=lambda w: (key(w), next(self._tie_breaker)))
+                key = prefill_work if self.routing == "kv_aware" else self._requests_at
+                decode = min(candidates, key=lambda w: (key(w), self._kv_usage(w), next(self._tie_breaker)))
             return Route(decode=decodes[decode], prefill=None, uncached_tokens=uncached(decode))
         if self.routing == "round_robin":
             best = sorted(pairs, key=lambda p: (p.prefill_worker_id, p.decode_worker_id))[next(self._turn) % len(pairs)]
         elif self.routing == "kv_aware":
-            best = min(pairs, key=lambda p: (prefill_work(p.prefill_worker_id), self._in_flight[p.decode_worker_id],
-                                             not p.same_host, next(self._tie_breaker)))
+            best = min(pairs, key=lambda p: (prefill_work(p.prefill_worker_id), self._requests_at(p.decode_worker_id),
+                                             self._kv_usage(p.decode_worker_id), not p.same_host,
+                                             next(self._tie_breaker)))
         else:
-            best = min(pairs, key=lambda p: (self._in_flight[p.decode_worker_id] +
-                                             self._in_flight[p.prefill_worker_id], not p.same_host,
+            best = min(pairs, key=lambda p: (self._requests_at(p.decode_worker_id) +
+                                             self._requests_at(p.prefill_worker_id),
+                                             self._kv_usage(p.decode_worker_id), not p.same_host,
                                              next(self._tie_breaker)))
         decode, policy = decodes[best.decode_worker_id], self._policy
         if uncached(decode.worker_id) < policy.min_prompt_tokens or (
-                policy.max_prefill_queue and self._in_flight[best.prefill_worker_id] >= policy.max_prefill_queue):
+                policy.max_prefill_queue and self._requests_at(best.prefill_worker_id) >= policy.max_prefill_queue):
             return Route(decode=decode, prefill=None, uncached_tokens=uncached(decode.worker_id))
         return Route(decode=decode, prefill=self.workers[best.prefill_worker_id],
                      uncached_tokens=uncached(best.prefill_worker_id))
+
+    def _requests_at(self, worker_id: str) -> int:
+        reported = self._reported.get(worker_id)
+        return max(self._in_flight[worker_id], reported.active_requests if reported else 0)
+
+    def _kv_usage(self, worker_id: str) -> float:
+        reported = self._reported.get(worker_id)
+        return reported.used_kv_blocks / reported.total_kv_blocks if reported and reported.total_kv_blocks else 0.0
 
     def engine_of(self, model: str) -> str:
         """The engine kind serving `model` ("" when none is registered)."""
@@ -183,22 +204,41 @@ class Fleet:
                 log.info("fleet: %d workers (joined: %s; left: %s)", len(snapshot), sorted(joined) or "-",
                          sorted(left) or "-")
             self.workers = snapshot
-            self._follow_caches()
+            self._follow_each_worker()
             self._first_snapshot.set()
 
-    def _follow_caches(self) -> None:
-        """One KV-event feed per worker, for the kv_aware policy's prefix index."""
-        if self.routing != "kv_aware":
-            return
-        for worker_id, (endpoint, task) in list(self._cache_feeds.items()):
+    def _follow_each_worker(self) -> None:
+        """Per worker, its reported load and (for kv_aware) its KV-event feed."""
+        for worker_id, (endpoint, feeds) in list(self._feeds.items()):
             worker = self.workers.get(worker_id)
             if worker is None or worker.endpoint != endpoint:  # gone, or back at another address
-                task.cancel()
-                del self._cache_feeds[worker_id]
+                for task in feeds:
+                    task.cancel()
+                del self._feeds[worker_id]
                 self.prefix_index.forget(worker_id)
+                self._reported.pop(worker_id, None)
         for worker_id, worker in self.workers.items():
-            if worker_id not in self._cache_feeds:
-                self._cache_feeds[worker_id] = (worker.endpoint, asyncio.create_task(self._follow_cache(worker)))
+            if worker_id not in self._feeds and worker.role in (pb.WORKER_ROLE_PREFILL, pb.WORKER_ROLE_DECODE):
+                feeds = [asyncio.create_task(self._follow_cache(worker))] if self.routing == "kv_aware" else []
+                if self._load_poll_s > 0:
+                    feeds.append(asyncio.create_task(self._poll_load(worker)))
+                self._feeds[worker_id] = (worker.endpoint, feeds)
+
+    async def _poll_load(self, worker: pb.WorkerInfo) -> None:
+        """The worker's own count of running requests and used KV blocks, from every router's requests."""
+        channel = self._channels.get(worker.endpoint)
+        if worker.role == pb.WORKER_ROLE_PREFILL:
+            stub = prefill_grpc.PrefillServiceStub(channel)
+            ask, request = stub.GetPrefillStats, prefill_pb.GetPrefillStatsRequest()
+        else:
+            stub = decode_grpc.DecodeServiceStub(channel)
+            ask, request = stub.GetDecodeStats, decode_pb.GetDecodeStatsRequest()
+        while True:
+            try:
+                self._reported[worker.worker_id] = (await ask(request, timeout=self._load_poll_s * 4)).stats
+            except grpc.aio.AioRpcError:
+                self._reported.pop(worker.worker_id, None)  # unreachable: judged by this router's count alone
+            await asyncio.sleep(self._load_poll_s)
 
     async def _follow_cache(self, worker: pb.WorkerInfo) -> None:
         """Index the worker's cache; a broken feed is dropped from the index and restarted (it begins

@@ -21,7 +21,7 @@ from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.decode_service import DecodeServicer
 from dynamo_grpc.engine.base import Engine
 from dynamo_grpc.engine.simulated import SimulatedEngine, SimulatedEngineConfig
-from dynamo_grpc.fleet import ALWAYS_DISAGGREGATE, DisaggregationPolicy, Fleet
+from dynamo_grpc.fleet import ALWAYS_DISAGGREGATE, DEFAULT_LOAD_POLL_S, DisaggregationPolicy, Fleet
 from dynamo_grpc.kv_event_service import KvEventServicer
 from dynamo_grpc.kv_store import LeasedKvStore
 from dynamo_grpc.kv_transfer_service import KvTransferServicer
@@ -151,9 +151,9 @@ async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
 async def start_router(config: ServerConfig, registry: Registry, *,
                        max_migrations: int = DEFAULT_MAX_MIGRATIONS,
                        policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE, routing: str = "kv_aware",
-                       tokenizer: str = "") -> RunningRole:
+                       tokenizer: str = "", load_poll_s: float = DEFAULT_LOAD_POLL_S) -> RunningRole:
     channels = ChannelPool()
-    fleet = Fleet(registry, policy, routing=routing, channels=channels)
+    fleet = Fleet(registry, policy, routing=routing, channels=channels, load_poll_s=load_poll_s)
     await fleet.start()
     router = Router(fleet, channels, max_migrations=max_migrations, tokenizer=PromptTokenizer(tokenizer))
     server = await start_server([
@@ -198,7 +198,7 @@ class Deployment:
 async def start_all_in_one(worker: WorkerConfig, registry: Registry, *,
                            max_migrations: int = DEFAULT_MAX_MIGRATIONS,
                            policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE, routing: str = "kv_aware",
-                           tokenizer: str = "") -> Deployment:
+                           tokenizer: str = "", load_poll_s: float = DEFAULT_LOAD_POLL_S) -> Deployment:
     """Control plane, one prefill and one decode worker on free ports, and the router on `worker.server.port`."""
     internal = dataclasses.replace(worker.server, port=0)
     started: list[RunningRole] = []
@@ -213,7 +213,7 @@ async def start_all_in_one(worker: WorkerConfig, registry: Registry, *,
             if isinstance(failure, BaseException):
                 raise failure
         started.append(await start_router(worker.server, registry, max_migrations=max_migrations, policy=policy,
-                                          routing=routing, tokenizer=tokenizer))
+                                          routing=routing, tokenizer=tokenizer, load_poll_s=load_poll_s))
     except BaseException:
         for role in reversed(started):
             await role.stop()

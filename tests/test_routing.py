@@ -1,5 +1,6 @@
-"""Prefix-aware routing: workers stream their prefix-cache changes, the router indexes them and sends
-each request where its prompt is already cached (real etcd, real gRPC, simulated engines)."""
+"""Routing: workers stream their prefix-cache changes and the router sends each request where its prompt
+is already cached; every router counts the load other routers put on a worker (real etcd, real gRPC,
+simulated engines)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from dynamo_grpc.kv_events import KvEventLog, PrefixIndex, block_hashes, chain_h
 from dynamo_grpc.registry import EtcdRegistry
 from dynamo_grpc.roles import RunningRole, start_decode, start_prefill, start_router
 from dynamo_grpc.v1 import common_pb2 as pb
+from dynamo_grpc.v1 import decode_pb2 as decode_pb
+from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
 from dynamo_grpc.v1 import kv_events_pb2 as events_pb
 from dynamo_grpc.v1 import kv_events_pb2_grpc as events_grpc
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
@@ -93,6 +96,11 @@ async def fleet_of(etcd: EtcdServer, prefills: int, decodes: int, **engine: obje
         for role in reversed(roles):
             await role.stop()
         await registry.close()
+
+
+async def decode_stats(role: RunningRole) -> pb.WorkerStats:
+    async with grpc.aio.insecure_channel(role.endpoint) as channel:
+        return (await decode_grpc.DecodeServiceStub(channel).GetDecodeStats(decode_pb.GetDecodeStatsRequest())).stats
 
 
 async def prefill_stats(role: RunningRole) -> pb.WorkerStats:
@@ -207,3 +215,32 @@ def test_vllm_block_names_become_ours_through_their_parents() -> None:
     assert translator.stored(["v9"], "lost", prompt[:BLOCK], BLOCK) == [] and translator.skipped == 1
     translator.cleared()
     assert len(translator) == 0 and translator.removed(["v0"]) == []
+
+
+@pytest.mark.etcd
+async def test_routers_see_the_load_other_routers_put_on_a_worker(etcd: EtcdServer) -> None:
+    async with fleet_of(etcd, prefills=1, decodes=2, decode_step_s=0.005) as (registry, _, decodes):
+        first, second = [await start_router(ServerConfig(port=0), registry, routing="least_loaded",
+                                            load_poll_s=0.05) for _ in range(2)]
+        try:
+            async with RouterClient(first.endpoint) as one, RouterClient(second.endpoint) as other:
+                long = one.generate("a long answer", model=MODEL, max_tokens=2000, ignore_eos=True)
+                stream = aiter(long)
+                await anext(stream)  # running on one decode worker, sent there by the first router
+                busy = None
+                for _ in range(100):
+                    busy = [role.worker_id for role in decodes if (await decode_stats(role)).active_requests]
+                    if busy:
+                        break
+                    await asyncio.sleep(0.02)
+                assert busy and len(busy) == 1
+                await asyncio.sleep(0.2)  # a few load polls
+                for index in range(4):
+                    result = await other.generate(f"short {index}", model=MODEL, max_tokens=2).collect()
+                    assert result.completion.decode_worker_id != busy[0]
+                long.cancel()
+                async for _ in stream:
+                    pass
+        finally:
+            for router in (first, second):
+                await router.stop()
