@@ -226,6 +226,8 @@ def test_vllm_flags_kept_dropped_and_noted() -> None:
     assert "not passed" not in render_plan(plan)
     with pytest.raises(ConfigError, match="did you mean 'gpu_memory_utilization'"):
         worker_config(build_parser().parse_args(["prefill", "--vllm-arg", "gpu_memory_utilisation=0.9"]))
+    with pytest.raises(ConfigError, match="one engine rank"):
+        worker_config(build_parser().parse_args(["decode", "--vllm-arg", "tensor_parallel_size=2"]))
     with pytest.raises(ConfigError, match="does not apply to --engine simulated"):
         worker_config(build_parser().parse_args(["prefill", "--engine", "simulated", "--vllm-arg", "seed=1"]))
 

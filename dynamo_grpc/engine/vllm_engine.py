@@ -84,6 +84,9 @@ _OWN_ARGS = {"model": "--model-path", "served_model_name": "--model", "dtype": "
              "disable_log_stats": "", "kv_transfer_config": "", "kv_events_config": ""}
 
 
+_SINGLE_RANK_ARGS = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+
+
 def extra_engine_args(pairs: tuple[str, ...]) -> dict[str, Any]:
     """`--vllm-arg KEY=VALUE` pairs as vLLM engine arguments; a key vLLM does not know is refused by name."""
     import difflib
@@ -106,6 +109,9 @@ def extra_engine_args(pairs: tuple[str, ...]) -> dict[str, Any]:
             raise ValueError(f"--vllm-arg {key}: not a vLLM engine argument"
                              + (f"; did you mean {close[0]!r}?" if close else ""))
         args[key] = yaml.safe_load(raw) if raw.strip() else ""
+        if key in _SINGLE_RANK_ARGS and args[key] not in (1, None):
+            raise ValueError(f"--vllm-arg {key}: each worker runs one engine rank, since our KV connector "
+                             f"moves one rank's blocks; run more workers instead")
     return args
 
 
