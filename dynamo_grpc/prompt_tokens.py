@@ -27,11 +27,16 @@ class PromptTokenizer:
         text = params.prompt.text
         if engine == "simulated":
             return simulated.tokenize(text)
-        if self._dir:
-            if self._hf is None:
+        if self._dir and self._hf is None:
+            try:
                 from transformers import AutoTokenizer
 
                 self._hf = AutoTokenizer.from_pretrained(self._dir)
+            except Exception as error:  # noqa: BLE001 - a bad tokenizer must not fail requests
+                log.warning("router: cannot load the tokenizer in %s (%s); text prompts are routed by load only",
+                            self._dir, error)
+                self._dir, self._warned = "", True
+        if self._hf is not None:
             # Special tokens as the engine adds them (vLLM tokenizes with add_special_tokens=True).
             return tuple(self._hf(text)["input_ids"])
         if not self._warned:
