@@ -67,13 +67,15 @@ class KvEventLog:
         return block_hash in self._cached
 
     def stored(self, hashes: Iterable[int]) -> None:
-        new = [h for h in hashes if h not in self._cached]
+        new = [h for h in dict.fromkeys(hashes) if h not in self._cached]
         if new:
             self._cached.update(dict.fromkeys(new))
             self._publish(events_pb.WatchKvEventsResponse(stored_block_hashes=new, block_size=self.block_size))
 
     def removed(self, hashes: Iterable[int]) -> None:
-        gone = [h for h in hashes if self._cached.pop(h, 0) is None]
+        gone = [h for h in dict.fromkeys(hashes) if h in self._cached]
+        for h in gone:
+            del self._cached[h]
         if gone:
             self._publish(events_pb.WatchKvEventsResponse(removed_block_hashes=gone, block_size=self.block_size))
 
