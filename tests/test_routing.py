@@ -192,9 +192,13 @@ async def test_a_prompt_the_decode_worker_has_cached_prefills_there(etcd: EtcdSe
                 prompt = "x" * 600
                 first = await client.generate(prompt, model=MODEL, max_tokens=4).collect()
                 assert first.completion.prefill_worker_id  # 600 uncached tokens: disaggregated
-                # The decode worker now holds 18 of the prompt's blocks; 24 uncached tokens stay local.
-                await asyncio.sleep(0.2)
-                again = await client.generate(prompt, model=MODEL, max_tokens=4).collect()
+                # The decode worker now holds 18 of the prompt's blocks; once the router's index has heard
+                # so (a KV event away), the 24 uncached tokens stay local.
+                for _ in range(50):
+                    again = await client.generate(prompt, model=MODEL, max_tokens=4).collect()
+                    if not again.completion.prefill_worker_id:
+                        break
+                    await asyncio.sleep(0.05)
                 assert again.completion.prefill_worker_id == ""
                 assert again.token_ids == first.token_ids
                 other = await client.generate("y" * 600, model=MODEL, max_tokens=4).collect()
