@@ -162,6 +162,19 @@ class Fleet:
         return Route(decode=decode, prefill=self.workers[best.prefill_worker_id],
                      uncached_tokens=uncached(best.prefill_worker_id))
 
+    async def until_paired(self, timeout: float) -> bool:
+        """Wait until some prefill worker is paired with a decode worker in this router's view (the
+        control plane's table can trail the registry by a watch event); False after `timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            table = self._table if self._table is not None else compute_pairings(self.workers.values())
+            if any(p.prefill_worker_id in self.workers and p.decode_worker_id in self.workers
+                   for p in table.pairings):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
     def _requests_at(self, worker_id: str) -> int:
         reported = self._reported.get(worker_id)
         return max(self._in_flight[worker_id], reported.active_requests if reported else 0)

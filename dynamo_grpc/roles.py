@@ -64,6 +64,8 @@ class RunningRole:
     registry: Registry
     worker_id: str = ""
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    fleet: Fleet | None = None
+    """A router's view of the fleet."""
 
     async def stop(self) -> None:
         await self.server.health.enter_graceful_shutdown()
@@ -162,7 +164,7 @@ async def start_router(config: ServerConfig, registry: Registry, *,
     ], host=config.host, port=config.port)
     endpoint = config.endpoint(server.port)
     log.info("router serving on %s (%d workers known)", endpoint, len(fleet.workers))
-    return RunningRole("router", endpoint, server, registry, cleanups=[fleet.stop, channels.close])
+    return RunningRole("router", endpoint, server, registry, cleanups=[fleet.stop, channels.close], fleet=fleet)
 
 
 async def start_control_plane(config: ServerConfig, registry: Registry, *,
@@ -212,8 +214,12 @@ async def start_all_in_one(worker: WorkerConfig, registry: Registry, *,
         for failure in workers:
             if isinstance(failure, BaseException):
                 raise failure
-        started.append(await start_router(worker.server, registry, max_migrations=max_migrations, policy=policy,
-                                          routing=routing, tokenizer=tokenizer, load_poll_s=load_poll_s))
+        router = await start_router(worker.server, registry, max_migrations=max_migrations, policy=policy,
+                                    routing=routing, tokenizer=tokenizer, load_poll_s=load_poll_s)
+        started.append(router)
+        # Ready means disaggregated from the first request on.
+        if router.fleet is not None and not await router.fleet.until_paired(timeout=10.0):
+            log.warning("the router sees no prefill/decode pair yet; requests prefill on the decode worker")
     except BaseException:
         for role in reversed(started):
             await role.stop()
