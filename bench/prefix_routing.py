@@ -21,6 +21,11 @@ from dynamo_grpc.loadgen import Lengths, Objectives, Workload, summarize
 PREFIXES, PREFIX_TOKENS, QUESTION_TOKENS, OUTPUT_TOKENS = 64, 2048, 128, 128
 
 
+def ratio(by_policy: dict[str, float], other: str) -> str:
+    """kv_aware's value over another policy's."""
+    return f"{by_policy['kv_aware'] / by_policy[other]:.2f}x" if by_policy[other] else "inf"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rates", type=float, nargs="+", default=[60.0, 90.0, 120.0], help="requests/s")
@@ -35,7 +40,7 @@ def main() -> None:
           f"per request, OSL {OUTPUT_TOKENS}, {args.kv_gb:g} GB KV per GPU; goodput: TTFT <= {args.ttft_ms:g} ms "
           f"and ITL <= {args.itl_ms:g} ms")
     print(f"{'fleet':<18} {'rate':>5} {'policy':<13} {'hit rate':>8} {'TTFT p50':>9} {'TTFT p90':>9} "
-          f"{'ITL p50':>8} {'goodput':>8}")
+          f"{'ITL mean':>8} {'goodput':>8}")
     started = time.process_time()
     for fleet in fleets:
         for rate in args.rates:
@@ -43,21 +48,24 @@ def main() -> None:
                                 input_tokens=Lengths(str(PREFIX_TOKENS + QUESTION_TOKENS)),
                                 output_tokens=Lengths(str(OUTPUT_TOKENS)),
                                 shared_prefix_tokens=PREFIX_TOKENS, prefix_groups=PREFIXES)
-            goodput = {}
+            goodput: dict[str, float] = {}
+            ttft_p90: dict[str, float] = {}
             for policy in ROUTING_POLICIES:
                 shape = FleetShape(prefill_workers=fleet.prefill_workers, decode_workers=fleet.decode_workers,
                                    routing=policy)
                 run = run_virtual(run_fleet(shape, workload, model="llama3_8b", kv_memory_gb=args.kv_gb))
                 summary = summarize(run.records, objectives)
                 goodput[policy] = summary["goodput_requests_per_s"]
+                ttft_p90[policy] = summary["ttft_ms"]["p90"]
                 name = f"{fleet.prefill_workers}P+{fleet.decode_workers}D" if fleet.prefill_workers else \
                     f"agg {fleet.decode_workers}"
                 print(f"{name:<18} {rate:>5g} {policy:<13} {run.prefix_hit_rate:>8.2f} "
                       f"{summary['ttft_ms']['p50']:>7.0f}ms {summary['ttft_ms']['p90']:>7.0f}ms "
-                      f"{summary['itl_ms']['p50']:>6.1f}ms {goodput[policy]:>8.1f}", flush=True)
-            ratios = ", ".join(f"kv_aware/{p} {goodput['kv_aware'] / goodput[p]:.2f}x" if goodput[p] else
-                               f"kv_aware/{p} inf" for p in ROUTING_POLICIES if p != "kv_aware")
-            print(f"{'':<18} {'':>5} goodput ratios: {ratios}")
+                      f"{summary['itl_ms']['mean']:>6.1f}ms {goodput[policy]:>8.1f}", flush=True)
+            for other in ROUTING_POLICIES:
+                if other != "kv_aware":
+                    print(f"{'':<18} {'':>5} kv_aware/{other}: goodput {ratio(goodput, other)}, "
+                          f"TTFT p90 {ratio(ttft_p90, other)}")
     print(f"({time.process_time() - started:.0f} s of CPU)")
 
 

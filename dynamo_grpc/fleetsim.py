@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import itertools
 from collections import Counter
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -116,19 +116,32 @@ class FleetRun:
     """What a simulated run produced: each request's record, and each engine's stats at the end."""
 
     records: list[RequestRecord]
-    prefill_stats: list[pb.WorkerStats]
-    """The engines that prefilled: the prefill pool, or every engine when aggregated."""
+    prefill_stats: dict[str, pb.WorkerStats]
+    """By engine name, the engines that prefilled: the prefill pool, or every engine when aggregated."""
 
     @property
     def prefix_hit_rate(self) -> float:
         """Share of prompt tokens the prefilling engines found in their prefix caches."""
-        prompt = sum(s.prompt_tokens for s in self.prefill_stats)
-        return sum(s.prefix_cache_hit_tokens for s in self.prefill_stats) / prompt if prompt else 0.0
+        return _hit_rate(self.prefill_stats.values())
+
+    @property
+    def prefix_hit_rates(self) -> dict[str, float]:
+        """The same share per prefilling engine: shows whether a policy spreads or piles up the hits."""
+        return {name: _hit_rate([stats]) for name, stats in self.prefill_stats.items()}
+
+
+def _hit_rate(engines: Iterable[pb.WorkerStats]) -> float:
+    prompt = hits = 0
+    for stats in engines:
+        prompt += stats.prompt_tokens
+        hits += stats.prefix_cache_hit_tokens
+    return hits / prompt if prompt else 0.0
 
 
 class _Picker:
-    """The router's choice among a pool's engines (`Fleet.route`, without pairings: any prefill engine
-    reaches any decode engine here). kv_aware reads a prefix index fed by the engines' KV events."""
+    """The router's choice among a pool's engines, mirroring `Fleet.route` (kv_aware reads a prefix index
+    fed by the engines' KV events). Two differences: there are no pairings (any prefill engine reaches
+    any decode engine), and the decode engine is picked when its prefill is done rather than on arrival."""
 
     def __init__(self, routing: str, index: PrefixIndex) -> None:
         self.routing = routing
@@ -217,4 +230,4 @@ async def run_fleet(shape: FleetShape, workload: Workload, *, model: str = "llam
         for feed in feeds:
             feed.cancel()
         await asyncio.gather(*feeds, return_exceptions=True)
-    return FleetRun(records, [engine.stats() for engine in prefilling.values()])
+    return FleetRun(records, {name: engine.stats() for name, engine in prefilling.items()})
