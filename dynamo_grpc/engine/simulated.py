@@ -13,7 +13,7 @@ import math
 import random
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -179,6 +179,8 @@ class _Sequence:
     transfer: pb.KvTransferStats | None = None
     tokens: _TokenStream | None = None
     aborted: bool = False
+    block_hashes: list[int] = field(default_factory=list)
+    """The prompt's full blocks, for the prefix cache."""
 
     @property
     def context(self) -> int:
@@ -239,7 +241,8 @@ class SimulatedEngine:
                         to_prefill=len(prompt) + len(request.resume))
         self._live[rid] = seq
         needed, seq.blocks = seq.blocks, 0
-        hashes = block_hashes(prompt, self.config.block_size) if self._prefix_cache is not None else []
+        caching = self._prefix_cache is not None
+        seq.block_hashes = hashes = block_hashes(prompt, self.config.block_size) if caching else []
         try:
             await self._blocks.acquire(needed)
             seq.blocks = needed
@@ -270,8 +273,6 @@ class SimulatedEngine:
             self._live.pop(rid, None)
             if seq in self._scheduled:
                 self._scheduled.remove(seq)
-            if self._prefix_cache is not None and seq.tokens is not None:
-                self._prefix_cache.store(hashes)
             self._finished += 1
             if seq.blocks:
                 self._blocks.release(seq.blocks)
@@ -329,7 +330,10 @@ class SimulatedEngine:
                 raise
 
     def _prefilled(self, seq: _Sequence) -> None:
-        """The prompt's KV exists now: a prefill request hands it to the store, others sample their first token."""
+        """The prompt's KV exists now: the prefix cache can serve its blocks at once (as vLLM's does), a prefill
+        request hands it to the store, others sample their first token."""
+        if self._prefix_cache is not None:
+            self._prefix_cache.store(seq.block_hashes)
         if seq.kv is None:
             seq.kv = synthesize_kv(seq.prompt, block_size=self.config.block_size,
                                    bytes_per_token=self.config.kv_bytes_per_token)
