@@ -68,8 +68,7 @@ class Router:
         prompt = None
         if self._fleet.routing == "kv_aware":
             prompt = self._tokenizer.token_ids(params, self._fleet.engine_of(params.model))
-        tokens = len(prompt) if prompt is not None else estimated_tokens(params)
-        route = self._fleet.route(params.model, request_id, prompt_tokens=tokens, prompt=prompt)
+        route = self._fleet.route(params.model, request_id, prompt_tokens=estimated_tokens(params), prompt=prompt)
         handle = None
         # 1) Prefill on the paired worker (its KV is then held there under a lease).
         if route.prefill is not None:
