@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from dynamo_grpc.kv_events import KvEventLog, chain_hash
+from dynamo_grpc.kv_events import KvEventLog, block_hashes
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,8 @@ class EventTranslator:
         else:
             self.skipped += 1
             return []
-        named = []
-        for index, vllm_hash in enumerate(vllm_hashes):
-            ours = chain_hash(ours, token_ids[index * block_size:(index + 1) * block_size])
-            self._ours[vllm_hash] = ours
-            named.append(ours)
+        named = block_hashes(token_ids[:len(vllm_hashes) * block_size], block_size, parent=ours)
+        self._ours.update(zip(vllm_hashes, named, strict=True))
         return named
 
     def removed(self, vllm_hashes: list[Any]) -> list[int]:
