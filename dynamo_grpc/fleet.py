@@ -122,8 +122,7 @@ class Fleet:
                                   request_id=request_id, reason="NO_WORKERS")
             raise NotFound(f"model {model!r} is not served; served models: {', '.join(served)}",
                            request_id=request_id, reason="MODEL_NOT_FOUND")
-        table = self._table if self._table is not None else compute_pairings(self.workers.values())
-        pairs = [p for p in table.pairings if p.decode_worker_id in decodes and p.prefill_worker_id in self.workers]
+        pairs = [p for p in self._pairings() if p.decode_worker_id in decodes and p.prefill_worker_id in self.workers]
         prompt_tokens = len(prompt) if prompt is not None else prompt_tokens
         cached: dict[str, int] = {}
         if self.routing == "kv_aware" and prompt is not None:
@@ -168,12 +167,16 @@ class Fleet:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            table = self._table if self._table is not None else compute_pairings(self.workers.values())
             if any(p.prefill_worker_id in self.workers and p.decode_worker_id in self.workers
-                   for p in table.pairings):
+                   for p in self._pairings()):
                 return True
             await asyncio.sleep(0.05)
         return False
+
+    def _pairings(self) -> Sequence[cp_pb.Pairing]:
+        """The control plane's table, or without a control plane the same table derived here."""
+        table = self._table if self._table is not None else compute_pairings(self.workers.values())
+        return table.pairings
 
     def _requests_at(self, worker_id: str) -> int:
         reported = self._reported.get(worker_id)
