@@ -47,6 +47,25 @@ class DisaggregationPolicy:
 ALWAYS_DISAGGREGATE = DisaggregationPolicy()
 
 
+class InFlight:
+    """Per worker, the requests running there and the prompt tokens they still have to compute."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[str] = Counter()
+        self.tokens: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def busy(self, worker_id: str, tokens: int = 0) -> Iterator[None]:
+        """Count a request, and the prompt tokens it has to compute there, against a worker while it runs."""
+        self.requests[worker_id] += 1
+        self.tokens[worker_id] += tokens
+        try:
+            yield
+        finally:
+            self.requests[worker_id] -= 1
+            self.tokens[worker_id] -= tokens
+
+
 @dataclass(frozen=True)
 class Route:
     """Where one request runs; no prefill worker means the decode worker prefills locally."""
@@ -88,8 +107,7 @@ class Fleet:
         self._reported: dict[str, pb.WorkerStats] = {}
         self._feeds: dict[str, tuple[str, list[asyncio.Task[None]]]] = {}
         self._table: cp_pb.PairingTable | None = None
-        self._in_flight: Counter[str] = Counter()
-        self._queued_tokens: Counter[str] = Counter()
+        self._in_flight = InFlight()
         self._tie_breaker = itertools.count()
         self._turn = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
@@ -133,7 +151,7 @@ class Fleet:
 
         def prefill_work(worker_id: str) -> int:
             """Prompt tokens the worker must compute before this request's prefill is done."""
-            return self._queued_tokens[worker_id] + uncached(worker_id)
+            return self._in_flight.tokens[worker_id] + uncached(worker_id)
 
         if not pairs:
             candidates = sorted(decodes)
@@ -180,7 +198,7 @@ class Fleet:
 
     def _requests_at(self, worker_id: str) -> int:
         reported = self._reported.get(worker_id)
-        return max(self._in_flight[worker_id], reported.active_requests if reported else 0)
+        return max(self._in_flight.requests[worker_id], reported.active_requests if reported else 0)
 
     def _kv_usage(self, worker_id: str) -> float:
         reported = self._reported.get(worker_id)
@@ -190,16 +208,9 @@ class Fleet:
         """The engine kind serving `model` ("" when none is registered)."""
         return next((w.engine for w in self.workers.values() if w.model == model), "")
 
-    @contextlib.contextmanager
-    def busy(self, worker: pb.WorkerInfo, tokens: int = 0) -> Iterator[None]:
+    def busy(self, worker: pb.WorkerInfo, tokens: int = 0) -> contextlib.AbstractContextManager[None]:
         """Count a request, and the prompt tokens it has to compute there, against a worker while it runs."""
-        self._in_flight[worker.worker_id] += 1
-        self._queued_tokens[worker.worker_id] += tokens
-        try:
-            yield
-        finally:
-            self._in_flight[worker.worker_id] -= 1
-            self._queued_tokens[worker.worker_id] -= tokens
+        return self._in_flight.busy(worker.worker_id, tokens)
 
     async def _keep_following(self, what: str, follow: Callable[[], Awaitable[None]]) -> None:
         """A watch that fails is started again, so the router never keeps serving from a frozen view."""

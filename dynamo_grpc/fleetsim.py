@@ -11,11 +11,10 @@ seconds and no result depends on how busy this machine is.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 from collections import Counter
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,6 +22,7 @@ from dynamo_grpc.config import ROUTING_POLICIES
 from dynamo_grpc.engine.base import EngineRequest, Sampling
 from dynamo_grpc.engine.cost_model import KV_BYTES_PER_TOKEN, transfer_ms
 from dynamo_grpc.engine.simulated import SimulatedEngine, SimulatedEngineConfig
+from dynamo_grpc.fleet import InFlight
 from dynamo_grpc.kv_events import PrefixIndex
 from dynamo_grpc.kv_store import LeasedKvStore
 from dynamo_grpc.loadgen import RequestRecord, Workload, run_load
@@ -146,8 +146,7 @@ class _Picker:
     def __init__(self, routing: str, index: PrefixIndex) -> None:
         self.routing = routing
         self._index = index
-        self.in_flight: Counter[str] = Counter()
-        self.queued_tokens: Counter[str] = Counter()
+        self.in_flight = InFlight()
         self._turns: Counter[int] = Counter()
 
     def pick(self, pool: dict[str, SimulatedEngine], prompt: list[int], *, prefills: bool) -> tuple[str, int]:
@@ -160,20 +159,11 @@ class _Picker:
             self._turns[id(pool)] += 1
             name = names[turn % len(names)]
         elif kv_aware:
-            name = min(names, key=lambda n: self.queued_tokens[n] + len(prompt) - cached.get(n, 0))
+            name = min(names, key=lambda n: self.in_flight.tokens[n] + len(prompt) - cached.get(n, 0))
         else:
-            name = min(names, key=self.in_flight.__getitem__)
+            name = min(names, key=self.in_flight.requests.__getitem__)
         return name, len(prompt) - cached.get(name, 0) if prefills else 0
 
-    @contextlib.contextmanager
-    def busy(self, name: str, tokens: int) -> Iterator[None]:
-        self.in_flight[name] += 1
-        self.queued_tokens[name] += tokens
-        try:
-            yield
-        finally:
-            self.in_flight[name] -= 1
-            self.queued_tokens[name] -= tokens
 
 
 async def simulate(shape: FleetShape, workload: Workload, *, model: str = "llama3_70b",
@@ -213,12 +203,12 @@ async def run_fleet(shape: FleetShape, workload: Workload, *, model: str = "llam
                                                             ignore_eos=True))
         if prefills:
             name, uncached = picker.pick(prefills, prompt, prefills=True)
-            with picker.busy(name, uncached):
+            with picker.in_flight.busy(name, uncached):
                 async for out in prefills[name].generate(dataclasses.replace(request, produce_kv=True)):
                     if out.kv_handle is not None:
                         request = dataclasses.replace(request, kv_handle=out.kv_handle)
         name, uncached = picker.pick(decodes, prompt, prefills=not prefills)
-        with picker.busy(name, uncached):
+        with picker.in_flight.busy(name, uncached):
             async for out in decodes[name].generate(request):
                 record.token_times += [loop.time()] * len(out.token_ids)
 
