@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -15,7 +16,7 @@ from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine import SimulatedEngineConfig
 from dynamo_grpc.errors import error_reason
-from dynamo_grpc.registry import MemoryRegistry
+from dynamo_grpc.registry import MemoryRegistry, Registry
 from dynamo_grpc.roles import Deployment, start_all_in_one
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
@@ -69,16 +70,25 @@ class Stubs:
 
 
 @contextlib.asynccontextmanager
-async def running(**engine: object) -> AsyncIterator[Stubs]:
-    """A one-host deployment on the fast simulated engine (with `engine` settings changed), stopped after."""
-    registry = MemoryRegistry()
-    deployment = await start_all_in_one(worker_config(**engine), registry)
+async def deployed(config: WorkerConfig, registry: Registry, **settings: Any) -> AsyncIterator[Stubs]:
+    """A one-host deployment (`start_all_in_one` with `settings`) and stubs to reach it, stopped after."""
+    deployment = await start_all_in_one(config, registry, **settings)
     stubs = Stubs(deployment)
     try:
         yield stubs
     finally:
         await stubs.close()
         await deployment.stop()
+
+
+@contextlib.asynccontextmanager
+async def running(**engine: object) -> AsyncIterator[Stubs]:
+    """A one-host deployment on the fast simulated engine (with `engine` settings changed), stopped after."""
+    registry = MemoryRegistry()
+    try:
+        async with deployed(worker_config(**engine), registry) as stubs:
+            yield stubs
+    finally:
         await registry.close()
 
 

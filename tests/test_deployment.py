@@ -14,7 +14,7 @@ from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.roles import start_all_in_one
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
-from tests.cluster import MODEL, Stubs, running, worker_config
+from tests.cluster import MODEL, Stubs, deployed, running, worker_config
 
 
 @pytest.fixture
@@ -180,9 +180,7 @@ async def test_control_plane_watch_follows_the_fleet() -> None:
 async def test_short_prompts_and_a_saturated_prefill_worker_prefill_on_decode() -> None:
     registry = MemoryRegistry()
     policy = DisaggregationPolicy(min_prompt_tokens=16, max_prefill_queue=1)
-    deployment = await start_all_in_one(worker_config(prefill_s_per_token=0.002), registry, policy=policy)
-    stubs = Stubs(deployment)
-    try:
+    async with deployed(worker_config(prefill_s_per_token=0.002), registry, policy=policy) as stubs:
         short = await stubs.router.generate("tiny", model=MODEL, max_tokens=4).collect()
         assert short.completion.prefill_worker_id == "" and short.completion.kv_transfer.bytes == 0
         # Two long prompts at once: the first takes the prefill worker, the second finds it saturated.
@@ -190,7 +188,4 @@ async def test_short_prompts_and_a_saturated_prefill_worker_prefill_on_decode() 
                                          .collect() for i in range(2)))
         moved = sorted(r.completion.kv_transfer.bytes > 0 for r in results)
         assert moved == [False, True]
-    finally:
-        await stubs.close()
-        await deployment.stop()
-        await registry.close()
+    await registry.close()

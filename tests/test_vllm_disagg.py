@@ -25,14 +25,13 @@ from dynamo_grpc.engine.vllm_engine import SEGMENT_PREFIX, VllmEngineConfig
 from dynamo_grpc.kv_events import block_hashes
 from dynamo_grpc.prompt_tokens import PromptTokenizer
 from dynamo_grpc.registry import EtcdRegistry
-from dynamo_grpc.roles import start_all_in_one
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import kv_events_pb2 as events_pb
 from dynamo_grpc.v1 import kv_events_pb2_grpc as events_grpc
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
-from tests.cluster import Stubs, rpc_failure
+from tests.cluster import Stubs, deployed, rpc_failure
 from tests.etcd_server import EtcdServer
 from tests.hf_reference import hf_greedy
 
@@ -73,13 +72,10 @@ async def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     config = WorkerConfig(server=ServerConfig(port=0), kv_ttl_s=KV_TTL_S,
                           engine=VllmEngineConfig(model_path=str(tiny_model_dir), max_num_seqs=16,
                                                   max_num_batched_tokens=STEP_TOKENS))
-    deployment = await start_all_in_one(config, registry, tokenizer=str(tiny_model_dir))
-    stubs = Stubs(deployment)
     try:
-        yield stubs
+        async with deployed(config, registry, tokenizer=str(tiny_model_dir)) as stubs:
+            yield stubs
     finally:
-        await stubs.close()
-        await deployment.stop()
         await registry.close()
         etcd.stop()
 
