@@ -140,7 +140,7 @@ class Fleet:
                                   request_id=request_id, reason="NO_WORKERS")
             raise NotFound(f"model {model!r} is not served; served models: {', '.join(served)}",
                            request_id=request_id, reason="MODEL_NOT_FOUND")
-        pairs = [p for p in self._pairings() if p.decode_worker_id in decodes and p.prefill_worker_id in self.workers]
+        pairs = self._live_pairs(decodes)
         prompt_tokens = len(prompt) if prompt is not None else prompt_tokens
         cached: dict[str, int] = {}
         if self.routing == "kv_aware" and prompt is not None:
@@ -185,16 +185,20 @@ class Fleet:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            if any(p.prefill_worker_id in self.workers and p.decode_worker_id in self.workers
-                   for p in self._pairings()):
+            if self._live_pairs(self.workers):
                 return True
             await asyncio.sleep(0.05)
         return False
 
-    def _pairings(self) -> Sequence[cp_pb.Pairing]:
-        """The control plane's table, or without a control plane the same table derived here."""
-        table = self._table if self._table is not None else compute_pairings(self.workers.values())
-        return table.pairings
+    def _live_pairs(self, decodes: Collection[str]) -> list[cp_pb.Pairing]:
+        """Pairs of live workers with a decode worker among `decodes`: from the control plane's table, or
+        derived here without a control plane, or while its table has none for them yet (it trails the
+        registry by a watch event, and pairs by the same rule)."""
+        def live(table: cp_pb.PairingTable) -> list[cp_pb.Pairing]:
+            return [p for p in table.pairings if p.decode_worker_id in decodes and p.prefill_worker_id in self.workers]
+
+        published = live(self._table) if self._table is not None else []
+        return published or live(compute_pairings(self.workers.values()))
 
     def _requests_at(self, worker_id: str) -> int:
         reported = self._reported.get(worker_id)

@@ -155,7 +155,7 @@ async def test_disaggregated_greedy_equals_aggregated_on_both_paths(cluster: Stu
         n = result.completion.usage.prompt_tokens
         assert handle.num_tokens == n and handle.total_bytes == kv_bytes(n)
         assert handle.layout.bytes_per_token == KV_BYTES_PER_TOKEN and handle.layout.block_size == BLOCK_SIZE
-        assert result.completion.prefill_worker_id == cluster.deployment.prefill.worker_id
+        assert result.completion.prefill_worker_id == cluster.deployment.prefill.worker_id, (prompt, result.completion)
         assert (result.completion.kv_transfer.path, result.completion.kv_transfer.bytes) == ("shm", kv_bytes(n))
         assert (completion.kv_transfer.path, completion.kv_transfer.bytes) == ("grpc", kv_bytes(n))
         # (3) Token for token: routed == pulled == the decode engine alone == HF transformers.
