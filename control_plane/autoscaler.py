@@ -1,0 +1,171 @@
+"""Online pool sizing: desired prefill and decode worker counts from periodic metrics of a live fleet.
+
+`PoolAutoscaler` is pure logic with the clock injected: up at once when the objectives are missed or the
+load outgrows the pools, down only after a lower size has been enough for a whole cooldown window, and to
+zero after a long idle spell.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from control_plane.planner import PoolPlan
+from dynamo_grpc.loadgen import Objectives
+
+
+@dataclass(frozen=True)
+class PoolCapacity:
+    """Requests/s one worker of each pool sustains within the objectives."""
+
+    prefill_rps: float
+    decode_rps: float
+
+    @classmethod
+    def from_plan(cls, plan: PoolPlan) -> PoolCapacity:
+        """The planned rate shared over the planned workers: verified by simulation, so conservative."""
+        if not plan.is_disaggregated:
+            raise ValueError("the autoscaler sizes two pools; give it a disaggregated plan")
+        return cls(prefill_rps=plan.workload.rate / plan.prefill_workers,
+                   decode_rps=plan.workload.rate / plan.decode_workers)
+
+
+@dataclass(frozen=True)
+class PoolMetrics:
+    """One observation window of the deployment."""
+
+    arrival_rate: float
+    """Requests/s that arrived in the window."""
+    ttft_p90_ms: float | None = None
+    itl_p90_ms: float | None = None
+    prefill_queue: int = 0
+    """Requests waiting for a prefill worker."""
+    decode_queue: int = 0
+    """Requests waiting for a decode slot (KV room)."""
+    prefill_workers: int = 0
+    decode_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ScaleDecision:
+    prefill_workers: int
+    decode_workers: int
+    reason: str = ""
+
+
+@dataclass
+class _PoolState:
+    workers: int
+    lower_since: float | None = None
+    lower_target: int = 0
+    last_scale_up: float = -math.inf
+
+
+class PoolAutoscaler:
+    """Desired prefill and decode worker counts from periodic metrics; pure logic, the clock injected.
+
+    - Up, at once: to the count that keeps predicted utilisation (arrival rate / capacity) at
+      `target_utilisation`, and one more in a pool that misses an objective or has a long queue (at most
+      once per `settle_s` per pool, since a new worker takes time to help).
+    - Down, slowly: only to a count with `scale_down_band` more headroom than the up rule needs, and only
+      after every observation for `scale_down_cooldown_s` asked for it (then to the largest they asked for).
+      Noise around a threshold therefore moves a pool up once and never back and forth.
+    - To zero after `idle_to_zero_s` without traffic; back with one decode worker on the first request.
+      Prefill goes to zero too: a decode worker prefills its own prompts when no prefill worker exists
+      (the router falls back to it), so one GPU serves a cold start and an idle deployment holds none.
+      The prefill pool returns with the next metrics that show load.
+    """
+
+    def __init__(self, capacity: PoolCapacity, objectives: Objectives, *, clock: Callable[[], float] = time.monotonic,
+                 target_utilisation: float = 0.8, scale_down_band: float = 0.15,
+                 scale_down_cooldown_s: float = 300.0, settle_s: float = 60.0, idle_to_zero_s: float = 600.0,
+                 max_queue_per_worker: float = 4.0, max_prefill: int = 64, max_decode: int = 64) -> None:
+        if capacity.prefill_rps <= 0 or capacity.decode_rps <= 0:
+            raise ValueError("pool capacities must be positive")
+        if not 0 < target_utilisation <= 1 or not 0 <= scale_down_band < 1:
+            raise ValueError("target_utilisation must be in (0, 1] and scale_down_band in [0, 1)")
+        self.capacity = capacity
+        self.objectives = objectives
+        self._clock = clock
+        self._utilisation = target_utilisation
+        self._band = scale_down_band
+        self._cooldown_s = scale_down_cooldown_s
+        self._settle_s = settle_s
+        self._idle_to_zero_s = idle_to_zero_s
+        self._max_queue = max_queue_per_worker
+        self._limits = {"prefill": max_prefill, "decode": max_decode}
+        self._pools: dict[str, _PoolState] | None = None
+        self._last_traffic = clock()
+
+    @property
+    def desired(self) -> ScaleDecision:
+        pools = self._pools or {"prefill": _PoolState(0), "decode": _PoolState(0)}
+        return ScaleDecision(pools["prefill"].workers, pools["decode"].workers)
+
+    def request_arrived(self) -> ScaleDecision:
+        """Call on a request that found no decode worker: start one (a cold start)."""
+        self._last_traffic = self._clock()
+        pools = self._ensure_pools(0, 0)
+        if pools["decode"].workers == 0:
+            pools["decode"] = _PoolState(1, last_scale_up=self._last_traffic)
+            return ScaleDecision(pools["prefill"].workers, 1, "cold start: first request, one decode worker")
+        return self.desired
+
+    def update(self, metrics: PoolMetrics) -> ScaleDecision:
+        now = self._clock()
+        pools = self._ensure_pools(metrics.prefill_workers, metrics.decode_workers)
+        busy = metrics.arrival_rate > 0 or metrics.prefill_queue > 0 or metrics.decode_queue > 0
+        if busy:
+            self._last_traffic = now
+        elif now - self._last_traffic >= self._idle_to_zero_s:
+            if pools["prefill"].workers or pools["decode"].workers:
+                self._pools = {"prefill": _PoolState(0), "decode": _PoolState(0)}
+                return ScaleDecision(0, 0, f"no traffic for {now - self._last_traffic:.0f} s: scale to zero")
+            return self.desired
+
+        ttft_missed = metrics.ttft_p90_ms is not None and metrics.ttft_p90_ms > self.objectives.ttft_ms
+        itl_missed = metrics.itl_p90_ms is not None and metrics.itl_p90_ms > self.objectives.itl_ms
+        queues = {"prefill": metrics.prefill_queue, "decode": metrics.decode_queue}
+        queue_per_worker = {role: queues[role] / max(1, pools[role].workers) for role in pools}
+        short_of = {role: queue_per_worker[role] > self._max_queue for role in pools}
+        if ttft_missed:  # the first token waits on whichever pool is queueing more
+            short_of[max(("prefill", "decode"), key=lambda role: queue_per_worker[role])] = True
+        if itl_missed:
+            short_of["decode"] = True
+        missed = ttft_missed or itl_missed
+
+        reasons = []
+        for role, per_worker in (("prefill", self.capacity.prefill_rps), ("decode", self.capacity.decode_rps)):
+            state = pools[role]
+            floor = 1 if role == "decode" else 0
+            needed = max(floor, math.ceil(metrics.arrival_rate / (per_worker * self._utilisation)))
+            enough_after_down = max(floor, math.ceil(
+                metrics.arrival_rate / (per_worker * self._utilisation * (1 - self._band))))
+            target = needed
+            if short_of[role] and now - state.last_scale_up >= self._settle_s:
+                target = max(target, state.workers + 1)
+            target = min(target, self._limits[role])
+            if target > state.workers:
+                why = "objective missed or queue long" if target > needed else \
+                    f"{metrics.arrival_rate:.2f} req/s needs {needed}"
+                reasons.append(f"{role} {state.workers} -> {target} ({why})")
+                pools[role] = _PoolState(target, last_scale_up=now)
+            elif enough_after_down < state.workers and not missed:
+                if state.lower_since is None:
+                    state.lower_since, state.lower_target = now, enough_after_down
+                state.lower_target = max(state.lower_target, enough_after_down)
+                if now - state.lower_since >= self._cooldown_s:
+                    reasons.append(f"{role} {state.workers} -> {state.lower_target} (enough for "
+                                   f"{now - state.lower_since:.0f} s)")
+                    pools[role] = _PoolState(state.lower_target, last_scale_up=state.last_scale_up)
+            else:
+                state.lower_since = None
+        decision = self.desired
+        return ScaleDecision(decision.prefill_workers, decision.decode_workers, "; ".join(reasons))
+
+    def _ensure_pools(self, prefill: int, decode: int) -> dict[str, _PoolState]:
+        if self._pools is None:
+            self._pools = {"prefill": _PoolState(prefill), "decode": _PoolState(decode)}
+        return self._pools
