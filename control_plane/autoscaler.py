@@ -44,6 +44,8 @@ class PoolMetrics:
     """Requests waiting for a prefill worker."""
     decode_queue: int = 0
     """Requests waiting for a decode slot (KV room)."""
+    running_requests: int = 0
+    """Requests generating tokens: a fleet with any is not idle, whatever the arrivals."""
     prefill_workers: int = 0
     decode_workers: int = 0
 
@@ -104,6 +106,10 @@ class PoolAutoscaler:
         pools = self._pools or {"prefill": _PoolState(0), "decode": _PoolState(0)}
         return ScaleDecision(pools["prefill"].workers, pools["decode"].workers)
 
+    def start_at(self, prefill: int, decode: int) -> None:
+        """Begin from these pool sizes (the ones already running) instead of the first metrics' counts."""
+        self._pools = {"prefill": _PoolState(prefill), "decode": _PoolState(decode)}
+
     def request_arrived(self) -> ScaleDecision:
         """Call on a request that found no decode worker: start one (a cold start)."""
         self._last_traffic = self._clock()
@@ -116,7 +122,8 @@ class PoolAutoscaler:
     def update(self, metrics: PoolMetrics) -> ScaleDecision:
         now = self._clock()
         pools = self._ensure_pools(metrics.prefill_workers, metrics.decode_workers)
-        busy = metrics.arrival_rate > 0 or metrics.prefill_queue > 0 or metrics.decode_queue > 0
+        busy = metrics.arrival_rate > 0 or metrics.prefill_queue > 0 or metrics.decode_queue > 0 or \
+            metrics.running_requests > 0
         if busy:
             self._last_traffic = now
         elif now - self._last_traffic >= self._idle_to_zero_s:

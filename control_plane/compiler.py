@@ -70,6 +70,8 @@ class Plan:
     min_uncached_tokens: int
     slo: dict[str, float]
     transfer: dict[str, Any]
+    autoscaling: bool = False
+    """The control plane sizes the pools; supervisors run the workers its scale target names."""
     notes: tuple[str, ...] = ()
 
     def by_role(self, role: str) -> list[PlannedProcess]:
@@ -134,6 +136,10 @@ def compile_spec(spec: Spec) -> Plan:
                 command = (*command, "--tokenizer", spec.model.path)  # to look text prompts up
             if spec.router.min_uncached_tokens:
                 command = (*command, "--disagg-min-prompt-tokens", str(spec.router.min_uncached_tokens))
+            if spec.autoscaling is not None:
+                command = (*command, "--cold-start-wait-s", _flag_value(spec.autoscaling.cold_start_wait_s))
+        elif spec.autoscaling is not None:
+            command = (*command, *_autoscaling_flags(spec))
         processes.append(PlannedProcess(id=role, role=role, host=host, address=spec.host(host).address, port=port,
                                         command=command))
     pairings = _initial_pairings(spec, processes)
@@ -143,7 +149,7 @@ def compile_spec(spec: Spec) -> Plan:
         min_uncached_tokens=spec.router.min_uncached_tokens,
         slo={k: v for k, v in (("ttft_ms", spec.slo.ttft_ms), ("itl_ms", spec.slo.itl_ms)) if v is not None},
         transfer={"kv_ttl_s": spec.transfer.kv_ttl_s, "on_pull_failure": spec.transfer.on_pull_failure},
-        notes=tuple(_notes(spec, pairings)))
+        autoscaling=spec.autoscaling is not None, notes=tuple(_notes(spec, pairings)))
 
 
 EXTRA = "extra."
@@ -183,6 +189,18 @@ def _engine_flags(spec: Spec, engine_args: dict[str, Any]) -> tuple[str, ...]:
                   for flag in ("--vllm-arg", f"{name.removeprefix(EXTRA)}={_flag_value(value)}")]
     flags += ["--kv-ttl-s", _flag_value(spec.transfer.kv_ttl_s), "--kv-pull-failure", spec.transfer.on_pull_failure]
     return tuple(flags)
+
+
+def _autoscaling_flags(spec: Spec) -> tuple[str, ...]:
+    """The control plane's autoscaler settings: each pool between zero and its planned workers."""
+    scaling, slo = spec.autoscaling, spec.slo
+    assert scaling is not None and slo.ttft_ms is not None and slo.itl_ms is not None
+    flags = {"autoscale-prefill-rps": scaling.prefill_requests_per_s, "autoscale-decode-rps":
+             scaling.decode_requests_per_s, "autoscale-max-prefill": spec.prefill.workers,
+             "autoscale-max-decode": spec.decode.workers, "slo-ttft-ms": slo.ttft_ms, "slo-itl-ms": slo.itl_ms,
+             "autoscale-interval-s": scaling.interval_s, "scale-down-cooldown-s": scaling.scale_down_cooldown_s,
+             "scale-up-settle-s": scaling.settle_s, "idle-to-zero-s": scaling.idle_to_zero_s}
+    return tuple(part for name, value in flags.items() for part in (f"--{name}", _flag_value(value)))
 
 
 def _bind_address(address: str) -> str:
@@ -227,8 +245,12 @@ def _notes(spec: Spec, pairings: tuple[tuple[str, str, bool], ...]) -> list[str]
     if spec.router.min_uncached_tokens and spec.router.policy != "kv_aware":
         notes.append(f"min_uncached_tokens {spec.router.min_uncached_tokens} counts every prompt token as "
                      f"uncached: only the kv_aware policy knows what workers cache")
-    if spec.slo.ttft_ms is not None or spec.slo.itl_ms is not None:
-        notes.append("SLO targets are recorded for sizing; nothing enforces them at run time")
+    if spec.autoscaling is not None:
+        notes.append(f"autoscaling: the control plane runs 0..{spec.prefill.workers} prefill and "
+                     f"0..{spec.decode.workers} decode workers for the SLO targets; `up` starts the workers "
+                     "its scale target names")
+    elif spec.slo.ttft_ms is not None or spec.slo.itl_ms is not None:
+        notes.append("SLO targets are recorded for sizing; nothing enforces them at run time (add autoscaling)")
     for where, extra in (("model", spec.model.extra_engine_args), ("prefill", spec.prefill.extra_engine_args),
                          ("decode", spec.decode.extra_engine_args)):
         if extra and spec.model.engine != "vllm":

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from control_plane.controller import PairingController
+from control_plane.scaling import SCALE_DOCUMENT
 from dynamo_grpc.registry import Registry
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
@@ -37,3 +38,8 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
                             ) -> AsyncIterator[cp_pb.WatchPairingsResponse]:
         async for table in self._pairings.watch():
             yield cp_pb.WatchPairingsResponse(table=table)
+
+    async def GetScaleTarget(self, request: cp_pb.GetScaleTargetRequest, context: grpc.aio.ServicerContext
+                             ) -> cp_pb.GetScaleTargetResponse:
+        data = await self._registry.get_document(SCALE_DOCUMENT)
+        return cp_pb.GetScaleTargetResponse(target=cp_pb.ScaleTarget.FromString(data) if data else None)

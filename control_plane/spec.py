@@ -15,18 +15,23 @@ obvious, so a bad spec is fixed in one edit instead of one error per run.
     slo: {ttft_ms: 500, itl_ms: 50}
     transfer: {kv_ttl_s: 30, on_pull_failure: fail}
     etcd: [10.0.0.1:2379]
+    autoscaling: {prefill_requests_per_s: 1.2, decode_requests_per_s: 2.5}   # optional
 
 A host with `gpus: 0` is a CPU host: its workers get no devices. A pool's workers are spread over its
 hosts round-robin (`pool_placement`). Engine arguments under `model.engine_args` apply to both pools; a
 pool's own `engine_args` add to or override them. `engine_args.extra` holds any other vLLM engine
 argument; vLLM workers get each as `--vllm-arg KEY=VALUE`.
+
+With `autoscaling`, each pool's `workers` is its most: the control plane runs between zero and that many,
+sized from the live load and the `slo` objectives (`control_plane.scaling`). The per-worker rates are
+what one worker sustains within the objectives; `dynamo-grpc plan --spec-out` writes them.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +107,22 @@ class TransferSpec:
 
 
 @dataclass(frozen=True)
+class AutoscalingSpec:
+    prefill_requests_per_s: float
+    """Requests/s one prefill worker sustains within the objectives."""
+    decode_requests_per_s: float
+    """Requests/s one decode worker sustains within the objectives."""
+    interval_s: float = 10.0
+    scale_down_cooldown_s: float = 300.0
+    settle_s: float = 60.0
+    """After adding a worker to a pool for a missed objective, wait this long before adding another."""
+    idle_to_zero_s: float = 600.0
+    """No traffic for this long stops every worker; 0: never."""
+    cold_start_wait_s: float = 120.0
+    """How long a request that finds no worker waits at the router for one to start."""
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
     model: ModelSpec
@@ -115,6 +136,7 @@ class Spec:
     base_port: int = DEFAULT_BASE_PORT
     slo: SloSpec = SloSpec()
     transfer: TransferSpec = TransferSpec()
+    autoscaling: AutoscalingSpec | None = None
 
     def host(self, name: str) -> HostSpec:
         return next(h for h in self.hosts if h.name == name)
@@ -193,8 +215,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
             out["engine_args"] = engine_args(p.engine_args, p.extra_engine_args)
         return out
 
-    model: dict[str, Any] = {"path": spec.model.path, "served_name": spec.model.served_name,
-                             "engine": spec.model.engine}
+    model: dict[str, Any] = {**({"path": spec.model.path} if spec.model.path else {}),
+                             "served_name": spec.model.served_name, "engine": spec.model.engine}
     if spec.model.engine_args or spec.model.extra_engine_args:
         model["engine_args"] = engine_args(spec.model.engine_args, spec.model.extra_engine_args)
     out: dict[str, Any] = {
@@ -211,6 +233,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
     slo = {k: v for k, v in (("ttft_ms", spec.slo.ttft_ms), ("itl_ms", spec.slo.itl_ms)) if v is not None}
     if slo:
         out["slo"] = slo
+    if spec.autoscaling is not None:
+        out["autoscaling"] = asdict(spec.autoscaling)
     return out
 
 
@@ -404,7 +428,7 @@ class _Checker:
 
     def spec(self, root: _Node) -> Spec:
         top = self.mapping(root, "", ("name", "model", "hosts", "prefill", "decode", "etcd"),
-                           ("namespace", "router", "control_plane", "slo", "transfer", "base_port"))
+                           ("namespace", "router", "control_plane", "slo", "transfer", "base_port", "autoscaling"))
         if top is None:
             raise SpecError(self.problems)
         name = self.string(top.get("name"), "name")
@@ -426,13 +450,14 @@ class _Checker:
         slo = self.slo(top.get("slo"))
         transfer = self.transfer(top.get("transfer"))
         etcd = self.etcd(top.get("etcd"))
+        autoscaling = self.autoscaling(top.get("autoscaling"), pools["prefill"], slo)
         if not self.problems:
             self.cross_checks(top, root, model, hosts, pools, router, control_plane, base_port)
         if self.problems:
             raise SpecError(sorted(self.problems, key=lambda p: p.line))
         return Spec(name=name, namespace=namespace, model=model, hosts=tuple(hosts), prefill=pools["prefill"],
                     decode=pools["decode"], router=router, control_plane=control_plane, etcd=tuple(etcd),
-                    base_port=base_port, slo=slo, transfer=transfer)
+                    base_port=base_port, slo=slo, transfer=transfer, autoscaling=autoscaling)
 
     def model(self, node: _Node | None) -> Any:
         if node is None:
@@ -620,6 +645,33 @@ class _Checker:
         ttft = self.positive_number(items.get("ttft_ms"), "slo.ttft_ms", None)
         itl = self.positive_number(items.get("itl_ms"), "slo.itl_ms", None)
         return _MISSING if _MISSING in (ttft, itl) else SloSpec(ttft_ms=ttft, itl_ms=itl)
+
+    def autoscaling(self, node: _Node | None, prefill: Any, slo: Any) -> Any:
+        if node is None:
+            return None
+        defaults = AutoscalingSpec(0.0, 0.0)
+        names = tuple(f.name for f in fields(AutoscalingSpec))
+        items = self.mapping(node, "autoscaling", ("decode_requests_per_s",), names[:1] + names[2:])
+        if items is None:
+            return _MISSING
+        values: dict[str, Any] = {}
+        for name in names:
+            child, path = items.get(name), f"autoscaling.{name}"
+            if name == "idle_to_zero_s" and child is not None and child.value == 0:
+                values[name] = 0.0  # never
+            else:
+                values[name] = self.positive_number(child, path, getattr(defaults, name) or _MISSING)
+        if values["prefill_requests_per_s"] is _MISSING and "prefill_requests_per_s" not in items:
+            if isinstance(prefill, PoolSpec) and prefill.workers:
+                self.problem(node.line, "autoscaling.prefill_requests_per_s", "required with prefill workers: "
+                             "what one prefill worker sustains within the objectives (`dynamo-grpc plan` "
+                             "prints it)")
+            else:  # aggregated: no prefill pool to size
+                values["prefill_requests_per_s"] = values["decode_requests_per_s"]
+        if isinstance(slo, SloSpec) and (slo.ttft_ms is None or slo.itl_ms is None):
+            self.problem(node.line, "autoscaling", "keeps the objectives in `slo`; set both, e.g. "
+                         "slo: {ttft_ms: 500, itl_ms: 50}")
+        return _MISSING if _MISSING in values.values() else AutoscalingSpec(**values)
 
     def transfer(self, node: _Node | None) -> Any:
         if node is None:

@@ -3,6 +3,11 @@
 `dynamo-grpc up SPEC` runs a `Supervisor` in the foreground; `dynamo-grpc down SPEC` (another shell)
 signals it through the pid file in its state folder. Each process logs to `<state>/<id>.log`.
 Start order: control plane, workers, router (so it finds workers); stop order is the reverse.
+
+An autoscaled plan's workers run only while the control plane's scale target names them: the first
+`prefill_workers` prefill and `decode_workers` decode workers of the plan, in plan order (so on every
+host the same rule picks the same workers, and a pool shrinks from its end). The supervisor follows the
+target in etcd, starts what it adds and stops (SIGTERM: drain, deregister) what it removes.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from control_plane.compiler import Plan, PlannedProcess
+from control_plane.scaling import SCALE_DOCUMENT
+from dynamo_grpc.registry import EtcdRegistry
+from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,12 @@ class _Child:
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
     backoff_s: float = 1.0
+    wanted: bool = True
+    """False while the scale target leaves this worker out: it is stopped and not restarted."""
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
 
 
 @dataclass
@@ -69,18 +83,62 @@ class Supervisor:
         self.state.mkdir(parents=True, exist_ok=True)
         pid_file = self.state / "supervisor.pid"
         pid_file.write_text(str(os.getpid()))
+        following: asyncio.Task[None] | None = None
         try:
             for child in self.children:
-                await self._start(child)
+                child.wanted = not (self.plan.autoscaling and child.spec.role in ("prefill", "decode"))
+                if child.wanted:
+                    await self._start(child)
+            if self.plan.autoscaling:
+                following = asyncio.create_task(self._follow_scale_target())
             while not stop.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=0.5)
                 for child in self.children:
-                    if not stop.is_set() and child.proc is not None and child.proc.returncode is not None:
+                    if not stop.is_set() and child.wanted and child.proc is not None and \
+                            child.proc.returncode is not None:
                         await self._restart(child, stop)
         finally:
+            if following is not None:
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
             await self._stop_all()
             pid_file.unlink(missing_ok=True)
+
+    async def scale_to(self, target: cp_pb.ScaleTarget) -> None:
+        """Run exactly this host's share of the first N workers of each pool."""
+        counts = {"prefill": target.prefill_workers, "decode": target.decode_workers}
+        named = {p.id for role, count in counts.items() for p in self.plan.by_role(role)[:count]}
+        stopping = []
+        for child in self.children:
+            if child.spec.role not in counts:
+                continue
+            child.wanted = child.spec.id in named
+            if child.wanted and not child.running:
+                child.backoff_s = 1.0
+                await self._start(child)
+            elif not child.wanted and child.running:
+                stopping.append(self._stop(child))
+        if stopping:
+            await asyncio.gather(*stopping)
+
+    async def _follow_scale_target(self) -> None:
+        """Follow the control plane's scale target in etcd; reconnect while etcd is away."""
+        while True:
+            registry = EtcdRegistry(list(self.plan.etcd), namespace=self.plan.namespace)
+            try:
+                await registry.connect()
+                async for data in registry.watch_document(SCALE_DOCUMENT):
+                    if data:
+                        target = cp_pb.ScaleTarget.FromString(data)
+                        log.info("scale target v%d: %d prefill, %d decode workers (%s)", target.version,
+                                 target.prefill_workers, target.decode_workers, target.reason or "-")
+                        await self.scale_to(target)
+            except Exception as error:  # noqa: BLE001 - keep following once etcd is back
+                log.warning("cannot follow the scale target in etcd (%s); retrying in 2 s", error)
+            finally:
+                await registry.close()
+            await asyncio.sleep(2.0)
 
     async def _start(self, child: _Child) -> None:
         command = list(child.spec.command)
@@ -98,7 +156,7 @@ class Supervisor:
                     child.backoff_s, self.state / f"{child.spec.id}.log")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=child.backoff_s)
-        if stop.is_set():
+        if stop.is_set() or not child.wanted or child.running:  # scaled away, or started again meanwhile
             return
         child.restarts += 1
         child.backoff_s = min(child.backoff_s * 2, self.max_backoff_s)
@@ -106,17 +164,20 @@ class Supervisor:
 
     async def _stop_all(self) -> None:
         for child in reversed(self.children):
-            proc = child.proc
-            if proc is None or proc.returncode is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=_STOP_GRACE_S)
-            except asyncio.TimeoutError:
-                log.warning("%s did not stop within %.0f s; killing it", child.spec.id, _STOP_GRACE_S)
-                os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
-            log.info("stopped %s", child.spec.id)
+            await self._stop(child)
+
+    async def _stop(self, child: _Child) -> None:
+        proc = child.proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=_STOP_GRACE_S)
+        except asyncio.TimeoutError:
+            log.warning("%s did not stop within %.0f s; killing it", child.spec.id, _STOP_GRACE_S)
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        log.info("stopped %s", child.spec.id)
 
 
 def signal_down(plan: Plan, *, timeout_s: float = 30.0) -> bool:

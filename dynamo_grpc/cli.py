@@ -39,6 +39,7 @@ from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
 if TYPE_CHECKING:
     from control_plane.compiler import Plan
+    from control_plane.scaling import AutoscalingConfig
     from dynamo_grpc.frontend import RunningFrontend
 
 log = logging.getLogger("dynamo_grpc")
@@ -64,13 +65,61 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "disagg-max-prefill-queue", default=0, type=int,
              help="requests in flight that make a prefill worker saturated, so decode prefills locally "
              "(0: no limit)")
+    add_flag(parser, "cold-start-wait-s", default=0.0, type=float,
+             help="how long a request that finds no decode worker waits for one to start, calling on the "
+             "control plane's autoscaler for it (0: fail at once with UNAVAILABLE)")
 
 
 def router_settings(args: argparse.Namespace) -> dict[str, object]:
     return {"max_migrations": args.max_migrations, "routing": args.policy, "tokenizer": args.tokenizer,
-            "load_poll_s": args.load_poll_s,
+            "load_poll_s": args.load_poll_s, "cold_start_wait_s": args.cold_start_wait_s,
             "policy": DisaggregationPolicy(
         min_prompt_tokens=args.disagg_min_prompt_tokens, max_prefill_queue=args.disagg_max_prefill_queue)}
+
+
+def add_autoscaling_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("autoscaling", "size the pools from live load (the spec's `autoscaling` "
+                                      "section compiles to these); supervisors run the workers it names")
+    add_flag(group, "autoscale-prefill-rps", default=0.0, type=float,
+             help="requests/s one prefill worker sustains within the objectives (0: no autoscaling)")
+    add_flag(group, "autoscale-decode-rps", default=0.0, type=float,
+             help="requests/s one decode worker sustains within the objectives")
+    add_flag(group, "autoscale-max-prefill", default=0, type=int, help="most prefill workers")
+    add_flag(group, "autoscale-max-decode", default=1, type=int, help="most decode workers")
+    add_flag(group, "slo-ttft-ms", default=0.0, type=float, help="time-to-first-token objective (p90)")
+    add_flag(group, "slo-itl-ms", default=0.0, type=float, help="inter-token latency objective (p90)")
+    add_flag(group, "autoscale-interval-s", default=10.0, type=float, help="how often to sample the workers")
+    add_flag(group, "scale-down-cooldown-s", default=300.0, type=float,
+             help="a smaller pool must have been enough for this long before workers stop")
+    add_flag(group, "scale-up-settle-s", default=60.0, type=float,
+             help="after adding a worker for a missed objective, wait this long before adding another")
+    add_flag(group, "idle-to-zero-s", default=600.0, type=float,
+             help="no traffic for this long stops every worker (0: never)")
+
+
+def autoscaling_config(args: argparse.Namespace) -> AutoscalingConfig | None:
+    from control_plane.autoscaler import PoolCapacity
+    from control_plane.scaling import AutoscalingConfig
+    from dynamo_grpc.loadgen import Objectives
+
+    if not args.autoscale_prefill_rps and not args.autoscale_decode_rps:
+        return None
+    problems = [f"--{name} must be positive" for name, value in (
+        ("autoscale-prefill-rps", args.autoscale_prefill_rps), ("autoscale-decode-rps", args.autoscale_decode_rps),
+        ("slo-ttft-ms", args.slo_ttft_ms), ("slo-itl-ms", args.slo_itl_ms),
+        ("autoscale-interval-s", args.autoscale_interval_s), ("autoscale-max-decode", args.autoscale_max_decode))
+        if value <= 0]
+    problems += [f"--{name} must not be negative" for name, value in (
+        ("autoscale-max-prefill", args.autoscale_max_prefill), ("scale-down-cooldown-s", args.scale_down_cooldown_s),
+        ("scale-up-settle-s", args.scale_up_settle_s), ("idle-to-zero-s", args.idle_to_zero_s)) if value < 0]
+    if problems:
+        raise ConfigError("autoscaling: " + "; ".join(problems))
+    return AutoscalingConfig(
+        capacity=PoolCapacity(args.autoscale_prefill_rps, args.autoscale_decode_rps),
+        objectives=Objectives(args.slo_ttft_ms, args.slo_itl_ms), max_prefill=args.autoscale_max_prefill,
+        max_decode=args.autoscale_max_decode, interval_s=args.autoscale_interval_s,
+        scale_down_cooldown_s=args.scale_down_cooldown_s, settle_s=args.scale_up_settle_s,
+        idle_to_zero_s=args.idle_to_zero_s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = roles.add_parser("control-plane", help="run the control plane (pairings, plan, fleet)")
     add_server_flags(sub)
     add_flag(sub, "spec", default="", help="deployment spec whose compiled plan is published (GetPlan)")
+    add_autoscaling_flags(sub)
     sub = roles.add_parser("serve", help="run 1 router + 1 prefill + 1 decode + control plane on this host")
     add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
     add_engine_flags(sub)
@@ -296,12 +346,13 @@ async def _main(args: argparse.Namespace) -> int:
     server = server_config(args)
     worker = worker_config(args) if command in ("prefill", "decode") else None
     plan = _plan_of(args.spec) if command == "control-plane" else None
+    autoscaling = autoscaling_config(args) if command == "control-plane" else None
     registry = await _connect_registry(server, required=True)
     starts = {
         "prefill": lambda: start_prefill(worker, registry),
         "decode": lambda: start_decode(worker, registry),
         "router": lambda: start_router(server, registry, **router_settings(args)),
-        "control-plane": lambda: start_control_plane(server, registry, plan=plan),
+        "control-plane": lambda: start_control_plane(server, registry, plan=plan, autoscaling=autoscaling),
     }
     await _run_role(starts[command], registry)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,6 +12,7 @@ import grpc
 from dynamo_grpc.engine.base import Engine, EngineOutput
 from dynamo_grpc.engine_calls import completion_of, engine_request, engine_run
 from dynamo_grpc.errors import DynamoError
+from dynamo_grpc.latency import LatencyWindow
 from dynamo_grpc.streams import background, coalesce, first_message, watch_for_cancel
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
@@ -28,6 +30,8 @@ class DecodeServicer(decode_grpc.DecodeServiceServicer):
         self._engine = engine
         self._worker_id = worker_id
         self._local_prefill_on_pull_failure = local_prefill_on_pull_failure
+        self._ttft = LatencyWindow()
+        self._itl = LatencyWindow()
 
     async def Decode(self, request_iterator: AsyncIterator[decode_pb.DecodeRequest],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[decode_pb.DecodeResponse]:
@@ -35,13 +39,20 @@ class DecodeServicer(decode_grpc.DecodeServiceServicer):
         rid, start = opening.request_id, opening.start
         handle = start.kv_handle if start.HasField("kv_handle") else None
         resume = tuple(start.resume_token_ids)
+        arrived, first, tokens = time.monotonic(), 0.0, 0
         async with (background(watch_for_cancel(request_iterator, rid, lambda: self._engine.abort(rid))),
                     contextlib.aclosing(coalesce(self._outputs(rid, start.params, handle, resume))) as batches):
             async for out in batches:
                 if out.token_ids:
+                    if not tokens:
+                        first = time.monotonic()
+                        self._ttft.add((first - arrived) * 1e3)
+                    tokens += len(out.token_ids)
                     yield decode_pb.DecodeResponse(request_id=rid, tokens=pb.TokenBatch(token_ids=out.token_ids,
                                                                                        text=out.text))
                 if out.finish_reason is not None:
+                    if tokens > 1:
+                        self._itl.add((time.monotonic() - first) * 1e3 / (tokens - 1))
                     pulled = out.kv_transfer is not None and out.kv_transfer.path
                     yield decode_pb.DecodeResponse(request_id=rid, completion=completion_of(
                         out, prefill_worker_id=start.prefill_worker_id if pulled else "",
@@ -69,4 +80,6 @@ class DecodeServicer(decode_grpc.DecodeServiceServicer):
 
     async def GetDecodeStats(self, request: decode_pb.GetDecodeStatsRequest, context: grpc.aio.ServicerContext
                              ) -> decode_pb.GetDecodeStatsResponse:
-        return decode_pb.GetDecodeStatsResponse(stats=self._engine.stats())
+        stats = self._engine.stats()
+        stats.ttft_p90_ms, stats.itl_p90_ms = self._ttft.p90(), self._itl.p90()
+        return decode_pb.GetDecodeStatsResponse(stats=stats)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
 log = logging.getLogger(__name__)
 
 PAIRINGS_DOCUMENT = "pairings"
+DEMAND_DOCUMENT = "demand"
+"""Where a router calls for capacity (a `CapacityDemand`) when a request finds no decode worker."""
 _MAX_RETRY_S = 10.0
 DEFAULT_LOAD_POLL_S = 0.5
 
@@ -190,6 +193,25 @@ class Fleet:
             await asyncio.sleep(0.05)
         return False
 
+    async def until_decode_worker(self, model: str, timeout: float, cancelled: asyncio.Event) -> bool:
+        """Wait for a decode worker of `model` while calling for one (a `CapacityDemand`, every second)
+        so an autoscaled fleet at zero starts one; False after `timeout` or once `cancelled` is set."""
+        loop = asyncio.get_running_loop()
+        deadline, called = loop.time() + timeout, -math.inf
+        while loop.time() < deadline and not cancelled.is_set():
+            if any(w.role == pb.WORKER_ROLE_DECODE and w.model == model for w in self.workers.values()):
+                return True
+            if loop.time() - called >= 1.0:
+                called = loop.time()
+                demand = cp_pb.CapacityDemand(model=model)
+                demand.at.GetCurrentTime()
+                try:
+                    await self._registry.put_document(DEMAND_DOCUMENT, demand.SerializeToString())
+                except Exception as error:  # noqa: BLE001 - the registry may be back by the next call
+                    log.warning("fleet: could not call for capacity (%s)", error)
+            await asyncio.sleep(0.05)
+        return False
+
     def _live_pairs(self, decodes: Collection[str]) -> list[cp_pb.Pairing]:
         """Pairs of live workers with a decode worker among `decodes`: from the control plane's table, or
         derived here without a control plane, or while its table has none for them yet (it trails the
@@ -258,15 +280,10 @@ class Fleet:
     async def _poll_load(self, worker: pb.WorkerInfo) -> None:
         """The worker's own count of running requests and used KV blocks, from every router's requests."""
         channel = self._channels.get(worker.endpoint)
-        if worker.role == pb.WORKER_ROLE_PREFILL:
-            stub = prefill_grpc.PrefillServiceStub(channel)
-            ask, request = stub.GetPrefillStats, prefill_pb.GetPrefillStatsRequest()
-        else:
-            stub = decode_grpc.DecodeServiceStub(channel)
-            ask, request = stub.GetDecodeStats, decode_pb.GetDecodeStatsRequest()
         while True:
             try:
-                self._reported[worker.worker_id] = (await ask(request, timeout=self._load_poll_s * 4)).stats
+                self._reported[worker.worker_id] = await worker_stats(channel, worker.role,
+                                                                      timeout=self._load_poll_s * 4)
             except grpc.aio.AioRpcError:
                 self._reported.pop(worker.worker_id, None)  # unreachable: judged by this router's count alone
             await asyncio.sleep(self._load_poll_s)
@@ -292,3 +309,12 @@ class Fleet:
     async def _follow_pairings(self) -> None:
         async for data in self._registry.watch_document(PAIRINGS_DOCUMENT):
             self._table = None if data is None else cp_pb.PairingTable.FromString(data)
+
+
+async def worker_stats(channel: grpc.aio.Channel, role: int, *, timeout: float) -> pb.WorkerStats:
+    """A prefill or decode worker's stats, through the service of its role."""
+    if role == pb.WORKER_ROLE_PREFILL:
+        prefill = prefill_grpc.PrefillServiceStub(channel)
+        return (await prefill.GetPrefillStats(prefill_pb.GetPrefillStatsRequest(), timeout=timeout)).stats
+    decode = decode_grpc.DecodeServiceStub(channel)
+    return (await decode.GetDecodeStats(decode_pb.GetDecodeStatsRequest(), timeout=timeout)).stats

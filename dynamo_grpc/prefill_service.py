@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from dynamo_grpc.engine.base import Engine
 from dynamo_grpc.engine_calls import engine_request, engine_run
 from dynamo_grpc.errors import DynamoError
+from dynamo_grpc.latency import LatencyWindow
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
 
@@ -14,17 +17,22 @@ from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
 class PrefillServicer(prefill_grpc.PrefillServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._ttft = LatencyWindow()
 
     async def Prefill(self, request: prefill_pb.PrefillRequest, context: grpc.aio.ServicerContext
                       ) -> prefill_pb.PrefillResponse:
+        arrived = time.monotonic()
         engine_req = engine_request(self._engine, request.request_id, request.params, produce_kv=True)
         async with engine_run(self._engine, engine_req, request.params) as outputs:
             async for out in outputs:
                 if out.kv_handle is not None:
+                    self._ttft.add((time.monotonic() - arrived) * 1e3)
                     return prefill_pb.PrefillResponse(request_id=request.request_id, first_token_id=out.token_ids[0],
                                                       kv_handle=out.kv_handle, usage=out.usage)
         raise DynamoError("prefill ended without producing KV", request_id=request.request_id)
 
     async def GetPrefillStats(self, request: prefill_pb.GetPrefillStatsRequest, context: grpc.aio.ServicerContext
                               ) -> prefill_pb.GetPrefillStatsResponse:
-        return prefill_pb.GetPrefillStatsResponse(stats=self._engine.stats())
+        stats = self._engine.stats()
+        stats.ttft_p90_ms = self._ttft.p90()
+        return prefill_pb.GetPrefillStatsResponse(stats=stats)

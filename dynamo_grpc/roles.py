@@ -11,11 +11,13 @@ import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
 from control_plane.control_plane_service import PLAN_DOCUMENT, ControlPlaneServicer
 from control_plane.controller import PairingController
+from control_plane.scaling import AutoscalingConfig, ScaleController
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.decode_service import DecodeServicer
@@ -153,11 +155,13 @@ async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
 async def start_router(config: ServerConfig, registry: Registry, *,
                        max_migrations: int = DEFAULT_MAX_MIGRATIONS,
                        policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE, routing: str = "kv_aware",
-                       tokenizer: str = "", load_poll_s: float = DEFAULT_LOAD_POLL_S) -> RunningRole:
+                       tokenizer: str = "", load_poll_s: float = DEFAULT_LOAD_POLL_S,
+                       cold_start_wait_s: float = 0.0) -> RunningRole:
     channels = ChannelPool()
     fleet = Fleet(registry, policy, routing=routing, channels=channels, load_poll_s=load_poll_s)
     await fleet.start()
-    router = Router(fleet, channels, max_migrations=max_migrations, tokenizer=PromptTokenizer(tokenizer))
+    router = Router(fleet, channels, max_migrations=max_migrations, tokenizer=PromptTokenizer(tokenizer),
+                    cold_start_wait_s=cold_start_wait_s)
     server = await start_server([
         ServiceBinding(RouterServicer(router), router_grpc.add_RouterServiceServicer_to_server,
                        _service(router_pb, "RouterService")),
@@ -167,20 +171,26 @@ async def start_router(config: ServerConfig, registry: Registry, *,
     return RunningRole("router", endpoint, server, registry, cleanups=[fleet.stop, channels.close], fleet=fleet)
 
 
-async def start_control_plane(config: ServerConfig, registry: Registry, *,
-                              plan: cp_pb.Plan | None = None) -> RunningRole:
-    """`plan` (compiled from a deployment spec) is published for GetPlan and every process to read."""
+async def start_control_plane(config: ServerConfig, registry: Registry, *, plan: cp_pb.Plan | None = None,
+                              autoscaling: AutoscalingConfig | None = None) -> RunningRole:
+    """`plan` (compiled from a deployment spec) is published for GetPlan and every process to read;
+    with `autoscaling`, the control plane also sizes the pools and publishes their scale target."""
     if plan is not None:
         await registry.put_document(PLAN_DOCUMENT, plan.SerializeToString())
     pairings = PairingController(registry)
     await pairings.start()
+    cleanups = [pairings.stop]
+    if autoscaling is not None:
+        scaler = ScaleController(registry, autoscaling)
+        await scaler.start()
+        cleanups.insert(0, scaler.stop)
     server = await start_server([
         ServiceBinding(ControlPlaneServicer(registry, pairings), cp_grpc.add_ControlPlaneServiceServicer_to_server,
                        _service(cp_pb, "ControlPlaneService")),
     ], host=config.host, port=config.port)
     endpoint = config.endpoint(server.port)
     log.info("control plane serving on %s", endpoint)
-    return RunningRole("control plane", endpoint, server, registry, cleanups=[pairings.stop])
+    return RunningRole("control plane", endpoint, server, registry, cleanups=cleanups)
 
 
 @dataclass
@@ -197,11 +207,9 @@ class Deployment:
             await role.stop()
 
 
-async def start_all_in_one(worker: WorkerConfig, registry: Registry, *,
-                           max_migrations: int = DEFAULT_MAX_MIGRATIONS,
-                           policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE, routing: str = "kv_aware",
-                           tokenizer: str = "", load_poll_s: float = DEFAULT_LOAD_POLL_S) -> Deployment:
-    """Control plane, one prefill and one decode worker on free ports, and the router on `worker.server.port`."""
+async def start_all_in_one(worker: WorkerConfig, registry: Registry, **router_settings: Any) -> Deployment:
+    """Control plane, one prefill and one decode worker on free ports, and the router on `worker.server.port`
+    (`router_settings` as `start_router` takes them)."""
     internal = dataclasses.replace(worker.server, port=0)
     started: list[RunningRole] = []
     try:
@@ -214,8 +222,7 @@ async def start_all_in_one(worker: WorkerConfig, registry: Registry, *,
         for failure in workers:
             if isinstance(failure, BaseException):
                 raise failure
-        router = await start_router(worker.server, registry, max_migrations=max_migrations, policy=policy,
-                                    routing=routing, tokenizer=tokenizer, load_poll_s=load_poll_s)
+        router = await start_router(worker.server, registry, **router_settings)
         started.append(router)
         # Ready means disaggregated from the first request on.
         if router.fleet is not None and not await router.fleet.until_paired(timeout=10.0):

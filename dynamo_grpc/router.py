@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from dynamo_grpc.channels import ChannelPool
-from dynamo_grpc.errors import AlreadyExists, DeadlineExceeded, DynamoError, from_rpc_error
-from dynamo_grpc.fleet import Fleet
+from dynamo_grpc.errors import AlreadyExists, DeadlineExceeded, DynamoError, Unavailable, from_rpc_error
+from dynamo_grpc.fleet import Fleet, Route
 from dynamo_grpc.params import deadline_timer, estimated_tokens, prompt_of, sampling_of, seconds_left
 from dynamo_grpc.prompt_tokens import PromptTokenizer
 from dynamo_grpc.streams import start_then_cancel
@@ -32,10 +32,11 @@ DEFAULT_MAX_MIGRATIONS = 2
 
 class Router:
     def __init__(self, fleet: Fleet, channels: ChannelPool, *, max_migrations: int = DEFAULT_MAX_MIGRATIONS,
-                 tokenizer: PromptTokenizer | None = None) -> None:
+                 tokenizer: PromptTokenizer | None = None, cold_start_wait_s: float = 0.0) -> None:
         self._fleet = fleet
         self._channels = channels
         self._max_migrations = max_migrations
+        self._cold_start_wait_s = cold_start_wait_s
         self._tokenizer = tokenizer or PromptTokenizer()
         self._live: set[str] = set()
 
@@ -68,7 +69,11 @@ class Router:
         prompt = None
         if self._fleet.routing == "kv_aware":
             prompt = self._tokenizer.token_ids(params, self._fleet.engine_of(params.model))
-        route = self._fleet.route(params.model, request_id, prompt_tokens=estimated_tokens(params), prompt=prompt)
+        route = await self._route(params, request_id, prompt, timeout, cancelled)
+        if route is None:
+            yield router_pb.GenerateResponse(request_id=request_id, completion=pb.Completion(
+                finish_reason=pb.FINISH_REASON_CANCELLED))
+            return
         handle = None
         # 1) Prefill on the paired worker (its KV is then held there under a lease).
         if route.prefill is not None:
@@ -113,6 +118,28 @@ class Router:
         finally:
             if handle is not None and not consumed:
                 await asyncio.shield(self._release(handle, request_id))
+
+    async def _route(self, params: pb.GenerationParams, request_id: str, prompt: tuple[int, ...] | None,
+                     timeout: float | None, cancelled: asyncio.Event) -> Route | None:
+        """The request's pair; with no decode worker at all, wait up to `cold_start_wait_s` for one to
+        start (an autoscaled fleet at zero). None when the request is cancelled meanwhile."""
+        def route() -> Route:
+            return self._fleet.route(params.model, request_id, prompt_tokens=estimated_tokens(params), prompt=prompt)
+
+        try:
+            return route()
+        except Unavailable as error:
+            if error.reason != "NO_WORKERS" or self._cold_start_wait_s <= 0:
+                raise
+        wait = min(self._cold_start_wait_s, timeout) if timeout is not None else self._cold_start_wait_s
+        log.info("request %s: no decode worker; waiting up to %.0f s for one to start", request_id, wait)
+        if not await self._fleet.until_decode_worker(params.model, wait, cancelled):
+            if cancelled.is_set():
+                return None
+            raise Unavailable(f"no decode worker started within {wait:g} s of the request (the fleet may be "
+                              "scaled to zero and still starting one); retry, or raise --cold-start-wait-s",
+                              request_id=request_id, reason="NO_WORKERS")
+        return route()
 
     @staticmethod
     def _worker_lost(error: DynamoError, cancelled: asyncio.Event) -> bool:

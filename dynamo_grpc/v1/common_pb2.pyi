@@ -199,7 +199,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., endpoint: _Optional[str] = ..., host: _Optional[str] = ..., engine_fingerprint: _Optional[str] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("active_requests", "used_kv_blocks", "total_kv_blocks", "held_transfers", "held_kv_bytes", "transfers_completed", "transfers_expired", "requests_finished", "prompt_tokens", "prefix_cache_hit_tokens")
+    __slots__ = ("active_requests", "used_kv_blocks", "total_kv_blocks", "held_transfers", "held_kv_bytes", "transfers_completed", "transfers_expired", "requests_finished", "prompt_tokens", "prefix_cache_hit_tokens", "ttft_p90_ms", "itl_p90_ms")
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     USED_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,8 @@ class WorkerStats(_message.Message):
     REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P90_MS_FIELD_NUMBER: _ClassVar[int]
+    ITL_P90_MS_FIELD_NUMBER: _ClassVar[int]
     active_requests: int
     used_kv_blocks: int
     total_kv_blocks: int
@@ -220,4 +222,6 @@ class WorkerStats(_message.Message):
     requests_finished: int
     prompt_tokens: int
     prefix_cache_hit_tokens: int
-    def __init__(self, active_requests: _Optional[int] = ..., used_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., held_transfers: _Optional[int] = ..., held_kv_bytes: _Optional[int] = ..., transfers_completed: _Optional[int] = ..., transfers_expired: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ...) -> None: ...
+    ttft_p90_ms: float
+    itl_p90_ms: float
+    def __init__(self, active_requests: _Optional[int] = ..., used_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., held_transfers: _Optional[int] = ..., held_kv_bytes: _Optional[int] = ..., transfers_completed: _Optional[int] = ..., transfers_expired: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., ttft_p90_ms: _Optional[float] = ..., itl_p90_ms: _Optional[float] = ...) -> None: ...

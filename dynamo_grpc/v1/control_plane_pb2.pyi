@@ -1,4 +1,7 @@
+import datetime
+
 from dynamo_grpc.v1 import common_pb2 as _common_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -99,3 +102,35 @@ class WatchPairingsResponse(_message.Message):
     TABLE_FIELD_NUMBER: _ClassVar[int]
     table: PairingTable
     def __init__(self, table: _Optional[_Union[PairingTable, _Mapping]] = ...) -> None: ...
+
+class ScaleTarget(_message.Message):
+    __slots__ = ("prefill_workers", "decode_workers", "reason", "version", "changed_at")
+    PREFILL_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_AT_FIELD_NUMBER: _ClassVar[int]
+    prefill_workers: int
+    decode_workers: int
+    reason: str
+    version: int
+    changed_at: _timestamp_pb2.Timestamp
+    def __init__(self, prefill_workers: _Optional[int] = ..., decode_workers: _Optional[int] = ..., reason: _Optional[str] = ..., version: _Optional[int] = ..., changed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CapacityDemand(_message.Message):
+    __slots__ = ("model", "at")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, model: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GetScaleTargetRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetScaleTargetResponse(_message.Message):
+    __slots__ = ("target",)
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    target: ScaleTarget
+    def __init__(self, target: _Optional[_Union[ScaleTarget, _Mapping]] = ...) -> None: ...

@@ -55,6 +55,11 @@ class ControlPlaneServiceStub:
                 request_serializer=dynamo__grpc_dot_v1_dot_control__plane__pb2.WatchPairingsRequest.SerializeToString,
                 response_deserializer=dynamo__grpc_dot_v1_dot_control__plane__pb2.WatchPairingsResponse.FromString,
                 _registered_method=True)
+        self.GetScaleTarget = channel.unary_unary(
+                '/dynamo_grpc.v1.ControlPlaneService/GetScaleTarget',
+                request_serializer=dynamo__grpc_dot_v1_dot_control__plane__pb2.GetScaleTargetRequest.SerializeToString,
+                response_deserializer=dynamo__grpc_dot_v1_dot_control__plane__pb2.GetScaleTargetResponse.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServiceServicer:
@@ -89,6 +94,13 @@ class ControlPlaneServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetScaleTarget(self, request, context):
+        """The pool sizes the autoscaler wants now; unset when the deployment does not autoscale.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlPlaneServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_ControlPlaneServiceServicer_to_server(servicer, server):
                     servicer.WatchPairings,
                     request_deserializer=dynamo__grpc_dot_v1_dot_control__plane__pb2.WatchPairingsRequest.FromString,
                     response_serializer=dynamo__grpc_dot_v1_dot_control__plane__pb2.WatchPairingsResponse.SerializeToString,
+            ),
+            'GetScaleTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetScaleTarget,
+                    request_deserializer=dynamo__grpc_dot_v1_dot_control__plane__pb2.GetScaleTargetRequest.FromString,
+                    response_serializer=dynamo__grpc_dot_v1_dot_control__plane__pb2.GetScaleTargetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +239,33 @@ class ControlPlaneService:
             '/dynamo_grpc.v1.ControlPlaneService/WatchPairings',
             dynamo__grpc_dot_v1_dot_control__plane__pb2.WatchPairingsRequest.SerializeToString,
             dynamo__grpc_dot_v1_dot_control__plane__pb2.WatchPairingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetScaleTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dynamo_grpc.v1.ControlPlaneService/GetScaleTarget',
+            dynamo__grpc_dot_v1_dot_control__plane__pb2.GetScaleTargetRequest.SerializeToString,
+            dynamo__grpc_dot_v1_dot_control__plane__pb2.GetScaleTargetResponse.FromString,
             options,
             channel_credentials,
             insecure,
