@@ -95,6 +95,12 @@ def replace(old: str, new: str) -> str:
      "spec.yaml:19: decode.engine_args.dtype: 'float16' differs from prefill's 'bfloat16'"),
     (replace("name: llama-disagg", "name: Llama_Disagg"), "spec.yaml:1: name: 'Llama_Disagg' must be 1-40 lowercase"),
     ("name: x\nmodel: [\n", "spec.yaml:3: (spec): not valid YAML"),
+    (GOOD + "autoscaling: {decode_requests_per_s: 2.5}\n",
+     "spec.yaml:23: autoscaling.prefill_requests_per_s: required with prefill workers"),
+    (replace("slo: {ttft_ms: 500, itl_ms: 50}\n", "") + "autoscaling: {prefill_requests_per_s: 1, "
+     "decode_requests_per_s: 2}\n", "spec.yaml:22: autoscaling: keeps the objectives in `slo`; set both"),
+    (GOOD + "autoscaling: {prefill_requests_per_s: 1, decode_requests_per_s: 2, cooldown_s: 60}\n",
+     "spec.yaml:23: autoscaling.cooldown_s: unknown field; did you mean 'scale_down_cooldown_s'?"),
 ])
 def test_bad_spec_names_file_line_field_and_fix(text: str, expected: str) -> None:
     assert expected in problems_of(text)
@@ -314,3 +320,30 @@ def test_no_prefill_workers_is_an_aggregated_deployment() -> None:
     assert {p.role for p in plan.workers} == {"decode"} and plan.pairings == ()
     assert any("aggregated" in note for note in plan.notes)
     assert "must be at least 1" in problems_of(replace("decode:\n  workers: 2", "decode:\n  workers: 0"))
+
+
+def test_autoscaling_compiles_to_control_plane_and_router_flags() -> None:
+    from dynamo_grpc.cli import autoscaling_config
+
+    spec = parse_spec(GOOD + "autoscaling: {prefill_requests_per_s: 1.5, decode_requests_per_s: 2.5, "
+                      "interval_s: 5, idle_to_zero_s: 0}\n")
+    assert parse_spec(dump_spec(spec)) == spec
+    plan = compile_spec(spec)
+    assert plan.autoscaling and any(n.startswith("autoscaling: the control plane runs 0..4 prefill") for n in plan.notes)
+    control_plane = build_parser().parse_args(list(plan.by_role("control-plane")[0].command[1:]))
+    config = autoscaling_config(control_plane)
+    assert config is not None
+    assert (config.capacity.prefill_rps, config.capacity.decode_rps, config.max_prefill, config.max_decode) == (
+        1.5, 2.5, 4, 2)
+    assert (config.objectives.ttft_ms, config.objectives.itl_ms, config.interval_s, config.idle_to_zero_s) == (
+        500, 50, 5, 0)
+    assert config.autoscaler()._idle_to_zero_s == float("inf")  # 0: never to zero
+    router = build_parser().parse_args(list(plan.by_role("router")[0].command[1:]))
+    assert router.cold_start_wait_s == 120
+    # Without the section nothing autoscales.
+    plain = compile_spec(parse_spec(GOOD))
+    assert not plain.autoscaling
+    assert autoscaling_config(build_parser().parse_args(list(plain.by_role("control-plane")[0].command[1:]))) is None
+    with pytest.raises(ConfigError, match="--slo-itl-ms must be positive"):
+        autoscaling_config(build_parser().parse_args(
+            ["control-plane", "--autoscale-prefill-rps", "1", "--autoscale-decode-rps", "1", "--slo-ttft-ms", "9"]))
