@@ -25,11 +25,11 @@ class PoolCapacity:
 
     @classmethod
     def from_plan(cls, plan: PoolPlan) -> PoolCapacity:
-        """The planned rate shared over the planned workers: verified by simulation, so conservative."""
-        if not plan.is_disaggregated:
-            raise ValueError("the autoscaler sizes two pools; give it a disaggregated plan")
-        return cls(prefill_rps=plan.workload.rate / plan.prefill_workers,
-                   decode_rps=plan.workload.rate / plan.decode_workers)
+        """The planned rate shared over the planned workers: verified by simulation, so conservative.
+        An aggregated plan has no prefill pool to size; its prefill rate is the decode one."""
+        decode_rps = plan.workload.rate / plan.decode_workers
+        return cls(prefill_rps=plan.workload.rate / plan.prefill_workers if plan.prefill_workers else decode_rps,
+                   decode_rps=decode_rps)
 
 
 @dataclass(frozen=True)
@@ -147,8 +147,8 @@ class PoolAutoscaler:
         for role, per_worker in (("prefill", self.capacity.prefill_rps), ("decode", self.capacity.decode_rps)):
             state = pools[role]
             floor = 1 if role == "decode" else 0
-            needed = max(floor, math.ceil(metrics.arrival_rate / (per_worker * self._utilisation)))
-            enough_after_down = max(floor, math.ceil(
+            needed = max(floor, _workers_for(metrics.arrival_rate / (per_worker * self._utilisation)))
+            enough_after_down = max(floor, _workers_for(
                 metrics.arrival_rate / (per_worker * self._utilisation * (1 - self._band))))
             target = needed
             if short_of[role] and now - state.last_scale_up >= self._settle_s:
@@ -157,6 +157,8 @@ class PoolAutoscaler:
             if target > state.workers:
                 why = "objective missed or queue long" if target > needed else \
                     f"{metrics.arrival_rate:.2f} req/s needs {needed}"
+                if needed > self._limits[role]:
+                    why += f", at most {self._limits[role]}"
                 reasons.append(f"{role} {state.workers} -> {target} ({why})")
                 pools[role] = _PoolState(target, last_scale_up=now)
             elif enough_after_down < state.workers and not missed:
@@ -176,3 +178,8 @@ class PoolAutoscaler:
         if self._pools is None:
             self._pools = {"prefill": _PoolState(prefill), "decode": _PoolState(decode)}
         return self._pools
+
+
+def _workers_for(load: float) -> int:
+    """Workers that carry `load` worker-loads; float noise (3.0000000001) does not add one."""
+    return math.ceil(load - 1e-9)

@@ -197,7 +197,8 @@ def _autoscaling_flags(spec: Spec) -> tuple[str, ...]:
     assert scaling is not None and slo.ttft_ms is not None and slo.itl_ms is not None
     flags = {"autoscale-prefill-rps": scaling.prefill_requests_per_s, "autoscale-decode-rps":
              scaling.decode_requests_per_s, "autoscale-max-prefill": spec.prefill.workers,
-             "autoscale-max-decode": spec.decode.workers, "slo-ttft-ms": slo.ttft_ms, "slo-itl-ms": slo.itl_ms,
+             "autoscale-max-decode": spec.decode.workers, "autoscale-target-utilisation": scaling.target_utilisation,
+             "slo-ttft-ms": slo.ttft_ms, "slo-itl-ms": slo.itl_ms,
              "autoscale-interval-s": scaling.interval_s, "scale-down-cooldown-s": scaling.scale_down_cooldown_s,
              "scale-up-settle-s": scaling.settle_s, "idle-to-zero-s": scaling.idle_to_zero_s}
     return tuple(part for name, value in flags.items() for part in (f"--{name}", _flag_value(value)))
@@ -246,9 +247,9 @@ def _notes(spec: Spec, pairings: tuple[tuple[str, str, bool], ...]) -> list[str]
         notes.append(f"min_uncached_tokens {spec.router.min_uncached_tokens} counts every prompt token as "
                      f"uncached: only the kv_aware policy knows what workers cache")
     if spec.autoscaling is not None:
-        notes.append(f"autoscaling: the control plane runs 0..{spec.prefill.workers} prefill and "
-                     f"0..{spec.decode.workers} decode workers for the SLO targets; `up` starts the workers "
-                     "its scale target names")
+        pools = " and ".join(f"0..{pool.workers} {pool.role}" for pool in spec.pools() if pool.workers)
+        notes.append(f"autoscaling: the control plane runs {pools} workers for the SLO targets; `up` starts "
+                     "the workers its scale target names")
     elif spec.slo.ttft_ms is not None or spec.slo.itl_ms is not None:
         notes.append("SLO targets are recorded for sizing; nothing enforces them at run time (add autoscaling)")
     for where, extra in (("model", spec.model.extra_engine_args), ("prefill", spec.prefill.extra_engine_args),

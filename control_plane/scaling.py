@@ -40,6 +40,7 @@ class AutoscalingConfig:
     objectives: Objectives
     max_prefill: int
     max_decode: int
+    target_utilisation: float = 0.8
     interval_s: float = 10.0
     scale_down_cooldown_s: float = 300.0
     settle_s: float = 60.0
@@ -48,6 +49,7 @@ class AutoscalingConfig:
 
     def autoscaler(self, clock: Callable[[], float] = time.monotonic) -> PoolAutoscaler:
         return PoolAutoscaler(self.capacity, self.objectives, clock=clock, max_prefill=self.max_prefill,
+                              target_utilisation=self.target_utilisation,
                               max_decode=self.max_decode, scale_down_cooldown_s=self.scale_down_cooldown_s,
                               settle_s=self.settle_s, idle_to_zero_s=self.idle_to_zero_s or math.inf)
 

@@ -112,6 +112,9 @@ class AutoscalingSpec:
     """Requests/s one prefill worker sustains within the objectives."""
     decode_requests_per_s: float
     """Requests/s one decode worker sustains within the objectives."""
+    target_utilisation: float = 0.8
+    """Share of those rates a pool is sized to carry: below 1 leaves room for bursts and for rates that
+    are estimates; `dynamo-grpc plan --autoscale` writes 1 with rates its simulation verified."""
     interval_s: float = 10.0
     scale_down_cooldown_s: float = 300.0
     settle_s: float = 60.0
@@ -661,6 +664,10 @@ class _Checker:
                 values[name] = 0.0  # never
             else:
                 values[name] = self.positive_number(child, path, getattr(defaults, name) or _MISSING)
+        if isinstance(values["target_utilisation"], float) and values["target_utilisation"] > 1:
+            self.problem(items["target_utilisation"].line, "autoscaling.target_utilisation",
+                         f"must be at most 1 (a share of each worker's rate), got {values['target_utilisation']:g}")
+            values["target_utilisation"] = _MISSING
         if values["prefill_requests_per_s"] is _MISSING and "prefill_requests_per_s" not in items:
             if isinstance(prefill, PoolSpec) and prefill.workers:
                 self.problem(node.line, "autoscaling.prefill_requests_per_s", "required with prefill workers: "

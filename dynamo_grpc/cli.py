@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -86,6 +88,8 @@ def add_autoscaling_flags(parser: argparse.ArgumentParser) -> None:
              help="requests/s one decode worker sustains within the objectives")
     add_flag(group, "autoscale-max-prefill", default=0, type=int, help="most prefill workers")
     add_flag(group, "autoscale-max-decode", default=1, type=int, help="most decode workers")
+    add_flag(group, "autoscale-target-utilisation", default=0.8, type=float,
+             help="share of each worker's rate a pool is sized to carry (at most 1)")
     add_flag(group, "slo-ttft-ms", default=0.0, type=float, help="time-to-first-token objective (p90)")
     add_flag(group, "slo-itl-ms", default=0.0, type=float, help="inter-token latency objective (p90)")
     add_flag(group, "autoscale-interval-s", default=10.0, type=float, help="how often to sample the workers")
@@ -112,12 +116,15 @@ def autoscaling_config(args: argparse.Namespace) -> AutoscalingConfig | None:
     problems += [f"--{name} must not be negative" for name, value in (
         ("autoscale-max-prefill", args.autoscale_max_prefill), ("scale-down-cooldown-s", args.scale_down_cooldown_s),
         ("scale-up-settle-s", args.scale_up_settle_s), ("idle-to-zero-s", args.idle_to_zero_s)) if value < 0]
+    if not 0 < args.autoscale_target_utilisation <= 1:
+        problems.append("--autoscale-target-utilisation must be in (0, 1]")
     if problems:
         raise ConfigError("autoscaling: " + "; ".join(problems))
     return AutoscalingConfig(
         capacity=PoolCapacity(args.autoscale_prefill_rps, args.autoscale_decode_rps),
         objectives=Objectives(args.slo_ttft_ms, args.slo_itl_ms), max_prefill=args.autoscale_max_prefill,
-        max_decode=args.autoscale_max_decode, interval_s=args.autoscale_interval_s,
+        max_decode=args.autoscale_max_decode, target_utilisation=args.autoscale_target_utilisation,
+        interval_s=args.autoscale_interval_s,
         scale_down_cooldown_s=args.scale_down_cooldown_s, settle_s=args.scale_up_settle_s,
         idle_to_zero_s=args.idle_to_zero_s)
 
@@ -206,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--spec-out", default=None, help="write the plan (the cheapest fleet found) as a deployment spec")
     sub.add_argument("--model-path", default="/models/model", help="model path for the spec")
     sub.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoint for the spec")
+    sub.add_argument("--autoscale", action="store_true",
+                     help="give the spec an autoscaling section: each pool runs between zero and its planned "
+                     "workers, sized by the per-worker rates this plan verified")
     sub = roles.add_parser("make-model", help="build the tiny local Llama + tokenizer (deterministic, no hub)")
     sub.add_argument("dir", nargs="?", default=None, help="output directory [env DYNAMO_GRPC_MODEL_DIR; "
                      "default ~/.cache/dynamo-grpc/tiny-llama]")
@@ -443,8 +453,9 @@ def _from_vllm(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from control_plane.autoscaler import PoolCapacity
     from control_plane.planner import PlannerWorkload, plan_pools, pool_plan_to_spec
-    from control_plane.spec import dump_spec
+    from control_plane.spec import AutoscalingSpec, dump_spec
     from dynamo_grpc.loadgen import Objectives
 
     print("dynamo-grpc plan: simulating candidate fleets (seconds to a minute)...", file=sys.stderr, flush=True)
@@ -458,6 +469,15 @@ def _plan(args: argparse.Namespace) -> int:
     if args.spec_out:
         spec = pool_plan_to_spec(plan, model_path=args.model_path, served_name=Path(args.model_path).name,
                                  hosts=[("node-0", "127.0.0.1", plan.shape.gpus)], etcd=args.etcd)
+        if args.autoscale:
+            capacity = PoolCapacity.from_plan(plan)  # verified at the objectives: sized to carry them in full
+
+            def rounded_up(rate: float) -> float:  # so the planned rate never asks for one worker more
+                return math.ceil(rate * 1000) / 1000
+
+            spec = dataclasses.replace(spec, autoscaling=AutoscalingSpec(
+                prefill_requests_per_s=rounded_up(capacity.prefill_rps),
+                decode_requests_per_s=rounded_up(capacity.decode_rps), target_utilisation=1.0))
         Path(args.spec_out).write_text(dump_spec(spec))
         print(f"wrote the {plan.shape.gpus}-GPU plan ({plan.shape.describe()}) to {args.spec_out}", file=sys.stderr)
     return 0

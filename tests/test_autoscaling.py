@@ -18,12 +18,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from control_plane.autoscaler import PoolCapacity
+from control_plane.autoscaler import PoolCapacity, PoolMetrics
 from control_plane.compiler import compile_spec
 from control_plane.scaling import AutoscalingConfig, FleetSampler, ScaleController
-from control_plane.spec import parse_spec
+from control_plane.spec import load_spec, parse_spec
 from control_plane.supervisor import Supervisor, local_host
 from dynamo_grpc.channels import ChannelPool
+from dynamo_grpc.cli import autoscaling_config, build_parser, main
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import ServerConfig
 from dynamo_grpc.latency import LatencyWindow
@@ -60,6 +61,28 @@ def test_a_latency_window_keeps_the_last_seconds_and_reports_their_90th_percenti
     assert window.p90() == 100
     clock.now = 51
     assert window.p90() == 0.0
+
+
+def test_a_planned_spec_autoscales_to_the_planned_pools_at_the_planned_rate(tmp_path: Path) -> None:
+    spec_path = tmp_path / "planned.yaml"
+    assert main(["plan", "--model", "llama3_8b", "--isl", "1000", "--osl", "100", "--rate", "60", "--ttft-ms", "300",
+                 "--itl-ms", "30", "--spec-out", str(spec_path), "--autoscale"]) == 0
+    spec = load_spec(spec_path)
+    assert spec.autoscaling is not None and spec.autoscaling.target_utilisation == 1.0
+    plan = compile_spec(spec)
+    config = autoscaling_config(build_parser().parse_args(list(plan.by_role("control-plane")[0].command[1:])))
+    assert config is not None
+    planned = (spec.prefill.workers, spec.decode.workers)
+
+    def desired_at(rate: float) -> tuple[int, int]:
+        scaler = config.autoscaler(clock=FakeClock())
+        scaler.start_at(0, 1)
+        decision = scaler.update(PoolMetrics(arrival_rate=rate, prefill_workers=0, decode_workers=1))
+        return decision.prefill_workers, decision.decode_workers
+
+    assert sum(planned) > 1
+    assert desired_at(60.0) == planned
+    assert sum(desired_at(10.0)) < sum(planned) and desired_at(10.0)[1] >= 1
 
 
 async def test_workers_report_their_latency_and_the_sampler_counts_every_arrival() -> None:

@@ -329,7 +329,7 @@ def test_autoscaling_compiles_to_control_plane_and_router_flags() -> None:
                       "interval_s: 5, idle_to_zero_s: 0}\n")
     assert parse_spec(dump_spec(spec)) == spec
     plan = compile_spec(spec)
-    assert plan.autoscaling and any(n.startswith("autoscaling: the control plane runs 0..4 prefill") for n in plan.notes)
+    assert plan.autoscaling and any(n.startswith("autoscaling: the control plane runs 0..4 prefill and 0..2 decode") for n in plan.notes)
     control_plane = build_parser().parse_args(list(plan.by_role("control-plane")[0].command[1:]))
     config = autoscaling_config(control_plane)
     assert config is not None
