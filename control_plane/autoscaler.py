@@ -11,9 +11,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from control_plane.planner import PoolPlan
 from dynamo_grpc.loadgen import Objectives
+
+if TYPE_CHECKING:
+    from control_plane.planner import PoolPlan
 
 
 @dataclass(frozen=True)

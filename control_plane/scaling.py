@@ -19,7 +19,7 @@ import grpc
 
 from control_plane.autoscaler import PoolAutoscaler, PoolCapacity, PoolMetrics, ScaleDecision
 from dynamo_grpc.channels import ChannelPool
-from dynamo_grpc.fleet import DEMAND_DOCUMENT, worker_stats
+from dynamo_grpc.fleet import DEMAND_DOCUMENT, SCALE_DOCUMENT, worker_stats
 from dynamo_grpc.loadgen import Objectives
 from dynamo_grpc.registry import Registry
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -27,7 +27,6 @@ from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
 log = logging.getLogger(__name__)
 
-SCALE_DOCUMENT = "scale"
 DEMAND_FRESH_S = 30.0
 """A demand older than this (e.g. left in etcd from before a restart) starts nothing."""
 

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 PAIRINGS_DOCUMENT = "pairings"
 DEMAND_DOCUMENT = "demand"
 """Where a router calls for capacity (a `CapacityDemand`) when a request finds no decode worker."""
+SCALE_DOCUMENT = "scale"
+"""The control plane's `ScaleTarget`, present only in an autoscaled deployment."""
 _MAX_RETRY_S = 10.0
 DEFAULT_LOAD_POLL_S = 0.5
 

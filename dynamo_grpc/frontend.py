@@ -22,6 +22,7 @@ from aiohttp import web
 
 from dynamo_grpc.client import GenerateStream, RouterClient
 from dynamo_grpc.errors import from_rpc_error
+from dynamo_grpc.fleet import SCALE_DOCUMENT
 from dynamo_grpc.openai_protocol import (
     HTTP_STATUS,
     BadRequest,
@@ -294,11 +295,16 @@ class Frontend:
             for model, at in sorted(created.items())]})
 
     async def health(self, request: web.Request) -> web.Response:
-        """Ready once a decode worker is registered: without one every generation request fails."""
+        """Ready once a decode worker is registered: without one every generation request fails, unless
+        the deployment autoscales (then the next request starts one, and a balancer must keep sending)."""
         try:
             decode_workers = await self.registry.list_workers(pb.WORKER_ROLE_DECODE)
+            autoscaled = not decode_workers and await self.registry.get_document(SCALE_DOCUMENT) is not None
         except RegistryUnavailable as error:
             return _json_response(503, {"status": "unhealthy", "reason": f"registry unreachable: {error}"})
+        if autoscaled:
+            return _json_response(200, {"status": "scaled_to_zero", "decode_workers": 0,
+                                        "reason": "the next request starts a decode worker (cold start)"})
         if not decode_workers:
             return _json_response(503, {"status": "unhealthy", "reason": "no decode worker is registered"})
         return _json_response(200, {"status": "healthy", "decode_workers": len(decode_workers)})

@@ -16,6 +16,7 @@ from dynamo_grpc.openai_protocol import chat_prompt
 from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.roles import start_all_in_one
 from dynamo_grpc.tiny_model import CHAT_TEMPLATE
+from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from tests.cluster import MODEL, Stubs, worker_config
 
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
@@ -147,6 +148,11 @@ async def test_models_and_health(served: Served) -> None:
     with pytest.raises(openai.APIStatusError) as refused:  # the router's UNAVAILABLE (NO_WORKERS)
         await served.client.completions.create(model=MODEL, prompt="anyone?", max_tokens=3)
     assert refused.value.status_code == 503 and refused.value.code == "no_workers"
+    # An autoscaled deployment at zero is still ready: the next request starts a decode worker.
+    await registry.put_document("scale", cp_pb.ScaleTarget(decode_workers=0, version=3).SerializeToString())
+    health = await served.http.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "scaled_to_zero"
+    await registry.delete_document("scale")
 
 
 async def test_metrics_move(served: Served) -> None:
