@@ -179,7 +179,7 @@ def test_plan_outputs_text_json_and_proto() -> None:
     assert plan.pairing_table(version=3).pairings[0].same_host
 
 
-@pytest.mark.parametrize("name", ["disagg_8gpu.yaml", "tiny_cpu.yaml"])
+@pytest.mark.parametrize("name", ["disagg_8gpu.yaml", "tiny_cpu.yaml", "autoscaled_sim.yaml"])
 def test_examples_compile_and_round_trip(name: str) -> None:
     spec = load_spec(EXAMPLES / name)
     assert parse_spec(dump_spec(spec)) == spec
