@@ -117,6 +117,7 @@ class Fleet:
         self._turn = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
         self._first_snapshot = asyncio.Event()
+        self._called_for_capacity = -math.inf
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._keep_following("workers", self._follow_workers)),
@@ -199,12 +200,12 @@ class Fleet:
         """Wait for a decode worker of `model` while calling for one (a `CapacityDemand`, every second)
         so an autoscaled fleet at zero starts one; False after `timeout` or once `cancelled` is set."""
         loop = asyncio.get_running_loop()
-        deadline, called = loop.time() + timeout, -math.inf
+        deadline = loop.time() + timeout
         while loop.time() < deadline and not cancelled.is_set():
             if any(w.role == pb.WORKER_ROLE_DECODE and w.model == model for w in self.workers.values()):
                 return True
-            if loop.time() - called >= 1.0:
-                called = loop.time()
+            if loop.time() - self._called_for_capacity >= 1.0:  # one call a second, however many wait
+                self._called_for_capacity = loop.time()
                 demand = cp_pb.CapacityDemand(model=model)
                 demand.at.GetCurrentTime()
                 try:
