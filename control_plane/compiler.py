@@ -199,7 +199,8 @@ def _autoscaling_flags(spec: Spec) -> tuple[str, ...]:
              scaling.decode_requests_per_s, "autoscale-max-prefill": spec.prefill.workers,
              "autoscale-max-decode": spec.decode.workers, "autoscale-target-utilisation": scaling.target_utilisation,
              "slo-ttft-ms": slo.ttft_ms, "slo-itl-ms": slo.itl_ms,
-             "autoscale-interval-s": scaling.interval_s, "scale-down-cooldown-s": scaling.scale_down_cooldown_s,
+             "autoscale-interval-s": scaling.interval_s, "autoscale-rate-window-s": scaling.rate_window_s,
+             "scale-down-cooldown-s": scaling.scale_down_cooldown_s,
              "scale-up-settle-s": scaling.settle_s, "idle-to-zero-s": scaling.idle_to_zero_s}
     return tuple(part for name, value in flags.items() for part in (f"--{name}", _flag_value(value)))
 

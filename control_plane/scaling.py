@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ class AutoscalingConfig:
     max_decode: int
     target_utilisation: float = 0.8
     interval_s: float = 10.0
+    rate_window_s: float = 30.0
     scale_down_cooldown_s: float = 300.0
     settle_s: float = 60.0
     idle_to_zero_s: float = 600.0
@@ -57,20 +59,25 @@ class FleetSampler:
     """One observation window of the live fleet, from the stats every worker reports.
 
     Arrivals are counted where every request ends up, on the decode workers (running plus finished since
-    start, compared with the last sample). TTFT is the slowest prefill worker's p90 plus the slowest
+    start, compared with the last sample); the rate is taken over the last `rate_window_s`, since a short
+    window of Poisson arrivals swings by a worker's worth either way. TTFT is the slowest prefill worker's p90 plus the slowest
     decode worker's p90 time to first token (an upper estimate of the p90 a client sees); ITL is the
     slowest decode worker's p90. Requests at prefill workers count as that pool's queue.
     """
 
     def __init__(self, registry: Registry, channels: ChannelPool, *, model: str = "",
-                 clock: Callable[[], float] = time.monotonic, timeout_s: float = 2.0) -> None:
+                 rate_window_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                 timeout_s: float = 2.0) -> None:
         self._registry = registry
         self._channels = channels
         self._model = model
+        self._rate_window_s = rate_window_s
         self._clock = clock
         self._timeout_s = timeout_s
         self._started: dict[str, int] = {}
-        self._last, self._last_wall = clock(), time.time()
+        self._last_wall = time.time()
+        self._arrivals: deque[tuple[float, int]] = deque([(clock(), 0)])
+        """(sample time, arrivals counted since this sampler began)"""
 
     async def sample(self) -> PoolMetrics:
         workers = [w for w in await self._registry.list_workers()
@@ -78,8 +85,7 @@ class FleetSampler:
                    (not self._model or w.model == self._model)]
         reports = await asyncio.gather(*(self._stats(w) for w in workers))
         now, wall = self._clock(), time.time()
-        elapsed, previous_wall = now - self._last, self._last_wall
-        self._last, self._last_wall = now, wall
+        previous_wall, self._last_wall = self._last_wall, wall
         prefill = [s for w, s in zip(workers, reports) if s is not None and w.role == pb.WORKER_ROLE_PREFILL]
         decode = [(w, s) for w, s in zip(workers, reports) if s is not None and w.role == pb.WORKER_ROLE_DECODE]
         arrivals = 0
@@ -90,6 +96,11 @@ class FleetSampler:
             arrivals += max(0, started[worker.worker_id] - self._started.get(
                 worker.worker_id, 0 if new else started[worker.worker_id]))
         self._started = started
+        self._arrivals.append((now, self._arrivals[-1][1] + arrivals))
+        while len(self._arrivals) > 2 and self._arrivals[1][0] <= now - self._rate_window_s:
+            self._arrivals.popleft()
+        since, counted = self._arrivals[0]
+        elapsed = now - since
 
         def slowest(values: list[float]) -> float:
             return max(values, default=0.0)
@@ -97,7 +108,7 @@ class FleetSampler:
         ttft = slowest([s.ttft_p90_ms for s in prefill]) + slowest([s.ttft_p90_ms for _, s in decode])
         itl = slowest([s.itl_p90_ms for _, s in decode])
         return PoolMetrics(
-            arrival_rate=arrivals / elapsed if elapsed > 0 else 0.0, ttft_p90_ms=ttft or None, itl_p90_ms=itl or None,
+            arrival_rate=(self._arrivals[-1][1] - counted) / elapsed if elapsed > 0 else 0.0, ttft_p90_ms=ttft or None, itl_p90_ms=itl or None,
             prefill_queue=sum(s.active_requests for s in prefill),
             running_requests=sum(s.active_requests for _, s in decode),
             prefill_workers=sum(w.role == pb.WORKER_ROLE_PREFILL for w in workers),
@@ -120,7 +131,7 @@ class ScaleController:
         self._config = config
         self._own_channels = channels is None
         self._channels = channels or ChannelPool()
-        self._sampler = FleetSampler(registry, self._channels, model=model)
+        self._sampler = FleetSampler(registry, self._channels, model=model, rate_window_s=config.rate_window_s)
         self._autoscaler = config.autoscaler()
         self.target = cp_pb.ScaleTarget()
         self._tasks: list[asyncio.Task[None]] = []

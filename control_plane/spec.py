@@ -116,6 +116,8 @@ class AutoscalingSpec:
     """Share of those rates a pool is sized to carry: below 1 leaves room for bursts and for rates that
     are estimates; `dynamo-grpc plan --autoscale` writes 1 with rates its simulation verified."""
     interval_s: float = 10.0
+    rate_window_s: float = 30.0
+    """The arrival rate is averaged over this long: shorter follows bursts sooner and swings more."""
     scale_down_cooldown_s: float = 300.0
     settle_s: float = 60.0
     """After adding a worker to a pool for a missed objective, wait this long before adding another."""

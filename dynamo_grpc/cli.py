@@ -93,6 +93,8 @@ def add_autoscaling_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(group, "slo-ttft-ms", default=0.0, type=float, help="time-to-first-token objective (p90)")
     add_flag(group, "slo-itl-ms", default=0.0, type=float, help="inter-token latency objective (p90)")
     add_flag(group, "autoscale-interval-s", default=10.0, type=float, help="how often to sample the workers")
+    add_flag(group, "autoscale-rate-window-s", default=30.0, type=float,
+             help="the arrival rate is averaged over this long (shorter: follows bursts sooner, swings more)")
     add_flag(group, "scale-down-cooldown-s", default=300.0, type=float,
              help="a smaller pool must have been enough for this long before workers stop")
     add_flag(group, "scale-up-settle-s", default=60.0, type=float,
@@ -111,7 +113,8 @@ def autoscaling_config(args: argparse.Namespace) -> AutoscalingConfig | None:
     problems = [f"--{name} must be positive" for name, value in (
         ("autoscale-prefill-rps", args.autoscale_prefill_rps), ("autoscale-decode-rps", args.autoscale_decode_rps),
         ("slo-ttft-ms", args.slo_ttft_ms), ("slo-itl-ms", args.slo_itl_ms),
-        ("autoscale-interval-s", args.autoscale_interval_s), ("autoscale-max-decode", args.autoscale_max_decode))
+        ("autoscale-interval-s", args.autoscale_interval_s), ("autoscale-rate-window-s", args.autoscale_rate_window_s),
+        ("autoscale-max-decode", args.autoscale_max_decode))
         if value <= 0]
     problems += [f"--{name} must not be negative" for name, value in (
         ("autoscale-max-prefill", args.autoscale_max_prefill), ("scale-down-cooldown-s", args.scale_down_cooldown_s),
@@ -124,7 +127,7 @@ def autoscaling_config(args: argparse.Namespace) -> AutoscalingConfig | None:
         capacity=PoolCapacity(args.autoscale_prefill_rps, args.autoscale_decode_rps),
         objectives=Objectives(args.slo_ttft_ms, args.slo_itl_ms), max_prefill=args.autoscale_max_prefill,
         max_decode=args.autoscale_max_decode, target_utilisation=args.autoscale_target_utilisation,
-        interval_s=args.autoscale_interval_s,
+        interval_s=args.autoscale_interval_s, rate_window_s=args.autoscale_rate_window_s,
         scale_down_cooldown_s=args.scale_down_cooldown_s, settle_s=args.scale_up_settle_s,
         idle_to_zero_s=args.idle_to_zero_s)
 

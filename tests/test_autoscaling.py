@@ -106,6 +106,10 @@ async def test_workers_report_their_latency_and_the_sampler_counts_every_arrival
         assert window.ttft_p90_ms == pytest.approx(prefill.ttft_p90_ms + decode.ttft_p90_ms)
         assert window.itl_p90_ms == decode.itl_p90_ms
         assert (window.prefill_queue, window.running_requests) == (0, 0)
+        clock.now = 20.0  # the rate is averaged over the last 30 s, then the arrivals age out
+        assert (await sampler.sample()).arrival_rate == 0.25
+        clock.now = 40.0
+        assert (await sampler.sample()).arrival_rate == 0.0
     await channels.close()
     await registry.close()
 
