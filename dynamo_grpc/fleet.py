@@ -10,6 +10,7 @@ import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
@@ -29,6 +30,8 @@ from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PAIRINGS_DOCUMENT = "pairings"
 DEMAND_DOCUMENT = "demand"
@@ -91,7 +94,7 @@ class Fleet:
     - round_robin: the pairs in turn.
     A worker's load is the larger of the requests this router sent it and the requests it reports
     running (every `load_poll_s`, so requests from other routers count too); ties go to the decode
-    worker with the smaller share of its KV blocks in use.
+    worker with the smaller share of its KV blocks in use, and then take turns.
     Pairings come from the control plane's published table when there is one; without a control
     plane, the router derives the same table itself, so a router works standalone.
     """
@@ -113,7 +116,6 @@ class Fleet:
         self._feeds: dict[str, tuple[str, list[asyncio.Task[None]]]] = {}
         self._table: cp_pb.PairingTable | None = None
         self._in_flight = InFlight()
-        self._tie_breaker = itertools.count()
         self._turn = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
         self._first_snapshot = asyncio.Event()
@@ -159,25 +161,30 @@ class Fleet:
             """Prompt tokens the worker must compute before this request's prefill is done."""
             return self._in_flight.tokens[worker_id] + uncached(worker_id)
 
+        turn = next(self._turn)
+
+        def in_turn(items: list[T]) -> list[T]:
+            """Starting one further each request: the first of equals takes the request, so equals alternate."""
+            return items[turn % len(items):] + items[:turn % len(items)]
+
         if not pairs:
-            candidates = sorted(decodes)
+            candidates = in_turn(sorted(decodes))
             if self.routing == "round_robin":
-                decode = candidates[next(self._turn) % len(candidates)]
+                decode = candidates[0]
             else:
                 key = prefill_work if self.routing == "kv_aware" else self._requests_at
-                decode = min(candidates, key=lambda w: (key(w), self._kv_usage(w), next(self._tie_breaker)))
+                decode = min(candidates, key=lambda w: (key(w), self._kv_usage(w)))
             return Route(decode=decodes[decode], prefill=None, uncached_tokens=uncached(decode))
+        pairs = in_turn(sorted(pairs, key=lambda p: (p.prefill_worker_id, p.decode_worker_id)))
         if self.routing == "round_robin":
-            best = sorted(pairs, key=lambda p: (p.prefill_worker_id, p.decode_worker_id))[next(self._turn) % len(pairs)]
+            best = pairs[0]
         elif self.routing == "kv_aware":
             best = min(pairs, key=lambda p: (prefill_work(p.prefill_worker_id), self._requests_at(p.decode_worker_id),
-                                             self._kv_usage(p.decode_worker_id), not p.same_host,
-                                             next(self._tie_breaker)))
+                                             self._kv_usage(p.decode_worker_id), not p.same_host))
         else:
             best = min(pairs, key=lambda p: (self._requests_at(p.decode_worker_id) +
                                              self._requests_at(p.prefill_worker_id),
-                                             self._kv_usage(p.decode_worker_id), not p.same_host,
-                                             next(self._tie_breaker)))
+                                             self._kv_usage(p.decode_worker_id), not p.same_host))
         decode, policy = decodes[best.decode_worker_id], self._policy
         if uncached(decode.worker_id) < policy.min_prompt_tokens or (
                 policy.max_prefill_queue and self._requests_at(best.prefill_worker_id) >= policy.max_prefill_queue):

@@ -183,7 +183,7 @@ router: {{port: {free_port()}}}
 control_plane: {{port: {free_port()}}}
 base_port: {free_port()}
 slo: {{ttft_ms: 5000, itl_ms: 1000}}
-autoscaling: {{prefill_requests_per_s: 2, decode_requests_per_s: 2, interval_s: 0.5,
+autoscaling: {{prefill_requests_per_s: 2, decode_requests_per_s: 2, interval_s: 0.5, rate_window_s: 3,
                scale_down_cooldown_s: 3, settle_s: 1, idle_to_zero_s: 6, cold_start_wait_s: 60}}
 etcd: [{etcd.endpoint}]
 """
