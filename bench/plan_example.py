@@ -4,7 +4,10 @@ Each plan is found by the SLA planner (`control_plane.planner.plan_pools`): a co
 simulated fleets on a virtual clock. The spec YAML of the cheapest disaggregated fleet at the last rate
 follows, ready for `dynamo-grpc compile`. About 10-30 s of CPU per rate.
 
-    python bench/plan_example.py [--rates 2 5 10] [--itl-ms 100] [--ttft-ms 2000]
+    python bench/plan_example.py [--rates 2 5 10] [--itl-ms 100] [--ttft-ms 2000] [--tp 1]
+
+`--tp 4 8` lets the planner choose the tensor parallel size too (the same for both pools); an ITL below
+the ~52 ms one-GPU decode floor needs it, e.g. `--itl-ms 30 --tp 1 2 4 8`.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[2.0, 5.0, 10.0])
     parser.add_argument("--ttft-ms", type=float, default=2000.0)
     parser.add_argument("--itl-ms", type=float, default=100.0)
+    parser.add_argument("--tp", type=int, nargs="+", default=[1], help="tensor parallel sizes to choose from")
     args = parser.parse_args()
     objectives = Objectives(ttft_ms=args.ttft_ms, itl_ms=args.itl_ms)
     plan = None
     for rate in args.rates:
         started = time.process_time()
-        plan = plan_pools("llama3_70b", PlannerWorkload(isl=3000, osl=150, rate=rate), objectives)
+        plan = plan_pools("llama3_70b", PlannerWorkload(isl=3000, osl=150, rate=rate), objectives,
+                          tp_options=tuple(args.tp))
         print(plan.render())
         print(f"  ({time.process_time() - started:.0f} s of CPU)\n", flush=True)
     if plan is not None and plan.disaggregated is not None:

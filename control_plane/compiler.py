@@ -20,7 +20,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from control_plane.pairing import compute_pairings
-from control_plane.spec import KV_LAYOUT_ARGS, PoolSpec, Spec, engine_arg_defaults, pool_placement
+from control_plane.spec import (
+    KV_LAYOUT_ARGS,
+    PoolSpec,
+    Spec,
+    engine_arg_defaults,
+    engine_takes_tensor_parallel,
+    pool_placement,
+)
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
@@ -116,7 +123,7 @@ def compile_spec(spec: Spec) -> Plan:
     processes: list[PlannedProcess] = []
     for pool in spec.pools():
         engine_args = _resolved_engine_args(spec, pool)
-        engine_flags = _engine_flags(spec, engine_args)
+        engine_flags = _engine_flags(spec, pool, engine_args)
         for index, host in enumerate(pool_placement(pool)):
             worker_id = f"{pool.role}-{index}"
             port = take_port(host)
@@ -174,9 +181,10 @@ def _flag_value(value: Any) -> str:
     return str(value)
 
 
-def _engine_flags(spec: Spec, engine_args: dict[str, Any]) -> tuple[str, ...]:
-    """--engine, the model, the engine arguments in the engine config's field order, then KV transfer
-    (both settings on both roles: a worker ignores the one that is not its own)."""
+def _engine_flags(spec: Spec, pool: PoolSpec, engine_args: dict[str, Any]) -> tuple[str, ...]:
+    """--engine, the model, the engine arguments in the engine config's field order, the pool's TP where
+    the engine takes it, then KV transfer (both settings on both roles: a worker ignores the one that is
+    not its own)."""
     flags = ["--engine", spec.model.engine]
     if spec.model.engine == "vllm":
         flags += ["--model-path", spec.model.path]
@@ -184,6 +192,8 @@ def _engine_flags(spec: Spec, engine_args: dict[str, Any]) -> tuple[str, ...]:
     for name in engine_arg_defaults(spec.model.engine):
         if name in engine_args:
             flags += [f"--{name.replace('_', '-')}", _flag_value(engine_args[name])]
+    if pool.tensor_parallel_size > 1 and engine_takes_tensor_parallel(spec.model.engine):
+        flags += ["--tensor-parallel-size", str(pool.tensor_parallel_size)]
     if spec.model.engine == "vllm":
         flags += [flag for name, value in engine_args.items() if name.startswith(EXTRA)
                   for flag in ("--vllm-arg", f"{name.removeprefix(EXTRA)}={_flag_value(value)}")]
@@ -240,10 +250,10 @@ def _notes(spec: Spec, pairings: tuple[tuple[str, str, bool], ...]) -> list[str]
     notes = []
     if not spec.prefill.workers:
         notes.append("prefill.workers is 0: aggregated serving, each decode worker prefills its own prompts")
-    tp = spec.prefill.tensor_parallel_size
-    if tp > 1:
-        notes.append(f"tensor_parallel_size {tp}: each worker gets {tp} GPUs in CUDA_VISIBLE_DEVICES, but the "
-                     "worker CLI has no --tensor-parallel-size flag yet")
+    tp = spec.decode.tensor_parallel_size
+    if tp > 1 and not engine_takes_tensor_parallel(spec.model.engine):
+        notes.append(f"tensor_parallel_size {tp}: each worker gets {tp} GPUs in CUDA_VISIBLE_DEVICES, but a "
+                     f"{spec.model.engine} worker runs one rank (the KV connector moves one rank's blocks)")
     if spec.router.min_uncached_tokens and spec.router.policy != "kv_aware":
         notes.append(f"min_uncached_tokens {spec.router.min_uncached_tokens} counts every prompt token as "
                      f"uncached: only the kv_aware policy knows what workers cache")

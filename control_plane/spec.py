@@ -44,6 +44,8 @@ DEFAULT_CONTROL_PLANE_PORT = 50052
 DEFAULT_BASE_PORT = 50100
 # Set from the model section, so not allowed under engine_args.
 _MODEL_FIELDS = ("model", "model_path", "served_model_name")
+_POOL_FIELDS = ("tensor_parallel_size",)
+"""Set by the pool itself, so not allowed under engine_args either."""
 # Engine arguments that shape the KV bytes: prefill and decode must agree on them or they never pair.
 KV_LAYOUT_ARGS = ("dtype", "block_size", "kv_bytes_per_token", "num_layers")
 _NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
@@ -159,9 +161,14 @@ def pool_placement(pool: PoolSpec) -> list[str]:
     return [pool.hosts[index % len(pool.hosts)] for index in range(pool.workers)]
 
 
+def engine_takes_tensor_parallel(engine: str) -> bool:
+    """The engine's workers take the pool's TP (`--tensor-parallel-size`); the others run one rank."""
+    return "tensor_parallel_size" in {f.name for f in fields(ENGINES[engine])}
+
+
 def engine_arg_defaults(engine: str) -> dict[str, Any]:
     """Engine arguments a spec may set for `engine`, with the worker's defaults (their types check values)."""
-    return {f.name: f.default for f in fields(ENGINES[engine]) if f.name not in _MODEL_FIELDS}
+    return {f.name: f.default for f in fields(ENGINES[engine]) if f.name not in (*_MODEL_FIELDS, *_POOL_FIELDS)}
 
 
 @dataclass(frozen=True)
@@ -500,6 +507,8 @@ class _Checker:
                 extra = self.extra_args(child, key_path)
             elif key in _MODEL_FIELDS:
                 self.problem(child.line, key_path, "set by the model section; use model.path / model.served_name")
+            elif key in _POOL_FIELDS:
+                self.problem(child.line, key_path, f"set by the pool; use prefill.{key} / decode.{key}")
             elif engine is None:
                 continue
             elif key not in allowed:
@@ -738,8 +747,9 @@ class _Checker:
     def engine_configs(self, top: dict[str, _Node], model: ModelSpec, pools: dict[str, PoolSpec]) -> None:
         """Let the engine's own config check the values (ranges it knows best)."""
         for role, pool in pools.items():
+            tp = {"tensor_parallel_size": pool.tensor_parallel_size} if engine_takes_tensor_parallel(model.engine) else {}
             try:
-                ENGINES[model.engine](**{**model.engine_args, **pool.engine_args})
+                ENGINES[model.engine](**{**model.engine_args, **pool.engine_args, **tp})
             except (ValueError, TypeError) as error:
                 node = top[role].value.get("engine_args") or top["model"].value.get("engine_args") or top[role]
                 self.problem(node.line, f"{role}.engine_args", str(error))

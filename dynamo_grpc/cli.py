@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--ttft-ms", type=float, default=2000.0, help="TTFT objective")
     sub.add_argument("--itl-ms", type=float, default=100.0, help="inter-token latency objective")
     sub.add_argument("--max-gpus", type=int, default=64, help="largest fleet to consider")
+    sub.add_argument("--tp", type=int, nargs="+", default=[1], metavar="N",
+                     help="tensor parallel sizes to consider, e.g. --tp 1 2 4 8 (TP > 1 adds modelled all-reduce "
+                     "costs to the one-GPU calibration)")
     sub.add_argument("--link", default="nvlink", help="KV link between pools: nvlink, rdma_400g, tcp_100g, tcp_10g")
     sub.add_argument("--spec-out", default=None, help="write the plan (the cheapest fleet found) as a deployment spec")
     sub.add_argument("--model-path", default="/models/model", help="model path for the spec")
@@ -464,7 +467,8 @@ def _plan(args: argparse.Namespace) -> int:
     print("dynamo-grpc plan: simulating candidate fleets (seconds to a minute)...", file=sys.stderr, flush=True)
     try:
         plan = plan_pools(args.model, PlannerWorkload(args.isl, args.osl, args.rate),
-                          Objectives(args.ttft_ms, args.itl_ms), max_gpus=args.max_gpus, link=args.link)
+                          Objectives(args.ttft_ms, args.itl_ms), max_gpus=args.max_gpus, link=args.link,
+                          tp_options=tuple(args.tp))
     except ValueError as error:
         print(f"dynamo-grpc plan: {error}", file=sys.stderr)
         return 2

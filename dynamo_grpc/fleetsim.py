@@ -20,7 +20,13 @@ from typing import Any, TypeVar
 
 from dynamo_grpc.config import ROUTING_POLICIES
 from dynamo_grpc.engine.base import EngineRequest, Sampling
-from dynamo_grpc.engine.cost_model import KV_BYTES_PER_TOKEN, transfer_ms
+from dynamo_grpc.engine.cost_model import (
+    KV_BYTES_PER_TOKEN,
+    check_tensor_parallel_size,
+    load_tensor_parallel_cost,
+    transfer_ms,
+    worker_kv_memory_gb,
+)
 from dynamo_grpc.engine.simulated import SimulatedEngine, SimulatedEngineConfig
 from dynamo_grpc.fleet import InFlight
 from dynamo_grpc.kv_events import PrefixIndex
@@ -31,7 +37,16 @@ from dynamo_grpc.v1 import common_pb2 as pb
 T = TypeVar("T")
 
 KV_MEMORY_GB = 40.0
-"""HBM left for KV cache per simulated GPU after weights and activations (an assumption, not measured)."""
+"""HBM left for KV cache per simulated GPU after weights and activations (an assumption, not measured).
+A TP-1 worker gets this; a TP-N worker gets `cost_model.worker_kv_memory_gb`."""
+
+
+def kv_memory_for(model: str, tensor_parallel_size: int) -> float:
+    """KV memory (GB) of one simulated worker: `KV_MEMORY_GB` at TP 1 (for the 70B shape, the calibration's
+    model whose weights fit one device), the real bf16 weights' leftover at TP N (`worker_kv_memory_gb`)."""
+    if tensor_parallel_size == 1:
+        return KV_MEMORY_GB
+    return worker_kv_memory_gb(model, tensor_parallel_size)
 
 
 class VirtualClockLoop(asyncio.SelectorEventLoop):
@@ -64,7 +79,7 @@ def run_virtual(coroutine: Coroutine[Any, Any, T]) -> T:
 
 @dataclass(frozen=True)
 class FleetShape:
-    """Workers of one deployment; each is one simulated GPU."""
+    """Workers of one deployment; each is `tensor_parallel_size` simulated GPUs."""
 
     decode_workers: int
     prefill_workers: int = 0
@@ -76,20 +91,30 @@ class FleetShape:
     """How KV moves from prefill to decode workers (see `cost_model.LINK_GBPS`)."""
     routing: str = "least_loaded"
     """How requests pick engines, as the router's `--policy`: least_loaded, kv_aware or round_robin."""
+    tensor_parallel_size: int = 1
+    """GPUs per worker, in both pools: every engine prices its steps as a TP-N engine
+    (`cost_model.TensorParallelStepCost`)."""
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTING_POLICIES:
             raise ValueError(f"routing must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+
+    @property
+    def workers(self) -> int:
+        return self.decode_workers + self.prefill_workers
 
     @property
     def gpus(self) -> int:
-        return self.decode_workers + self.prefill_workers
+        return self.workers * self.tensor_parallel_size
 
     def describe(self) -> str:
         routed = "" if self.routing == "least_loaded" else f", {self.routing}"
+        tp = f" x TP{self.tensor_parallel_size}" if self.tensor_parallel_size > 1 else ""
         if not self.prefill_workers:
-            return f"agg {self.decode_workers} (chunk {self.decode_chunk_tokens}{routed})"
-        return f"disagg {self.prefill_workers}P+{self.decode_workers}D ({self.link}{routed})"
+            return f"agg {self.decode_workers}{tp} (chunk {self.decode_chunk_tokens}{routed})"
+        return f"disagg {self.prefill_workers}P+{self.decode_workers}D{tp} ({self.link}{routed})"
 
 
 class _LinkedKv:
@@ -167,14 +192,25 @@ class _Picker:
 
 
 async def simulate(shape: FleetShape, workload: Workload, *, model: str = "llama3_70b",
-                   kv_memory_gb: float = KV_MEMORY_GB) -> list[RequestRecord]:
+                   kv_memory_gb: float | None = None) -> list[RequestRecord]:
     """Serve the workload on the fleet; run it under `run_virtual`."""
     return (await run_fleet(shape, workload, model=model, kv_memory_gb=kv_memory_gb)).records
 
 
 async def run_fleet(shape: FleetShape, workload: Workload, *, model: str = "llama3_70b",
-                    kv_memory_gb: float = KV_MEMORY_GB) -> FleetRun:
-    """`simulate`, with the engines' stats (prefix-cache hits among them) as well."""
+                    kv_memory_gb: float | None = None) -> FleetRun:
+    """`simulate`, with the engines' stats (prefix-cache hits among them) as well.
+
+    `kv_memory_gb` is per worker (all of its GPUs); by default `kv_memory_for(model, tensor_parallel_size)`.
+    """
+    tp = shape.tensor_parallel_size
+    check_tensor_parallel_size(model, tp)
+    if kv_memory_gb is None:
+        kv_memory_gb = kv_memory_for(model, tp)
+    if kv_memory_gb <= 0:
+        raise ValueError(f"a TP-{tp} worker of {model} has no KV memory left ({kv_memory_gb:.0f} GB): "
+                         "its weights do not fit")
+    cost = load_tensor_parallel_cost(model, tp)
     block_size = 16
     blocks = int(kv_memory_gb * 1e9 / KV_BYTES_PER_TOKEN[model] / block_size)
     base = SimulatedEngineConfig(model=model, cost_model=model, block_size=block_size, num_blocks=blocks,
@@ -182,10 +218,10 @@ async def run_fleet(shape: FleetShape, workload: Workload, *, model: str = "llam
     stores = {f"prefill-{i}": LeasedKvStore(endpoint=f"prefill-{i}", host="sim", ttl_s=3600)
               for i in range(shape.prefill_workers)}
     prefills = {name: SimulatedEngine(dataclasses.replace(base, max_num_batched_tokens=shape.prefill_chunk_tokens),
-                                      kv_store=store) for name, store in stores.items()}
+                                      kv_store=store, cost=cost) for name, store in stores.items()}
     source = _LinkedKv(stores, KV_BYTES_PER_TOKEN[model], shape.link)
     decodes = {f"decode-{i}": SimulatedEngine(dataclasses.replace(base, max_num_batched_tokens=shape.decode_chunk_tokens),
-                                              kv_source=source) for i in range(shape.decode_workers)}
+                                              kv_source=source, cost=cost) for i in range(shape.decode_workers)}
     prefilling = prefills or decodes
     index = PrefixIndex()
     picker = _Picker(shape.routing, index)

@@ -15,8 +15,11 @@ from dynamo_grpc.engine.cost_model import (
     STEP_TIMES_FILE,
     StepCostModel,
     load_cost_model,
+    load_tensor_parallel_cost,
     transfer_ms,
+    worker_kv_memory_gb,
 )
+from dynamo_grpc.fleetsim import KV_MEMORY_GB
 
 TOLERANCE = 0.10
 
@@ -108,3 +111,62 @@ def test_transfer_time_is_bytes_over_link_bandwidth() -> None:
     assert transfer_ms(0, "nvlink") == 0.0
     with pytest.raises(ValueError, match="unknown link"):
         transfer_ms(1, "carrier_pigeon")
+
+
+# --- tensor parallelism --------------------------------------------------------------------------------
+
+# (prefill tokens, prefill context, decode batch, decode context in all): prefill-only, decode-only, mixed.
+STEPS = [(1, 0, 0, 0), (512, 0, 0, 0), (2048, 2048, 0, 0), (8192, 0, 0, 0), (0, 0, 1, 3000), (0, 0, 64, 64 * 3000),
+         (0, 0, 256, 256 * 1024), (256, 1024, 32, 32 * 2048), (2048, 0, 128, 128 * 4096)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_tp_one_is_the_fitted_model_exactly(shape: str) -> None:
+    fitted, tp1 = load_cost_model(shape), load_tensor_parallel_cost(shape, 1)
+    assert tp1.base is fitted
+    for step in STEPS:
+        assert tp1.step_ms(*step) == fitted.step_ms(*step)  # bit for bit, not approximately
+    assert tp1.prefill_ms(3000) == fitted.prefill_ms(3000) and tp1.decode_ms(8, 8000) == fitted.decode_ms(8, 8000)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_tp_step_is_faster_but_by_less_than_its_gpus(shape: str) -> None:
+    fitted = load_cost_model(shape)
+    for step in STEPS:
+        one = fitted.step_ms(*step)
+        previous = one
+        for ranks in (2, 4, 8):
+            ms = load_tensor_parallel_cost(shape, ranks).step_ms(*step)
+            assert ms < previous, (step, ranks)  # more GPUs, a shorter step
+            assert ms > one / ranks, (step, ranks)  # but the all-reduces keep it above a perfect split
+            previous = ms
+    assert load_tensor_parallel_cost(shape, 8).step_ms(0, 0, 0, 0) == 0.0
+
+
+def test_tp_communication_is_two_ring_all_reduces_per_layer() -> None:
+    """70B at TP 4, a 1000-token prefill: 80 layers x 2 all-reduces of 1000 x 8192 x 2 bytes, each 10 us
+    plus 2 x 3/4 of the bytes at 370 GB/s (published NVLink 4 figures, not this calibration)."""
+    fitted, tp4 = load_cost_model("llama3_70b"), load_tensor_parallel_cost("llama3_70b", 4)
+    each_ms = 0.010 + 1.5 * (1000 * 8192 * 2) / 370e9 * 1e3
+    assert tp4.step_ms(1000, 0, 0, 0) == pytest.approx(fitted.step_ms(1000, 0, 0, 0) / 4 + 160 * each_ms)
+    # A decode step of one sequence is mostly latency: 160 x ~10 us = ~1.6 ms on top of a quarter of the floor.
+    assert tp4.decode_ms(1, 3000) - fitted.decode_ms(1, 3000) / 4 == pytest.approx(1.6, abs=0.05)
+
+
+def test_tp_sizes_must_split_the_kv_heads() -> None:
+    for ranks in (0, 3, 16):
+        with pytest.raises(ValueError, match="8 KV heads"):
+            load_tensor_parallel_cost("llama3_8b", ranks)
+    with pytest.raises(ValueError, match="unknown model shape"):
+        load_tensor_parallel_cost("llama3_405b", 2)
+
+
+def test_kv_memory_of_a_tp_worker_is_its_gpus_less_the_real_weights() -> None:
+    # At TP 1 the 8B matches the simulator's long-standing 40 GB per GPU.
+    assert worker_kv_memory_gb("llama3_8b", 1) == pytest.approx(KV_MEMORY_GB, abs=0.5)
+    # Each added GPU brings its whole share, and frees a share of the weights on the others.
+    assert worker_kv_memory_gb("llama3_8b", 2) > 2 * worker_kv_memory_gb("llama3_8b", 1)
+    # The real 70B (141 GB of bf16 weights) fits neither one nor two 80 GB GPUs; four leave ~83 GB of KV.
+    assert worker_kv_memory_gb("llama3_70b", 1) < 0 and worker_kv_memory_gb("llama3_70b", 2) < 0
+    assert worker_kv_memory_gb("llama3_70b", 4) == pytest.approx(4 * (72 - 16) - 141.1)
+    assert worker_kv_memory_gb("llama3_70b", 8) > 3 * worker_kv_memory_gb("llama3_70b", 4)

@@ -7,7 +7,15 @@ import time
 
 import pytest
 
-from dynamo_grpc.fleetsim import FleetRun, FleetShape, run_fleet, run_virtual, simulate
+from dynamo_grpc.fleetsim import (
+    KV_MEMORY_GB,
+    FleetRun,
+    FleetShape,
+    kv_memory_for,
+    run_fleet,
+    run_virtual,
+    simulate,
+)
 from dynamo_grpc.loadgen import Lengths, Objectives, Workload, summarize
 
 
@@ -62,3 +70,30 @@ def test_prefix_aware_routing_reuses_cached_prefixes_and_answers_sooner() -> Non
     # the prompts and hits more than either does under round robin (0.85 and 0.87 against 0.58 each).
     assert min(s.prompt_tokens for s in kv_aware.prefill_stats.values()) > 0.3 * workload.requests * 1088
     assert min(kv_aware.prefix_hit_rates.values()) > max(round_robin.prefix_hit_rates.values()) + 0.15
+
+
+def test_a_tensor_parallel_fleet_counts_every_gpu_and_decodes_faster() -> None:
+    shape = FleetShape(decode_workers=1, prefill_workers=2, tensor_parallel_size=4)
+    assert (shape.workers, shape.gpus) == (3, 12)
+    assert shape.describe() == "disagg 2P+1D x TP4 (nvlink)"
+    assert FleetShape(decode_workers=2, decode_chunk_tokens=512, tensor_parallel_size=8).describe() == \
+        "agg 2 x TP8 (chunk 512)"
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        FleetShape(decode_workers=1, tensor_parallel_size=0)
+    # A TP-N worker's KV memory is what the real weights leave on its GPUs; TP 1 keeps the assumption.
+    assert kv_memory_for("llama3_70b", 1) == KV_MEMORY_GB
+    assert kv_memory_for("llama3_70b", 4) > 2 * KV_MEMORY_GB
+    workload = Workload(requests=24, input_tokens=Lengths("3000"), output_tokens=Lengths("40"), rate=1.0)
+
+    def tpot_p50(tp: int) -> float:
+        records = run_virtual(simulate(FleetShape(decode_workers=1, prefill_workers=1, tensor_parallel_size=tp),
+                                       workload))
+        summary = summarize(records, Objectives())
+        assert summary["failed"] == 0
+        return summary["tpot_ms"]["p50"]
+
+    # The engines price TP-4 steps: a quarter of the one-GPU work plus the all-reduces.
+    one, four = tpot_p50(1), tpot_p50(4)
+    assert one / 4 < four < one / 2.5
+    with pytest.raises(ValueError, match="weights do not fit"):
+        run_virtual(simulate(FleetShape(decode_workers=1, tensor_parallel_size=2), workload))

@@ -81,13 +81,24 @@ def test_a_stricter_itl_objective_moves_the_choice_to_disaggregation(plan_at_4: 
     assert strict.aggregated is None or strict.aggregated.shape.gpus > strict.gpus
 
 
-def test_unreachable_objectives_and_tensor_parallelism_are_refused() -> None:
+def test_unreachable_objectives_and_unpriceable_tensor_parallelism_are_refused() -> None:
     with pytest.raises(PlanError, match="decode step"):
         estimate_pools(MODEL, PlannerWorkload(3000, 150, 1.0), Objectives(ttft_ms=2000, itl_ms=30))
     with pytest.raises(PlanError, match="first token"):
         estimate_pools(MODEL, PlannerWorkload(3000, 150, 1.0), Objectives(ttft_ms=300, itl_ms=100))
-    with pytest.raises(ValueError, match="only TP 1 is modelled"):
-        plan_pools(MODEL, PlannerWorkload(3000, 150, 1.0), OBJECTIVES, tp_options=(1, 2))
+    # TP 1 alone keeps refusing an ITL below its decode floor, as before TP was modelled.
+    with pytest.raises(PlanError, match="decode step"):
+        plan_pools(MODEL, PlannerWorkload(3000, 150, 1.0), Objectives(ttft_ms=2000, itl_ms=30))
+    # The real 70B's bf16 weights leave no KV memory on two GPUs.
+    with pytest.raises(PlanError, match="leave no KV memory on a TP-2 worker"):
+        estimate_pools(MODEL, PlannerWorkload(3000, 150, 1.0), OBJECTIVES, tensor_parallel_size=2)
+    # The KV heads (8) must split evenly: TP 3 and TP 16 cannot be priced.
+    for tp in (3, 16):
+        with pytest.raises(ValueError, match="KV heads"):
+            plan_pools(MODEL, PlannerWorkload(3000, 150, 1.0), OBJECTIVES, tp_options=(1, tp))
+    # Even TP 8 cannot decode one sequence in 5 ms: the message names every TP's reason.
+    with pytest.raises(PlanError, match=r"(?s)TP 1 not searched.*TP 2: .*TP 4: a decode step.*TP 8: a decode step"):
+        plan_pools(MODEL, PlannerWorkload(3000, 150, 1.0), Objectives(ttft_ms=2000, itl_ms=5), tp_options=(1, 2, 4, 8))
 
 
 def test_a_plan_becomes_a_spec_that_round_trips_and_compiles(plan_at_8: PoolPlan) -> None:
@@ -129,3 +140,80 @@ def test_an_aggregated_plan_becomes_a_spec_without_prefill_workers(plan_at_4: Po
     spec = pool_plan_to_spec(as_disaggregated, model_path="/m", served_name="m", hosts=[("a", "10.0.0.1", 8)],
                              etcd="e:2379", engine="simulated")
     assert spec.model.engine_args["cost_model"] == MODEL
+
+
+# --- tensor parallelism --------------------------------------------------------------------------------
+
+TIGHT_ITL = Objectives(ttft_ms=2000, itl_ms=30)
+"""Below the ~52 ms decode floor of the 70B on one GPU: only TP > 1 can meet it."""
+
+
+@pytest.fixture(scope="module")
+def tp_plan() -> PoolPlan:
+    return plan_pools(MODEL, PlannerWorkload(3000, 150, 4.0), TIGHT_ITL, tp_options=(1, 2, 4, 8),
+                      aggregated=False, **RUNS)
+
+
+def test_an_itl_below_the_one_gpu_decode_floor_gets_a_tensor_parallel_plan(tp_plan: PoolPlan) -> None:
+    assert tp_plan.tensor_parallel_size in (4, 8)
+    assert tp_plan.chosen.meets and tp_plan.chosen.tpot_p90_ms <= TIGHT_ITL.itl_ms
+    assert tp_plan.chosen.requests == RUNS["confirm_requests"]
+    # GPUs are workers x TP, in both pools alike.
+    workers = tp_plan.prefill_workers + tp_plan.decode_workers
+    assert tp_plan.gpus == tp_plan.shape.gpus == workers * tp_plan.tensor_parallel_size
+    assert tp_plan.estimate.tensor_parallel_size == tp_plan.tensor_parallel_size
+    # TP 1 cannot hold the real weights and TP 2 leaves no KV memory: both are reported, not planned.
+    assert any(n.startswith("TP 1 not searched") for n in tp_plan.notes)
+    assert any(n.startswith("TP 2: the bf16 weights") for n in tp_plan.notes)
+    assert {e.tensor_parallel_size for e in tp_plan.estimates} == {4, 8}
+    assert all(v.shape.tensor_parallel_size in (4, 8) for v in tp_plan.simulations)
+    rendered = tp_plan.render()
+    assert f"x TP{tp_plan.tensor_parallel_size}" in rendered and "estimate TP 4" in rendered
+
+
+def test_the_tensor_parallel_plan_is_the_fewest_gpus_any_tp_verified(tp_plan: PoolPlan) -> None:
+    confirmed = [v for v in tp_plan.simulations if v.meets and v.requests == RUNS["confirm_requests"]]
+    assert tp_plan.gpus == min(v.shape.gpus for v in confirmed)
+    # One worker fewer of the same TP misses in the bottleneck pool, so the plan is minimal at its TP.
+    answer, estimate = tp_plan.chosen, tp_plan.estimate
+    prefill_load = tp_plan.workload.rate / (answer.shape.prefill_workers * estimate.prefill_rps_per_gpu)
+    decode_load = tp_plan.workload.rate / (answer.shape.decode_workers * estimate.decode_rps_per_gpu)
+    smaller = (dataclasses.replace(answer.shape, prefill_workers=answer.shape.prefill_workers - 1)
+               if prefill_load >= decode_load else
+               dataclasses.replace(answer.shape, decode_workers=answer.shape.decode_workers - 1))
+    if smaller.prefill_workers and smaller.decode_workers:
+        fewer = verify(MODEL, tp_plan.workload, TIGHT_ITL, smaller, requests=300, seed=7)
+        assert not fewer.meets, fewer.describe()
+    # Every TP the planner estimated but did not simulate was bounded above the plan by the cost model.
+    simulated = {v.shape.tensor_parallel_size for v in tp_plan.simulations}
+    for e in tp_plan.estimates:
+        if e.tensor_parallel_size not in simulated:
+            assert any(n.startswith(f"TP {e.tensor_parallel_size} not simulated") for n in tp_plan.notes)
+
+
+@pytest.mark.parametrize("engine", ["vllm", "simulated"])
+def test_a_tensor_parallel_plan_becomes_a_spec_with_its_tp_that_compiles(tp_plan: PoolPlan, engine: str) -> None:
+    tp = tp_plan.tensor_parallel_size
+    hosts = [(f"node-{i}", f"10.0.0.{i + 1}", 8) for i in range(-(-tp_plan.gpus // 8))]
+    spec = pool_plan_to_spec(tp_plan, model_path="/models/llama-3-70b", served_name="llama-3-70b", hosts=hosts,
+                             etcd="10.0.0.1:2379", engine=engine)
+    assert spec.prefill.tensor_parallel_size == spec.decode.tensor_parallel_size == tp
+    assert (spec.prefill.workers, spec.decode.workers) == (tp_plan.prefill_workers, tp_plan.decode_workers)
+    compiled = compile_spec(parse_spec(dump_spec(spec)))
+    assert [len(p.devices) for p in compiled.workers] == [tp] * (tp_plan.prefill_workers + tp_plan.decode_workers)
+    assert all(p.tensor_parallel_size == tp for p in compiled.workers)
+    if engine == "simulated":
+        # The simulated workers get the KV blocks of a TP-N worker, not of one GPU.
+        blocks = spec.model.engine_args["num_blocks"]
+        assert blocks * 16 * 327680 == pytest.approx(tp_plan.kv_memory_gb * 1e9, rel=1e-3)
+        assert tp_plan.kv_memory_gb > 2 * 40
+    # A host too small for the workers' GPUs is refused.
+    with pytest.raises(ValueError, match=f"workers of {tp} GPUs each, which the hosts"):
+        pool_plan_to_spec(tp_plan, model_path="/m", served_name="m", hosts=[("node-a", "10.0.0.1", tp)],
+                          etcd="10.0.0.1:2379")
+
+
+def test_tp_one_alone_still_plans_the_calibrated_70b_shape_and_says_it_is_not_the_real_model(
+        plan_at_4: PoolPlan) -> None:
+    assert plan_at_4.tensor_parallel_size == 1 and plan_at_4.kv_memory_gb == 40
+    assert any("whose weights fit one device" in n for n in plan_at_4.notes)

@@ -168,7 +168,7 @@ def test_plan_outputs_text_json_and_proto() -> None:
     assert "prefill-0      prefill        node-a  10.0.0.1:50100  0,1      2" in text
     assert "prefill-0 -> same host: decode-0; other hosts: decode-1" in text
     assert "CUDA_VISIBLE_DEVICES=0,1 dynamo-grpc prefill --host 0.0.0.0" in text
-    assert "no --tensor-parallel-size flag yet" in text and "kv_aware" in text
+    assert "a vllm worker runs one rank" in text and "kv_aware" in text
     data = json.loads(plan_to_json(plan))
     assert data["processes"][0]["shell"].startswith("CUDA_VISIBLE_DEVICES=0,1 dynamo-grpc prefill")
     assert data["pairings"][0] == {"prefill": "prefill-0", "decode": "decode-0", "same_host": True}
@@ -347,3 +347,35 @@ def test_autoscaling_compiles_to_control_plane_and_router_flags() -> None:
     with pytest.raises(ConfigError, match="--slo-itl-ms must be positive"):
         autoscaling_config(build_parser().parse_args(
             ["control-plane", "--autoscale-prefill-rps", "1", "--autoscale-decode-rps", "1", "--slo-ttft-ms", "9"]))
+
+
+def test_simulated_workers_take_the_pools_tensor_parallel_size() -> None:
+    from dynamo_grpc.engine.cost_model import TensorParallelStepCost
+    from dynamo_grpc.engine.simulated import SimulatedEngine, SimulatedEngineConfig
+
+    spec = parse_spec(textwrap.dedent("""\
+        name: sim-tp
+        model: {served_name: sim-70b, engine: simulated, engine_args: {cost_model: llama3_70b}}
+        hosts: [{name: node-a, address: 10.0.0.1, gpus: 8}]
+        prefill: {workers: 1, tensor_parallel_size: 4}
+        decode: {workers: 1, tensor_parallel_size: 4}
+        etcd: [10.0.0.1:2379]
+        """))
+    plan = compile_spec(spec)
+    assert not any("runs one rank" in note for note in plan.notes)
+    engines = []
+    for process in plan.workers:
+        engine = worker_config(build_parser().parse_args(list(process.command[1:]))).engine
+        assert isinstance(engine, SimulatedEngineConfig) and engine.tensor_parallel_size == 4
+        engines.append(SimulatedEngine(engine))
+    assert isinstance(engines[0]._cost, TensorParallelStepCost) and engines[0].fingerprint.endswith("/tp4")
+    assert engines[0].fingerprint == engines[1].fingerprint  # the pools pair
+    one_gpu = SimulatedEngine(SimulatedEngineConfig(cost_model="llama3_70b"))
+    assert engines[0]._cost.step_ms(512, 0, 0, 0) < one_gpu._cost.step_ms(512, 0, 0, 0)
+    # TP is the pool's setting, and a simulated TP needs a cost model to price it.
+    assert "set by the pool; use prefill.tensor_parallel_size" in problems_of(
+        GOOD.replace("max_model_len: 8192", "max_model_len: 8192, tensor_parallel_size: 2"))
+    with pytest.raises(SpecError, match="tensor_parallel_size above 1 needs a cost_model"):
+        parse_spec(dump_spec(spec).replace("cost_model: llama3_70b", "decode_step_s: 0.01"))
+    # vLLM workers run one rank whatever the pool says, and the plan says so.
+    assert any("runs one rank" in note for note in compile_spec(parse_spec(GOOD)).notes)

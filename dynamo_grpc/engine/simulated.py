@@ -21,7 +21,7 @@ import numpy as np
 
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason, check_kv_roles
-from dynamo_grpc.engine.cost_model import SHAPES, load_cost_model
+from dynamo_grpc.engine.cost_model import SHAPES, check_tensor_parallel_size, load_tensor_parallel_cost
 from dynamo_grpc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from dynamo_grpc.kv_client import KvPuller
 from dynamo_grpc.kv_events import KvEventLog, block_hashes, prefix_hashes
@@ -55,11 +55,18 @@ class SimulatedEngineConfig:
     """Step times: "" for the two settings above, or an H100-calibrated shape: llama3_8b, llama3_70b."""
     prefix_caching: bool = True
     """Reuse the KV of prompt blocks that earlier requests computed."""
+    tensor_parallel_size: int = 1
+    """GPUs the simulated worker spans: its steps are priced as a TP-N engine (needs a cost_model)."""
 
     def __post_init__(self) -> None:
         if self.cost_model and self.cost_model not in SHAPES:
             raise ValueError(f"simulated engine: cost_model must be one of {', '.join(SHAPES)} (or empty), "
                              f"got {self.cost_model!r}")
+        if self.tensor_parallel_size != 1:
+            if not self.cost_model:
+                raise ValueError("simulated engine: tensor_parallel_size above 1 needs a cost_model "
+                                 f"({', '.join(SHAPES)}) to price its steps")
+            check_tensor_parallel_size(self.cost_model, self.tensor_parallel_size)
         if self.time_scale <= 0:
             raise ValueError(f"simulated engine: time_scale must be positive, got {self.time_scale}")
         for name in ("block_size", "num_blocks", "kv_bytes_per_token", "num_layers", "max_batch_size",
@@ -205,10 +212,12 @@ class SimulatedEngine:
         self.config = config
         self.model = config.model
         self.fingerprint = (f"simulated-1/{config.model}/bs{config.block_size}/kv{config.kv_bytes_per_token}"
-                            f"/L{config.num_layers}/uint8")
+                            f"/L{config.num_layers}/uint8" +
+                            (f"/tp{config.tensor_parallel_size}" if config.tensor_parallel_size > 1 else ""))
         self._store = kv_store
         self._puller = kv_source or (KvPuller(kv_channels, fingerprint=self.fingerprint) if kv_channels else None)
-        self._cost = cost or (load_cost_model(config.cost_model) if config.cost_model else
+        self._cost = cost or (load_tensor_parallel_cost(config.cost_model, config.tensor_parallel_size)
+                              if config.cost_model else
                               LinearStepCost(config.prefill_s_per_token * 1e3, config.decode_step_s * 1e3))
         self._blocks = BlockPool(config.num_blocks)
         self.kv_events = KvEventLog(config.block_size)
