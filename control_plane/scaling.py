@@ -60,9 +60,10 @@ class FleetSampler:
 
     Arrivals are counted where every request ends up, on the decode workers (running plus finished since
     start, compared with the last sample); the rate is taken over the last `rate_window_s`, since a short
-    window of Poisson arrivals swings by a worker's worth either way. TTFT is the slowest prefill worker's p90 plus the slowest
-    decode worker's p90 time to first token (an upper estimate of the p90 a client sees); ITL is the
-    slowest decode worker's p90. Requests at prefill workers count as that pool's queue.
+    window of Poisson arrivals swings by a worker's worth either way. TTFT is the slowest prefill
+    worker's p90 plus the slowest decode worker's p90 time to first token (an upper estimate of the p90
+    a client sees); ITL is the slowest decode worker's p90. Requests at prefill workers count as that
+    pool's queue.
     """
 
     def __init__(self, registry: Registry, channels: ChannelPool, *, model: str = "",
@@ -101,6 +102,7 @@ class FleetSampler:
             self._arrivals.popleft()
         since, counted = self._arrivals[0]
         elapsed = now - since
+        rate = (self._arrivals[-1][1] - counted) / elapsed if elapsed > 0 else 0.0
 
         def slowest(values: list[float]) -> float:
             return max(values, default=0.0)
@@ -108,7 +110,7 @@ class FleetSampler:
         ttft = slowest([s.ttft_p90_ms for s in prefill]) + slowest([s.ttft_p90_ms for _, s in decode])
         itl = slowest([s.itl_p90_ms for _, s in decode])
         return PoolMetrics(
-            arrival_rate=(self._arrivals[-1][1] - counted) / elapsed if elapsed > 0 else 0.0, ttft_p90_ms=ttft or None, itl_p90_ms=itl or None,
+            arrival_rate=rate, ttft_p90_ms=ttft or None, itl_p90_ms=itl or None,
             prefill_queue=sum(s.active_requests for s in prefill),
             running_requests=sum(s.active_requests for _, s in decode),
             prefill_workers=sum(w.role == pb.WORKER_ROLE_PREFILL for w in workers),
@@ -140,11 +142,15 @@ class ScaleController:
         """Resume from the published target (a restarted control plane keeps the fleet as it is), or
         start with every planned worker."""
         data = await self._registry.get_document(SCALE_DOCUMENT)
+        most = (self._config.max_prefill, self._config.max_decode)
         if data:
             self.target = cp_pb.ScaleTarget.FromString(data)
+            if self.target.prefill_workers > most[0] or self.target.decode_workers > most[1]:
+                await self._publish(ScaleDecision(min(self.target.prefill_workers, most[0]),
+                                                  min(self.target.decode_workers, most[1]),
+                                                  "start: the plan allows fewer workers than were running"))
         else:
-            await self._publish(ScaleDecision(self._config.max_prefill, self._config.max_decode,
-                                              "start: every planned worker"))
+            await self._publish(ScaleDecision(*most, "start: every planned worker"))
         self._autoscaler.start_at(self.target.prefill_workers, self.target.decode_workers)
         log.info("autoscaling: %d prefill, %d decode workers (%s); every %g s", self.target.prefill_workers,
                  self.target.decode_workers, self.target.reason, self._config.interval_s)
@@ -169,12 +175,16 @@ class ScaleController:
                             self._config.interval_s)
 
     async def _answer_demand(self) -> None:
-        async for data in self._registry.watch_document(DEMAND_DOCUMENT):
-            if not data:
-                continue
-            demand = cp_pb.CapacityDemand.FromString(data)
-            if time.time() - demand.at.ToSeconds() <= DEMAND_FRESH_S:
-                await self._publish(self._autoscaler.request_arrived())
+        """Start a decode worker for a router's fresh call; the watch is started again if it breaks."""
+        while True:
+            try:
+                async for data in self._registry.watch_document(DEMAND_DOCUMENT):
+                    if data and time.time() - cp_pb.CapacityDemand.FromString(data).at.ToSeconds() <= DEMAND_FRESH_S:
+                        await self._publish(self._autoscaler.request_arrived())
+                return  # the registry was closed
+            except Exception as error:  # noqa: BLE001 - cold starts must keep working once it is back
+                log.warning("autoscaling: watching for calls for capacity failed (%s); again in 2 s", error)
+                await asyncio.sleep(2.0)
 
     async def _publish(self, decision: ScaleDecision) -> None:
         if (decision.prefill_workers, decision.decode_workers) == (self.target.prefill_workers,
