@@ -190,7 +190,6 @@ class _Picker:
         return name, len(prompt) - cached.get(name, 0) if prefills else 0
 
 
-
 async def simulate(shape: FleetShape, workload: Workload, *, model: str = "llama3_70b",
                    kv_memory_gb: float | None = None) -> list[RequestRecord]:
     """Serve the workload on the fleet; run it under `run_virtual`."""

@@ -136,12 +136,9 @@ class PrefixIndex:
         self.block_sizes[worker_id] = change.block_size
         held = self._held.setdefault(worker_id, set())
         for h in change.removed_block_hashes:
-            held.discard(h)
-            holders = self._holders.get(h)
-            if holders is not None:
-                holders.discard(worker_id)
-                if not holders:
-                    del self._holders[h]
+            if h in held:
+                held.discard(h)
+                self._unhold(h, worker_id)
         for h in change.stored_block_hashes:
             held.add(h)
             self._holders.setdefault(h, set()).add(worker_id)
@@ -149,11 +146,14 @@ class PrefixIndex:
     def forget(self, worker_id: str) -> None:
         """Drop a worker's blocks (it left, or its feed broke and will restart with a snapshot)."""
         for h in self._held.pop(worker_id, ()):
-            holders = self._holders[h]
-            holders.discard(worker_id)
-            if not holders:
-                del self._holders[h]
+            self._unhold(h, worker_id)
         self.block_sizes.pop(worker_id, None)
+
+    def _unhold(self, block_hash: int, worker_id: str) -> None:
+        holders = self._holders[block_hash]
+        holders.discard(worker_id)
+        if not holders:
+            del self._holders[block_hash]
 
     def blocks_held(self, worker_id: str) -> int:
         return len(self._held.get(worker_id, ()))
