@@ -19,7 +19,6 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from control_plane.pairing import compute_pairings
 from control_plane.spec import (
     KV_LAYOUT_ARGS,
     PoolSpec,
@@ -28,6 +27,7 @@ from control_plane.spec import (
     engine_takes_tensor_parallel,
     pool_placement,
 )
+from dynamo_grpc.routing.pairing import compute_pairings
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 

@@ -20,9 +20,9 @@ import grpc
 
 from control_plane.autoscaler import PoolAutoscaler, PoolCapacity, PoolMetrics, ScaleDecision
 from dynamo_grpc.channels import ChannelPool
-from dynamo_grpc.fleet import DEMAND_DOCUMENT, SCALE_DOCUMENT, worker_stats
+from dynamo_grpc.fleet import worker_stats
 from dynamo_grpc.loadgen import Objectives
-from dynamo_grpc.registry import Registry
+from dynamo_grpc.registry import DEMAND_DOCUMENT, SCALE_DOCUMENT, Registry
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 

@@ -15,12 +15,13 @@ from typing import Any
 
 from dynamo_grpc.engine.simulated import SimulatedEngineConfig
 from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
+from dynamo_grpc.routing.policies import POLICIES
 
 EngineConfig = SimulatedEngineConfig | VllmEngineConfig
 ENGINES: dict[str, type[SimulatedEngineConfig | VllmEngineConfig]] = {
     "vllm": VllmEngineConfig, "simulated": SimulatedEngineConfig}
 KV_PULL_FAILURE_POLICIES = ("fail", "local-prefill")
-ROUTING_POLICIES = ("kv_aware", "least_loaded", "round_robin")
+ROUTING_POLICIES = tuple(POLICIES)
 
 
 class ConfigError(ValueError):

@@ -22,7 +22,6 @@ from aiohttp import web
 
 from dynamo_grpc.client import GenerateStream, RouterClient
 from dynamo_grpc.errors import from_rpc_error
-from dynamo_grpc.fleet import SCALE_DOCUMENT
 from dynamo_grpc.openai_protocol import (
     HTTP_STATUS,
     BadRequest,
@@ -34,7 +33,7 @@ from dynamo_grpc.openai_protocol import (
     parse_job,
     usage_of,
 )
-from dynamo_grpc.registry import Registry, RegistryUnavailable
+from dynamo_grpc.registry import SCALE_DOCUMENT, Registry, RegistryUnavailable
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import router_pb2 as router_pb
 

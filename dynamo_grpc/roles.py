@@ -15,7 +15,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from control_plane.control_plane_service import PLAN_DOCUMENT, ControlPlaneServicer
+from control_plane.control_plane_service import ControlPlaneServicer
 from control_plane.controller import PairingController
 from control_plane.scaling import AutoscalingConfig, ScaleController
 from dynamo_grpc.channels import ChannelPool
@@ -30,7 +30,7 @@ from dynamo_grpc.kv_transfer_service import KvTransferServicer
 from dynamo_grpc.kv_wire import add_kv_transfer_service
 from dynamo_grpc.prefill_service import PrefillServicer
 from dynamo_grpc.prompt_tokens import PromptTokenizer
-from dynamo_grpc.registry import Registry
+from dynamo_grpc.registry import PLAN_DOCUMENT, Registry
 from dynamo_grpc.router import DEFAULT_MAX_MIGRATIONS, Router
 from dynamo_grpc.router_service import RouterServicer
 from dynamo_grpc.server import RunningServer, ServiceBinding, start_server
