@@ -22,7 +22,10 @@ from pathlib import PurePath
 from typing import Any
 
 from control_plane.spec import Spec, spec_from_dict
+from dynamo_grpc.engine.registry import VLLM
 
+VLLM_PROGRAM = "vllm"
+"""The command name of `vllm serve`."""
 API_SERVER_MODULES = ("vllm.entrypoints.openai.api_server", "vllm.entrypoints.api_server")
 DEFAULT_GPU_MEMORY_GIB = 80.0
 # How much of a worker's GPU memory the weights may take; the rest is KV cache and activations.
@@ -146,7 +149,7 @@ def spec_from_vllm(argv: list[str], *, gpus: int | None = None, host_name: str =
     notes.append(sizing)
 
     served_name = served_name or model_tag
-    model: dict[str, Any] = {"path": model_tag, "served_name": served_name, "engine": "vllm",
+    model: dict[str, Any] = {"path": model_tag, "served_name": served_name, "engine": VLLM.name,
                              "engine_args": {**engine_args, **({"extra": extra} if extra else {})}}
     pool = {"workers": workers, "tensor_parallel_size": tp, "hosts": [host_name]}
     spec = spec_from_dict({
@@ -164,7 +167,7 @@ def _parse_command(argv: list[str]) -> tuple[str, list[tuple[str, Any]]]:
     args = list(argv)
     if args and args[0] == "--":
         args = args[1:]
-    if args and PurePath(args[0]).name == "vllm":
+    if args and PurePath(args[0]).name == VLLM_PROGRAM:
         args = args[1:]
         if not args or args[0] != "serve":
             raise ValueError(f"expected `vllm serve ...`, got `vllm {' '.join(args[:1])}`")

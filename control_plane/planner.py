@@ -36,6 +36,7 @@ from dynamo_grpc.engine.cost_model import (
     transfer_ms,
     worker_kv_memory_gb,
 )
+from dynamo_grpc.engine.registry import DEFAULT_ENGINE, engine_kind
 from dynamo_grpc.fleetsim import KV_MEMORY_GB, FleetShape, kv_memory_for, run_virtual, simulate
 from dynamo_grpc.loadgen import Lengths, Objectives, Workload, summarize
 
@@ -581,7 +582,7 @@ def _place_pools(prefill: int, decode: int, hosts: list[tuple[str, str, int]], t
 
 def pool_plan_to_spec(plan: PoolPlan, *, model_path: str, served_name: str,
                       hosts: list[tuple[str, str, int]], etcd: str | list[str], name: str = "planned",
-                      engine: str = "vllm") -> Spec:
+                      engine: str = DEFAULT_ENGINE) -> Spec:
     """A deployment spec for the plan, checked by the spec parser; an aggregated plan has no prefill workers.
 
     `hosts` are (name, address, gpus). With engine "simulated" the workers run the calibrated cost model
@@ -595,13 +596,10 @@ def pool_plan_to_spec(plan: PoolPlan, *, model_path: str, served_name: str,
     model_args: dict[str, object] = {"max_model_len": math.ceil(context / 1024) * 1024}
     # The simulated decode workers batched as many sequences as their KV memory held; so may these.
     decode_args: dict[str, object] = {"max_num_batched_tokens": plan.shape.decode_chunk_tokens}
-    if engine == "vllm":
-        model_args["dtype"] = "bfloat16"  # what the calibration measured
-        decode_args["max_num_seqs"] = plan.estimate.kv_batch_limit
-    elif engine == "simulated":
-        model_args.update(cost_model=plan.model, block_size=BLOCK_SIZE, num_blocks=int(
-            plan.kv_memory_gb * 1e9 / KV_BYTES_PER_TOKEN[plan.model] / BLOCK_SIZE))
-        decode_args["max_batch_size"] = plan.estimate.kv_batch_limit
+    engine_model_args, engine_decode_args = engine_kind(engine).plan_args(
+        plan.model, plan.kv_memory_gb, plan.estimate.kv_batch_limit, BLOCK_SIZE)
+    model_args.update(engine_model_args)
+    decode_args.update(engine_decode_args)
     data = {
         "name": name,
         "model": {"path": model_path, "served_name": served_name, "engine": engine, "engine_args": model_args},

@@ -37,17 +37,17 @@ from typing import Any
 
 import yaml
 
-from dynamo_grpc.config import ENGINES, KV_PULL_FAILURE_POLICIES, ROUTING_POLICIES
+from dynamo_grpc.config import KV_PULL_FAILURE_POLICIES, ROUTING_POLICIES
+from dynamo_grpc.engine.registry import DEFAULT_ENGINE, ENGINES
 
 DEFAULT_ROUTER_PORT = 50051
 DEFAULT_CONTROL_PLANE_PORT = 50052
 DEFAULT_BASE_PORT = 50100
 # Set from the model section, so not allowed under engine_args.
-_MODEL_FIELDS = ("model", "model_path", "served_model_name")
+_MODEL_FIELDS = tuple(sorted({name for kind in ENGINES.values()
+                              for name in (kind.served_name_field, kind.model_path_field) if name}))
 _POOL_FIELDS = ("tensor_parallel_size",)
 """Set by the pool itself, so not allowed under engine_args either."""
-# Engine arguments that shape the KV bytes: prefill and decode must agree on them or they never pair.
-KV_LAYOUT_ARGS = ("dtype", "block_size", "kv_bytes_per_token", "num_layers")
 _NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 
 Scalar = str | int | float | bool
@@ -57,7 +57,7 @@ Scalar = str | int | float | bool
 class ModelSpec:
     path: str
     served_name: str
-    engine: str = "vllm"
+    engine: str = DEFAULT_ENGINE
     engine_args: dict[str, Scalar] = field(default_factory=dict)
     extra_engine_args: dict[str, Scalar] = field(default_factory=dict)
 
@@ -161,14 +161,12 @@ def pool_placement(pool: PoolSpec) -> list[str]:
     return [pool.hosts[index % len(pool.hosts)] for index in range(pool.workers)]
 
 
-def engine_takes_tensor_parallel(engine: str) -> bool:
-    """The engine's workers take the pool's TP (`--tensor-parallel-size`); the others run one rank."""
-    return "tensor_parallel_size" in {f.name for f in fields(ENGINES[engine])}
-
-
 def engine_arg_defaults(engine: str) -> dict[str, Any]:
     """Engine arguments a spec may set for `engine`, with the worker's defaults (their types check values)."""
-    return {f.name: f.default for f in fields(ENGINES[engine]) if f.name not in (*_MODEL_FIELDS, *_POOL_FIELDS)}
+    kind = ENGINES[engine]
+    passthrough = kind.passthrough.field if kind.passthrough else ""
+    return {f.name: f.default for f in fields(kind.config)
+            if f.name not in (*_MODEL_FIELDS, *_POOL_FIELDS, passthrough)}
 
 
 @dataclass(frozen=True)
@@ -477,12 +475,14 @@ class _Checker:
         items = self.mapping(node, "model", (), ("path", "served_name", "engine", "engine_args"))
         if items is None:
             return _MISSING
-        engine = self.choice(items.get("engine"), "model.engine", tuple(sorted(ENGINES)), "engine", "vllm")
+        engine = self.choice(items.get("engine"), "model.engine", tuple(sorted(ENGINES)), "engine", DEFAULT_ENGINE)
+        kind = ENGINES.get(engine) if isinstance(engine, str) else None
         path = self.string(items.get("path"), "model.path", "")
-        if path == "" and engine == "vllm" and "path" not in items:
-            self.problem(node.line, "model.path", "missing required field: the vllm engine needs the model's "
-                         "directory or hub id (e.g. path: /models/llama-3-8b)")
-        default_served = Path(path).name if isinstance(path, str) and path else "sim-tiny"
+        if path == "" and kind is not None and kind.model_path_field and "path" not in items:
+            self.problem(node.line, "model.path", f"missing required field: the {engine} engine needs the "
+                         "model's directory or hub id (e.g. path: /models/llama-3-8b)")
+        default_served = Path(path).name if isinstance(path, str) and path else (
+            kind.default_served_name if kind is not None else "")
         served_name = self.string(items.get("served_name"), "model.served_name", default_served)
         args, extra = self.engine_args(items.get("engine_args"), "model.engine_args",
                                        engine if engine is not _MISSING else None)
@@ -734,8 +734,8 @@ class _Checker:
                          "so use the same value in both pools")
         defaults = engine_arg_defaults(model.engine)
         merged = {role: {**defaults, **model.engine_args, **pool.engine_args} for role, pool in pools.items()}
-        for arg in KV_LAYOUT_ARGS:
-            if prefill.workers and arg in defaults and merged["prefill"][arg] != merged["decode"][arg]:
+        for arg in ENGINES[model.engine].kv_layout_args:
+            if prefill.workers and merged["prefill"][arg] != merged["decode"][arg]:
                 node = top["decode"].value.get("engine_args", top["decode"])
                 self.problem(node.line, f"decode.engine_args.{arg}",
                              f"{merged['decode'][arg]!r} differs from prefill's {merged['prefill'][arg]!r}; "
@@ -747,9 +747,10 @@ class _Checker:
     def engine_configs(self, top: dict[str, _Node], model: ModelSpec, pools: dict[str, PoolSpec]) -> None:
         """Let the engine's own config check the values (ranges it knows best)."""
         for role, pool in pools.items():
-            tp = {"tensor_parallel_size": pool.tensor_parallel_size} if engine_takes_tensor_parallel(model.engine) else {}
+            kind = ENGINES[model.engine]
+            tp = {"tensor_parallel_size": pool.tensor_parallel_size} if kind.takes_tensor_parallel else {}
             try:
-                ENGINES[model.engine](**{**model.engine_args, **pool.engine_args, **tp})
+                kind.config(**{**model.engine_args, **pool.engine_args, **tp})
             except (ValueError, TypeError) as error:
                 node = top[role].value.get("engine_args") or top["model"].value.get("engine_args") or top[role]
                 self.problem(node.line, f"{role}.engine_args", str(error))

@@ -262,8 +262,9 @@ async def _serve(args: argparse.Namespace) -> int:
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(registry.close)
         settings = router_settings(args)
-        if not settings["tokenizer"] and hasattr(worker.engine, "model_path"):
-            settings["tokenizer"] = worker.engine.model_path  # the router reads the prompts vLLM will
+        model_path = worker.kind.model_path(worker.engine)
+        if not settings["tokenizer"] and model_path:
+            settings["tokenizer"] = model_path  # the router reads the prompts the engine will
         deployment = await start_all_in_one(worker, registry, **settings)
         stack.push_async_callback(deployment.stop)
         endpoint, model = deployment.router.endpoint, worker.engine.model
@@ -272,7 +273,7 @@ async def _serve(args: argparse.Namespace) -> int:
         if args.prompt:
             return await _generate(endpoint, model, args.prompt, args.max_tokens)
         frontend = await _start_frontend(endpoint, registry, args.http_host, args.http_port,
-                                         model_path=getattr(worker.engine, "model_path", None))
+                                         model_path=model_path or None)
         stack.push_async_callback(frontend.stop)
         print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1 (try: curl {frontend.url}/v1/completions "
               f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", "

@@ -16,7 +16,7 @@ import grpc
 
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.errors import NotFound, Unavailable
-from dynamo_grpc.kv_events import PrefixIndex
+from dynamo_grpc.kv.events import PrefixIndex
 from dynamo_grpc.registry import DEMAND_DOCUMENT, PAIRINGS_DOCUMENT, Registry
 from dynamo_grpc.routing.pairing import compute_pairings
 from dynamo_grpc.routing.policies import DEFAULT_POLICY, Load, routing_policy

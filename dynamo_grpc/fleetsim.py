@@ -29,8 +29,9 @@ from dynamo_grpc.engine.cost_model import (
 )
 from dynamo_grpc.engine.simulated import SimulatedEngine, SimulatedEngineConfig
 from dynamo_grpc.fleet import InFlight
-from dynamo_grpc.kv_events import PrefixIndex
-from dynamo_grpc.kv_store import LeasedKvStore
+from dynamo_grpc.kv.events import PrefixIndex
+from dynamo_grpc.kv.store import LeasedKvStore
+from dynamo_grpc.kv.transport import KvReceiver, ReceivedKv
 from dynamo_grpc.loadgen import RequestRecord, Workload, run_load
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -117,20 +118,24 @@ class FleetShape:
         return f"disagg {self.prefill_workers}P+{self.decode_workers}D{tp} ({self.link}{routed})"
 
 
-class _LinkedKv:
-    """A decode engine's KV source: the prefill engine's store, across a modelled link."""
+class _LinkedTransport:
+    """A decode engine's way to the prefill engines' stores, across a modelled link."""
 
     def __init__(self, stores: dict[str, LeasedKvStore], modelled_bytes_per_token: int, link: str) -> None:
+        self.name = link
         self._stores = stores
         self._bytes_per_token = modelled_bytes_per_token
-        self._link = link
 
-    async def pull(self, handle: pb.KvHandle, *, request_id: str) -> tuple[bytes | bytearray, pb.KvTransferStats]:
-        data = self._stores[handle.endpoint].claim(handle.transfer_id, handle.pull_token, "")
+    def reaches(self, handle: pb.KvHandle) -> bool:
+        return handle.endpoint in self._stores
+
+    async def fetch(self, handle: pb.KvHandle, *, segment: str, fingerprint: str, request_id: str) -> ReceivedKv:
+        data = self._stores[handle.endpoint].claim(handle.transfer_id, handle.pull_token, fingerprint)
         nbytes = handle.num_tokens * self._bytes_per_token
-        ms = transfer_ms(nbytes, self._link)
+        ms = transfer_ms(nbytes, self.name)
         await asyncio.sleep(ms / 1e3)
-        return bytes(data), pb.KvTransferStats(bytes=nbytes, duration_us=int(ms * 1e3), path=self._link)
+        return ReceivedKv(data=bytes(data), stats=pb.KvTransferStats(bytes=nbytes, duration_us=int(ms * 1e3),
+                                                                     path=self.name))
 
     async def release(self, handle: pb.KvHandle, *, request_id: str) -> bool:
         return self._stores[handle.endpoint].release(handle.transfer_id, handle.pull_token)
@@ -218,9 +223,9 @@ async def run_fleet(shape: FleetShape, workload: Workload, *, model: str = "llam
               for i in range(shape.prefill_workers)}
     prefills = {name: SimulatedEngine(dataclasses.replace(base, max_num_batched_tokens=shape.prefill_chunk_tokens),
                                       kv_store=store, cost=cost) for name, store in stores.items()}
-    source = _LinkedKv(stores, KV_BYTES_PER_TOKEN[model], shape.link)
+    receiver = KvReceiver([_LinkedTransport(stores, KV_BYTES_PER_TOKEN[model], shape.link)])
     decodes = {f"decode-{i}": SimulatedEngine(dataclasses.replace(base, max_num_batched_tokens=shape.decode_chunk_tokens),
-                                              kv_source=source, cost=cost) for i in range(shape.decode_workers)}
+                                              kv_receiver=receiver, cost=cost) for i in range(shape.decode_workers)}
     prefilling = prefills or decodes
     index = PrefixIndex()
     picker = _Picker(shape.routing, index)

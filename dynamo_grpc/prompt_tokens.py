@@ -5,16 +5,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from dynamo_grpc.engine import simulated
+from dynamo_grpc.engine.registry import ENGINES
 from dynamo_grpc.v1 import common_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 
 class PromptTokenizer:
-    """Token-id prompts are used as they are; text is tokenized like the serving engine does: bytes for
-    the simulated engine, the model's Hugging Face tokenizer (`tokenizer_dir`) for vLLM. Without one,
-    text prompts to vLLM workers are routed by load alone."""
+    """Token-id prompts are used as they are; text is tokenized like the serving engine does: by the
+    engine's own tokenizer when it has one that needs no model files (the simulated engine's bytes), else
+    by the model's Hugging Face tokenizer (`tokenizer_dir`). Without one, such text prompts are routed by
+    load alone."""
 
     def __init__(self, tokenizer_dir: str = "") -> None:
         self._dir = tokenizer_dir
@@ -25,8 +26,9 @@ class PromptTokenizer:
         if params.prompt.WhichOneof("form") == "token_ids":
             return tuple(params.prompt.token_ids.ids)
         text = params.prompt.text
-        if engine == "simulated":
-            return simulated.tokenize(text)
+        kind = ENGINES.get(engine)
+        if kind is not None and kind.tokenize_text is not None:
+            return kind.tokenize_text(text)
         if self._dir and self._hf is None:
             try:
                 from transformers import AutoTokenizer

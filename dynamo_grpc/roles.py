@@ -22,18 +22,20 @@ from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.decode_service import DecodeServicer
 from dynamo_grpc.engine.base import Engine
-from dynamo_grpc.engine.simulated import SimulatedEngine, SimulatedEngineConfig
+from dynamo_grpc.engine.registry import EngineParts
 from dynamo_grpc.fleet import ALWAYS_DISAGGREGATE, DEFAULT_LOAD_POLL_S, DisaggregationPolicy, Fleet
+from dynamo_grpc.kv.store import LeasedKvStore
+from dynamo_grpc.kv.transport import KvReceiver
+from dynamo_grpc.kv.wire import add_kv_transfer_service
 from dynamo_grpc.kv_event_service import KvEventServicer
-from dynamo_grpc.kv_store import LeasedKvStore
 from dynamo_grpc.kv_transfer_service import KvTransferServicer
-from dynamo_grpc.kv_wire import add_kv_transfer_service
 from dynamo_grpc.prefill_service import PrefillServicer
 from dynamo_grpc.prompt_tokens import PromptTokenizer
 from dynamo_grpc.registry import PLAN_DOCUMENT, Registry
 from dynamo_grpc.router import DEFAULT_MAX_MIGRATIONS, Router
 from dynamo_grpc.router_service import RouterServicer
 from dynamo_grpc.server import RunningServer, ServiceBinding, start_server
+from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR, build_tiny_model, is_complete
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
@@ -79,22 +81,15 @@ class RunningRole:
         log.info("%s stopped", self.name)
 
 
-async def start_engine(config: WorkerConfig, *, kv_store: LeasedKvStore | None = None,
-                       kv_channels: ChannelPool | None = None) -> Engine:
-    """The worker's engine; a prefill engine gets the KV store, a decode engine channels to pull with."""
-    host = config.server.node_name
-    if isinstance(config.engine, SimulatedEngineConfig):
-        return SimulatedEngine(config.engine, kv_store=kv_store, kv_channels=kv_channels)
-    from dynamo_grpc.engine.vllm_engine import VllmEngine
-    from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR, build_tiny_model, is_complete
-
-    if config.engine.model_path == str(DEFAULT_MODEL_DIR) and not is_complete(DEFAULT_MODEL_DIR):
+async def start_engine(config: WorkerConfig, parts: EngineParts) -> Engine:
+    """The worker's engine; a prefill engine gets the KV store, a decode engine the receiver of KV."""
+    kind = config.kind
+    model_path = kind.model_path(config.engine)
+    if model_path == str(DEFAULT_MODEL_DIR) and not is_complete(DEFAULT_MODEL_DIR):
         log.info("building the tiny local model in %s (first run only, a few seconds)", DEFAULT_MODEL_DIR)
         await asyncio.to_thread(build_tiny_model, DEFAULT_MODEL_DIR)
-    log.info("starting vLLM on %s (about half a minute on a CPU)", config.engine.model_path)
-    # Engine start blocks for a while; off the event loop, leases keep being renewed meanwhile.
-    return await asyncio.to_thread(VllmEngine, config.engine, kv_store=kv_store, kv_channels=kv_channels, host=host,
-                                   loop=asyncio.get_running_loop())
+    log.info("starting the %s engine%s", kind.name, f" on {model_path}" if model_path else "")
+    return await kind.start(config.engine, parts)
 
 
 def _kv_events(engine: Engine) -> list[ServiceBinding]:
@@ -116,7 +111,7 @@ def _worker_info(worker_id: str, role: int, engine: Engine, endpoint: str, serve
 
 async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole:
     store = LeasedKvStore(endpoint="", host=config.server.node_name, ttl_s=config.kv_ttl_s)
-    engine = await start_engine(config, kv_store=store)
+    engine = await start_engine(config, EngineParts(kv_store=store))
     server = await start_server([
         ServiceBinding(PrefillServicer(engine), prefill_grpc.add_PrefillServiceServicer_to_server,
                        _service(prefill_pb, "PrefillService")),
@@ -137,7 +132,8 @@ async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole
 
 async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     channels = ChannelPool()
-    engine = await start_engine(config, kv_channels=channels)
+    engine = await start_engine(config, EngineParts(
+        kv_receiver=KvReceiver.over_network(channels, host=config.server.node_name)))
     worker_id = config.resolved_worker_id("decode")
     decode = DecodeServicer(engine, worker_id=worker_id, local_prefill_on_pull_failure=
                             config.kv_pull_failure == "local-prefill")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from dynamo_grpc import shm
+from dynamo_grpc.kv import shm
 from dynamo_grpc.engine.kv_blocks import block_bytes, block_major, load_blocks, save_blocks
 
 

@@ -19,7 +19,7 @@ from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import ServerConfig
 from dynamo_grpc.engine.vllm_kv_events import EventTranslator
 from dynamo_grpc.fleet import DisaggregationPolicy, Fleet
-from dynamo_grpc.kv_events import KvEventLog, PrefixIndex, block_hashes, chain_hash
+from dynamo_grpc.kv.events import KvEventLog, PrefixIndex, block_hashes, chain_hash
 from dynamo_grpc.registry import EtcdRegistry
 from dynamo_grpc.roles import RunningRole, start_decode, start_prefill, start_router
 from dynamo_grpc.v1 import common_pb2 as pb

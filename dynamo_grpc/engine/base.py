@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from dynamo_grpc.errors import FailedPrecondition
-from dynamo_grpc.kv_events import KvEventLog
+from dynamo_grpc.kv.events import KvEventLog
 from dynamo_grpc.v1 import common_pb2 as pb
 
 

@@ -15,17 +15,21 @@ import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason, check_kv_roles
-from dynamo_grpc.engine.cost_model import SHAPES, check_tensor_parallel_size, load_tensor_parallel_cost
-from dynamo_grpc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
-from dynamo_grpc.kv_client import KvPuller
-from dynamo_grpc.kv_events import KvEventLog, block_hashes, prefix_hashes
-from dynamo_grpc.kv_store import LeasedKvStore
+from dynamo_grpc.engine.cost_model import (
+    KV_BYTES_PER_TOKEN,
+    SHAPES,
+    check_tensor_parallel_size,
+    load_tensor_parallel_cost,
+)
+from dynamo_grpc.errors import AlreadyExists, InvalidArgument, ResourceExhausted
+from dynamo_grpc.kv.events import KvEventLog, block_hashes, prefix_hashes
+from dynamo_grpc.kv.store import LeasedKvStore
+from dynamo_grpc.kv.transport import KvReceiver
 from dynamo_grpc.v1 import common_pb2 as pb
 
 VOCAB_SIZE = 257
@@ -100,6 +104,14 @@ class BlockPool:
             self._room.notify_all()
 
 
+def planned_args(model: str, kv_memory_gb: float, batch_limit: int, block_size: int
+                 ) -> tuple[dict[str, object], dict[str, object]]:
+    """A planned pool of simulated workers prices its steps like the calibrated GPU and holds the KV
+    blocks that GPU's memory would."""
+    blocks = int(kv_memory_gb * 1e9 / KV_BYTES_PER_TOKEN[model] / block_size)
+    return {"cost_model": model, "block_size": block_size, "num_blocks": blocks}, {"max_batch_size": batch_limit}
+
+
 def tokenize(prompt: str | tuple[int, ...]) -> tuple[int, ...]:
     """The simulated model's tokenizer: UTF-8 bytes."""
     return tuple(prompt.encode()) if isinstance(prompt, str) else prompt
@@ -164,14 +176,6 @@ class LinearStepCost:
         return prefill_tokens * self.prefill_ms_per_token + (self.decode_step_ms if decode_batch else 0.0)
 
 
-class KvSource(Protocol):
-    """Where a decode engine gets a prompt's KV: `KvPuller` over gRPC, or an in-process stand-in."""
-
-    async def pull(self, handle: pb.KvHandle, *, request_id: str) -> tuple[bytes | bytearray, pb.KvTransferStats]: ...
-
-    async def release(self, handle: pb.KvHandle, *, request_id: str) -> bool: ...
-
-
 @dataclass(eq=False)
 class _Sequence:
     """A request inside the step loop."""
@@ -182,7 +186,8 @@ class _Sequence:
     usage: pb.Usage
     outputs: asyncio.Queue[EngineOutput | BaseException] = field(default_factory=asyncio.Queue)
     to_prefill: int = 0
-    kv: bytes | bytearray | None = None
+    kv: Any = None
+    """The prompt's KV bytes (received, or computed here)."""
     transfer: pb.KvTransferStats | None = None
     tokens: _TokenStream | None = None
     aborted: bool = False
@@ -207,15 +212,14 @@ class SimulatedEngine:
     kind = "simulated"
 
     def __init__(self, config: SimulatedEngineConfig, *, kv_store: LeasedKvStore | None = None,
-                 kv_channels: ChannelPool | None = None, kv_source: KvSource | None = None,
-                 cost: StepCost | None = None) -> None:
+                 kv_receiver: KvReceiver | None = None, cost: StepCost | None = None) -> None:
         self.config = config
         self.model = config.model
         self.fingerprint = (f"simulated-1/{config.model}/bs{config.block_size}/kv{config.kv_bytes_per_token}"
                             f"/L{config.num_layers}/uint8" +
                             (f"/tp{config.tensor_parallel_size}" if config.tensor_parallel_size > 1 else ""))
         self._store = kv_store
-        self._puller = kv_source or (KvPuller(kv_channels, fingerprint=self.fingerprint) if kv_channels else None)
+        self._receiver = kv_receiver
         self._cost = cost or (load_tensor_parallel_cost(config.cost_model, config.tensor_parallel_size)
                               if config.cost_model else
                               LinearStepCost(config.prefill_s_per_token * 1e3, config.decode_step_s * 1e3))
@@ -257,7 +261,9 @@ class SimulatedEngine:
             seq.blocks = needed
             if request.kv_handle is not None:
                 # The prompt's KV comes from a prefill worker; the last prompt token is recomputed.
-                seq.kv, seq.transfer = await self._pull(request.kv_handle, rid, len(prompt))
+                kv = await self._receiver.receive(request.kv_handle, prompt_tokens=len(prompt),
+                                                  fingerprint=self.fingerprint, request_id=rid)
+                seq.kv, seq.transfer = kv.data, kv.stats
                 seq.to_prefill, seq.usage.cached_tokens = 1, len(prompt)
             elif self._prefix_cache is not None:
                 # Cached leading blocks need no compute; the last prompt token is always computed.
@@ -391,7 +397,7 @@ class SimulatedEngine:
                 f"prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
                 f"of {self.config.max_model_len} tokens; shorten the prompt or lower max_tokens",
                 request_id=rid, reason="CONTEXT_TOO_LONG")
-        check_kv_roles(request, holds_kv=self._store is not None, pulls_kv=self._puller is not None)
+        check_kv_roles(request, holds_kv=self._store is not None, pulls_kv=self._receiver is not None)
         blocks = math.ceil(total / self.config.block_size)
         if blocks > self._blocks.total:
             raise ResourceExhausted(
@@ -401,17 +407,6 @@ class SimulatedEngine:
             raise ResourceExhausted(f"worker is running its maximum of {self.config.max_batch_size} requests; "
                                     "retry later", request_id=rid, reason="WORKER_BUSY")
         return blocks
-
-    async def _pull(self, handle: pb.KvHandle, rid: str, prompt_tokens: int
-                    ) -> tuple[bytearray, pb.KvTransferStats]:
-        if handle.num_tokens != prompt_tokens:
-            raise FailedPrecondition(
-                f"KV handle covers {handle.num_tokens} tokens but the prompt has {prompt_tokens}; "
-                "send the same prompt that was prefilled", request_id=rid, reason="KV_HANDLE_PROMPT_MISMATCH")
-        assert self._puller is not None
-        kv, transfer = await self._puller.pull(handle, request_id=rid)
-        await self._puller.release(handle, request_id=rid)
-        return kv, transfer
 
     def _hold(self, kv: bytes, num_tokens: int, blocks: int) -> pb.KvHandle:
         assert self._store is not None
