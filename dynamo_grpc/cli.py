@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from control_plane.deployment import start_all_in_one
+from control_plane.role import start_control_plane
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import (
     ROUTING_POLICIES,
@@ -27,14 +29,7 @@ from dynamo_grpc.config import (
 )
 from dynamo_grpc.fleet import DEFAULT_LOAD_POLL_S, DisaggregationPolicy
 from dynamo_grpc.registry import EtcdRegistry, MemoryRegistry, Registry, RegistryUnavailable
-from dynamo_grpc.roles import (
-    RunningRole,
-    start_all_in_one,
-    start_control_plane,
-    start_decode,
-    start_prefill,
-    start_router,
-)
+from dynamo_grpc.roles import RunningRole, start_decode, start_prefill, start_router
 from dynamo_grpc.router import DEFAULT_MAX_MIGRATIONS
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb

@@ -11,13 +11,13 @@ from typing import Any
 import grpc
 import pytest
 
+from control_plane.deployment import Deployment, start_all_in_one
 from dynamo_grpc.channels import CHANNEL_OPTIONS
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine import SimulatedEngineConfig
 from dynamo_grpc.errors import error_reason
 from dynamo_grpc.registry import MemoryRegistry, Registry
-from dynamo_grpc.roles import Deployment, start_all_in_one
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc

@@ -10,10 +10,11 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
+from control_plane.deployment import start_all_in_one
 from dynamo_grpc.client import GenerateStream, RouterClient, params
 from dynamo_grpc.config import ServerConfig
 from dynamo_grpc.registry import MemoryRegistry
-from dynamo_grpc.roles import start_all_in_one, start_router
+from dynamo_grpc.roles import start_router
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb

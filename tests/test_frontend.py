@@ -11,10 +11,10 @@ import httpx
 import openai
 import pytest
 
+from control_plane.deployment import start_all_in_one
 from dynamo_grpc.frontend import RunningFrontend, start_frontend
 from dynamo_grpc.openai_protocol import chat_prompt
 from dynamo_grpc.registry import MemoryRegistry
-from dynamo_grpc.roles import start_all_in_one
 from dynamo_grpc.tiny_model import CHAT_TEMPLATE
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from tests.cluster import MODEL, Stubs, worker_config

@@ -296,10 +296,10 @@ def test_spec_from_file_reports_its_path(tmp_path: Path) -> None:
 
 async def test_the_control_plane_publishes_a_compiled_plan() -> None:
     from control_plane.compiler import compile_spec
+    from control_plane.role import start_control_plane
     from control_plane.spec import load_spec
     from dynamo_grpc.config import ServerConfig
     from dynamo_grpc.registry import MemoryRegistry
-    from dynamo_grpc.roles import start_control_plane
     from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
     from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
 
