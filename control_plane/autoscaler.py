@@ -216,8 +216,8 @@ class PoolAutoscaler:
         for role, per_worker in (("prefill", self.capacity.prefill_rps), ("decode", self.capacity.decode_rps)):
             state = pools[role]
             floor = 1 if role == "decode" else 0
-            needed = max(floor, _workers_for(metrics.arrival_rate / (per_worker * utilisation)))
-            enough_after_down = max(floor, _workers_for(
+            needed = max(floor, workers_for(metrics.arrival_rate / (per_worker * utilisation)))
+            enough_after_down = max(floor, workers_for(
                 metrics.arrival_rate / (per_worker * utilisation * (1 - band))))
             target = needed
             if short_of[role] and now - state.last_scale_up >= self.tuning.settle_s:
@@ -249,6 +249,6 @@ class PoolAutoscaler:
         return self._pools
 
 
-def _workers_for(load: float) -> int:
+def workers_for(load: float) -> int:
     """Workers that carry `load` worker-loads; float noise (3.0000000001) does not add one."""
     return math.ceil(load - 1e-9)

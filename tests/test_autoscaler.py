@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 import random
 
-from control_plane.autoscaler import AutoscalingTuning, PoolAutoscaler, PoolCapacity, PoolMetrics
+from control_plane.autoscaler import AutoscalingTuning, PoolAutoscaler, PoolCapacity, PoolMetrics, workers_for
 from dynamo_grpc.loadgen import Objectives
 
 OBJECTIVES = Objectives(ttft_ms=2000, itl_ms=100)
@@ -104,3 +104,9 @@ def test_idle_scales_to_zero_and_the_first_request_brings_one_decode_worker_back
     clock.now += 10
     decision = scaler.update(healthy(0.5, 0, 1))
     assert decision.decode_workers >= 1 and decision.prefill_workers >= 1
+
+
+def test_worker_counts_round_up_but_not_for_float_noise() -> None:
+    assert 0.1 * 3 / 0.3 > 1  # one worker-load, a hair over in floating point
+    assert workers_for(0.1 * 3 / 0.3) == 1
+    assert (workers_for(0.0), workers_for(0.2), workers_for(1.01), workers_for(4.0)) == (0, 1, 2, 4)
