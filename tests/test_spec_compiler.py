@@ -238,6 +238,18 @@ def test_vllm_flags_kept_dropped_and_noted() -> None:
         worker_config(build_parser().parse_args(["prefill", "--engine", "simulated", "--vllm-arg", "seed=1"]))
 
 
+def test_vllm_flag_table_decides_values_negations_and_drops() -> None:
+    spec, notes = spec_from_vllm(["vllm", "serve", "--enable-prefix-caching", "org/model-8B",
+                                  "--no-enforce-eager", "--disable-log-stats", "--kv-connector", "X",
+                                  "--no-trust-remote-code"])
+    assert spec.model.path == "org/model-8B"  # a switch takes no value, so the model is the positional
+    assert spec.model.engine_args["enforce_eager"] is False
+    assert spec.model.extra_engine_args == {"enable_prefix_caching": True, "no_trust_remote_code": True}
+    joined = "\n".join(notes)
+    assert "--disable-log-stats dropped: workers always collect engine stats" in joined
+    assert "--kv-connector dropped: dynamo-grpc configures its own KV connector" in joined
+
+
 def test_vllm_api_server_form_and_cpu_host() -> None:
     spec, notes = spec_from_vllm(["python3", "-m", "vllm.entrypoints.openai.api_server", "--model",
                                   "/models/tiny-llama", "--dtype=float32", "--device", "cpu"])
