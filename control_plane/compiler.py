@@ -19,6 +19,7 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from control_plane.autoscaler import tuning_knobs
 from control_plane.spec import PoolSpec, Spec, engine_arg_defaults, pool_placement
 from dynamo_grpc.engine.registry import ENGINES
 from dynamo_grpc.routing.pairing import compute_pairings
@@ -205,11 +206,9 @@ def _autoscaling_flags(spec: Spec) -> tuple[str, ...]:
     assert scaling is not None and slo.ttft_ms is not None and slo.itl_ms is not None
     flags = {"autoscale-prefill-rps": scaling.prefill_requests_per_s, "autoscale-decode-rps":
              scaling.decode_requests_per_s, "autoscale-max-prefill": spec.prefill.workers,
-             "autoscale-max-decode": spec.decode.workers, "autoscale-target-utilisation": scaling.target_utilisation,
-             "slo-ttft-ms": slo.ttft_ms, "slo-itl-ms": slo.itl_ms,
-             "autoscale-interval-s": scaling.interval_s, "autoscale-rate-window-s": scaling.rate_window_s,
-             "scale-down-cooldown-s": scaling.scale_down_cooldown_s,
-             "scale-up-settle-s": scaling.settle_s, "idle-to-zero-s": scaling.idle_to_zero_s}
+             "autoscale-max-decode": spec.decode.workers, "slo-ttft-ms": slo.ttft_ms,
+             "slo-itl-ms": slo.itl_ms}
+    flags.update({knob.flag: getattr(scaling.tuning, knob.name) for knob in tuning_knobs()})
     return tuple(part for name, value in flags.items() for part in (f"--{name}", _flag_value(value)))
 
 

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from control_plane.autoscaler import AutoscalingTuning, tuning_knobs
 from dynamo_grpc.config import KV_PULL_FAILURE_POLICIES, ROUTING_POLICIES
 from dynamo_grpc.engine.registry import DEFAULT_ENGINE, ENGINES
 
@@ -110,23 +111,22 @@ class TransferSpec:
 
 @dataclass(frozen=True)
 class AutoscalingSpec:
+    """The `autoscaling` section: per-worker rates, then the knobs of `AutoscalingTuning` by their names."""
+
     prefill_requests_per_s: float
     """Requests/s one prefill worker sustains within the objectives."""
     decode_requests_per_s: float
     """Requests/s one decode worker sustains within the objectives."""
-    target_utilisation: float = 0.8
-    """Share of those rates a pool is sized to carry: below 1 leaves room for bursts and for rates that
-    are estimates; `dynamo-grpc plan --autoscale` writes 1 with rates its simulation verified."""
-    interval_s: float = 10.0
-    rate_window_s: float = 30.0
-    """The arrival rate is averaged over this long: shorter follows bursts sooner and swings more."""
-    scale_down_cooldown_s: float = 300.0
-    settle_s: float = 60.0
-    """After adding a worker to a pool for a missed objective, wait this long before adding another."""
-    idle_to_zero_s: float = 600.0
-    """No traffic for this long stops every worker; 0: never."""
+    tuning: AutoscalingTuning = field(default_factory=AutoscalingTuning)
     cold_start_wait_s: float = 120.0
     """How long a request that finds no worker waits at the router for one to start."""
+
+    def to_dict(self) -> dict[str, float]:
+        """The section as YAML has it: the knobs flat, between the rates and `cold_start_wait_s`."""
+        return {"prefill_requests_per_s": self.prefill_requests_per_s,
+                "decode_requests_per_s": self.decode_requests_per_s,
+                **{knob.name: getattr(self.tuning, knob.name) for knob in tuning_knobs()},
+                "cold_start_wait_s": self.cold_start_wait_s}
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
     if slo:
         out["slo"] = slo
     if spec.autoscaling is not None:
-        out["autoscaling"] = asdict(spec.autoscaling)
+        out["autoscaling"] = spec.autoscaling.to_dict()
     return out
 
 
@@ -663,22 +663,25 @@ class _Checker:
     def autoscaling(self, node: _Node | None, prefill: Any, slo: Any) -> Any:
         if node is None:
             return None
-        defaults = AutoscalingSpec(0.0, 0.0)
-        names = tuple(f.name for f in fields(AutoscalingSpec))
+        knobs = {knob.name: knob for knob in tuning_knobs()}
+        defaults = AutoscalingSpec(0.0, 0.0).to_dict()
+        names = tuple(defaults)
         items = self.mapping(node, "autoscaling", ("decode_requests_per_s",), names[:1] + names[2:])
         if items is None:
             return _MISSING
         values: dict[str, Any] = {}
         for name in names:
             child, path = items.get(name), f"autoscaling.{name}"
-            if name == "idle_to_zero_s" and child is not None and child.value == 0:
-                values[name] = 0.0  # never
+            if name in knobs and knobs[name].zero == "never" and child is not None and child.value == 0:
+                values[name] = 0.0  # a spec takes 0 only where it means never
             else:
-                values[name] = self.positive_number(child, path, getattr(defaults, name) or _MISSING)
-        if isinstance(values["target_utilisation"], float) and values["target_utilisation"] > 1:
-            self.problem(items["target_utilisation"].line, "autoscaling.target_utilisation",
-                         f"must be at most 1 (a share of each worker's rate), got {values['target_utilisation']:g}")
-            values["target_utilisation"] = _MISSING
+                values[name] = self.positive_number(child, path, defaults[name] or _MISSING)
+        for knob in knobs.values():  # a share, e.g. target_utilisation
+            value = values[knob.name]
+            if knob.at_most is not None and isinstance(value, float) and value > knob.at_most:
+                self.problem(items[knob.name].line, f"autoscaling.{knob.name}", f"must be at most "
+                             f"{knob.at_most:g} (a share of each worker's rate), got {value:g}")
+                values[knob.name] = _MISSING
         if values["prefill_requests_per_s"] is _MISSING and "prefill_requests_per_s" not in items:
             if isinstance(prefill, PoolSpec) and prefill.workers:
                 self.problem(node.line, "autoscaling.prefill_requests_per_s", "required with prefill workers: "
@@ -689,7 +692,10 @@ class _Checker:
         if isinstance(slo, SloSpec) and (slo.ttft_ms is None or slo.itl_ms is None):
             self.problem(node.line, "autoscaling", "keeps the objectives in `slo`; set both, e.g. "
                          "slo: {ttft_ms: 500, itl_ms: 50}")
-        return _MISSING if _MISSING in values.values() else AutoscalingSpec(**values)
+        if _MISSING in values.values():
+            return _MISSING
+        tuning = AutoscalingTuning(**{name: values.pop(name) for name in knobs})
+        return AutoscalingSpec(tuning=tuning, **values)
 
     def transfer(self, node: _Node | None) -> Any:
         if node is None:

@@ -75,6 +75,8 @@ def router_settings(args: argparse.Namespace) -> dict[str, object]:
 
 
 def add_autoscaling_flags(parser: argparse.ArgumentParser) -> None:
+    from control_plane.autoscaler import tuning_knobs
+
     group = parser.add_argument_group("autoscaling", "size the pools from live load (the spec's `autoscaling` "
                                       "section compiles to these); supervisors run the workers it names")
     add_flag(group, "autoscale-prefill-rps", default=0.0, type=float,
@@ -83,48 +85,36 @@ def add_autoscaling_flags(parser: argparse.ArgumentParser) -> None:
              help="requests/s one decode worker sustains within the objectives")
     add_flag(group, "autoscale-max-prefill", default=0, type=int, help="most prefill workers")
     add_flag(group, "autoscale-max-decode", default=1, type=int, help="most decode workers")
-    add_flag(group, "autoscale-target-utilisation", default=0.8, type=float,
-             help="share of each worker's rate a pool is sized to carry (at most 1)")
     add_flag(group, "slo-ttft-ms", default=0.0, type=float, help="time-to-first-token objective (p90)")
     add_flag(group, "slo-itl-ms", default=0.0, type=float, help="inter-token latency objective (p90)")
-    add_flag(group, "autoscale-interval-s", default=10.0, type=float, help="how often to sample the workers")
-    add_flag(group, "autoscale-rate-window-s", default=30.0, type=float,
-             help="the arrival rate is averaged over this long (shorter: follows bursts sooner, swings more)")
-    add_flag(group, "scale-down-cooldown-s", default=300.0, type=float,
-             help="a smaller pool must have been enough for this long before workers stop")
-    add_flag(group, "scale-up-settle-s", default=60.0, type=float,
-             help="after adding a worker for a missed objective, wait this long before adding another")
-    add_flag(group, "idle-to-zero-s", default=600.0, type=float,
-             help="no traffic for this long stops every worker (0: never)")
+    for knob in tuning_knobs():
+        add_flag(group, knob.flag, default=knob.default, type=float, help=knob.help)
 
 
 def autoscaling_config(args: argparse.Namespace) -> AutoscalingConfig | None:
-    from control_plane.autoscaler import PoolCapacity
+    from control_plane.autoscaler import AutoscalingTuning, PoolCapacity, tuning_knobs
     from control_plane.scaling import AutoscalingConfig
     from dynamo_grpc.loadgen import Objectives
 
     if not args.autoscale_prefill_rps and not args.autoscale_decode_rps:
         return None
+    knobs = {knob: getattr(args, knob.flag.replace("-", "_")) for knob in tuning_knobs()}
     problems = [f"--{name} must be positive" for name, value in (
         ("autoscale-prefill-rps", args.autoscale_prefill_rps), ("autoscale-decode-rps", args.autoscale_decode_rps),
         ("slo-ttft-ms", args.slo_ttft_ms), ("slo-itl-ms", args.slo_itl_ms),
-        ("autoscale-interval-s", args.autoscale_interval_s), ("autoscale-rate-window-s", args.autoscale_rate_window_s),
         ("autoscale-max-decode", args.autoscale_max_decode))
         if value <= 0]
-    problems += [f"--{name} must not be negative" for name, value in (
-        ("autoscale-max-prefill", args.autoscale_max_prefill), ("scale-down-cooldown-s", args.scale_down_cooldown_s),
-        ("scale-up-settle-s", args.scale_up_settle_s), ("idle-to-zero-s", args.idle_to_zero_s)) if value < 0]
-    if not 0 < args.autoscale_target_utilisation <= 1:
-        problems.append("--autoscale-target-utilisation must be in (0, 1]")
+    if args.autoscale_max_prefill < 0:
+        problems.append("--autoscale-max-prefill must not be negative")
+    problems += [f"--{knob.flag} {problem}" for knob, value in knobs.items()
+                 if (problem := knob.problem(value))]
     if problems:
         raise ConfigError("autoscaling: " + "; ".join(problems))
     return AutoscalingConfig(
         capacity=PoolCapacity(args.autoscale_prefill_rps, args.autoscale_decode_rps),
         objectives=Objectives(args.slo_ttft_ms, args.slo_itl_ms), max_prefill=args.autoscale_max_prefill,
-        max_decode=args.autoscale_max_decode, target_utilisation=args.autoscale_target_utilisation,
-        interval_s=args.autoscale_interval_s, rate_window_s=args.autoscale_rate_window_s,
-        scale_down_cooldown_s=args.scale_down_cooldown_s, settle_s=args.scale_up_settle_s,
-        idle_to_zero_s=args.idle_to_zero_s)
+        max_decode=args.autoscale_max_decode,
+        tuning=AutoscalingTuning(**{knob.name: value for knob, value in knobs.items()}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -455,7 +445,7 @@ def _from_vllm(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from control_plane.autoscaler import PoolCapacity
+    from control_plane.autoscaler import AutoscalingTuning, PoolCapacity
     from control_plane.planner import PlannerWorkload, plan_pools, pool_plan_to_spec
     from control_plane.spec import AutoscalingSpec, dump_spec
     from dynamo_grpc.loadgen import Objectives
@@ -480,7 +470,8 @@ def _plan(args: argparse.Namespace) -> int:
 
             spec = dataclasses.replace(spec, autoscaling=AutoscalingSpec(
                 prefill_requests_per_s=rounded_up(capacity.prefill_rps),
-                decode_requests_per_s=rounded_up(capacity.decode_rps), target_utilisation=1.0))
+                decode_requests_per_s=rounded_up(capacity.decode_rps),
+                tuning=AutoscalingTuning(target_utilisation=1.0)))
         Path(args.spec_out).write_text(dump_spec(spec))
         print(f"wrote the {plan.shape.gpus}-GPU plan ({plan.shape.describe()}) to {args.spec_out}", file=sys.stderr)
     return 0
