@@ -104,6 +104,8 @@ def _model(translation: Translation, flag: str, value: Any) -> None:
 
 def _served_model_name(translation: Translation, flag: str, value: Any) -> None:
     names = str(value).split()
+    if not names:
+        raise ValueError("--served-model-name needs a name, e.g. --served-model-name llama-3-8b")
     translation.served_name = names[0]
     if len(names) > 1:
         translation.notes.append(f"--served-model-name: only the first name ({names[0]}) is served; "

@@ -271,6 +271,8 @@ def test_vllm_big_model_keeps_tp_and_bad_commands_are_refused() -> None:
         spec_from_vllm(["vllm", "serve", "m", "--max-model-len", "big"])
     with pytest.raises(ValueError, match="expected `vllm serve"):
         spec_from_vllm(["vllm", "bench", "m"])
+    with pytest.raises(ValueError, match="--served-model-name needs a name"):
+        spec_from_vllm(["vllm", "serve", "m", "--served-model-name="])
 
 
 def test_kubernetes_manifests_parse_back_with_gpu_requests(tmp_path: Path) -> None:
