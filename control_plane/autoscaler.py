@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from dynamo_grpc.loadgen import Objectives
+from dynamo_grpc.slo import Objectives
 
 if TYPE_CHECKING:
     from control_plane.planner import PoolPlan

@@ -39,7 +39,8 @@ from dynamo_grpc.engine.cost_model import (
 )
 from dynamo_grpc.engine.registry import DEFAULT_ENGINE, engine_kind
 from dynamo_grpc.fleetsim import KV_MEMORY_GB, FleetShape, kv_memory_for, run_virtual, simulate
-from dynamo_grpc.loadgen import Lengths, Objectives, Workload, summarize
+from dynamo_grpc.loadgen import Lengths, Workload, summarize
+from dynamo_grpc.slo import Objectives
 
 BLOCK_SIZE = 16
 """KV block size of the simulated fleet; the KV-capacity estimate rounds sequences up to it."""

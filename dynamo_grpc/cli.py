@@ -94,7 +94,7 @@ def add_autoscaling_flags(parser: argparse.ArgumentParser) -> None:
 def autoscaling_config(args: argparse.Namespace) -> AutoscalingConfig | None:
     from control_plane.autoscaler import AutoscalingTuning, PoolCapacity, tuning_knobs
     from control_plane.scaling import AutoscalingConfig
-    from dynamo_grpc.loadgen import Objectives
+    from dynamo_grpc.slo import Objectives
 
     if not args.autoscale_prefill_rps and not args.autoscale_decode_rps:
         return None
@@ -448,7 +448,7 @@ def _plan(args: argparse.Namespace) -> int:
     from control_plane.autoscaler import AutoscalingTuning, PoolCapacity
     from control_plane.planner import PlannerWorkload, plan_pools, pool_plan_to_spec
     from control_plane.spec import AutoscalingSpec, dump_spec
-    from dynamo_grpc.loadgen import Objectives
+    from dynamo_grpc.slo import Objectives
 
     print("dynamo-grpc plan: simulating candidate fleets (seconds to a minute)...", file=sys.stderr, flush=True)
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_grpc.client import RouterClient
+from dynamo_grpc.slo import Objectives
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,6 @@ class Workload:
             prompt = prefix + [rng.randint(low, high) for _ in range(length - len(prefix))]
             result.append((prompt, self.output_tokens.draw(rng)))
         return result
-
-
-@dataclass(frozen=True)
-class Objectives:
-    ttft_ms: float = 1000.0
-    itl_ms: float = 100.0
 
 
 @dataclass

@@ -7,7 +7,7 @@ import itertools
 import random
 
 from control_plane.autoscaler import AutoscalingTuning, PoolAutoscaler, PoolCapacity, PoolMetrics, workers_for
-from dynamo_grpc.loadgen import Objectives
+from dynamo_grpc.slo import Objectives
 
 OBJECTIVES = Objectives(ttft_ms=2000, itl_ms=100)
 

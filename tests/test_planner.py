@@ -23,7 +23,7 @@ from control_plane.planner import (
 )
 from control_plane.spec import dump_spec, parse_spec
 from dynamo_grpc.engine.cost_model import load_cost_model
-from dynamo_grpc.loadgen import Objectives
+from dynamo_grpc.slo import Objectives
 
 MODEL = "llama3_70b"
 OBJECTIVES = Objectives(ttft_ms=2000, itl_ms=100)
