@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -13,6 +14,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import grpc
 
 from control_plane.deployment import start_all_in_one
 from control_plane.role import start_control_plane
@@ -27,6 +30,7 @@ from dynamo_grpc.config import (
     server_config,
     worker_config,
 )
+from dynamo_grpc.errors import describe
 from dynamo_grpc.fleet import DEFAULT_LOAD_POLL_S, DisaggregationPolicy
 from dynamo_grpc.registry import EtcdRegistry, MemoryRegistry, Registry, RegistryUnavailable
 from dynamo_grpc.roles import RunningRole, start_decode, start_prefill, start_router
@@ -256,7 +260,7 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"dynamo-grpc: serving {model!r}; send requests to RouterService at {endpoint} "
               f"(try: dynamo-grpc generate --router {endpoint} --model {model} 'Hello')", flush=True)
         if args.prompt:
-            return await _generate(endpoint, model, args.prompt, args.max_tokens)
+            return await _generate(endpoint, model, args.prompt, args.max_tokens, command="serve")
         frontend = await _start_frontend(endpoint, registry, args.http_host, args.http_port,
                                          model_path=model_path or None)
         stack.push_async_callback(frontend.stop)
@@ -288,18 +292,39 @@ async def _frontend(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _generate(endpoint: str, model: str, prompt: str, max_tokens: int) -> int:
+# What to do about a failure, where its message does not say already.
+_NEXT_STEP = {
+    "UNAVAILABLE": "is a router running at {router}? start one with `dynamo-grpc serve` or `dynamo-grpc router`",
+    "MODEL_NOT_FOUND": "pass one of them with --model",
+}
+
+
+def _failure_line(command: str, failure: str, router: str) -> str:
+    """A failed request in one line for stderr: `dynamo-grpc CMD: REASON: message; what to do`."""
+    step = _NEXT_STEP.get(failure.partition(":")[0], "")
+    return f"dynamo-grpc {command}: {failure}" + (f"; {step.format(router=router)}" if step else "")
+
+
+async def _generate(endpoint: str, model: str, prompt: str, max_tokens: int, *, command: str = "generate") -> int:
+    printed = False
     async with RouterClient(endpoint) as client:
         stream = client.generate(prompt, model=model, max_tokens=max_tokens)
-        async for response in stream:
-            if response.HasField("tokens"):
-                print(response.tokens.text, end="", flush=True)
-            else:
-                c = response.completion
-                kv = (f", KV moved: {c.kv_transfer.bytes} bytes from {c.prefill_worker_id} via {c.kv_transfer.path}"
-                      if c.kv_transfer.bytes else "")
-                print(f"\n[{c.usage.prompt_tokens} prompt + {c.usage.completion_tokens} completion tokens, "
-                      f"finish: {pb.FinishReason.Name(c.finish_reason)}{kv}]")
+        try:
+            async for response in stream:
+                if response.HasField("tokens"):
+                    print(response.tokens.text, end="", flush=True)
+                    printed = True
+                else:
+                    c = response.completion
+                    kv = (f", KV moved: {c.kv_transfer.bytes} bytes from {c.prefill_worker_id} via "
+                          f"{c.kv_transfer.path}" if c.kv_transfer.bytes else "")
+                    print(f"\n[{c.usage.prompt_tokens} prompt + {c.usage.completion_tokens} completion tokens, "
+                          f"finish: {pb.FinishReason.Name(c.finish_reason)}{kv}]")
+        except grpc.aio.AioRpcError as error:
+            if printed:
+                print(flush=True)
+            print(_failure_line(command, describe(error), endpoint), file=sys.stderr)
+            return 1
     return 0
 
 
@@ -327,6 +352,10 @@ async def _bench(args: argparse.Namespace) -> int:
     async with RouterClient(args.router) as client:
         records = await run_load(router_sender(client, args.model), workload)
     summary = summarize(records, Objectives(args.slo_ttft_ms, args.slo_itl_ms))
+    if summary["failed"] == summary["requests"]:  # e.g. an unknown model: say why once, not as latencies
+        most_common = collections.Counter(r.error for r in records).most_common(1)[0][0]
+        print(_failure_line("bench", most_common, args.router), file=sys.stderr)
+        return 1
     print(render(summary))
     write_outputs(records, summary, json_path=Path(args.json) if args.json else None,
                   plot_path=Path(args.plot) if args.plot else None)

@@ -23,13 +23,13 @@ from aiohttp import web
 from dynamo_grpc.client import GenerateStream, RouterClient
 from dynamo_grpc.errors import from_rpc_error
 from dynamo_grpc.openai_protocol import (
-    HTTP_STATUS,
     BadRequest,
     Job,
     choice,
     envelope,
     error_body,
     finish_reason_of,
+    http_status,
     parse_job,
     usage_of,
 )
@@ -133,7 +133,7 @@ def _error(status: int, message: str, code: str, headers: dict[str, str] | None 
 
 def _rpc_error_body(error: grpc.aio.AioRpcError) -> tuple[int, dict[str, Any]]:
     failure = from_rpc_error(error)
-    status = HTTP_STATUS.get(error.code(), 500)
+    status = http_status(failure.code, failure.reason)
     return status, error_body(status, failure.message, failure.reason.lower())
 
 
@@ -170,7 +170,11 @@ class Frontend:
             response = await handler(request)
             status = response.status
             return response
-        except web.HTTPException as error:  # aiohttp's own 404/405/413, in OpenAI's error shape
+        except web.HTTPRequestEntityTooLarge:
+            status = 413
+            return _error(status, f"the request body is over this server's limit of {MAX_BODY_BYTES / 2**20:g} MiB; "
+                          "shorten the prompt", "request_too_large")
+        except web.HTTPException as error:  # aiohttp's own 404/405, in OpenAI's error shape
             status = error.status
             return _error(error.status, error.reason, error.reason.lower().replace(" ", "_"))
         except (asyncio.CancelledError, ConnectionResetError):

@@ -20,7 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from dynamo_grpc.client import RouterClient
+from dynamo_grpc.errors import describe
 from dynamo_grpc.slo import Objectives
 
 
@@ -169,6 +172,8 @@ async def run_load(send: Sender, workload: Workload, *, progress: bool = True,
             records.append(record)
             try:
                 await send(prompt, max_tokens, record)
+            except grpc.aio.AioRpcError as error:
+                record.error = describe(error)[:300]
             except Exception as error:  # noqa: BLE001 - a failed request is counted, not fatal to the run
                 record.error = f"{type(error).__name__}: {error}"[:200]
             record.ended = clock()

@@ -20,6 +20,7 @@ class PromptTokenizer:
     def __init__(self, tokenizer_dir: str = "") -> None:
         self._dir = tokenizer_dir
         self._hf: Any = None
+        self._max_chars = 0
         self._warned = False
 
     def token_ids(self, params: pb.GenerationParams, engine: str) -> tuple[int, ...] | None:
@@ -34,11 +35,15 @@ class PromptTokenizer:
                 from transformers import AutoTokenizer
 
                 self._hf = AutoTokenizer.from_pretrained(self._dir)
+                # vLLM's own bound on a text prompt before it tokenizes one (its `max_chars_per_token`).
+                self._max_chars = self._hf.model_max_length * max(len(t) for t in self._hf.get_vocab())
             except Exception as error:  # noqa: BLE001 - a bad tokenizer must not fail requests
                 log.warning("router: cannot load the tokenizer in %s (%s); text prompts are routed by load only",
                             self._dir, error)
                 self._dir, self._warned = "", True
         if self._hf is not None:
+            if len(text) > self._max_chars:
+                return None  # longer than the context can hold: the worker refuses it; tokenizing would stall us
             # Special tokens as the engine adds them (vLLM tokenizes with add_special_tokens=True).
             return tuple(self._hf(text)["input_ids"])
         if not self._warned:

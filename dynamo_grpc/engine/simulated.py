@@ -19,7 +19,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason, check_kv_roles
+from dynamo_grpc.engine.base import (
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    check_kv_roles,
+    check_prompt,
+    check_stop_token_ids,
+    within_context,
+)
 from dynamo_grpc.engine.cost_model import (
     KV_BYTES_PER_TOKEN,
     SHAPES,
@@ -248,8 +256,8 @@ class SimulatedEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         rid = request.request_id
         prompt = self.tokenize(request.prompt)
-        max_tokens = 1 if request.produce_kv else request.sampling.max_tokens
-        seq = _Sequence(request, prompt, self._admit(rid, prompt, max_tokens, request),
+        request, blocks = self._admit(rid, prompt, request)
+        seq = _Sequence(request, prompt, blocks,
                         pb.Usage(prompt_tokens=len(prompt), completion_tokens=len(request.resume)),
                         to_prefill=len(prompt) + len(request.resume))
         self._live[rid] = seq
@@ -380,24 +388,19 @@ class SimulatedEngine:
         self._scheduled.remove(seq)
         seq.outputs.put_nowait(out)
 
-    def _admit(self, rid: str, prompt: tuple[int, ...], max_tokens: int, request: EngineRequest) -> int:
-        """Check a request before it takes resources; return the KV blocks it needs."""
+    def _admit(self, rid: str, prompt: tuple[int, ...], request: EngineRequest) -> tuple[EngineRequest, int]:
+        """Check a request before it takes resources; return it with max_tokens clamped to the context left,
+        and the KV blocks it needs."""
         if rid in self._live:
             raise AlreadyExists(f"request id {rid!r} is already running on this worker; use a fresh id",
                                 request_id=rid)
         if not prompt:
             raise InvalidArgument("prompt is empty", request_id=rid, reason="EMPTY_PROMPT")
-        bad = next((t for t in prompt if not 0 <= t < VOCAB_SIZE), None)
-        if bad is not None:
-            raise InvalidArgument(f"prompt token id {bad} is outside the vocabulary [0, {VOCAB_SIZE})",
-                                  request_id=rid, reason="TOKEN_OUT_OF_VOCABULARY")
-        total = len(prompt) + max_tokens
-        if total > self.config.max_model_len:
-            raise InvalidArgument(
-                f"prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
-                f"of {self.config.max_model_len} tokens; shorten the prompt or lower max_tokens",
-                request_id=rid, reason="CONTEXT_TOO_LONG")
+        check_prompt(prompt, vocab_size=VOCAB_SIZE, max_model_len=self.config.max_model_len, request_id=rid)
+        check_stop_token_ids(request.sampling, vocab_size=VOCAB_SIZE, request_id=rid)
+        request = within_context(request, len(prompt), self.config.max_model_len)
         check_kv_roles(request, holds_kv=self._store is not None, pulls_kv=self._receiver is not None)
+        total = len(prompt) + (1 if request.produce_kv else request.sampling.max_tokens)
         blocks = math.ceil(total / self.config.block_size)
         if blocks > self._blocks.total:
             raise ResourceExhausted(
@@ -406,7 +409,7 @@ class SimulatedEngine:
         if len(self._live) >= self.config.max_batch_size:
             raise ResourceExhausted(f"worker is running its maximum of {self.config.max_batch_size} requests; "
                                     "retry later", request_id=rid, reason="WORKER_BUSY")
-        return blocks
+        return request, blocks
 
     def _hold(self, kv: bytes, num_tokens: int, blocks: int) -> pb.KvHandle:
         assert self._store is not None

@@ -24,7 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason, check_kv_roles
+from dynamo_grpc.engine.base import (
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    check_kv_roles,
+    check_prompt,
+    check_stop_token_ids,
+    within_context,
+)
 from dynamo_grpc.engine.vllm_kv_events import VllmKvEvents, new_endpoint
 from dynamo_grpc.errors import AlreadyExists, DynamoError, InvalidArgument
 from dynamo_grpc.kv import shm
@@ -118,6 +126,30 @@ def extra_engine_args(pairs: tuple[str, ...]) -> dict[str, Any]:
     return args
 
 
+def _refusals() -> tuple[type[Exception], ...]:
+    """What vLLM raises when it refuses a request it was handed."""
+    from vllm.exceptions import VLLMValidationError
+
+    return VLLMValidationError, ValueError
+
+
+def _invalid_argument(error: Exception, rid: str) -> InvalidArgument:
+    message = str(error.args[0]) if error.args else str(error)  # without vLLM's "(parameter=..., value=...)"
+    return InvalidArgument(message, request_id=rid, reason=_reason_of(error, message))
+
+
+def _reason_of(error: Exception, message: str) -> str:
+    """Prompt refusals by what they say; the rest are about sampling values (their `parameter` names the field)."""
+    parameter = getattr(error, "parameter", None)
+    if parameter in ("input_tokens", "input_text") or "maximum model length" in message:
+        return "CONTEXT_TOO_LONG"  # input_text: a text prompt longer than the context could hold, before tokenizing
+    if parameter is None and "out of vocabulary" in message:
+        return "TOKEN_OUT_OF_VOCABULARY"
+    if parameter is None and "cannot be empty" in message:
+        return "EMPTY_PROMPT"
+    return "BAD_SAMPLING_PARAMS"
+
+
 class VllmEngine:
     kind = "vllm"
 
@@ -155,6 +187,11 @@ class VllmEngine:
         kv_heads, head_size = model_config.get_num_kv_heads(vllm_config.parallel_config), model_config.get_head_size()
         self._kv_dtype = config.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
         self._bytes_per_token = 2 * self._num_layers * kv_heads * head_size * model_config.dtype.itemsize
+        self._max_model_len = model_config.max_model_len
+        # Logits are this wide (stop ids index them); prompt ids may also be any id the tokenizer has, as in vLLM.
+        self._vocab_size = model_config.get_vocab_size()
+        tokenizer = self._llm.renderer.tokenizer
+        self._prompt_vocab_size = max(self._vocab_size, tokenizer.max_token_id + 1 if tokenizer else 0)
         self.fingerprint = (
             f"vllm-{vllm.__version__}/{config.model}/{config.dtype}/kv-{self._kv_dtype}/bs{cache.block_size}"
             f"/L{self._num_layers}xH{kv_heads}xD{head_size}/tp{vllm_config.parallel_config.tensor_parallel_size}")
@@ -181,9 +218,12 @@ class VllmEngine:
             raise AlreadyExists(f"request id {rid!r} is already running on this worker; use a fresh id",
                                 request_id=rid)
         check_kv_roles(request, holds_kv=self._store is not None, pulls_kv=self._receiver is not None)
+        check_stop_token_ids(request.sampling, vocab_size=self._vocab_size, request_id=rid)
         self._live.add(rid)
         try:
             engine_input = await self._render(request)
+            prompt_tokens = len(engine_input["prompt_token_ids"]) - len(request.resume)
+            request = within_context(request, prompt_tokens, self._max_model_len)
             if request.produce_kv:
                 outputs = self._prefill(request, engine_input)
             elif request.kv_handle is not None:
@@ -206,14 +246,17 @@ class VllmEngine:
         return engine_input
 
     async def _render_prompt(self, prompt: str | tuple[int, ...], rid: str) -> Any:
+        """The engine's input, checked: token ids in the vocabulary, room in the context for one more token."""
         from vllm.renderers.inputs.preprocess import parse_model_prompt
 
         form: Any = prompt if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
         try:
             (engine_input,) = await self._llm.renderer.render_cmpl_async(
                 [parse_model_prompt(self._llm.model_config, form)])
-        except ValueError as error:
-            raise InvalidArgument(str(error), request_id=rid, reason="INVALID_PROMPT") from None
+        except _refusals() as error:
+            raise _invalid_argument(error, rid) from None
+        check_prompt(engine_input["prompt_token_ids"], vocab_size=self._prompt_vocab_size,
+                     max_model_len=self._max_model_len, request_id=rid)
         return engine_input
 
     async def _prefill(self, request: EngineRequest, engine_input: Any) -> AsyncIterator[EngineOutput]:
@@ -289,8 +332,8 @@ class VllmEngine:
             if not finished:
                 yield EngineOutput(finish_reason=FinishReason.CANCELLED, usage=usage), None
                 finished = True
-        except ValueError as error:
-            raise InvalidArgument(str(error), request_id=rid, reason="INVALID_PROMPT") from None
+        except _refusals() as error:
+            raise _invalid_argument(error, rid) from None
         finally:
             if not finished:
                 await self._llm.abort(rid)
@@ -306,8 +349,8 @@ class VllmEngine:
                 seed=s.seed, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
                 output_kind=RequestOutputKind.DELTA,
                 extra_args={"kv_transfer_params": kv_transfer} if kv_transfer else None)
-        except ValueError as error:
-            raise InvalidArgument(str(error), request_id=request.request_id, reason="INVALID_SAMPLING") from None
+        except _refusals() as error:
+            raise _invalid_argument(error, request.request_id) from None
 
     async def abort(self, request_id: str) -> None:
         if request_id in self._live:
