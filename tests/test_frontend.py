@@ -7,6 +7,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
 import httpx
 import openai
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from control_plane.deployment import start_all_in_one
 from dynamo_grpc.engine.simulated import VOCAB_SIZE
 from dynamo_grpc.frontend import RunningFrontend, start_frontend
-from dynamo_grpc.openai_protocol import chat_prompt
+from dynamo_grpc.openai_protocol import chat_prompt, http_status
 from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.tiny_model import CHAT_TEMPLATE
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
@@ -219,6 +220,13 @@ async def test_bad_input_is_400_with_its_reason(served: Served, case: BadInput) 
 
 async def test_a_body_over_a_size_limit_is_413_naming_the_limit(served: Served) -> None:
     await assert_body_limits_hold(served.http, MODEL)
+
+
+def test_resource_exhausted_is_busy_only_when_a_retry_can_help() -> None:
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert http_status(exhausted, "WORKER_BUSY") == 429
+    assert http_status(exhausted, "KV_CACHE_TOO_SMALL") == 400
+    assert http_status(exhausted, "MESSAGE_TOO_LARGE") == 413
 
 
 async def test_max_tokens_past_the_context_finish_at_its_end(served: Served) -> None:
