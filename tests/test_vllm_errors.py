@@ -58,13 +58,13 @@ class Surface:
 
 
 @dataclass
-class Deployment:
+class Served:
     stubs: Stubs
     surfaces: dict[str, Surface]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Deployment]:
+async def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Served]:
     os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
     registry = MemoryRegistry()
     config = WorkerConfig(server=ServerConfig(port=0), engine=VllmEngineConfig(model_path=str(tiny_model_dir)))
@@ -81,7 +81,7 @@ async def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
                                       httpx.AsyncClient(base_url=frontends[path].url, timeout=120))
                         for path, endpoint in routers.items()}
             try:
-                yield Deployment(stubs, surfaces)
+                yield Served(stubs, surfaces)
             finally:
                 for surface in surfaces.values():
                     await surface.http.aclose()
@@ -95,14 +95,14 @@ async def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", bad_inputs(CONTEXT, VOCAB), ids=lambda case: case.name)
-async def test_bad_input_gets_its_reason_on_both_surfaces(served: Deployment, case: BadInput, path: str) -> None:
+async def test_bad_input_gets_its_reason_on_both_surfaces(served: Served, case: BadInput, path: str) -> None:
     surface = served.surfaces[path]
     await assert_refused_by_router(surface.router.stub, case, MODEL)
     await assert_refused_by_frontend(surface.http, case, MODEL)
 
 
 @pytest.mark.parametrize("path", PATHS)
-async def test_max_tokens_past_the_context_finish_at_its_end(served: Deployment, path: str) -> None:
+async def test_max_tokens_past_the_context_finish_at_its_end(served: Served, path: str) -> None:
     surface = served.surfaces[path]
     prompt = [5] * (CONTEXT - 8)
     result = await surface.router.generate(prompt, model=MODEL, max_tokens=1000, ignore_eos=True).collect()
@@ -119,13 +119,13 @@ async def test_max_tokens_past_the_context_finish_at_its_end(served: Deployment,
 
 
 @pytest.mark.parametrize("path", PATHS)
-async def test_a_request_over_a_size_limit_is_refused_naming_the_limit(served: Deployment, path: str) -> None:
+async def test_a_request_over_a_size_limit_is_refused_naming_the_limit(served: Served, path: str) -> None:
     surface = served.surfaces[path]
     await assert_message_limit_holds(surface.endpoint, MODEL)
     await assert_body_limits_hold(surface.http, MODEL)
 
 
-async def test_refusals_leave_nothing_held(served: Deployment) -> None:
+async def test_refusals_leave_nothing_held(served: Served) -> None:
     for _ in range(100):
         if not (await served.stubs.prefill_stats()).active_requests + \
                 (await served.stubs.decode_stats()).active_requests:
