@@ -20,8 +20,8 @@ import grpc
 
 from control_plane.deployment import start_all_in_one
 from control_plane.role import start_control_plane
-from dynamo_grpc.client import RouterClient
 from dynamo_grpc import event_loop
+from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import (
     ROUTING_POLICIES,
     ConfigError,
