@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dynamo_grpc.event_loop import run as run_on_loop
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "sim-zero"
 ZERO_COST = ("--engine", "simulated", "--model", MODEL, "--decode-step-s", "0", "--prefill-s-per-token", "0")
@@ -607,7 +609,7 @@ def spread(values: list[float], fmt: str = "{:.0f}") -> str:
     return middle if len(values) == 1 else f"{middle} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
-def render(results: dict[str, list[RunResult]], load: Load) -> str:
+def render(results: dict[str, list[RunResult]], load: Load, layout: str) -> str:
     names = list(results)
     rounds = len(next(iter(results.values())))
     lines = [(f"{load.requests} streamed /v1/completions of {load.osl} tokens per mode and round, concurrency "
@@ -646,6 +648,8 @@ def render(results: dict[str, list[RunResult]], load: Load) -> str:
     lines.append("client = the load generator's processes; others = the rest of the machine in the window "
                  "(other work on shared cores). Dynamo: frontend = its Rust frontend (router inside), decode = "
                  "its mocker engine.")
+    if any("fe" in name.rsplit("/", 1)[-1] for name in names):
+        lines.append(f"/Nfe modes: {layout}")
     busiest = {n: max(r.client_busiest_core_share for r in results[n]) for n in names}
     lines.append("busiest client process, share of one core: " + ", ".join(f"{n} {v:.0%}" for n, v in busiest.items()))
     return "\n".join(lines)
@@ -672,9 +676,11 @@ async def run(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
                 await check_path(mode)
                 modes.append(mode)
     fleet.remember_tree()
-    layout = ("--workers" if workers_flags["frontend"] else "separate frontend+router pairs, clients spread over them")
-    if any(p > 1 for p in args.frontend_workers):
-        log(f"several frontend processes: {layout}")
+    if workers_flags["frontend"]:
+        layout = "one `frontend --workers N` in front of " + (
+            "one `router --workers N`" if workers_flags["router"] else "one router")
+    else:
+        layout = "N frontend+router pairs on ports of their own (the CLI has no `--workers`), clients spread over them"
     rng = random.Random(args.seed)
     results: dict[str, list[RunResult]] = {mode.name: [] for mode in modes}
     for round_number in range(args.rounds):
@@ -690,7 +696,7 @@ async def run(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
                 f"failed {result.failed}, CPU ms/request: {cpu}")
             results[mode.name].append(result)
     if args.rounds:
-        print(render(results, load), flush=True)
+        print(render(results, load, layout), flush=True)
     profiles = []
     if args.profile:
         out = Path(args.profile)
@@ -733,8 +739,6 @@ def main() -> int:
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        from dynamo_grpc.event_loop import run as run_on_loop
-
         run_on_loop(client_main(json.loads(args.client)))
         return 0
     if args.small:
@@ -748,9 +752,10 @@ def main() -> int:
     fleet = Fleet(log_dir)
     outcome: dict[str, Any] = {}
     try:
-        from dynamo_grpc.event_loop import run as run_on_loop
-
         outcome = run_on_loop(with_signals(run(args, fleet)))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        log("interrupted: stopping every process")
+        return 130
     finally:
         left = fleet.close()
         outcome["pids"] = sorted(fleet.pids)

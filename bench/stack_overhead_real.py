@@ -5,12 +5,12 @@ OpenAI server (a subprocess with the same engine settings):
   vllm-server    python -m vllm.entrypoints.openai.api_server
   http-agg       our frontend -> router -> decode worker
   http-disagg    our frontend -> router -> prefill worker, KV moved -> decode worker
-Our processes share this one (client included); bench/stack_overhead.py measures each layer in a process of
-its own, on a zero-cost simulated engine.
+Our frontend, router and workers run in this process, beside the client (bench/stack_overhead.py gives each
+layer a process of its own, on a zero-cost simulated engine).
 
 Modes take turns within each round in a fresh shuffled order, so the machine's noise hits them alike;
-every request has its own random prompt, so no prefix cache helps any mode. Starts real engines: run it
-under `flock /tmp/vllm.lock` on a shared machine.
+every request has its own random prompt, so no prefix cache helps any mode. It starts three real engines:
+on a shared machine, hold whatever lock keeps engine runs apart.
 
     python bench/stack_overhead_real.py [--concurrency 1 8] [--requests 20] [--rounds 2]
 """
