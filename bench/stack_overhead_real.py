@@ -39,7 +39,6 @@ from dynamo_grpc.config import EngineConfig, ServerConfig, WorkerConfig
 from dynamo_grpc.frontend import start_frontend
 from dynamo_grpc.loadgen import (
     Lengths,
-    Objectives,
     RequestRecord,
     Sender,
     Workload,
@@ -49,6 +48,7 @@ from dynamo_grpc.loadgen import (
 )
 from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.roles import start_router
+from dynamo_grpc.slo import Objectives
 from dynamo_grpc.v1 import common_pb2 as pb
 
 REAL_MODES = ("vllm-server", "http-agg", "http-disagg")
