@@ -93,7 +93,7 @@ async def client_main(spec: dict[str, Any]) -> None:
     rng = random.Random(spec["seed"])
     body = {"model": spec["model"], "max_tokens": spec["osl"], "temperature": 0.0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
-    records: list[list[Any]] = []
+    records: list[list[Any]] = []  # per request: [TTFT s or None, latency s, SSE events, completion tokens, error]
 
     async def one(session: aiohttp.ClientSession, url: str) -> None:
         sent = time.perf_counter()
@@ -144,7 +144,6 @@ async def client_main(spec: dict[str, Any]) -> None:
 @dataclass
 class Child:
     name: str
-    layer: str
     proc: subprocess.Popen[bytes]
     log_path: Path
     pid: int = 0
@@ -185,12 +184,12 @@ class Fleet:
         self.children: list[Child] = []
         self.pids: set[int] = set()
 
-    def start(self, name: str, layer: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env={**os.environ, **(env or {})}, start_new_session=True)
-        child = Child(name, layer, proc, log_path)
+        child = Child(name, proc, log_path)
         self.children.append(child)
         self.pids.add(proc.pid)
         return child
@@ -235,15 +234,15 @@ def cli_env(event_loop: str) -> dict[str, str]:
 
 def cli_has_workers_flag(role: str) -> bool:
     """Whether `dynamo-grpc ROLE` takes `--workers N` (several serving processes on one port)."""
-    result = subprocess.run(cli(role, "--help"), capture_output=True, text=True, env={**os.environ, **cli_env("asyncio")},
-                            check=True)
+    result = subprocess.run(cli(role, "--help"), capture_output=True, text=True, check=True,
+                            env={**os.environ, **cli_env("asyncio")})
     return "--workers" in result.stdout
 
 
 def start_etcd(fleet: Fleet) -> tuple[Child, str]:
     client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
     etcd = shutil.which("etcd") or "/usr/bin/etcd"
-    child = fleet.start("etcd", "etcd", [
+    child = fleet.start("etcd", [
         etcd, "--data-dir", str(fleet.log_dir / "etcd-data"), "--listen-client-urls", client,
         "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
         "--initial-cluster", f"bench={peer}", "--name", "bench"])
@@ -306,7 +305,7 @@ async def start_workers(fleet: Fleet, etcd: str, event_loop: str) -> dict[str, l
     waits = []
     for role, flags in (("control-plane", ()), ("prefill", ZERO_COST), ("decode", ZERO_COST)):
         port = free_port()
-        child = fleet.start(f"{role}-{event_loop}", role, cli(role, "--port", str(port), *common, *flags),
+        child = fleet.start(f"{role}-{event_loop}", cli(role, "--port", str(port), *common, *flags),
                             cli_env(event_loop))
         children[role] = [child]
         waits.append(wait_grpc_serving(child, f"127.0.0.1:{port}"))
@@ -318,8 +317,9 @@ async def start_our_mode(fleet: Fleet, etcd: str, workers: dict[str, list[Child]
                          disaggregated: bool, processes: int, workers_flags: dict[str, bool]) -> Mode:
     """Router(s) and frontend(s) for one mode over a deployment's workers.
 
-    With `processes` > 1: each role that has `--workers` runs one process tree with `--workers N`; one
-    that has not runs N copies (frontend i in front of router i), and the clients spread over them.
+    With `processes` > 1: if the frontend has `--workers`, one `frontend --workers N` runs in front of one
+    router (itself `--workers N` if it has the flag); if not, N frontend+router pairs run, and the clients
+    spread over them.
     """
     name = ("disagg" if disaggregated else "agg") + ("" if event_loop == "uvloop" else f"/{event_loop}") + (
         f"/{processes}fe" if processes > 1 else "")
@@ -330,7 +330,7 @@ async def start_our_mode(fleet: Fleet, etcd: str, workers: dict[str, list[Child]
     for i in range(router_copies):
         port = free_port()
         extra = ("--workers", str(processes)) if workers_flags["router"] and processes > 1 else ()
-        child = fleet.start(f"router-{name.replace('/', '-')}-{i}", "router",
+        child = fleet.start(f"router-{name.replace('/', '-')}-{i}",
                             cli("router", "--port", str(port), *common, *router_flags, *extra), cli_env(event_loop))
         routers.append((child, f"127.0.0.1:{port}"))
         waits.append(wait_grpc_serving(child, f"127.0.0.1:{port}"))
@@ -340,7 +340,7 @@ async def start_our_mode(fleet: Fleet, etcd: str, workers: dict[str, list[Child]
         port = free_port()
         extra = ("--workers", str(processes)) if workers_flags["frontend"] and processes > 1 else ()
         router = routers[i % len(routers)][1]
-        child = fleet.start(f"frontend-{name.replace('/', '-')}-{i}", "frontend",
+        child = fleet.start(f"frontend-{name.replace('/', '-')}-{i}",
                             cli("frontend", "--port", str(port), "--router", router, *common, *extra),
                             cli_env(event_loop))
         frontends.append(child)
@@ -375,14 +375,14 @@ async def start_dynamo(fleet: Fleet, script: str) -> Mode:
 
     port = free_port()
     log(f"starting Dynamo with {script} (its first start installs it: minutes)")
-    shell = fleet.start("dynamo", "dynamo", ["bash", script, str(port), "1000"])
+    shell = fleet.start("dynamo", ["bash", script, str(port), "1000"])
     await wait_http(shell, f"http://127.0.0.1:{port}/v1/models", DYNAMO_START_TIMEOUT_S, contains=b'"tiny"')
     layers: dict[str, list[Child]] = {}
     for process in psutil.Process(shell.proc.pid).children(recursive=True):
         command = " ".join(process.cmdline())
         for layer, module in DYNAMO_LAYERS.items():
             if f"-m {module}" in command:
-                layers[layer] = [Child(f"dynamo-{layer}", layer, shell.proc, shell.log_path, pid=process.pid)]
+                layers[layer] = [Child(f"dynamo-{layer}", shell.proc, shell.log_path, pid=process.pid)]
     if set(layers) != set(DYNAMO_LAYERS):
         raise RuntimeError(f"Dynamo's processes not found under {script} (found {sorted(layers)})")
     return Mode("dynamo", [f"http://127.0.0.1:{port}"], "tiny", layers)
