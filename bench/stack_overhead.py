@@ -630,7 +630,7 @@ def render(results: dict[str, list[RunResult]], load: Load, layout: str) -> str:
         lines += [f"{'':<16}error: {e}" for e in sorted({e for r in runs for e in r.errors})[:3]]
     if "dynamo" in results:
         lines.append("Dynamo's mocker decodes to empty text, so Dynamo sends one content event (+ usage) per request "
-                     "where we send one per token: its req/s is counted in its favour; its TTFT is the whole "
+                     "where we send one per token batch: its req/s is counted in its favour; its TTFT is the whole "
                      "request's time (its first event is its last).")
     lines += ["", "CPU per request (ms), by layer: median (min-max) over rounds"]
     layers = [*LAYERS, "client", "others"]
@@ -648,7 +648,7 @@ def render(results: dict[str, list[RunResult]], load: Load, layout: str) -> str:
     lines.append("client = the load generator's processes; others = the rest of the machine in the window "
                  "(other work on shared cores). Dynamo: frontend = its Rust frontend (router inside), decode = "
                  "its mocker engine.")
-    if any("fe" in name.rsplit("/", 1)[-1] for name in names):
+    if any(name.endswith("fe") for name in names):
         lines.append(f"/Nfe modes: {layout}")
     busiest = {n: max(r.client_busiest_core_share for r in results[n]) for n in names}
     lines.append("busiest client process, share of one core: " + ", ".join(f"{n} {v:.0%}" for n, v in busiest.items()))
