@@ -9,10 +9,13 @@ compare one engine's tokens against another's (vLLM against HF transformers).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 VOCAB_SIZE = 4096
@@ -31,7 +34,8 @@ DEFAULT_MODEL_DIR = Path(
 )
 
 # A build is complete when all of these exist; they are written into a temporary sibling directory
-# that is renamed into place last, so a crashed build never leaves a directory that looks complete.
+# (`.<name>.partial-*`) that is renamed into place last, so a crashed build never leaves a directory that
+# looks complete. Builds of one directory take turns on a lock file beside it (`.<name>.lock`).
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 _WORDS = """
@@ -137,23 +141,60 @@ def is_complete(model_dir: Path) -> bool:
 
 
 def build_tiny_model(out_dir: Path = DEFAULT_MODEL_DIR, *, force: bool = False) -> Path:
-    """Build the tiny model and tokenizer into `out_dir` (if not already there) and return it."""
+    """Build the tiny model and tokenizer into `out_dir` (if not already there) and return it.
+
+    Safe when several processes or threads build the same directory at once: they take turns under
+    a file lock, and whoever comes second finds the model complete and builds nothing.
+    """
     out_dir = Path(out_dir).expanduser()
     if is_complete(out_dir) and not force:
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the model is meant to be shared
-        _build_tokenizer(tmp)
-        _build_model(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+    with _build_lock(out_dir):
+        if is_complete(out_dir) and not force:
+            return out_dir
+        _remove_leftovers(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir), dir=out_dir.parent))
         try:
-            tmp.rename(out_dir)
-        except OSError:
-            if not is_complete(out_dir):  # not a concurrent build that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the model is meant to be shared
+            _build_tokenizer(tmp)
+            _build_model(tmp)
+            _swap_into_place(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _temp_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.partial-"
+
+
+@contextlib.contextmanager
+def _build_lock(out_dir: Path) -> Iterator[None]:
+    """An exclusive flock on `.<name>.lock` beside `out_dir`. Each call opens the file itself, so the lock
+    also keeps apart threads of one process (flock locks belong to the open file, not the process)."""
+    with open(out_dir.parent / f".{out_dir.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Temp dirs of builds that died; under the lock no other build can be writing one."""
+    for leftover in out_dir.parent.glob(f"{_temp_prefix(out_dir)}*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished build to `out_dir`; an old or partial `out_dir` is moved aside first and removed
+    after, so `out_dir` is never a half-deleted directory that a reader could take for a model."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir), dir=out_dir.parent))
+        out_dir.rename(old / out_dir.name)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

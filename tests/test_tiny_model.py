@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,7 @@ def test_build_is_byte_deterministic(model_dir: Path, tmp_path: Path) -> None:
     # Rebuilding in place with force also gives the same bytes and leaves no temp dirs behind.
     build_tiny_model(again, force=True)
     assert _hashes(again) == first
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".again.lock", "again"]
 
 
 def test_build_is_idempotent(model_dir: Path) -> None:
@@ -55,6 +57,45 @@ def test_incomplete_dir_is_rebuilt(tmp_path: Path) -> None:
     assert not is_complete(partial)
     build_tiny_model(partial)
     assert is_complete(partial)
+
+
+# Two threads in each of two fresh interpreters: the way `serve` starts a prefill and a decode worker,
+# and the way two `serve` runs on one machine meet. A fresh interpreter has not imported transformers
+# yet, so the threads' imports race as they do on a first run.
+_BUILD_IN_THREADS = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dynamo_grpc.tiny_model import build_tiny_model
+with ThreadPoolExecutor(2) as pool:
+    print(*pool.map(build_tiny_model, [sys.argv[1]] * 2))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_concurrent_builds_share_one_complete_model(model_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "model"
+    builders = [subprocess.Popen([sys.executable, "-c", _BUILD_IN_THREADS, str(target)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for builder in builders:
+        out, err = builder.communicate(timeout=280)
+        assert builder.returncode == 0, err[-3000:]
+        assert out.split() == [str(target)] * 2
+    assert _hashes(target) == _hashes(model_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]
+
+
+def test_leftover_temp_dir_is_not_taken_for_the_model(model_dir: Path, tmp_path: Path) -> None:
+    # A build that died after writing every file but before its rename.
+    leftover = tmp_path / ".model.partial-dead"
+    leftover.mkdir()
+    for name in _hashes(model_dir):
+        (leftover / name).write_text("half-written")
+    target = tmp_path / "model"
+    assert not is_complete(target)
+    assert build_tiny_model(target) == target
+    assert _hashes(target) == _hashes(model_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]
 
 
 @pytest.mark.parametrize("text", [
