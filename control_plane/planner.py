@@ -413,7 +413,7 @@ def _tensor_parallel_options(model: str, tps: list[int]) -> tuple[list[int], lis
     does_not_fit = f"{weight_gb:g} GB of bf16 weights do not fit one {GPU_MEMORY_GB:g} GB H100"
     if tps == [1]:
         note = (f"TP 1 sizes the calibration's {model} shape, whose weights fit one device; the real model's "
-                f"{does_not_fit} (plan with tp_options=(1, 2, 4, 8) for a fleet that can be deployed)")
+                f"{does_not_fit} (plan with --tp 1 2 4 8 for a fleet that can be deployed)")
         return tps, [note]
     return [tp for tp in tps if tp != 1], [f"TP 1 not searched: the real {model}'s {does_not_fit}"]
 

@@ -265,4 +265,5 @@ def test_a_tensor_parallel_plan_becomes_a_spec_with_its_tp_that_compiles(tp_plan
 def test_tp_one_alone_still_plans_the_calibrated_70b_shape_and_says_it_is_not_the_real_model(
         plan_at_4: PoolPlan) -> None:
     assert plan_at_4.tensor_parallel_size == 1 and plan_at_4.kv_memory_gb == 40
-    assert any("whose weights fit one device" in n for n in plan_at_4.notes)
+    (note,) = [n for n in plan_at_4.notes if "whose weights fit one device" in n]
+    assert "plan with --tp 1 2 4 8" in note  # the flag a user types, not the Python argument
