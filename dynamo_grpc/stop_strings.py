@@ -26,7 +26,8 @@ class StopMatcher:
 
     def push(self, out: EngineOutput) -> tuple[EngineOutput | None, bool]:
         """Take the engine's next output. Returns what may be sent now (earlier held outputs merged into
-        it), and whether a stop string ended here; then the returned text ends where the stop string starts."""
+        it), and whether a stop string ended here; then the returned text stops where the stop string
+        starts."""
         self._held.append(out)
         self._text += out.text
         cut = min((at for at in (self._text.find(stop) for stop in self._stops) if at >= 0), default=None)
@@ -70,20 +71,24 @@ class StopMatcher:
 async def cut_at_stop_strings(outputs: AsyncIterator[EngineOutput], stops: tuple[str, ...],
                               abort: Callable[[], Awaitable[None]]) -> AsyncIterator[EngineOutput]:
     """`outputs` up to the first stop string; then the engine request is aborted and the stream ends with
-    FinishReason.STOP. Usage counts the tokens returned, not those the engine made before the abort landed."""
+    FinishReason.STOP. Usage counts the tokens returned, not those the engine made before the abort landed.
+    Closing this iterator closes `outputs`."""
     matcher = StopMatcher(stops)
-    async for out in outputs:
-        released, stopped = matcher.push(out)
-        if stopped:
-            assert released is not None
-            if released.finish_reason is None:
-                await abort()
-                await _finish_after_abort(outputs, released)
-            released.finish_reason = FinishReason.STOP
-            yield released
-            return
-        if released is not None:
-            yield released
+    try:
+        async for out in outputs:
+            released, stopped = matcher.push(out)
+            if stopped:
+                assert released is not None
+                if released.finish_reason is None:
+                    await abort()
+                    await _finish_after_abort(outputs, released)
+                released.finish_reason = FinishReason.STOP
+                yield released
+                return
+            if released is not None:
+                yield released
+    finally:
+        await outputs.aclose()  # type: ignore[attr-defined]
 
 
 async def _finish_after_abort(outputs: AsyncIterator[EngineOutput], stopped: EngineOutput) -> None:

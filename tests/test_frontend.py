@@ -3,56 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-import httpx
 import openai
 import pytest
 
-from dynamo_grpc.frontend import RunningFrontend, start_frontend
 from dynamo_grpc.openai_protocol import chat_prompt
-from dynamo_grpc.registry import MemoryRegistry
-from dynamo_grpc.roles import start_all_in_one
 from dynamo_grpc.tiny_model import CHAT_TEMPLATE
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
-from tests.cluster import MODEL, Stubs, worker_config
+from tests.cluster import MODEL, Served, openai_frontend, running
 
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
 
 
-@dataclass
-class Served:
-    stubs: Stubs
-    frontend: RunningFrontend
-    client: openai.AsyncOpenAI
-    http: httpx.AsyncClient
-
-    async def metric(self, series: str) -> float:
-        """One series' value from /metrics (0 while it does not exist yet)."""
-        text = (await self.http.get("/metrics")).text
-        match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
-
-
 @pytest.fixture
 async def served() -> AsyncIterator[Served]:
-    registry = MemoryRegistry()
-    deployment = await start_all_in_one(worker_config(), registry)
-    frontend = await start_frontend(deployment.router.endpoint, registry, host="127.0.0.1", port=0)
-    stubs = Stubs(deployment)
-    client = openai.AsyncOpenAI(base_url=f"{frontend.url}/v1", api_key="unused", max_retries=0)
-    http = httpx.AsyncClient(base_url=frontend.url)
-    try:
-        yield Served(stubs, frontend, client, http)
-    finally:
-        await http.aclose()
-        await client.close()
-        await frontend.stop()
-        await stubs.close()
-        await deployment.stop()
-        await registry.close()
+    async with running() as stubs, openai_frontend(stubs) as served:
+        yield served
 
 
 async def grpc_tokens(served: Served, prompt: str | list[int], max_tokens: int) -> list[int]:
@@ -73,7 +40,7 @@ async def test_completion_equals_the_grpc_path(served: Served, prompt: str | lis
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens,
             completion.usage.total_tokens) == (prompt_tokens, 24, prompt_tokens + 24)
     details = completion.usage.prompt_tokens_details
-    assert (details.cached_tokens, details.kv_transferred_tokens) == (0, prompt_tokens)  # KV came from prefill
+    assert (details.cached_tokens, details.kv_transferred_tokens) == (0, prompt_tokens)  # KV from prefill
     assert completion.object == "text_completion" and completion.model == MODEL
 
 
@@ -123,15 +90,9 @@ def test_the_models_own_template_gives_the_plain_prompt() -> None:
 
 async def test_chat_template_shapes_the_prompt(served: Served) -> None:
     template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<bot>"
-    registry = served.stubs.deployment.router.registry
-    frontend = await start_frontend(served.stubs.deployment.router.endpoint, registry, host="127.0.0.1", port=0,
-                                    chat_template=template)
-    try:
-        async with openai.AsyncOpenAI(base_url=f"{frontend.url}/v1", api_key="x", max_retries=0) as client:
-            reply = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                                         max_tokens=4, **GREEDY)
-    finally:
-        await frontend.stop()
+    async with openai_frontend(served.stubs, chat_template=template) as templated:
+        reply = await templated.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, **GREEDY)
     assert reply.usage.prompt_tokens == len("<user>hi<bot>")
     assert reply.choices[0].message.content == bytes(await grpc_tokens(served, "<user>hi<bot>", 4)).decode()
 
