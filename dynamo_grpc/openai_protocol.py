@@ -23,7 +23,7 @@ UINT64 = 2**64
 MAX_N = 8  # choices per request: each is a generation of its own
 MAX_TOP_LOGPROBS = 20  # chat `top_logprobs`, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # completions `logprobs`, as OpenAI
-LOWEST_LOGPROB = -9999.0  # what OpenAI sends for an impossible token: JSON has no -Infinity
+LOWEST_LOGPROB = -9999.0  # stands for -inf, which JSON cannot carry (vLLM's server does the same)
 
 # OpenAI parameters this server does not implement, and the values of each that ask for nothing (accepted).
 NOT_IMPLEMENTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "suffix": ("",),
@@ -245,6 +245,7 @@ def parse_job(body: object, *, chat: bool, chat_template: str | None) -> Job:
 
 
 def _refuse_not_implemented(body: dict[str, Any], n: int) -> None:
+    """A parameter we would otherwise ignore is refused, unless its value asks for nothing."""
     for name, neutral in (*NOT_IMPLEMENTED.items(), ("best_of", (1, n))):
         value = body.get(name)
         if value is not None and value not in neutral:

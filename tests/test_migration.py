@@ -8,9 +8,11 @@ import dataclasses
 
 import grpc
 
+from dynamo_grpc.client import GenerateStream, params
 from dynamo_grpc.config import ServerConfig
 from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.roles import RunningRole, start_all_in_one, start_decode
+from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
 from tests.cluster import MODEL, Stubs, rpc_failure, worker_config
@@ -65,6 +67,41 @@ async def test_a_request_survives_its_decode_worker_dying() -> None:
 
         code, _ = await rpc_failure(kill_after_first_tokens())
         assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    finally:
+        await stubs.close()
+        await spare.stop()
+        await deployment.stop()
+        await registry.close()
+
+
+async def test_stop_strings_still_cut_the_text_after_a_migration() -> None:
+    registry = MemoryRegistry()
+    config = worker_config(decode_step_s=0.004)
+    deployment = await start_all_in_one(config, registry)
+    spare = await start_decode(dataclasses.replace(config, server=ServerConfig(port=0)), registry)
+    await asyncio.sleep(0.1)
+    stubs = Stubs(deployment)
+    try:
+        full = await stubs.router.generate(PROMPT, model=MODEL, max_tokens=MAX_TOKENS,
+                                           ignore_eos=True).collect()
+        stop = full.text[100:103]
+        request = params(PROMPT, model=MODEL, max_tokens=MAX_TOKENS, ignore_eos=True)
+        request.sampling.stop.append(stop)
+        tokens: list[int] = []
+        text, completion, lost = "", None, None
+        async for response in GenerateStream(stubs.router.stub, "stop-after-migration", request):
+            if response.HasField("completion"):
+                completion = response.completion
+                continue
+            tokens += response.tokens.token_ids
+            text += response.tokens.text
+            if lost is None and len(tokens) >= 20:
+                lost = await busy_worker(deployment.decode, spare)
+                await lost.server.server.stop(0)
+        assert lost is not None and completion is not None and completion.decode_worker_id != lost.worker_id
+        # The resuming worker matches on its own text; what was relayed before could not start a match.
+        assert text == full.text[:full.text.index(stop)] and completion.finish_reason == pb.FINISH_REASON_STOP
+        assert tokens == full.token_ids[:len(tokens)] and completion.usage.completion_tokens == len(tokens)
     finally:
         await stubs.close()
         await spare.stop()
