@@ -174,5 +174,5 @@ async def test_cached_tokens_count_prefix_cache_hits_only(served: Served) -> Non
     prompt_tokens = again.usage.prompt_tokens
     assert prompt_tokens > 2 * BLOCK_SIZE and first.usage.prompt_tokens_details.cached_tokens == 0
     cached = again.usage.prompt_tokens_details.cached_tokens
-    assert cached == (prompt_tokens - 1) // BLOCK_SIZE * BLOCK_SIZE  # the whole blocks the prefill worker kept
+    assert cached == (prompt_tokens - 1) // BLOCK_SIZE * BLOCK_SIZE  # whole blocks the prefill worker kept
     assert again.usage.prompt_tokens_details.kv_transferred_tokens == prompt_tokens
