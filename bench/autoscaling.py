@@ -33,8 +33,7 @@ from control_plane.compiler import compile_spec
 from control_plane.spec import parse_spec
 from control_plane.supervisor import Supervisor
 from dynamo_grpc.client import RouterClient
-from dynamo_grpc.fleet import SCALE_DOCUMENT
-from dynamo_grpc.registry import EtcdRegistry
+from dynamo_grpc.registry import SCALE_DOCUMENT, EtcdRegistry
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from tests.etcd_server import EtcdServer, free_port

@@ -18,7 +18,8 @@ import sys
 import time
 
 from dynamo_grpc.fleetsim import KV_MEMORY_GB, FleetShape, run_virtual, simulate
-from dynamo_grpc.loadgen import Lengths, Objectives, Workload, summarize
+from dynamo_grpc.loadgen import Lengths, Workload, summarize
+from dynamo_grpc.slo import Objectives
 
 ATTAINMENT = 0.9
 RATE_PER_GPU_BOUNDS = (0.02, 2.0)

@@ -17,8 +17,8 @@ import uuid
 
 import torch
 
-from dynamo_grpc import shm
 from dynamo_grpc.engine.kv_blocks import block_major, load_blocks, save_blocks
+from dynamo_grpc.kv import shm
 
 # Llama-3-8B: 32 layers, 8 KV heads of 128, bfloat16 = 128 KiB per token.
 LAYERS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 32, 8, 128, 16

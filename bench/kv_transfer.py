@@ -2,7 +2,7 @@
 
 Every transfer starts from KV a prefill worker holds and ends in memory of the decode side:
 - gRPC: a prefill worker process holds the bytes in its leased store and serves KvTransferService;
-  this process pulls them with the decode side's `KvPuller` (chunk stream, size and CRC-32 checks).
+  this process pulls them with the decode side's gRPC transport (chunk stream, size and CRC-32 checks).
   Reference: the same bytes over a raw loopback TCP socket from another process.
 - shm (same host): the decode side links the held segment under its own name and copies its blocks
   into a paged KV cache (`kv_blocks.load_blocks`, what our vLLM connector runs). Reference: memcpy
@@ -26,13 +26,13 @@ import uuid
 
 import torch
 
-from dynamo_grpc import shm
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.engine.kv_blocks import load_blocks, save_blocks
-from dynamo_grpc.kv_client import KvPuller
-from dynamo_grpc.kv_store import LeasedKvStore
+from dynamo_grpc.kv import shm
+from dynamo_grpc.kv.store import LeasedKvStore
+from dynamo_grpc.kv.transport import GrpcTransport
+from dynamo_grpc.kv.wire import SERVICE, add_kv_transfer_service
 from dynamo_grpc.kv_transfer_service import KvTransferServicer
-from dynamo_grpc.kv_wire import SERVICE, add_kv_transfer_service
 from dynamo_grpc.server import ServiceBinding, start_server
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -82,11 +82,11 @@ def socket_receive(port: int, buffer: bytearray) -> float:
 
 async def grpc_pulls(handles: list[pb.KvHandle], buffer: bytearray) -> list[float]:
     channels = ChannelPool()
-    puller = KvPuller(channels, fingerprint="bench")
+    puller = GrpcTransport(channels)
     times = []
     for i, handle in enumerate(handles):
         started = time.perf_counter()
-        await puller.pull(handle, request_id=f"bench-{i}", into=lambda size: buffer)
+        await puller.pull(handle, fingerprint="bench", request_id=f"bench-{i}", into=lambda size: buffer)
         times.append(time.perf_counter() - started)
         await puller.release(handle, request_id=f"bench-{i}")
     await channels.close()

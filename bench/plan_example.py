@@ -18,7 +18,7 @@ import time
 
 from control_plane.planner import PlannerWorkload, plan_pools, pool_plan_to_spec
 from control_plane.spec import dump_spec
-from dynamo_grpc.loadgen import Objectives
+from dynamo_grpc.slo import Objectives
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ import time
 
 from dynamo_grpc.config import ROUTING_POLICIES
 from dynamo_grpc.fleetsim import FleetShape, run_fleet, run_virtual
-from dynamo_grpc.loadgen import Lengths, Objectives, Workload, summarize
+from dynamo_grpc.loadgen import Lengths, Workload, summarize
+from dynamo_grpc.slo import Objectives
 
 PREFIXES, PREFIX_TOKENS, QUESTION_TOKENS, OUTPUT_TOKENS = 64, 2048, 128, 128
 

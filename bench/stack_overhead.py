@@ -45,6 +45,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 
+from control_plane.deployment import start_all_in_one
 from dynamo_grpc.channels import CHANNEL_OPTIONS
 from dynamo_grpc.client import RouterClient, params
 from dynamo_grpc.config import EngineConfig, ServerConfig, WorkerConfig
@@ -63,7 +64,7 @@ from dynamo_grpc.loadgen import (
     summarize,
 )
 from dynamo_grpc.registry import MemoryRegistry
-from dynamo_grpc.roles import start_all_in_one, start_router
+from dynamo_grpc.roles import start_router
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc

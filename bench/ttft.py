@@ -22,17 +22,17 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from control_plane.deployment import Deployment, start_all_in_one
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.client import RouterClient, params
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
 from dynamo_grpc.registry import MemoryRegistry
-from dynamo_grpc.roles import Deployment, start_all_in_one
 from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR, build_tiny_model
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
-from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
+from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
 
 MODEL = "tiny-llama"

@@ -10,13 +10,82 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
-from dynamo_grpc.loadgen import Objectives
+from dynamo_grpc.slo import Objectives
 
 if TYPE_CHECKING:
     from control_plane.planner import PoolPlan
+
+
+def _knob(default: float, help: str, *, flag: str = "", zero: str = "", at_most: float | None = None) -> Any:
+    """A field of `AutoscalingTuning`: its default, what it does (the flag's help), how a deployment sets it.
+
+    `flag` is the control plane's flag for it; without one the knob is the autoscaler's own and not in
+    the spec. `zero` says what 0 means ("": 0 is not allowed); `at_most` bounds a share.
+    """
+    return field(default=default, metadata={"help": help, "flag": flag, "zero": zero, "at_most": at_most})
+
+
+@dataclass(frozen=True)
+class AutoscalingTuning:
+    """How eagerly the pools follow the load: every autoscaling knob and its default, defined once.
+
+    A knob with a flag is a field of the spec's `autoscaling` section under its own name and a flag of
+    `dynamo-grpc control-plane` (`tuning_knobs`), so adding one here adds it to both.
+    """
+
+    target_utilisation: float = _knob(
+        0.8, "share of each worker's rate a pool is sized to carry (at most 1)",
+        flag="autoscale-target-utilisation", at_most=1.0)
+    """Below 1 leaves room for bursts and for rates that are estimates; `dynamo-grpc plan --autoscale`
+    writes 1 with rates its simulation verified."""
+    interval_s: float = _knob(
+        10.0, "how often to sample the workers", flag="autoscale-interval-s")
+    rate_window_s: float = _knob(
+        30.0, "the arrival rate is averaged over this long (shorter: follows bursts sooner, swings more)",
+        flag="autoscale-rate-window-s")
+    scale_down_cooldown_s: float = _knob(
+        300.0, "a smaller pool must have been enough for this long before workers stop",
+        flag="scale-down-cooldown-s", zero="at once")
+    settle_s: float = _knob(
+        60.0, "after adding a worker for a missed objective, wait this long before adding another",
+        flag="scale-up-settle-s", zero="at once")
+    idle_to_zero_s: float = _knob(
+        600.0, "no traffic for this long stops every worker (0: never)", flag="idle-to-zero-s", zero="never")
+    scale_down_band: float = _knob(
+        0.15, "extra headroom, as a share of the rate, that a smaller pool must have before a pool shrinks "
+        "to it, so noise around a threshold does not move a pool back and forth")
+    max_queue_per_worker: float = _knob(
+        4.0, "waiting requests per worker that make a pool short of workers, whatever the latencies")
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A knob of `AutoscalingTuning` that deployments set: spec field `name`, control plane flag `--flag`."""
+
+    name: str
+    flag: str
+    default: float
+    help: str
+    zero: str
+    """What 0 means; "": 0 is not allowed."""
+    at_most: float | None
+
+    def problem(self, value: float) -> str:
+        """What is wrong with `value` for this knob on the command line; "" when nothing is."""
+        if self.at_most is not None and not 0 < value <= self.at_most:
+            return f"must be in (0, {self.at_most:g}]"
+        if value < 0 or (value == 0 and not self.zero):
+            return "must not be negative" if self.zero else "must be positive"
+        return ""
+
+
+def tuning_knobs() -> tuple[Knob, ...]:
+    """The knobs of `AutoscalingTuning` that have a flag, in field order."""
+    return tuple(Knob(name=f.name, default=f.default, **f.metadata) for f in fields(AutoscalingTuning)
+                 if f.metadata["flag"])
 
 
 @dataclass(frozen=True)
@@ -83,23 +152,19 @@ class PoolAutoscaler:
       The prefill pool returns with the next metrics that show load.
     """
 
-    def __init__(self, capacity: PoolCapacity, objectives: Objectives, *, clock: Callable[[], float] = time.monotonic,
-                 target_utilisation: float = 0.8, scale_down_band: float = 0.15,
-                 scale_down_cooldown_s: float = 300.0, settle_s: float = 60.0, idle_to_zero_s: float = 600.0,
-                 max_queue_per_worker: float = 4.0, max_prefill: int = 64, max_decode: int = 64) -> None:
+    def __init__(self, capacity: PoolCapacity, objectives: Objectives,
+                 tuning: AutoscalingTuning = AutoscalingTuning(), *,
+                 clock: Callable[[], float] = time.monotonic, max_prefill: int = 64,
+                 max_decode: int = 64) -> None:
         if capacity.prefill_rps <= 0 or capacity.decode_rps <= 0:
             raise ValueError("pool capacities must be positive")
-        if not 0 < target_utilisation <= 1 or not 0 <= scale_down_band < 1:
+        if not 0 < tuning.target_utilisation <= 1 or not 0 <= tuning.scale_down_band < 1:
             raise ValueError("target_utilisation must be in (0, 1] and scale_down_band in [0, 1)")
         self.capacity = capacity
         self.objectives = objectives
+        self.tuning = tuning
         self._clock = clock
-        self._utilisation = target_utilisation
-        self._band = scale_down_band
-        self._cooldown_s = scale_down_cooldown_s
-        self._settle_s = settle_s
-        self._idle_to_zero_s = idle_to_zero_s
-        self._max_queue = max_queue_per_worker
+        self._idle_to_zero_s = tuning.idle_to_zero_s or math.inf  # 0: never
         self._limits = {"prefill": max_prefill, "decode": max_decode}
         self._pools: dict[str, _PoolState] | None = None
         self._last_traffic = clock()
@@ -139,22 +204,23 @@ class PoolAutoscaler:
         itl_missed = metrics.itl_p90_ms is not None and metrics.itl_p90_ms > self.objectives.itl_ms
         queues = {"prefill": metrics.prefill_queue, "decode": metrics.decode_queue}
         queue_per_worker = {role: queues[role] / max(1, pools[role].workers) for role in pools}
-        short_of = {role: queue_per_worker[role] > self._max_queue for role in pools}
+        short_of = {role: queue_per_worker[role] > self.tuning.max_queue_per_worker for role in pools}
         if ttft_missed:  # the first token waits on whichever pool is queueing more
             short_of[max(("prefill", "decode"), key=lambda role: queue_per_worker[role])] = True
         if itl_missed:
             short_of["decode"] = True
         missed = ttft_missed or itl_missed
 
+        utilisation, band = self.tuning.target_utilisation, self.tuning.scale_down_band
         reasons = []
         for role, per_worker in (("prefill", self.capacity.prefill_rps), ("decode", self.capacity.decode_rps)):
             state = pools[role]
             floor = 1 if role == "decode" else 0
-            needed = max(floor, _workers_for(metrics.arrival_rate / (per_worker * self._utilisation)))
-            enough_after_down = max(floor, _workers_for(
-                metrics.arrival_rate / (per_worker * self._utilisation * (1 - self._band))))
+            needed = max(floor, workers_for(metrics.arrival_rate / (per_worker * utilisation)))
+            enough_after_down = max(floor, workers_for(
+                metrics.arrival_rate / (per_worker * utilisation * (1 - band))))
             target = needed
-            if short_of[role] and now - state.last_scale_up >= self._settle_s:
+            if short_of[role] and now - state.last_scale_up >= self.tuning.settle_s:
                 target = max(target, state.workers + 1)
             target = min(target, self._limits[role])
             if target > state.workers:
@@ -168,7 +234,7 @@ class PoolAutoscaler:
                 if state.lower_since is None:
                     state.lower_since, state.lower_target = now, enough_after_down
                 state.lower_target = max(state.lower_target, enough_after_down)
-                if now - state.lower_since >= self._cooldown_s:
+                if now - state.lower_since >= self.tuning.scale_down_cooldown_s:
                     reasons.append(f"{role} {state.workers} -> {state.lower_target} (enough for "
                                    f"{now - state.lower_since:.0f} s)")
                     pools[role] = _PoolState(state.lower_target, last_scale_up=state.last_scale_up)
@@ -183,6 +249,6 @@ class PoolAutoscaler:
         return self._pools
 
 
-def _workers_for(load: float) -> int:
+def workers_for(load: float) -> int:
     """Workers that carry `load` worker-loads; float noise (3.0000000001) does not add one."""
     return math.ceil(load - 1e-9)

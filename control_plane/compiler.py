@@ -19,15 +19,11 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from control_plane.pairing import compute_pairings
-from control_plane.spec import (
-    KV_LAYOUT_ARGS,
-    PoolSpec,
-    Spec,
-    engine_arg_defaults,
-    engine_takes_tensor_parallel,
-    pool_placement,
-)
+from control_plane.autoscaler import tuning_knobs
+from control_plane.spec import PoolSpec, Spec, engine_arg_defaults, pool_placement
+from dynamo_grpc.engine.registry import ENGINES
+from dynamo_grpc.routing.pairing import compute_pairings
+from dynamo_grpc.routing.policies import routing_policy
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
@@ -139,7 +135,8 @@ def compile_spec(spec: Spec) -> Plan:
         command = _server_command(spec, role, host, port)
         if role == "router":
             command = (*command, "--policy", spec.router.policy)
-            if spec.router.policy == "kv_aware" and spec.model.engine == "vllm":
+            kind = ENGINES[spec.model.engine]
+            if routing_policy(spec.router.policy).uses_prefix_cache and kind.tokenize_text is None:
                 command = (*command, "--tokenizer", spec.model.path)  # to look text prompts up
             if spec.router.min_uncached_tokens:
                 command = (*command, "--disagg-min-prompt-tokens", str(spec.router.min_uncached_tokens))
@@ -163,11 +160,12 @@ EXTRA = "extra."
 
 
 def _resolved_engine_args(spec: Spec, pool: PoolSpec) -> dict[str, Any]:
-    args: dict[str, Any] = {"served_model_name": spec.model.served_name}
-    if spec.model.engine == "vllm":
-        args["model_path"] = spec.model.path
+    kind = ENGINES[spec.model.engine]
+    args: dict[str, Any] = {kind.served_name_field: spec.model.served_name}
+    if kind.model_path_field:
+        args[kind.model_path_field] = spec.model.path
     args.update(spec.engine_args_for(pool))
-    # Engine arguments without a worker flag of their own, passed through as `--vllm-arg`.
+    # Engine arguments without a worker flag of their own, passed through (`--vllm-arg`).
     args.update({f"{EXTRA}{name}": value for name, value in {**spec.model.extra_engine_args,
                                                               **pool.extra_engine_args}.items()})
     return args
@@ -185,18 +183,19 @@ def _engine_flags(spec: Spec, pool: PoolSpec, engine_args: dict[str, Any]) -> tu
     """--engine, the model, the engine arguments in the engine config's field order, the pool's TP where
     the engine takes it, then KV transfer (both settings on both roles: a worker ignores the one that is
     not its own)."""
-    flags = ["--engine", spec.model.engine]
-    if spec.model.engine == "vllm":
-        flags += ["--model-path", spec.model.path]
+    kind = ENGINES[spec.model.engine]
+    flags = ["--engine", kind.name]
+    if kind.model_path_field:
+        flags += [f"--{kind.model_path_field.replace('_', '-')}", spec.model.path]
     flags += ["--model", spec.model.served_name]
-    for name in engine_arg_defaults(spec.model.engine):
+    for name in engine_arg_defaults(kind.name):
         if name in engine_args:
             flags += [f"--{name.replace('_', '-')}", _flag_value(engine_args[name])]
-    if pool.tensor_parallel_size > 1 and engine_takes_tensor_parallel(spec.model.engine):
+    if pool.tensor_parallel_size > 1 and kind.takes_tensor_parallel:
         flags += ["--tensor-parallel-size", str(pool.tensor_parallel_size)]
-    if spec.model.engine == "vllm":
+    if kind.passthrough is not None:
         flags += [flag for name, value in engine_args.items() if name.startswith(EXTRA)
-                  for flag in ("--vllm-arg", f"{name.removeprefix(EXTRA)}={_flag_value(value)}")]
+                  for flag in (f"--{kind.passthrough.flag}", f"{name.removeprefix(EXTRA)}={_flag_value(value)}")]
     flags += ["--kv-ttl-s", _flag_value(spec.transfer.kv_ttl_s), "--kv-pull-failure", spec.transfer.on_pull_failure]
     return tuple(flags)
 
@@ -207,11 +206,9 @@ def _autoscaling_flags(spec: Spec) -> tuple[str, ...]:
     assert scaling is not None and slo.ttft_ms is not None and slo.itl_ms is not None
     flags = {"autoscale-prefill-rps": scaling.prefill_requests_per_s, "autoscale-decode-rps":
              scaling.decode_requests_per_s, "autoscale-max-prefill": spec.prefill.workers,
-             "autoscale-max-decode": spec.decode.workers, "autoscale-target-utilisation": scaling.target_utilisation,
-             "slo-ttft-ms": slo.ttft_ms, "slo-itl-ms": slo.itl_ms,
-             "autoscale-interval-s": scaling.interval_s, "autoscale-rate-window-s": scaling.rate_window_s,
-             "scale-down-cooldown-s": scaling.scale_down_cooldown_s,
-             "scale-up-settle-s": scaling.settle_s, "idle-to-zero-s": scaling.idle_to_zero_s}
+             "autoscale-max-decode": spec.decode.workers, "slo-ttft-ms": slo.ttft_ms,
+             "slo-itl-ms": slo.itl_ms}
+    flags.update({knob.flag: getattr(scaling.tuning, knob.name) for knob in tuning_knobs()})
     return tuple(part for name, value in flags.items() for part in (f"--{name}", _flag_value(value)))
 
 
@@ -233,9 +230,10 @@ def _server_command(spec: Spec, role: str, host: str, port: int) -> tuple[str, .
 def _initial_pairings(spec: Spec, processes: list[PlannedProcess]) -> tuple[tuple[str, str, bool], ...]:
     """The control plane's first table, from the same rule it applies to live workers."""
     defaults = engine_arg_defaults(spec.model.engine)
+    layout_args = ENGINES[spec.model.engine].kv_layout_args
 
     def fingerprint(p: PlannedProcess) -> str:
-        layout = "/".join(f"{k}={p.engine_args.get(k, defaults[k])}" for k in KV_LAYOUT_ARGS if k in defaults)
+        layout = "/".join(f"{k}={p.engine_args.get(k, defaults[k])}" for k in layout_args)
         return f"{spec.model.engine}/{spec.model.served_name}/{layout}/tp{p.tensor_parallel_size}"
 
     infos = [pb.WorkerInfo(worker_id=p.id, role=_ROLE_ENUM[p.role], host=p.host, model=spec.model.served_name,
@@ -251,10 +249,10 @@ def _notes(spec: Spec, pairings: tuple[tuple[str, str, bool], ...]) -> list[str]
     if not spec.prefill.workers:
         notes.append("prefill.workers is 0: aggregated serving, each decode worker prefills its own prompts")
     tp = spec.decode.tensor_parallel_size
-    if tp > 1 and not engine_takes_tensor_parallel(spec.model.engine):
+    if tp > 1 and not ENGINES[spec.model.engine].takes_tensor_parallel:
         notes.append(f"tensor_parallel_size {tp}: each worker gets {tp} GPUs in CUDA_VISIBLE_DEVICES, but a "
                      f"{spec.model.engine} worker runs one rank (the KV connector moves one rank's blocks)")
-    if spec.router.min_uncached_tokens and spec.router.policy != "kv_aware":
+    if spec.router.min_uncached_tokens and not routing_policy(spec.router.policy).uses_prefix_cache:
         notes.append(f"min_uncached_tokens {spec.router.min_uncached_tokens} counts every prompt token as "
                      f"uncached: only the kv_aware policy knows what workers cache")
     if spec.autoscaling is not None:
@@ -265,9 +263,9 @@ def _notes(spec: Spec, pairings: tuple[tuple[str, str, bool], ...]) -> list[str]
         notes.append("SLO targets are recorded for sizing; nothing enforces them at run time (add autoscaling)")
     for where, extra in (("model", spec.model.extra_engine_args), ("prefill", spec.prefill.extra_engine_args),
                          ("decode", spec.decode.extra_engine_args)):
-        if extra and spec.model.engine != "vllm":
+        if extra and ENGINES[spec.model.engine].passthrough is None:
             listed = ", ".join(f"{k}={_flag_value(v)}" for k, v in extra.items())
-            notes.append(f"{where}.engine_args.extra not passed (only vLLM workers take them): {listed}")
+            notes.append(f"{where}.engine_args.extra not passed ({spec.model.engine} workers take none): {listed}")
     remote = sum(1 for *_, same in pairings if not same)
     if remote:
         notes.append(f"{remote} of {len(pairings)} pairs span hosts and move KV over gRPC (PullKv)")

@@ -7,12 +7,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from control_plane.controller import PairingController
-from dynamo_grpc.fleet import SCALE_DOCUMENT
-from dynamo_grpc.registry import Registry
+from dynamo_grpc.registry import PLAN_DOCUMENT, SCALE_DOCUMENT, Registry
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
-
-PLAN_DOCUMENT = "plan"
 
 
 class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):

@@ -6,9 +6,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from control_plane.pairing import compute_pairings
-from dynamo_grpc.fleet import PAIRINGS_DOCUMENT
-from dynamo_grpc.registry import Registry
+from dynamo_grpc.registry import PAIRINGS_DOCUMENT, Registry
+from dynamo_grpc.routing.pairing import compute_pairings
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
 log = logging.getLogger(__name__)

@@ -18,58 +18,160 @@ So `vllm serve meta-llama/Llama-3.1-8B-Instruct -tp 8` becomes 4 prefill + 4 dec
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
 from control_plane.spec import Spec, spec_from_dict
+from dynamo_grpc.engine.registry import VLLM
 
+VLLM_PROGRAM = "vllm"
+"""The command name of `vllm serve`."""
 API_SERVER_MODULES = ("vllm.entrypoints.openai.api_server", "vllm.entrypoints.api_server")
 DEFAULT_GPU_MEMORY_GIB = 80.0
 # How much of a worker's GPU memory the weights may take; the rest is KV cache and activations.
 WEIGHT_SHARE = 0.5
 
-# vLLM flag -> (engine argument, type). Kept on both pools.
-ENGINE_FLAGS: dict[str, tuple[str, type]] = {
-    "dtype": ("dtype", str),
-    "max-model-len": ("max_model_len", int),
-    "max-num-seqs": ("max_num_seqs", int),
-    "max-num-batched-tokens": ("max_num_batched_tokens", int),
-    "block-size": ("block_size", int),
-    "enforce-eager": ("enforce_eager", bool),
-}
-FRONTEND_FLAGS = (
-    "host", "port", "uds", "api-key", "allowed-origins", "allowed-methods", "allowed-headers", "allow-credentials",
-    "ssl-keyfile", "ssl-certfile", "ssl-ca-certs", "ssl-cert-reqs", "root-path", "middleware", "uvicorn-log-level",
-    "disable-uvicorn-access-log", "chat-template", "chat-template-content-format", "response-role",
-    "return-tokens-as-token-ids", "disable-frontend-multiprocessing", "enable-request-id-headers",
-    "enable-auto-tool-choice", "tool-call-parser", "tool-parser-plugin", "reasoning-parser",
-    "enable-prompt-tokens-details", "enable-server-load-tracking", "disable-fastapi-docs", "api-server-count",
-    "log-config-file", "max-log-len", "disable-log-requests", "enable-log-requests", "headless",
-)
-# Flags this translation replaces, with why.
-REPLACED_FLAGS = {
-    "tensor-parallel-size": "replaced by the pools' tensor_parallel_size (see the sizing note)",
-    "pipeline-parallel-size": "pipeline parallelism is not supported; the pools use tensor parallelism only",
-    "data-parallel-size": "replaced by the prefill and decode pools (several workers each)",
-    "kv-transfer-config": "dynamo-grpc configures its own KV connector",
-    "kv-connector": "dynamo-grpc configures its own KV connector",
-    "distributed-executor-backend": "each worker is one process; the backend follows from its TP",
-    "disable-log-stats": "workers always collect engine stats (they report KV usage)",
-    "config": "read the config file's settings into flags first; its contents are not seen here",
-    "device": "the spec's hosts say which devices exist",
-}
-BOOLEAN_FLAGS = {
-    "enforce-eager", "trust-remote-code", "enable-prefix-caching", "enable-chunked-prefill", "disable-log-stats",
-    "disable-custom-all-reduce", "enable-lora", "disable-sliding-window", "skip-tokenizer-init",
-    "enable-sleep-mode", "disable-async-output-proc", "enable-expert-parallel", "async-scheduling",
-    "allow-credentials", "disable-uvicorn-access-log", "return-tokens-as-token-ids",
-    "disable-frontend-multiprocessing", "enable-request-id-headers", "enable-auto-tool-choice",
-    "enable-prompt-tokens-details", "enable-server-load-tracking", "disable-fastapi-docs",
-    "disable-log-requests", "enable-log-requests", "headless",
-}
 SHORT_ALIASES = {"-tp": "tensor-parallel-size", "-pp": "pipeline-parallel-size", "-dp": "data-parallel-size"}
 BYTES_PER_PARAMETER = {"float32": 4.0, "float": 4.0, "float16": 2.0, "half": 2.0, "bfloat16": 2.0, "auto": 2.0}
 QUANTIZED_BYTES = {"fp8": 1.0, "int8": 1.0, "awq": 0.5, "gptq": 0.5, "bitsandbytes": 0.5, "gguf": 0.5}
+
+
+@dataclass
+class Translation:
+    """What the flags of one command line have said so far."""
+
+    model: str
+    """The positional model, or the first `--model`."""
+    gpus: int | None
+    """The node's GPUs where given (0 after `--device cpu`); None: from the parallel sizes."""
+    notes: list[str] = field(default_factory=list)
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Kept verbatim for `model.engine_args.extra`, by engine argument name."""
+    parallel: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SHORT_ALIASES.values(), 1))
+    served_name: str = ""
+    quantization: str = ""
+
+
+@dataclass(frozen=True)
+class VllmFlag:
+    """What the translation does with one vLLM flag: `apply(translation, flag, value)`."""
+
+    apply: Callable[[Translation, str, Any], None]
+    boolean: bool = False
+    """Takes no value (`--flag` alone means true; `--flag=false` is allowed)."""
+    negatable: bool = False
+    """`--no-flag` applies this flag with false; otherwise `--no-flag` is a flag of its own."""
+
+
+def _engine_arg(arg: str, kind: type) -> VllmFlag:
+    """Kept on both pools as engine argument `arg`."""
+    def apply(translation: Translation, flag: str, value: Any) -> None:
+        translation.engine_args[arg] = _convert(flag, value, kind)
+    return VllmFlag(apply, boolean=kind is bool, negatable=kind is bool)
+
+
+def _keep_verbatim(translation: Translation, flag: str, value: Any) -> None:
+    """Kept under `model.engine_args.extra`; workers pass it to vLLM, which checks it."""
+    translation.extra[flag.replace("-", "_")] = value
+    translation.notes.append(f"--{flag} kept verbatim under model.engine_args.extra; workers get it as "
+                             f"--vllm-arg {flag.replace('-', '_')}=…")
+
+
+def _dropped(why: str, *, boolean: bool = False) -> VllmFlag:
+    """Dropped, with a note that says why."""
+    def apply(translation: Translation, flag: str, value: Any) -> None:
+        translation.notes.append(f"--{flag} dropped: {why}")
+    return VllmFlag(apply, boolean=boolean)
+
+
+def _parallel(dropped_because: str = "") -> VllmFlag:
+    """A parallel size: the command's GPU count (TP x PP x DP) sizes the node; the pools replace it."""
+    def apply(translation: Translation, flag: str, value: Any) -> None:
+        translation.parallel[flag] = _convert(flag, value, int)
+        if dropped_because and translation.parallel[flag] > 1:
+            translation.notes.append(f"--{flag} {value} dropped: {dropped_because}")
+    return VllmFlag(apply)
+
+
+def _model(translation: Translation, flag: str, value: Any) -> None:
+    if translation.model and value != translation.model:
+        translation.notes.append(f"--model {value} dropped: the positional model {translation.model} wins")
+    translation.model = translation.model or str(value)
+
+
+def _served_model_name(translation: Translation, flag: str, value: Any) -> None:
+    names = str(value).split()
+    if not names:
+        raise ValueError("--served-model-name needs a name, e.g. --served-model-name llama-3-8b")
+    translation.served_name = names[0]
+    if len(names) > 1:
+        translation.notes.append(f"--served-model-name: only the first name ({names[0]}) is served; "
+                                 f"dropped {', '.join(names[1:])}")
+
+
+def _device(translation: Translation, flag: str, value: Any) -> None:
+    if str(value) == "cpu" and translation.gpus is None:
+        translation.gpus = 0
+        translation.notes.append("--device cpu: the spec's host is a CPU host (gpus: 0)")
+    else:
+        translation.notes.append(f"--{flag} dropped: the spec's hosts say which devices exist")
+
+
+def _quantization(translation: Translation, flag: str, value: Any) -> None:
+    translation.quantization = str(value)  # sizes the weights
+    _keep_verbatim(translation, flag, value)
+
+
+_KEPT_SWITCH = VllmFlag(_keep_verbatim, boolean=True)
+_FRONTEND = ("a setting of vLLM's OpenAI HTTP frontend; clients reach the router's gRPC RouterService on "
+             "router.port")
+_KV_CONNECTOR = "dynamo-grpc configures its own KV connector"
+
+VLLM_FLAGS: dict[str, VllmFlag] = {
+    "model": VllmFlag(_model),
+    "served-model-name": VllmFlag(_served_model_name),
+    # Kept on both pools.
+    "dtype": _engine_arg("dtype", str),
+    "max-model-len": _engine_arg("max_model_len", int),
+    "max-num-seqs": _engine_arg("max_num_seqs", int),
+    "max-num-batched-tokens": _engine_arg("max_num_batched_tokens", int),
+    "block-size": _engine_arg("block_size", int),
+    "enforce-eager": _engine_arg("enforce_eager", bool),
+    # Replaced by the pools: TP caps their TP (see the sizing note); PP and DP are dropped.
+    "tensor-parallel-size": _parallel(),
+    "pipeline-parallel-size": _parallel("pipeline parallelism is not supported; the pools use tensor "
+                                        "parallelism only"),
+    "data-parallel-size": _parallel("replaced by the prefill and decode pools (several workers each)"),
+    "device": VllmFlag(_device),
+    # Replaced by what dynamo-grpc does itself.
+    "kv-transfer-config": _dropped(_KV_CONNECTOR),
+    "kv-connector": _dropped(_KV_CONNECTOR),
+    "distributed-executor-backend": _dropped("each worker is one process; the backend follows from its TP"),
+    "disable-log-stats": _dropped("workers always collect engine stats (they report KV usage)", boolean=True),
+    "config": _dropped("read the config file's settings into flags first; its contents are not seen here"),
+    # Kept verbatim, as is every flag not named here; these take no value.
+    "quantization": VllmFlag(_quantization),
+    **dict.fromkeys((
+        "trust-remote-code", "enable-prefix-caching", "enable-chunked-prefill", "disable-custom-all-reduce",
+        "enable-lora", "disable-sliding-window", "skip-tokenizer-init", "enable-sleep-mode",
+        "disable-async-output-proc", "enable-expert-parallel", "async-scheduling"), _KEPT_SWITCH),
+    # vLLM's OpenAI HTTP frontend: the router replaces it.
+    **dict.fromkeys((
+        "host", "port", "uds", "api-key", "allowed-origins", "allowed-methods", "allowed-headers",
+        "ssl-keyfile", "ssl-certfile", "ssl-ca-certs", "ssl-cert-reqs", "root-path", "middleware",
+        "uvicorn-log-level", "chat-template", "chat-template-content-format", "response-role",
+        "tool-call-parser", "tool-parser-plugin", "reasoning-parser", "api-server-count", "log-config-file",
+        "max-log-len"), _dropped(_FRONTEND)),
+    **dict.fromkeys((
+        "allow-credentials", "disable-uvicorn-access-log", "return-tokens-as-token-ids",
+        "disable-frontend-multiprocessing", "enable-request-id-headers", "enable-auto-tool-choice",
+        "enable-prompt-tokens-details", "enable-server-load-tracking", "disable-fastapi-docs",
+        "disable-log-requests", "enable-log-requests", "headless"), _dropped(_FRONTEND, boolean=True)),
+}
+"""Every vLLM flag the translation knows, by name with dashes; any other is kept verbatim."""
 
 
 def spec_from_vllm(argv: list[str], *, gpus: int | None = None, host_name: str = "node-0",
@@ -81,72 +183,23 @@ def spec_from_vllm(argv: list[str], *, gpus: int | None = None, host_name: str =
     Raises ValueError for a command line this cannot read.
     """
     model_tag, flags = _parse_command(argv)
-    notes: list[str] = []
-    engine_args: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    parallel = {"tensor-parallel-size": 1, "pipeline-parallel-size": 1, "data-parallel-size": 1}
-    served_name = ""
-    quantization = ""
+    translation = Translation(model=model_tag, gpus=gpus)
     for flag, value in flags:
-        if flag == "model":
-            if model_tag and value != model_tag:
-                notes.append(f"--model {value} dropped: the positional model {model_tag} wins")
-            model_tag = model_tag or str(value)
-        elif flag in ENGINE_FLAGS:
-            arg, kind = ENGINE_FLAGS[flag]
-            engine_args[arg] = _convert(flag, value, kind)
-        elif flag.startswith("no-") and flag[3:] in ENGINE_FLAGS and ENGINE_FLAGS[flag[3:]][1] is bool:
-            engine_args[ENGINE_FLAGS[flag[3:]][0]] = False
-        elif flag == "served-model-name":
-            names = str(value).split()
-            served_name = names[0]
-            if len(names) > 1:
-                notes.append(f"--served-model-name: only the first name ({served_name}) is served; "
-                             f"dropped {', '.join(names[1:])}")
-        elif flag in parallel:
-            parallel[flag] = _convert(flag, value, int)
-            if flag != "tensor-parallel-size" and parallel[flag] > 1:
-                notes.append(f"--{flag} {value} dropped: {REPLACED_FLAGS[flag]}")
-        elif flag == "device" and str(value) == "cpu" and gpus is None:
-            gpus = 0
-            notes.append("--device cpu: the spec's host is a CPU host (gpus: 0)")
-        elif flag in REPLACED_FLAGS:
-            notes.append(f"--{flag} dropped: {REPLACED_FLAGS[flag]}")
-        elif flag in FRONTEND_FLAGS:
-            notes.append(f"--{flag} dropped: a setting of vLLM's OpenAI HTTP frontend; clients reach the router's "
-                         "gRPC RouterService on router.port")
-        else:
-            if flag == "quantization":
-                quantization = str(value)
-            extra[flag.replace("-", "_")] = value
-            notes.append(f"--{flag} kept verbatim under model.engine_args.extra; workers get it as "
-                         f"--vllm-arg {flag.replace('-', '_')}=…")
-    if not model_tag:
+        _apply(translation, flag, value)
+    if not translation.model:
         raise ValueError("no model given: expected `vllm serve MODEL ...` or `--model MODEL`")
-    if "dtype" not in engine_args:
-        engine_args["dtype"] = "auto"
-        notes.append("dtype: auto (vLLM's default; the worker's own default is float32)")
-    for arg, worker_default in (("max_model_len", 2048), ("max_num_seqs", 8)):
-        if arg not in engine_args:
-            notes.append(f"{arg} not given: vLLM picks it, the worker defaults to {worker_default}; "
-                         f"set model.engine_args.{arg} to change it")
-    if "enforce_eager" not in engine_args:
-        engine_args["enforce_eager"] = False
-        notes.append("enforce_eager: false (vLLM's default; the worker's own default is true, for CPUs)")
-
-    used = parallel["tensor-parallel-size"] * parallel["pipeline-parallel-size"] * parallel["data-parallel-size"]
-    if gpus is None:
-        gpus = max(2, used)
-        if used < 2:
-            notes.append(f"the command used {used} GPU; disaggregation needs one per pool, so the spec asks for "
-                         "2 (pass the node's real GPU count to use more)")
-    bytes_per_parameter = QUANTIZED_BYTES.get(quantization) or BYTES_PER_PARAMETER.get(engine_args["dtype"], 2.0)
-    tp, workers, sizing = _size_pools(gpus, parallel["tensor-parallel-size"], _parameters_b(model_tag),
-                                      bytes_per_parameter, gpu_memory_gib)
+    engine_args, notes = translation.engine_args, translation.notes
+    _fill_engine_defaults(engine_args, notes)
+    gpus = _node_gpus(translation)
+    bytes_per_parameter = (QUANTIZED_BYTES.get(translation.quantization)
+                           or BYTES_PER_PARAMETER.get(engine_args["dtype"], 2.0))
+    tp, workers, sizing = _size_pools(gpus, translation.parallel["tensor-parallel-size"],
+                                      _parameters_b(translation.model), bytes_per_parameter, gpu_memory_gib)
     notes.append(sizing)
 
-    served_name = served_name or model_tag
-    model: dict[str, Any] = {"path": model_tag, "served_name": served_name, "engine": "vllm",
+    served_name = translation.served_name or translation.model
+    extra = translation.extra
+    model: dict[str, Any] = {"path": translation.model, "served_name": served_name, "engine": VLLM.name,
                              "engine_args": {**engine_args, **({"extra": extra} if extra else {})}}
     pool = {"workers": workers, "tensor_parallel_size": tp, "hosts": [host_name]}
     spec = spec_from_dict({
@@ -159,12 +212,56 @@ def spec_from_vllm(argv: list[str], *, gpus: int | None = None, host_name: str =
     return spec, notes
 
 
+def _fill_engine_defaults(engine_args: dict[str, Any], notes: list[str]) -> None:
+    """vLLM's defaults where the worker's differ, and a note for each argument left to the worker."""
+    if "dtype" not in engine_args:
+        engine_args["dtype"] = "auto"
+        notes.append("dtype: auto (vLLM's default; the worker's own default is float32)")
+    for arg, worker_default in (("max_model_len", 2048), ("max_num_seqs", 8)):
+        if arg not in engine_args:
+            notes.append(f"{arg} not given: vLLM picks it, the worker defaults to {worker_default}; "
+                         f"set model.engine_args.{arg} to change it")
+    if "enforce_eager" not in engine_args:
+        engine_args["enforce_eager"] = False
+        notes.append("enforce_eager: false (vLLM's default; the worker's own default is true, for CPUs)")
+
+
+def _node_gpus(translation: Translation) -> int:
+    """The GPUs given (or `--device cpu`'s 0), else the command's TP x PP x DP, at least one per pool."""
+    if translation.gpus is not None:
+        return translation.gpus
+    parallel = translation.parallel
+    used = parallel["tensor-parallel-size"] * parallel["pipeline-parallel-size"] * parallel["data-parallel-size"]
+    if used < 2:
+        translation.notes.append(f"the command used {used} GPU; disaggregation needs one per pool, so the "
+                                 "spec asks for 2 (pass the node's real GPU count to use more)")
+    return max(2, used)
+
+
+def _apply(translation: Translation, flag: str, value: Any) -> None:
+    rule = VLLM_FLAGS.get(flag)
+    negated = VLLM_FLAGS.get(flag.removeprefix("no-")) if flag.startswith("no-") else None
+    if rule is None and negated is not None and negated.negatable:
+        rule, value = negated, False
+    if rule is None:
+        _keep_verbatim(translation, flag, value)
+    else:
+        rule.apply(translation, flag, value)
+
+
+def _takes_no_value(flag: str) -> bool:
+    def boolean(name: str) -> bool:
+        return name in VLLM_FLAGS and VLLM_FLAGS[name].boolean
+
+    return boolean(flag) or (flag.startswith("no-") and boolean(flag[3:]))
+
+
 def _parse_command(argv: list[str]) -> tuple[str, list[tuple[str, Any]]]:
     """The positional model (or "") and the flags as (name with dashes, value), in order."""
     args = list(argv)
     if args and args[0] == "--":
         args = args[1:]
-    if args and PurePath(args[0]).name == "vllm":
+    if args and PurePath(args[0]).name == VLLM_PROGRAM:
         args = args[1:]
         if not args or args[0] != "serve":
             raise ValueError(f"expected `vllm serve ...`, got `vllm {' '.join(args[:1])}`")
@@ -190,7 +287,7 @@ def _parse_command(argv: list[str]) -> tuple[str, list[tuple[str, Any]]]:
             continue
         name, has_value, value = token.partition("=")
         name = SHORT_ALIASES.get(name, name.lstrip("-").replace("_", "-"))
-        boolean = name in BOOLEAN_FLAGS or (name.startswith("no-") and name[3:] in BOOLEAN_FLAGS)
+        boolean = _takes_no_value(name)
         if has_value:
             flags.append((name, _convert(name, value, bool) if boolean else value))
         elif boolean or index >= len(args) or (args[index].startswith("-") and not _is_number(args[index])):

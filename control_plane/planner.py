@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from control_plane.autoscaler import workers_for
 from control_plane.spec import Spec, spec_from_dict
 from dynamo_grpc.engine.cost_model import (
     ALLREDUCE_BUS_GBPS,
@@ -36,8 +37,10 @@ from dynamo_grpc.engine.cost_model import (
     transfer_ms,
     worker_kv_memory_gb,
 )
+from dynamo_grpc.engine.registry import DEFAULT_ENGINE, engine_kind
 from dynamo_grpc.fleetsim import KV_MEMORY_GB, FleetShape, kv_memory_for, run_virtual, simulate
-from dynamo_grpc.loadgen import Lengths, Objectives, Workload, summarize
+from dynamo_grpc.loadgen import Lengths, Workload, summarize
+from dynamo_grpc.slo import Objectives
 
 BLOCK_SIZE = 16
 """KV block size of the simulated fleet; the KV-capacity estimate rounds sequences up to it."""
@@ -339,7 +342,7 @@ def _fewest_gpus(estimate: Estimate, rate: float, aggregated: bool) -> tuple[int
     before anything is simulated; the first orders the TPs' searches.
     """
     def at_least(per_worker: float) -> int:
-        return max(1, math.ceil(rate / (STABLE_UTILISATION * per_worker) - 1e-9))
+        return max(1, workers_for(rate / (STABLE_UTILISATION * per_worker)))
 
     guess = estimate.prefill_workers + estimate.decode_workers
     stable = at_least(estimate.prefill_rps_per_gpu) + at_least(estimate.decode_max_rps_per_gpu)
@@ -415,6 +418,141 @@ def _tensor_parallel_options(model: str, tps: list[int]) -> tuple[list[int], lis
     return [tp for tp in tps if tp != 1], [f"TP 1 not searched: the real {model}'s {does_not_fit}"]
 
 
+def _estimate_each_tp(model: str, workload: PlannerWorkload, objectives: Objectives, tps: list[int], *,
+                      max_gpus: int, link: str, kv_memory_gb: float) -> tuple[list[Estimate], list[str]]:
+    """The estimate of each TP that can meet the objectives, and why each other TP cannot.
+
+    With a single TP to choose from, its `PlanError` is raised as it is.
+    """
+    estimates: list[Estimate] = []
+    refused: list[str] = []
+    for tp in tps:
+        if tp > max_gpus:
+            refused.append(f"TP {tp}: a worker needs more than the {max_gpus} GPUs allowed")
+            continue
+        try:
+            estimates.append(estimate_pools(model, workload, objectives, link=link, tensor_parallel_size=tp,
+                                            kv_memory_gb=kv_memory_gb if tp == 1 else None))
+        except PlanError as error:
+            if len(tps) == 1:
+                raise
+            refused.append(f"TP {tp}: {error}")
+    return estimates, refused
+
+
+def _disaggregated_shapes(estimate: Estimate, rate: float, size: int, link: str) -> list[FleetShape]:
+    """The prefill/decode splits of `size` workers that the cost model calls stable, least loaded first."""
+    def load(prefill: int) -> float:  # the busier pool's utilisation, as the cost model predicts it
+        return max(rate / (prefill * estimate.prefill_rps_per_gpu),
+                   rate / ((size - prefill) * estimate.decode_rps_per_gpu))
+
+    stable = [p for p in range(1, size)
+              if rate / (p * estimate.prefill_rps_per_gpu) <= STABLE_UTILISATION
+              and rate / ((size - p) * estimate.decode_max_rps_per_gpu) <= STABLE_UTILISATION]
+    tp = estimate.tensor_parallel_size
+    return [FleetShape(decode_workers=size - p, prefill_workers=p, link=link,
+                       prefill_chunk_tokens=estimate.prefill_budget, tensor_parallel_size=tp)
+            for p in sorted(stable, key=load)]
+
+
+def _aggregated_shapes(estimate: Estimate, rate: float, size: int) -> list[FleetShape]:
+    """`size` aggregated workers at each chunk budget the cost model calls stable, best rate first."""
+    chunks = sorted(estimate.aggregated_rps_per_gpu, key=lambda c: -estimate.aggregated_rps_per_gpu[c])
+    tp = estimate.tensor_parallel_size
+    return [FleetShape(decode_workers=size, decode_chunk_tokens=c, tensor_parallel_size=tp)
+            for c in chunks if rate / (size * estimate.aggregated_max_rps_per_gpu[c]) <= STABLE_UTILISATION]
+
+
+@dataclass
+class _FleetSearch:
+    """The simulated search of one plan; `plan_pools` documents the parameters.
+
+    Every simulation goes through `check`, which runs each (fleet, run length) once, so the searches of
+    several TPs and the confirming runs share results, and `simulations` lists them all.
+    """
+
+    model: str
+    workload: PlannerWorkload
+    objectives: Objectives
+    link: str
+    aggregated: bool
+    requests: int
+    confirm_requests: int
+    seed: int
+    search_span: int
+    candidates_per_size: int
+    kv_memory_gb: dict[int, float]
+    """One worker's KV memory, per TP."""
+    results: dict[tuple[FleetShape, int], Verification] = field(default_factory=dict)
+
+    def search_each_tp(self, estimates: list[Estimate], max_gpus: int
+                       ) -> tuple[list[Verification], list[str]]:
+        """Every fleet found, searching the TPs cheapest first guess first, each only up to the GPUs of the
+        best fleet so far; and a note for each TP whose stable fleets need more, which is not simulated."""
+        found: list[Verification] = []
+        notes: list[str] = []
+        bounds = {e.tensor_parallel_size: _fewest_gpus(e, self.workload.rate, self.aggregated)
+                  for e in estimates}
+        order = sorted(estimates, key=lambda e: (bounds[e.tensor_parallel_size], e.tensor_parallel_size))
+        for estimate in order:
+            tp = estimate.tensor_parallel_size
+            best = _cheapest(found)
+            gpu_limit = max_gpus if best is None else min(max_gpus, best.shape.gpus)
+            fewest = bounds[tp][1]
+            if fewest > gpu_limit:
+                than = f"the {best.shape.gpus} of {best.shape.describe()}" if best else f"max_gpus {max_gpus}"
+                notes.append(f"TP {tp} not simulated: its stable fleets need at least {fewest} GPUs, "
+                             f"more than {than}")
+                continue
+            found += [v for v in self.search(estimate, gpu_limit) if v is not None]
+        return found, notes
+
+    def search(self, estimate: Estimate, gpu_limit: int) -> tuple[Verification | None, Verification | None]:
+        """The cheapest disaggregated and aggregated fleets of this TP with at most `gpu_limit` GPUs."""
+        worker_limit = gpu_limit // estimate.tensor_parallel_size
+        guess = estimate.prefill_workers + estimate.decode_workers
+        disaggregated = _smallest(guess, 2, min(worker_limit, guess + self.search_span),
+                                  lambda size: self.disaggregated_at(estimate, size), self.confirm)
+        aggregated = None
+        if self.aggregated and estimate.aggregated_workers:
+            guess = estimate.aggregated_workers
+            aggregated = _smallest(guess, 1, min(worker_limit, guess + self.search_span),
+                                   lambda size: self.aggregated_at(estimate, size), self.confirm)
+        return disaggregated, aggregated
+
+    def disaggregated_at(self, estimate: Estimate, size: int) -> Verification | None:
+        """A disaggregated fleet of `size` workers that meets the objectives in a short run, if one does."""
+        return self.first_meeting(_disaggregated_shapes(estimate, self.workload.rate, size, self.link))
+
+    def aggregated_at(self, estimate: Estimate, size: int) -> Verification | None:
+        """An aggregated fleet of `size` workers that meets the objectives in a short run, if one does."""
+        return self.first_meeting(_aggregated_shapes(estimate, self.workload.rate, size))
+
+    def first_meeting(self, shapes: list[FleetShape]) -> Verification | None:
+        """The first of the best `candidates_per_size` shapes that meets the objectives in a short run."""
+        runs = (self.check(shape, self.requests, self.seed) for shape in shapes[:self.candidates_per_size])
+        return next((v for v in runs if v.meets), None)
+
+    def confirm(self, short: Verification) -> Verification | None:
+        """The long run, with another seed, of a fleet that passed a short one, if it passes too."""
+        confirmed = self.check(short.shape, self.confirm_requests, self.seed + 1)
+        return confirmed if confirmed.meets else None
+
+    def check(self, shape: FleetShape, requests: int, seed: int) -> Verification:
+        """One simulated run of the fleet; a run of the same fleet and length is not repeated."""
+        if (shape, requests) not in self.results:
+            self.results[shape, requests] = verify(self.model, self.workload, self.objectives, shape,
+                                                   requests=requests, seed=seed,
+                                                   kv_memory_gb=self.kv_memory_gb[shape.tensor_parallel_size])
+        return self.results[shape, requests]
+
+    def simulations(self) -> tuple[Verification, ...]:
+        """Every run, cheapest fleet first."""
+        return tuple(sorted(self.results.values(), key=lambda v: (
+            v.shape.gpus, v.shape.prefill_workers == 0, v.shape.tensor_parallel_size, v.shape.prefill_workers,
+            v.shape.decode_chunk_tokens, v.requests)))
+
+
 def plan_pools(model: str, workload: PlannerWorkload, objectives: Objectives, *, max_gpus: int = 64,
                tp_options: Iterable[int] = (1,), link: str = "nvlink", aggregated: bool = True,
                requests: int = 200, confirm_requests: int = 600, seed: int = 1, search_span: int = 4,
@@ -443,82 +581,17 @@ def plan_pools(model: str, workload: PlannerWorkload, objectives: Objectives, *,
     if max_gpus < 1:
         raise ValueError("max_gpus must be at least 1")
     tps, notes = _tensor_parallel_options(model, tps)
-    estimates: list[Estimate] = []
-    refused: list[str] = []
-    for tp in tps:
-        if tp > max_gpus:
-            refused.append(f"TP {tp}: a worker needs more than the {max_gpus} GPUs allowed")
-            continue
-        try:
-            estimates.append(estimate_pools(model, workload, objectives, link=link, tensor_parallel_size=tp,
-                                            kv_memory_gb=kv_memory_gb if tp == 1 else None))
-        except PlanError as error:
-            if len(tps) == 1:
-                raise
-            refused.append(f"TP {tp}: {error}")
+    estimates, refused = _estimate_each_tp(model, workload, objectives, tps, max_gpus=max_gpus, link=link,
+                                           kv_memory_gb=kv_memory_gb)
     if not estimates:
         raise PlanError("no tensor parallel size can meet the objectives:\n  " + "\n  ".join(notes + refused))
-    results: dict[tuple[FleetShape, int], Verification] = {}
-    kv_of = {e.tensor_parallel_size: e.kv_memory_gb for e in estimates}
-
-    def check(shape: FleetShape, count: int, run_seed: int) -> Verification:
-        if (shape, count) not in results:
-            results[shape, count] = verify(model, workload, objectives, shape, requests=count, seed=run_seed,
-                                           kv_memory_gb=kv_of[shape.tensor_parallel_size])
-        return results[shape, count]
-
-    def first_meeting(shapes: list[FleetShape]) -> Verification | None:
-        return next((v for v in (check(s, requests, seed) for s in shapes[:candidates_per_size]) if v.meets), None)
-
-    def confirm(short: Verification) -> Verification | None:
-        confirmed = check(short.shape, confirm_requests, seed + 1)
-        return confirmed if confirmed.meets else None
-
-    def search(estimate: Estimate, gpu_limit: int) -> tuple[Verification | None, Verification | None]:
-        """The cheapest disaggregated and aggregated fleets of this TP with at most `gpu_limit` GPUs."""
-        tp = estimate.tensor_parallel_size
-        worker_limit = gpu_limit // tp
-
-        def disaggregated_at(size: int) -> Verification | None:
-            def load(prefill: int) -> float:  # the busier pool's utilisation, as the cost model predicts it
-                return max(workload.rate / (prefill * estimate.prefill_rps_per_gpu),
-                           workload.rate / ((size - prefill) * estimate.decode_rps_per_gpu))
-
-            stable = [p for p in range(1, size)
-                      if workload.rate / (p * estimate.prefill_rps_per_gpu) <= STABLE_UTILISATION
-                      and workload.rate / ((size - p) * estimate.decode_max_rps_per_gpu) <= STABLE_UTILISATION]
-            return first_meeting([FleetShape(decode_workers=size - p, prefill_workers=p, link=link,
-                                             prefill_chunk_tokens=estimate.prefill_budget, tensor_parallel_size=tp)
-                                  for p in sorted(stable, key=load)])
-
-        def aggregated_at(size: int) -> Verification | None:
-            chunks = sorted(estimate.aggregated_rps_per_gpu, key=lambda c: -estimate.aggregated_rps_per_gpu[c])
-            stable = [c for c in chunks
-                      if workload.rate / (size * estimate.aggregated_max_rps_per_gpu[c]) <= STABLE_UTILISATION]
-            return first_meeting([FleetShape(decode_workers=size, decode_chunk_tokens=c, tensor_parallel_size=tp)
-                                  for c in stable])
-
-        guess = estimate.prefill_workers + estimate.decode_workers
-        best_disaggregated = _smallest(guess, 2, min(worker_limit, guess + search_span), disaggregated_at, confirm)
-        best_aggregated = None
-        if aggregated and estimate.aggregated_workers:
-            guess = estimate.aggregated_workers
-            best_aggregated = _smallest(guess, 1, min(worker_limit, guess + search_span), aggregated_at, confirm)
-        return best_disaggregated, best_aggregated
-
     notes += refused
-    found: list[Verification] = []
-    bounds = {e.tensor_parallel_size: _fewest_gpus(e, workload.rate, aggregated) for e in estimates}
-    for estimate in sorted(estimates, key=lambda e: (bounds[e.tensor_parallel_size], e.tensor_parallel_size)):
-        tp = estimate.tensor_parallel_size
-        best = _cheapest(found)
-        gpu_limit = max_gpus if best is None else min(max_gpus, best.shape.gpus)
-        fewest = bounds[tp][1]
-        if fewest > gpu_limit:
-            than = f"the {best.shape.gpus} of {best.shape.describe()}" if best else f"max_gpus {max_gpus}"
-            notes.append(f"TP {tp} not simulated: its stable fleets need at least {fewest} GPUs, more than {than}")
-            continue
-        found += [v for v in search(estimate, gpu_limit) if v is not None]
+    fleets = _FleetSearch(model, workload, objectives, link=link, aggregated=aggregated, requests=requests,
+                          confirm_requests=confirm_requests, seed=seed, search_span=search_span,
+                          candidates_per_size=candidates_per_size,
+                          kv_memory_gb={e.tensor_parallel_size: e.kv_memory_gb for e in estimates})
+    found, not_simulated = fleets.search_each_tp(estimates, max_gpus)
+    notes += not_simulated
     for estimate in estimates:
         tp = estimate.tensor_parallel_size
         notes.append(f"TP {tp}{' only' if len(estimates) == 1 else ''}: every worker is {'one simulated H100' if tp == 1 else f'{tp} simulated H100s'} "
@@ -532,10 +605,7 @@ def plan_pools(model: str, workload: PlannerWorkload, objectives: Objectives, *,
     best_disaggregated = _cheapest(v for v in found if v.shape.prefill_workers)
     best_aggregated = _cheapest(v for v in found if not v.shape.prefill_workers)
     chosen = _cheapest(found)
-    simulations = tuple(sorted(results.values(), key=lambda v: (v.shape.gpus, v.shape.prefill_workers == 0,
-                                                                v.shape.tensor_parallel_size,
-                                                                v.shape.prefill_workers, v.shape.decode_chunk_tokens,
-                                                                v.requests)))
+    simulations = fleets.simulations()
     if chosen is None:
         tried = "\n".join([f"  {v.describe()}" for v in simulations] +
                           [f"  {n}" for n in notes if " not simulated: " in n])
@@ -581,7 +651,7 @@ def _place_pools(prefill: int, decode: int, hosts: list[tuple[str, str, int]], t
 
 def pool_plan_to_spec(plan: PoolPlan, *, model_path: str, served_name: str,
                       hosts: list[tuple[str, str, int]], etcd: str | list[str], name: str = "planned",
-                      engine: str = "vllm") -> Spec:
+                      engine: str = DEFAULT_ENGINE) -> Spec:
     """A deployment spec for the plan, checked by the spec parser; an aggregated plan has no prefill workers.
 
     `hosts` are (name, address, gpus). With engine "simulated" the workers run the calibrated cost model
@@ -595,13 +665,10 @@ def pool_plan_to_spec(plan: PoolPlan, *, model_path: str, served_name: str,
     model_args: dict[str, object] = {"max_model_len": math.ceil(context / 1024) * 1024}
     # The simulated decode workers batched as many sequences as their KV memory held; so may these.
     decode_args: dict[str, object] = {"max_num_batched_tokens": plan.shape.decode_chunk_tokens}
-    if engine == "vllm":
-        model_args["dtype"] = "bfloat16"  # what the calibration measured
-        decode_args["max_num_seqs"] = plan.estimate.kv_batch_limit
-    elif engine == "simulated":
-        model_args.update(cost_model=plan.model, block_size=BLOCK_SIZE, num_blocks=int(
-            plan.kv_memory_gb * 1e9 / KV_BYTES_PER_TOKEN[plan.model] / BLOCK_SIZE))
-        decode_args["max_batch_size"] = plan.estimate.kv_batch_limit
+    engine_model_args, engine_decode_args = engine_kind(engine).plan_args(
+        plan.model, plan.kv_memory_gb, plan.estimate.kv_batch_limit, BLOCK_SIZE)
+    model_args.update(engine_model_args)
+    decode_args.update(engine_decode_args)
     data = {
         "name": name,
         "model": {"path": model_path, "served_name": served_name, "engine": engine, "engine_args": model_args},

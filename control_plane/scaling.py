@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
-from control_plane.autoscaler import PoolAutoscaler, PoolCapacity, PoolMetrics, ScaleDecision
+from control_plane.autoscaler import (
+    AutoscalingTuning,
+    PoolAutoscaler,
+    PoolCapacity,
+    PoolMetrics,
+    ScaleDecision,
+)
 from dynamo_grpc.channels import ChannelPool
-from dynamo_grpc.fleet import DEMAND_DOCUMENT, SCALE_DOCUMENT, worker_stats
-from dynamo_grpc.loadgen import Objectives
-from dynamo_grpc.registry import Registry
+from dynamo_grpc.fleet import worker_stats
+from dynamo_grpc.registry import DEMAND_DOCUMENT, SCALE_DOCUMENT, Registry
+from dynamo_grpc.slo import Objectives
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
@@ -40,19 +45,11 @@ class AutoscalingConfig:
     objectives: Objectives
     max_prefill: int
     max_decode: int
-    target_utilisation: float = 0.8
-    interval_s: float = 10.0
-    rate_window_s: float = 30.0
-    scale_down_cooldown_s: float = 300.0
-    settle_s: float = 60.0
-    idle_to_zero_s: float = 600.0
-    """0: never."""
+    tuning: AutoscalingTuning = field(default_factory=AutoscalingTuning)
 
     def autoscaler(self, clock: Callable[[], float] = time.monotonic) -> PoolAutoscaler:
-        return PoolAutoscaler(self.capacity, self.objectives, clock=clock, max_prefill=self.max_prefill,
-                              target_utilisation=self.target_utilisation,
-                              max_decode=self.max_decode, scale_down_cooldown_s=self.scale_down_cooldown_s,
-                              settle_s=self.settle_s, idle_to_zero_s=self.idle_to_zero_s or math.inf)
+        return PoolAutoscaler(self.capacity, self.objectives, self.tuning, clock=clock,
+                              max_prefill=self.max_prefill, max_decode=self.max_decode)
 
 
 class FleetSampler:
@@ -67,8 +64,8 @@ class FleetSampler:
     """
 
     def __init__(self, registry: Registry, channels: ChannelPool, *, model: str = "",
-                 rate_window_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
-                 timeout_s: float = 2.0) -> None:
+                 rate_window_s: float = AutoscalingTuning.rate_window_s,
+                 clock: Callable[[], float] = time.monotonic, timeout_s: float = 2.0) -> None:
         self._registry = registry
         self._channels = channels
         self._model = model
@@ -133,7 +130,8 @@ class ScaleController:
         self._config = config
         self._own_channels = channels is None
         self._channels = channels or ChannelPool()
-        self._sampler = FleetSampler(registry, self._channels, model=model, rate_window_s=config.rate_window_s)
+        self._sampler = FleetSampler(registry, self._channels, model=model,
+                                     rate_window_s=config.tuning.rate_window_s)
         self._autoscaler = config.autoscaler()
         self.target = cp_pb.ScaleTarget()
         self._tasks: list[asyncio.Task[None]] = []
@@ -153,7 +151,7 @@ class ScaleController:
             await self._publish(ScaleDecision(*most, "start: every planned worker"))
         self._autoscaler.start_at(self.target.prefill_workers, self.target.decode_workers)
         log.info("autoscaling: %d prefill, %d decode workers (%s); every %g s", self.target.prefill_workers,
-                 self.target.decode_workers, self.target.reason, self._config.interval_s)
+                 self.target.decode_workers, self.target.reason, self._config.tuning.interval_s)
         self._tasks = [asyncio.create_task(self._sample_every_interval()),
                        asyncio.create_task(self._answer_demand())]
 
@@ -166,13 +164,13 @@ class ScaleController:
 
     async def _sample_every_interval(self) -> None:
         while True:
-            await asyncio.sleep(self._config.interval_s)
+            await asyncio.sleep(self._config.tuning.interval_s)
             try:
                 metrics = await self._sampler.sample()
                 await self._publish(self._autoscaler.update(metrics))
             except Exception as error:  # noqa: BLE001 - one failed window must not end autoscaling
                 log.warning("autoscaling: this window failed (%s); trying again in %g s", error,
-                            self._config.interval_s)
+                            self._config.tuning.interval_s)
 
     async def _answer_demand(self) -> None:
         """Start a decode worker for a router's fresh call; the watch is started again if it breaks."""

@@ -31,23 +31,24 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dynamo_grpc.config import ENGINES, KV_PULL_FAILURE_POLICIES, ROUTING_POLICIES
+from control_plane.autoscaler import AutoscalingTuning, tuning_knobs
+from dynamo_grpc.config import KV_PULL_FAILURE_POLICIES, ROUTING_POLICIES
+from dynamo_grpc.engine.registry import DEFAULT_ENGINE, ENGINES
 
 DEFAULT_ROUTER_PORT = 50051
 DEFAULT_CONTROL_PLANE_PORT = 50052
 DEFAULT_BASE_PORT = 50100
 # Set from the model section, so not allowed under engine_args.
-_MODEL_FIELDS = ("model", "model_path", "served_model_name")
+_MODEL_FIELDS = tuple(sorted({name for kind in ENGINES.values()
+                              for name in (kind.served_name_field, kind.model_path_field) if name}))
 _POOL_FIELDS = ("tensor_parallel_size",)
 """Set by the pool itself, so not allowed under engine_args either."""
-# Engine arguments that shape the KV bytes: prefill and decode must agree on them or they never pair.
-KV_LAYOUT_ARGS = ("dtype", "block_size", "kv_bytes_per_token", "num_layers")
 _NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 
 Scalar = str | int | float | bool
@@ -57,7 +58,7 @@ Scalar = str | int | float | bool
 class ModelSpec:
     path: str
     served_name: str
-    engine: str = "vllm"
+    engine: str = DEFAULT_ENGINE
     engine_args: dict[str, Scalar] = field(default_factory=dict)
     extra_engine_args: dict[str, Scalar] = field(default_factory=dict)
 
@@ -110,23 +111,22 @@ class TransferSpec:
 
 @dataclass(frozen=True)
 class AutoscalingSpec:
+    """The `autoscaling` section: per-worker rates, then the knobs of `AutoscalingTuning` by their names."""
+
     prefill_requests_per_s: float
     """Requests/s one prefill worker sustains within the objectives."""
     decode_requests_per_s: float
     """Requests/s one decode worker sustains within the objectives."""
-    target_utilisation: float = 0.8
-    """Share of those rates a pool is sized to carry: below 1 leaves room for bursts and for rates that
-    are estimates; `dynamo-grpc plan --autoscale` writes 1 with rates its simulation verified."""
-    interval_s: float = 10.0
-    rate_window_s: float = 30.0
-    """The arrival rate is averaged over this long: shorter follows bursts sooner and swings more."""
-    scale_down_cooldown_s: float = 300.0
-    settle_s: float = 60.0
-    """After adding a worker to a pool for a missed objective, wait this long before adding another."""
-    idle_to_zero_s: float = 600.0
-    """No traffic for this long stops every worker; 0: never."""
+    tuning: AutoscalingTuning = field(default_factory=AutoscalingTuning)
     cold_start_wait_s: float = 120.0
     """How long a request that finds no worker waits at the router for one to start."""
+
+    def to_dict(self) -> dict[str, float]:
+        """The section as YAML has it: the knobs flat, between the rates and `cold_start_wait_s`."""
+        return {"prefill_requests_per_s": self.prefill_requests_per_s,
+                "decode_requests_per_s": self.decode_requests_per_s,
+                **{knob.name: getattr(self.tuning, knob.name) for knob in tuning_knobs()},
+                "cold_start_wait_s": self.cold_start_wait_s}
 
 
 @dataclass(frozen=True)
@@ -161,14 +161,12 @@ def pool_placement(pool: PoolSpec) -> list[str]:
     return [pool.hosts[index % len(pool.hosts)] for index in range(pool.workers)]
 
 
-def engine_takes_tensor_parallel(engine: str) -> bool:
-    """The engine's workers take the pool's TP (`--tensor-parallel-size`); the others run one rank."""
-    return "tensor_parallel_size" in {f.name for f in fields(ENGINES[engine])}
-
-
 def engine_arg_defaults(engine: str) -> dict[str, Any]:
     """Engine arguments a spec may set for `engine`, with the worker's defaults (their types check values)."""
-    return {f.name: f.default for f in fields(ENGINES[engine]) if f.name not in (*_MODEL_FIELDS, *_POOL_FIELDS)}
+    kind = ENGINES[engine]
+    passthrough = kind.passthrough.field if kind.passthrough else ""
+    return {f.name: f.default for f in fields(kind.config)
+            if f.name not in (*_MODEL_FIELDS, *_POOL_FIELDS, passthrough)}
 
 
 @dataclass(frozen=True)
@@ -246,7 +244,7 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
     if slo:
         out["slo"] = slo
     if spec.autoscaling is not None:
-        out["autoscaling"] = asdict(spec.autoscaling)
+        out["autoscaling"] = spec.autoscaling.to_dict()
     return out
 
 
@@ -477,12 +475,14 @@ class _Checker:
         items = self.mapping(node, "model", (), ("path", "served_name", "engine", "engine_args"))
         if items is None:
             return _MISSING
-        engine = self.choice(items.get("engine"), "model.engine", tuple(sorted(ENGINES)), "engine", "vllm")
+        engine = self.choice(items.get("engine"), "model.engine", tuple(sorted(ENGINES)), "engine", DEFAULT_ENGINE)
+        kind = ENGINES.get(engine) if isinstance(engine, str) else None
         path = self.string(items.get("path"), "model.path", "")
-        if path == "" and engine == "vllm" and "path" not in items:
-            self.problem(node.line, "model.path", "missing required field: the vllm engine needs the model's "
-                         "directory or hub id (e.g. path: /models/llama-3-8b)")
-        default_served = Path(path).name if isinstance(path, str) and path else "sim-tiny"
+        if path == "" and kind is not None and kind.model_path_field and "path" not in items:
+            self.problem(node.line, "model.path", f"missing required field: the {engine} engine needs the "
+                         "model's directory or hub id (e.g. path: /models/llama-3-8b)")
+        default_served = Path(path).name if isinstance(path, str) and path else (
+            kind.default_served_name if kind is not None else "")
         served_name = self.string(items.get("served_name"), "model.served_name", default_served)
         args, extra = self.engine_args(items.get("engine_args"), "model.engine_args",
                                        engine if engine is not _MISSING else None)
@@ -663,22 +663,25 @@ class _Checker:
     def autoscaling(self, node: _Node | None, prefill: Any, slo: Any) -> Any:
         if node is None:
             return None
-        defaults = AutoscalingSpec(0.0, 0.0)
-        names = tuple(f.name for f in fields(AutoscalingSpec))
+        knobs = {knob.name: knob for knob in tuning_knobs()}
+        defaults = AutoscalingSpec(0.0, 0.0).to_dict()
+        names = tuple(defaults)
         items = self.mapping(node, "autoscaling", ("decode_requests_per_s",), names[:1] + names[2:])
         if items is None:
             return _MISSING
         values: dict[str, Any] = {}
         for name in names:
             child, path = items.get(name), f"autoscaling.{name}"
-            if name == "idle_to_zero_s" and child is not None and child.value == 0:
-                values[name] = 0.0  # never
+            if name in knobs and knobs[name].zero == "never" and child is not None and child.value == 0:
+                values[name] = 0.0  # a spec takes 0 only where it means never
             else:
-                values[name] = self.positive_number(child, path, getattr(defaults, name) or _MISSING)
-        if isinstance(values["target_utilisation"], float) and values["target_utilisation"] > 1:
-            self.problem(items["target_utilisation"].line, "autoscaling.target_utilisation",
-                         f"must be at most 1 (a share of each worker's rate), got {values['target_utilisation']:g}")
-            values["target_utilisation"] = _MISSING
+                values[name] = self.positive_number(child, path, defaults[name] or _MISSING)
+        for knob in knobs.values():  # a share, e.g. target_utilisation
+            value = values[knob.name]
+            if knob.at_most is not None and isinstance(value, float) and value > knob.at_most:
+                self.problem(items[knob.name].line, f"autoscaling.{knob.name}", f"must be at most "
+                             f"{knob.at_most:g} (a share of each worker's rate), got {value:g}")
+                values[knob.name] = _MISSING
         if values["prefill_requests_per_s"] is _MISSING and "prefill_requests_per_s" not in items:
             if isinstance(prefill, PoolSpec) and prefill.workers:
                 self.problem(node.line, "autoscaling.prefill_requests_per_s", "required with prefill workers: "
@@ -689,7 +692,10 @@ class _Checker:
         if isinstance(slo, SloSpec) and (slo.ttft_ms is None or slo.itl_ms is None):
             self.problem(node.line, "autoscaling", "keeps the objectives in `slo`; set both, e.g. "
                          "slo: {ttft_ms: 500, itl_ms: 50}")
-        return _MISSING if _MISSING in values.values() else AutoscalingSpec(**values)
+        if _MISSING in values.values():
+            return _MISSING
+        tuning = AutoscalingTuning(**{name: values.pop(name) for name in knobs})
+        return AutoscalingSpec(tuning=tuning, **values)
 
     def transfer(self, node: _Node | None) -> Any:
         if node is None:
@@ -734,8 +740,8 @@ class _Checker:
                          "so use the same value in both pools")
         defaults = engine_arg_defaults(model.engine)
         merged = {role: {**defaults, **model.engine_args, **pool.engine_args} for role, pool in pools.items()}
-        for arg in KV_LAYOUT_ARGS:
-            if prefill.workers and arg in defaults and merged["prefill"][arg] != merged["decode"][arg]:
+        for arg in ENGINES[model.engine].kv_layout_args:
+            if prefill.workers and merged["prefill"][arg] != merged["decode"][arg]:
                 node = top["decode"].value.get("engine_args", top["decode"])
                 self.problem(node.line, f"decode.engine_args.{arg}",
                              f"{merged['decode'][arg]!r} differs from prefill's {merged['prefill'][arg]!r}; "
@@ -747,9 +753,10 @@ class _Checker:
     def engine_configs(self, top: dict[str, _Node], model: ModelSpec, pools: dict[str, PoolSpec]) -> None:
         """Let the engine's own config check the values (ranges it knows best)."""
         for role, pool in pools.items():
-            tp = {"tensor_parallel_size": pool.tensor_parallel_size} if engine_takes_tensor_parallel(model.engine) else {}
+            kind = ENGINES[model.engine]
+            tp = {"tensor_parallel_size": pool.tensor_parallel_size} if kind.takes_tensor_parallel else {}
             try:
-                ENGINES[model.engine](**{**model.engine_args, **pool.engine_args, **tp})
+                kind.config(**{**model.engine_args, **pool.engine_args, **tp})
             except (ValueError, TypeError) as error:
                 node = top[role].value.get("engine_args") or top["model"].value.get("engine_args") or top[role]
                 self.problem(node.line, f"{role}.engine_args", str(error))

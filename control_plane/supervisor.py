@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from control_plane.compiler import Plan, PlannedProcess
-from dynamo_grpc.fleet import SCALE_DOCUMENT
-from dynamo_grpc.registry import EtcdRegistry
+from dynamo_grpc.registry import SCALE_DOCUMENT, EtcdRegistry
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
 log = logging.getLogger(__name__)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -14,6 +15,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import grpc
+
+from control_plane.deployment import start_all_in_one
+from control_plane.role import start_control_plane
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import (
     ROUTING_POLICIES,
@@ -25,16 +30,10 @@ from dynamo_grpc.config import (
     server_config,
     worker_config,
 )
+from dynamo_grpc.errors import describe
 from dynamo_grpc.fleet import DEFAULT_LOAD_POLL_S, DisaggregationPolicy
 from dynamo_grpc.registry import EtcdRegistry, MemoryRegistry, Registry, RegistryUnavailable
-from dynamo_grpc.roles import (
-    RunningRole,
-    start_all_in_one,
-    start_control_plane,
-    start_decode,
-    start_prefill,
-    start_router,
-)
+from dynamo_grpc.roles import RunningRole, start_decode, start_prefill, start_router
 from dynamo_grpc.router import DEFAULT_MAX_MIGRATIONS
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
@@ -80,6 +79,8 @@ def router_settings(args: argparse.Namespace) -> dict[str, object]:
 
 
 def add_autoscaling_flags(parser: argparse.ArgumentParser) -> None:
+    from control_plane.autoscaler import tuning_knobs
+
     group = parser.add_argument_group("autoscaling", "size the pools from live load (the spec's `autoscaling` "
                                       "section compiles to these); supervisors run the workers it names")
     add_flag(group, "autoscale-prefill-rps", default=0.0, type=float,
@@ -88,48 +89,36 @@ def add_autoscaling_flags(parser: argparse.ArgumentParser) -> None:
              help="requests/s one decode worker sustains within the objectives")
     add_flag(group, "autoscale-max-prefill", default=0, type=int, help="most prefill workers")
     add_flag(group, "autoscale-max-decode", default=1, type=int, help="most decode workers")
-    add_flag(group, "autoscale-target-utilisation", default=0.8, type=float,
-             help="share of each worker's rate a pool is sized to carry (at most 1)")
     add_flag(group, "slo-ttft-ms", default=0.0, type=float, help="time-to-first-token objective (p90)")
     add_flag(group, "slo-itl-ms", default=0.0, type=float, help="inter-token latency objective (p90)")
-    add_flag(group, "autoscale-interval-s", default=10.0, type=float, help="how often to sample the workers")
-    add_flag(group, "autoscale-rate-window-s", default=30.0, type=float,
-             help="the arrival rate is averaged over this long (shorter: follows bursts sooner, swings more)")
-    add_flag(group, "scale-down-cooldown-s", default=300.0, type=float,
-             help="a smaller pool must have been enough for this long before workers stop")
-    add_flag(group, "scale-up-settle-s", default=60.0, type=float,
-             help="after adding a worker for a missed objective, wait this long before adding another")
-    add_flag(group, "idle-to-zero-s", default=600.0, type=float,
-             help="no traffic for this long stops every worker (0: never)")
+    for knob in tuning_knobs():
+        add_flag(group, knob.flag, default=knob.default, type=float, help=knob.help)
 
 
 def autoscaling_config(args: argparse.Namespace) -> AutoscalingConfig | None:
-    from control_plane.autoscaler import PoolCapacity
+    from control_plane.autoscaler import AutoscalingTuning, PoolCapacity, tuning_knobs
     from control_plane.scaling import AutoscalingConfig
-    from dynamo_grpc.loadgen import Objectives
+    from dynamo_grpc.slo import Objectives
 
     if not args.autoscale_prefill_rps and not args.autoscale_decode_rps:
         return None
+    knobs = {knob: getattr(args, knob.flag.replace("-", "_")) for knob in tuning_knobs()}
     problems = [f"--{name} must be positive" for name, value in (
         ("autoscale-prefill-rps", args.autoscale_prefill_rps), ("autoscale-decode-rps", args.autoscale_decode_rps),
         ("slo-ttft-ms", args.slo_ttft_ms), ("slo-itl-ms", args.slo_itl_ms),
-        ("autoscale-interval-s", args.autoscale_interval_s), ("autoscale-rate-window-s", args.autoscale_rate_window_s),
         ("autoscale-max-decode", args.autoscale_max_decode))
         if value <= 0]
-    problems += [f"--{name} must not be negative" for name, value in (
-        ("autoscale-max-prefill", args.autoscale_max_prefill), ("scale-down-cooldown-s", args.scale_down_cooldown_s),
-        ("scale-up-settle-s", args.scale_up_settle_s), ("idle-to-zero-s", args.idle_to_zero_s)) if value < 0]
-    if not 0 < args.autoscale_target_utilisation <= 1:
-        problems.append("--autoscale-target-utilisation must be in (0, 1]")
+    if args.autoscale_max_prefill < 0:
+        problems.append("--autoscale-max-prefill must not be negative")
+    problems += [f"--{knob.flag} {problem}" for knob, value in knobs.items()
+                 if (problem := knob.problem(value))]
     if problems:
         raise ConfigError("autoscaling: " + "; ".join(problems))
     return AutoscalingConfig(
         capacity=PoolCapacity(args.autoscale_prefill_rps, args.autoscale_decode_rps),
         objectives=Objectives(args.slo_ttft_ms, args.slo_itl_ms), max_prefill=args.autoscale_max_prefill,
-        max_decode=args.autoscale_max_decode, target_utilisation=args.autoscale_target_utilisation,
-        interval_s=args.autoscale_interval_s, rate_window_s=args.autoscale_rate_window_s,
-        scale_down_cooldown_s=args.scale_down_cooldown_s, settle_s=args.scale_up_settle_s,
-        idle_to_zero_s=args.idle_to_zero_s)
+        max_decode=args.autoscale_max_decode,
+        tuning=AutoscalingTuning(**{knob.name: value for knob, value in knobs.items()}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,17 +251,18 @@ async def _serve(args: argparse.Namespace) -> int:
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(registry.close)
         settings = router_settings(args)
-        if not settings["tokenizer"] and hasattr(worker.engine, "model_path"):
-            settings["tokenizer"] = worker.engine.model_path  # the router reads the prompts vLLM will
+        model_path = worker.kind.model_path(worker.engine)
+        if not settings["tokenizer"] and model_path:
+            settings["tokenizer"] = model_path  # the router reads the prompts the engine will
         deployment = await start_all_in_one(worker, registry, **settings)
         stack.push_async_callback(deployment.stop)
         endpoint, model = deployment.router.endpoint, worker.engine.model
         print(f"dynamo-grpc: serving {model!r}; send requests to RouterService at {endpoint} "
               f"(try: dynamo-grpc generate --router {endpoint} --model {model} 'Hello')", flush=True)
         if args.prompt:
-            return await _generate(endpoint, model, args.prompt, args.max_tokens)
+            return await _generate(endpoint, model, args.prompt, args.max_tokens, command="serve")
         frontend = await _start_frontend(endpoint, registry, args.http_host, args.http_port,
-                                         model_path=getattr(worker.engine, "model_path", None))
+                                         model_path=model_path or None)
         stack.push_async_callback(frontend.stop)
         print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1 (try: curl {frontend.url}/v1/completions "
               f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", "
@@ -302,18 +292,39 @@ async def _frontend(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _generate(endpoint: str, model: str, prompt: str, max_tokens: int) -> int:
+# What to do about a failure, where its message does not say already.
+_NEXT_STEP = {
+    "UNAVAILABLE": "is a router running at {router}? start one with `dynamo-grpc serve` or `dynamo-grpc router`",
+    "MODEL_NOT_FOUND": "pass one of them with --model",
+}
+
+
+def _failure_line(command: str, failure: str, router: str) -> str:
+    """A failed request in one line for stderr: `dynamo-grpc CMD: REASON: message; what to do`."""
+    step = _NEXT_STEP.get(failure.partition(":")[0], "")
+    return f"dynamo-grpc {command}: {failure}" + (f"; {step.format(router=router)}" if step else "")
+
+
+async def _generate(endpoint: str, model: str, prompt: str, max_tokens: int, *, command: str = "generate") -> int:
+    printed = False
     async with RouterClient(endpoint) as client:
         stream = client.generate(prompt, model=model, max_tokens=max_tokens)
-        async for response in stream:
-            if response.HasField("tokens"):
-                print(response.tokens.text, end="", flush=True)
-            else:
-                c = response.completion
-                kv = (f", KV moved: {c.kv_transfer.bytes} bytes from {c.prefill_worker_id} via {c.kv_transfer.path}"
-                      if c.kv_transfer.bytes else "")
-                print(f"\n[{c.usage.prompt_tokens} prompt + {c.usage.completion_tokens} completion tokens, "
-                      f"finish: {pb.FinishReason.Name(c.finish_reason)}{kv}]")
+        try:
+            async for response in stream:
+                if response.HasField("tokens"):
+                    print(response.tokens.text, end="", flush=True)
+                    printed = True
+                else:
+                    c = response.completion
+                    kv = (f", KV moved: {c.kv_transfer.bytes} bytes from {c.prefill_worker_id} via "
+                          f"{c.kv_transfer.path}" if c.kv_transfer.bytes else "")
+                    print(f"\n[{c.usage.prompt_tokens} prompt + {c.usage.completion_tokens} completion tokens, "
+                          f"finish: {pb.FinishReason.Name(c.finish_reason)}{kv}]")
+        except grpc.aio.AioRpcError as error:
+            if printed:
+                print(flush=True)
+            print(_failure_line(command, describe(error), endpoint), file=sys.stderr)
+            return 1
     return 0
 
 
@@ -341,6 +352,10 @@ async def _bench(args: argparse.Namespace) -> int:
     async with RouterClient(args.router) as client:
         records = await run_load(router_sender(client, args.model), workload)
     summary = summarize(records, Objectives(args.slo_ttft_ms, args.slo_itl_ms))
+    if summary["failed"] == summary["requests"]:  # e.g. an unknown model: say why once, not as latencies
+        most_common = collections.Counter(r.error for r in records).most_common(1)[0][0]
+        print(_failure_line("bench", most_common, args.router), file=sys.stderr)
+        return 1
     print(render(summary))
     write_outputs(records, summary, json_path=Path(args.json) if args.json else None,
                   plot_path=Path(args.plot) if args.plot else None)
@@ -459,10 +474,10 @@ def _from_vllm(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from control_plane.autoscaler import PoolCapacity
+    from control_plane.autoscaler import AutoscalingTuning, PoolCapacity
     from control_plane.planner import PlannerWorkload, plan_pools, pool_plan_to_spec
     from control_plane.spec import AutoscalingSpec, dump_spec
-    from dynamo_grpc.loadgen import Objectives
+    from dynamo_grpc.slo import Objectives
 
     print("dynamo-grpc plan: simulating candidate fleets (seconds to a minute)...", file=sys.stderr, flush=True)
     try:
@@ -484,7 +499,8 @@ def _plan(args: argparse.Namespace) -> int:
 
             spec = dataclasses.replace(spec, autoscaling=AutoscalingSpec(
                 prefill_requests_per_s=rounded_up(capacity.prefill_rps),
-                decode_requests_per_s=rounded_up(capacity.decode_rps), target_utilisation=1.0))
+                decode_requests_per_s=rounded_up(capacity.decode_rps),
+                tuning=AutoscalingTuning(target_utilisation=1.0)))
         Path(args.spec_out).write_text(dump_spec(spec))
         print(f"wrote the {plan.shape.gpus}-GPU plan ({plan.shape.describe()}) to {args.spec_out}", file=sys.stderr)
     return 0

@@ -13,14 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from dynamo_grpc.engine.simulated import SimulatedEngineConfig
-from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
+from dynamo_grpc.engine.registry import DEFAULT_ENGINE, ENGINES, EngineKind, kind_of
+from dynamo_grpc.routing.policies import POLICIES
+from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR
 
-EngineConfig = SimulatedEngineConfig | VllmEngineConfig
-ENGINES: dict[str, type[SimulatedEngineConfig | VllmEngineConfig]] = {
-    "vllm": VllmEngineConfig, "simulated": SimulatedEngineConfig}
+EngineConfig = Any
+"""One of the engines' config dataclasses (`EngineKind.config`)."""
 KV_PULL_FAILURE_POLICIES = ("fail", "local-prefill")
-ROUTING_POLICIES = ("kv_aware", "least_loaded", "round_robin")
+ROUTING_POLICIES = tuple(POLICIES)
 
 
 class ConfigError(ValueError):
@@ -74,6 +74,11 @@ class WorkerConfig:
             raise ConfigError(f"--kv-pull-failure must be one of {', '.join(KV_PULL_FAILURE_POLICIES)}, "
                               f"got {self.kv_pull_failure!r}")
 
+    @property
+    def kind(self) -> EngineKind:
+        """Which engine `engine` configures."""
+        return kind_of(self.engine)
+
     def resolved_worker_id(self, role: str) -> str:
         return self.worker_id or f"{role}-{self.server.node_name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -106,28 +111,36 @@ def add_server_flags(parser: argparse.ArgumentParser, *, port: int = 0) -> None:
     add_flag(parser, "lease-ttl-s", default=10, type=int, help="etcd lease TTL of this process's registration")
 
 
+def _own_flag_fields(kind: EngineKind) -> list[str]:
+    """The engine's arguments that have a worker flag of their own (not the served name, set by --model,
+    nor the passthrough's pairs)."""
+    passthrough = kind.passthrough.field if kind.passthrough else ""
+    return [name for name in kind.argument_names if name not in (kind.served_name_field, passthrough)]
+
+
 def _engine_fields() -> dict[str, list[tuple[str, Any]]]:
     """Each engine setting that has a flag -> the engines using it, with their defaults."""
     settings: dict[str, list[tuple[str, Any]]] = {}
-    for kind, config in ENGINES.items():
-        for f in fields(config):
-            if f.name not in ("model", "served_model_name", "extra_args"):
-                settings.setdefault(f.name, []).append((kind, f.default))
+    for kind in ENGINES.values():
+        defaults = {f.name: f.default for f in fields(kind.config)}
+        for name in _own_flag_fields(kind):
+            settings.setdefault(name, []).append((kind.name, defaults[name]))
     return settings
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    add_flag(parser, "engine", default="vllm", choices=sorted(ENGINES),
-             help="inference engine: vllm (real, the tiny local model by default) or simulated (cost model)")
-    add_flag(parser, "model", default="", help="served model name (default: tiny-llama for vllm, the model "
-             "directory's name; sim-tiny for simulated)")
+    add_flag(parser, "engine", default=DEFAULT_ENGINE, choices=sorted(ENGINES),
+             help="inference engine: " + "; ".join(f"{kind.name}: {kind.summary}" for kind in ENGINES.values()))
+    add_flag(parser, "model", default="", help="served model name (default: the model directory's name, or "
+             "the engine's own default)")
     for name, users in _engine_fields().items():
         defaults = "; ".join(f"{kind} {default}" for kind, default in users)
         add_flag(parser, name.replace("_", "-"), default=None, type=_flag_type(users[0][1]),
                  help=f"{' and '.join(kind for kind, _ in users)} engine: {name.replace('_', ' ')} ({defaults})")
-    parser.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="vllm engine: any other vLLM engine argument, e.g. --vllm-arg kv_cache_dtype=fp8 "
-                        "(repeatable; VALUE is read as YAML)")
+    for kind in ENGINES.values():
+        if kind.passthrough is not None:
+            parser.add_argument(f"--{kind.passthrough.flag}", action="append", default=[], metavar="KEY=VALUE",
+                                help=f"{kind.name} engine: {kind.passthrough.help}")
     add_flag(parser, "worker-id", default="", help="unique worker id (default: role-node-pid-random)")
     add_flag(parser, "kv-ttl-s", default=30.0, type=float, help="seconds a prefill holds unpulled KV")
     add_flag(parser, "kv-pull-failure", default="fail", choices=KV_PULL_FAILURE_POLICIES,
@@ -141,28 +154,30 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
-    config = ENGINES[args.engine]
-    chosen = {name: getattr(args, name) for name in _engine_fields()
-              if name in {f.name for f in fields(config)} and getattr(args, name) is not None}
+    kind = ENGINES[args.engine]
+    chosen = {name: getattr(args, name) for name in _own_flag_fields(kind) if getattr(args, name) is not None}
+    if kind.model_path_field and not chosen.get(kind.model_path_field):
+        chosen[kind.model_path_field] = str(DEFAULT_MODEL_DIR)  # the tiny local model, built on first use
     if args.model:
-        chosen["served_model_name" if config is VllmEngineConfig else "model"] = args.model
-    if args.vllm_arg:
-        if config is not VllmEngineConfig:
-            raise ConfigError(f"--vllm-arg does not apply to --engine {args.engine}")
-        from dynamo_grpc.engine.vllm_engine import extra_engine_args
-
+        chosen[kind.served_name_field] = args.model
+    for other in ENGINES.values():
+        if other.passthrough is None or not getattr(args, other.passthrough.flag.replace("-", "_"), None):
+            continue
+        pairs = tuple(getattr(args, other.passthrough.flag.replace("-", "_")))
+        if other is not kind:
+            raise ConfigError(f"--{other.passthrough.flag} does not apply to --engine {args.engine}")
         try:
-            extra_engine_args(tuple(args.vllm_arg))  # refuse a bad one now, not half a minute into start-up
+            other.passthrough.check(pairs)  # refuse a bad one now, not half a minute into start-up
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        chosen["extra_args"] = tuple(args.vllm_arg)
+        chosen[other.passthrough.field] = pairs
     unused = [f"--{name.replace('_', '-')}" for name in _engine_fields()
               if name not in chosen and getattr(args, name, None) is not None]
     if unused:
         verb = "does" if len(unused) == 1 else "do"
         raise ConfigError(f"{', '.join(unused)} {verb} not apply to --engine {args.engine}")
     try:
-        engine = config(**chosen)
+        engine = kind.config(**chosen)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return WorkerConfig(server=server_config(args), engine=engine, worker_id=args.worker_id, kv_ttl_s=args.kv_ttl_s,

@@ -7,12 +7,16 @@ instead of parsing messages.
 
 from __future__ import annotations
 
+import re
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "dynamo-grpc"
+# gRPC's own refusal of a message over a channel's size limit: "CLIENT: Sent message larger than max (N vs. M)".
+_MESSAGE_SIZE_REFUSAL = re.compile(r"message larger than max \((\d+) vs\. (\d+)\)")
 
 
 class DynamoError(Exception):
@@ -91,9 +95,21 @@ def from_rpc_error(error: grpc.aio.AioRpcError, *, request_id: str = "") -> Dyna
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
                 reason = info.reason
+    too_large = _MESSAGE_SIZE_REFUSAL.search(error.details() or "") if reason == "RESOURCE_EXHAUSTED" else None
+    if too_large:  # gRPC's own refusal carries no ErrorInfo: name it, and say the limit
+        size, limit = int(too_large[1]), int(too_large[2])
+        return DynamoError(f"the request makes a gRPC message of {size} bytes, over the {limit / 2**20:g} MiB "
+                           "message limit; shorten the prompt", request_id=request_id, reason="MESSAGE_TOO_LARGE",
+                           code=error.code())
     return DynamoError(error.details() or reason, request_id=request_id, reason=reason, code=error.code())
 
 
 def error_reason(error: grpc.aio.AioRpcError) -> str:
     """The ErrorInfo reason of a failed call (the status code name when it carries none)."""
     return from_rpc_error(error).reason
+
+
+def describe(error: grpc.aio.AioRpcError) -> str:
+    """A failed call in one line for people: `REASON: message`."""
+    failure = from_rpc_error(error)
+    return f"{failure.reason}: {failure.message}"

@@ -14,12 +14,12 @@ from typing import TypeVar
 
 import grpc
 
-from control_plane.pairing import compute_pairings
 from dynamo_grpc.channels import ChannelPool
-from dynamo_grpc.config import ROUTING_POLICIES
 from dynamo_grpc.errors import NotFound, Unavailable
-from dynamo_grpc.kv_events import PrefixIndex
-from dynamo_grpc.registry import Registry
+from dynamo_grpc.kv.events import PrefixIndex
+from dynamo_grpc.registry import DEMAND_DOCUMENT, PAIRINGS_DOCUMENT, Registry
+from dynamo_grpc.routing.pairing import compute_pairings
+from dynamo_grpc.routing.policies import DEFAULT_POLICY, Load, routing_policy
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
@@ -33,11 +33,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PAIRINGS_DOCUMENT = "pairings"
-DEMAND_DOCUMENT = "demand"
-"""Where a router calls for capacity (a `CapacityDemand`) when a request finds no decode worker."""
-SCALE_DOCUMENT = "scale"
-"""The control plane's `ScaleTarget`, present only in an autoscaled deployment."""
 _MAX_RETRY_S = 10.0
 DEFAULT_LOAD_POLL_S = 0.5
 
@@ -85,28 +80,23 @@ class Route:
 
 
 class Fleet:
-    """Follows the registry and picks a compatible pair per request, by the routing policy.
+    """Follows the registry and picks a compatible pair per request, ranked by the routing policy
+    (`routing/policies.py`); equally ranked candidates take turns.
 
-    - kv_aware: the prefill goes where it finishes first: the fewest prompt tokens still to compute
-      there, counting this prompt's tokens that worker's prefix cache does not hold (known from every
-      worker's KV events); the decode goes to the least-loaded worker paired with it.
-    - least_loaded: the pair with the fewest requests running.
-    - round_robin: the pairs in turn.
     A worker's load is the larger of the requests this router sent it and the requests it reports
-    running (every `load_poll_s`, so requests from other routers count too); ties go to the decode
-    worker with the smaller share of its KV blocks in use, and then take turns.
+    running (every `load_poll_s`, so requests from other routers count too), and the prompt tokens it
+    still has to compute, counting what its prefix cache holds (from every worker's KV events, for the
+    policies that read them).
     Pairings come from the control plane's published table when there is one; without a control
     plane, the router derives the same table itself, so a router works standalone.
     """
 
     def __init__(self, registry: Registry, policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE, *,
-                 routing: str = "kv_aware", channels: ChannelPool | None = None,
+                 routing: str = DEFAULT_POLICY, channels: ChannelPool | None = None,
                  load_poll_s: float = DEFAULT_LOAD_POLL_S) -> None:
-        if routing not in ROUTING_POLICIES:
-            raise ValueError(f"routing policy must be one of {', '.join(ROUTING_POLICIES)}, got {routing!r}")
         self._registry = registry
         self._policy = policy
-        self.routing = routing
+        self.routing = routing_policy(routing)
         self.workers: dict[str, pb.WorkerInfo] = {}
         self.prefix_index = PrefixIndex()
         self._own_channels = channels is None
@@ -151,16 +141,14 @@ class Fleet:
         pairs = self._live_pairs(decodes)
         prompt_tokens = len(prompt) if prompt is not None else prompt_tokens
         cached: dict[str, int] = {}
-        if self.routing == "kv_aware" and prompt is not None:
+        if self.routing.uses_prefix_cache and prompt is not None:
             cached = self.prefix_index.cached_tokens(prompt, {*decodes, *(p.prefill_worker_id for p in pairs)})
 
         def uncached(worker_id: str) -> int:
             return prompt_tokens - cached.get(worker_id, 0)
 
-        def prefill_work(worker_id: str) -> int:
-            """Prompt tokens the worker must compute before this request's prefill is done."""
-            return self._in_flight.tokens[worker_id] + uncached(worker_id)
-
+        load = Load(requests_at=self._requests_at, kv_usage=self._kv_usage,
+                    prefill_work=lambda worker_id: self._in_flight.tokens[worker_id] + uncached(worker_id))
         turn = next(self._turn)
 
         def in_turn(items: list[T]) -> list[T]:
@@ -168,23 +156,10 @@ class Fleet:
             return items[turn % len(items):] + items[:turn % len(items)]
 
         if not pairs:
-            candidates = in_turn(sorted(decodes))
-            if self.routing == "round_robin":
-                decode = candidates[0]
-            else:
-                key = prefill_work if self.routing == "kv_aware" else self._requests_at
-                decode = min(candidates, key=lambda w: (key(w), self._kv_usage(w)))
+            decode = min(in_turn(sorted(decodes)), key=lambda worker_id: self.routing.rank_decode(worker_id, load))
             return Route(decode=decodes[decode], prefill=None, uncached_tokens=uncached(decode))
-        pairs = in_turn(sorted(pairs, key=lambda p: (p.prefill_worker_id, p.decode_worker_id)))
-        if self.routing == "round_robin":
-            best = pairs[0]
-        elif self.routing == "kv_aware":
-            best = min(pairs, key=lambda p: (prefill_work(p.prefill_worker_id), self._requests_at(p.decode_worker_id),
-                                             self._kv_usage(p.decode_worker_id), not p.same_host))
-        else:
-            best = min(pairs, key=lambda p: (self._requests_at(p.decode_worker_id) +
-                                             self._requests_at(p.prefill_worker_id),
-                                             self._kv_usage(p.decode_worker_id), not p.same_host))
+        best = min(in_turn(sorted(pairs, key=lambda p: (p.prefill_worker_id, p.decode_worker_id))),
+                   key=lambda pair: self.routing.rank_pair(pair, load))
         decode, policy = decodes[best.decode_worker_id], self._policy
         if uncached(decode.worker_id) < policy.min_prompt_tokens or (
                 policy.max_prefill_queue and self._requests_at(best.prefill_worker_id) >= policy.max_prefill_queue):
@@ -282,7 +257,7 @@ class Fleet:
                 self._reported.pop(worker_id, None)
         for worker_id, worker in self.workers.items():
             if worker_id not in self._feeds and worker.role in (pb.WORKER_ROLE_PREFILL, pb.WORKER_ROLE_DECODE):
-                feeds = [asyncio.create_task(self._follow_cache(worker))] if self.routing == "kv_aware" else []
+                feeds = [asyncio.create_task(self._follow_cache(worker))] if self.routing.uses_prefix_cache else []
                 if self._load_poll_s > 0:
                     feeds.append(asyncio.create_task(self._poll_load(worker)))
                 self._feeds[worker_id] = (worker.endpoint, feeds)

@@ -18,7 +18,6 @@ from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from dynamo_grpc.config import ROUTING_POLICIES
 from dynamo_grpc.engine.base import EngineRequest, Sampling
 from dynamo_grpc.engine.cost_model import (
     KV_BYTES_PER_TOKEN,
@@ -29,13 +28,18 @@ from dynamo_grpc.engine.cost_model import (
 )
 from dynamo_grpc.engine.simulated import SimulatedEngine, SimulatedEngineConfig
 from dynamo_grpc.fleet import InFlight
-from dynamo_grpc.kv_events import PrefixIndex
-from dynamo_grpc.kv_store import LeasedKvStore
+from dynamo_grpc.kv.events import PrefixIndex
+from dynamo_grpc.kv.store import LeasedKvStore
+from dynamo_grpc.kv.transport import KvReceiver, ReceivedKv
 from dynamo_grpc.loadgen import RequestRecord, Workload, run_load
+from dynamo_grpc.routing.policies import LeastLoaded, Load, routing_policy
 from dynamo_grpc.v1 import common_pb2 as pb
+from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
 T = TypeVar("T")
 
+SIMULATED_ROUTING = LeastLoaded.name
+"""The fleet simulator's default policy: for prompts that share no prefix it picks what kv_aware would."""
 KV_MEMORY_GB = 40.0
 """HBM left for KV cache per simulated GPU after weights and activations (an assumption, not measured).
 A TP-1 worker gets this; a TP-N worker gets `cost_model.worker_kv_memory_gb`."""
@@ -89,15 +93,14 @@ class FleetShape:
     prefill_chunk_tokens: int = 8192
     link: str = "nvlink"
     """How KV moves from prefill to decode workers (see `cost_model.LINK_GBPS`)."""
-    routing: str = "least_loaded"
-    """How requests pick engines, as the router's `--policy`: least_loaded, kv_aware or round_robin."""
+    routing: str = SIMULATED_ROUTING
+    """How requests pick engines, as the router's `--policy` (`routing/policies.py`)."""
     tensor_parallel_size: int = 1
     """GPUs per worker, in both pools: every engine prices its steps as a TP-N engine
     (`cost_model.TensorParallelStepCost`)."""
 
     def __post_init__(self) -> None:
-        if self.routing not in ROUTING_POLICIES:
-            raise ValueError(f"routing must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing!r}")
+        routing_policy(self.routing)  # refuses an unknown name
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
 
@@ -110,27 +113,31 @@ class FleetShape:
         return self.workers * self.tensor_parallel_size
 
     def describe(self) -> str:
-        routed = "" if self.routing == "least_loaded" else f", {self.routing}"
+        routed = "" if self.routing == SIMULATED_ROUTING else f", {self.routing}"
         tp = f" x TP{self.tensor_parallel_size}" if self.tensor_parallel_size > 1 else ""
         if not self.prefill_workers:
             return f"agg {self.decode_workers}{tp} (chunk {self.decode_chunk_tokens}{routed})"
         return f"disagg {self.prefill_workers}P+{self.decode_workers}D{tp} ({self.link}{routed})"
 
 
-class _LinkedKv:
-    """A decode engine's KV source: the prefill engine's store, across a modelled link."""
+class _LinkedTransport:
+    """A decode engine's way to the prefill engines' stores, across a modelled link."""
 
     def __init__(self, stores: dict[str, LeasedKvStore], modelled_bytes_per_token: int, link: str) -> None:
+        self.name = link
         self._stores = stores
         self._bytes_per_token = modelled_bytes_per_token
-        self._link = link
 
-    async def pull(self, handle: pb.KvHandle, *, request_id: str) -> tuple[bytes | bytearray, pb.KvTransferStats]:
-        data = self._stores[handle.endpoint].claim(handle.transfer_id, handle.pull_token, "")
+    def reaches(self, handle: pb.KvHandle) -> bool:
+        return handle.endpoint in self._stores
+
+    async def fetch(self, handle: pb.KvHandle, *, segment: str, fingerprint: str, request_id: str) -> ReceivedKv:
+        data = self._stores[handle.endpoint].claim(handle.transfer_id, handle.pull_token, fingerprint)
         nbytes = handle.num_tokens * self._bytes_per_token
-        ms = transfer_ms(nbytes, self._link)
+        ms = transfer_ms(nbytes, self.name)
         await asyncio.sleep(ms / 1e3)
-        return bytes(data), pb.KvTransferStats(bytes=nbytes, duration_us=int(ms * 1e3), path=self._link)
+        return ReceivedKv(data=bytes(data), stats=pb.KvTransferStats(bytes=nbytes, duration_us=int(ms * 1e3),
+                                                                     path=self.name))
 
     async def release(self, handle: pb.KvHandle, *, request_id: str) -> bool:
         return self._stores[handle.endpoint].release(handle.transfer_id, handle.pull_token)
@@ -164,30 +171,39 @@ def _hit_rate(engines: Iterable[pb.WorkerStats]) -> float:
 
 
 class _Picker:
-    """The router's choice among a pool's engines, mirroring `Fleet.route` (kv_aware reads a prefix index
-    fed by the engines' KV events). Two differences: there are no pairings (any prefill engine reaches
-    any decode engine), and the decode engine is picked when its prefill is done rather than on arrival."""
+    """The router's choice among a pool's engines: its routing policy's ranks (`routing/policies.py`), equally
+    ranked engines taking turns, and kv_aware reading a prefix index fed by the engines' KV events. Two
+    differences from `Fleet.route`: there are no pairings (any prefill engine reaches any decode engine), and
+    the decode engine is picked when its prefill is done rather than on arrival."""
 
     def __init__(self, routing: str, index: PrefixIndex) -> None:
-        self.routing = routing
+        self.policy = routing_policy(routing)
         self._index = index
         self.in_flight = InFlight()
         self._turns: Counter[int] = Counter()
 
-    def pick(self, pool: dict[str, SimulatedEngine], prompt: list[int], *, prefills: bool) -> tuple[str, int]:
-        """The engine's name and the prompt tokens it has to compute."""
+    def pick(self, pool: dict[str, SimulatedEngine], prompt: list[int], *, prefilled_on: str = ""
+             ) -> tuple[str, int]:
+        """The engine's name and the prompt tokens it has to compute; `prefilled_on` names the prefill engine
+        that computed the prompt's KV, when the pick is the decode engine of a disaggregated request."""
+        turn = self._turns[id(pool)] % len(pool)
+        self._turns[id(pool)] += 1
         names = list(pool)
-        kv_aware = self.routing == "kv_aware" and prefills
-        cached = self._index.cached_tokens(prompt, names) if kv_aware else {}
-        if self.routing == "round_robin":
-            turn = self._turns[id(pool)]
-            self._turns[id(pool)] += 1
-            name = names[turn % len(names)]
-        elif kv_aware:
-            name = min(names, key=lambda n: self.in_flight.tokens[n] + len(prompt) - cached.get(n, 0))
+        names = names[turn:] + names[:turn]
+        prefills = not prefilled_on
+        cached = self._index.cached_tokens(prompt, names) if self.policy.uses_prefix_cache and prefills else {}
+
+        def uncached(name: str) -> int:
+            return len(prompt) - cached.get(name, 0) if prefills else 0
+
+        load = Load(requests_at=self.in_flight.requests.__getitem__, kv_usage=lambda name: 0.0,
+                    prefill_work=lambda name: self.in_flight.tokens[name] + uncached(name))
+        if prefills:
+            name = min(names, key=lambda name: self.policy.rank_decode(name, load))
         else:
-            name = min(names, key=self.in_flight.requests.__getitem__)
-        return name, len(prompt) - cached.get(name, 0) if prefills else 0
+            name = min(names, key=lambda name: self.policy.rank_pair(cp_pb.Pairing(
+                prefill_worker_id=prefilled_on, decode_worker_id=name, same_host=True), load))
+        return name, uncached(name)
 
 
 async def simulate(shape: FleetShape, workload: Workload, *, model: str = "llama3_70b",
@@ -218,9 +234,9 @@ async def run_fleet(shape: FleetShape, workload: Workload, *, model: str = "llam
               for i in range(shape.prefill_workers)}
     prefills = {name: SimulatedEngine(dataclasses.replace(base, max_num_batched_tokens=shape.prefill_chunk_tokens),
                                       kv_store=store, cost=cost) for name, store in stores.items()}
-    source = _LinkedKv(stores, KV_BYTES_PER_TOKEN[model], shape.link)
+    receiver = KvReceiver([_LinkedTransport(stores, KV_BYTES_PER_TOKEN[model], shape.link)])
     decodes = {f"decode-{i}": SimulatedEngine(dataclasses.replace(base, max_num_batched_tokens=shape.decode_chunk_tokens),
-                                              kv_source=source, cost=cost) for i in range(shape.decode_workers)}
+                                              kv_receiver=receiver, cost=cost) for i in range(shape.decode_workers)}
     prefilling = prefills or decodes
     index = PrefixIndex()
     picker = _Picker(shape.routing, index)
@@ -236,19 +252,20 @@ async def run_fleet(shape: FleetShape, workload: Workload, *, model: str = "llam
         rid = f"r{next(ids)}"
         request = EngineRequest(rid, tuple(prompt), Sampling(max_tokens=max_tokens, temperature=0.0,
                                                             ignore_eos=True))
+        prefilled_on = ""
         if prefills:
-            name, uncached = picker.pick(prefills, prompt, prefills=True)
-            with picker.in_flight.busy(name, uncached):
-                async for out in prefills[name].generate(dataclasses.replace(request, produce_kv=True)):
+            prefilled_on, uncached = picker.pick(prefills, prompt)
+            with picker.in_flight.busy(prefilled_on, uncached):
+                async for out in prefills[prefilled_on].generate(dataclasses.replace(request, produce_kv=True)):
                     if out.kv_handle is not None:
                         request = dataclasses.replace(request, kv_handle=out.kv_handle)
-        name, uncached = picker.pick(decodes, prompt, prefills=not prefills)
+        name, uncached = picker.pick(decodes, prompt, prefilled_on=prefilled_on)
         with picker.in_flight.busy(name, uncached):
             async for out in decodes[name].generate(request):
                 record.token_times += [loop.time()] * len(out.token_ids)
 
     feeds = [asyncio.create_task(follow(name, engine)) for name, engine in prefilling.items()
-             if shape.routing == "kv_aware"]
+             if picker.policy.uses_prefix_cache]
     try:
         records = await run_load(send, workload, progress=False, clock=loop.time)
     finally:

@@ -23,20 +23,19 @@ from aiohttp import web
 
 from dynamo_grpc.client import GenerateStream, RouterClient
 from dynamo_grpc.errors import from_rpc_error
-from dynamo_grpc.fleet import SCALE_DOCUMENT
 from dynamo_grpc.openai_protocol import (
-    HTTP_STATUS,
     BadRequest,
     Job,
     choice,
     envelope,
     error_body,
     finish_reason_of,
+    http_status,
     logprobs_of,
     parse_job,
     usage_of,
 )
-from dynamo_grpc.registry import Registry, RegistryUnavailable
+from dynamo_grpc.registry import SCALE_DOCUMENT, Registry, RegistryUnavailable
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import router_pb2 as router_pb
 
@@ -157,7 +156,7 @@ def _error(status: int, message: str, code: str, headers: dict[str, str] | None 
 
 def _rpc_error_body(error: grpc.aio.AioRpcError) -> tuple[int, dict[str, Any]]:
     failure = from_rpc_error(error)
-    status = HTTP_STATUS.get(error.code(), 500)
+    status = http_status(failure.code, failure.reason)
     return status, error_body(status, failure.message, failure.reason.lower())
 
 
@@ -194,7 +193,11 @@ class Frontend:
             response = await handler(request)
             status = response.status
             return response
-        except web.HTTPException as error:  # aiohttp's own 404/405/413, in OpenAI's error shape
+        except web.HTTPRequestEntityTooLarge:
+            status = 413
+            return _error(status, f"the request body is over this server's limit of {MAX_BODY_BYTES / 2**20:g} MiB; "
+                          "shorten the prompt", "request_too_large")
+        except web.HTTPException as error:  # aiohttp's own 404/405, in OpenAI's error shape
             status = error.status
             return _error(error.status, error.reason, error.reason.lower().replace(" ", "_"))
         except (asyncio.CancelledError, ConnectionResetError):

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from dynamo_grpc.kv_events import KvEventLog
+from dynamo_grpc.kv.events import KvEventLog
 from dynamo_grpc.v1 import kv_events_pb2 as events_pb
 from dynamo_grpc.v1 import kv_events_pb2_grpc as events_grpc
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from dynamo_grpc.kv_store import LeasedKvStore
+from dynamo_grpc.kv.store import LeasedKvStore
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
 from dynamo_grpc.v1 import kv_transfer_pb2_grpc as kv_grpc
 

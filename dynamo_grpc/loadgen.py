@@ -20,7 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from dynamo_grpc.client import RouterClient
+from dynamo_grpc.errors import describe
+from dynamo_grpc.slo import Objectives
 
 
 @dataclass(frozen=True)
@@ -84,12 +88,6 @@ class Workload:
             prompt = prefix + [rng.randint(low, high) for _ in range(length - len(prefix))]
             result.append((prompt, self.output_tokens.draw(rng)))
         return result
-
-
-@dataclass(frozen=True)
-class Objectives:
-    ttft_ms: float = 1000.0
-    itl_ms: float = 100.0
 
 
 @dataclass
@@ -174,6 +172,8 @@ async def run_load(send: Sender, workload: Workload, *, progress: bool = True,
             records.append(record)
             try:
                 await send(prompt, max_tokens, record)
+            except grpc.aio.AioRpcError as error:
+                record.error = describe(error)[:300]
             except Exception as error:  # noqa: BLE001 - a failed request is counted, not fatal to the run
                 record.error = f"{type(error).__name__}: {error}"[:200]
             record.ended = clock()

@@ -37,10 +37,12 @@ HTTP_STATUS = {
     grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.ALREADY_EXISTS: 409,  # a live request already has this X-Request-Id: the client's to fix
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,  # WORKER_BUSY: retry later
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+# Reasons whose code says too little: a request that can never fit is not "busy", retrying will not help.
+REASON_HTTP_STATUS = {"KV_CACHE_TOO_SMALL": 400, "MESSAGE_TOO_LARGE": 413}
 
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
                409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
@@ -54,6 +56,10 @@ class BadRequest(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+
+
+def http_status(code: grpc.StatusCode, reason: str) -> int:
+    return REASON_HTTP_STATUS.get(reason) or HTTP_STATUS.get(code, 500)
 
 
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:

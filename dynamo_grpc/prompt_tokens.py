@@ -5,38 +5,45 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from dynamo_grpc.engine import simulated
+from dynamo_grpc.engine.registry import ENGINES
 from dynamo_grpc.v1 import common_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 
 class PromptTokenizer:
-    """Token-id prompts are used as they are; text is tokenized like the serving engine does: bytes for
-    the simulated engine, the model's Hugging Face tokenizer (`tokenizer_dir`) for vLLM. Without one,
-    text prompts to vLLM workers are routed by load alone."""
+    """Token-id prompts are used as they are; text is tokenized like the serving engine does: by the
+    engine's own tokenizer when it has one that needs no model files (the simulated engine's bytes), else
+    by the model's Hugging Face tokenizer (`tokenizer_dir`). Without one, such text prompts are routed by
+    load alone."""
 
     def __init__(self, tokenizer_dir: str = "") -> None:
         self._dir = tokenizer_dir
         self._hf: Any = None
+        self._max_chars = 0
         self._warned = False
 
     def token_ids(self, params: pb.GenerationParams, engine: str) -> tuple[int, ...] | None:
         if params.prompt.WhichOneof("form") == "token_ids":
             return tuple(params.prompt.token_ids.ids)
         text = params.prompt.text
-        if engine == "simulated":
-            return simulated.tokenize(text)
+        kind = ENGINES.get(engine)
+        if kind is not None and kind.tokenize_text is not None:
+            return kind.tokenize_text(text)
         if self._dir and self._hf is None:
             try:
                 from transformers import AutoTokenizer
 
                 self._hf = AutoTokenizer.from_pretrained(self._dir)
+                # vLLM's own bound on a text prompt before it tokenizes one (its `max_chars_per_token`).
+                self._max_chars = self._hf.model_max_length * max(len(t) for t in self._hf.get_vocab())
             except Exception as error:  # noqa: BLE001 - a bad tokenizer must not fail requests
                 log.warning("router: cannot load the tokenizer in %s (%s); text prompts are routed by load only",
                             self._dir, error)
                 self._dir, self._warned = "", True
         if self._hf is not None:
+            if len(text) > self._max_chars:
+                return None  # longer than the context can hold: the worker refuses it; tokenizing would stall us
             # Special tokens as the engine adds them (vLLM tokenizes with add_special_tokens=True).
             return tuple(self._hf(text)["input_ids"])
         if not self._warned:

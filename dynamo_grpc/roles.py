@@ -7,36 +7,31 @@ server with a grace period for in-flight calls -> shut the engine down.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from control_plane.control_plane_service import PLAN_DOCUMENT, ControlPlaneServicer
-from control_plane.controller import PairingController
-from control_plane.scaling import AutoscalingConfig, ScaleController
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.decode_service import DecodeServicer
 from dynamo_grpc.engine.base import Engine
-from dynamo_grpc.engine.simulated import SimulatedEngine, SimulatedEngineConfig
+from dynamo_grpc.engine.registry import EngineParts
 from dynamo_grpc.fleet import ALWAYS_DISAGGREGATE, DEFAULT_LOAD_POLL_S, DisaggregationPolicy, Fleet
+from dynamo_grpc.kv.store import LeasedKvStore
+from dynamo_grpc.kv.transport import KvReceiver
+from dynamo_grpc.kv.wire import add_kv_transfer_service
 from dynamo_grpc.kv_event_service import KvEventServicer
-from dynamo_grpc.kv_store import LeasedKvStore
 from dynamo_grpc.kv_transfer_service import KvTransferServicer
-from dynamo_grpc.kv_wire import add_kv_transfer_service
 from dynamo_grpc.prefill_service import PrefillServicer
 from dynamo_grpc.prompt_tokens import PromptTokenizer
 from dynamo_grpc.registry import Registry
 from dynamo_grpc.router import DEFAULT_MAX_MIGRATIONS, Router
 from dynamo_grpc.router_service import RouterServicer
 from dynamo_grpc.server import RunningServer, ServiceBinding, start_server
+from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR, build_tiny_model, is_complete
 from dynamo_grpc.v1 import common_pb2 as pb
-from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
-from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
 from dynamo_grpc.v1 import kv_events_pb2 as events_pb
@@ -52,7 +47,7 @@ log = logging.getLogger(__name__)
 GRACE_S = 5.0
 
 
-def _service(module: object, name: str) -> str:
+def service_name(module: object, name: str) -> str:
     return module.DESCRIPTOR.services_by_name[name].full_name  # type: ignore[attr-defined]
 
 
@@ -79,22 +74,15 @@ class RunningRole:
         log.info("%s stopped", self.name)
 
 
-async def start_engine(config: WorkerConfig, *, kv_store: LeasedKvStore | None = None,
-                       kv_channels: ChannelPool | None = None) -> Engine:
-    """The worker's engine; a prefill engine gets the KV store, a decode engine channels to pull with."""
-    host = config.server.node_name
-    if isinstance(config.engine, SimulatedEngineConfig):
-        return SimulatedEngine(config.engine, kv_store=kv_store, kv_channels=kv_channels)
-    from dynamo_grpc.engine.vllm_engine import VllmEngine
-    from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR, build_tiny_model, is_complete
-
-    if config.engine.model_path == str(DEFAULT_MODEL_DIR) and not is_complete(DEFAULT_MODEL_DIR):
+async def start_engine(config: WorkerConfig, parts: EngineParts) -> Engine:
+    """The worker's engine; a prefill engine gets the KV store, a decode engine the receiver of KV."""
+    kind = config.kind
+    model_path = kind.model_path(config.engine)
+    if model_path == str(DEFAULT_MODEL_DIR) and not is_complete(DEFAULT_MODEL_DIR):
         log.info("building the tiny local model in %s (first run only, a few seconds)", DEFAULT_MODEL_DIR)
         await asyncio.to_thread(build_tiny_model, DEFAULT_MODEL_DIR)
-    log.info("starting vLLM on %s (about half a minute on a CPU)", config.engine.model_path)
-    # Engine start blocks for a while; off the event loop, leases keep being renewed meanwhile.
-    return await asyncio.to_thread(VllmEngine, config.engine, kv_store=kv_store, kv_channels=kv_channels, host=host,
-                                   loop=asyncio.get_running_loop())
+    log.info("starting the %s engine%s", kind.name, f" on {model_path}" if model_path else "")
+    return await kind.start(config.engine, parts)
 
 
 def _kv_events(engine: Engine) -> list[ServiceBinding]:
@@ -102,7 +90,7 @@ def _kv_events(engine: Engine) -> list[ServiceBinding]:
     if engine.kv_events is None:
         return []
     return [ServiceBinding(KvEventServicer(engine.kv_events), events_grpc.add_KvEventServiceServicer_to_server,
-                           _service(events_pb, "KvEventService"))]
+                           service_name(events_pb, "KvEventService"))]
 
 
 def _worker_info(worker_id: str, role: int, engine: Engine, endpoint: str, server: ServerConfig
@@ -116,12 +104,12 @@ def _worker_info(worker_id: str, role: int, engine: Engine, endpoint: str, serve
 
 async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole:
     store = LeasedKvStore(endpoint="", host=config.server.node_name, ttl_s=config.kv_ttl_s)
-    engine = await start_engine(config, kv_store=store)
+    engine = await start_engine(config, EngineParts(kv_store=store))
     server = await start_server([
         ServiceBinding(PrefillServicer(engine), prefill_grpc.add_PrefillServiceServicer_to_server,
-                       _service(prefill_pb, "PrefillService")),
+                       service_name(prefill_pb, "PrefillService")),
         ServiceBinding(KvTransferServicer(store), add_kv_transfer_service,
-                       _service(kv_pb, "KvTransferService")),
+                       service_name(kv_pb, "KvTransferService")),
         *_kv_events(engine),
     ], host=config.server.host, port=config.server.port)
     endpoint = store.endpoint = config.server.endpoint(server.port)
@@ -137,13 +125,14 @@ async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole
 
 async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     channels = ChannelPool()
-    engine = await start_engine(config, kv_channels=channels)
+    engine = await start_engine(config, EngineParts(
+        kv_receiver=KvReceiver.over_network(channels, host=config.server.node_name)))
     worker_id = config.resolved_worker_id("decode")
     decode = DecodeServicer(engine, worker_id=worker_id, local_prefill_on_pull_failure=
                             config.kv_pull_failure == "local-prefill")
     server = await start_server([
         ServiceBinding(decode, decode_grpc.add_DecodeServiceServicer_to_server,
-                       _service(decode_pb, "DecodeService")),
+                       service_name(decode_pb, "DecodeService")),
         *_kv_events(engine),
     ], host=config.server.host, port=config.server.port)
     endpoint = config.server.endpoint(server.port)
@@ -164,71 +153,8 @@ async def start_router(config: ServerConfig, registry: Registry, *,
                     cold_start_wait_s=cold_start_wait_s)
     server = await start_server([
         ServiceBinding(RouterServicer(router), router_grpc.add_RouterServiceServicer_to_server,
-                       _service(router_pb, "RouterService")),
+                       service_name(router_pb, "RouterService")),
     ], host=config.host, port=config.port)
     endpoint = config.endpoint(server.port)
     log.info("router serving on %s (%d workers known)", endpoint, len(fleet.workers))
     return RunningRole("router", endpoint, server, registry, cleanups=[fleet.stop, channels.close], fleet=fleet)
-
-
-async def start_control_plane(config: ServerConfig, registry: Registry, *, plan: cp_pb.Plan | None = None,
-                              autoscaling: AutoscalingConfig | None = None) -> RunningRole:
-    """`plan` (compiled from a deployment spec) is published for GetPlan and every process to read;
-    with `autoscaling`, the control plane also sizes the pools and publishes their scale target."""
-    if plan is not None:
-        await registry.put_document(PLAN_DOCUMENT, plan.SerializeToString())
-    pairings = PairingController(registry)
-    await pairings.start()
-    cleanups = [pairings.stop]
-    if autoscaling is not None:
-        scaler = ScaleController(registry, autoscaling)
-        await scaler.start()
-        cleanups.insert(0, scaler.stop)
-    server = await start_server([
-        ServiceBinding(ControlPlaneServicer(registry, pairings), cp_grpc.add_ControlPlaneServiceServicer_to_server,
-                       _service(cp_pb, "ControlPlaneService")),
-    ], host=config.host, port=config.port)
-    endpoint = config.endpoint(server.port)
-    log.info("control plane serving on %s", endpoint)
-    return RunningRole("control plane", endpoint, server, registry, cleanups=cleanups)
-
-
-@dataclass
-class Deployment:
-    """Every role of a one-host deployment, started in dependency order and stopped in reverse."""
-
-    control_plane: RunningRole
-    prefill: RunningRole
-    decode: RunningRole
-    router: RunningRole
-
-    async def stop(self) -> None:
-        for role in (self.router, self.decode, self.prefill, self.control_plane):
-            await role.stop()
-
-
-async def start_all_in_one(worker: WorkerConfig, registry: Registry, **router_settings: Any) -> Deployment:
-    """Control plane, one prefill and one decode worker on free ports, and the router on `worker.server.port`
-    (`router_settings` as `start_router` takes them)."""
-    internal = dataclasses.replace(worker.server, port=0)
-    started: list[RunningRole] = []
-    try:
-        started.append(await start_control_plane(internal, registry))
-        # Engines start side by side: each spends much of its start-up in its own processes.
-        workers = await asyncio.gather(start_prefill(dataclasses.replace(worker, server=internal), registry),
-                                       start_decode(dataclasses.replace(worker, server=internal), registry),
-                                       return_exceptions=True)
-        started += [role for role in workers if isinstance(role, RunningRole)]
-        for failure in workers:
-            if isinstance(failure, BaseException):
-                raise failure
-        router = await start_router(worker.server, registry, **router_settings)
-        started.append(router)
-        # Ready means disaggregated from the first request on.
-        if router.fleet is not None and not await router.fleet.until_paired(timeout=10.0):
-            log.warning("the router sees no prefill/decode pair yet; requests prefill on the decode worker")
-    except BaseException:
-        for role in reversed(started):
-            await role.stop()
-        raise
-    return Deployment(*started)

@@ -67,7 +67,7 @@ class Router:
     async def _run(self, request_id: str, params: pb.GenerationParams, cancelled: asyncio.Event,
                    timeout: float | None) -> AsyncIterator[router_pb.GenerateResponse]:
         prompt = None
-        if self._fleet.routing == "kv_aware":
+        if self._fleet.routing.uses_prefix_cache:
             prompt = self._tokenizer.token_ids(params, self._fleet.engine_of(params.model))
         route = await self._route(params, request_id, prompt, timeout, cancelled)
         if route is None:

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from control_plane.deployment import Deployment, start_all_in_one
 from dynamo_grpc.channels import CHANNEL_OPTIONS
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import ServerConfig, WorkerConfig
@@ -21,7 +22,6 @@ from dynamo_grpc.engine import SimulatedEngineConfig
 from dynamo_grpc.errors import error_reason
 from dynamo_grpc.frontend import RunningFrontend, start_frontend
 from dynamo_grpc.registry import MemoryRegistry, Registry
-from dynamo_grpc.roles import Deployment, start_all_in_one
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc

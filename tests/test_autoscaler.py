@@ -6,8 +6,8 @@ import dataclasses
 import itertools
 import random
 
-from control_plane.autoscaler import PoolAutoscaler, PoolCapacity, PoolMetrics
-from dynamo_grpc.loadgen import Objectives
+from control_plane.autoscaler import AutoscalingTuning, PoolAutoscaler, PoolCapacity, PoolMetrics, workers_for
+from dynamo_grpc.slo import Objectives
 
 OBJECTIVES = Objectives(ttft_ms=2000, itl_ms=100)
 
@@ -23,8 +23,8 @@ CAPACITY = PoolCapacity(prefill_rps=1.25, decode_rps=2.5)  # 4P+2D serve 5 req/s
 
 
 def autoscaler(clock: FakeClock, **kwargs: float) -> PoolAutoscaler:
-    return PoolAutoscaler(CAPACITY, OBJECTIVES, clock=clock, scale_down_cooldown_s=300, settle_s=60,
-                          idle_to_zero_s=600, **kwargs)
+    tuning = AutoscalingTuning(scale_down_cooldown_s=300, settle_s=60, idle_to_zero_s=600, **kwargs)
+    return PoolAutoscaler(CAPACITY, OBJECTIVES, tuning, clock=clock)
 
 
 def healthy(rate: float, prefill: int, decode: int) -> PoolMetrics:
@@ -49,7 +49,8 @@ def test_noise_around_a_threshold_moves_a_pool_at_most_once_each_way() -> None:
     assert count_changes(autoscaler(clock), clock) <= 2
     # Without the cooldown and the band, the same input flaps.
     clock = FakeClock()
-    eager = PoolAutoscaler(CAPACITY, OBJECTIVES, clock=clock, scale_down_cooldown_s=0, scale_down_band=0)
+    eager_tuning = AutoscalingTuning(scale_down_cooldown_s=0, scale_down_band=0)
+    eager = PoolAutoscaler(CAPACITY, OBJECTIVES, eager_tuning, clock=clock)
     assert count_changes(eager, clock) > 20
 
 
@@ -103,3 +104,9 @@ def test_idle_scales_to_zero_and_the_first_request_brings_one_decode_worker_back
     clock.now += 10
     decision = scaler.update(healthy(0.5, 0, 1))
     assert decision.decode_workers >= 1 and decision.prefill_workers >= 1
+
+
+def test_worker_counts_round_up_but_not_for_float_noise() -> None:
+    assert 0.1 * 3 / 0.3 > 1  # one worker-load, a hair over in floating point
+    assert workers_for(0.1 * 3 / 0.3) == 1
+    assert (workers_for(0.0), workers_for(0.2), workers_for(1.01), workers_for(4.0)) == (0, 1, 2, 4)

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from control_plane.autoscaler import PoolCapacity, PoolMetrics
+from control_plane.autoscaler import AutoscalingTuning, PoolCapacity, PoolMetrics
 from control_plane.compiler import compile_spec
 from control_plane.scaling import AutoscalingConfig, FleetSampler, ScaleController
 from control_plane.spec import load_spec, parse_spec
@@ -28,9 +28,9 @@ from dynamo_grpc.cli import autoscaling_config, build_parser, main
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import ServerConfig
 from dynamo_grpc.latency import LatencyWindow
-from dynamo_grpc.loadgen import Objectives
 from dynamo_grpc.registry import EtcdRegistry, MemoryRegistry
 from dynamo_grpc.roles import RunningRole, start_decode, start_router
+from dynamo_grpc.slo import Objectives
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
@@ -68,7 +68,7 @@ def test_a_planned_spec_autoscales_to_the_planned_pools_at_the_planned_rate(tmp_
     assert main(["plan", "--model", "llama3_8b", "--isl", "1000", "--osl", "100", "--rate", "60", "--ttft-ms", "300",
                  "--itl-ms", "30", "--spec-out", str(spec_path), "--autoscale"]) == 0
     spec = load_spec(spec_path)
-    assert spec.autoscaling is not None and spec.autoscaling.target_utilisation == 1.0
+    assert spec.autoscaling is not None and spec.autoscaling.tuning.target_utilisation == 1.0
     plan = compile_spec(spec)
     config = autoscaling_config(build_parser().parse_args(list(plan.by_role("control-plane")[0].command[1:])))
     assert config is not None
@@ -134,8 +134,9 @@ async def test_a_request_to_an_empty_fleet_calls_for_a_worker_and_fails_clearly_
 
 async def test_the_control_plane_answers_a_call_for_capacity_and_a_restart_keeps_its_target() -> None:
     registry = MemoryRegistry()
+    tuning = AutoscalingTuning(interval_s=0.1, scale_down_cooldown_s=0.2, idle_to_zero_s=0.5)
     config = AutoscalingConfig(PoolCapacity(1.0, 1.0), Objectives(1000, 100), max_prefill=2, max_decode=2,
-                               interval_s=0.1, scale_down_cooldown_s=0.2, idle_to_zero_s=0.5)
+                               tuning=tuning)
     controller = ScaleController(registry, config)
     await controller.start()
     router = await start_router(ServerConfig(port=0), registry, cold_start_wait_s=10.0)

@@ -10,15 +10,18 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
+from control_plane.deployment import start_all_in_one
 from dynamo_grpc.client import GenerateStream, RouterClient, params
 from dynamo_grpc.config import ServerConfig
+from dynamo_grpc.engine.simulated import VOCAB_SIZE
 from dynamo_grpc.registry import MemoryRegistry
-from dynamo_grpc.roles import start_all_in_one, start_router
+from dynamo_grpc.roles import start_router
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
-from tests.cluster import MODEL, Stubs, rpc_failure, worker_config
+from tests.bad_input import BadInput, assert_message_limit_holds, assert_refused_by_router, bad_inputs
+from tests.cluster import FAST_ENGINE, MODEL, Stubs, rpc_failure, worker_config
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 
@@ -39,20 +42,22 @@ def generate(stubs: Stubs, p: pb.GenerationParams, request_id: str = ""):
     return GenerateStream(stubs.router.stub, request_id, p).collect()
 
 
-@pytest.mark.parametrize("sampling, field", [
-    (pb.SamplingParams(max_tokens=0), "max_tokens"),
-    (pb.SamplingParams(temperature=-0.5), "temperature"),
-    (pb.SamplingParams(temperature=7), "temperature"),
-    (pb.SamplingParams(top_p=0), "top_p"),
-    (pb.SamplingParams(top_p=1.5), "top_p"),
-])
-async def test_bad_sampling_params(cluster: Stubs, sampling: pb.SamplingParams, field: str) -> None:
-    p = params("hello", model=MODEL)
-    p.sampling.CopyFrom(sampling)
-    with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await generate(cluster, p)
-    assert failure.value.code() == INVALID
-    assert f"sampling.{field}" in failure.value.details()
+@pytest.mark.parametrize("case", bad_inputs(FAST_ENGINE.max_model_len, VOCAB_SIZE), ids=lambda case: case.name)
+async def test_bad_input_is_refused_with_its_reason(cluster: Stubs, case: BadInput) -> None:
+    await assert_refused_by_router(cluster.router.stub, case, MODEL)
+
+
+async def test_max_tokens_past_the_context_are_clamped(cluster: Stubs) -> None:
+    context = FAST_ENGINE.max_model_len
+    p = params([5] * (context - 8), model=MODEL, max_tokens=1000, ignore_eos=True)
+    result = await generate(cluster, p)
+    assert result.completion is not None
+    assert result.completion.finish_reason == pb.FINISH_REASON_LENGTH
+    assert len(result.token_ids) == result.completion.usage.completion_tokens == 8
+
+
+async def test_a_message_over_the_grpc_limit_is_resource_exhausted(cluster: Stubs) -> None:
+    await assert_message_limit_holds(cluster.deployment.router.endpoint, MODEL)
 
 
 async def test_empty_prompt(cluster: Stubs) -> None:
@@ -67,11 +72,6 @@ async def test_unknown_model(cluster: Stubs) -> None:
     # Workers check too, for callers that reach them directly.
     request = prefill_pb.PrefillRequest(request_id="p", params=params("hi", model="gpt-unknown"))
     assert await rpc_failure(cluster.prefill.Prefill(request)) == (NOT_FOUND, "MODEL_NOT_FOUND")
-
-
-async def test_prompt_over_the_context(cluster: Stubs) -> None:
-    code, reason = await rpc_failure(generate(cluster, params("x" * 8000, model=MODEL, max_tokens=500)))
-    assert (code, reason) == (INVALID, "CONTEXT_TOO_LONG")
 
 
 async def test_past_deadline(cluster: Stubs) -> None:

@@ -16,7 +16,8 @@ from dynamo_grpc.fleetsim import (
     run_virtual,
     simulate,
 )
-from dynamo_grpc.loadgen import Lengths, Objectives, Workload, summarize
+from dynamo_grpc.loadgen import Lengths, Workload, summarize
+from dynamo_grpc.slo import Objectives
 
 
 def test_the_virtual_clock_jumps_over_sleeps() -> None:

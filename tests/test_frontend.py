@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import grpc
 import openai
 import pytest
 
-from dynamo_grpc.openai_protocol import chat_prompt
+from dynamo_grpc.engine.simulated import VOCAB_SIZE
+from dynamo_grpc.openai_protocol import chat_prompt, http_status
 from dynamo_grpc.tiny_model import CHAT_TEMPLATE
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
-from tests.cluster import MODEL, Served, openai_frontend, running
+from tests.bad_input import BadInput, assert_body_limits_hold, assert_refused_by_frontend, bad_inputs
+from tests.cluster import FAST_ENGINE, MODEL, Served, openai_frontend, running
 
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
 
@@ -170,6 +173,29 @@ async def test_bad_requests_get_400_naming_the_field(served: Served) -> None:
     assert malformed.status_code == 400 and "not valid JSON" in malformed.json()["error"]["message"]
     no_messages = await served.http.post("/v1/chat/completions", json={"model": MODEL, "messages": []})
     assert no_messages.status_code == 400 and no_messages.json()["error"]["param"] == "messages"
+
+
+@pytest.mark.parametrize("case", bad_inputs(FAST_ENGINE.max_model_len, VOCAB_SIZE), ids=lambda case: case.name)
+async def test_bad_input_is_400_with_its_reason(served: Served, case: BadInput) -> None:
+    await assert_refused_by_frontend(served.http, case, MODEL)
+
+
+async def test_a_body_over_a_size_limit_is_413_naming_the_limit(served: Served) -> None:
+    await assert_body_limits_hold(served.http, MODEL)
+
+
+def test_resource_exhausted_is_busy_only_when_a_retry_can_help() -> None:
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert http_status(exhausted, "WORKER_BUSY") == 429
+    assert http_status(exhausted, "KV_CACHE_TOO_SMALL") == 400
+    assert http_status(exhausted, "MESSAGE_TOO_LARGE") == 413
+
+
+async def test_max_tokens_past_the_context_finish_at_its_end(served: Served) -> None:
+    completion = await served.client.completions.create(
+        model=MODEL, prompt=[5] * (FAST_ENGINE.max_model_len - 8), max_tokens=1000, **GREEDY)
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None and completion.usage.completion_tokens == 8
 
 
 async def test_unknown_model_is_404(served: Served) -> None:

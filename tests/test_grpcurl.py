@@ -6,8 +6,8 @@ import asyncio
 import json
 import shutil
 
+from control_plane.deployment import start_all_in_one
 from dynamo_grpc.registry import MemoryRegistry
-from dynamo_grpc.roles import start_all_in_one
 from tests.cluster import MODEL, worker_config
 
 GRPCURL = shutil.which("grpcurl")

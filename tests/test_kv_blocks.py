@@ -8,9 +8,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from dynamo_grpc import shm
 from dynamo_grpc.engine.kv_blocks import block_bytes, block_major, load_blocks, save_blocks
-
+from dynamo_grpc.kv import shm
 
 # The copies run on every device this machine has: a GPU machine also checks the device<->host branches.
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]

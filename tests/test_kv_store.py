@@ -8,7 +8,7 @@ import zlib
 import pytest
 
 from dynamo_grpc.errors import FailedPrecondition, NotFound, PermissionDenied
-from dynamo_grpc.kv_store import LeasedKvStore
+from dynamo_grpc.kv.store import LeasedKvStore
 from dynamo_grpc.v1 import common_pb2 as pb
 
 

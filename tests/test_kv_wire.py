@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dynamo_grpc.kv_wire import encode_chunk, parse_chunk
+from dynamo_grpc.kv.wire import encode_chunk, parse_chunk
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
 
 CASES = [(0, b""), (0, b"kv"), (1 << 20, bytes(range(256)) * 4), (2**64 - 1, b"\x00" * 300)]

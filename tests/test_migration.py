@@ -8,10 +8,11 @@ import dataclasses
 
 import grpc
 
+from control_plane.deployment import start_all_in_one
 from dynamo_grpc.client import GenerateStream, params
 from dynamo_grpc.config import ServerConfig
 from dynamo_grpc.registry import MemoryRegistry
-from dynamo_grpc.roles import RunningRole, start_all_in_one, start_decode
+from dynamo_grpc.roles import RunningRole, start_decode
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc

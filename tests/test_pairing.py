@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from control_plane.pairing import compute_pairings
+from dynamo_grpc.routing.pairing import compute_pairings
 from dynamo_grpc.v1 import common_pb2 as pb
 
 

@@ -8,9 +8,12 @@ import pytest
 
 from control_plane.compiler import compile_spec
 from control_plane.planner import (
+    STABLE_UTILISATION,
     PlanError,
     PlannerWorkload,
     PoolPlan,
+    _aggregated_shapes,
+    _disaggregated_shapes,
     _prefill_ms,
     estimate_pools,
     plan_pools,
@@ -20,7 +23,7 @@ from control_plane.planner import (
 )
 from control_plane.spec import dump_spec, parse_spec
 from dynamo_grpc.engine.cost_model import load_cost_model
-from dynamo_grpc.loadgen import Objectives
+from dynamo_grpc.slo import Objectives
 
 MODEL = "llama3_70b"
 OBJECTIVES = Objectives(ttft_ms=2000, itl_ms=100)
@@ -125,6 +128,36 @@ def test_the_prefill_budget_is_the_smallest_that_saturates_the_gpu(model: str, i
     assert _prefill_ms(cost, isl, budget) <= fastest / 0.95
     assert budget == 256 or _prefill_ms(cost, isl, budget // 2) > fastest / 0.95
     assert budget < 8192  # the flat 8192 this replaces was past saturation for these prompts
+
+
+def test_the_fleets_simulated_at_a_size_are_the_stable_ones_least_loaded_first() -> None:
+    rate = 8.0
+    estimate = estimate_pools(MODEL, PlannerWorkload(3000, 150, rate), OBJECTIVES)
+
+    def load(workers: int, per_worker: float) -> float:
+        return rate / (workers * per_worker)
+
+    def busier(prefill: int, size: int, decode_per_worker: float) -> float:
+        return max(load(prefill, estimate.prefill_rps_per_gpu), load(size - prefill, decode_per_worker))
+
+    size = 12
+    chosen = [s.prefill_workers for s in _disaggregated_shapes(estimate, rate, size, "nvlink")]
+    assert len(chosen) > 1
+    for prefill in range(1, size):
+        stable = busier(prefill, size, estimate.decode_max_rps_per_gpu) <= STABLE_UTILISATION
+        assert (prefill in chosen) == stable
+    loads = [busier(prefill, size, estimate.decode_rps_per_gpu) for prefill in chosen]
+    assert loads == sorted(loads) and chosen != sorted(chosen)
+    assert _disaggregated_shapes(estimate, rate, 6, "nvlink") == []  # 6 GPUs cannot carry 8 req/s
+
+    size = 8
+    chunks = [s.decode_chunk_tokens for s in _aggregated_shapes(estimate, rate, size)]
+    for chunk in estimate.aggregated_rps_per_gpu:  # the budgets that can meet the objectives
+        stable = load(size, estimate.aggregated_max_rps_per_gpu[chunk]) <= STABLE_UTILISATION
+        assert (chunk in chunks) == stable
+    assert len(chunks) > 1 and len(chunks) < len(estimate.aggregated_rps_per_gpu)
+    rates = [estimate.aggregated_rps_per_gpu[c] for c in chunks]
+    assert rates == sorted(rates, reverse=True)
 
 
 def test_an_aggregated_plan_becomes_a_spec_without_prefill_workers(plan_at_4: PoolPlan) -> None:

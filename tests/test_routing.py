@@ -11,15 +11,17 @@ import hashlib
 import random
 import struct
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 
-from dynamo_grpc.client import RouterClient
+from dynamo_grpc.client import RouterClient, params
 from dynamo_grpc.config import ServerConfig
 from dynamo_grpc.engine.vllm_kv_events import EventTranslator
 from dynamo_grpc.fleet import DisaggregationPolicy, Fleet
-from dynamo_grpc.kv_events import KvEventLog, PrefixIndex, block_hashes, chain_hash
+from dynamo_grpc.kv.events import KvEventLog, PrefixIndex, block_hashes, chain_hash
+from dynamo_grpc.prompt_tokens import PromptTokenizer
 from dynamo_grpc.registry import EtcdRegistry
 from dynamo_grpc.roles import RunningRole, start_decode, start_prefill, start_router
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -248,3 +250,11 @@ async def test_routers_see_the_load_other_routers_put_on_a_worker(etcd: EtcdServ
         finally:
             for router in (first, second):
                 await router.stop()
+
+
+def test_text_longer_than_any_context_is_routed_without_tokenizing(tiny_model_dir: Path) -> None:
+    """Tokenizing megabytes of text would stall the router's event loop for seconds; such a prompt is
+    refused by the worker anyway (CONTEXT_TOO_LONG), so it is routed by load alone."""
+    tokenizer = PromptTokenizer(str(tiny_model_dir))
+    assert tokenizer.token_ids(params("hello world", model=MODEL), "vllm")
+    assert tokenizer.token_ids(params("hello world " * 1_000_000, model=MODEL), "vllm") is None

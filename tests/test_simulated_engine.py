@@ -86,15 +86,25 @@ async def test_bad_requests_are_refused_before_taking_resources() -> None:
     with pytest.raises(InvalidArgument) as empty:
         await run(engine, "")
     assert empty.value.reason == "EMPTY_PROMPT"
-    with pytest.raises(InvalidArgument) as long:
-        await run(engine, "x" * 90, max_tokens=20)
+    with pytest.raises(InvalidArgument) as long:  # no room left for a generated token
+        await run(engine, "x" * 100)
     assert long.value.reason == "CONTEXT_TOO_LONG"
     with pytest.raises(InvalidArgument) as vocab:
         await run(engine, (1, 2, 99999))
     assert vocab.value.reason == "TOKEN_OUT_OF_VOCABULARY"
+    with pytest.raises(InvalidArgument) as stop:
+        await run(engine, "x", stop_token_ids=(99999,))
+    assert stop.value.reason == "BAD_SAMPLING_PARAMS"
     with pytest.raises(ResourceExhausted) as full:
         await run(engine, "x" * 70, max_tokens=10)
     assert full.value.reason == "KV_CACHE_TOO_SMALL"
+    assert engine.stats().used_kv_blocks == 0
+
+
+async def test_max_tokens_are_clamped_to_the_context_left() -> None:
+    engine = SimulatedEngine(SimulatedEngineConfig(decode_step_s=0.0005, prefill_s_per_token=0, max_model_len=100))
+    tokens, finish = await run(engine, "x" * 90, max_tokens=50, ignore_eos=True)
+    assert (len(tokens), finish) == (10, FinishReason.LENGTH)
     assert engine.stats().used_kv_blocks == 0
 
 

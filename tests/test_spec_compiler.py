@@ -238,6 +238,18 @@ def test_vllm_flags_kept_dropped_and_noted() -> None:
         worker_config(build_parser().parse_args(["prefill", "--engine", "simulated", "--vllm-arg", "seed=1"]))
 
 
+def test_vllm_flag_table_decides_values_negations_and_drops() -> None:
+    spec, notes = spec_from_vllm(["vllm", "serve", "--enable-prefix-caching", "org/model-8B",
+                                  "--no-enforce-eager", "--disable-log-stats", "--kv-connector", "X",
+                                  "--no-trust-remote-code"])
+    assert spec.model.path == "org/model-8B"  # a switch takes no value, so the model is the positional
+    assert spec.model.engine_args["enforce_eager"] is False
+    assert spec.model.extra_engine_args == {"enable_prefix_caching": True, "no_trust_remote_code": True}
+    joined = "\n".join(notes)
+    assert "--disable-log-stats dropped: workers always collect engine stats" in joined
+    assert "--kv-connector dropped: dynamo-grpc configures its own KV connector" in joined
+
+
 def test_vllm_api_server_form_and_cpu_host() -> None:
     spec, notes = spec_from_vllm(["python3", "-m", "vllm.entrypoints.openai.api_server", "--model",
                                   "/models/tiny-llama", "--dtype=float32", "--device", "cpu"])
@@ -259,6 +271,8 @@ def test_vllm_big_model_keeps_tp_and_bad_commands_are_refused() -> None:
         spec_from_vllm(["vllm", "serve", "m", "--max-model-len", "big"])
     with pytest.raises(ValueError, match="expected `vllm serve"):
         spec_from_vllm(["vllm", "bench", "m"])
+    with pytest.raises(ValueError, match="--served-model-name needs a name"):
+        spec_from_vllm(["vllm", "serve", "m", "--served-model-name="])
 
 
 def test_kubernetes_manifests_parse_back_with_gpu_requests(tmp_path: Path) -> None:
@@ -296,10 +310,10 @@ def test_spec_from_file_reports_its_path(tmp_path: Path) -> None:
 
 async def test_the_control_plane_publishes_a_compiled_plan() -> None:
     from control_plane.compiler import compile_spec
+    from control_plane.role import start_control_plane
     from control_plane.spec import load_spec
     from dynamo_grpc.config import ServerConfig
     from dynamo_grpc.registry import MemoryRegistry
-    from dynamo_grpc.roles import start_control_plane
     from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
     from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
 
@@ -335,8 +349,8 @@ def test_autoscaling_compiles_to_control_plane_and_router_flags() -> None:
     assert config is not None
     assert (config.capacity.prefill_rps, config.capacity.decode_rps, config.max_prefill, config.max_decode) == (
         1.5, 2.5, 4, 2)
-    assert (config.objectives.ttft_ms, config.objectives.itl_ms, config.interval_s, config.idle_to_zero_s) == (
-        500, 50, 5, 0)
+    assert (config.objectives.ttft_ms, config.objectives.itl_ms, config.tuning.interval_s,
+            config.tuning.idle_to_zero_s) == (500, 50, 5, 0)
     assert config.autoscaler()._idle_to_zero_s == float("inf")  # 0: never to zero
     router = build_parser().parse_args(list(plan.by_role("router")[0].command[1:]))
     assert router.cold_start_wait_s == 120
@@ -347,6 +361,24 @@ def test_autoscaling_compiles_to_control_plane_and_router_flags() -> None:
     with pytest.raises(ConfigError, match="--slo-itl-ms must be positive"):
         autoscaling_config(build_parser().parse_args(
             ["control-plane", "--autoscale-prefill-rps", "1", "--autoscale-decode-rps", "1", "--slo-ttft-ms", "9"]))
+
+
+def test_every_autoscaling_knob_reaches_the_autoscaler_from_the_spec() -> None:
+    from control_plane.autoscaler import AutoscalingTuning, tuning_knobs
+    from dynamo_grpc.cli import autoscaling_config
+
+    halves = {knob.name: knob.default / 2 for knob in tuning_knobs()}
+    assert set(halves) == {"target_utilisation", "interval_s", "rate_window_s", "scale_down_cooldown_s",
+                           "settle_s", "idle_to_zero_s"}
+    fields = ", ".join(f"{name}: {value:g}" for name, value in halves.items())
+    spec = parse_spec(GOOD + f"autoscaling: {{prefill_requests_per_s: 1.5, decode_requests_per_s: 2.5, "
+                      f"{fields}}}\n")
+    assert spec.autoscaling is not None and spec.autoscaling.tuning == AutoscalingTuning(**halves)
+    assert parse_spec(dump_spec(spec)) == spec
+    command = compile_spec(spec).by_role("control-plane")[0].command
+    config = autoscaling_config(build_parser().parse_args(list(command[1:])))
+    assert config is not None and config.tuning == spec.autoscaling.tuning
+    assert config.autoscaler().tuning == AutoscalingTuning(**halves)
 
 
 def test_simulated_workers_take_the_pools_tensor_parallel_size() -> None:

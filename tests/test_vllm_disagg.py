@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from dynamo_grpc import shm
 from dynamo_grpc.client import params
 from dynamo_grpc.config import ServerConfig, WorkerConfig
-from dynamo_grpc.engine.vllm_engine import SEGMENT_PREFIX, VllmEngineConfig
-from dynamo_grpc.kv_events import block_hashes
+from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
+from dynamo_grpc.kv import shm
+from dynamo_grpc.kv.events import block_hashes
 from dynamo_grpc.prompt_tokens import PromptTokenizer
 from dynamo_grpc.registry import EtcdRegistry
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -236,7 +236,7 @@ async def test_cancels_and_expiry_leave_no_blocks_held(cluster: Stubs) -> None:
     await cluster.assert_no_leaks()
     prefill_stats = await cluster.prefill_stats()
     assert prefill_stats.transfers_expired >= 1 and prefill_stats.held_kv_bytes == 0
-    assert not list(shm.SHM_DIR.glob(f"{SEGMENT_PREFIX}{os.getpid()}-*"))
+    assert not list(shm.SHM_DIR.glob(f"{shm.SEGMENT_PREFIX}{os.getpid()}-*"))
 
 
 async def test_openai_chat_through_the_frontend_on_real_engines(cluster: Stubs, tiny_model_dir: Path) -> None:

@@ -5,13 +5,14 @@ Servicers speak only to this Protocol, so a worker role never knows which engine
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dynamo_grpc.errors import FailedPrecondition
-from dynamo_grpc.kv_events import KvEventLog
+from dynamo_grpc.errors import FailedPrecondition, InvalidArgument
+from dynamo_grpc.kv.events import KvEventLog
 from dynamo_grpc.v1 import common_pb2 as pb
 
 
@@ -84,6 +85,34 @@ def check_kv_roles(request: EngineRequest, *, holds_kv: bool, pulls_kv: bool) ->
     if request.kv_handle is not None and not pulls_kv:
         raise FailedPrecondition("this worker cannot pull KV", request_id=request.request_id,
                                  reason="NOT_A_DECODE_WORKER")
+
+
+def check_prompt(prompt: Sequence[int], *, vocab_size: int, max_model_len: int, request_id: str) -> None:
+    """Refuse token ids outside the vocabulary, and prompts that leave no room for one generated token."""
+    if prompt and (min(prompt) < 0 or max(prompt) >= vocab_size):
+        bad = next(t for t in prompt if not 0 <= t < vocab_size)
+        raise InvalidArgument(f"prompt token id {bad} is outside the model's vocabulary of {vocab_size} tokens "
+                              f"(ids 0 to {vocab_size - 1})", request_id=request_id, reason="TOKEN_OUT_OF_VOCABULARY")
+    if len(prompt) >= max_model_len:
+        raise InvalidArgument(f"the prompt has {len(prompt)} tokens and the model's context is {max_model_len}; a "
+                              f"prompt must leave room for at least one generated token, so shorten it to "
+                              f"{max_model_len - 1} tokens or fewer", request_id=request_id, reason="CONTEXT_TOO_LONG")
+
+
+def check_stop_token_ids(sampling: Sampling, *, vocab_size: int, request_id: str) -> None:
+    bad = [t for t in sampling.stop_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidArgument(f"sampling.stop_token_ids must be token ids of the model's vocabulary (0 to "
+                              f"{vocab_size - 1}), got {bad}", request_id=request_id, reason="BAD_SAMPLING_PARAMS")
+
+
+def within_context(request: EngineRequest, prompt_tokens: int, max_model_len: int) -> EngineRequest:
+    """The request with max_tokens clamped to the context the prompt leaves, as vLLM's OpenAI server does: a
+    generation that reaches the end of the context finishes with LENGTH instead of being refused."""
+    room = max_model_len - prompt_tokens
+    if request.sampling.max_tokens <= room:
+        return request
+    return dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, max_tokens=room))
 
 
 class Engine(Protocol):

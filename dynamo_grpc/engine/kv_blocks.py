@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dynamo_grpc import shm
+from dynamo_grpc.kv import shm
 
 
 def block_major(cache: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:

@@ -17,17 +17,29 @@ import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from dynamo_grpc.channels import ChannelPool
-from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason, check_kv_roles
-from dynamo_grpc.engine.cost_model import SHAPES, check_tensor_parallel_size, load_tensor_parallel_cost
-from dynamo_grpc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
-from dynamo_grpc.kv_client import KvPuller
-from dynamo_grpc.kv_events import KvEventLog, block_hashes, prefix_hashes
-from dynamo_grpc.kv_store import LeasedKvStore
+from dynamo_grpc.engine.base import (
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    check_kv_roles,
+    check_prompt,
+    check_stop_token_ids,
+    within_context,
+)
+from dynamo_grpc.engine.cost_model import (
+    KV_BYTES_PER_TOKEN,
+    SHAPES,
+    check_tensor_parallel_size,
+    load_tensor_parallel_cost,
+)
+from dynamo_grpc.errors import AlreadyExists, InvalidArgument, ResourceExhausted
+from dynamo_grpc.kv.events import KvEventLog, block_hashes, prefix_hashes
+from dynamo_grpc.kv.store import LeasedKvStore
+from dynamo_grpc.kv.transport import KvReceiver
 from dynamo_grpc.v1 import common_pb2 as pb
 
 VOCAB_SIZE = 257
@@ -104,6 +116,14 @@ class BlockPool:
             self._room.notify_all()
 
 
+def planned_args(model: str, kv_memory_gb: float, batch_limit: int, block_size: int
+                 ) -> tuple[dict[str, object], dict[str, object]]:
+    """A planned pool of simulated workers prices its steps like the calibrated GPU and holds the KV
+    blocks that GPU's memory would."""
+    blocks = int(kv_memory_gb * 1e9 / KV_BYTES_PER_TOKEN[model] / block_size)
+    return {"cost_model": model, "block_size": block_size, "num_blocks": blocks}, {"max_batch_size": batch_limit}
+
+
 def tokenize(prompt: str | tuple[int, ...]) -> tuple[int, ...]:
     """The simulated model's tokenizer: UTF-8 bytes."""
     return tuple(prompt.encode()) if isinstance(prompt, str) else prompt
@@ -168,14 +188,6 @@ class LinearStepCost:
         return prefill_tokens * self.prefill_ms_per_token + (self.decode_step_ms if decode_batch else 0.0)
 
 
-class KvSource(Protocol):
-    """Where a decode engine gets a prompt's KV: `KvPuller` over gRPC, or an in-process stand-in."""
-
-    async def pull(self, handle: pb.KvHandle, *, request_id: str) -> tuple[bytes | bytearray, pb.KvTransferStats]: ...
-
-    async def release(self, handle: pb.KvHandle, *, request_id: str) -> bool: ...
-
-
 @dataclass(eq=False)
 class _Sequence:
     """A request inside the step loop."""
@@ -186,7 +198,8 @@ class _Sequence:
     usage: pb.Usage
     outputs: asyncio.Queue[EngineOutput | BaseException] = field(default_factory=asyncio.Queue)
     to_prefill: int = 0
-    kv: bytes | bytearray | None = None
+    kv: Any = None
+    """The prompt's KV bytes (received, or computed here)."""
     transfer: pb.KvTransferStats | None = None
     tokens: _TokenStream | None = None
     aborted: bool = False
@@ -211,15 +224,14 @@ class SimulatedEngine:
     kind = "simulated"
 
     def __init__(self, config: SimulatedEngineConfig, *, kv_store: LeasedKvStore | None = None,
-                 kv_channels: ChannelPool | None = None, kv_source: KvSource | None = None,
-                 cost: StepCost | None = None) -> None:
+                 kv_receiver: KvReceiver | None = None, cost: StepCost | None = None) -> None:
         self.config = config
         self.model = config.model
         self.fingerprint = (f"simulated-1/{config.model}/bs{config.block_size}/kv{config.kv_bytes_per_token}"
                             f"/L{config.num_layers}/uint8" +
                             (f"/tp{config.tensor_parallel_size}" if config.tensor_parallel_size > 1 else ""))
         self._store = kv_store
-        self._puller = kv_source or (KvPuller(kv_channels, fingerprint=self.fingerprint) if kv_channels else None)
+        self._receiver = kv_receiver
         self._cost = cost or (load_tensor_parallel_cost(config.cost_model, config.tensor_parallel_size)
                               if config.cost_model else
                               LinearStepCost(config.prefill_s_per_token * 1e3, config.decode_step_s * 1e3))
@@ -248,8 +260,8 @@ class SimulatedEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         rid = request.request_id
         prompt = self.tokenize(request.prompt)
-        max_tokens = 1 if request.produce_kv else request.sampling.max_tokens
-        seq = _Sequence(request, prompt, self._admit(rid, prompt, max_tokens, request),
+        request, blocks = self._admit(rid, prompt, request)
+        seq = _Sequence(request, prompt, blocks,
                         pb.Usage(prompt_tokens=len(prompt), completion_tokens=len(request.resume)),
                         to_prefill=len(prompt) + len(request.resume))
         self._live[rid] = seq
@@ -262,7 +274,9 @@ class SimulatedEngine:
             if request.kv_handle is not None:
                 # The prompt's KV comes from a prefill worker; the last prompt token is recomputed.
                 # Not prefix-cache hits: cached_tokens stays 0 (the decode servicer reports the transfer).
-                seq.kv, seq.transfer = await self._pull(request.kv_handle, rid, len(prompt))
+                kv = await self._receiver.receive(request.kv_handle, prompt_tokens=len(prompt),
+                                                  fingerprint=self.fingerprint, request_id=rid)
+                seq.kv, seq.transfer = kv.data, kv.stats
                 seq.to_prefill = 1
             elif self._prefix_cache is not None:
                 # Cached leading blocks need no compute; the last prompt token is always computed.
@@ -388,24 +402,19 @@ class SimulatedEngine:
         self._scheduled.remove(seq)
         seq.outputs.put_nowait(out)
 
-    def _admit(self, rid: str, prompt: tuple[int, ...], max_tokens: int, request: EngineRequest) -> int:
-        """Check a request before it takes resources; return the KV blocks it needs."""
+    def _admit(self, rid: str, prompt: tuple[int, ...], request: EngineRequest) -> tuple[EngineRequest, int]:
+        """Check a request before it takes resources; return it with max_tokens clamped to the context left,
+        and the KV blocks it needs."""
         if rid in self._live:
             raise AlreadyExists(f"request id {rid!r} is already running on this worker; use a fresh id",
                                 request_id=rid)
         if not prompt:
             raise InvalidArgument("prompt is empty", request_id=rid, reason="EMPTY_PROMPT")
-        bad = next((t for t in prompt if not 0 <= t < VOCAB_SIZE), None)
-        if bad is not None:
-            raise InvalidArgument(f"prompt token id {bad} is outside the vocabulary [0, {VOCAB_SIZE})",
-                                  request_id=rid, reason="TOKEN_OUT_OF_VOCABULARY")
-        total = len(prompt) + max_tokens
-        if total > self.config.max_model_len:
-            raise InvalidArgument(
-                f"prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
-                f"of {self.config.max_model_len} tokens; shorten the prompt or lower max_tokens",
-                request_id=rid, reason="CONTEXT_TOO_LONG")
-        check_kv_roles(request, holds_kv=self._store is not None, pulls_kv=self._puller is not None)
+        check_prompt(prompt, vocab_size=VOCAB_SIZE, max_model_len=self.config.max_model_len, request_id=rid)
+        check_stop_token_ids(request.sampling, vocab_size=VOCAB_SIZE, request_id=rid)
+        request = within_context(request, len(prompt), self.config.max_model_len)
+        check_kv_roles(request, holds_kv=self._store is not None, pulls_kv=self._receiver is not None)
+        total = len(prompt) + (1 if request.produce_kv else request.sampling.max_tokens)
         blocks = math.ceil(total / self.config.block_size)
         if blocks > self._blocks.total:
             raise ResourceExhausted(
@@ -414,18 +423,7 @@ class SimulatedEngine:
         if len(self._live) >= self.config.max_batch_size:
             raise ResourceExhausted(f"worker is running its maximum of {self.config.max_batch_size} requests; "
                                     "retry later", request_id=rid, reason="WORKER_BUSY")
-        return blocks
-
-    async def _pull(self, handle: pb.KvHandle, rid: str, prompt_tokens: int
-                    ) -> tuple[bytearray, pb.KvTransferStats]:
-        if handle.num_tokens != prompt_tokens:
-            raise FailedPrecondition(
-                f"KV handle covers {handle.num_tokens} tokens but the prompt has {prompt_tokens}; "
-                "send the same prompt that was prefilled", request_id=rid, reason="KV_HANDLE_PROMPT_MISMATCH")
-        assert self._puller is not None
-        kv, transfer = await self._puller.pull(handle, request_id=rid)
-        await self._puller.release(handle, request_id=rid)
-        return kv, transfer
+        return request, blocks
 
     def _hold(self, kv: bytes, num_tokens: int, blocks: int) -> pb.KvHandle:
         assert self._store is not None

@@ -37,9 +37,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from dynamo_grpc import shm
 from dynamo_grpc.engine.kv_blocks import block_major, load_blocks, save_blocks
 from dynamo_grpc.engine.vllm_engine import CONNECTOR_NAME
+from dynamo_grpc.kv import shm
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

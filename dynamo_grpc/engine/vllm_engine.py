@@ -19,21 +19,26 @@ import gc
 import logging
 import math
 import os
-import uuid
-import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dynamo_grpc import shm
-from dynamo_grpc.channels import ChannelPool
-from dynamo_grpc.engine.base import EngineOutput, EngineRequest, FinishReason, check_kv_roles
+from dynamo_grpc.engine.base import (
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    check_kv_roles,
+    check_prompt,
+    check_stop_token_ids,
+    within_context,
+)
 from dynamo_grpc.engine.vllm_kv_events import VllmKvEvents, new_endpoint
-from dynamo_grpc.errors import AlreadyExists, DynamoError, FailedPrecondition, InvalidArgument, NotFound
-from dynamo_grpc.kv_client import KvPuller
-from dynamo_grpc.kv_events import KvEventLog
-from dynamo_grpc.kv_store import LeasedKvStore
+from dynamo_grpc.errors import AlreadyExists, DynamoError, InvalidArgument
+from dynamo_grpc.kv import shm
+from dynamo_grpc.kv.events import KvEventLog
+from dynamo_grpc.kv.store import LeasedKvStore
+from dynamo_grpc.kv.transport import KvReceiver
 from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -43,7 +48,6 @@ CONNECTOR_NAME = "DynamoKvConnector"
 CONNECTOR_MODULE = "dynamo_grpc.engine.vllm_connector"
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
-SEGMENT_PREFIX = "dynamo-grpc-kv-"
 # An abandoned prefill's segment may still be written by the engine step in flight; unlink it again later.
 _LATE_UNLINK_S = 5.0
 
@@ -87,6 +91,13 @@ _OWN_ARGS = {"model": "--model-path", "served_model_name": "--model", "dtype": "
 _SINGLE_RANK_ARGS = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
 
 
+def planned_args(model: str, kv_memory_gb: float, batch_limit: int, block_size: int
+                 ) -> tuple[dict[str, object], dict[str, object]]:
+    """A planned pool of vLLM workers runs the calibrated dtype, and batches no more sequences than the
+    plan's KV memory held."""
+    return {"dtype": "bfloat16"}, {"max_num_seqs": batch_limit}
+
+
 def extra_engine_args(pairs: tuple[str, ...]) -> dict[str, Any]:
     """`--vllm-arg KEY=VALUE` pairs as vLLM engine arguments; a key vLLM does not know is refused by name."""
     import difflib
@@ -115,17 +126,35 @@ def extra_engine_args(pairs: tuple[str, ...]) -> dict[str, Any]:
     return args
 
 
-def _new_segment_name() -> str:
-    """Named after this process, so `shm.sweep` can remove it if the process dies."""
-    return f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+def _refusals() -> tuple[type[Exception], ...]:
+    """What vLLM raises when it refuses a request it was handed."""
+    from vllm.exceptions import VLLMValidationError
+
+    return VLLMValidationError, ValueError
+
+
+def _invalid_argument(error: Exception, rid: str) -> InvalidArgument:
+    message = str(error.args[0]) if error.args else str(error)  # without vLLM's "(parameter=..., value=...)"
+    return InvalidArgument(message, request_id=rid, reason=_reason_of(error, message))
+
+
+def _reason_of(error: Exception, message: str) -> str:
+    """Prompt refusals by what they say; the rest are about sampling values (their `parameter` names the field)."""
+    parameter = getattr(error, "parameter", None)
+    if parameter in ("input_tokens", "input_text") or "maximum model length" in message:
+        return "CONTEXT_TOO_LONG"  # input_text: a text prompt longer than the context could hold, before tokenizing
+    if parameter is None and "out of vocabulary" in message:
+        return "TOKEN_OUT_OF_VOCABULARY"
+    if parameter is None and "cannot be empty" in message:
+        return "EMPTY_PROMPT"
+    return "BAD_SAMPLING_PARAMS"
 
 
 class VllmEngine:
     kind = "vllm"
 
     def __init__(self, config: VllmEngineConfig, *, kv_store: LeasedKvStore | None = None,
-                 kv_channels: ChannelPool | None = None, host: str = "",
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 kv_receiver: KvReceiver | None = None, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """`loop`, the worker's event loop, receives the engine's KV cache events; without it none are reported."""
         import vllm
         from vllm.config import KVEventsConfig, KVTransferConfig
@@ -133,7 +162,7 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         _set_cpu_defaults(config)
-        removed = shm.sweep(SEGMENT_PREFIX)
+        removed = shm.sweep()
         if removed:
             log.info("removed %d KV segments left by workers that are gone", removed)
         self.config = config
@@ -158,12 +187,16 @@ class VllmEngine:
         kv_heads, head_size = model_config.get_num_kv_heads(vllm_config.parallel_config), model_config.get_head_size()
         self._kv_dtype = config.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
         self._bytes_per_token = 2 * self._num_layers * kv_heads * head_size * model_config.dtype.itemsize
+        self._max_model_len = model_config.max_model_len
+        # Logits are this wide (stop ids index them); prompt ids may also be any id the tokenizer has, as in vLLM.
+        self._vocab_size = model_config.get_vocab_size()
+        tokenizer = self._llm.renderer.tokenizer
+        self._prompt_vocab_size = max(self._vocab_size, tokenizer.max_token_id + 1 if tokenizer else 0)
         self.fingerprint = (
             f"vllm-{vllm.__version__}/{config.model}/{config.dtype}/kv-{self._kv_dtype}/bs{cache.block_size}"
             f"/L{self._num_layers}xH{kv_heads}xD{head_size}/tp{vllm_config.parallel_config.tensor_parallel_size}")
         self._store = kv_store
-        self._puller = KvPuller(kv_channels, fingerprint=self.fingerprint) if kv_channels else None
-        self._host = host
+        self._receiver = kv_receiver
         self._live: set[str] = set()
         self._finished = 0
         self.kv_events = KvEventLog(cache.block_size) if loop is not None else None
@@ -184,10 +217,13 @@ class VllmEngine:
         if rid in self._live:
             raise AlreadyExists(f"request id {rid!r} is already running on this worker; use a fresh id",
                                 request_id=rid)
-        check_kv_roles(request, holds_kv=self._store is not None, pulls_kv=self._puller is not None)
+        check_kv_roles(request, holds_kv=self._store is not None, pulls_kv=self._receiver is not None)
+        check_stop_token_ids(request.sampling, vocab_size=self._vocab_size, request_id=rid)
         self._live.add(rid)
         try:
             engine_input = await self._render(request)
+            prompt_tokens = len(engine_input["prompt_token_ids"]) - len(request.resume)
+            request = within_context(request, prompt_tokens, self._max_model_len)
             if request.produce_kv:
                 outputs = self._prefill(request, engine_input)
             elif request.kv_handle is not None:
@@ -210,26 +246,31 @@ class VllmEngine:
         return engine_input
 
     async def _render_prompt(self, prompt: str | tuple[int, ...], rid: str) -> Any:
+        """The engine's input, checked: token ids in the vocabulary, room in the context for one more token."""
         from vllm.renderers.inputs.preprocess import parse_model_prompt
 
         form: Any = prompt if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
         try:
             (engine_input,) = await self._llm.renderer.render_cmpl_async(
                 [parse_model_prompt(self._llm.model_config, form)])
-        except ValueError as error:
-            raise InvalidArgument(str(error), request_id=rid, reason="INVALID_PROMPT") from None
+        except _refusals() as error:
+            raise _invalid_argument(error, rid) from None
+        check_prompt(engine_input["prompt_token_ids"], vocab_size=self._prompt_vocab_size,
+                     max_model_len=self._max_model_len, request_id=rid)
         return engine_input
 
     async def _prefill(self, request: EngineRequest, engine_input: Any) -> AsyncIterator[EngineOutput]:
         """One token; the prompt's KV ends up in a leased shared-memory segment."""
         assert self._store is not None
-        segment = _new_segment_name()
+        segment = shm.new_segment_name()
         params = self._sampling(request, max_tokens=1, kv_transfer={"save_to": segment})
         leased = False
         try:
             async for out, saved in self._run(request, engine_input, params):
                 if saved:
-                    out.kv_handle = await self._lease(segment, int(saved["num_tokens"]))
+                    num_tokens = int(saved["num_tokens"])
+                    out.kv_handle = await self._store.hold_segment(
+                        segment, num_tokens=num_tokens, layout=self.layout(num_tokens), fingerprint=self.fingerprint)
                     leased = True
                 elif out.finish_reason in (FinishReason.LENGTH, FinishReason.STOP):
                     raise DynamoError("the engine finished the prefill without saving its KV; see the worker log",
@@ -240,70 +281,28 @@ class VllmEngine:
                 shm.unlink(segment)
                 asyncio.get_running_loop().call_later(_LATE_UNLINK_S, shm.unlink, segment)
 
-    async def _lease(self, segment: str, num_tokens: int) -> pb.KvHandle:
-        assert self._store is not None
-        mapping = shm.attach(segment)
-        # About 1 ms per 4 MiB: off the event loop (zlib releases the GIL), so other requests go on meanwhile.
-        crc = await asyncio.to_thread(zlib.crc32, mapping)
-        # The store drops its view on free; streams still sending keep theirs until they finish.
-        return self._store.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=self.layout(num_tokens),
-                                fingerprint=self.fingerprint, on_free=lambda: shm.unlink(segment),
-                                shm_segment=segment, crc32=crc)
-
     async def _decode(self, request: EngineRequest, handle: pb.KvHandle, engine_input: Any
                       ) -> AsyncIterator[EngineOutput]:
-        """Tokens from the prompt's pulled KV: in place on the same host, else through a local segment."""
-        assert self._puller is not None
-        rid = request.request_id
-        prompt_tokens = len(engine_input["prompt_token_ids"])
-        if handle.num_tokens != prompt_tokens:
-            raise FailedPrecondition(
-                f"KV handle covers {handle.num_tokens} tokens but the prompt has {prompt_tokens}; "
-                "send the same prompt that was prefilled", request_id=rid, reason="KV_HANDLE_PROMPT_MISMATCH")
-        self._puller.check_compatible(handle, request_id=rid)
-        segment = _new_segment_name()
+        """Tokens from the prompt's KV, received into a segment of this worker's that the connector reads."""
+        assert self._receiver is not None
+        kv = await self._receiver.receive(handle, prompt_tokens=len(engine_input["prompt_token_ids"]),
+                                          fingerprint=self.fingerprint, request_id=request.request_id,
+                                          into_segment=True)
         try:
-            transfer = self._take_in_place(handle, segment) or await self._pull_into(handle, segment, rid)
-            # For a linked segment, the release is what checks the pull token and that the lease still holds.
-            if not await self._puller.release(handle, request_id=rid) and transfer.path == "shm":
-                raise NotFound(f"KV transfer {handle.transfer_id} is gone (lease expired or already taken); "
-                               "prefill again", request_id=rid, reason="KV_HANDLE_EXPIRED")
-            params = self._sampling(request, kv_transfer={"load_from": segment, "num_tokens": handle.num_tokens})
+            params = self._sampling(request, kv_transfer={"load_from": kv.segment, "num_tokens": handle.num_tokens})
             loaded = False
             async for out, done in self._run(request, engine_input, params):
                 if not loaded:  # the engine's first step has read the segment
-                    shm.unlink(segment)
+                    kv.close()
                     loaded = True
                 if out.finish_reason is not None:
-                    out.kv_transfer = transfer
+                    out.kv_transfer = kv.stats
                     if out.usage is not None:  # vLLM counts the KV our connector loaded as cached hits
-                        loaded = int((done or {}).get("loaded_tokens", 0))
-                        out.usage.cached_tokens = max(out.usage.cached_tokens - loaded, 0)
+                        from_transfer = int((done or {}).get("loaded_tokens", 0))
+                        out.usage.cached_tokens = max(out.usage.cached_tokens - from_transfer, 0)
                 yield out
         finally:
-            shm.unlink(segment)  # when the request ended before its first step
-
-    async def _pull_into(self, handle: pb.KvHandle, segment: str, rid: str) -> pb.KvTransferStats:
-        """Pull the KV over gRPC into a new local segment."""
-        assert self._puller is not None
-        mapping, transfer = await self._puller.pull(handle, request_id=rid,
-                                                    into=lambda size: shm.create(segment, size))
-        mapping.close()
-        return transfer
-
-    def _take_in_place(self, handle: pb.KvHandle, segment: str) -> pb.KvTransferStats | None:
-        """Take a same-host prefill's segment under our own name (no copy); None when that is not possible."""
-        if not handle.shm_segment or handle.host != self._host:
-            return None
-        try:
-            shm.link(handle.shm_segment, segment)
-        except (OSError, ValueError) as error:
-            log.info("KV segment %s is not reachable here (%s); pulling over gRPC", handle.shm_segment, error)
-            return None
-        if shm.size_of(segment) != handle.total_bytes:
-            shm.unlink(segment)
-            return None
-        return pb.KvTransferStats(bytes=handle.total_bytes, path="shm")
+            kv.close()  # when the request ended before its first step
 
     async def _plain(self, request: EngineRequest, engine_input: Any) -> AsyncIterator[EngineOutput]:
         async for out, _ in self._run(request, engine_input, self._sampling(request)):
@@ -337,8 +336,8 @@ class VllmEngine:
             if not finished:
                 yield EngineOutput(finish_reason=FinishReason.CANCELLED, usage=usage), None
                 finished = True
-        except ValueError as error:
-            raise InvalidArgument(str(error), request_id=rid, reason="INVALID_PROMPT") from None
+        except _refusals() as error:
+            raise _invalid_argument(error, rid) from None
         finally:
             if not finished:
                 await self._llm.abort(rid)
@@ -355,8 +354,8 @@ class VllmEngine:
                 logprobs=s.logprobs,
                 output_kind=RequestOutputKind.DELTA,
                 extra_args={"kv_transfer_params": kv_transfer} if kv_transfer else None)
-        except ValueError as error:
-            raise InvalidArgument(str(error), request_id=request.request_id, reason="INVALID_SAMPLING") from None
+        except _refusals() as error:
+            raise _invalid_argument(error, request.request_id) from None
 
     async def abort(self, request_id: str) -> None:
         if request_id in self._live:

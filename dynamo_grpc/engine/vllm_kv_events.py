@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from dynamo_grpc.kv_events import KvEventLog, block_hashes
+from dynamo_grpc.kv.events import KvEventLog, block_hashes
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Which prefill workers may feed which decode workers.
+"""Which prefill workers may feed which decode workers: the rule the control plane publishes a table by, and
+that a router falls back on while it has no table.
 
 Two workers pair only when they serve the same model with the same engine fingerprint (KV bytes are
 meaningless to an engine with another layout). Same-host pairs come first so routers prefer them.

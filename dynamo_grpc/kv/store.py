@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from google.protobuf import timestamp_pb2
 
 from dynamo_grpc.errors import FailedPrecondition, NotFound, PermissionDenied
+from dynamo_grpc.kv import shm
 from dynamo_grpc.v1 import common_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,17 @@ class LeasedKvStore:
         held.expiry = asyncio.get_running_loop().call_later(ttl, self._expire, handle.transfer_id)
         self._held[handle.transfer_id] = held
         return handle
+
+    async def hold_segment(self, segment: str, *, num_tokens: int, layout: pb.KvLayout, fingerprint: str
+                           ) -> pb.KvHandle:
+        """Lease a shared-memory segment an engine wrote; freeing the transfer unlinks it. A decode worker
+        on this host links it in place, others pull it over gRPC."""
+        mapping = shm.attach(segment)
+        # About 1 ms per 4 MiB: off the event loop (zlib releases the GIL), so other requests go on meanwhile.
+        crc = await asyncio.to_thread(zlib.crc32, mapping)
+        # The store drops its view on free; streams still sending keep theirs until they finish.
+        return self.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=layout, fingerprint=fingerprint,
+                         on_free=lambda: shm.unlink(segment), shm_segment=segment, crc32=crc)
 
     def claim(self, transfer_id: str, pull_token: str, fingerprint: str) -> bytes | memoryview:
         """The held bytes, if the caller proves it may have them."""

@@ -12,10 +12,18 @@ from __future__ import annotations
 
 import mmap
 import os
+import uuid
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
+SEGMENT_PREFIX = "dynamo-grpc-kv-"
+"""Every KV segment's name starts so, then the creating process id (see `new_segment_name`)."""
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def new_segment_name() -> str:
+    """A fresh KV segment name that carries this process's id, so `sweep` can remove it if the process dies."""
+    return f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
 
 
 def _path(name: str) -> Path:
@@ -74,7 +82,7 @@ def owner_pid(name: str, prefix: str) -> int | None:
     return int(pid) if name.startswith(prefix) and pid.isdigit() else None
 
 
-def sweep(prefix: str) -> int:
+def sweep(prefix: str = SEGMENT_PREFIX) -> int:
     """Unlink segments named `{prefix}{pid}-…` whose creating process is gone; returns how many."""
     removed = 0
     for path in SHM_DIR.glob(f"{prefix}*"):
