@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ import grpc
 
 from control_plane.deployment import start_all_in_one
 from control_plane.role import start_control_plane
+from dynamo_grpc import event_loop
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import (
     ROUTING_POLICIES,
@@ -124,6 +126,9 @@ def autoscaling_config(args: argparse.Namespace) -> AutoscalingConfig | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamo-grpc", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    add_flag(parser, "event-loop", default="uvloop", choices=event_loop.EVENT_LOOPS,
+             help="the asyncio event loop to run on: uvloop (faster; asyncio's when uvloop is not installed) "
+             "or asyncio")
     roles = parser.add_subparsers(dest="command", required=True)
     for name, help in (("prefill", "run a prefill worker"), ("decode", "run a decode worker")):
         sub = roles.add_parser(name, help=help)
@@ -415,6 +420,7 @@ async def _up(args: argparse.Namespace) -> int:
     from control_plane.supervisor import Supervisor, local_host, state_dir
 
     plan = _compiled(args.spec)
+    os.environ["DYNAMO_GRPC_EVENT_LOOP"] = args.event_loop  # the processes it starts run on the same loop
     try:
         supervisor = Supervisor(plan, args.host or local_host(plan), state_dir(plan))
     except ValueError as error:
@@ -508,6 +514,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.event_loop not in event_loop.EVENT_LOOPS:  # argparse checks choices of flags, not of env values
+        print(f"dynamo-grpc: DYNAMO_GRPC_EVENT_LOOP must be one of {', '.join(event_loop.EVENT_LOOPS)}, "
+              f"got {args.event_loop!r}", file=sys.stderr)
+        return 2
     if args.command == "plan":
         return _plan(args)
     if args.command == "make-model":
@@ -525,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {args.command} %(name)s: %(message)s")
     try:
-        return asyncio.run(_main(args))
+        return event_loop.run(_main(args), args.event_loop)
     except ConfigError as error:
         print(f"dynamo-grpc {args.command}: {error}", file=sys.stderr)
         return 2

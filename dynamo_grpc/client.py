@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from dynamo_grpc.channels import CHANNEL_OPTIONS
-from dynamo_grpc.streams import start_then_cancel
+from dynamo_grpc.streams import open_bidi
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import router_pb2 as router_pb
 from dynamo_grpc.v1 import router_pb2_grpc as router_grpc
@@ -23,17 +23,21 @@ class GenerateResult:
 
 
 class GenerateStream:
-    """One running request: iterate for responses, `cancel()` to stop it server-side."""
+    """One running request: iterate for responses, `cancel()` to stop it server-side.
+
+    `cancel()` sends the cancel in-band for as long as the call runs, read or not; reading on shows the
+    router's CANCELLED completion. Leaving a loop over the stream early (break, an exception, a cancelled
+    task) closes its iterator, and that cancels the call: the router and the workers stop the request and
+    free its KV instead of generating for nobody. To stop reading for a while, hold one iterator
+    (`responses = aiter(stream)`) and resume it.
+    """
 
     def __init__(self, stub: router_grpc.RouterServiceStub, request_id: str, params: pb.GenerationParams) -> None:
         self._cancel = asyncio.Event()
-        self._ended = asyncio.Event()
-        self._request_id = request_id
-
-        self.call = stub.Generate(start_then_cancel(
-            router_pb.GenerateRequest(request_id=request_id, start=params),
+        self.call = open_bidi(
+            stub.Generate, router_pb.GenerateRequest(request_id=request_id, start=params),
             router_pb.GenerateRequest(request_id=request_id, cancel=pb.CancelAction(reason="client cancel")),
-            self._cancel, self._ended))
+            self._cancel)
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -43,7 +47,7 @@ class GenerateStream:
             async for response in self.call:
                 yield response
         finally:
-            self._ended.set()  # lets the request sender finish with the call
+            self.call.cancel()  # a no-op once the call has ended; else nobody reads the rest
 
     async def collect(self) -> GenerateResult:
         result = GenerateResult()

@@ -14,7 +14,7 @@ from dynamo_grpc.errors import AlreadyExists, DeadlineExceeded, DynamoError, Una
 from dynamo_grpc.fleet import Fleet, Route
 from dynamo_grpc.params import deadline_timer, estimated_tokens, prompt_of, sampling_of, seconds_left
 from dynamo_grpc.prompt_tokens import PromptTokenizer
-from dynamo_grpc.streams import start_then_cancel
+from dynamo_grpc.streams import open_bidi
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
@@ -95,8 +95,9 @@ class Router:
         try:
             while True:
                 try:
-                    with self._fleet.busy(decode, to_compute):
-                        async for event in self._decode(decode, request_id, start, cancelled):
+                    async with contextlib.aclosing(self._decode(decode, request_id, start, cancelled,
+                                                                to_compute)) as events:
+                        async for event in events:
                             if event.HasField("completion"):
                                 consumed = event.completion.kv_transfer.bytes > 0
                                 if prefilled is not None and event.completion.usage.kv_transferred_tokens:
@@ -168,22 +169,21 @@ class Router:
         return response
 
     async def _decode(self, worker: pb.WorkerInfo, request_id: str, start: decode_pb.DecodeStart,
-                      cancelled: asyncio.Event) -> AsyncIterator[decode_pb.DecodeResponse]:
-        ended = asyncio.Event()
-
+                      cancelled: asyncio.Event, to_compute: int) -> AsyncIterator[decode_pb.DecodeResponse]:
+        """The decode worker's stream; closing it early cancels the call, and the worker aborts the request."""
         stub = decode_grpc.DecodeServiceStub(self._channels.get(worker.endpoint))
-        call = stub.Decode(start_then_cancel(
-            decode_pb.DecodeRequest(request_id=request_id, start=start),
-            decode_pb.DecodeRequest(request_id=request_id, cancel=pb.CancelAction(reason="client cancelled")),
-            cancelled, ended))
-        try:
-            async for event in call:
-                yield event
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, request_id=request_id) from None
-        finally:
-            ended.set()
-            call.cancel()
+        with self._fleet.busy(worker, to_compute):
+            call = open_bidi(
+                stub.Decode, decode_pb.DecodeRequest(request_id=request_id, start=start),
+                decode_pb.DecodeRequest(request_id=request_id, cancel=pb.CancelAction(reason="client cancelled")),
+                cancelled)
+            try:
+                async for event in call:
+                    yield event
+            except grpc.aio.AioRpcError as error:
+                raise from_rpc_error(error, request_id=request_id) from None
+            finally:
+                call.cancel()  # a no-op once the call has ended
 
     async def _release(self, handle: pb.KvHandle, request_id: str) -> None:
         stub = kv_grpc.KvTransferServiceStub(self._channels.get(handle.endpoint))

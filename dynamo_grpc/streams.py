@@ -8,6 +8,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import grpc
+
 from dynamo_grpc.engine.base import EngineOutput
 from dynamo_grpc.errors import InvalidArgument
 
@@ -91,10 +93,21 @@ async def coalesce(outputs: AsyncIterator[EngineOutput]) -> AsyncIterator[Engine
             await task
 
 
+def open_bidi(method: Callable[[AsyncIterator[Any]], grpc.aio.StreamStreamCall], start: Any, cancel: Any,
+              cancelled: asyncio.Event) -> grpc.aio.StreamStreamCall:
+    """Open one of our bidi calls: it sends `start`, then `cancel` once `cancelled` is set while the call is
+    still running, whether or not anyone reads its responses."""
+    ended = asyncio.Event()
+    call = method(start_then_cancel(start, cancel, cancelled, ended))
+    call.add_done_callback(lambda _: ended.set())
+    return call
+
+
 async def start_then_cancel(start: Any, cancel: Any, cancelled: asyncio.Event, ended: asyncio.Event
                             ) -> AsyncIterator[Any]:
-    """The client side of one of our bidi calls: `start`, then `cancel` if `cancelled` is set first.
-    It ends when the call has `ended`, so gRPC's task sending these messages never outlives the call."""
+    """The messages of one of our bidi calls: `start`, then `cancel` if `cancelled` is set first.
+    `ended` is set when the call has ended (its status is in), so gRPC's task sending these messages never
+    outlives the call, and a cancel is sent for as long as the call runs."""
     yield start
     await first_set(cancelled, ended)
     if not ended.is_set():

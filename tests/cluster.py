@@ -28,6 +28,7 @@ from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
 from dynamo_grpc.v1 import kv_transfer_pb2_grpc as kv_grpc
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
+from tests.waiting import eventually
 
 MODEL = "sim-tiny"
 FAST_ENGINE = SimulatedEngineConfig(model=MODEL, decode_step_s=0.001, prefill_s_per_token=1e-5, num_blocks=512)
@@ -65,6 +66,21 @@ class Stubs:
 
     async def decode_stats(self) -> pb.WorkerStats:
         return (await self.decode.GetDecodeStats(decode_pb.GetDecodeStatsRequest())).stats
+
+    async def prefilling(self) -> bool:
+        """The prefill worker's engine is running a request."""
+        return (await self.prefill_stats()).active_requests > 0
+
+    async def decoding(self) -> bool:
+        """The decode worker's engine is running a request."""
+        return (await self.decode_stats()).active_requests > 0
+
+    async def until_idle(self, timeout_s: float) -> None:
+        """Wait until neither engine runs a request; fail if that takes over `timeout_s`."""
+        async def idle() -> bool:
+            return not await self.prefilling() and not await self.decoding()
+
+        await eventually(idle, timeout_s, "both engines to be idle")
 
     async def assert_no_leaks(self) -> None:
         """Both engines and the prefill's KV store hold nothing."""

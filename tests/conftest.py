@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from dynamo_grpc.event_loop import loop_factory
 from dynamo_grpc.tiny_model import build_tiny_model
 from tests.etcd_server import EtcdServer
 
@@ -26,6 +29,13 @@ def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
         yield server
     finally:
         server.stop()
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item
+                                  ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Async tests run on the loop the CLI runs on (uvloop; DYNAMO_GRPC_EVENT_LOOP=asyncio for asyncio's)."""
+    choice = os.environ.get("DYNAMO_GRPC_EVENT_LOOP", "uvloop")
+    return {choice: loop_factory(choice)}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -15,6 +15,7 @@ from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from tests.cluster import MODEL, Stubs, deployed, running, worker_config
+from tests.waiting import eventually
 
 
 @pytest.fixture
@@ -29,12 +30,10 @@ async def aggregated(stubs: Stubs, prompt: str | list[int], max_tokens: int) -> 
         yield decode_pb.DecodeRequest(request_id=f"agg-{prompt!r}"[:60], start=decode_pb.DecodeStart(
             params=params(prompt, model=MODEL, max_tokens=max_tokens, ignore_eos=True)))
 
-    tokens: list[int] = []
-    async for response in stubs.decode.Decode(requests()):
-        tokens += response.tokens.token_ids
-        if response.HasField("completion"):
-            assert response.completion.kv_transfer.bytes == 0
-    return tokens
+    responses = [response async for response in stubs.decode.Decode(requests())]
+    completion = responses[-1].completion
+    assert completion.usage.completion_tokens == max_tokens and completion.kv_transfer.bytes == 0
+    return [token for response in responses for token in response.tokens.token_ids]
 
 
 PROMPTS = ["Hi", "x" * 32, "The quick brown fox jumps over the lazy dog. " * 5, "y" * 100, "shared prefix: one",
@@ -70,14 +69,10 @@ async def test_disaggregated_output_equals_aggregated(cluster: Stubs) -> None:
 
 async def test_tokens_stream_in_batches_before_the_end(cluster: Stubs) -> None:
     stream = cluster.router.generate("stream me", model=MODEL, max_tokens=50, ignore_eos=True)
-    batches = 0
-    async for response in stream:
-        if response.HasField("tokens"):
-            batches += 1
-            assert response.tokens.token_ids
-        else:
-            assert response.completion.usage.completion_tokens == 50
-    assert batches >= 2
+    responses = [response async for response in stream]
+    *batches, last = responses
+    assert len(batches) >= 2 and all(b.HasField("tokens") and b.tokens.token_ids for b in batches)
+    assert last.completion.usage.completion_tokens == 50 == sum(len(b.tokens.token_ids) for b in batches)
 
 
 async def test_cancel_stops_decode_and_frees_kv_everywhere(cluster: Stubs) -> None:
@@ -100,7 +95,7 @@ async def test_cancel_during_prefill_releases_the_held_kv() -> None:
     # A slow prefill (0.5 s) gives the cancel time to arrive before decode starts.
     async with running(prefill_s_per_token=0.05) as stubs:
         stream = stubs.router.generate("0123456789", model=MODEL, max_tokens=10, request_id="c2")
-        await asyncio.sleep(0.1)
+        await eventually(stubs.prefilling, 2.0, "the prefill to start")
         stream.cancel()
         result = await stream.collect()
         assert result.completion.finish_reason == pb.FINISH_REASON_CANCELLED
@@ -111,14 +106,12 @@ async def test_cancel_during_prefill_releases_the_held_kv() -> None:
 
 async def test_client_disconnect_aborts_the_request(cluster: Stubs) -> None:
     stream = cluster.router.generate("going away", model=MODEL, max_tokens=5000, ignore_eos=True)
-    async for response in stream:
-        if response.HasField("tokens"):
-            break
+    responses = aiter(stream)
+    while not (await anext(responses)).HasField("tokens"):
+        pass
+    assert await cluster.decoding()
     stream.call.cancel()
-    for _ in range(100):
-        if (await cluster.decode_stats()).active_requests == 0:
-            break
-        await asyncio.sleep(0.02)
+    await cluster.until_idle(3.0)  # 5000 tokens would take 5 s
     await cluster.assert_no_leaks()
 
 
@@ -131,10 +124,13 @@ async def test_prefill_worker_gone_falls_back_to_local_prefill(cluster: Stubs) -
 
 
 async def test_request_id_is_assigned_and_echoed(cluster: Stubs) -> None:
-    async for response in cluster.router.generate("ids", model=MODEL, max_tokens=2):
-        assert len(response.request_id) == 32
-    async for response in cluster.router.generate("ids", model=MODEL, max_tokens=2, request_id="mine"):
-        assert response.request_id == "mine"
+    assigned = [r async for r in cluster.router.generate("ids", model=MODEL, max_tokens=2)]
+    mine = [r async for r in cluster.router.generate("ids", model=MODEL, max_tokens=2, request_id="mine")]
+    for responses in (assigned, mine):
+        assert len(responses) >= 2 and responses[-1].completion.usage.completion_tokens == 2
+    assigned_ids = {r.request_id for r in assigned}
+    assert len(assigned_ids) == 1 and len(assigned_ids.pop()) == 32
+    assert {r.request_id for r in mine} == {"mine"}
 
 
 async def test_health_reports_serving_then_not_serving() -> None:

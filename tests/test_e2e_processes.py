@@ -89,11 +89,13 @@ async def test_request_flows_through_separate_processes(fleet: dict[str, RolePro
 
         # (4) A cancel from the client stops decode and leaves no KV anywhere.
         stream = client.generate("cancel", model=MODEL, max_tokens=5000, ignore_eos=True)
-        async for response in stream:
-            if response.HasField("tokens"):
-                stream.cancel()
-            else:
-                assert response.completion.finish_reason == pb.FINISH_REASON_CANCELLED
+        responses = aiter(stream)
+        while not (await anext(responses)).HasField("tokens"):
+            pass
+        stream.cancel()
+        completion = [r async for r in responses][-1].completion
+        assert completion.finish_reason == pb.FINISH_REASON_CANCELLED
+        assert completion.usage.completion_tokens < 5000
         d = (await decode.GetDecodeStats(decode_pb.GetDecodeStatsRequest())).stats
         p = (await prefill.GetPrefillStats(prefill_pb.GetPrefillStatsRequest())).stats
         assert (d.active_requests, d.used_kv_blocks, p.used_kv_blocks, p.held_transfers) == (0, 0, 0, 0)

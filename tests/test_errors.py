@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -22,6 +21,7 @@ from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from tests.bad_input import BadInput, assert_message_limit_holds, assert_refused_by_router, bad_inputs
 from tests.cluster import FAST_ENGINE, MODEL, Stubs, rpc_failure, worker_config
+from tests.waiting import eventually
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 
@@ -93,12 +93,20 @@ async def test_deadline_during_generation(cluster: Stubs) -> None:
 
 async def test_duplicate_live_request_id(cluster: Stubs) -> None:
     first = cluster.router.generate("one", model=MODEL, max_tokens=5000, ignore_eos=True, request_id="dup")
-    async for _ in first:
-        break
+    responses = aiter(first)
+    while not (await anext(responses)).HasField("tokens"):
+        pass
     second = generate(cluster, params("two", model=MODEL), request_id="dup")
     assert await rpc_failure(second) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_IN_USE")
+    # The refusal left the first request running; a cancel ends it, and the router confirms.
+    assert await cluster.decoding()
     first.cancel()
-    await first.collect()
+    completion = [r async for r in responses][-1].completion
+    assert completion.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert completion.usage.completion_tokens < 5000
+    # An id that has ended may be used again.
+    again = await generate(cluster, params("again", model=MODEL, max_tokens=4, ignore_eos=True), "dup")
+    assert again.completion.finish_reason == pb.FINISH_REASON_LENGTH and len(again.token_ids) == 4
 
 
 async def test_stream_must_start_with_a_request(cluster: Stubs) -> None:
@@ -159,7 +167,11 @@ async def test_expired_kv_handle(policy: str) -> None:
                                         registry)
     stubs = Stubs(deployment)
     handle = await prefill(stubs)
-    await asyncio.sleep(0.5)
+
+    async def expired() -> bool:
+        return (await stubs.prefill_stats()).transfers_expired == 1
+
+    await eventually(expired, 5.0, "the KV lease to expire")
     if policy == "fail":
         assert await rpc_failure(decode_with(stubs, handle)) == (NOT_FOUND, "KV_HANDLE_EXPIRED")
     else:  # the decode worker prefills the prompt itself and answers

@@ -205,20 +205,27 @@ async def test_unknown_model_is_404(served: Served) -> None:
     assert await served.metric('dynamo_frontend_requests_total{endpoint="/v1/completions",status="404"}') == 1
 
 
-async def test_client_disconnect_cancels_the_request_everywhere(served: Served) -> None:
+async def test_client_disconnect_cancels_the_request_everywhere(served: Served,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="dynamo_grpc.streams")
     # 5000 tokens take the simulated engine over 5 s; the disconnect must end the request long before.
     stream = await served.client.completions.create(model=MODEL, prompt="walk away", max_tokens=5000, stream=True,
-                                                    extra_body={"ignore_eos": True})
+                                                    extra_body={"ignore_eos": True},
+                                                    extra_headers={"X-Request-Id": "walk-away"})
     received = [await stream.__anext__() for _ in range(5)]
     # Sampling is random here, and an ignored EOS streams as empty text: ask for text, not text in every chunk.
     assert "".join(c.choices[0].text for c in received)
     assert (await served.stubs.decode_stats()).active_requests == 1
     await stream.close()
 
+    relays = served.frontend.frontend.relays
     for _ in range(100):
-        if (await served.stubs.decode_stats()).active_requests == 0:
+        if not relays and (await served.stubs.decode_stats()).active_requests == 0:
             break
         await asyncio.sleep(0.02)
+    # The cancel went in-band and the router confirmed it: its stream ended (the relay reading it is done)
+    # long before the grace after which the frontend would cut the call.
+    assert not relays and "request walk-away: client cancelled (client cancel)" in caplog.messages
     await served.stubs.assert_no_leaks()
     assert await served.metric("dynamo_frontend_inflight_requests") == 0
     assert await served.metric('dynamo_frontend_requests_total{endpoint="/v1/completions",status="499"}') == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import zlib
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from dynamo_grpc.errors import FailedPrecondition, NotFound, PermissionDenied
 from dynamo_grpc.kv.store import LeasedKvStore
 from dynamo_grpc.v1 import common_pb2 as pb
+from tests.waiting import eventually
 
 
 def hold(store: LeasedKvStore, data: bytes = b"kv" * 100, **kwargs) -> tuple[pb.KvHandle, list[str]]:
@@ -48,8 +48,11 @@ async def test_unknown_transfer_is_not_found() -> None:
 async def test_unpulled_transfer_expires_and_frees_its_blocks() -> None:
     store = LeasedKvStore(endpoint="e", host="h", ttl_s=30)
     handle, freed = hold(store, ttl_s=0.05)
-    await asyncio.sleep(0.2)
-    assert freed == ["freed"]
+
+    async def freed_once() -> bool:
+        return freed == ["freed"]
+
+    await eventually(freed_once, 2.0, "the lease to expire")
     assert (store.held_transfers, store.transfers_expired) == (0, 1)
     with pytest.raises(NotFound) as error:
         store.claim(handle.transfer_id, handle.pull_token, "fp")

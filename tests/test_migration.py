@@ -3,7 +3,6 @@ continues with no token lost or repeated."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 import grpc
@@ -17,6 +16,7 @@ from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
 from tests.cluster import MODEL, Stubs, rpc_failure, worker_config
+from tests.waiting import eventually
 
 PROMPT, MAX_TOKENS = "migrate me, please", 150
 
@@ -36,7 +36,12 @@ async def test_a_request_survives_its_decode_worker_dying() -> None:
     config = worker_config(decode_step_s=0.004)
     deployment = await start_all_in_one(config, registry)
     spare = await start_decode(dataclasses.replace(config, server=ServerConfig(port=0)), registry)
-    await asyncio.sleep(0.1)  # the router sees the second decode worker
+
+    async def router_sees_both() -> bool:
+        assert deployment.router.fleet is not None
+        return {spare.worker_id, deployment.decode.worker_id} <= set(deployment.router.fleet.workers)
+
+    await eventually(router_sees_both, 5.0, "the router to see the second decode worker")
     stubs = Stubs(deployment)
     try:
         expected = (await stubs.router.generate(PROMPT, model=MODEL, max_tokens=MAX_TOKENS,

@@ -8,6 +8,7 @@ import pytest
 
 from control_plane.compiler import compile_spec
 from control_plane.planner import (
+    AGGREGATED_CHUNKS,
     STABLE_UTILISATION,
     PlanError,
     PlannerWorkload,
@@ -23,6 +24,7 @@ from control_plane.planner import (
 )
 from control_plane.spec import dump_spec, parse_spec
 from dynamo_grpc.engine.cost_model import load_cost_model
+from dynamo_grpc.fleetsim import FleetShape
 from dynamo_grpc.slo import Objectives
 
 MODEL = "llama3_70b"
@@ -204,24 +206,38 @@ def test_an_itl_below_the_one_gpu_decode_floor_gets_a_tensor_parallel_plan(tp_pl
     assert f"x TP{tp_plan.tensor_parallel_size}" in rendered and "estimate TP 4" in rendered
 
 
+def smaller_fleets(plan: PoolPlan) -> list[FleetShape]:
+    """Every fleet with fewer GPUs than `plan`, at each TP the planner estimated: each split of its workers
+    into a prefill and a decode pool, and the aggregated fleet (no prefill pool) at each chunk budget."""
+    fleets = []
+    for estimate in plan.estimates:
+        tp = estimate.tensor_parallel_size
+        for workers in range(1, (plan.gpus - 1) // tp + 1):
+            fleets += [FleetShape(decode_workers=workers - prefill, prefill_workers=prefill,
+                                  prefill_chunk_tokens=estimate.prefill_budget, link=plan.shape.link,
+                                  tensor_parallel_size=tp)
+                       for prefill in range(1, workers)]
+            fleets += [FleetShape(decode_workers=workers, decode_chunk_tokens=chunk, tensor_parallel_size=tp)
+                       for chunk in AGGREGATED_CHUNKS]
+    return fleets
+
+
 def test_the_tensor_parallel_plan_is_the_fewest_gpus_any_tp_verified(tp_plan: PoolPlan) -> None:
     confirmed = [v for v in tp_plan.simulations if v.meets and v.requests == RUNS["confirm_requests"]]
     assert tp_plan.gpus == min(v.shape.gpus for v in confirmed)
-    # One worker fewer of the same TP misses in the bottleneck pool, so the plan is minimal at its TP.
-    answer, estimate = tp_plan.chosen, tp_plan.estimate
-    prefill_load = tp_plan.workload.rate / (answer.shape.prefill_workers * estimate.prefill_rps_per_gpu)
-    decode_load = tp_plan.workload.rate / (answer.shape.decode_workers * estimate.decode_rps_per_gpu)
-    smaller = (dataclasses.replace(answer.shape, prefill_workers=answer.shape.prefill_workers - 1)
-               if prefill_load >= decode_load else
-               dataclasses.replace(answer.shape, decode_workers=answer.shape.decode_workers - 1))
-    if smaller.prefill_workers and smaller.decode_workers:
-        fewer = verify(MODEL, tp_plan.workload, TIGHT_ITL, smaller, requests=300, seed=7)
+    # Every fleet of fewer GPUs at a TP that can meet the objectives misses them, so the plan is minimal.
+    smaller = smaller_fleets(tp_plan)
+    assert smaller, "the plan should have smaller fleets to compare with"
+    for shape in smaller:
+        fewer = verify(MODEL, tp_plan.workload, TIGHT_ITL, shape, requests=RUNS["requests"], seed=7)
         assert not fewer.meets, fewer.describe()
-    # Every TP the planner estimated but did not simulate was bounded above the plan by the cost model.
+    # Every TP the planner estimated but did not simulate (TP 8 here) was bounded above the plan by the
+    # cost model.
     simulated = {v.shape.tensor_parallel_size for v in tp_plan.simulations}
-    for e in tp_plan.estimates:
-        if e.tensor_parallel_size not in simulated:
-            assert any(n.startswith(f"TP {e.tensor_parallel_size} not simulated") for n in tp_plan.notes)
+    skipped = [e.tensor_parallel_size for e in tp_plan.estimates if e.tensor_parallel_size not in simulated]
+    assert skipped
+    for tp in skipped:
+        assert any(n.startswith(f"TP {tp} not simulated") for n in tp_plan.notes)
 
 
 @pytest.mark.parametrize("engine", ["vllm", "simulated"])

@@ -240,7 +240,11 @@ async def test_routers_see_the_load_other_routers_put_on_a_worker(etcd: EtcdServ
                         break
                     await asyncio.sleep(0.02)
                 assert busy and len(busy) == 1
-                await asyncio.sleep(0.2)  # a few load polls
+                # The second router has polled that load once it routes around the busy worker on either
+                # worker's turn (equals take turns).
+                assert second.fleet is not None
+                await eventually(lambda: all(second.fleet.route(MODEL, "probe").decode.worker_id != busy[0]
+                                             for _ in range(2)))
                 for index in range(4):
                     result = await other.generate(f"short {index}", model=MODEL, max_tokens=2).collect()
                     assert result.completion.decode_worker_id != busy[0]

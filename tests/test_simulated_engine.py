@@ -132,7 +132,8 @@ async def test_steps_carry_decodes_and_one_prefill_chunk_at_a_time() -> None:
     cost = RecordingCost()
     engine = SimulatedEngine(SimulatedEngineConfig(num_blocks=64, max_num_batched_tokens=100), cost=cost)
     decoding = asyncio.ensure_future(run(engine, "d" * 10, request_id="d", max_tokens=40, ignore_eos=True))
-    await asyncio.sleep(0.01)
+    while not any(batch for _, _, batch, _ in cost.steps):  # until "d" is decoding
+        await asyncio.sleep(0.001)
     long, _ = await run(engine, "p" * 250, request_id="p", max_tokens=2, ignore_eos=True)
     await decoding
     chunks = [(p, ctx, b) for p, ctx, b, _ in cost.steps if p > 1 and p != 10]

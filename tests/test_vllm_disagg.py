@@ -34,6 +34,7 @@ from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from tests.cluster import Stubs, deployed, rpc_failure
 from tests.etcd_server import EtcdServer
 from tests.hf_reference import hf_greedy
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module"),
               pytest.mark.timeout(300),
@@ -164,7 +165,8 @@ async def test_disaggregated_greedy_equals_aggregated_on_both_paths(cluster: Stu
         assert tokens == reference, prompt
     aggregated = await asyncio.gather(*(decode(cluster, f"a{i}", p) for i, p in enumerate(PROMPTS)))
     for (tokens, completion), result in zip(aggregated, routed):
-        assert tokens == result.token_ids and completion.kv_transfer.bytes == 0
+        assert tokens == result.token_ids and completion.finish_reason == pb.FINISH_REASON_LENGTH
+        assert completion.kv_transfer.bytes == 0
     stats = await cluster.prefill_stats()
     assert stats.transfers_completed == 2 * len(PROMPTS) and stats.held_transfers == 0
 
@@ -207,7 +209,7 @@ async def test_bad_handles_are_refused_without_leaking(cluster: Stubs) -> None:
 async def test_cancels_and_expiry_leave_no_blocks_held(cluster: Stubs) -> None:
     # Mid-stream cancel, with blocks in use while it runs.
     stream = cluster.router.generate(SENTENCE * 6, model=MODEL, max_tokens=1500, ignore_eos=True, request_id="c1")
-    received, used_while_running = 0, 0
+    received, used_while_running, completion = 0, 0, None
     async for response in stream:
         if response.HasField("tokens"):
             received += len(response.tokens.token_ids)
@@ -215,19 +217,27 @@ async def test_cancels_and_expiry_leave_no_blocks_held(cluster: Stubs) -> None:
                 used_while_running = (await cluster.decode_stats()).used_kv_blocks
                 stream.cancel()
         else:
-            assert response.completion.finish_reason == pb.FINISH_REASON_CANCELLED
+            completion = response.completion
     assert used_while_running > 0
+    assert completion is not None and completion.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert completion.usage.completion_tokens < 1500
     # Cancel as soon as it starts (during prefill, for this long prompt), and a client that disconnects.
     early = cluster.router.generate(SENTENCE * 20, model=MODEL, max_tokens=1000, ignore_eos=True, request_id="c2")
     early.cancel()
     assert (await early.collect()).completion.finish_reason == pb.FINISH_REASON_CANCELLED
     gone = cluster.router.generate("going away", model=MODEL, max_tokens=1500, ignore_eos=True)
-    async for response in gone:
-        break
+    responses = aiter(gone)
+    assert (await anext(responses)).HasField("tokens")
     gone.call.cancel()
     # A handle nobody pulls expires, and then cannot be used.
+    expired_before = (await cluster.prefill_stats()).transfers_expired
     handle = await prefill(cluster, "late", "nobody comes")
-    await asyncio.sleep(KV_TTL_S + 0.5)
+
+    async def expired() -> bool:  # nothing held any more, and nobody pulled it: this handle expired
+        stats = await cluster.prefill_stats()
+        return stats.held_transfers == 0 and stats.transfers_expired > expired_before
+
+    await eventually(expired, KV_TTL_S + 5, "the unpulled handle's lease to expire")
     assert await rpc_failure(decode(cluster, "late", "nobody comes", handle)) == (
         grpc.StatusCode.NOT_FOUND, "KV_HANDLE_EXPIRED")
     assert not shm.size_of(handle.shm_segment)
