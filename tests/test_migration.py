@@ -3,7 +3,9 @@ continues with no token lost or repeated."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -31,7 +33,9 @@ async def busy_worker(*roles: RunningRole) -> RunningRole:
     raise AssertionError("no decode worker is running the request")
 
 
-async def test_a_request_survives_its_decode_worker_dying() -> None:
+@contextlib.asynccontextmanager
+async def two_decode_workers() -> AsyncIterator[tuple[Stubs, RunningRole]]:
+    """A deployment with a spare decode worker that the router knows of, and the spare."""
     registry = MemoryRegistry()
     config = worker_config(decode_step_s=0.004)
     deployment = await start_all_in_one(config, registry)
@@ -41,9 +45,20 @@ async def test_a_request_survives_its_decode_worker_dying() -> None:
         assert deployment.router.fleet is not None
         return {spare.worker_id, deployment.decode.worker_id} <= set(deployment.router.fleet.workers)
 
-    await eventually(router_sees_both, 5.0, "the router to see the second decode worker")
     stubs = Stubs(deployment)
     try:
+        await eventually(router_sees_both, 5.0, "the router to see the second decode worker")
+        yield stubs, spare
+    finally:
+        await stubs.close()
+        await spare.stop()
+        await deployment.stop()
+        await registry.close()
+
+
+async def test_a_request_survives_its_decode_worker_dying() -> None:
+    async with two_decode_workers() as (stubs, spare):
+        deployment = stubs.deployment
         expected = (await stubs.router.generate(PROMPT, model=MODEL, max_tokens=MAX_TOKENS,
                                                 ignore_eos=True).collect()).token_ids
         stream = stubs.router.generate(PROMPT, model=MODEL, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -73,21 +88,10 @@ async def test_a_request_survives_its_decode_worker_dying() -> None:
 
         code, _ = await rpc_failure(kill_after_first_tokens())
         assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-    finally:
-        await stubs.close()
-        await spare.stop()
-        await deployment.stop()
-        await registry.close()
 
 
 async def test_stop_strings_still_cut_the_text_after_a_migration() -> None:
-    registry = MemoryRegistry()
-    config = worker_config(decode_step_s=0.004)
-    deployment = await start_all_in_one(config, registry)
-    spare = await start_decode(dataclasses.replace(config, server=ServerConfig(port=0)), registry)
-    await asyncio.sleep(0.1)
-    stubs = Stubs(deployment)
-    try:
+    async with two_decode_workers() as (stubs, spare):
         full = await stubs.router.generate(PROMPT, model=MODEL, max_tokens=MAX_TOKENS,
                                            ignore_eos=True).collect()
         stop = full.text[100:103]
@@ -102,14 +106,9 @@ async def test_stop_strings_still_cut_the_text_after_a_migration() -> None:
             tokens += response.tokens.token_ids
             text += response.tokens.text
             if lost is None and len(tokens) >= 20:
-                lost = await busy_worker(deployment.decode, spare)
+                lost = await busy_worker(stubs.deployment.decode, spare)
                 await lost.server.server.stop(0)
         assert lost is not None and completion is not None and completion.decode_worker_id != lost.worker_id
         # The resuming worker matches on its own text; what was relayed before could not start a match.
         assert text == full.text[:full.text.index(stop)] and completion.finish_reason == pb.FINISH_REASON_STOP
         assert tokens == full.token_ids[:len(tokens)] and completion.usage.completion_tokens == len(tokens)
-    finally:
-        await stubs.close()
-        await spare.stop()
-        await deployment.stop()
-        await registry.close()
