@@ -13,6 +13,7 @@ from dynamo_grpc.engine.base import Engine, EngineOutput
 from dynamo_grpc.engine_calls import completion_of, engine_request, engine_run
 from dynamo_grpc.errors import DynamoError
 from dynamo_grpc.latency import LatencyWindow
+from dynamo_grpc.stop_strings import cut_at_stop_strings
 from dynamo_grpc.streams import background, coalesce, first_message, watch_for_cancel
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
@@ -40,20 +41,26 @@ class DecodeServicer(decode_grpc.DecodeServiceServicer):
         handle = start.kv_handle if start.HasField("kv_handle") else None
         resume = tuple(start.resume_token_ids)
         arrived, first, tokens = time.monotonic(), 0.0, 0
+        outputs = self._outputs(rid, start.params, handle, resume)
+        if start.params.sampling.stop:
+            stops = tuple(start.params.sampling.stop)
+            outputs = cut_at_stop_strings(outputs, stops, lambda: self._engine.abort(rid))
         async with (background(watch_for_cancel(request_iterator, rid, lambda: self._engine.abort(rid))),
-                    contextlib.aclosing(coalesce(self._outputs(rid, start.params, handle, resume))) as batches):
+                    contextlib.aclosing(coalesce(outputs)) as batches):
             async for out in batches:
                 if out.token_ids:
                     if not tokens:
                         first = time.monotonic()
                         self._ttft.add((first - arrived) * 1e3)
                     tokens += len(out.token_ids)
-                    yield decode_pb.DecodeResponse(request_id=rid, tokens=pb.TokenBatch(token_ids=out.token_ids,
-                                                                                       text=out.text))
+                    yield decode_pb.DecodeResponse(request_id=rid, tokens=pb.TokenBatch(
+                        token_ids=out.token_ids, text=out.text, logprobs=out.logprobs))
                 if out.finish_reason is not None:
                     if tokens > 1:
                         self._itl.add((time.monotonic() - first) * 1e3 / (tokens - 1))
                     pulled = out.kv_transfer is not None and out.kv_transfer.path
+                    if pulled and handle is not None and out.usage is not None:
+                        out.usage.kv_transferred_tokens = handle.num_tokens
                     yield decode_pb.DecodeResponse(request_id=rid, completion=completion_of(
                         out, prefill_worker_id=start.prefill_worker_id if pulled else "",
                         decode_worker_id=self._worker_id))

@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP frontend: /v1/completions and /v1/chat/completions over RouterService.Generate.
 
-Every HTTP request becomes one Generate stream. A client that disconnects cancels its request end to
-end (the router stops decode and frees KV on both workers), so an abandoned request costs nothing.
+Every HTTP request becomes one Generate stream per choice (`n`). A client that disconnects cancels its
+request end to end (the router stops decode and frees KV on both workers), so an abandoned request costs
+nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -30,6 +31,7 @@ from dynamo_grpc.openai_protocol import (
     error_body,
     finish_reason_of,
     http_status,
+    logprobs_of,
     parse_job,
     usage_of,
 )
@@ -39,6 +41,7 @@ from dynamo_grpc.v1 import router_pb2 as router_pb
 
 log = logging.getLogger(__name__)
 
+Response = router_pb.GenerateResponse
 REQUEST_ID_HEADER = "X-Request-Id"
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"; only ever seen in /metrics
 ABANDONED_GRACE_S = 30.0  # how long a cancelled request may take to wind down before its call is cut
@@ -85,41 +88,61 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-class _Relay:
-    """Reads a Generate stream in its own task.
+class _Relays:
+    """Reads the Generate streams of one HTTP request (one per choice), each in its own task, into one queue.
 
     A disconnect cancels the HTTP handler wherever it waits; were that a gRPC read, the call would be
     torn down instead of cancelled in-band. Here the handler only waits on a queue, and an abandoned
     stream keeps being read until the router confirms the cancel.
     """
 
-    def __init__(self, stream: GenerateStream, tasks: set[asyncio.Task[None]]) -> None:
-        self._stream = stream
-        self._queue: asyncio.Queue[router_pb.GenerateResponse | BaseException | None] = asyncio.Queue()
-        self._task = asyncio.create_task(self._pump())
-        tasks.add(self._task)
-        self._task.add_done_callback(tasks.discard)
+    def __init__(self, streams: list[GenerateStream], tasks: set[asyncio.Task[None]]) -> None:
+        self._streams = streams
+        self._queue: asyncio.Queue[tuple[int, Response | BaseException | None]] = asyncio.Queue()
+        self._running = len(streams)
+        self._tasks = [asyncio.create_task(self._pump(index, stream)) for index, stream in enumerate(streams)]
+        for task in self._tasks:
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
-    async def _pump(self) -> None:
+    async def _pump(self, index: int, stream: GenerateStream) -> None:
         try:
-            async for response in self._stream:
-                self._queue.put_nowait(response)
-            self._queue.put_nowait(None)
+            async for response in stream:
+                self._queue.put_nowait((index, response))
+            self._queue.put_nowait((index, None))
         except Exception as error:  # noqa: BLE001 - handed to the reader
-            self._queue.put_nowait(error)
+            self._queue.put_nowait((index, error))
 
-    async def next(self) -> router_pb.GenerateResponse | None:
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+    async def next(self) -> tuple[int, Response] | None:
+        """The next response of any stream, with the stream's index; None once every stream has ended."""
+        while self._running:
+            index, item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is not None:
+                return index, item
+            self._running -= 1
+        return None
 
     def abandon(self) -> None:
-        if self._task.done():
-            return
-        self._stream.cancel()
-        timer = asyncio.get_running_loop().call_later(ABANDONED_GRACE_S, self._stream.call.cancel)
-        self._task.add_done_callback(lambda _: timer.cancel())
+        """Cancel the streams still running (the client went away, or another choice failed)."""
+        loop = asyncio.get_running_loop()
+        for stream, task in zip(self._streams, self._tasks):
+            if task.done():
+                continue
+            stream.cancel()
+            timer = loop.call_later(ABANDONED_GRACE_S, stream.call.cancel)
+            task.add_done_callback(lambda _, timer=timer: timer.cancel())
+
+
+@dataclass
+class _Choice:
+    """What one generation of a request has produced so far."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+    completion: pb.Completion = field(default_factory=pb.Completion)
 
 
 def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
@@ -202,60 +225,71 @@ class Frontend:
             return _error(400, error.message, "invalid_request", headers, error.param)
 
         started = time.monotonic()
-        relay = _Relay(GenerateStream(self.client.stub, request_id, job.params), self.relays)
+        # n choices are n generations, `<request id>-<i>` at the router.
+        ids = [request_id] if job.n == 1 else [f"{request_id}-{i}" for i in range(job.n)]
+        streams = [GenerateStream(self.client.stub, rid, job.choice_params(i)) for i, rid in enumerate(ids)]
+        relays = _Relays(streams, self.relays)
         self.metrics.in_flight += 1
         try:
             try:
-                first = await relay.next()
+                first = await relays.next()
             except grpc.aio.AioRpcError as error:
                 status, error_json = _rpc_error_body(error)
                 return _json_response(status, error_json, headers)
-            responses = self._counted(relay, first, started)
+            responses = self._counted(relays, first, started)
             if job.stream:
                 return await self._stream(request, job, request_id, responses, headers)
             return await self._whole(job, request_id, responses, headers)
         except (asyncio.CancelledError, ConnectionResetError):
             log.info("request %s: client went away; cancelling it", request_id)
-            relay.abandon()
             raise
         finally:
+            relays.abandon()
             self.metrics.in_flight -= 1
 
-    async def _counted(self, relay: _Relay, first: router_pb.GenerateResponse | None, started: float
-                       ) -> AsyncIterator[router_pb.GenerateResponse]:
-        """The responses, recording time to first token and tokens generated on the way."""
-        response, seen_tokens = first, False
-        while response is not None:
+    async def _counted(self, relays: _Relays, first: tuple[int, Response] | None, started: float
+                       ) -> AsyncIterator[tuple[int, Response]]:
+        """The responses with their choice index, recording time to first token and tokens generated."""
+        item, seen_tokens = first, False
+        while item is not None:
+            response = item[1]
             if response.HasField("tokens") and response.tokens.token_ids:
                 if not seen_tokens:
                     self.metrics.observe_ttft(time.monotonic() - started)
                     seen_tokens = True
                 self.metrics.generated_tokens += len(response.tokens.token_ids)
-            yield response
-            response = await relay.next()
+            yield item
+            item = await relays.next()
 
-    async def _whole(self, job: Job, request_id: str, responses: AsyncIterator[router_pb.GenerateResponse],
-                     headers: dict[str, str]) -> web.Response:
-        text, token_ids, completion = "", [], pb.Completion()
+    async def _whole(self, job: Job, request_id: str,
+                     responses: AsyncIterator[tuple[int, Response]], headers: dict[str, str]
+                     ) -> web.Response:
+        choices = [_Choice(text=job.echo) for _ in range(job.n)]
         try:
-            async for response in responses:
+            async for index, response in responses:
+                made = choices[index]
                 if response.HasField("tokens"):
-                    text += response.tokens.text
-                    token_ids += response.tokens.token_ids
+                    made.text += response.tokens.text
+                    made.token_ids += response.tokens.token_ids
+                    made.logprobs += response.tokens.logprobs
                 else:
-                    completion = response.completion
+                    made.completion = response.completion
         except grpc.aio.AioRpcError as error:
             status, error_json = _rpc_error_body(error)
             return _json_response(status, error_json, headers)
-        body = envelope(job, request_id, [choice(job, text=text, token_ids=token_ids, streaming=False,
-                                                 finish_reason=finish_reason_of(completion))],
-                        streaming=False, usage=usage_of(completion))
+        shaped = [choice(job, index, text=made.text, token_ids=made.token_ids,
+                         logprobs=logprobs_of(job, made.logprobs),
+                         finish_reason=finish_reason_of(made.completion), streaming=False)
+                  for index, made in enumerate(choices)]
+        usage = usage_of([made.completion for made in choices])
+        body = envelope(job, request_id, shaped, streaming=False, usage=usage)
         return _json_response(200, body, headers)
 
     async def _stream(self, request: web.Request, job: Job, request_id: str,
-                      responses: AsyncIterator[router_pb.GenerateResponse], headers: dict[str, str]
+                      responses: AsyncIterator[tuple[int, Response]], headers: dict[str, str]
                       ) -> web.StreamResponse:
-        """Server-sent events: a chunk per token batch, a finish chunk, optionally usage, then [DONE]."""
+        """Server-sent events: a chunk per token batch of each choice, a finish chunk per choice, optionally
+        usage, then [DONE]."""
         http = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         await http.prepare(request)
@@ -263,21 +297,29 @@ class Frontend:
         async def send(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> None:
             await http.write(_sse(envelope(job, request_id, choices, streaming=True, usage=usage)))
 
-        if job.chat:
-            await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}])
+        for index in range(job.n):
+            if job.chat:
+                await send([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}])
+            elif job.echo:
+                await send([choice(job, index, text=job.echo, token_ids=None, logprobs=None,
+                                   finish_reason=None, streaming=True)])
         try:
-            completion = pb.Completion()
-            async for response in responses:
+            completions = [pb.Completion() for _ in range(job.n)]
+            text_offsets = [0] * job.n  # for the legacy completions logprobs
+            async for index, response in responses:
                 if response.HasField("tokens"):
-                    await send([choice(job, text=response.tokens.text, token_ids=list(response.tokens.token_ids),
-                                       finish_reason=None, streaming=True)])
+                    tokens = response.tokens
+                    logprobs = logprobs_of(job, tokens.logprobs, text_offsets[index])
+                    text_offsets[index] += sum(len(entry.token) for entry in tokens.logprobs)
+                    await send([choice(job, index, text=tokens.text, token_ids=list(tokens.token_ids),
+                                       logprobs=logprobs, finish_reason=None, streaming=True)])
                 else:
-                    completion = response.completion
-            await send([choice(job, text=None, token_ids=[], finish_reason=finish_reason_of(completion),
-                               streaming=True)])
+                    completions[index] = response.completion
+                    await send([choice(job, index, text=None, token_ids=[], logprobs=None, streaming=True,
+                                       finish_reason=finish_reason_of(response.completion))])
             if job.include_usage:
-                await send([], usage=usage_of(completion))
+                await send([], usage=usage_of(completions))
         except grpc.aio.AioRpcError as error:  # too late for an HTTP status: the error goes in the stream
             await http.write(_sse(_rpc_error_body(error)[1]))
         await http.write(b"data: [DONE]\n\n")

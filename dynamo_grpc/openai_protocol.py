@@ -6,8 +6,10 @@ field, so a client sees what to fix without reading our logs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,15 @@ from dynamo_grpc.v1 import common_pb2 as pb
 
 UINT32 = 2**32
 UINT64 = 2**64
+MAX_N = 8  # choices per request: each is a generation of its own
+MAX_TOP_LOGPROBS = 20  # chat `top_logprobs`, as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # completions `logprobs`, as OpenAI
+LOWEST_LOGPROB = -9999.0  # stands for -inf, which JSON cannot carry (vLLM's server does the same)
+
+# OpenAI parameters this server does not implement, and the values of each that ask for nothing (accepted).
+NOT_IMPLEMENTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "suffix": ("",),
+                   "tools": ([],), "functions": ([],), "tool_choice": ("none",), "function_call": ("none",),
+                   "response_format": ({"type": "text"},)}
 
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
@@ -66,7 +77,22 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     return_token_ids: bool = False
+    n: int = 1
+    logprobs: int | None = None
+    """Alternatives per token when the client asked for logprobs; None when it did not."""
+    echo: str = ""
+    """The prompt, when a completion should start with it (`echo`)."""
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def choice_params(self, index: int) -> pb.GenerationParams:
+        """The generation of choice `index`: with a seed, choice i samples with seed + i (mod 2**64), so
+        choices differ, each is reproducible, and choice 0 is what the same request with n=1 gives."""
+        if not index or not self.params.sampling.HasField("seed"):
+            return self.params
+        params = pb.GenerationParams()
+        params.CopyFrom(self.params)
+        params.sampling.seed = (params.sampling.seed + index) % UINT64
+        return params
 
 
 def _int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
@@ -182,15 +208,13 @@ def parse_job(body: object, *, chat: bool, chat_template: str | None) -> Job:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("`model` is required: the name of a served model (GET /v1/models lists them)", "model")
-    n = _int(body, "n", 1, UINT32)
-    if n not in (None, 1):
-        raise BadRequest("`n` must be 1: send one request per choice", "n")
-    if body.get("stop"):
-        raise BadRequest("`stop` strings are not supported; use `stop_token_ids`", "stop")
+    n = _int(body, "n", 1, MAX_N + 1) or 1
+    _refuse_not_implemented(body, n)
     prompt = chat_prompt(_messages(body), chat_template) if chat else _completion_prompt(body)
     form = pb.Prompt(text=prompt) if isinstance(prompt, str) else pb.Prompt(token_ids=pb.TokenIds(ids=prompt))
 
-    sampling = pb.SamplingParams(ignore_eos=_flag(body, "ignore_eos"), top_k=_int(body, "top_k", 0, UINT32) or 0)
+    sampling = pb.SamplingParams(ignore_eos=_flag(body, "ignore_eos"), stop=_stop_strings(body),
+                                 top_k=_int(body, "top_k", 0, UINT32) or 0)
     max_tokens = _int(body, "max_completion_tokens", 1, UINT32) if chat else None
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", 1, UINT32)
@@ -205,6 +229,16 @@ def parse_job(body: object, *, chat: bool, chat_template: str | None) -> Job:
         sampling.seed = seed
     if body.get("stop_token_ids") is not None:
         sampling.stop_token_ids.extend(_token_ids(body["stop_token_ids"], "stop_token_ids"))
+    logprobs = _chat_logprobs(body) if chat else _int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS + 1)
+    if logprobs is not None:
+        sampling.logprobs = logprobs
+    echo = False if chat else _flag(body, "echo")
+    if echo and not isinstance(prompt, str):
+        raise BadRequest("`echo` needs a text prompt: this server does not turn token ids back into text",
+                         "echo")
+    if echo and logprobs is not None:
+        raise BadRequest("`echo` with `logprobs` needs the prompt's log probabilities, which this server "
+                         "does not compute; drop one of the two", "echo")
 
     stream = _flag(body, "stream")
     options = body.get("stream_options")
@@ -212,14 +246,46 @@ def parse_job(body: object, *, chat: bool, chat_template: str | None) -> Job:
         raise BadRequest("`stream_options` must be an object, and only goes with `stream: true`", "stream_options")
     include_usage = _flag(options or {}, "include_usage")
     return Job(chat=chat, model=model, params=pb.GenerationParams(model=model, prompt=form, sampling=sampling),
-               stream=stream, include_usage=include_usage, return_token_ids=_flag(body, "return_token_ids"))
+               stream=stream, include_usage=include_usage, return_token_ids=_flag(body, "return_token_ids"),
+               n=n, logprobs=logprobs, echo=prompt if echo else "")
 
 
-def usage_of(completion: pb.Completion) -> dict[str, Any]:
-    u = completion.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+def _refuse_not_implemented(body: dict[str, Any], n: int) -> None:
+    """A parameter we would otherwise ignore is refused, unless its value asks for nothing."""
+    for name, neutral in (*NOT_IMPLEMENTED.items(), ("best_of", (1, n))):
+        value = body.get(name)
+        if value is not None and value not in neutral:
+            raise BadRequest(f"`{name}` is not supported by this server; leave it out", name)
+
+
+def _stop_strings(body: dict[str, Any]) -> list[str]:
+    """`stop` as a list; its limits (how many, how long) are the router's to check, for every client."""
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise BadRequest("`stop` must be a string or a list of strings", "stop")
+    return stops
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """Alternatives per token for a chat request: `top_logprobs`, which needs `logprobs: true`."""
+    top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS + 1)
+    if not _flag(body, "logprobs"):
+        if top is not None:
+            raise BadRequest("`top_logprobs` needs `logprobs: true`", "top_logprobs")
+        return None
+    return top or 0
+
+
+def usage_of(completions: Sequence[pb.Completion]) -> dict[str, Any]:
+    """Usage of the request: the sum over its choices. `kv_transferred_tokens` is ours: prompt tokens
+    whose KV a prefill worker computed and moved to the decode worker (not prefix-cache hits)."""
+    prompt, generated, cached, moved = (sum(getattr(c.usage, name) for c in completions) for name in (
+        "prompt_tokens", "completion_tokens", "cached_tokens", "kv_transferred_tokens"))
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+            "prompt_tokens_details": {"cached_tokens": cached, "kv_transferred_tokens": moved}}
 
 
 def finish_reason_of(completion: pb.Completion) -> str:
@@ -230,17 +296,40 @@ def response_id(job: Job, request_id: str) -> str:
     return f"{'chatcmpl' if job.chat else 'cmpl'}-{request_id}"
 
 
-def choice(job: Job, *, text: str | None, token_ids: list[int] | None, finish_reason: str | None,
-           streaming: bool) -> dict[str, Any]:
+def logprobs_of(job: Job, entries: Sequence[pb.TokenLogprob], text_offset: int = 0) -> dict[str, Any] | None:
+    """OpenAI's logprobs of these tokens: chat's `content` list, or the legacy completions object, whose
+    `text_offset`s count from `text_offset` (the length of the choice's text before these tokens)."""
+    if job.logprobs is None:
+        return None
+    if job.chat:
+        return {"content": [{**_chat_entry(e.token, e.logprob),
+                             "top_logprobs": [_chat_entry(top.token, top.logprob) for top in e.top_logprobs]}
+                            for e in entries], "refusal": None}
+    offsets = itertools.accumulate((len(e.token) for e in entries[:-1]), initial=text_offset)
+    return {"tokens": [e.token for e in entries],
+            "token_logprobs": [max(e.logprob, LOWEST_LOGPROB) for e in entries],
+            # The chosen token is always listed, so there may be `logprobs` + 1 entries (as OpenAI does).
+            "top_logprobs": [{**{top.token: max(top.logprob, LOWEST_LOGPROB) for top in e.top_logprobs},
+                              e.token: max(e.logprob, LOWEST_LOGPROB)} for e in entries],
+            "text_offset": list(offsets) if entries else []}
+
+
+def _chat_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": max(logprob, LOWEST_LOGPROB), "bytes": list(token.encode())}
+
+
+def choice(job: Job, index: int, *, text: str | None, token_ids: list[int] | None,
+           logprobs: dict[str, Any] | None, finish_reason: str | None, streaming: bool) -> dict[str, Any]:
     """One choice; chat chunks carry a `delta`, whole chat answers a `message`, completions `text`."""
     if not job.chat:
-        shaped: dict[str, Any] = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        shaped: dict[str, Any] = {"index": index, "text": text or "", "logprobs": logprobs,
+                                  "finish_reason": finish_reason}
     elif streaming:
-        shaped = {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
+        shaped = {"index": index, "delta": {} if text is None else {"content": text}, "logprobs": logprobs,
                   "finish_reason": finish_reason}
     else:
-        shaped = {"index": 0, "message": {"role": "assistant", "content": text or ""}, "logprobs": None,
-                  "finish_reason": finish_reason}
+        shaped = {"index": index, "message": {"role": "assistant", "content": text or ""},
+                  "logprobs": logprobs, "finish_reason": finish_reason}
     if job.return_token_ids and token_ids is not None:
         shaped["token_ids"] = token_ids
     return shaped

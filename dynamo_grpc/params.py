@@ -16,6 +16,9 @@ from dynamo_grpc.errors import DeadlineExceeded, InvalidArgument
 from dynamo_grpc.v1 import common_pb2 as pb
 
 MAX_TEMPERATURE = 2.0
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit; vLLM's `max_logprobs` engine default is the same
+MAX_STOP_STRINGS = 4
+MAX_STOP_LENGTH = 256
 
 
 def prompt_of(params: pb.GenerationParams, request_id: str) -> str | tuple[int, ...]:
@@ -53,6 +56,8 @@ def sampling_of(params: pb.GenerationParams, request_id: str) -> Sampling:
         seed=s.seed if s.HasField("seed") else None,
         stop_token_ids=tuple(s.stop_token_ids),
         ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
+        stop=tuple(s.stop),
     )
 
     def bad(field: str, allowed: str, value: object) -> InvalidArgument:
@@ -65,6 +70,13 @@ def sampling_of(params: pb.GenerationParams, request_id: str) -> Sampling:
         raise bad("temperature", f"in [0, {MAX_TEMPERATURE}]", sampling.temperature)
     if math.isnan(sampling.top_p) or not (0.0 < sampling.top_p <= 1.0):
         raise bad("top_p", "in (0, 1]", sampling.top_p)
+    if sampling.logprobs is not None and sampling.logprobs > MAX_LOGPROBS:
+        raise bad("logprobs", f"at most {MAX_LOGPROBS}", sampling.logprobs)
+    if len(sampling.stop) > MAX_STOP_STRINGS:
+        raise bad("stop", f"at most {MAX_STOP_STRINGS} strings", len(sampling.stop))
+    if any(not 0 < len(stop) <= MAX_STOP_LENGTH for stop in sampling.stop):
+        lengths = [len(stop) for stop in sampling.stop]
+        raise bad("stop", f"strings of 1 to {MAX_STOP_LENGTH} characters", f"lengths {lengths}")
     return sampling
 
 

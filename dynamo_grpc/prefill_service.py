@@ -27,8 +27,10 @@ class PrefillServicer(prefill_grpc.PrefillServiceServicer):
             async for out in outputs:
                 if out.kv_handle is not None:
                     self._ttft.add((time.monotonic() - arrived) * 1e3)
+                    first_logprob = out.logprobs[0] if out.logprobs else None
                     return prefill_pb.PrefillResponse(request_id=request.request_id, first_token_id=out.token_ids[0],
-                                                      kv_handle=out.kv_handle, usage=out.usage)
+                                                      kv_handle=out.kv_handle, usage=out.usage,
+                                                      first_token_logprob=first_logprob)
         raise DynamoError("prefill ended without producing KV", request_id=request.request_id)
 
     async def GetPrefillStats(self, request: prefill_pb.GetPrefillStatsRequest, context: grpc.aio.ServicerContext

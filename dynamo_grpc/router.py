@@ -74,10 +74,11 @@ class Router:
             yield router_pb.GenerateResponse(request_id=request_id, completion=pb.Completion(
                 finish_reason=pb.FINISH_REASON_CANCELLED))
             return
-        handle = None
+        handle = prefilled = None
         # 1) Prefill on the paired worker (its KV is then held there under a lease).
         if route.prefill is not None:
-            handle = await self._prefill(route.prefill, request_id, params, timeout, route.uncached_tokens)
+            prefilled = await self._prefill(route.prefill, request_id, params, timeout, route.uncached_tokens)
+            handle = prefilled.kv_handle if prefilled is not None else None
             if cancelled.is_set():
                 if handle is not None:
                     await self._release(handle, request_id)
@@ -99,6 +100,9 @@ class Router:
                         async for event in events:
                             if event.HasField("completion"):
                                 consumed = event.completion.kv_transfer.bytes > 0
+                                if prefilled is not None and event.completion.usage.kv_transferred_tokens:
+                                    # The prompt was computed on the prefill worker: its cache hits count.
+                                    event.completion.usage.cached_tokens = prefilled.usage.cached_tokens
                                 yield router_pb.GenerateResponse(request_id=request_id, completion=event.completion)
                             else:
                                 generated += event.tokens.token_ids
@@ -149,8 +153,8 @@ class Router:
             error.code == grpc.StatusCode.CANCELLED and not cancelled.is_set())
 
     async def _prefill(self, worker: pb.WorkerInfo, request_id: str, params: pb.GenerationParams,
-                       timeout: float | None, tokens: int) -> pb.KvHandle | None:
-        """The KV handle, or None when the prefill worker is gone (the decode worker then prefills)."""
+                       timeout: float | None, tokens: int) -> prefill_pb.PrefillResponse | None:
+        """The KV handle and usage, or None when the prefill worker is gone (then decode prefills)."""
         stub = prefill_grpc.PrefillServiceStub(self._channels.get(worker.endpoint))
         with self._fleet.busy(worker, tokens):
             try:
@@ -162,7 +166,7 @@ class Router:
                                 request_id, worker.worker_id, error.details())
                     return None
                 raise from_rpc_error(error, request_id=request_id) from None
-        return response.kv_handle
+        return response
 
     async def _decode(self, worker: pb.WorkerInfo, request_id: str, start: decode_pb.DecodeStart,
                       cancelled: asyncio.Event, to_compute: int) -> AsyncIterator[decode_pb.DecodeResponse]:

@@ -78,8 +78,7 @@ async def coalesce(outputs: AsyncIterator[EngineOutput]) -> AsyncIterator[Engine
                     yield item
                     item = more
                     break
-                more.token_ids = item.token_ids + more.token_ids
-                more.text = item.text + more.text
+                more.prepend(item)
                 item = more
             if item is None:
                 return

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import httpx
+import openai
 import pytest
 
 from control_plane.deployment import Deployment, start_all_in_one
@@ -17,6 +20,7 @@ from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine import SimulatedEngineConfig
 from dynamo_grpc.errors import error_reason
+from dynamo_grpc.frontend import RunningFrontend, start_frontend
 from dynamo_grpc.registry import MemoryRegistry, Registry
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
@@ -113,3 +117,35 @@ async def rpc_failure(awaitable) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await awaitable
     return failure.value.code(), error_reason(failure.value)
+
+
+@dataclass
+class Served:
+    """A deployment behind the OpenAI frontend, with the `openai` SDK and an HTTP client pointed at it."""
+
+    stubs: Stubs
+    frontend: RunningFrontend
+    client: openai.AsyncOpenAI
+    http: httpx.AsyncClient
+
+    async def metric(self, series: str) -> float:
+        """One series' value from /metrics (0 while it does not exist yet)."""
+        text = (await self.http.get("/metrics")).text
+        match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+
+@contextlib.asynccontextmanager
+async def openai_frontend(stubs: Stubs, chat_template: str | None = None) -> AsyncIterator[Served]:
+    """The OpenAI frontend in front of `stubs`' router, stopped after."""
+    router = stubs.deployment.router
+    frontend = await start_frontend(router.endpoint, router.registry, host="127.0.0.1", port=0,
+                                    chat_template=chat_template)
+    client = openai.AsyncOpenAI(base_url=f"{frontend.url}/v1", api_key="unused", max_retries=0)
+    http = httpx.AsyncClient(base_url=frontend.url)
+    try:
+        yield Served(stubs, frontend, client, http)
+    finally:
+        await http.aclose()
+        await client.close()
+        await frontend.stop()

@@ -29,3 +29,15 @@ def hf_greedy(model_dir: Path, prompt: str | list[int], max_tokens: int) -> list
 def hf_tokens(model_dir: Path, prompt: str) -> list[int]:
     tokenizer, _ = _load(model_dir)
     return tokenizer(prompt)["input_ids"]
+
+
+def hf_logprobs(model_dir: Path, prompt_ids: list[int], generated_ids: list[int]) -> list[float]:
+    """Log probability HF transformers gives each generated token, after the prompt and the ones before."""
+    import torch
+
+    _, model = _load(model_dir)
+    ids = torch.tensor([prompt_ids + generated_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    positions = range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(generated_ids))
+    return [logprobs[p, t].item() for p, t in zip(positions, generated_ids)]

@@ -3,59 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
-import httpx
 import openai
 import pytest
 
-from control_plane.deployment import start_all_in_one
 from dynamo_grpc.engine.simulated import VOCAB_SIZE
-from dynamo_grpc.frontend import RunningFrontend, start_frontend
 from dynamo_grpc.openai_protocol import chat_prompt, http_status
-from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.tiny_model import CHAT_TEMPLATE
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from tests.bad_input import BadInput, assert_body_limits_hold, assert_refused_by_frontend, bad_inputs
-from tests.cluster import FAST_ENGINE, MODEL, Stubs, worker_config
+from tests.cluster import FAST_ENGINE, MODEL, Served, openai_frontend, running
 
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
 
 
-@dataclass
-class Served:
-    stubs: Stubs
-    frontend: RunningFrontend
-    client: openai.AsyncOpenAI
-    http: httpx.AsyncClient
-
-    async def metric(self, series: str) -> float:
-        """One series' value from /metrics (0 while it does not exist yet)."""
-        text = (await self.http.get("/metrics")).text
-        match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
-
-
 @pytest.fixture
 async def served() -> AsyncIterator[Served]:
-    registry = MemoryRegistry()
-    deployment = await start_all_in_one(worker_config(), registry)
-    frontend = await start_frontend(deployment.router.endpoint, registry, host="127.0.0.1", port=0)
-    stubs = Stubs(deployment)
-    client = openai.AsyncOpenAI(base_url=f"{frontend.url}/v1", api_key="unused", max_retries=0)
-    http = httpx.AsyncClient(base_url=frontend.url)
-    try:
-        yield Served(stubs, frontend, client, http)
-    finally:
-        await http.aclose()
-        await client.close()
-        await frontend.stop()
-        await stubs.close()
-        await deployment.stop()
-        await registry.close()
+    async with running() as stubs, openai_frontend(stubs) as served:
+        yield served
 
 
 async def grpc_tokens(served: Served, prompt: str | list[int], max_tokens: int) -> list[int]:
@@ -75,7 +42,8 @@ async def test_completion_equals_the_grpc_path(served: Served, prompt: str | lis
     prompt_tokens = len(prompt.encode()) if isinstance(prompt, str) else len(prompt)
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens,
             completion.usage.total_tokens) == (prompt_tokens, 24, prompt_tokens + 24)
-    assert completion.usage.prompt_tokens_details.cached_tokens == prompt_tokens  # KV came from prefill
+    details = completion.usage.prompt_tokens_details
+    assert (details.cached_tokens, details.kv_transferred_tokens) == (0, prompt_tokens)  # KV from prefill
     assert completion.object == "text_completion" and completion.model == MODEL
 
 
@@ -125,15 +93,9 @@ def test_the_models_own_template_gives_the_plain_prompt() -> None:
 
 async def test_chat_template_shapes_the_prompt(served: Served) -> None:
     template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<bot>"
-    registry = served.stubs.deployment.router.registry
-    frontend = await start_frontend(served.stubs.deployment.router.endpoint, registry, host="127.0.0.1", port=0,
-                                    chat_template=template)
-    try:
-        async with openai.AsyncOpenAI(base_url=f"{frontend.url}/v1", api_key="x", max_retries=0) as client:
-            reply = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                                         max_tokens=4, **GREEDY)
-    finally:
-        await frontend.stop()
+    async with openai_frontend(served.stubs, chat_template=template) as templated:
+        reply = await templated.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, **GREEDY)
     assert reply.usage.prompt_tokens == len("<user>hi<bot>")
     assert reply.choices[0].message.content == bytes(await grpc_tokens(served, "<user>hi<bot>", 4)).decode()
 
@@ -197,8 +159,8 @@ async def test_a_live_request_id_cannot_be_reused(served: Served) -> None:
 
 async def test_bad_requests_get_400_naming_the_field(served: Served) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
-        await served.client.completions.create(model=MODEL, prompt="hi", n=2)
-    assert refused.value.param == "n" and "`n`" in refused.value.message
+        await served.client.completions.create(model=MODEL, prompt="hi", n=9)
+    assert refused.value.param == "n" and "`n` must be an integer in [1, 8]" in refused.value.message
 
     with pytest.raises(openai.BadRequestError) as refused:  # checked by the router: BAD_SAMPLING_PARAMS
         await served.client.completions.create(model=MODEL, prompt="hi", temperature=3.0)

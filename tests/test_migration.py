@@ -3,14 +3,18 @@ continues with no token lost or repeated."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 
 import grpc
 
 from control_plane.deployment import start_all_in_one
+from dynamo_grpc.client import GenerateStream, params
 from dynamo_grpc.config import ServerConfig
 from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.roles import RunningRole, start_decode
+from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
 from tests.cluster import MODEL, Stubs, rpc_failure, worker_config
@@ -29,7 +33,9 @@ async def busy_worker(*roles: RunningRole) -> RunningRole:
     raise AssertionError("no decode worker is running the request")
 
 
-async def test_a_request_survives_its_decode_worker_dying() -> None:
+@contextlib.asynccontextmanager
+async def two_decode_workers() -> AsyncIterator[tuple[Stubs, RunningRole]]:
+    """A deployment with a spare decode worker that the router knows of, and the spare."""
     registry = MemoryRegistry()
     config = worker_config(decode_step_s=0.004)
     deployment = await start_all_in_one(config, registry)
@@ -39,9 +45,20 @@ async def test_a_request_survives_its_decode_worker_dying() -> None:
         assert deployment.router.fleet is not None
         return {spare.worker_id, deployment.decode.worker_id} <= set(deployment.router.fleet.workers)
 
-    await eventually(router_sees_both, 5.0, "the router to see the second decode worker")
     stubs = Stubs(deployment)
     try:
+        await eventually(router_sees_both, 5.0, "the router to see the second decode worker")
+        yield stubs, spare
+    finally:
+        await stubs.close()
+        await spare.stop()
+        await deployment.stop()
+        await registry.close()
+
+
+async def test_a_request_survives_its_decode_worker_dying() -> None:
+    async with two_decode_workers() as (stubs, spare):
+        deployment = stubs.deployment
         expected = (await stubs.router.generate(PROMPT, model=MODEL, max_tokens=MAX_TOKENS,
                                                 ignore_eos=True).collect()).token_ids
         stream = stubs.router.generate(PROMPT, model=MODEL, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -71,8 +88,27 @@ async def test_a_request_survives_its_decode_worker_dying() -> None:
 
         code, _ = await rpc_failure(kill_after_first_tokens())
         assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-    finally:
-        await stubs.close()
-        await spare.stop()
-        await deployment.stop()
-        await registry.close()
+
+
+async def test_stop_strings_still_cut_the_text_after_a_migration() -> None:
+    async with two_decode_workers() as (stubs, spare):
+        full = await stubs.router.generate(PROMPT, model=MODEL, max_tokens=MAX_TOKENS,
+                                           ignore_eos=True).collect()
+        stop = full.text[100:103]
+        request = params(PROMPT, model=MODEL, max_tokens=MAX_TOKENS, ignore_eos=True)
+        request.sampling.stop.append(stop)
+        tokens: list[int] = []
+        text, completion, lost = "", None, None
+        async for response in GenerateStream(stubs.router.stub, "stop-after-migration", request):
+            if response.HasField("completion"):
+                completion = response.completion
+                continue
+            tokens += response.tokens.token_ids
+            text += response.tokens.text
+            if lost is None and len(tokens) >= 20:
+                lost = await busy_worker(stubs.deployment.decode, spare)
+                await lost.server.server.stop(0)
+        assert lost is not None and completion is not None and completion.decode_worker_id != lost.worker_id
+        # The resuming worker matches on its own text; what was relayed before could not start a match.
+        assert text == full.text[:full.text.index(stop)] and completion.finish_reason == pb.FINISH_REASON_STOP
+        assert tokens == full.token_ids[:len(tokens)] and completion.usage.completion_tokens == len(tokens)

@@ -176,3 +176,28 @@ async def test_prefix_cache_skips_blocks_earlier_requests_computed() -> None:
     off = SimulatedEngine(SimulatedEngineConfig(num_blocks=64, prefix_caching=False))
     await usage_of(shared + "tail one", "d", off)
     assert (await usage_of(shared + "tail one", "e", off))[1] == 0
+
+
+async def test_synthetic_logprobs_are_self_consistent() -> None:
+    engine = SimulatedEngine(FAST)
+
+    async def logprobs(request_id: str, **sampling) -> list:
+        request = EngineRequest(request_id, "log me", Sampling(max_tokens=40, ignore_eos=True, **sampling))
+        entries = []
+        async for out in engine.generate(request):
+            assert out.logprobs is None or len(out.logprobs) == len(out.token_ids)
+            entries += zip(out.token_ids, out.logprobs or [])
+        return entries
+
+    greedy = await logprobs("g", temperature=0.0, logprobs=5)
+    assert len(greedy) == 40 and greedy == await logprobs("g2", temperature=0.0, logprobs=5)
+    for token, entry in greedy:
+        top = entry.top_logprobs
+        assert len(top) == 5 and len({t.token_id for t in top}) == 5
+        assert [t.logprob for t in top] == sorted([t.logprob for t in top], reverse=True)
+        assert top[0].logprob <= 0
+        assert (top[0].token_id, top[0].logprob, top[0].token) == (token, entry.logprob, entry.token)
+    sampled = await logprobs("s", temperature=1.0, seed=3, logprobs=1)
+    assert all(entry.logprob <= entry.top_logprobs[0].logprob for _, entry in sampled)
+    assert any(token != entry.top_logprobs[0].token_id for token, entry in sampled)  # sampling left the top
+    assert await logprobs("none", temperature=0.0) == []  # not asked for: none made

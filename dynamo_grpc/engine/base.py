@@ -35,6 +35,10 @@ class Sampling:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    """Return each token's log probability with this many top alternatives; None returns none."""
+    stop: tuple[str, ...] = ()
+    """Stop strings; matched by the decode worker on the engine's text (`stop_strings`), not by engines."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,15 @@ class EngineOutput:
     usage: pb.Usage | None = None
     kv_handle: pb.KvHandle | None = None
     kv_transfer: pb.KvTransferStats | None = None
+    logprobs: list[pb.TokenLogprob] | None = None
+    """One per token id, when the request asked for logprobs."""
+
+    def prepend(self, earlier: EngineOutput) -> None:
+        """Put `earlier`'s tokens before this output's, merging two consecutive outputs into this one."""
+        self.token_ids = earlier.token_ids + self.token_ids
+        self.text = earlier.text + self.text
+        if earlier.logprobs:
+            self.logprobs = earlier.logprobs + (self.logprobs or [])
 
 
 def check_kv_roles(request: EngineRequest, *, holds_kv: bool, pulls_kv: bool) -> None:

@@ -4,6 +4,8 @@ It is faithful where the rest of the system can tell: tokens are a deterministic
 prompt's KV bytes (so KV that arrives corrupted or for the wrong prompt changes the output), the KV
 cache is paged and bounded, a prefill's blocks stay allocated until its transfer is released or
 expires, and abort frees everything. Tokens are bytes; generated ones are printable letters.
+Log probabilities, when asked for, are synthetic: a made-up distribution per position, deterministic and
+self-consistent (the greedy choice is its most likely token), not a model's.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ VOCAB_SIZE = 257
 EOS_TOKEN_ID = 256
 _ALPHABET = b" abcdefghijklmnopqrstuvwxyz"
 _MASK64 = (1 << 64) - 1
+_CANDIDATES = (*_ALPHABET, EOS_TOKEN_ID)  # every token the simulated model generates
+_GOLDEN, _MIX = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9  # 64-bit hash constants (splitmix64)
 
 
 @dataclass(frozen=True)
@@ -269,10 +273,11 @@ class SimulatedEngine:
             seq.blocks = needed
             if request.kv_handle is not None:
                 # The prompt's KV comes from a prefill worker; the last prompt token is recomputed.
+                # Not prefix-cache hits: cached_tokens stays 0 (the decode servicer reports the transfer).
                 kv = await self._receiver.receive(request.kv_handle, prompt_tokens=len(prompt),
                                                   fingerprint=self.fingerprint, request_id=rid)
                 seq.kv, seq.transfer = kv.data, kv.stats
-                seq.to_prefill, seq.usage.cached_tokens = 1, len(prompt)
+                seq.to_prefill = 1
             elif self._prefix_cache is not None:
                 # Cached leading blocks need no compute; the last prompt token is always computed.
                 cached = min(self._prefix_cache.hit_blocks(hashes)
@@ -370,19 +375,28 @@ class SimulatedEngine:
         handle = self._hold(seq.kv, len(seq.prompt), seq.blocks)
         seq.blocks = 0
         seq.usage.completion_tokens = 1
-        self._finish(seq, EngineOutput([first], _text([first]), FinishReason.LENGTH, seq.usage, kv_handle=handle))
+        out = EngineOutput([first], _text([first]), FinishReason.LENGTH, seq.usage, kv_handle=handle)
+        self._finish(seq, self._with_logprobs(seq, out))
 
     def _emit_token(self, seq: _Sequence) -> None:
         assert seq.tokens is not None
         token = seq.tokens.next()
         seq.usage.completion_tokens += 1
         finish = seq.tokens.stop_reason(token, seq.usage.completion_tokens)
-        out = EngineOutput([token], _text([token]), finish)
+        out = self._with_logprobs(seq, EngineOutput([token], _text([token]), finish))
         if finish is None:
             seq.outputs.put_nowait(out)
             return
         out.usage, out.kv_transfer = seq.usage, seq.transfer
         self._finish(seq, out)
+
+    @staticmethod
+    def _with_logprobs(seq: _Sequence, out: EngineOutput) -> EngineOutput:
+        top = seq.request.sampling.logprobs
+        if top is not None:
+            assert seq.tokens is not None
+            out.logprobs = [seq.tokens.logprobs(out.token_ids[0], top)]
+        return out
 
     def _finish(self, seq: _Sequence, out: EngineOutput) -> None:
         self._scheduled.remove(seq)
@@ -429,10 +443,24 @@ class _TokenStream:
     def next(self) -> int:
         noise = self._rng.getrandbits(64) if self._rng else 0
         self._state = (self._state * 6364136223846793005 + 1442695040888963407) & _MASK64
-        mixed = (self._state ^ noise) >> 33
-        if mixed % 509 == 0:
-            return EOS_TOKEN_ID
-        return _ALPHABET[mixed % len(_ALPHABET)]
+        return _pick((self._state ^ noise) >> 33)
+
+    def logprobs(self, token: int, top: int) -> pb.TokenLogprob:
+        """Synthetic log probabilities at the position `next` just chose `token` for: a geometric
+        distribution over the tokens this model makes, ranked by the position's state, with the greedy
+        choice first. Deterministic, at most 0, and the sampled token always has one."""
+        greedy = _pick(self._state >> 33)
+        state = self._state
+        ranked = sorted(_CANDIDATES, key=lambda t: (t != greedy, (state ^ t * _GOLDEN) * _MIX & _MASK64))
+        ratio = 0.2 + 0.6 * (state >> 11 & 0xFFFF) / 0xFFFF  # each rank this much less likely
+        head, step = math.log1p(-ratio), math.log(ratio)
+
+        def logprob(rank: int) -> float:
+            return head + rank * step
+
+        return pb.TokenLogprob(logprob=logprob(ranked.index(token)), token=_text([token]), top_logprobs=[
+            pb.TopLogprob(token_id=t, token=_text([t]), logprob=logprob(rank))
+            for rank, t in enumerate(ranked[:top])])
 
     def stop_reason(self, token: int, produced: int) -> FinishReason | None:
         if (token == EOS_TOKEN_ID and not self._sampling.ignore_eos) or token in self._sampling.stop_token_ids:
@@ -440,6 +468,12 @@ class _TokenStream:
         if produced >= self._sampling.max_tokens:
             return FinishReason.LENGTH
         return None
+
+
+def _pick(mixed: int) -> int:
+    if mixed % 509 == 0:
+        return EOS_TOKEN_ID
+    return _ALPHABET[mixed % len(_ALPHABET)]
 
 
 def _text(tokens: list[int]) -> str:

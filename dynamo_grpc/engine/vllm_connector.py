@@ -14,6 +14,9 @@ the worker's gRPC process, so the engine never waits on the network:
 Per request, `kv_transfer_params` says what to do:
     {"save_to": NAME}                     write the prompt's blocks to segment NAME
     {"load_from": NAME, "num_tokens": N}  read the KV of the first N prompt tokens from NAME
+and the finished request's `kv_transfer_params` say what was done:
+    {"saved_to": NAME, "num_tokens": N}   the prompt's blocks are in NAME
+    {"loaded_tokens": N}                  the KV of N prompt tokens came from the segment
 
 Segments hold whole blocks (see `kv_blocks`). Both sides agree on their layout because the router
 pairs only engines with the same fingerprint (block size and layout included), and the decode adapter
@@ -73,7 +76,7 @@ class DynamoKvConnector(KVConnectorBase_V1):
         # Scheduler side.
         self._local_hits: dict[str, int] = {}
         self._loads: dict[str, tuple[str, int, int]] = {}  # request -> (segment, first block, end block)
-        self._loaded: set[str] = set()
+        self._loaded: dict[str, int] = {}  # request -> prompt tokens whose KV it loaded from a segment
         self._unsaved: dict[str, Request] = {}
         self._saved: dict[str, dict[str, Any]] = {}
         # Worker side.
@@ -97,7 +100,7 @@ class DynamoKvConnector(KVConnectorBase_V1):
             self._unsaved[rid] = request
         local = self._local_hits.pop(rid, 0)
         if num_external_tokens > 0:
-            self._loaded.add(rid)
+            self._loaded[rid] = num_external_tokens
             self._loads[rid] = (params["load_from"], local // self._block_size,
                                 math.ceil((local + num_external_tokens) / self._block_size))
 
@@ -124,8 +127,9 @@ class DynamoKvConnector(KVConnectorBase_V1):
         self._unsaved.pop(rid, None)
         self._local_hits.pop(rid, None)
         self._loads.pop(rid, None)
-        self._loaded.discard(rid)
-        return False, self._saved.pop(rid, None)
+        loaded = self._loaded.pop(rid, 0)
+        # vLLM counts loaded tokens as cached; the adapter takes them out to report prefix-cache hits only.
+        return False, self._saved.pop(rid, None) or ({"loaded_tokens": loaded} if loaded else None)
 
     # ---- worker side ----
 

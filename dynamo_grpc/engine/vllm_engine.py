@@ -299,14 +299,15 @@ class VllmEngine:
         try:
             params = self._sampling(request, kv_transfer={"load_from": kv.segment, "num_tokens": handle.num_tokens})
             loaded = False
-            async for out, _ in self._run(request, engine_input, params):
+            async for out, done in self._run(request, engine_input, params):
                 if not loaded:  # the engine's first step has read the segment
                     kv.close()
                     loaded = True
                 if out.finish_reason is not None:
                     out.kv_transfer = kv.stats
-                    if out.usage is not None:
-                        out.usage.cached_tokens = max(out.usage.cached_tokens, handle.num_tokens - 1)
+                    if out.usage is not None:  # vLLM counts the KV our connector loaded as cached hits
+                        from_transfer = int((done or {}).get("loaded_tokens", 0))
+                        out.usage.cached_tokens = max(out.usage.cached_tokens - from_transfer, 0)
                 yield out
         finally:
             kv.close()  # when the request ended before its first step
@@ -329,6 +330,9 @@ class VllmEngine:
                 usage.cached_tokens = min(out.num_cached_tokens or 0, usage.prompt_tokens)
                 usage.completion_tokens += len(completion.token_ids)
                 result = EngineOutput(list(completion.token_ids), completion.text)
+                if completion.logprobs and request.sampling.logprobs is not None:
+                    result.logprobs = _logprobs(result.token_ids, completion.logprobs,
+                                                request.sampling.logprobs)
                 if out.finished:
                     finished = True
                     if completion.finish_reason == "error":
@@ -355,6 +359,7 @@ class VllmEngine:
             return SamplingParams(
                 max_tokens=max_tokens or s.max_tokens - len(request.resume), temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                 seed=s.seed, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
+                logprobs=s.logprobs,
                 output_kind=RequestOutputKind.DELTA,
                 extra_args={"kv_transfer_params": kv_transfer} if kv_transfer else None)
         except _refusals() as error:
@@ -382,6 +387,19 @@ class VllmEngine:
         # Its __del__ shuts down again; at interpreter exit that fails on torn-down globals.
         del self._llm
         gc.collect()
+
+
+def _logprobs(token_ids: list[int], positions: Any, top: int) -> list[pb.TokenLogprob]:
+    """vLLM's logprobs of new tokens (per position: token id -> Logprob, the sampled token and the `top`
+    most likely, each with its rank) as our messages."""
+    result = []
+    for token_id, position in zip(token_ids, positions):
+        chosen = position[token_id]
+        ranked = sorted((lp.rank, t) for t, lp in position.items() if lp.rank is not None and lp.rank <= top)
+        result.append(pb.TokenLogprob(logprob=chosen.logprob, token=chosen.decoded_token or "", top_logprobs=[
+            pb.TopLogprob(token_id=t, token=position[t].decoded_token or "", logprob=position[t].logprob)
+            for _, t in ranked]))
+    return result
 
 
 class _EngineStats:

@@ -25,43 +25,47 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ynamo_grpc/v1/common.proto\x12\x0e\x64ynamo_grpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"O\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x18.dynamo_grpc.v1.TokenIdsH\x00\x42\x06\n\x04\x66orm\"\xd7\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xbb\x01\n\x10GenerationParams\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x06prompt\x18\x02 \x01(\x0b\x32\x16.dynamo_grpc.v1.Prompt\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.dynamo_grpc.v1.SamplingParams\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08priority\x18\x05 \x01(\x05\"\x1e\n\x0c\x43\x61ncelAction\x12\x0e\n\x06reason\x18\x01 \x01(\t\"-\n\nTokenBatch\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"C\n\x0fKvTransferStats\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x13\n\x0b\x64uration_us\x18\x02 \x01(\x04\x12\x0c\n\x04path\x18\x03 \x01(\t\"\xd2\x01\n\nCompletion\x12\x33\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1c.dynamo_grpc.v1.FinishReason\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x15.dynamo_grpc.v1.Usage\x12\x34\n\x0bkv_transfer\x18\x03 \x01(\x0b\x32\x1f.dynamo_grpc.v1.KvTransferStats\x12\x19\n\x11prefill_worker_id\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x05 \x01(\t\"n\n\x08KvLayout\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x17\n\x0f\x62ytes_per_token\x18\x03 \x01(\x04\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\x9c\x02\n\x08KvHandle\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x12\n\npull_token\x18\x03 \x01(\t\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12(\n\x06layout\x18\x05 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvLayout\x12\x1a\n\x12\x65ngine_fingerprint\x18\x06 \x01(\t\x12\x34\n\x10lease_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x04\x12\r\n\x05\x63rc32\x18\t \x01(\r\x12\x0c\n\x04host\x18\n \x01(\t\x12\x13\n\x0bshm_segment\x18\x0b \x01(\t\"O\n\x0eWorkerCapacity\x12\x11\n\tkv_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\"\x86\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12(\n\x04role\x18\x02 \x01(\x0e\x32\x1a.dynamo_grpc.v1.WorkerRole\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x0c\n\x04host\x18\x05 \x01(\t\x12\x1a\n\x12\x65ngine_fingerprint\x18\x06 \x01(\t\x12\x30\n\x08\x63\x61pacity\x18\x07 \x01(\x0b\x32\x1e.dynamo_grpc.v1.WorkerCapacity\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\"\xba\x02\n\x0bWorkerStats\x12\x17\n\x0f\x61\x63tive_requests\x18\x01 \x01(\r\x12\x16\n\x0eused_kv_blocks\x18\x02 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x03 \x01(\r\x12\x16\n\x0eheld_transfers\x18\x04 \x01(\r\x12\x15\n\rheld_kv_bytes\x18\x05 \x01(\x04\x12\x1b\n\x13transfers_completed\x18\x06 \x01(\x04\x12\x19\n\x11transfers_expired\x18\x07 \x01(\x04\x12\x19\n\x11requests_finished\x18\x08 \x01(\x04\x12\x15\n\rprompt_tokens\x18\t \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\n \x01(\x04\x12\x13\n\x0bttft_p90_ms\x18\x0b \x01(\x01\x12\x12\n\nitl_p90_ms\x18\x0c \x01(\x01*r\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x16\n\x12WORKER_ROLE_ROUTER\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ynamo_grpc/v1/common.proto\x12\x0e\x64ynamo_grpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"O\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x18.dynamo_grpc.v1.TokenIdsH\x00\x42\x06\n\x04\x66orm\"\x89\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xbb\x01\n\x10GenerationParams\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x06prompt\x18\x02 \x01(\x0b\x32\x16.dynamo_grpc.v1.Prompt\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.dynamo_grpc.v1.SamplingParams\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08priority\x18\x05 \x01(\x05\"\x1e\n\x0c\x43\x61ncelAction\x12\x0e\n\x06reason\x18\x01 \x01(\t\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"`\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\r\n\x05token\x18\x02 \x01(\t\x12\x30\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1a.dynamo_grpc.v1.TopLogprob\"]\n\nTokenBatch\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1c.dynamo_grpc.v1.TokenLogprob\"o\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x1d\n\x15kv_transferred_tokens\x18\x04 \x01(\r\"C\n\x0fKvTransferStats\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x13\n\x0b\x64uration_us\x18\x02 \x01(\x04\x12\x0c\n\x04path\x18\x03 \x01(\t\"\xd2\x01\n\nCompletion\x12\x33\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1c.dynamo_grpc.v1.FinishReason\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x15.dynamo_grpc.v1.Usage\x12\x34\n\x0bkv_transfer\x18\x03 \x01(\x0b\x32\x1f.dynamo_grpc.v1.KvTransferStats\x12\x19\n\x11prefill_worker_id\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x05 \x01(\t\"n\n\x08KvLayout\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x17\n\x0f\x62ytes_per_token\x18\x03 \x01(\x04\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\x9c\x02\n\x08KvHandle\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x12\n\npull_token\x18\x03 \x01(\t\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12(\n\x06layout\x18\x05 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvLayout\x12\x1a\n\x12\x65ngine_fingerprint\x18\x06 \x01(\t\x12\x34\n\x10lease_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x04\x12\r\n\x05\x63rc32\x18\t \x01(\r\x12\x0c\n\x04host\x18\n \x01(\t\x12\x13\n\x0bshm_segment\x18\x0b \x01(\t\"O\n\x0eWorkerCapacity\x12\x11\n\tkv_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\"\x86\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12(\n\x04role\x18\x02 \x01(\x0e\x32\x1a.dynamo_grpc.v1.WorkerRole\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x0c\n\x04host\x18\x05 \x01(\t\x12\x1a\n\x12\x65ngine_fingerprint\x18\x06 \x01(\t\x12\x30\n\x08\x63\x61pacity\x18\x07 \x01(\x0b\x32\x1e.dynamo_grpc.v1.WorkerCapacity\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\"\xba\x02\n\x0bWorkerStats\x12\x17\n\x0f\x61\x63tive_requests\x18\x01 \x01(\r\x12\x16\n\x0eused_kv_blocks\x18\x02 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x03 \x01(\r\x12\x16\n\x0eheld_transfers\x18\x04 \x01(\r\x12\x15\n\rheld_kv_bytes\x18\x05 \x01(\x04\x12\x1b\n\x13transfers_completed\x18\x06 \x01(\x04\x12\x19\n\x11transfers_expired\x18\x07 \x01(\x04\x12\x19\n\x11requests_finished\x18\x08 \x01(\x04\x12\x15\n\rprompt_tokens\x18\t \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\n \x01(\x04\x12\x13\n\x0bttft_p90_ms\x18\x0b \x01(\x01\x12\x12\n\nitl_p90_ms\x18\x0c \x01(\x01*r\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x16\n\x12WORKER_ROLE_ROUTER\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dynamo_grpc.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=2099
-  _globals['_WORKERROLE']._serialized_end=2213
-  _globals['_FINISHREASON']._serialized_start=2215
-  _globals['_FINISHREASON']._serialized_end=2339
+  _globals['_WORKERROLE']._serialized_start=2390
+  _globals['_WORKERROLE']._serialized_end=2504
+  _globals['_FINISHREASON']._serialized_start=2506
+  _globals['_FINISHREASON']._serialized_end=2630
   _globals['_TOKENIDS']._serialized_start=80
   _globals['_TOKENIDS']._serialized_end=103
   _globals['_PROMPT']._serialized_start=105
   _globals['_PROMPT']._serialized_end=184
   _globals['_SAMPLINGPARAMS']._serialized_start=187
-  _globals['_SAMPLINGPARAMS']._serialized_end=402
-  _globals['_GENERATIONPARAMS']._serialized_start=405
-  _globals['_GENERATIONPARAMS']._serialized_end=592
-  _globals['_CANCELACTION']._serialized_start=594
-  _globals['_CANCELACTION']._serialized_end=624
-  _globals['_TOKENBATCH']._serialized_start=626
-  _globals['_TOKENBATCH']._serialized_end=671
-  _globals['_USAGE']._serialized_start=673
-  _globals['_USAGE']._serialized_end=753
-  _globals['_KVTRANSFERSTATS']._serialized_start=755
-  _globals['_KVTRANSFERSTATS']._serialized_end=822
-  _globals['_COMPLETION']._serialized_start=825
-  _globals['_COMPLETION']._serialized_end=1035
-  _globals['_KVLAYOUT']._serialized_start=1037
-  _globals['_KVLAYOUT']._serialized_end=1147
-  _globals['_KVHANDLE']._serialized_start=1150
-  _globals['_KVHANDLE']._serialized_end=1434
-  _globals['_WORKERCAPACITY']._serialized_start=1436
-  _globals['_WORKERCAPACITY']._serialized_end=1515
-  _globals['_WORKERINFO']._serialized_start=1518
-  _globals['_WORKERINFO']._serialized_end=1780
-  _globals['_WORKERSTATS']._serialized_start=1783
-  _globals['_WORKERSTATS']._serialized_end=2097
+  _globals['_SAMPLINGPARAMS']._serialized_end=452
+  _globals['_GENERATIONPARAMS']._serialized_start=455
+  _globals['_GENERATIONPARAMS']._serialized_end=642
+  _globals['_CANCELACTION']._serialized_start=644
+  _globals['_CANCELACTION']._serialized_end=674
+  _globals['_TOPLOGPROB']._serialized_start=676
+  _globals['_TOPLOGPROB']._serialized_end=738
+  _globals['_TOKENLOGPROB']._serialized_start=740
+  _globals['_TOKENLOGPROB']._serialized_end=836
+  _globals['_TOKENBATCH']._serialized_start=838
+  _globals['_TOKENBATCH']._serialized_end=931
+  _globals['_USAGE']._serialized_start=933
+  _globals['_USAGE']._serialized_end=1044
+  _globals['_KVTRANSFERSTATS']._serialized_start=1046
+  _globals['_KVTRANSFERSTATS']._serialized_end=1113
+  _globals['_COMPLETION']._serialized_start=1116
+  _globals['_COMPLETION']._serialized_end=1326
+  _globals['_KVLAYOUT']._serialized_start=1328
+  _globals['_KVLAYOUT']._serialized_end=1438
+  _globals['_KVHANDLE']._serialized_start=1441
+  _globals['_KVHANDLE']._serialized_end=1725
+  _globals['_WORKERCAPACITY']._serialized_start=1727
+  _globals['_WORKERCAPACITY']._serialized_end=1806
+  _globals['_WORKERINFO']._serialized_start=1809
+  _globals['_WORKERINFO']._serialized_end=2071
+  _globals['_WORKERSTATS']._serialized_start=2074
+  _globals['_WORKERSTATS']._serialized_end=2388
 # @@protoc_insertion_point(module_scope)

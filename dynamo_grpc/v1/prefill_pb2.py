@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dynamo_grpc.v1 import common_pb2 as dynamo__grpc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64ynamo_grpc/v1/prefill.proto\x12\x0e\x64ynamo_grpc.v1\x1a\x1b\x64ynamo_grpc/v1/common.proto\"V\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x06params\x18\x02 \x01(\x0b\x32 .dynamo_grpc.v1.GenerationParams\"\x90\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12+\n\tkv_handle\x18\x03 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvHandle\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.dynamo_grpc.v1.Usage\"\x18\n\x16GetPrefillStatsRequest\"E\n\x17GetPrefillStatsResponse\x12*\n\x05stats\x18\x01 \x01(\x0b\x32\x1b.dynamo_grpc.v1.WorkerStats2\xc0\x01\n\x0ePrefillService\x12J\n\x07Prefill\x12\x1e.dynamo_grpc.v1.PrefillRequest\x1a\x1f.dynamo_grpc.v1.PrefillResponse\x12\x62\n\x0fGetPrefillStats\x12&.dynamo_grpc.v1.GetPrefillStatsRequest\x1a\'.dynamo_grpc.v1.GetPrefillStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64ynamo_grpc/v1/prefill.proto\x12\x0e\x64ynamo_grpc.v1\x1a\x1b\x64ynamo_grpc/v1/common.proto\"V\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x06params\x18\x02 \x01(\x0b\x32 .dynamo_grpc.v1.GenerationParams\"\xcb\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12+\n\tkv_handle\x18\x03 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvHandle\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.dynamo_grpc.v1.Usage\x12\x39\n\x13\x66irst_token_logprob\x18\x05 \x01(\x0b\x32\x1c.dynamo_grpc.v1.TokenLogprob\"\x18\n\x16GetPrefillStatsRequest\"E\n\x17GetPrefillStatsResponse\x12*\n\x05stats\x18\x01 \x01(\x0b\x32\x1b.dynamo_grpc.v1.WorkerStats2\xc0\x01\n\x0ePrefillService\x12J\n\x07Prefill\x12\x1e.dynamo_grpc.v1.PrefillRequest\x1a\x1f.dynamo_grpc.v1.PrefillResponse\x12\x62\n\x0fGetPrefillStats\x12&.dynamo_grpc.v1.GetPrefillStatsRequest\x1a\'.dynamo_grpc.v1.GetPrefillStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=77
   _globals['_PREFILLREQUEST']._serialized_end=163
   _globals['_PREFILLRESPONSE']._serialized_start=166
-  _globals['_PREFILLRESPONSE']._serialized_end=310
-  _globals['_GETPREFILLSTATSREQUEST']._serialized_start=312
-  _globals['_GETPREFILLSTATSREQUEST']._serialized_end=336
-  _globals['_GETPREFILLSTATSRESPONSE']._serialized_start=338
-  _globals['_GETPREFILLSTATSRESPONSE']._serialized_end=407
-  _globals['_PREFILLSERVICE']._serialized_start=410
-  _globals['_PREFILLSERVICE']._serialized_end=602
+  _globals['_PREFILLRESPONSE']._serialized_end=369
+  _globals['_GETPREFILLSTATSREQUEST']._serialized_start=371
+  _globals['_GETPREFILLSTATSREQUEST']._serialized_end=395
+  _globals['_GETPREFILLSTATSRESPONSE']._serialized_start=397
+  _globals['_GETPREFILLSTATSRESPONSE']._serialized_end=466
+  _globals['_PREFILLSERVICE']._serialized_start=469
+  _globals['_PREFILLSERVICE']._serialized_end=661
 # @@protoc_insertion_point(module_scope)
