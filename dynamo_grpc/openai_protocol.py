@@ -280,10 +280,13 @@ def _chat_logprobs(body: dict[str, Any]) -> int | None:
 
 
 def usage_of(completions: Sequence[pb.Completion]) -> dict[str, Any]:
-    """Usage of the request: the sum over its choices. `kv_transferred_tokens` is ours: prompt tokens
-    whose KV a prefill worker computed and moved to the decode worker (not prefix-cache hits)."""
-    prompt, generated, cached, moved = (sum(getattr(c.usage, name) for c in completions) for name in (
-        "prompt_tokens", "completion_tokens", "cached_tokens", "kv_transferred_tokens"))
+    """Usage of the request. The prompt counts once, as OpenAI and vLLM's server count it for n choices
+    (its figures are the first choice's); completion tokens are summed over the choices.
+    `kv_transferred_tokens` is ours: prompt tokens whose KV a prefill worker computed and moved to the
+    decode worker (not prefix-cache hits)."""
+    first = completions[0].usage if completions else pb.Usage()
+    prompt, cached, moved = first.prompt_tokens, first.cached_tokens, first.kv_transferred_tokens
+    generated = sum(c.usage.completion_tokens for c in completions)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
             "prompt_tokens_details": {"cached_tokens": cached, "kv_transferred_tokens": moved}}
 

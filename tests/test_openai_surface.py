@@ -143,8 +143,9 @@ async def test_n_choices_whole_and_streamed(served: Served) -> None:
     one = await served.client.completions.create(model=MODEL, prompt="three ways", **sampled)
     assert one.choices[0].text == texts[0]  # choice 0 samples with the request's seed
     prompt_tokens = len(b"three ways")
-    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (3 * prompt_tokens, 3 * 15)
-    assert reply.usage.prompt_tokens_details.kv_transferred_tokens == 3 * prompt_tokens
+    # The prompt counts once, as OpenAI counts it; the completions add up.
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, 3 * 15)
+    assert reply.usage.prompt_tokens_details.kv_transferred_tokens == prompt_tokens
 
     stream = await served.client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "three ways"}], n=3, stream=True,
