@@ -32,8 +32,8 @@ from dynamo_grpc.kv import shm
 from dynamo_grpc.kv.store import LeasedKvStore
 from dynamo_grpc.kv.transport import GrpcTransport
 from dynamo_grpc.kv.wire import SERVICE, add_kv_transfer_service
-from dynamo_grpc.kv_transfer_service import KvTransferServicer
-from dynamo_grpc.server import ServiceBinding, start_server
+from dynamo_grpc.services.kv_transfer_service import KvTransferServicer
+from dynamo_grpc.services.server import ServiceBinding, start_server
 from dynamo_grpc.v1 import common_pb2 as pb
 
 

@@ -36,7 +36,7 @@ import aiohttp
 
 from control_plane.deployment import start_all_in_one
 from dynamo_grpc.config import EngineConfig, ServerConfig, WorkerConfig
-from dynamo_grpc.frontend import start_frontend
+from dynamo_grpc.frontend.http import start_frontend
 from dynamo_grpc.loadgen import (
     Lengths,
     RequestRecord,

@@ -11,7 +11,7 @@ from control_plane.scaling import AutoscalingConfig, ScaleController
 from dynamo_grpc.config import ServerConfig
 from dynamo_grpc.registry import PLAN_DOCUMENT, Registry
 from dynamo_grpc.roles import RunningRole, service_name
-from dynamo_grpc.server import ServiceBinding, start_server
+from dynamo_grpc.services.server import ServiceBinding, start_server
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
 

@@ -25,8 +25,8 @@ from control_plane.autoscaler import (
     ScaleDecision,
 )
 from dynamo_grpc.channels import ChannelPool
-from dynamo_grpc.fleet import worker_stats
 from dynamo_grpc.registry import DEMAND_DOCUMENT, SCALE_DOCUMENT, Registry
+from dynamo_grpc.routing.fleet import worker_stats
 from dynamo_grpc.slo import Objectives
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb

@@ -33,17 +33,17 @@ from dynamo_grpc.config import (
     worker_config,
 )
 from dynamo_grpc.errors import describe
-from dynamo_grpc.fleet import DEFAULT_LOAD_POLL_S, DisaggregationPolicy
 from dynamo_grpc.registry import EtcdRegistry, MemoryRegistry, Registry, RegistryUnavailable
 from dynamo_grpc.roles import RunningRole, start_decode, start_prefill, start_router
-from dynamo_grpc.router import DEFAULT_MAX_MIGRATIONS
+from dynamo_grpc.routing.fleet import DEFAULT_LOAD_POLL_S, DisaggregationPolicy
+from dynamo_grpc.routing.router import DEFAULT_MAX_MIGRATIONS
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
 if TYPE_CHECKING:
     from control_plane.compiler import Plan
     from control_plane.scaling import AutoscalingConfig
-    from dynamo_grpc.frontend import RunningFrontend
+    from dynamo_grpc.frontend.http import RunningFrontend
 
 log = logging.getLogger("dynamo_grpc")
 
@@ -298,8 +298,8 @@ async def _prepare_engines(kind: str, model_path: str) -> None:
 
 async def _start_frontend(router: str, registry: Registry, host: str, port: int, *,
                           model_path: str | None) -> RunningFrontend:
-    from dynamo_grpc.frontend import start_frontend
-    from dynamo_grpc.openai_protocol import load_chat_template
+    from dynamo_grpc.frontend.http import start_frontend
+    from dynamo_grpc.frontend.openai_protocol import load_chat_template
 
     template = load_chat_template(model_path) if model_path else None
     return await start_frontend(router, registry, host=host, port=port, chat_template=template)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from dynamo_grpc.channels import CHANNEL_OPTIONS
-from dynamo_grpc.streams import open_bidi
+from dynamo_grpc.services.streams import open_bidi
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import router_pb2 as router_pb
 from dynamo_grpc.v1 import router_pb2_grpc as router_grpc

@@ -27,11 +27,11 @@ from dynamo_grpc.engine.cost_model import (
     worker_kv_memory_gb,
 )
 from dynamo_grpc.engine.simulated import SimulatedEngine, SimulatedEngineConfig
-from dynamo_grpc.fleet import InFlight
 from dynamo_grpc.kv.events import PrefixIndex
 from dynamo_grpc.kv.store import LeasedKvStore
 from dynamo_grpc.kv.transport import KvReceiver, ReceivedKv
 from dynamo_grpc.loadgen import RequestRecord, Workload, run_load
+from dynamo_grpc.routing.fleet import InFlight
 from dynamo_grpc.routing.policies import LeastLoaded, Load, routing_policy
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb

@@ -15,21 +15,21 @@ from google.protobuf import timestamp_pb2
 
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.config import ServerConfig, WorkerConfig
-from dynamo_grpc.decode_service import DecodeServicer
 from dynamo_grpc.engine.base import Engine
 from dynamo_grpc.engine.registry import EngineParts
-from dynamo_grpc.fleet import ALWAYS_DISAGGREGATE, DEFAULT_LOAD_POLL_S, DisaggregationPolicy, Fleet
 from dynamo_grpc.kv.store import LeasedKvStore
 from dynamo_grpc.kv.transport import KvReceiver
 from dynamo_grpc.kv.wire import add_kv_transfer_service
-from dynamo_grpc.kv_event_service import KvEventServicer
-from dynamo_grpc.kv_transfer_service import KvTransferServicer
-from dynamo_grpc.prefill_service import PrefillServicer
-from dynamo_grpc.prompt_tokens import PromptTokenizer
 from dynamo_grpc.registry import Registry
-from dynamo_grpc.router import DEFAULT_MAX_MIGRATIONS, Router
-from dynamo_grpc.router_service import RouterServicer
-from dynamo_grpc.server import RunningServer, ServiceBinding, start_server
+from dynamo_grpc.routing.fleet import ALWAYS_DISAGGREGATE, DEFAULT_LOAD_POLL_S, DisaggregationPolicy, Fleet
+from dynamo_grpc.routing.prompt_tokens import PromptTokenizer
+from dynamo_grpc.routing.router import DEFAULT_MAX_MIGRATIONS, Router
+from dynamo_grpc.services.decode_service import DecodeServicer
+from dynamo_grpc.services.kv_event_service import KvEventServicer
+from dynamo_grpc.services.kv_transfer_service import KvTransferServicer
+from dynamo_grpc.services.prefill_service import PrefillServicer
+from dynamo_grpc.services.router_service import RouterServicer
+from dynamo_grpc.services.server import RunningServer, ServiceBinding, start_server
 from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR, build_tiny_model, is_complete
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb

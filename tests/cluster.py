@@ -20,7 +20,7 @@ from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine import SimulatedEngineConfig
 from dynamo_grpc.errors import error_reason
-from dynamo_grpc.frontend import RunningFrontend, start_frontend
+from dynamo_grpc.frontend.http import RunningFrontend, start_frontend
 from dynamo_grpc.registry import MemoryRegistry, Registry
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb

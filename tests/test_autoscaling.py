@@ -27,9 +27,9 @@ from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.cli import autoscaling_config, build_parser, main
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import ServerConfig
-from dynamo_grpc.latency import LatencyWindow
 from dynamo_grpc.registry import EtcdRegistry, MemoryRegistry
 from dynamo_grpc.roles import RunningRole, start_decode, start_router
+from dynamo_grpc.services.latency import LatencyWindow
 from dynamo_grpc.slo import Objectives
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb

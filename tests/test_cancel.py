@@ -89,7 +89,7 @@ async def test_leaving_the_loop_stops_the_request_on_the_servers(cluster: Stubs,
 
 async def test_cancel_from_another_task_is_confirmed_by_the_router(cluster: Stubs,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="dynamo_grpc.streams")
+    caplog.set_level(logging.INFO, logger="dynamo_grpc.services.streams")
     stream = long_request(cluster, "from-another-task")
     first_tokens = asyncio.Event()
 

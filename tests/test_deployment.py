@@ -10,8 +10,8 @@ import pytest
 
 from control_plane.deployment import start_all_in_one
 from dynamo_grpc.client import params
-from dynamo_grpc.fleet import DisaggregationPolicy
 from dynamo_grpc.registry import MemoryRegistry
+from dynamo_grpc.routing.fleet import DisaggregationPolicy
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from tests.cluster import MODEL, Stubs, deployed, running, worker_config

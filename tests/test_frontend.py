@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from dynamo_grpc.engine.simulated import VOCAB_SIZE
-from dynamo_grpc.openai_protocol import chat_prompt, http_status
+from dynamo_grpc.frontend.openai_protocol import chat_prompt, http_status
 from dynamo_grpc.tiny_model import CHAT_TEMPLATE
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from tests.bad_input import BadInput, assert_body_limits_hold, assert_refused_by_frontend, bad_inputs
@@ -207,7 +207,7 @@ async def test_unknown_model_is_404(served: Served) -> None:
 
 async def test_client_disconnect_cancels_the_request_everywhere(served: Served,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="dynamo_grpc.streams")
+    caplog.set_level("INFO", logger="dynamo_grpc.services.streams")
     # 5000 tokens take the simulated engine over 5 s; the disconnect must end the request long before.
     stream = await served.client.completions.create(model=MODEL, prompt="walk away", max_tokens=5000, stream=True,
                                                     extra_body={"ignore_eos": True},

@@ -29,8 +29,8 @@ def test_no_decode_workers_means_no_pairs() -> None:
 
 
 async def test_the_fleet_restarts_a_failed_registry_watch() -> None:
-    from dynamo_grpc.fleet import Fleet
     from dynamo_grpc.registry import MemoryRegistry, RegistryUnavailable
+    from dynamo_grpc.routing.fleet import Fleet
 
     class FlakyRegistry(MemoryRegistry):
         failures = 1

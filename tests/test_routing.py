@@ -19,11 +19,11 @@ import pytest
 from dynamo_grpc.client import RouterClient, params
 from dynamo_grpc.config import ServerConfig
 from dynamo_grpc.engine.vllm_kv_events import EventTranslator
-from dynamo_grpc.fleet import DisaggregationPolicy, Fleet
 from dynamo_grpc.kv.events import KvEventLog, PrefixIndex, block_hashes, chain_hash
-from dynamo_grpc.prompt_tokens import PromptTokenizer
 from dynamo_grpc.registry import EtcdRegistry
 from dynamo_grpc.roles import RunningRole, start_decode, start_prefill, start_router
+from dynamo_grpc.routing.fleet import DisaggregationPolicy, Fleet
+from dynamo_grpc.routing.prompt_tokens import PromptTokenizer
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc

@@ -9,7 +9,7 @@ import grpc
 from dynamo_grpc.client import GenerateStream, params
 from dynamo_grpc.engine import EngineRequest, FinishReason, Sampling, SimulatedEngine, SimulatedEngineConfig
 from dynamo_grpc.engine.base import EngineOutput
-from dynamo_grpc.stop_strings import StopMatcher, cut_at_stop_strings
+from dynamo_grpc.services.stop_strings import StopMatcher, cut_at_stop_strings
 from dynamo_grpc.v1 import common_pb2 as pb
 from tests.cluster import MODEL, rpc_failure, running
 

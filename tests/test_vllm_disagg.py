@@ -23,8 +23,8 @@ from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
 from dynamo_grpc.kv import shm
 from dynamo_grpc.kv.events import block_hashes
-from dynamo_grpc.prompt_tokens import PromptTokenizer
 from dynamo_grpc.registry import EtcdRegistry
+from dynamo_grpc.routing.prompt_tokens import PromptTokenizer
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import kv_events_pb2 as events_pb
@@ -253,8 +253,8 @@ async def test_openai_chat_through_the_frontend_on_real_engines(cluster: Stubs, 
     import openai
     from transformers import AutoTokenizer
 
-    from dynamo_grpc.frontend import start_frontend
-    from dynamo_grpc.openai_protocol import load_chat_template
+    from dynamo_grpc.frontend.http import start_frontend
+    from dynamo_grpc.frontend.openai_protocol import load_chat_template
 
     frontend = await start_frontend(cluster.deployment.router.endpoint, cluster.deployment.router.registry,
                                     host="127.0.0.1", port=0, chat_template=load_chat_template(tiny_model_dir))

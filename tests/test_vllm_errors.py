@@ -21,10 +21,10 @@ import pytest_asyncio
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
-from dynamo_grpc.fleet import DisaggregationPolicy
-from dynamo_grpc.frontend import start_frontend
+from dynamo_grpc.frontend.http import start_frontend
 from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.roles import start_router
+from dynamo_grpc.routing.fleet import DisaggregationPolicy
 from dynamo_grpc.v1 import common_pb2 as pb
 from tests.bad_input import (
     BadInput,

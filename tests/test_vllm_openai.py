@@ -17,7 +17,7 @@ import pytest_asyncio
 from dynamo_grpc.client import params
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
-from dynamo_grpc.openai_protocol import load_chat_template
+from dynamo_grpc.frontend.openai_protocol import load_chat_template
 from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb

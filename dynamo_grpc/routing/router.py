@@ -11,10 +11,10 @@ import grpc
 
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.errors import AlreadyExists, DeadlineExceeded, DynamoError, Unavailable, from_rpc_error
-from dynamo_grpc.fleet import Fleet, Route
 from dynamo_grpc.params import deadline_timer, estimated_tokens, prompt_of, sampling_of, seconds_left
-from dynamo_grpc.prompt_tokens import PromptTokenizer
-from dynamo_grpc.streams import open_bidi
+from dynamo_grpc.routing.fleet import Fleet, Route
+from dynamo_grpc.routing.prompt_tokens import PromptTokenizer
+from dynamo_grpc.services.streams import open_bidi
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc

@@ -7,9 +7,9 @@ import time
 import grpc
 
 from dynamo_grpc.engine.base import Engine
-from dynamo_grpc.engine_calls import engine_request, engine_run
 from dynamo_grpc.errors import DynamoError
-from dynamo_grpc.latency import LatencyWindow
+from dynamo_grpc.services.engine_calls import engine_request, engine_run
+from dynamo_grpc.services.latency import LatencyWindow
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
 

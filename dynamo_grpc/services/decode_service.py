@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from dynamo_grpc.engine.base import Engine, EngineOutput
-from dynamo_grpc.engine_calls import completion_of, engine_request, engine_run
 from dynamo_grpc.errors import DynamoError
-from dynamo_grpc.latency import LatencyWindow
-from dynamo_grpc.stop_strings import cut_at_stop_strings
-from dynamo_grpc.streams import background, coalesce, first_message, watch_for_cancel
+from dynamo_grpc.services.engine_calls import completion_of, engine_request, engine_run
+from dynamo_grpc.services.latency import LatencyWindow
+from dynamo_grpc.services.stop_strings import cut_at_stop_strings
+from dynamo_grpc.services.streams import background, coalesce, first_message, watch_for_cancel
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from dynamo_grpc.router import Router
-from dynamo_grpc.streams import background, first_message, watch_for_cancel
+from dynamo_grpc.routing.router import Router
+from dynamo_grpc.services.streams import background, first_message, watch_for_cancel
 from dynamo_grpc.v1 import router_pb2 as router_pb
 from dynamo_grpc.v1 import router_pb2_grpc as router_grpc
 

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from dynamo_grpc.client import GenerateStream, RouterClient
 from dynamo_grpc.errors import from_rpc_error
-from dynamo_grpc.openai_protocol import (
+from dynamo_grpc.frontend.openai_protocol import (
     BadRequest,
     Job,
     choice,
