@@ -34,13 +34,10 @@ from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from tests.cluster import Stubs, deployed, rpc_failure
 from tests.etcd_server import EtcdServer
 from tests.hf_reference import hf_greedy
+from tests.real_engine import ONE_DEPLOYMENT_PER_MODULE
 from tests.waiting import eventually
 
-pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module"),
-              pytest.mark.timeout(300),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = ONE_DEPLOYMENT_PER_MODULE
 
 MODEL = "tiny-llama"
 BLOCK_SIZE = 32

@@ -12,11 +12,9 @@ import pytest
 from dynamo_grpc.engine import EngineRequest, FinishReason, Sampling
 from dynamo_grpc.errors import FailedPrecondition
 from tests.hf_reference import hf_greedy, hf_tokens
+from tests.real_engine import QUIET_ENGINE
 
-pytestmark = [pytest.mark.slow, pytest.mark.vllm,
-              pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = QUIET_ENGINE
 
 PROMPTS = ["Hello there", "The river crosses the ancient city at night because", "a"]
 

@@ -35,12 +35,9 @@ from tests.bad_input import (
     bad_inputs,
 )
 from tests.cluster import Stubs, deployed
+from tests.real_engine import ONE_DEPLOYMENT_PER_MODULE
 
-pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module"),
-              pytest.mark.timeout(300),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = ONE_DEPLOYMENT_PER_MODULE
 
 MODEL = "tiny-llama"
 CONTEXT = VllmEngineConfig.max_model_len

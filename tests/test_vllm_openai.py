@@ -23,12 +23,9 @@ from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from tests.cluster import Served, deployed, openai_frontend
 from tests.hf_reference import hf_logprobs, hf_tokens
+from tests.real_engine import ONE_DEPLOYMENT_PER_MODULE
 
-pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module"),
-              pytest.mark.timeout(300),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = ONE_DEPLOYMENT_PER_MODULE
 
 MODEL = "tiny-llama"
 BLOCK_SIZE = 32
