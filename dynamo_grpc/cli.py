@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from control_plane.deployment import start_all_in_one
+from control_plane.k8s_actuator import add_actuator_flags, run_actuator
 from control_plane.role import start_control_plane
 from dynamo_grpc import event_loop
 from dynamo_grpc.client import RouterClient
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_flags(sub)
     add_flag(sub, "spec", default="", help="deployment spec whose compiled plan is published (GetPlan)")
     add_autoscaling_flags(sub)
+    sub = roles.add_parser("k8s-actuator", help="set the worker pools' Deployment replicas from the control "
+                           "plane's scale target (Kubernetes; needs dynamo-grpc[k8s])")
+    add_actuator_flags(sub)
     sub = roles.add_parser("serve", help="run 1 router + 1 prefill + 1 decode + control plane on this host")
     add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
     add_engine_flags(sub)
@@ -401,6 +405,8 @@ async def _main(args: argparse.Namespace) -> int:
         return await _up(args)
     if command == "serve":
         return await _serve(args)
+    if command == "k8s-actuator":
+        return await run_actuator(args)
     server = server_config(args)
     worker = worker_config(args) if command in ("prefill", "decode") else None
     plan = _plan_of(args.spec) if command == "control-plane" else None

@@ -279,7 +279,7 @@ def test_kubernetes_manifests_parse_back_with_gpu_requests(tmp_path: Path) -> No
     plan = compile_spec(parse_spec(GOOD))
     paths = write_manifests(plan, tmp_path, image="registry/dynamo-grpc:1", images={"router": "registry/router:1"},
                             namespace="serving", etcd_endpoints="etcd.serving:2379")
-    assert sorted(p.name for p in paths) == ["control-plane.yaml", "decode.yaml", "etcd-NOTE.md", "prefill.yaml",
+    assert sorted(p.name for p in paths) == ["README.md", "control-plane.yaml", "decode.yaml", "prefill.yaml",
                                              "router.yaml"]
     docs = {p.stem: list(yaml.safe_load_all(p.read_text())) for p in paths if p.suffix == ".yaml"}
     prefill = docs["prefill"][0]
