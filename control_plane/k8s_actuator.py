@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POOLS = ("prefill", "decode")
-MERGE_PATCH = "application/merge-patch+json"
 
 
 @dataclass(frozen=True)
@@ -162,9 +161,9 @@ class ReplicaActuator:
                                         _request_timeout=timeout)
         if scale.spec is not None and scale.spec.replicas == replicas:
             return
+        # An object body goes as a strategic merge patch: only spec.replicas changes.
         await asyncio.to_thread(self._apps.patch_namespaced_deployment_scale, pool.deployment, namespace,
-                                {"spec": {"replicas": replicas}}, _content_type=MERGE_PATCH,
-                                _request_timeout=timeout)
+                                {"spec": {"replicas": replicas}}, _request_timeout=timeout)
         was = scale.spec.replicas if scale.spec is not None else None
         log.info("scaled Deployment %s from %s to %d replicas (target v%d: %s)", pool.deployment, was, replicas,
                  target.version, target.reason or "-")

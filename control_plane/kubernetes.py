@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from control_plane.compiler import Plan, PlannedProcess
+from dynamo_grpc.engine.registry import ENGINES
 
 DEFAULT_IMAGE = "dynamo-grpc:latest"
 ETCD_IMAGE = "quay.io/coreos/etcd:v3.5.17"
@@ -33,6 +34,8 @@ ACTUATOR = "k8s-actuator"
 WORKER_START_S = 900
 """How long a worker may take to serve: a large model's weights load before its gRPC port opens."""
 SERVER_START_S = 120
+
+PARTS = {"etcd", "prefill", "decode", "router", "control-plane", ACTUATOR}
 
 _PER_POD_FLAGS = {"--advertise-host", "--node-name", "--worker-id"}
 """Flags of the plan's commands that each pod sets for itself: its address and node through the
@@ -66,6 +69,8 @@ def write_manifests(plan: Plan, out_dir: str | Path, *, image: str = DEFAULT_IMA
         files[role] = documents
     if plan.autoscaling:
         files[ACTUATOR] = _actuator(plan, images.get(ACTUATOR, image), namespace, etcd)
+    for stale in PARTS.difference(files):  # from an earlier compile: `kubectl apply -f` would apply it too
+        (out / f"{stale}.yaml").unlink(missing_ok=True)
     written = []
     for part, documents in files.items():
         path = out / f"{part}.yaml"
@@ -174,9 +179,9 @@ def _service(plan: Plan, role: str, port: int, namespace: str) -> dict[str, Any]
 def _etcd(plan: Plan, image: str, namespace: str) -> list[dict[str, Any]]:
     """One etcd member: a StatefulSet, so two never run at once, behind a headless Service.
 
-    What it holds is rebuilt by its writers after a loss (workers re-register under a new lease, the
-    control plane republishes the pairings and its target), so it keeps its data in the pod (emptyDir)
-    and needs no storage class.
+    It keeps its data in the pod (emptyDir) and needs no storage class: after a loss workers re-register
+    under a new lease, the pairing table follows them, and the pools keep their size until the
+    autoscaler's next target.
     """
     name, labels = _name(plan, "etcd"), _labels(plan, "etcd")
     peer = "http://127.0.0.1:2380"
@@ -237,17 +242,20 @@ def _actuator(plan: Plan, image: str, namespace: str, etcd: str) -> list[dict[st
 
 
 def _readme(plan: Plan, etcd: str, *, in_cluster_etcd: bool) -> str:
-    where = (f"`etcd.yaml` runs a one-member etcd (`{etcd}`) in the cluster. For an etcd of your own (e.g. a\n"
-             "three-member cluster), compile again with `--k8s-etcd host:port[,...]`: then no etcd.yaml is written.\n"
-             if in_cluster_etcd else f"Every pod uses the etcd at `{etcd}`; it must be reachable from the pods.\n")
-    scaling = ("\nThe pools are autoscaled: `k8s-actuator.yaml` runs `dynamo-grpc k8s-actuator`, which sets the\n"
-               "replicas of the prefill and decode Deployments from the control plane's scale target (their\n"
-               "manifests leave `replicas` to it). Its image needs the kubernetes client: `dynamo-grpc[k8s]`.\n"
-               if plan.autoscaling else "")
-    return (
-        f"# Kubernetes manifests for {plan.name}\n\n"
-        f"Apply them all: `kubectl apply -f .` (namespace-scoped; written for Kubernetes {KUBERNETES_VERSION}+).\n"
-        f"Every process registers in etcd under namespace `{plan.namespace}`. {where}{scaling}\n"
-        "The model must be readable at the path in the worker args (`--model-path`) inside the image or a\n"
-        "volume you add.\n"
-    )
+    lines = [f"# Kubernetes manifests for {plan.name}", "",
+             f"Apply them all with `kubectl apply -f .` (Kubernetes {KUBERNETES_VERSION} or newer).",
+             f"Every process registers in etcd at `{etcd}`, under namespace `{plan.namespace}`."]
+    if in_cluster_etcd:
+        lines += ["`etcd.yaml` runs that etcd in the cluster, one member. To use an etcd of your own (e.g. three",
+                  "members), compile again with `--k8s-etcd host:port[,...]`: then no etcd.yaml is written."]
+    else:
+        lines += ["That etcd is not deployed here: the pods must be able to reach it."]
+    if plan.autoscaling:
+        lines += ["", "The worker pools are autoscaled: `k8s-actuator.yaml` runs `dynamo-grpc k8s-actuator`, which sets",
+                  "the prefill and decode Deployments' replicas from the control plane's scale target (their",
+                  "manifests leave `replicas` to it). Its image needs the kubernetes client: `dynamo-grpc[k8s]`."]
+    model_path = next((p.engine_args[field] for p in plan.workers
+                       if (field := ENGINES[plan.engine].model_path_field)), "")
+    if model_path:
+        lines += ["", f"The workers read the model at `{model_path}`: put it in the image or in a volume you add."]
+    return "\n".join(lines) + "\n"

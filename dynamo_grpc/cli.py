@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--k8s-out", default=None, help="also write Kubernetes manifests into this folder")
     sub.add_argument("--k8s-image", default="dynamo-grpc:latest", help="container image for the manifests")
     sub.add_argument("--k8s-namespace", default="default", help="Kubernetes namespace for the manifests")
-    sub.add_argument("--k8s-etcd", default=None, help="etcd endpoints the pods use (default: the spec's)")
+    sub.add_argument("--k8s-etcd", default=None, help="etcd endpoints the pods use (default: one etcd "
+                     "deployed with the manifests)")
     sub.add_argument("--k8s-shared-memory", action="store_true",
                      help="share the node's /dev/shm and process ids so same-node pairs move KV in place")
     sub = roles.add_parser("up", help="run the plan's processes for this host, restarting any that die")
