@@ -1,4 +1,5 @@
-"""Autoscaling on Kubernetes: set each worker pool's Deployment replicas from the control plane's scale target.
+"""Autoscaling on Kubernetes: set each worker pool's Deployment replicas from the control plane's scale
+target.
 
 On hosts `dynamo-grpc up` follows the `ScaleTarget` in etcd; in a cluster `dynamo-grpc k8s-actuator` does,
 through the scale subresource of the pools' Deployments (all its Role allows: get and patch of
@@ -134,8 +135,8 @@ class ReplicaActuator:
             await asyncio.sleep(config.retry_s)
 
     def _take(self, target: cp_pb.ScaleTarget) -> None:
-        log.info("scale target v%d: %d prefill, %d decode workers (%s)", target.version, target.prefill_workers,
-                 target.decode_workers, target.reason or "-")
+        log.info("scale target v%d: %d prefill, %d decode workers (%s)", target.version,
+                 target.prefill_workers, target.decode_workers, target.reason or "-")
         for pool in self._config.pools:
             if requested(target, pool) > pool.most:
                 log.warning("scale target v%d asks for more %s workers than the plan's %d; %s stays at %d",
@@ -151,22 +152,23 @@ class ReplicaActuator:
                 await self._scale(pool, wanted_replicas(target, pool), target)
             except Exception as error:  # noqa: BLE001 - one failed call must not end autoscaling
                 done = False
-                log.warning("cannot scale Deployment %s to the target: %s; trying again in %g s", pool.deployment,
-                            _describe(error, pool.deployment, self._config.k8s_namespace), self._config.retry_s)
+                log.warning("cannot scale Deployment %s to the target: %s; trying again in %g s",
+                            pool.deployment, _describe(error, pool.deployment, self._config.k8s_namespace),
+                            self._config.retry_s)
         return done
 
     async def _scale(self, pool: PoolDeployment, replicas: int, target: cp_pb.ScaleTarget) -> None:
         namespace, timeout = self._config.k8s_namespace, self._config.request_timeout_s
-        scale = await asyncio.to_thread(self._apps.read_namespaced_deployment_scale, pool.deployment, namespace,
-                                        _request_timeout=timeout)
+        scale = await asyncio.to_thread(self._apps.read_namespaced_deployment_scale, pool.deployment,
+                                        namespace, _request_timeout=timeout)
         if scale.spec is not None and scale.spec.replicas == replicas:
             return
         # An object body goes as a strategic merge patch: only spec.replicas changes.
         await asyncio.to_thread(self._apps.patch_namespaced_deployment_scale, pool.deployment, namespace,
                                 {"spec": {"replicas": replicas}}, _request_timeout=timeout)
         was = scale.spec.replicas if scale.spec is not None else None
-        log.info("scaled Deployment %s from %s to %d replicas (target v%d: %s)", pool.deployment, was, replicas,
-                 target.version, target.reason or "-")
+        log.info("scaled Deployment %s from %s to %d replicas (target v%d: %s)", pool.deployment, was,
+                 replicas, target.version, target.reason or "-")
 
 
 def _describe(error: Exception, deployment: str, namespace: str) -> str:
@@ -193,7 +195,8 @@ def apps_api(kubeconfig: str = "") -> AppsV1Api:
             configuration = client.Configuration()
             config.load_incluster_config(client_configuration=configuration)
             return client.AppsV1Api(client.ApiClient(configuration))
-        return client.AppsV1Api(config.new_client_from_config(config_file=kubeconfig or None, persist_config=False))
+        api_client = config.new_client_from_config(config_file=kubeconfig or None, persist_config=False)
+        return client.AppsV1Api(api_client)
     except (config.ConfigException, OSError) as error:
         raise ConfigError(f"no Kubernetes credentials ({error}): run in a pod with the manifests' "
                           "ServiceAccount, or pass --kubeconfig (or set KUBECONFIG)") from None
@@ -201,13 +204,18 @@ def apps_api(kubeconfig: str = "") -> AppsV1Api:
 
 def add_actuator_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "host", default="127.0.0.1", help="address of the grpc.health.v1 server (for probes)")
-    add_flag(parser, "port", default=0, type=int, help="port of the grpc.health.v1 server (0 = any free port)")
-    add_flag(parser, "etcd", default="", help="etcd endpoints host:port[,host:port...] the control plane uses")
+    add_flag(parser, "port", default=0, type=int,
+             help="port of the grpc.health.v1 server (0 = any free port)")
+    add_flag(parser, "etcd", default="",
+             help="etcd endpoints host:port[,host:port...] the control plane uses")
     add_flag(parser, "namespace", default="default", help="deployment namespace in etcd")
-    add_flag(parser, "k8s-namespace", default="default", help="Kubernetes namespace of the pools' Deployments")
+    add_flag(parser, "k8s-namespace", default="default",
+             help="Kubernetes namespace of the pools' Deployments")
     for role in POOLS:
-        add_flag(parser, f"{role}-deployment", default="", help=f"the {role} pool's Deployment (none: no {role} pool)")
-        add_flag(parser, f"max-{role}", default=0, type=int, help=f"most {role} replicas (the plan's workers)")
+        add_flag(parser, f"{role}-deployment", default="",
+                 help=f"the {role} pool's Deployment (none: no {role} pool)")
+        add_flag(parser, f"max-{role}", default=0, type=int,
+                 help=f"most {role} replicas (the plan's workers)")
     add_flag(parser, "kubeconfig", default="", help="kubeconfig file (default: in a pod its ServiceAccount, "
              "else KUBECONFIG or ~/.kube/config)")
     add_flag(parser, "resync-s", default=ActuatorConfig.resync_s, type=float,

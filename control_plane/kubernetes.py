@@ -74,7 +74,8 @@ def write_manifests(plan: Plan, out_dir: str | Path, *, image: str = DEFAULT_IMA
     written = []
     for part, documents in files.items():
         path = out / f"{part}.yaml"
-        path.write_text(yaml.dump_all(documents, Dumper=_PlainDumper, sort_keys=False, default_flow_style=False))
+        path.write_text(yaml.dump_all(documents, Dumper=_PlainDumper, sort_keys=False,
+                                      default_flow_style=False))
         written.append(path)
     readme = out / "README.md"
     readme.write_text(_readme(plan, etcd, in_cluster_etcd=etcd_endpoints is None))
@@ -172,7 +173,8 @@ def _deployment(plan: Plan, processes: list[PlannedProcess], image: str, namespa
 def _service(plan: Plan, role: str, port: int, namespace: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "Service", "metadata": _metadata(plan, role, namespace),
-        "spec": {"selector": _labels(plan, role), "ports": [{"name": "grpc", "port": port, "targetPort": port}]},
+        "spec": {"selector": _labels(plan, role),
+                 "ports": [{"name": "grpc", "port": port, "targetPort": port}]},
     }
 
 
@@ -188,7 +190,8 @@ def _etcd(plan: Plan, image: str, namespace: str) -> list[dict[str, Any]]:
     args = ["--name", name, "--data-dir", "/var/lib/etcd",
             "--listen-client-urls", f"http://0.0.0.0:{ETCD_PORT}",
             "--advertise-client-urls", f"http://{name}:{ETCD_PORT}",
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", f"{name}={peer}",
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{name}={peer}",
             "--auto-compaction-retention", "1"]
     health = {"httpGet": {"path": "/health", "port": ETCD_PORT}}
     container = {
@@ -205,7 +208,8 @@ def _etcd(plan: Plan, image: str, namespace: str) -> list[dict[str, Any]]:
         {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _metadata(plan, "etcd", namespace),
          "spec": {"serviceName": name, "replicas": 1, "selector": {"matchLabels": labels},
                   "template": {"metadata": {"labels": labels},
-                               "spec": {"containers": [container], "volumes": [{"name": "data", "emptyDir": {}}]}}}},
+                               "spec": {"containers": [container],
+                                        "volumes": [{"name": "data", "emptyDir": {}}]}}}},
     ]
 
 
@@ -246,16 +250,19 @@ def _readme(plan: Plan, etcd: str, *, in_cluster_etcd: bool) -> str:
              f"Apply them all with `kubectl apply -f .` (Kubernetes {KUBERNETES_VERSION} or newer).",
              f"Every process registers in etcd at `{etcd}`, under namespace `{plan.namespace}`."]
     if in_cluster_etcd:
-        lines += ["`etcd.yaml` runs that etcd in the cluster, one member. To use an etcd of your own (e.g. three",
-                  "members), compile again with `--k8s-etcd host:port[,...]`: then no etcd.yaml is written."]
+        lines += ["`etcd.yaml` runs that etcd in the cluster, one member. To use an etcd of your own",
+                  "(e.g. three members), compile again with `--k8s-etcd host:port[,...]`: then no etcd.yaml",
+                  "is written."]
     else:
         lines += ["That etcd is not deployed here: the pods must be able to reach it."]
     if plan.autoscaling:
-        lines += ["", "The worker pools are autoscaled: `k8s-actuator.yaml` runs `dynamo-grpc k8s-actuator`, which sets",
-                  "the prefill and decode Deployments' replicas from the control plane's scale target (their",
-                  "manifests leave `replicas` to it). Its image needs the kubernetes client: `dynamo-grpc[k8s]`."]
+        lines += ["", "The worker pools are autoscaled: `k8s-actuator.yaml` runs `dynamo-grpc k8s-actuator`,",
+                  "which sets the prefill and decode Deployments' replicas from the control plane's scale",
+                  "target (their manifests leave `replicas` to it). Its image needs the kubernetes client:",
+                  "`dynamo-grpc[k8s]`."]
     model_path = next((p.engine_args[field] for p in plan.workers
                        if (field := ENGINES[plan.engine].model_path_field)), "")
     if model_path:
-        lines += ["", f"The workers read the model at `{model_path}`: put it in the image or in a volume you add."]
+        lines += ["", f"The workers read the model at `{model_path}`: put it in the image or in a volume",
+                  "you add."]
     return "\n".join(lines) + "\n"

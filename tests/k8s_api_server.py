@@ -139,7 +139,8 @@ class FakeApiServer:
             if self._fail:
                 self.refused += 1
                 code = self._fail.pop(0)
-                raise _Refusal(code, "ServiceUnavailable", "the server is currently unable to handle the request")
+                raise _Refusal(code, "ServiceUnavailable",
+                               "the server is currently unable to handle the request")
             self._authorize(request, verb)
             key = self._deployment(request)
             if verb == "patch":
@@ -149,9 +150,10 @@ class FakeApiServer:
                 self.patches.append((key[1], replicas))
             return self._scale(key)
         except _Refusal as refusal:
-            status = client.V1Status(api_version="v1", kind="Status", status="Failure", message=refusal.message,
-                                     reason=refusal.reason, code=refusal.code)
-            return web.json_response(client.ApiClient().sanitize_for_serialization(status), status=refusal.code)
+            status = client.V1Status(api_version="v1", kind="Status", status="Failure",
+                                     message=refusal.message, reason=refusal.reason, code=refusal.code)
+            return web.json_response(client.ApiClient().sanitize_for_serialization(status),
+                                     status=refusal.code)
 
 
 def _patched_replicas(content_type: str, body: Any) -> int:

@@ -184,8 +184,8 @@ async def test_the_role_allows_the_pools_scale_and_nothing_else(
     await publish(etcd, 2, 2, version=1)
     async with running_actuator(cluster):
         await cluster.reaches((1, 2))
-        assert f"forbidden (403): the actuator's Role must allow get and patch on deployments/scale {PREFILL}" \
-            in caplog.text
+        assert ("forbidden (403): the actuator's Role must allow get and patch on deployments/scale "
+                f"{PREFILL}") in caplog.text
         cluster.api.roles[role] = allowed
         await cluster.reaches((2, 2))
 

@@ -112,11 +112,13 @@ def check_actuator(plan: Plan, manifests: Manifests, pools: dict[str, str], etcd
 
 @pytest.mark.parametrize("shared_memory", [False, True], ids=["grpc-kv", "shared-memory"])
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_example_compiles_to_valid_manifests(example: Path, shared_memory: bool, tmp_path: Path) -> None:
+def test_every_example_compiles_to_valid_manifests(example: Path, shared_memory: bool,
+                                                   tmp_path: Path) -> None:
     plan = compile_spec(load_spec(example))
     paths = write_manifests(plan, tmp_path, namespace="serving", shared_memory=shared_memory)
     assert (tmp_path / "README.md") in paths and (tmp_path / "etcd.yaml") in paths
-    check_manifests(plan, read_manifests(paths), etcd=f"{plan.name}-etcd:{ETCD_PORT}", shared_memory=shared_memory)
+    check_manifests(plan, read_manifests(paths), etcd=f"{plan.name}-etcd:{ETCD_PORT}",
+                    shared_memory=shared_memory)
 
 
 def test_an_etcd_of_ones_own_replaces_the_one_in_the_cluster(tmp_path: Path) -> None:
@@ -131,12 +133,13 @@ def test_an_etcd_of_ones_own_replaces_the_one_in_the_cluster(tmp_path: Path) -> 
 @pytest.mark.slow
 def test_a_planned_spec_compiles_to_valid_manifests(tmp_path: Path) -> None:
     spec = tmp_path / "spec.yaml"
-    assert main(["plan", "--isl", "3000", "--osl", "150", "--rate", "2", "--ttft-ms", "2000", "--itl-ms", "60",
-                 "--max-gpus", "8", "--spec-out", str(spec), "--autoscale"]) == 0
+    assert main(["plan", "--isl", "3000", "--osl", "150", "--rate", "2", "--ttft-ms", "2000",
+                 "--itl-ms", "60", "--max-gpus", "8", "--spec-out", str(spec), "--autoscale"]) == 0
     plan = compile_spec(load_spec(spec))
     assert plan.autoscaling and plan.by_role("prefill") and plan.by_role("decode")
     for shared_memory in (False, True):
         out = tmp_path / f"k8s-{shared_memory}"
-        assert main(["compile", str(spec), "--k8s-out", str(out), *(["--k8s-shared-memory"] * shared_memory)]) == 0
+        shared = ["--k8s-shared-memory"] if shared_memory else []
+        assert main(["compile", str(spec), "--k8s-out", str(out), *shared]) == 0
         check_manifests(plan, read_manifests(sorted(out.iterdir())), etcd=f"{plan.name}-etcd:{ETCD_PORT}",
                         shared_memory=shared_memory)
