@@ -127,7 +127,9 @@ std::string ErrorInfoReason(const std::string& status_details) {
   if (!status.ParseFromString(status_details)) return "";
   for (int i = 0; i < status.field_count(); ++i) {
     const auto& detail = status.field(i);
-    if (detail.number() != 3 || detail.type() != google::protobuf::UnknownField::TYPE_LENGTH_DELIMITED) continue;
+    if (detail.number() != 3 || detail.type() != google::protobuf::UnknownField::TYPE_LENGTH_DELIMITED) {
+      continue;
+    }
     google::protobuf::UnknownFieldSet any;
     if (!any.ParseFromString(detail.length_delimited())) continue;
     std::string type_url, value;
@@ -160,11 +162,12 @@ const char* CodeName(grpc::StatusCode code) {
   return index >= 0 && index < 17 ? kNames[index] : "UNKNOWN";
 }
 
-// A failed call in one line, `CODE REASON: message`, REASON being the ErrorInfo the server sent.
+// A failed call in one line, `CODE REASON: message`, REASON being the ErrorInfo the server sent (left out
+// when it only repeats the code).
 std::string Describe(const grpc::Status& status) {
+  std::string code = CodeName(status.error_code());
   std::string reason = ErrorInfoReason(status.error_details());
-  return std::string(CodeName(status.error_code())) + (reason.empty() ? "" : " " + reason) + ": " +
-         status.error_message();
+  return code + (reason.empty() || reason == code ? "" : " " + reason) + ": " + status.error_message();
 }
 
 // Runs one request, printing text (and token ids) as they arrive. With a timeout the request carries its
@@ -174,7 +177,8 @@ int Generate(v1::RouterService::Stub& stub, const Options& o) {
   grpc::ClientContext context;
   std::optional<Clock::time_point> deadline;
   if (o.timeout_s > 0) {
-    deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.timeout_s));
+    auto timeout = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.timeout_s));
+    deadline = Clock::now() + timeout;
     context.set_deadline(*deadline + kDeadlineGrace);
   }
   auto stream = stub.Generate(&context);
@@ -214,7 +218,8 @@ int Generate(v1::RouterService::Stub& stub, const Options& o) {
     for (uint32_t id : ids) std::cerr << " " << id;
     std::cerr << std::endl;
   }
-  std::cerr << "[" << completion->usage().prompt_tokens() << " prompt + " << completion->usage().completion_tokens()
+  const v1::Usage& usage = completion->usage();
+  std::cerr << "[" << usage.prompt_tokens() << " prompt + " << usage.completion_tokens()
             << " completion tokens, finish: " << v1::FinishReason_Name(completion->finish_reason()) << "]"
             << std::endl;
   return 0;

@@ -5,7 +5,11 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { parseArgs } from "node:util";
 
-import { FinishReasonSchema, GenerationParamsSchema, type Completion } from "./gen/dynamo_grpc/v1/common_pb.js";
+import {
+  FinishReasonSchema,
+  GenerationParamsSchema,
+  type Completion,
+} from "./gen/dynamo_grpc/v1/common_pb.js";
 import { describe, generate, routerClient } from "./router.js";
 
 const USAGE = `usage: dynamo-generate [options] PROMPT
@@ -98,8 +102,9 @@ async function main(): Promise<number> {
     console.error(`token ids: ${ids.join(" ")}`);
   }
   const finish = FinishReasonSchema.value[completion.finishReason]?.name ?? String(completion.finishReason);
-  console.error(`[${completion.usage?.promptTokens ?? 0} prompt + ${completion.usage?.completionTokens ?? 0} ` +
-                `completion tokens, finish: ${finish}]`);
+  const usage = completion.usage;
+  console.error(`[${usage?.promptTokens ?? 0} prompt + ${usage?.completionTokens ?? 0} completion tokens, ` +
+                `finish: ${finish}]`);
   return 0;
 }
 

@@ -41,7 +41,8 @@ export function generate(client: RouterClient, requestId: string, params: Genera
     yield create(GenerateRequestSchema, { requestId, action: { case: "start", value: params } });
     await woken;
     if (!ended && cancelReason !== undefined) {
-      yield create(GenerateRequestSchema, { requestId, action: { case: "cancel", value: { reason: cancelReason } } });
+      const cancel = { reason: cancelReason };
+      yield create(GenerateRequestSchema, { requestId, action: { case: "cancel", value: cancel } });
     }
   }
 
@@ -63,11 +64,13 @@ export function generate(client: RouterClient, requestId: string, params: Genera
   };
 }
 
-/** A failed call in one line, `CODE REASON: message`, REASON being the ErrorInfo the server sent. */
+/** A failed call in one line, `CODE REASON: message`, REASON being the ErrorInfo the server sent (left out
+ *  when it only repeats the code). */
 export function describe(error: unknown): string {
   const failure = ConnectError.from(error);
+  const code = codeName(failure.code);
   const reason = errorInfoReason(failure);
-  return `${codeName(failure.code)}${reason ? ` ${reason}` : ""}: ${failure.rawMessage}`;
+  return `${code}${reason && reason !== code ? ` ${reason}` : ""}: ${failure.rawMessage}`;
 }
 
 /** The status code as the gRPC spec spells it (NOT_FOUND), not as Connect does (NotFound). */

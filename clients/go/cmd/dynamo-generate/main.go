@@ -49,7 +49,8 @@ func parseOptions() options {
 	flag.UintVar(&o.maxTokens, "max-tokens", 32, "tokens to generate")
 	flag.Float64Var(&o.temperature, "temperature", 0, "sampling temperature (0 = greedy)")
 	flag.BoolVar(&o.ignoreEOS, "ignore-eos", false, "keep generating past the end-of-sequence token")
-	flag.IntVar(&o.cancelAfter, "cancel-after", 0, "send a cancel once this many tokens have arrived (0 = never)")
+	flag.IntVar(&o.cancelAfter, "cancel-after", 0,
+		"send a cancel once this many tokens have arrived (0 = never)")
 	flag.Float64Var(&timeoutS, "timeout-s", 0, "the request's deadline in seconds (0 = none)")
 	flag.BoolVar(&o.tokenIDs, "token-ids", false, "also print the generated token ids on stderr")
 	flag.Usage = func() {
@@ -155,7 +156,8 @@ func recvError(stream pb.RouterService_GenerateClient) error {
 	}
 }
 
-// describe names a failed call as `CODE REASON: message`, REASON being the ErrorInfo the server sent.
+// describe names a failed call as `CODE REASON: message`, REASON being the ErrorInfo the server sent
+// (left out when it only repeats the code).
 func describe(err error) string {
 	st, ok := status.FromError(err)
 	if !ok {
@@ -163,7 +165,7 @@ func describe(err error) string {
 	}
 	name := codeName(st.Code())
 	for _, detail := range st.Details() {
-		if info, ok := detail.(*errdetails.ErrorInfo); ok {
+		if info, ok := detail.(*errdetails.ErrorInfo); ok && info.GetReason() != name {
 			name += " " + info.GetReason()
 		}
 	}
