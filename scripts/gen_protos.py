@@ -25,7 +25,7 @@ PACKAGE_DIR = Path("dynamo_grpc") / "v1"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 CLIENT_STUB_DIRS = (Path("clients/typescript/src/gen"), Path("clients/go/gen"))
 """Written whole by buf.gen.yaml's TypeScript and Go plugins."""
-CLIENT_PLUGINS = {
+BUF_GENERATE_TOOLS = {  # what buf.gen.yaml runs, and how to get it
     "buf": "pip install -e '.[dev]'",
     str(ROOT / "clients/typescript/node_modules/.bin/protoc-gen-es"): "npm ci --prefix clients/typescript",
     "protoc-gen-go": "apt-get install protoc-gen-go",
@@ -54,7 +54,7 @@ def compile_into(out_dir: Path) -> None:
 
 def buf_generate_into(out_dir: Path) -> None:
     """Run `buf generate` with buf.gen.yaml, writing under out_dir instead of the tree."""
-    missing = [f"{Path(tool).name} ({fix})" for tool, fix in CLIENT_PLUGINS.items() if not shutil.which(tool)]
+    missing = [f"{Path(tool).name} ({fix})" for tool, fix in BUF_GENERATE_TOOLS.items() if not shutil.which(tool)]
     if missing:
         raise SystemExit("--clients needs these (bash scripts/setup.sh installs them all): "
                          + ", ".join(missing))
