@@ -21,9 +21,9 @@ from dynamo_grpc.engine import cpu_cores
 from tests.processes import REPO, RoleProcess
 from tests.real_engine import QUIET_ENGINE
 
-pytestmark = [*QUIET_ENGINE, pytest.mark.timeout(600)]
+pytestmark = [*QUIET_ENGINE, pytest.mark.timeout(720)]
 
-ENGINE_START_S = 420.0
+ENGINE_START_S = 480.0
 """Two engines starting side by side, on two CPU cores other work shares."""
 
 

@@ -367,13 +367,12 @@ class VllmEngine:
         rid = request.request_id
         finished = False
         resumed = len(request.resume)
-        usage = pb.Usage(completion_tokens=resumed)
+        completion_tokens = resumed  # counted per output; the usage message is built once, at the end
+        out = None
         try:
             async for out in self._llm.generate(engine_input, params, request_id=rid):
                 completion = out.outputs[0]
-                usage.prompt_tokens = len(out.prompt_token_ids or ()) - resumed
-                usage.cached_tokens = min(out.num_cached_tokens or 0, usage.prompt_tokens)
-                usage.completion_tokens += len(completion.token_ids)
+                completion_tokens += len(completion.token_ids)
                 result = EngineOutput(list(completion.token_ids), completion.text)
                 if completion.logprobs and request.sampling.logprobs is not None:
                     result.logprobs = _logprobs(result.token_ids, completion.logprobs,
@@ -384,10 +383,11 @@ class VllmEngine:
                         raise DynamoError("the engine failed the request (a KV load failed); see the worker log",
                                           request_id=rid, reason="ENGINE_ERROR")
                     result.finish_reason = _FINISH.get(completion.finish_reason or "abort", FinishReason.STOP)
-                    result.usage = usage
+                    result.usage = _usage(out, resumed, completion_tokens)
                 yield result, out.kv_transfer_params if out.finished else None
             if not finished:
-                yield EngineOutput(finish_reason=FinishReason.CANCELLED, usage=usage), None
+                yield EngineOutput(finish_reason=FinishReason.CANCELLED,
+                                   usage=_usage(out, resumed, completion_tokens)), None
                 finished = True
         except _refusals() as error:
             raise _invalid_argument(error, rid) from None
@@ -432,6 +432,14 @@ class VllmEngine:
         # Its __del__ shuts down again; at interpreter exit that fails on torn-down globals.
         del self._llm
         gc.collect()
+
+
+def _usage(last: Any, resumed: int, completion_tokens: int) -> pb.Usage:
+    """The request's token counts from vLLM's last output (None before the first), the prompt without the
+    tokens a resumed request had already produced."""
+    prompt_tokens = len(last.prompt_token_ids or ()) - resumed if last is not None else 0
+    cached_tokens = min(last.num_cached_tokens or 0, prompt_tokens) if last is not None else 0
+    return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cached_tokens=cached_tokens)
 
 
 def _logprobs(token_ids: list[int], positions: Any, top: int) -> list[pb.TokenLogprob]:
