@@ -163,7 +163,8 @@ def compile_spec(spec: Spec) -> Plan:
         min_uncached_tokens=spec.router.min_uncached_tokens,
         slo={k: v for k, v in (("ttft_ms", spec.slo.ttft_ms), ("itl_ms", spec.slo.itl_ms)) if v is not None},
         transfer={"kv_ttl_s": spec.transfer.kv_ttl_s, "on_pull_failure": spec.transfer.on_pull_failure},
-        autoscaling=spec.autoscaling is not None, notes=tuple(_notes(spec, pairings) + _cpu_notes(spec, cores)))
+        autoscaling=spec.autoscaling is not None,
+        notes=tuple(_notes(spec, pairings) + _cpu_notes(spec, cores)))
 
 
 def _cpu_workers(spec: Spec) -> dict[str, list[str]]:
@@ -203,9 +204,9 @@ def _cpu_notes(spec: Spec, shares: dict[str, str]) -> list[str]:
             notes.append(f"host {host!r} has {cpus} cpus for {len(workers)} engine workers: they share them, "
                          "each engine binding its threads on its own")
         elif len(workers) > 1:
-            notes.append(f"host {host!r} does not say its cpus: its {len(workers)} engine workers each bind their "
-                         "threads on their own, maybe all to the same cores; give the host `cpus: N` to split "
-                         "its cores between them")
+            notes.append(f"host {host!r} does not say its cpus: its {len(workers)} engine workers each "
+                         "bind their threads on their own, maybe all to the same cores; give the host "
+                         "`cpus: N` to split its cores between them")
     return notes
 
 
@@ -336,13 +337,19 @@ def plan_to_json(plan: Plan) -> str:
     return json.dumps(plan_to_dict(plan), indent=2) + "\n"
 
 
+def _devices(process: PlannedProcess) -> str:
+    if process.devices:
+        return ",".join(map(str, process.devices))
+    return f"cpus {process.cpus}" if process.cpus else "-"
+
+
 def render_plan(plan: Plan) -> str:
     """A table of processes, the pairing table, the commands and the notes, for people."""
     title = (f"plan {plan.name}: model {plan.model} ({plan.engine}), namespace {plan.namespace}, "
              f"etcd {','.join(plan.etcd)}")
     lines = [title, ""]
     header = ("ID", "ROLE", "HOST", "ENDPOINT", "DEVICES", "TP")
-    rows = [(p.id, p.role, p.host, p.endpoint, ",".join(map(str, p.devices)) or (f"cpus {p.cpus}" if p.cpus else "-"),
+    rows = [(p.id, p.role, p.host, p.endpoint, _devices(p),
              str(p.tensor_parallel_size) if p.role in ("prefill", "decode") else "-") for p in plan.processes]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

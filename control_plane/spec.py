@@ -235,8 +235,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
         model["engine_args"] = engine_args(spec.model.engine_args, spec.model.extra_engine_args)
     out: dict[str, Any] = {
         "name": spec.name, "namespace": spec.namespace, "model": model,
-        "hosts": [{"name": h.name, "address": h.address, "gpus": h.gpus, **({"cpus": h.cpus} if h.cpus else {})}
-                  for h in spec.hosts],
+        "hosts": [{"name": h.name, "address": h.address, "gpus": h.gpus,
+                   **({"cpus": h.cpus} if h.cpus else {})} for h in spec.hosts],
         "prefill": pool(spec.prefill), "decode": pool(spec.decode),
         "router": {"host": spec.router.host, "port": spec.router.port, "policy": spec.router.policy,
                    "disaggregation": {"min_uncached_tokens": spec.router.min_uncached_tokens}},
@@ -575,8 +575,9 @@ class _Checker:
             gpus = self.integer(items.get("gpus"), f"{path}.gpus", minimum=0, default=0)
             cpus = self.integer(items.get("cpus"), f"{path}.cpus", minimum=0, default=0)
             if isinstance(gpus, int) and gpus > 0 and isinstance(cpus, int) and cpus > 0:
-                self.problem(items["cpus"].line, f"{path}.cpus", "cpus splits a CPU host's cores between its "
-                             "engine workers; a GPU host's workers run on their GPUs: remove cpus or set gpus: 0")
+                self.problem(items["cpus"].line, f"{path}.cpus", "cpus splits a CPU host's cores between "
+                             "its engine workers; a GPU host's workers run on their GPUs: remove cpus or set "
+                             "gpus: 0")
             if isinstance(name, str) and name in seen:
                 self.problem(items["name"].line, f"{path}.name",
                              f"host {name!r} is already defined at line {seen[name]}; host names must be unique")

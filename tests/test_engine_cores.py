@@ -54,14 +54,15 @@ def test_a_bad_cpus_flag_is_refused_by_name() -> None:
 
 
 def _child_cores_started_within(cpus: str) -> tuple[set[int], set[int]]:
-    """(the cores of a process started inside `_on_cores(cpus)` from a fresh thread, that thread's own after)."""
+    """The cores of a process started inside `_on_cores(cpus)` from a fresh thread, and the thread's after."""
     found: dict[str, set[int]] = {}
 
     def start() -> None:
         import os
 
         with _on_cores(cpus):
-            child = subprocess.run([sys.executable, "-c", CORES_OF_MINE], capture_output=True, text=True, check=True)
+            child = subprocess.run([sys.executable, "-c", CORES_OF_MINE], capture_output=True, text=True,
+                                   check=True)
         found["child"] = set(json.loads(child.stdout))
         found["thread"] = os.sched_getaffinity(0)
 

@@ -449,8 +449,9 @@ def test_cpu_split_is_left_to_the_engines_when_cores_are_unknown_or_too_few() ->
     plan = compile_spec(parse_spec(CPU_HOSTS.replace(", cpus: 32", "").replace("cpus: 2", "cpus: 1")))
     assert [p.cpus for p in plan.workers] == [""] * 6
     assert not any("--cpus" in p.command for p in plan.processes)
-    assert "host 'big' does not say its cpus: its 4 engine workers each bind their threads on their own, " \
-           "maybe all to the same cores; give the host `cpus: N` to split its cores between them" in plan.notes
+    assert ("host 'big' does not say its cpus: its 4 engine workers each bind their threads on their own, "
+            "maybe all to the same cores; give the host `cpus: N` to split its cores between them"
+            ) in plan.notes
     assert "host 'small' has 1 cpus for 2 engine workers: they share them, each engine binding its threads " \
            "on its own" in plan.notes
 

@@ -58,8 +58,9 @@ async def test_serve_gives_each_engine_its_own_cores_and_still_answers(
             assert len(threads) > 2 and all(cores <= own for cores in threads), (own, threads)
         generate = [sys.executable, "-m", "dynamo_grpc.cli", "generate", "--router", serve.endpoint,
                     "--max-tokens", "8", "Hello, cores"]
-        answer = await asyncio.to_thread(subprocess.run, generate, capture_output=True, text=True, timeout=120,
-                                         check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        answer = await asyncio.to_thread(subprocess.run, generate, capture_output=True, text=True,
+                                         timeout=120, check=False, env=env)
         assert answer.returncode == 0, answer.stderr
         assert answer.stdout.strip()
         assert "8 completion tokens" in answer.stderr and "via shm" in answer.stderr, answer.stderr

@@ -37,8 +37,8 @@ def format_list(cores: tuple[int, ...] | list[int]) -> str:
 
 
 def split(cores: tuple[int, ...], parts: int) -> list[tuple[int, ...]] | None:
-    """`cores` in `parts` disjoint consecutive shares, the larger shares first (7 cores in 2: 4 + 3); None when
-    there are fewer cores than parts, so that some would have to share."""
+    """`cores` in `parts` disjoint consecutive shares, the larger shares first (7 cores in 2: 4 + 3); None
+    when there are fewer cores than parts, so that some would have to share."""
     if parts < 1 or len(cores) < parts:
         return None
     size, larger = divmod(len(cores), parts)

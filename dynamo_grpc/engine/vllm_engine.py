@@ -122,7 +122,8 @@ def _on_cores(cpus: str) -> Iterator[None]:
         return
     wanted, usable = set(cpu_cores.parse(cpus)), os.sched_getaffinity(0)
     if not wanted <= usable:
-        raise ValueError(f"--cpus {cpus}: this process may run only on CPUs {cpu_cores.format_list(sorted(usable))}")
+        raise ValueError(f"--cpus {cpus}: this process may run only on CPUs "
+                         f"{cpu_cores.format_list(sorted(usable))}")
     os.sched_setaffinity(0, wanted)
     try:
         yield
@@ -225,7 +226,8 @@ class VllmEngine:
             self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
                 **engine_args,
                 model=config.model_path, served_model_name=config.model, dtype=config.dtype,
-                block_size=config.block_size, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
+                block_size=config.block_size, max_model_len=config.max_model_len,
+                max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens or None, enforce_eager=config.enforce_eager,
                 disable_log_stats=False,  # the per-step stats feed `_EngineStats`
                 kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
@@ -439,7 +441,8 @@ def _usage(last: Any, resumed: int, completion_tokens: int) -> pb.Usage:
     tokens a resumed request had already produced."""
     prompt_tokens = len(last.prompt_token_ids or ()) - resumed if last is not None else 0
     cached_tokens = min(last.num_cached_tokens or 0, prompt_tokens) if last is not None else 0
-    return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cached_tokens=cached_tokens)
+    return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    cached_tokens=cached_tokens)
 
 
 def _logprobs(token_ids: list[int], positions: Any, top: int) -> list[pb.TokenLogprob]:
