@@ -19,8 +19,8 @@ from dynamo_grpc.v1 import kv_events_pb2 as events_pb
 
 _MAX_PENDING = 4096
 """Changes queued for one watcher before it is sent a fresh snapshot instead."""
-_CHUNK_BLOCKS = 64
-"""Blocks of a prompt converted to bytes at a time by a lookup."""
+_CHUNK_BLOCKS = 16
+"""Blocks of a prompt a lookup converts, and remembers the hashes of, at a time."""
 _BITS_OF_BYTE = [tuple(bit for bit in range(8) if byte >> bit & 1) for byte in range(256)]
 _UINT32 = next(code for code in "IL" if array.array(code).itemsize == 4)
 
@@ -223,23 +223,27 @@ class PrefixIndex:
                 size = self.block_sizes.get(worker)
                 if size:
                     by_size[size] = by_size.get(size, 0) | self._bits[worker]
-        holders = self._holders
         for size, alive in by_size.items():
-            if not alive:
-                continue
-            depth = 0
-            for h in self._names.of(prompt, size):
+            if alive:
+                self._walk(prompt, size, alive, found)
+        return found
+
+    def _walk(self, prompt: Sequence[int], size: int, alive: int, found: dict[str, int]) -> None:
+        """Follow the prompt's blocks while some worker of `alive` holds them; record where each one stops."""
+        holders = self._holders
+        depth = 0
+        for hashes in self._names.of(prompt, size):
+            for h in hashes:
                 holding = alive & holders.get(h, 0)
                 if holding != alive:
                     if depth:
                         self._found(alive ^ holding, depth * size, found)  # the workers that hold no more
+                    if not holding:
+                        return
                     alive = holding
-                    if not alive:
-                        break
                 depth += 1
-            if depth:
-                self._found(alive, depth * size, found)
-        return found
+        if depth:
+            self._found(alive, depth * size, found)
 
     def _found(self, mask: int, tokens: int, found: dict[str, int]) -> None:
         """Record `tokens` for every worker in `mask`, a byte of it at a time."""
@@ -252,21 +256,23 @@ class PrefixIndex:
 
 class _BlockNames:
     """Chained block hashes of the prompts seen lately, so a prefix many prompts share (the ones whose
-    lookups hit) is hashed once: BLAKE2b costs about 1 us a block in Python, a look-up here a fifth.
+    lookups hit) is hashed once: BLAKE2b costs about 1 us a block in Python, a look-up here a tenth.
 
-    A trie of blocks: a block's entry holds its hash (which covers the path to it) and the blocks seen
-    after it. It holds at most `capacity` blocks; when full it starts again empty, and the prefixes in
-    use are hashed once more.
+    A trie of chunks of `_CHUNK_BLOCKS` blocks: a chunk's entry holds its blocks' hashes (each covers the
+    path to it) and the chunks seen after it. A chunk is kept once a lookup has read all of it. The trie
+    holds at most `capacity` blocks; when full it starts again empty, and the prefixes in use are hashed
+    once more.
     """
 
-    def __init__(self, capacity: int = 1 << 15) -> None:
+    def __init__(self, capacity: int = 1 << 16) -> None:
         self._capacity = capacity
-        self._root: dict[bytes, tuple[int, dict]] = {}
+        self._root: dict[bytes, tuple[tuple[int, ...], dict]] = {}
         self._size = 0
 
-    def of(self, tokens: Sequence[int], block_size: int) -> Iterator[int]:
-        """The hash of each full block of `tokens`, in order, computed as the caller reads them (a lookup
-        stops at the first block no worker holds: the rest of the prompt is not even converted)."""
+    def of(self, tokens: Sequence[int], block_size: int) -> Iterator[tuple[int, ...]]:
+        """The hash of each full block of `tokens`, in order: a chunk at a time where the trie has it, else a
+        block at a time, computed as the caller reads them (a lookup stops at the first block no worker
+        holds: the rest of the prompt is not even converted)."""
         if self._size >= self._capacity:
             self._root, self._size = {}, 0
         node, parent = self._root, None
@@ -274,11 +280,16 @@ class _BlockNames:
         chunk = _CHUNK_BLOCKS * block_size
         for first in range(0, len(tokens) - block_size + 1, chunk):
             data = token_bytes(tokens[first:first + chunk])
-            for start in range(0, len(data) - step + 1, step):
-                block = data[start:start + step]
-                entry = node.get(block)
-                if entry is None:
-                    entry = node[block] = (_chain(parent, block), {})
-                    self._size += 1
-                parent, node = entry
-                yield parent
+            entry = node.get(data)
+            if entry is None:
+                hashes = []
+                for start in range(0, len(data) - step + 1, step):
+                    parent = _chain(parent, data[start:start + step])
+                    hashes.append(parent)
+                    yield (parent,)
+                entry = node[data] = (tuple(hashes), {})  # the caller read all of it
+                self._size += len(hashes)
+            else:
+                yield entry[0]
+                parent = entry[0][-1]
+            node = entry[1]
