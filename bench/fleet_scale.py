@@ -36,12 +36,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-
-import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -123,11 +122,6 @@ def workload(workers: list[str], blocks: int, block_size: int, requests: int, se
     return Workload(prefixes, cached, prompts)
 
 
-def rss() -> int:
-    gc.collect()
-    return psutil.Process().memory_info().rss
-
-
 async def following_fleet(infos: list[pb.WorkerInfo]) -> tuple[Fleet, PairingController, MemoryRegistry]:
     """A router's Fleet following the registry and the control plane's table, as in production; it starts
     on a policy without KV-event feeds (the bench feeds the index itself) and without load polling."""
@@ -186,7 +180,8 @@ async def route_timings(fleet: Fleet, prompts: list[array.array], *, warmup: int
 
 def hit_share(fleet: Fleet, prompts: list[array.array]) -> float:
     """Share of prompt tokens some worker's cache holds (the longest cached prefix of each prompt)."""
-    hit = sum(max(fleet.prefix_index.cached_tokens(tuple(p)).values(), default=0) for p in prompts)
+    workers = list(fleet.workers)
+    hit = sum(max(fleet.prefix_index.cached_tokens(tuple(p), workers).values(), default=0) for p in prompts)
     return hit / sum(map(len, prompts))
 
 
@@ -205,13 +200,18 @@ async def routing_bench(sizes: list[int], block_counts: list[int], block_size: i
         fleet, controller, registry = await following_fleet(infos)
         for blocks in block_counts:
             load = workload([w.worker_id for w in infos], blocks, block_size, requests)
-            before = rss()
-            for worker_id, hashes in load.cached.items():
-                fleet.prefix_index.apply(worker_id, events_pb.WatchKvEventsResponse(
-                    reset=True, stored_block_hashes=hashes, block_size=block_size))
+            caches = [(worker_id, events_pb.WatchKvEventsResponse(reset=True, stored_block_hashes=hashes,
+                                                                  block_size=block_size))
+                      for worker_id, hashes in load.cached.items()]
             indexed = sum(map(len, load.cached.values()))
             load.cached.clear()
-            bytes_per_block = (rss() - before) / indexed
+            gc.collect()
+            tracemalloc.start()  # what the index allocates for them
+            for worker_id, cache in caches:
+                fleet.prefix_index.apply(worker_id, cache)
+            bytes_per_block = tracemalloc.get_traced_memory()[0] / indexed
+            tracemalloc.stop()
+            del caches
             hits = hit_share(fleet, load.requests[:200])
             row: dict[str, object] = {"workers": size, "blocks": indexed, "block_size": block_size,
                                       "bytes_per_block": round(bytes_per_block), "hit_share": round(hits, 3)}

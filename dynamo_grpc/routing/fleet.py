@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import logging
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -134,6 +134,12 @@ class Fleet:
         self._channels = channels if channels is not None else ChannelPool()
         self._load_poll_s = load_poll_s
         self._reported: dict[str, pb.WorkerStats] = {}
+        # What the policies read of each worker, kept up to date as it changes, so a decision over hundreds
+        # of workers reads them with no Python call each.
+        self._requests: defaultdict[str, int] = defaultdict(int)
+        """Requests running on the worker: the larger of those this router sent and those it reports."""
+        self._kv_share: defaultdict[str, float] = defaultdict(float)
+        """Share of the worker's KV blocks in use, as it reports (0 when unknown)."""
         self._feeds: dict[str, tuple[str, list[asyncio.Task[None]]]] = {}
         self._table: cp_pb.PairingTable | None = None
         self._view = _View.of(self.workers, None)
@@ -180,7 +186,7 @@ class Fleet:
             return prompt_tokens - cached.get(worker_id, 0)
 
         tokens = self._in_flight.tokens
-        load = Load(requests_at=self._requests_at, kv_usage=self._kv_usage,
+        load = Load(requests_at=self._requests.__getitem__, kv_usage=self._kv_share.__getitem__,
                     prefill_work=lambda worker_id: tokens.get(worker_id, 0) + prompt_tokens - cached.get(worker_id, 0))
         turn = next(self._turn)
         if not sides:
@@ -191,7 +197,7 @@ class Fleet:
         prefill_id, decode_id = choose_pair(sides, self.routing, load, view.hosts.__getitem__, turn)
         decode, policy = self.workers[decode_id], self._policy
         if uncached(decode_id) < policy.min_prompt_tokens or (
-                policy.max_prefill_queue and self._requests_at(prefill_id) >= policy.max_prefill_queue):
+                policy.max_prefill_queue and self._requests[prefill_id] >= policy.max_prefill_queue):
             return Route(decode=decode, prefill=None, uncached_tokens=uncached(decode_id))
         return Route(decode=decode, prefill=self.workers[prefill_id], uncached_tokens=uncached(prefill_id))
 
@@ -235,22 +241,33 @@ class Fleet:
             self._view = _View.of(self.workers, self._table)
         return self._view
 
-    def _requests_at(self, worker_id: str) -> int:
+    def _update_load(self, worker_id: str) -> None:
         reported = self._reported.get(worker_id)
-        sent = self._in_flight.requests.get(worker_id, 0)
-        return max(sent, reported.active_requests) if reported else sent
-
-    def _kv_usage(self, worker_id: str) -> float:
-        reported = self._reported.get(worker_id)
-        return reported.used_kv_blocks / reported.total_kv_blocks if reported and reported.total_kv_blocks else 0.0
+        sent = self._in_flight.requests[worker_id]
+        if reported is None:
+            self._kv_share.pop(worker_id, None)
+            if sent:
+                self._requests[worker_id] = sent
+            else:
+                self._requests.pop(worker_id, None)  # idle and unknown: the default, 0
+            return
+        self._requests[worker_id] = max(sent, reported.active_requests)
+        total = reported.total_kv_blocks
+        self._kv_share[worker_id] = reported.used_kv_blocks / total if total else 0.0
 
     def engine_of(self, model: str) -> str:
         """The engine kind serving `model` ("" when none is registered)."""
         return next((w.engine for w in self.workers.values() if w.model == model), "")
 
-    def busy(self, worker: pb.WorkerInfo, tokens: int = 0) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def busy(self, worker: pb.WorkerInfo, tokens: int = 0) -> Iterator[None]:
         """Count a request, and the prompt tokens it has to compute there, against a worker while it runs."""
-        return self._in_flight.busy(worker.worker_id, tokens)
+        try:
+            with self._in_flight.busy(worker.worker_id, tokens):
+                self._update_load(worker.worker_id)
+                yield
+        finally:
+            self._update_load(worker.worker_id)
 
     async def _keep_following(self, what: str, follow: Callable[[], Awaitable[None]]) -> None:
         """A watch that fails is started again, so the router never keeps serving from a frozen view."""
@@ -284,6 +301,7 @@ class Fleet:
                 del self._feeds[worker_id]
                 self.prefix_index.forget(worker_id)
                 self._reported.pop(worker_id, None)
+                self._update_load(worker_id)
         for worker_id, worker in self.workers.items():
             if worker_id not in self._feeds and worker.role in (pb.WORKER_ROLE_PREFILL, pb.WORKER_ROLE_DECODE):
                 feeds = [asyncio.create_task(self._follow_cache(worker))] if self.routing.uses_prefix_cache else []
@@ -300,6 +318,7 @@ class Fleet:
                                                                       timeout=self._load_poll_s * 4)
             except grpc.aio.AioRpcError:
                 self._reported.pop(worker.worker_id, None)  # unreachable: judged by this router's count alone
+            self._update_load(worker.worker_id)
             await asyncio.sleep(self._load_poll_s)
 
     async def _follow_cache(self, worker: pb.WorkerInfo) -> None:
