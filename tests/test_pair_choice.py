@@ -31,15 +31,17 @@ P, D = pb.WORKER_ROLE_PREFILL, pb.WORKER_ROLE_DECODE
 
 # How each policy ranked a pair before ranks were split into the two workers' parts.
 RANKED_BEFORE: dict[str, Callable[[str, str, bool, Load], Rank]] = {
-    "kv_aware": lambda p, d, same, load: (load.prefill_work(p), load.requests_at(d), load.kv_usage(d), not same),
+    "kv_aware": lambda p, d, same, load: (load.prefill_work(p), load.requests_at(d), load.kv_usage(d),
+                                          not same),
     "least_loaded": lambda p, d, same, load: (load.requests_at(d) + load.requests_at(p), load.kv_usage(d),
                                               not same),
     "round_robin": lambda p, d, same, load: (),
 }
 
 
-def ranked_every_pair(sides: list[Side], policy: str, load: Load, host: dict[str, str], turn: int) -> tuple[str, str]:
-    """The choice as it was: every pair sorted by ids, starting one further each turn, the first of the best."""
+def ranked_every_pair(sides: list[Side], policy: str, load: Load, host: dict[str, str], turn: int
+                      ) -> tuple[str, str]:
+    """The choice as it was: every pair sorted by ids, from one further each turn, the first of the best."""
     pairs = sorted((p, d) for side in sides for p in side.prefills for d in side.decodes)
     start = turn % len(pairs)
     return min(pairs[start:] + pairs[:start],
@@ -51,9 +53,9 @@ def random_fleet(rng: random.Random) -> list[pb.WorkerInfo]:
     for group in range(rng.randint(1, 3)):
         for role, name in ((P, "p"), (D, "d")):
             for index in range(rng.randint(1, 6)):
-                workers.append(pb.WorkerInfo(worker_id=f"{name}{group}-{index}-{rng.randrange(100)}", role=role,
-                                             model="m", engine_fingerprint=f"fp{group}",
-                                             host=rng.choice("abc"), endpoint="x:1"))
+                worker_id = f"{name}{group}-{index}-{rng.randrange(100)}"
+                workers.append(pb.WorkerInfo(worker_id=worker_id, role=role, model="m", endpoint="x:1",
+                                             engine_fingerprint=f"fp{group}", host=rng.choice("abc")))
     return workers
 
 
@@ -79,7 +81,7 @@ def test_a_pairs_rank_is_its_workers_parts_added_as_before() -> None:
 def test_choosing_from_groups_picks_the_pair_ranking_every_pair_picked(policy: str) -> None:
     rng = random.Random(policy)
     chose_differently = 0
-    for _ in range(1500):
+    for _ in range(600):
         workers = random_fleet(rng)
         host = {w.worker_id: w.host for w in workers}
         live = {w.worker_id for w in workers if rng.random() < 0.85}
@@ -92,8 +94,9 @@ def test_choosing_from_groups_picks_the_pair_ranking_every_pair_picked(policy: s
         for turn in rng.sample(range(200), 5):
             chosen = choose_pair(sides, POLICIES[policy], load, host.__getitem__, turn)
             assert chosen == ranked_every_pair(sides, policy, load, host, turn)
-            chose_differently += chosen != choose_pair(sides, POLICIES[policy], load, host.__getitem__, turn + 1)
-    assert chose_differently > 100  # turns matter: equals take turns
+            next_turn = choose_pair(sides, POLICIES[policy], load, host.__getitem__, turn + 1)
+            chose_differently += chosen != next_turn
+    assert chose_differently > 50  # turns matter: equals take turns
 
 
 def test_the_table_lists_groups_and_small_fleets_pairs_and_either_form_reads_back_the_same() -> None:
@@ -103,7 +106,8 @@ def test_the_table_lists_groups_and_small_fleets_pairs_and_either_form_reads_bac
         every_pair = {(p.prefill_worker_id, p.decode_worker_id) for p in compute_pairings(workers).pairings}
         table = pairing_table(workers, version=4)
         assert table.version == 4 and list(table.pairings) == list(compute_pairings(workers).pairings)
-        for form in (table, cp_pb.PairingTable(pairings=table.pairings), cp_pb.PairingTable(groups=table.groups)):
+        for form in (table, cp_pb.PairingTable(pairings=table.pairings),
+                     cp_pb.PairingTable(groups=table.groups)):
             groups = groups_of(form)
             assert {(p, d) for g in groups for p in g.prefills for d in g.decodes} == every_pair
             listed = [p for g in groups for p in g.prefills]
@@ -147,13 +151,15 @@ async def test_the_fleet_routes_as_ranking_every_pair_did_from_either_table_form
             requests: dict[str, int] = {w.worker_id: 0 for w in workers}
             for turn in range(40):
                 all_decodes = sorted(w.worker_id for w in workers if w.role == D)
-                exclude = set(rng.sample(all_decodes, rng.randrange(len(all_decodes))))  # one is left at least
+                exclude = set(rng.sample(all_decodes, rng.randrange(len(all_decodes))))  # leaves one at least
                 decodes = set(all_decodes) - exclude
                 routes = [f.route("m", f"r{turn}", prompt_tokens=64, exclude=exclude) for f, _ in fleets]
-                assert len({(r.prefill.worker_id if r.prefill else "", r.decode.worker_id) for r in routes}) == 1
+                chosen = {(r.prefill.worker_id if r.prefill else "", r.decode.worker_id) for r in routes}
+                assert len(chosen) == 1
                 route = routes[0]
+                in_flight_tokens = {w: 64 * count for w, count in requests.items()}  # 64 prompt tokens each
                 load = Load(requests_at=requests.__getitem__, kv_usage=lambda w: 0.0,
-                            prefill_work=lambda w: 64 * requests[w])  # in flight: 64 prompt tokens each
+                            prefill_work=in_flight_tokens.__getitem__)
                 sides = [Side([p.prefill_worker_id], [p.decode_worker_id]) for p in every_pair
                          if p.decode_worker_id in decodes]
                 if sides:

@@ -187,10 +187,10 @@ class Fleet:
 
         tokens = self._in_flight.tokens
         load = Load(requests_at=self._requests.__getitem__, kv_usage=self._kv_share.__getitem__,
-                    prefill_work=lambda worker_id: tokens.get(worker_id, 0) + prompt_tokens - cached.get(worker_id, 0))
+                    prefill_work=lambda worker: tokens.get(worker, 0) + prompt_tokens - cached.get(worker, 0))
         turn = next(self._turn)
         if not sides:
-            start = turn % len(decode_ids)  # equals take turns: the first of them from here on takes the request
+            start = turn % len(decode_ids)  # equals take turns: the first of them from here on takes it
             decode = min(decode_ids[start:] + decode_ids[:start],
                          key=lambda worker_id: self.routing.rank_decode(worker_id, load))
             return Route(decode=self.workers[decode], prefill=None, uncached_tokens=uncached(decode))

@@ -1,11 +1,11 @@
 """The best pair for one request, without ranking every pair.
 
-Pairs come in groups (`pairing.PairGroup`): every prefill worker of a group pairs with every decode worker of it,
-so a fleet of 500 + 500 workers has 250,000 pairs. A policy ranks a pair by its prefill worker's part plus
-its decode worker's part, then same host first (`policies.rank_pair`); over a group, the best pairs are
-thus its best prefill workers with its best decode workers, found in one pass over each side. Of equally
-ranked pairs the request takes the next in turn, in the order of all candidate pairs sorted by (prefill
-worker, decode worker): the pair that ranking every pair would pick.
+Pairs come in groups (`pairing.PairGroup`): every prefill worker of a group pairs with every decode worker
+of it, so a fleet of 500 + 500 workers has 250,000 pairs. A policy ranks a pair by its prefill worker's part
+plus its decode worker's part, then same host first (`policies.rank_pair`); over a group, the best pairs
+are thus its best prefill workers with its best decode workers, found in one pass over each side. Of
+equally ranked pairs the request takes the next in turn, in the order of all candidate pairs sorted by
+(prefill worker, decode worker): the pair that ranking every pair would pick.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dynamo_grpc.routing.policies import Load, Rank, RoutingPolicy
 
 @dataclass(frozen=True)
 class Side:
-    """A group's candidates for one request: its live prefill workers, its decode workers the request may use."""
+    """A group's candidates for a request: its live prefill workers, the decode workers it may use."""
 
     prefills: list[str]
     decodes: list[str]
@@ -40,7 +40,7 @@ def candidate_sides(groups: Sequence[PairGroup], live: Container[str], decodes: 
 
 @dataclass(frozen=True)
 class _Best:
-    """A side's best pairs: its best prefill workers (places in the side), each with its best decode workers."""
+    """A side's best pairs: its best prefill workers (places in the side), each with its best decodes."""
 
     side: Side
     prefills: list[int]
@@ -69,7 +69,10 @@ def choose_pair(sides: Sequence[Side], policy: RoutingPolicy, load: Load, host_o
             for d in decodes:
                 near.setdefault(host_of(side.decodes[d]), []).append(d)
             close = [p for p in prefills if host_of(side.prefills[p]) in near]
-            rank, found = ((*rank, False), _Best(side, close, decodes, near)) if close else ((*rank, True), found)
+            if close:
+                rank, found = (*rank, False), _Best(side, close, decodes, near)
+            else:
+                rank = (*rank, True)
         if best_rank is None or rank < best_rank:
             best_rank, best = rank, [found]
         elif rank == best_rank:

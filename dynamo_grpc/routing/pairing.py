@@ -37,8 +37,8 @@ def pairing_groups(workers: Iterable[pb.WorkerInfo]) -> list[cp_pb.PairingGroup]
         if worker.role in (pb.WORKER_ROLE_PREFILL, pb.WORKER_ROLE_DECODE):
             prefills, decodes = by_kind.setdefault((worker.model, worker.engine_fingerprint), ([], []))
             (prefills if worker.role == pb.WORKER_ROLE_PREFILL else decodes).append(worker.worker_id)
-    return [cp_pb.PairingGroup(model=model, engine_fingerprint=fingerprint, prefill_worker_ids=sorted(prefills),
-                               decode_worker_ids=sorted(decodes))
+    return [cp_pb.PairingGroup(model=model, engine_fingerprint=fingerprint,
+                               prefill_worker_ids=sorted(prefills), decode_worker_ids=sorted(decodes))
             for (model, fingerprint), (prefills, decodes) in sorted(by_kind.items()) if prefills and decodes]
 
 
@@ -47,7 +47,8 @@ def compute_pairings(workers: Iterable[pb.WorkerInfo], *, version: int = 0) -> c
     workers = list(workers)
     host = {w.worker_id: w.host for w in workers}
     pairs = [cp_pb.Pairing(prefill_worker_id=p, decode_worker_id=d, same_host=host[p] == host[d])
-             for group in pairing_groups(workers) for p in group.prefill_worker_ids for d in group.decode_worker_ids]
+             for group in pairing_groups(workers)
+             for p in group.prefill_worker_ids for d in group.decode_worker_ids]
     pairs.sort(key=lambda pair: (not pair.same_host, pair.prefill_worker_id, pair.decode_worker_id))
     return cp_pb.PairingTable(pairings=pairs, version=version)
 

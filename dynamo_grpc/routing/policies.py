@@ -58,9 +58,9 @@ class RoutingPolicy(Protocol):
 
 def rank_pair(policy: RoutingPolicy, prefill_worker_id: str, decode_worker_id: str, same_host: bool,
               load: Load) -> Rank:
-    """A pair's rank: its two workers' parts added item by item, then same host first if the policy says so."""
-    parts = zip(policy.rank_prefill(prefill_worker_id, load), policy.rank_paired_decode(decode_worker_id, load),
-                strict=True)
+    """A pair's rank: its two workers' parts added item by item, then same host first if the policy asks."""
+    parts = zip(policy.rank_prefill(prefill_worker_id, load),
+                policy.rank_paired_decode(decode_worker_id, load), strict=True)
     rank = tuple(prefill + decode for prefill, decode in parts)
     return (*rank, not same_host) if policy.same_host_first else rank
 
