@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file dynamo_grpc/v1/control_plane.proto.
  */
 export const file_dynamo_grpc_v1_control_plane: GenFile = /*@__PURE__*/
-  fileDesc("CiJkeW5hbW9fZ3JwYy92MS9jb250cm9sX3BsYW5lLnByb3RvEg5keW5hbW9fZ3JwYy52MSLrAQoNUGxhbm5lZFdvcmtlchIMCgRuYW1lGAEgASgJEigKBHJvbGUYAiABKA4yGi5keW5hbW9fZ3JwYy52MS5Xb3JrZXJSb2xlEgwKBGhvc3QYAyABKAkSDAoEcG9ydBgEIAEoDRIPCgdkZXZpY2VzGAUgAygNEkIKC2VuZ2luZV9hcmdzGAYgAygLMi0uZHluYW1vX2dycGMudjEuUGxhbm5lZFdvcmtlci5FbmdpbmVBcmdzRW50cnkaMQoPRW5naW5lQXJnc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiRQoEUGxhbhINCgVtb2RlbBgBIAEoCRIuCgd3b3JrZXJzGAIgAygLMh0uZHluYW1vX2dycGMudjEuUGxhbm5lZFdvcmtlciJRCgdQYWlyaW5nEhkKEXByZWZpbGxfd29ya2VyX2lkGAEgASgJEhgKEGRlY29kZV93b3JrZXJfaWQYAiABKAkSEQoJc2FtZV9ob3N0GAMgASgIIkoKDFBhaXJpbmdUYWJsZRIpCghwYWlyaW5ncxgBIAMoCzIXLmR5bmFtb19ncnBjLnYxLlBhaXJpbmcSDwoHdmVyc2lvbhgCIAEoBCJNChJMaXN0V29ya2Vyc1JlcXVlc3QSKAoEcm9sZRgBIAEoDjIaLmR5bmFtb19ncnBjLnYxLldvcmtlclJvbGUSDQoFbW9kZWwYAiABKAkiQgoTTGlzdFdvcmtlcnNSZXNwb25zZRIrCgd3b3JrZXJzGAEgAygLMhouZHluYW1vX2dycGMudjEuV29ya2VySW5mbyIQCg5HZXRQbGFuUmVxdWVzdCI1Cg9HZXRQbGFuUmVzcG9uc2USIgoEcGxhbhgBIAEoCzIULmR5bmFtb19ncnBjLnYxLlBsYW4iFAoSR2V0UGFpcmluZ3NSZXF1ZXN0IkIKE0dldFBhaXJpbmdzUmVzcG9uc2USKwoFdGFibGUYASABKAsyHC5keW5hbW9fZ3JwYy52MS5QYWlyaW5nVGFibGUiFgoUV2F0Y2hQYWlyaW5nc1JlcXVlc3QiRAoVV2F0Y2hQYWlyaW5nc1Jlc3BvbnNlEisKBXRhYmxlGAEgASgLMhwuZHluYW1vX2dycGMudjEuUGFpcmluZ1RhYmxlIo8BCgtTY2FsZVRhcmdldBIXCg9wcmVmaWxsX3dvcmtlcnMYASABKA0SFgoOZGVjb2RlX3dvcmtlcnMYAiABKA0SDgoGcmVhc29uGAMgASgJEg8KB3ZlcnNpb24YBCABKAQSLgoKY2hhbmdlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiRwoOQ2FwYWNpdHlEZW1hbmQSDQoFbW9kZWwYASABKAkSJgoCYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIhcKFUdldFNjYWxlVGFyZ2V0UmVxdWVzdCJFChZHZXRTY2FsZVRhcmdldFJlc3BvbnNlEisKBnRhcmdldBgBIAEoCzIbLmR5bmFtb19ncnBjLnYxLlNjYWxlVGFyZ2V0MtIDChNDb250cm9sUGxhbmVTZXJ2aWNlElYKC0xpc3RXb3JrZXJzEiIuZHluYW1vX2dycGMudjEuTGlzdFdvcmtlcnNSZXF1ZXN0GiMuZHluYW1vX2dycGMudjEuTGlzdFdvcmtlcnNSZXNwb25zZRJKCgdHZXRQbGFuEh4uZHluYW1vX2dycGMudjEuR2V0UGxhblJlcXVlc3QaHy5keW5hbW9fZ3JwYy52MS5HZXRQbGFuUmVzcG9uc2USVgoLR2V0UGFpcmluZ3MSIi5keW5hbW9fZ3JwYy52MS5HZXRQYWlyaW5nc1JlcXVlc3QaIy5keW5hbW9fZ3JwYy52MS5HZXRQYWlyaW5nc1Jlc3BvbnNlEl4KDVdhdGNoUGFpcmluZ3MSJC5keW5hbW9fZ3JwYy52MS5XYXRjaFBhaXJpbmdzUmVxdWVzdBolLmR5bmFtb19ncnBjLnYxLldhdGNoUGFpcmluZ3NSZXNwb25zZTABEl8KDkdldFNjYWxlVGFyZ2V0EiUuZHluYW1vX2dycGMudjEuR2V0U2NhbGVUYXJnZXRSZXF1ZXN0GiYuZHluYW1vX2dycGMudjEuR2V0U2NhbGVUYXJnZXRSZXNwb25zZWIGcHJvdG8z", [file_dynamo_grpc_v1_common, file_google_protobuf_timestamp]);
+  fileDesc("CiJkeW5hbW9fZ3JwYy92MS9jb250cm9sX3BsYW5lLnByb3RvEg5keW5hbW9fZ3JwYy52MSLrAQoNUGxhbm5lZFdvcmtlchIMCgRuYW1lGAEgASgJEigKBHJvbGUYAiABKA4yGi5keW5hbW9fZ3JwYy52MS5Xb3JrZXJSb2xlEgwKBGhvc3QYAyABKAkSDAoEcG9ydBgEIAEoDRIPCgdkZXZpY2VzGAUgAygNEkIKC2VuZ2luZV9hcmdzGAYgAygLMi0uZHluYW1vX2dycGMudjEuUGxhbm5lZFdvcmtlci5FbmdpbmVBcmdzRW50cnkaMQoPRW5naW5lQXJnc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiRQoEUGxhbhINCgVtb2RlbBgBIAEoCRIuCgd3b3JrZXJzGAIgAygLMh0uZHluYW1vX2dycGMudjEuUGxhbm5lZFdvcmtlciJRCgdQYWlyaW5nEhkKEXByZWZpbGxfd29ya2VyX2lkGAEgASgJEhgKEGRlY29kZV93b3JrZXJfaWQYAiABKAkSEQoJc2FtZV9ob3N0GAMgASgIInAKDFBhaXJpbmdHcm91cBINCgVtb2RlbBgBIAEoCRIaChJlbmdpbmVfZmluZ2VycHJpbnQYAiABKAkSGgoScHJlZmlsbF93b3JrZXJfaWRzGAMgAygJEhkKEWRlY29kZV93b3JrZXJfaWRzGAQgAygJIngKDFBhaXJpbmdUYWJsZRIpCghwYWlyaW5ncxgBIAMoCzIXLmR5bmFtb19ncnBjLnYxLlBhaXJpbmcSDwoHdmVyc2lvbhgCIAEoBBIsCgZncm91cHMYAyADKAsyHC5keW5hbW9fZ3JwYy52MS5QYWlyaW5nR3JvdXAiTQoSTGlzdFdvcmtlcnNSZXF1ZXN0EigKBHJvbGUYASABKA4yGi5keW5hbW9fZ3JwYy52MS5Xb3JrZXJSb2xlEg0KBW1vZGVsGAIgASgJIkIKE0xpc3RXb3JrZXJzUmVzcG9uc2USKwoHd29ya2VycxgBIAMoCzIaLmR5bmFtb19ncnBjLnYxLldvcmtlckluZm8iEAoOR2V0UGxhblJlcXVlc3QiNQoPR2V0UGxhblJlc3BvbnNlEiIKBHBsYW4YASABKAsyFC5keW5hbW9fZ3JwYy52MS5QbGFuIhQKEkdldFBhaXJpbmdzUmVxdWVzdCJCChNHZXRQYWlyaW5nc1Jlc3BvbnNlEisKBXRhYmxlGAEgASgLMhwuZHluYW1vX2dycGMudjEuUGFpcmluZ1RhYmxlIhYKFFdhdGNoUGFpcmluZ3NSZXF1ZXN0IkQKFVdhdGNoUGFpcmluZ3NSZXNwb25zZRIrCgV0YWJsZRgBIAEoCzIcLmR5bmFtb19ncnBjLnYxLlBhaXJpbmdUYWJsZSKPAQoLU2NhbGVUYXJnZXQSFwoPcHJlZmlsbF93b3JrZXJzGAEgASgNEhYKDmRlY29kZV93b3JrZXJzGAIgASgNEg4KBnJlYXNvbhgDIAEoCRIPCgd2ZXJzaW9uGAQgASgEEi4KCmNoYW5nZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkcKDkNhcGFjaXR5RGVtYW5kEg0KBW1vZGVsGAEgASgJEiYKAmF0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIXChVHZXRTY2FsZVRhcmdldFJlcXVlc3QiRQoWR2V0U2NhbGVUYXJnZXRSZXNwb25zZRIrCgZ0YXJnZXQYASABKAsyGy5keW5hbW9fZ3JwYy52MS5TY2FsZVRhcmdldDLSAwoTQ29udHJvbFBsYW5lU2VydmljZRJWCgtMaXN0V29ya2VycxIiLmR5bmFtb19ncnBjLnYxLkxpc3RXb3JrZXJzUmVxdWVzdBojLmR5bmFtb19ncnBjLnYxLkxpc3RXb3JrZXJzUmVzcG9uc2USSgoHR2V0UGxhbhIeLmR5bmFtb19ncnBjLnYxLkdldFBsYW5SZXF1ZXN0Gh8uZHluYW1vX2dycGMudjEuR2V0UGxhblJlc3BvbnNlElYKC0dldFBhaXJpbmdzEiIuZHluYW1vX2dycGMudjEuR2V0UGFpcmluZ3NSZXF1ZXN0GiMuZHluYW1vX2dycGMudjEuR2V0UGFpcmluZ3NSZXNwb25zZRJeCg1XYXRjaFBhaXJpbmdzEiQuZHluYW1vX2dycGMudjEuV2F0Y2hQYWlyaW5nc1JlcXVlc3QaJS5keW5hbW9fZ3JwYy52MS5XYXRjaFBhaXJpbmdzUmVzcG9uc2UwARJfCg5HZXRTY2FsZVRhcmdldBIlLmR5bmFtb19ncnBjLnYxLkdldFNjYWxlVGFyZ2V0UmVxdWVzdBomLmR5bmFtb19ncnBjLnYxLkdldFNjYWxlVGFyZ2V0UmVzcG9uc2ViBnByb3RvMw", [file_dynamo_grpc_v1_common, file_google_protobuf_timestamp]);
 
 /**
  * A worker the plan asks for.
@@ -136,13 +136,57 @@ export const PairingSchema: GenMessage<Pairing> = /*@__PURE__*/
   messageDesc(file_dynamo_grpc_v1_control_plane, 2);
 
 /**
+ * Workers that pair all with all: every prefill worker of the group may feed every decode worker of it.
+ * A pair is same-host when both workers registered the same `WorkerInfo.host`.
+ *
+ * @generated from message dynamo_grpc.v1.PairingGroup
+ */
+export type PairingGroup = Message<"dynamo_grpc.v1.PairingGroup"> & {
+  /**
+   * The model its workers serve.
+   *
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * The engine fingerprint its workers share.
+   *
+   * @generated from field: string engine_fingerprint = 2;
+   */
+  engineFingerprint: string;
+
+  /**
+   * Its prefill workers, sorted.
+   *
+   * @generated from field: repeated string prefill_worker_ids = 3;
+   */
+  prefillWorkerIds: string[];
+
+  /**
+   * Its decode workers, sorted.
+   *
+   * @generated from field: repeated string decode_worker_ids = 4;
+   */
+  decodeWorkerIds: string[];
+};
+
+/**
+ * Describes the message dynamo_grpc.v1.PairingGroup.
+ * Use `create(PairingGroupSchema)` to create a new message.
+ */
+export const PairingGroupSchema: GenMessage<PairingGroup> = /*@__PURE__*/
+  messageDesc(file_dynamo_grpc_v1_control_plane, 3);
+
+/**
  * Which prefill workers may feed which decode workers.
  *
  * @generated from message dynamo_grpc.v1.PairingTable
  */
 export type PairingTable = Message<"dynamo_grpc.v1.PairingTable"> & {
   /**
-   * All allowed pairs, same-host pairs first.
+   * All allowed pairs, same-host pairs first. Listed while they number at most 4,096 (for readers that
+   * predate `groups`); beyond that, a table lists its groups only, so it stays small at any fleet size.
    *
    * @generated from field: repeated dynamo_grpc.v1.Pairing pairings = 1;
    */
@@ -154,6 +198,14 @@ export type PairingTable = Message<"dynamo_grpc.v1.PairingTable"> & {
    * @generated from field: uint64 version = 2;
    */
   version: bigint;
+
+  /**
+   * All allowed pairs, as one group per model and engine fingerprint. Empty in a table from a control
+   * plane that predates groups: `pairings` then lists every pair.
+   *
+   * @generated from field: repeated dynamo_grpc.v1.PairingGroup groups = 3;
+   */
+  groups: PairingGroup[];
 };
 
 /**
@@ -161,7 +213,7 @@ export type PairingTable = Message<"dynamo_grpc.v1.PairingTable"> & {
  * Use `create(PairingTableSchema)` to create a new message.
  */
 export const PairingTableSchema: GenMessage<PairingTable> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_control_plane, 3);
+  messageDesc(file_dynamo_grpc_v1_control_plane, 4);
 
 /**
  * Lists workers.
@@ -189,7 +241,7 @@ export type ListWorkersRequest = Message<"dynamo_grpc.v1.ListWorkersRequest"> & 
  * Use `create(ListWorkersRequestSchema)` to create a new message.
  */
 export const ListWorkersRequestSchema: GenMessage<ListWorkersRequest> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_control_plane, 4);
+  messageDesc(file_dynamo_grpc_v1_control_plane, 5);
 
 /**
  * The workers.
@@ -210,7 +262,7 @@ export type ListWorkersResponse = Message<"dynamo_grpc.v1.ListWorkersResponse"> 
  * Use `create(ListWorkersResponseSchema)` to create a new message.
  */
 export const ListWorkersResponseSchema: GenMessage<ListWorkersResponse> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_control_plane, 5);
+  messageDesc(file_dynamo_grpc_v1_control_plane, 6);
 
 /**
  * Asks for the plan.
@@ -225,7 +277,7 @@ export type GetPlanRequest = Message<"dynamo_grpc.v1.GetPlanRequest"> & {
  * Use `create(GetPlanRequestSchema)` to create a new message.
  */
 export const GetPlanRequestSchema: GenMessage<GetPlanRequest> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_control_plane, 6);
+  messageDesc(file_dynamo_grpc_v1_control_plane, 7);
 
 /**
  * The plan.
@@ -246,7 +298,7 @@ export type GetPlanResponse = Message<"dynamo_grpc.v1.GetPlanResponse"> & {
  * Use `create(GetPlanResponseSchema)` to create a new message.
  */
 export const GetPlanResponseSchema: GenMessage<GetPlanResponse> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_control_plane, 7);
+  messageDesc(file_dynamo_grpc_v1_control_plane, 8);
 
 /**
  * Asks for the pairing table.
@@ -261,7 +313,7 @@ export type GetPairingsRequest = Message<"dynamo_grpc.v1.GetPairingsRequest"> & 
  * Use `create(GetPairingsRequestSchema)` to create a new message.
  */
 export const GetPairingsRequestSchema: GenMessage<GetPairingsRequest> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_control_plane, 8);
+  messageDesc(file_dynamo_grpc_v1_control_plane, 9);
 
 /**
  * The pairing table.
@@ -282,7 +334,7 @@ export type GetPairingsResponse = Message<"dynamo_grpc.v1.GetPairingsResponse"> 
  * Use `create(GetPairingsResponseSchema)` to create a new message.
  */
 export const GetPairingsResponseSchema: GenMessage<GetPairingsResponse> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_control_plane, 9);
+  messageDesc(file_dynamo_grpc_v1_control_plane, 10);
 
 /**
  * Subscribes to the pairing table.
@@ -297,7 +349,7 @@ export type WatchPairingsRequest = Message<"dynamo_grpc.v1.WatchPairingsRequest"
  * Use `create(WatchPairingsRequestSchema)` to create a new message.
  */
 export const WatchPairingsRequestSchema: GenMessage<WatchPairingsRequest> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_control_plane, 10);
+  messageDesc(file_dynamo_grpc_v1_control_plane, 11);
 
 /**
  * A version of the pairing table.
@@ -318,7 +370,7 @@ export type WatchPairingsResponse = Message<"dynamo_grpc.v1.WatchPairingsRespons
  * Use `create(WatchPairingsResponseSchema)` to create a new message.
  */
 export const WatchPairingsResponseSchema: GenMessage<WatchPairingsResponse> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_control_plane, 11);
+  messageDesc(file_dynamo_grpc_v1_control_plane, 12);
 
 /**
  * How many workers of each pool should run. The control plane's autoscaler sets it; the supervisor on
@@ -369,7 +421,7 @@ export type ScaleTarget = Message<"dynamo_grpc.v1.ScaleTarget"> & {
  * Use `create(ScaleTargetSchema)` to create a new message.
  */
 export const ScaleTargetSchema: GenMessage<ScaleTarget> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_control_plane, 12);
+  messageDesc(file_dynamo_grpc_v1_control_plane, 13);
 
 /**
  * A router's call for capacity: a request found no decode worker for its model. The autoscaler answers
@@ -398,7 +450,7 @@ export type CapacityDemand = Message<"dynamo_grpc.v1.CapacityDemand"> & {
  * Use `create(CapacityDemandSchema)` to create a new message.
  */
 export const CapacityDemandSchema: GenMessage<CapacityDemand> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_control_plane, 13);
+  messageDesc(file_dynamo_grpc_v1_control_plane, 14);
 
 /**
  * Asks for the scale target.
@@ -413,7 +465,7 @@ export type GetScaleTargetRequest = Message<"dynamo_grpc.v1.GetScaleTargetReques
  * Use `create(GetScaleTargetRequestSchema)` to create a new message.
  */
 export const GetScaleTargetRequestSchema: GenMessage<GetScaleTargetRequest> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_control_plane, 14);
+  messageDesc(file_dynamo_grpc_v1_control_plane, 15);
 
 /**
  * The scale target.
@@ -434,7 +486,7 @@ export type GetScaleTargetResponse = Message<"dynamo_grpc.v1.GetScaleTargetRespo
  * Use `create(GetScaleTargetResponseSchema)` to create a new message.
  */
 export const GetScaleTargetResponseSchema: GenMessage<GetScaleTargetResponse> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_control_plane, 15);
+  messageDesc(file_dynamo_grpc_v1_control_plane, 16);
 
 /**
  * The fleet, the plan and the prefill-to-decode pairing table.
