@@ -14,14 +14,14 @@ from dynamo_grpc.frontend.openai_protocol import chat_prompt, http_status
 from dynamo_grpc.tiny_model import CHAT_TEMPLATE
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from tests.bad_input import BadInput, assert_body_limits_hold, assert_refused_by_frontend, bad_inputs
-from tests.cluster import FAST_ENGINE, MODEL, Served, openai_frontend, running
+from tests.cluster import FAST_ENGINE, FRONTEND_MODES, MODEL, Served, openai_frontend, running
 
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[Served]:
-    async with running() as stubs, openai_frontend(stubs) as served:
+@pytest.fixture(params=FRONTEND_MODES)
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    async with running() as stubs, openai_frontend(stubs, mode=request.param) as served:
         yield served
 
 
@@ -224,8 +224,11 @@ async def test_client_disconnect_cancels_the_request_everywhere(served: Served,
             break
         await asyncio.sleep(0.02)
     # The cancel went in-band and the router confirmed it: its stream ended (the relay reading it is done)
-    # long before the grace after which the frontend would cut the call.
-    assert not relays and "request walk-away: client cancelled (client cancel)" in caplog.messages
+    # long before the grace after which the frontend would cut the call. A remote router logs the cancel it
+    # got; the decode worker logs the one the router sent on, in both modes.
+    assert not relays and "request walk-away: client cancelled (client cancelled)" in caplog.messages
+    if served.mode == "remote":
+        assert "request walk-away: client cancelled (client cancel)" in caplog.messages
     await served.stubs.assert_no_leaks()
     assert await served.metric("dynamo_frontend_inflight_requests") == 0
     assert await served.metric('dynamo_frontend_requests_total{endpoint="/v1/completions",status="499"}') == 1

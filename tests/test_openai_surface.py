@@ -13,14 +13,14 @@ from typing import Any
 import openai
 import pytest
 
-from tests.cluster import MODEL, Served, openai_frontend, running
+from tests.cluster import FRONTEND_MODES, MODEL, Served, openai_frontend, running
 
 GREEDY: dict[str, Any] = {"temperature": 0.0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[Served]:
-    async with running() as stubs, openai_frontend(stubs) as served:
+@pytest.fixture(params=FRONTEND_MODES)
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    async with running() as stubs, openai_frontend(stubs, mode=request.param) as served:
         yield served
 
 
