@@ -17,7 +17,7 @@ too, so a starved or saturated run shows.
 
     python bench/stack_overhead.py --dynamo-anchor PATH/dynamo-serve.sh [--requests 2000] [--concurrency 64]
         [--rounds 3] [--clients 2] [--event-loops uvloop asyncio] [--frontend-workers 1 2] [--remote-router]
-        [--stream-interval-ms MS]
+        [--stream-interval-ms MS [MS ...]]
     python bench/stack_overhead.py --profile DIR      # also py-spy each layer, one process at a time
     python bench/stack_overhead.py --small            # a few requests per mode, no Dynamo (smoke test)
 
@@ -231,15 +231,10 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "dynamo_grpc.cli", *args]
 
 
-def cli_env(event_loop: str) -> dict[str, str]:
-    """This tree's code in every process, on the chosen event loop."""
-    return {"PYTHONPATH": str(REPO), "DYNAMO_GRPC_EVENT_LOOP": event_loop}
-
-
 def cli_has_workers_flag(role: str) -> bool:
     """Whether `dynamo-grpc ROLE` takes `--workers N` (several serving processes on one port)."""
     result = subprocess.run(cli(role, "--help"), capture_output=True, text=True, check=True,
-                            env={**os.environ, **cli_env("asyncio")})
+                            env={**os.environ, "PYTHONPATH": str(REPO), "DYNAMO_GRPC_EVENT_LOOP": "asyncio"})
     return "--workers" in result.stdout
 
 
@@ -300,23 +295,47 @@ class Mode:
     disaggregated: bool = False
 
 
-async def start_workers(fleet: Fleet, etcd: str, event_loop: str, decode_flags: tuple[str, ...] = ()
-                        ) -> dict[str, list[Child]]:
-    """Control plane, prefill and decode worker of one deployment (one etcd namespace per event loop)."""
-    common = ("--etcd", etcd, "--namespace", f"bench-{event_loop}")
+@dataclass(frozen=True)
+class Variant:
+    """One deployment of ours: the event loop its processes run on, and its decode worker's stream interval."""
+
+    event_loop: str
+    stream_interval_ms: float | None
+    """None: the worker's default."""
+    several_intervals: bool = False
+
+    @property
+    def suffix(self) -> str:
+        """What mode names add for this deployment (nothing for the default one)."""
+        loop = "" if self.event_loop == "uvloop" else f"/{self.event_loop}"
+        return loop + (f"/{self.stream_interval_ms:g}ms" if self.several_intervals else "")
+
+    @property
+    def namespace(self) -> str:
+        return f"bench-{self.event_loop}" + (f"-{self.stream_interval_ms:g}ms" if self.several_intervals else "")
+
+    def env(self) -> dict[str, str]:
+        """This tree's code in every process, on the chosen event loop."""
+        return {"PYTHONPATH": str(REPO), "DYNAMO_GRPC_EVENT_LOOP": self.event_loop}
+
+
+async def start_workers(fleet: Fleet, etcd: str, variant: Variant) -> dict[str, list[Child]]:
+    """Control plane, prefill and decode worker of one deployment (an etcd namespace of its own)."""
+    common = ("--etcd", etcd, "--namespace", variant.namespace)
+    interval = () if variant.stream_interval_ms is None else ("--stream-interval-ms", f"{variant.stream_interval_ms:g}")
     children: dict[str, list[Child]] = {}
     waits = []
-    for role, flags in (("control-plane", ()), ("prefill", ZERO_COST), ("decode", (*ZERO_COST, *decode_flags))):
+    for role, flags in (("control-plane", ()), ("prefill", ZERO_COST), ("decode", (*ZERO_COST, *interval))):
         port = free_port()
-        child = fleet.start(f"{role}-{event_loop}", cli(role, "--port", str(port), *common, *flags),
-                            cli_env(event_loop))
+        child = fleet.start(f"{role}{variant.suffix.replace('/', '-')}", cli(role, "--port", str(port), *common, *flags),
+                            variant.env())
         children[role] = [child]
         waits.append(wait_grpc_serving(child, f"127.0.0.1:{port}"))
     await asyncio.gather(*waits)
     return children
 
 
-async def start_our_mode(fleet: Fleet, etcd: str, workers: dict[str, list[Child]], *, event_loop: str,
+async def start_our_mode(fleet: Fleet, etcd: str, workers: dict[str, list[Child]], *, variant: Variant,
                          disaggregated: bool, processes: int, workers_flags: dict[str, bool],
                          remote_router: bool) -> Mode:
     """The frontend(s) for one mode over a deployment's workers, each routing in its own process, or
@@ -326,10 +345,10 @@ async def start_our_mode(fleet: Fleet, etcd: str, workers: dict[str, list[Child]
     router, itself `--workers N` if it has the flag); if not, N frontends (N frontend+router pairs) run, and
     the clients spread over them.
     """
-    name = ("disagg" if disaggregated else "agg") + ("/remote" if remote_router else "") + (
-        "" if event_loop == "uvloop" else f"/{event_loop}") + (f"/{processes}fe" if processes > 1 else "")
+    name = ("disagg" if disaggregated else "agg") + ("/remote" if remote_router else "") + variant.suffix + (
+        f"/{processes}fe" if processes > 1 else "")
     label = name.replace("/", "-")
-    common = ("--etcd", etcd, "--namespace", f"bench-{event_loop}")
+    common = ("--etcd", etcd, "--namespace", variant.namespace)
     router_flags = () if disaggregated else NEVER_DISAGGREGATE
     routers, frontends, waits, urls = [], [], [], []
     router_copies = 1 if workers_flags["router"] or workers_flags["frontend"] else processes
@@ -337,7 +356,7 @@ async def start_our_mode(fleet: Fleet, etcd: str, workers: dict[str, list[Child]
         port = free_port()
         extra = ("--workers", str(processes)) if workers_flags["router"] and processes > 1 else ()
         child = fleet.start(f"router-{label}-{i}",
-                            cli("router", "--port", str(port), *common, *router_flags, *extra), cli_env(event_loop))
+                            cli("router", "--port", str(port), *common, *router_flags, *extra), variant.env())
         routers.append((child, f"127.0.0.1:{port}"))
         waits.append(wait_grpc_serving(child, f"127.0.0.1:{port}"))
     await asyncio.gather(*waits)
@@ -347,7 +366,7 @@ async def start_our_mode(fleet: Fleet, etcd: str, workers: dict[str, list[Child]
         extra = ("--workers", str(processes)) if workers_flags["frontend"] and processes > 1 else ()
         routing = ("--router", routers[i % len(routers)][1]) if remote_router else router_flags
         child = fleet.start(f"frontend-{label}-{i}", cli("frontend", "--port", str(port), *routing, *common, *extra),
-                            cli_env(event_loop))
+                            variant.env())
         frontends.append(child)
         urls.append(f"http://127.0.0.1:{port}")
         waits.append(wait_http(child, f"{urls[-1]}/health", START_TIMEOUT_S))
@@ -674,20 +693,22 @@ async def run(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
     modes: list[Mode] = []
     if args.dynamo_anchor:
         modes.append(await start_dynamo(fleet, args.dynamo_anchor))
+    intervals = args.stream_interval_ms or [None]
     for event_loop in args.event_loops:
-        log(f"starting our deployment on {event_loop}: control plane, prefill, decode")
-        decode_flags = ("--stream-interval-ms", str(args.stream_interval_ms)) if args.stream_interval_ms else ()
-        workers = await start_workers(fleet, etcd, event_loop, decode_flags)
-        shared[f"control-plane/{event_loop}"] = workers.pop("control-plane")
-        for processes in args.frontend_workers:
-            for remote_router in sorted({False, args.remote_router}):
-                for disaggregated in (False, True):
-                    mode = await start_our_mode(fleet, etcd, workers, event_loop=event_loop,
-                                                disaggregated=disaggregated, processes=processes,
-                                                workers_flags=workers_flags, remote_router=remote_router)
-                    mode.layers["control-plane"] = shared[f"control-plane/{event_loop}"]
-                    await check_path(mode)
-                    modes.append(mode)
+        for interval in intervals:
+            variant = Variant(event_loop, interval, several_intervals=len(intervals) > 1)
+            log(f"starting our deployment{variant.suffix}: control plane, prefill, decode")
+            workers = await start_workers(fleet, etcd, variant)
+            control_plane = workers.pop("control-plane")
+            for processes in args.frontend_workers:
+                for remote_router in sorted({False, args.remote_router}):
+                    for disaggregated in (False, True):
+                        mode = await start_our_mode(fleet, etcd, workers, variant=variant,
+                                                    disaggregated=disaggregated, processes=processes,
+                                                    workers_flags=workers_flags, remote_router=remote_router)
+                        mode.layers["control-plane"] = control_plane
+                        await check_path(mode)
+                        modes.append(mode)
     fleet.remember_tree()
     if workers_flags["frontend"]:
         layout = "one `frontend --workers N` (/remote: in front of " + (
@@ -744,8 +765,9 @@ def main() -> int:
                         "separate pairs (e.g. 1 2)")
     parser.add_argument("--remote-router", action="store_true",
                         help="also run each mode with the router in a process of its own, behind `frontend --router`")
-    parser.add_argument("--stream-interval-ms", type=float, default=None,
-                        help="the decode worker's --stream-interval-ms (default: the worker's own default)")
+    parser.add_argument("--stream-interval-ms", type=float, nargs="+", default=None, metavar="MS",
+                        help="the decode worker's --stream-interval-ms (default: the worker's own); several: a "
+                        "deployment each, modes named /<MS>ms")
     parser.add_argument("--profile", default="", metavar="DIR",
                         help="after the rounds, py-spy each of our layers (agg, disagg) under the same load, "
                         "one process at a time, into DIR, and print where their CPU goes")
