@@ -20,7 +20,7 @@ from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR
 EngineConfig = Any
 """One of the engines' config dataclasses (`EngineKind.config`)."""
 KV_PULL_FAILURE_POLICIES = ("fail", "local-prefill")
-DEFAULT_STREAM_INTERVAL_MS = 5.0
+DEFAULT_STREAM_INTERVAL_MS = 10.0
 MAX_STREAM_INTERVAL_MS = 1000.0
 ROUTING_POLICIES = tuple(POLICIES)
 

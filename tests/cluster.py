@@ -36,6 +36,11 @@ MODEL = "sim-tiny"
 FAST_ENGINE = SimulatedEngineConfig(model=MODEL, decode_step_s=0.001, prefill_s_per_token=1e-5, num_blocks=512)
 
 
+def text_of(token_ids: list[int]) -> str:
+    """The simulated model's detokenizer: bytes, the end-of-sequence token (256) has no text."""
+    return bytes(t for t in token_ids if t < 256).decode()
+
+
 def worker_config(**engine: object) -> WorkerConfig:
     return WorkerConfig(server=ServerConfig(port=0), engine=dataclasses.replace(FAST_ENGINE, **engine))
 

@@ -24,6 +24,7 @@ from dynamo_grpc.v1 import common_pb2 as pb
 class Generation:
     """One running generation."""
 
+    request_id: str
     responses: AsyncIterator[Any]
     """`DecodeResponse`s (in process) or `GenerateResponse`s (remote): tokens, or a completion."""
     cancel: Callable[[], None]
@@ -47,7 +48,7 @@ class EmbeddedRouter:
 
     def open(self, request_id: str, params: pb.GenerationParams) -> Generation:
         cancelled = CancelSignal()
-        return Generation(self.router.generate(request_id, params, cancelled), cancelled.set)
+        return Generation(request_id, self.router.generate(request_id, params, cancelled), cancelled.set)
 
 
 class RemoteRouter:
@@ -59,7 +60,7 @@ class RemoteRouter:
 
     def open(self, request_id: str, params: pb.GenerationParams) -> Generation:
         stream = GenerateStream(self._client.stub, request_id, params)
-        return Generation(_with_our_errors(stream), stream.cancel)
+        return Generation(request_id, _with_our_errors(stream), stream.cancel)
 
     async def close(self) -> None:
         await self._client.channel.close()

@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,21 +103,22 @@ class _Relays:
         self._mailbox: Mailbox[tuple[int, Any]] = Mailbox(loop)
         self._running = len(generations)
         self._completed = 0
-        self._tasks = [loop.create_task(self._pump(index, g.responses)) for index, g in enumerate(generations)]
+        self._tasks = [loop.create_task(self._pump(index, g)) for index, g in enumerate(generations)]
         for task in self._tasks:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
-    async def _pump(self, index: int, responses: AsyncIterator[Any]) -> None:
+    async def _pump(self, index: int, generation: Generation) -> None:
         ending: DynamoError | None = None
         try:
-            async for response in responses:
+            async for response in generation.responses:
                 self._mailbox.put((index, response))
         except DynamoError as error:
+            log.info("request %s failed: %s %s", generation.request_id, error.code.name, error.message)
             ending = error
         except Exception:  # a bug must still end the request with a status, as over gRPC
-            log.exception("a generation failed unexpectedly")
-            ending = DynamoError("internal error; see the server log")
+            log.exception("request %s: generation failed unexpectedly", generation.request_id)
+            ending = DynamoError("internal error; see the server log", request_id=generation.request_id)
         self._mailbox.put((index, ending))
 
     async def next(self) -> tuple[int, Any] | None:
@@ -299,7 +300,7 @@ class Frontend:
             relays.abandon()
             self.metrics.in_flight -= 1
 
-    def _count(self, tokens: pb.TokenBatch | None, first_tokens: bool, started: float) -> bool:
+    def _count_tokens(self, tokens: pb.TokenBatch | None, first_tokens: bool, started: float) -> bool:
         """Record tokens generated, and the time to the request's first; whether it has tokens now."""
         if tokens is None or not tokens.token_ids:
             return first_tokens
@@ -316,7 +317,7 @@ class Frontend:
             while item is not None:
                 made = choices[item[0]]
                 tokens, completion = _parts(item[1])
-                has_tokens = self._count(tokens, has_tokens, started)
+                has_tokens = self._count_tokens(tokens, has_tokens, started)
                 if tokens is not None:
                     made.text.append(tokens.text)
                     made.token_ids += tokens.token_ids
@@ -362,7 +363,7 @@ class Frontend:
                 index, response = item
                 tokens, completion = _parts(response)
                 if tokens is not None:
-                    has_tokens = self._count(tokens, has_tokens, started)
+                    has_tokens = self._count_tokens(tokens, has_tokens, started)
                     logprobs = logprobs_of(job, tokens.logprobs, text_offsets[index])
                     if logprobs is not None:
                         text_offsets[index] += sum(len(entry.token) for entry in tokens.logprobs)
