@@ -20,6 +20,8 @@ from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR
 EngineConfig = Any
 """One of the engines' config dataclasses (`EngineKind.config`)."""
 KV_PULL_FAILURE_POLICIES = ("fail", "local-prefill")
+DEFAULT_STREAM_INTERVAL_MS = 10.0
+MAX_STREAM_INTERVAL_MS = 1000.0
 ROUTING_POLICIES = tuple(POLICIES)
 
 
@@ -66,10 +68,15 @@ class WorkerConfig:
     worker_id: str = ""
     kv_ttl_s: float = 30.0
     kv_pull_failure: str = "fail"
+    stream_interval_ms: float = DEFAULT_STREAM_INTERVAL_MS
+    """A decode stream sends its first tokens at once, then gathers tokens for this long per message."""
 
     def __post_init__(self) -> None:
         if self.kv_ttl_s <= 0:
             raise ConfigError(f"--kv-ttl-s must be positive, got {self.kv_ttl_s}")
+        if not 0 <= self.stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
+            raise ConfigError(f"--stream-interval-ms must be in [0, {MAX_STREAM_INTERVAL_MS}], "
+                              f"got {self.stream_interval_ms}")
         if self.kv_pull_failure not in KV_PULL_FAILURE_POLICIES:
             raise ConfigError(f"--kv-pull-failure must be one of {', '.join(KV_PULL_FAILURE_POLICIES)}, "
                               f"got {self.kv_pull_failure!r}")
@@ -145,6 +152,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "kv-ttl-s", default=30.0, type=float, help="seconds a prefill holds unpulled KV")
     add_flag(parser, "kv-pull-failure", default="fail", choices=KV_PULL_FAILURE_POLICIES,
              help="decode worker, when pulling a prompt's KV fails: fail the request, or prefill it locally")
+    add_flag(parser, "stream-interval-ms", default=DEFAULT_STREAM_INTERVAL_MS, type=float,
+             help="decode worker: after a request's first tokens (sent at once), send its tokens at most this "
+             "often, gathered into one message (its last at once; 0: send each step's tokens when ready)")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -181,4 +191,4 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return WorkerConfig(server=server_config(args), engine=engine, worker_id=args.worker_id, kv_ttl_s=args.kv_ttl_s,
-                        kv_pull_failure=args.kv_pull_failure)
+                        kv_pull_failure=args.kv_pull_failure, stream_interval_ms=args.stream_interval_ms)

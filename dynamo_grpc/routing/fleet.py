@@ -129,6 +129,8 @@ class Fleet:
         self._policy = policy
         self.routing = routing_policy(routing)
         self.workers: dict[str, pb.WorkerInfo] = {}
+        self._engines: dict[str, str] = {}
+        """Model -> the engine kind of its workers, looked up per request."""
         self.prefix_index = PrefixIndex()
         self._own_channels = channels is None
         self._channels = channels if channels is not None else ChannelPool()
@@ -257,7 +259,7 @@ class Fleet:
 
     def engine_of(self, model: str) -> str:
         """The engine kind serving `model` ("" when none is registered)."""
-        return next((w.engine for w in self.workers.values() if w.model == model), "")
+        return self._engines.get(model, "")
 
     @contextlib.contextmanager
     def busy(self, worker: pb.WorkerInfo, tokens: int = 0) -> Iterator[None]:
@@ -288,6 +290,9 @@ class Fleet:
                 log.info("fleet: %d workers (joined: %s; left: %s)", len(snapshot), sorted(joined) or "-",
                          sorted(left) or "-")
             self.workers = snapshot
+            self._engines = {}
+            for worker in snapshot.values():
+                self._engines.setdefault(worker.model, worker.engine)
             self._follow_each_worker()
             self._first_snapshot.set()
 
