@@ -107,16 +107,30 @@ def _worker_info(worker_id: str, role: int, engine: Engine, endpoint: str, serve
                          started_at=started, engine=engine.kind)
 
 
+async def _start_worker(config: WorkerConfig, parts: EngineParts,
+                        services: Callable[[Engine], list[ServiceBinding]], starting: tuple[str, ...]
+                        ) -> tuple[RunningServer, Engine]:
+    """Open the worker's port first, its services NOT_SERVING, then start the engine and serve them:
+    probes and balancers get an answer while the engine loads."""
+    server = await start_server([], host=config.server.host, port=config.server.port,
+                                starting=(*starting, service_name(events_pb, "KvEventService")))
+    try:
+        engine = await start_engine(config, parts)
+    except BaseException:
+        await server.stop(0)
+        raise
+    await server.serve_late([*services(engine), *_kv_events(engine)])
+    return server, engine
+
+
 async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole:
     store = LeasedKvStore(endpoint="", host=config.server.node_name, ttl_s=config.kv_ttl_s)
-    engine = await start_engine(config, EngineParts(kv_store=store))
-    server = await start_server([
+    server, engine = await _start_worker(config, EngineParts(kv_store=store), lambda engine: [
         ServiceBinding(PrefillServicer(engine), prefill_grpc.add_PrefillServiceServicer_to_server,
                        service_name(prefill_pb, "PrefillService")),
         ServiceBinding(KvTransferServicer(store), add_kv_transfer_service,
                        service_name(kv_pb, "KvTransferService")),
-        *_kv_events(engine),
-    ], host=config.server.host, port=config.server.port)
+    ], starting=(service_name(prefill_pb, "PrefillService"), service_name(kv_pb, "KvTransferService")))
     endpoint = store.endpoint = config.server.endpoint(server.port)
     worker_id = config.resolved_worker_id("prefill")
     await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_PREFILL, engine, endpoint, config.server))
@@ -130,17 +144,14 @@ async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole
 
 async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     channels = ChannelPool()
-    engine = await start_engine(config, EngineParts(
-        kv_receiver=KvReceiver.over_network(channels, host=config.server.node_name)))
     worker_id = config.resolved_worker_id("decode")
-    decode = DecodeServicer(engine, worker_id=worker_id, local_prefill_on_pull_failure=
-                            config.kv_pull_failure == "local-prefill",
-                            stream_interval_s=config.stream_interval_ms / 1e3)
-    server = await start_server([
-        ServiceBinding(decode, decode_grpc.add_DecodeServiceServicer_to_server,
-                       service_name(decode_pb, "DecodeService")),
-        *_kv_events(engine),
-    ], host=config.server.host, port=config.server.port)
+    parts = EngineParts(kv_receiver=KvReceiver.over_network(channels, host=config.server.node_name))
+    server, engine = await _start_worker(config, parts, lambda engine: [
+        ServiceBinding(DecodeServicer(engine, worker_id=worker_id, local_prefill_on_pull_failure=
+                                      config.kv_pull_failure == "local-prefill",
+                                      stream_interval_s=config.stream_interval_ms / 1e3),
+                       decode_grpc.add_DecodeServiceServicer_to_server, service_name(decode_pb, "DecodeService")),
+    ], starting=(service_name(decode_pb, "DecodeService"),))
     endpoint = config.server.endpoint(server.port)
     await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_DECODE, engine, endpoint, config.server))
     log.info("decode worker %s serving %s on %s", worker_id, engine.model, endpoint)
