@@ -27,6 +27,7 @@ from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import (
     ROUTING_POLICIES,
     ConfigError,
+    EndpointPickerConfig,
     ServerConfig,
     add_engine_flags,
     add_flag,
@@ -142,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = roles.add_parser("router", help="run a router")
     add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
     add_router_flags(sub)
+    add_flag(sub, "ext-proc-port", default=0, type=int,
+             help="also serve Envoy's External Processing API here, as the endpoint picker of an Envoy-based "
+             "gateway (Gateway API Inference Extension; docs/mesh.md; needs dynamo-grpc[mesh]) (0: off)")
+    add_flag(sub, "ext-proc-target-port", default=8000, type=int,
+             help="port of the OpenAI frontend beside each decode worker, where the gateway sends what the "
+             "endpoint picker picks")
     sub = roles.add_parser("control-plane", help="run the control plane (pairings, plan, fleet)")
     add_server_flags(sub)
     add_flag(sub, "spec", default="", help="deployment spec whose compiled plan is published (GetPlan)")
@@ -442,11 +449,16 @@ async def _main(args: argparse.Namespace) -> int:
     starts = {
         "prefill": lambda: start_prefill(worker, registry),
         "decode": lambda: start_decode(worker, registry),
-        "router": lambda: start_router(server, registry, **router_settings(args)),
+        "router": lambda: start_router(server, registry, ext_proc=_endpoint_picker(args),
+                                       **router_settings(args)),
         "control-plane": lambda: start_control_plane(server, registry, plan=plan, autoscaling=autoscaling),
     }
     await _run_role(starts[command], registry)
     return 0
+
+
+def _endpoint_picker(args: argparse.Namespace) -> EndpointPickerConfig | None:
+    return EndpointPickerConfig(args.ext_proc_port, args.ext_proc_target_port) if args.ext_proc_port else None
 
 
 def _make_model(args: argparse.Namespace) -> int:

@@ -60,6 +60,21 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class EndpointPickerConfig:
+    """A router's endpoint picker for Envoy-based gateways (`services/endpoint_picker.py`)."""
+
+    port: int
+    """Where it serves Envoy's External Processing API (`--ext-proc-port`)."""
+    target_port: int = 8000
+    """The port of the OpenAI frontend beside each decode worker, where the gateway sends a request."""
+
+    def __post_init__(self) -> None:
+        for flag, port in (("--ext-proc-port", self.port), ("--ext-proc-target-port", self.target_port)):
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"{flag} must be in [1, 65535], got {port}")
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """A prefill or decode worker."""
 

@@ -15,7 +15,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from dynamo_grpc.channels import ChannelPool
-from dynamo_grpc.config import ServerConfig, WorkerConfig
+from dynamo_grpc.config import ConfigError, EndpointPickerConfig, ServerConfig, WorkerConfig
 from dynamo_grpc.engine.base import Engine
 from dynamo_grpc.engine.registry import EngineParts
 from dynamo_grpc.kv.store import LeasedKvStore
@@ -150,7 +150,8 @@ async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
         ServiceBinding(DecodeServicer(engine, worker_id=worker_id, local_prefill_on_pull_failure=
                                       config.kv_pull_failure == "local-prefill",
                                       stream_interval_s=config.stream_interval_ms / 1e3),
-                       decode_grpc.add_DecodeServiceServicer_to_server, service_name(decode_pb, "DecodeService")),
+                       decode_grpc.add_DecodeServiceServicer_to_server,
+                       service_name(decode_pb, "DecodeService")),
     ], starting=(service_name(decode_pb, "DecodeService"),))
     endpoint = config.server.endpoint(server.port)
     await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_DECODE, engine, endpoint, config.server))
@@ -158,9 +159,10 @@ async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     return RunningRole("decode worker", endpoint, server, registry, worker_id, [engine.shutdown, channels.close])
 
 
-async def start_router(config: ServerConfig, registry: Registry, **settings: Any) -> RunningRole:
+async def start_router(config: ServerConfig, registry: Registry, *,
+                       ext_proc: EndpointPickerConfig | None = None, **settings: Any) -> RunningRole:
     """RouterService on `config`'s port, over a router following `registry` (`settings` as `open_router`
-    takes them)."""
+    takes them); with `ext_proc`, also the endpoint picker for Envoy-based gateways on a port of its own."""
     router = await open_router(registry, **settings)
     server = await start_server([
         ServiceBinding(RouterServicer(router), router_grpc.add_RouterServiceServicer_to_server,
@@ -168,4 +170,25 @@ async def start_router(config: ServerConfig, registry: Registry, **settings: Any
     ], host=config.host, port=config.port)
     endpoint = config.endpoint(server.port)
     log.info("router serving on %s (%d workers known)", endpoint, len(router.fleet.workers))
-    return RunningRole("router", endpoint, server, registry, cleanups=[router.close], router=router)
+    cleanups: list[Callable[[], Awaitable[None]]] = [router.close]
+    if ext_proc is not None:
+        picker = await _start_endpoint_picker(router, config, ext_proc, str(settings.get("tokenizer") or ""))
+        cleanups.insert(0, picker.stop)
+    return RunningRole("router", endpoint, server, registry, cleanups=cleanups, router=router)
+
+
+async def _start_endpoint_picker(router: Router, config: ServerConfig, ext_proc: EndpointPickerConfig,
+                                 model_dir: str) -> RunningServer:
+    try:
+        from dynamo_grpc.frontend.openai_protocol import load_chat_template
+        from dynamo_grpc.services.endpoint_picker import SERVICE_NAME, EndpointPicker, add_to_server
+    except ImportError as error:
+        raise ConfigError(f"--ext-proc-port needs Envoy's API stubs ({error}): "
+                          "pip install 'dynamo-grpc[mesh]'") from None
+    picker = EndpointPicker(router, target_port=ext_proc.target_port,
+                            chat_template=load_chat_template(model_dir) if model_dir else None)
+    server = await start_server([ServiceBinding(picker, add_to_server, SERVICE_NAME)], host=config.host,
+                                port=ext_proc.port)
+    log.info("endpoint picker (Envoy ext_proc) serving on %s, picking frontends on port %d",
+             config.endpoint(server.port), ext_proc.target_port)
+    return server

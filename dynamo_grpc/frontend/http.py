@@ -38,6 +38,7 @@ from dynamo_grpc.frontend.openai_protocol import (
     usage_of,
 )
 from dynamo_grpc.registry import SCALE_DOCUMENT, Registry, RegistryUnavailable
+from dynamo_grpc.routing.router import PickedPair
 from dynamo_grpc.services.streams import Mailbox
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -281,7 +282,8 @@ class Frontend:
         started = time.monotonic()
         # n choices are n generations, `<request id>-<i>` at the router.
         ids = [request_id] if job.n == 1 else [f"{request_id}-{i}" for i in range(job.n)]
-        generations = [self.backend.open(rid, job.choice_params(i)) for i, rid in enumerate(ids)]
+        picked = PickedPair.from_headers(request.headers)
+        generations = [self.backend.open(rid, job.choice_params(i), picked) for i, rid in enumerate(ids)]
         relays = _Relays(generations, self.relays)
         self.metrics.in_flight += 1
         try:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import grpc
 
@@ -48,6 +50,24 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MIGRATIONS = 2
 
 
+@dataclass(frozen=True)
+class PickedPair:
+    """Workers chosen for a request before it arrived, by an endpoint picker in front of the frontend
+    (`services/endpoint_picker.py`), which names them in two request headers."""
+
+    decode_worker_id: str
+    prefill_worker_id: str = ""
+    """Empty: the decode worker prefills."""
+
+    DECODE_HEADER: ClassVar[str] = "x-dynamo-decode-worker"
+    PREFILL_HEADER: ClassVar[str] = "x-dynamo-prefill-worker"
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> PickedPair | None:
+        decode = headers.get(cls.DECODE_HEADER)
+        return cls(decode, headers.get(cls.PREFILL_HEADER, "")) if decode else None
+
+
 class Router:
     """Runs requests over a fleet: each `generate` picks a pair, prefills, decodes and relays the tokens."""
 
@@ -69,9 +89,18 @@ class Router:
         await self.fleet.stop()
         await self._channels.close()
 
-    async def generate(self, request_id: str, params: pb.GenerationParams, cancelled: CancelSignal
-                       ) -> AsyncIterator[decode_pb.DecodeResponse]:
-        """Run one request end to end; setting `cancelled` stops it and frees its KV everywhere.
+    def pick(self, request_id: str, params: pb.GenerationParams, *, exclude: Collection[str] = ()) -> Route:
+        """The pair this router would run the request on now (`exclude`: decode workers not to pick)."""
+        prompt = None
+        if self.fleet.routing.uses_prefix_cache:
+            prompt = self._tokenizer.token_ids(params, self.fleet.engine_of(params.model))
+        return self.fleet.route(params.model, request_id, prompt_tokens=estimated_tokens(params),
+                                prompt=prompt, exclude=exclude)
+
+    async def generate(self, request_id: str, params: pb.GenerationParams, cancelled: CancelSignal,
+                       picked: PickedPair | None = None) -> AsyncIterator[decode_pb.DecodeResponse]:
+        """Run one request end to end; setting `cancelled` stops it and frees its KV everywhere. `picked`
+        runs it on a pair chosen already (by an endpoint picker in front), while both workers are live.
 
         Yields the decode worker's messages as they come (token batches, then a completion, which may carry
         the last tokens in `last_tokens`), relayed without being rebuilt.
@@ -87,7 +116,8 @@ class Router:
         # The deadline cancels the request like a client would, then turns its end into DEADLINE_EXCEEDED.
         try:
             with deadline_timer(timeout, cancelled.set) as expired:
-                async with contextlib.aclosing(self._run(request_id, params, cancelled, timeout)) as responses:
+                async with contextlib.aclosing(self._run(request_id, params, cancelled, timeout, picked)
+                                               ) as responses:
                     async for response in responses:
                         if expired.is_set() and response.HasField("completion"):
                             break
@@ -99,11 +129,11 @@ class Router:
             self._live.discard(request_id)
 
     async def _run(self, request_id: str, params: pb.GenerationParams, cancelled: CancelSignal,
-                   timeout: float | None) -> AsyncIterator[decode_pb.DecodeResponse]:
-        prompt = None
-        if self.fleet.routing.uses_prefix_cache:
-            prompt = self._tokenizer.token_ids(params, self.fleet.engine_of(params.model))
-        route = await self._route(params, request_id, prompt, timeout, cancelled)
+                   timeout: float | None, picked: PickedPair | None
+                   ) -> AsyncIterator[decode_pb.DecodeResponse]:
+        route = self._picked_route(request_id, params, picked) if picked is not None else None
+        if route is None:
+            route = await self._route(params, request_id, timeout, cancelled)
         if route is None:
             yield decode_pb.DecodeResponse(request_id=request_id, completion=pb.Completion(
                 finish_reason=pb.FINISH_REASON_CANCELLED))
@@ -159,12 +189,25 @@ class Router:
             if handle is not None and not consumed:
                 await asyncio.shield(self._release(handle, request_id))
 
-    async def _route(self, params: pb.GenerationParams, request_id: str, prompt: tuple[int, ...] | None,
-                     timeout: float | None, cancelled: asyncio.Event) -> Route | None:
+    def _picked_route(self, request_id: str, params: pb.GenerationParams, picked: PickedPair) -> Route | None:
+        """The pair an endpoint picker chose; None (route anew) when its decode worker is gone or serves
+        another model. A prefill worker that is gone leaves the prefill to the decode worker."""
+        decode = self.fleet.workers.get(picked.decode_worker_id)
+        if decode is None or decode.role != pb.WORKER_ROLE_DECODE or decode.model != params.model:
+            log.info("request %s: picked decode worker %s is not live for %s; routing anew", request_id,
+                     picked.decode_worker_id, params.model)
+            return None
+        prefill = self.fleet.workers.get(picked.prefill_worker_id) if picked.prefill_worker_id else None
+        if prefill is not None and prefill.role != pb.WORKER_ROLE_PREFILL:
+            prefill = None
+        return Route(decode=decode, prefill=prefill, uncached_tokens=estimated_tokens(params))
+
+    async def _route(self, params: pb.GenerationParams, request_id: str, timeout: float | None,
+                     cancelled: asyncio.Event) -> Route | None:
         """The request's pair; with no decode worker at all, wait up to `cold_start_wait_s` for one to
         start (an autoscaled fleet at zero). None when the request is cancelled meanwhile."""
         def route() -> Route:
-            return self.fleet.route(params.model, request_id, prompt_tokens=estimated_tokens(params), prompt=prompt)
+            return self.pick(request_id, params)
 
         try:
             return route()

@@ -65,8 +65,8 @@ async def start_server(bindings: list[ServiceBinding], *, host: str, port: int,
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = tuple(b.service_name for b in bindings)
-    reflection.enable_server_reflection((*names, *starting, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                         reflection.SERVICE_NAME), server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection((*names, *starting, health_name, reflection.SERVICE_NAME), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}: address in use or not available; pick another --port")
