@@ -10,6 +10,7 @@ import dataclasses
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import httpx
@@ -33,9 +34,10 @@ from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
 from tests.cluster import MODEL, worker_config
-from tests.processes import free_port
+from tests.processes import RoleProcess, free_port
 
 HOSTS = {"127.0.0.1": "node-a", "127.0.0.2": "node-b"}
+PICKER_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 TARGET_PORT = 8000
 
 
@@ -67,7 +69,8 @@ async def fleet() -> AsyncIterator[Fleet]:
             decode[host] = await start_decode(config, registry)
             roles += [prefill[host], decode[host]]
         port = free_port()
-        router = await start_router(ServerConfig(port=0), registry, ext_proc=EndpointPickerConfig(port, TARGET_PORT))
+        picker = EndpointPickerConfig(port, TARGET_PORT)
+        router = await start_router(ServerConfig(port=0), registry, ext_proc=picker)
         roles.append(router)
         assert router.fleet is not None and await router.fleet.until_paired(timeout=10.0)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -82,7 +85,8 @@ def headers(path: str, *, end_of_stream: bool = False, **extra: str) -> ext_pb.H
     pairs = {":method": "POST" if not end_of_stream else "GET", ":path": path, ":authority": "gateway",
              "content-type": "application/json", **extra}
     return ext_pb.HttpHeaders(headers=core_pb.HeaderMap(headers=[
-        core_pb.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]), end_of_stream=end_of_stream)
+        core_pb.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]),
+        end_of_stream=end_of_stream)
 
 
 def completion_body(prompt: str, **fields: object) -> bytes:
@@ -135,7 +139,8 @@ async def test_the_pick_names_the_frontend_beside_the_decode_worker_and_a_same_h
         picked = set_headers(common.header_mutation)
         decode_host = fleet.host_of(picked["x-dynamo-decode-worker"])
         # (1) Envoy's header and metadata name one endpoint: the decode worker's host, the target port.
-        assert picked["x-gateway-destination-endpoint"] == f"{decode_host}:{TARGET_PORT}" == lb_endpoint(answer)
+        endpoint = picked["x-gateway-destination-endpoint"]
+        assert endpoint == f"{decode_host}:{TARGET_PORT}" == lb_endpoint(answer)
         assert common.clear_route_cache
         # (2) The prefill worker travels along: the router's same-host pairing.
         assert fleet.host_of(picked["x-dynamo-prefill-worker"]) == decode_host
@@ -153,8 +158,8 @@ async def test_full_duplex_streaming_answers_the_headers_after_the_whole_body_an
     body = completion_body("streamed in two chunks " * 4)
     envoy = Envoy(fleet.picker)
     try:
-        await envoy.send(request_headers=headers("/v1/completions"), protocol_config=ext_pb.ProtocolConfiguration(
-            request_body_mode=mode_pb.ProcessingMode.FULL_DUPLEX_STREAMED))
+        duplex = ext_pb.ProtocolConfiguration(request_body_mode=mode_pb.ProcessingMode.FULL_DUPLEX_STREAMED)
+        await envoy.send(request_headers=headers("/v1/completions"), protocol_config=duplex)
         await envoy.send(request_body=ext_pb.HttpBody(body=body[:20]))
         await envoy.send(request_body=ext_pb.HttpBody(body=body[20:], end_of_stream=True))
         to_headers, to_body = await envoy.receive(), await envoy.receive()
@@ -201,8 +206,8 @@ async def test_the_gateways_subset_hint_limits_the_pick_and_bad_requests_are_ans
     try:
         await envoy.send(request_headers=headers("/v1/models", end_of_stream=True))
         answer = await envoy.receive()
-        assert set_headers(answer.request_headers.response.header_mutation)["x-gateway-destination-endpoint"] in {
-            f"{host}:{TARGET_PORT}" for host in HOSTS}
+        picked = set_headers(answer.request_headers.response.header_mutation)
+        assert picked["x-gateway-destination-endpoint"] in {f"{host}:{TARGET_PORT}" for host in HOSTS}
     finally:
         envoy.close()
 
@@ -216,16 +221,20 @@ async def test_the_frontend_runs_a_request_on_the_pair_the_picker_named(fleet: F
             picked = set_headers(answer.request_body.response.header_mutation)
         # Cross-host on purpose: a pair the frontend's own router would not choose on an idle fleet.
         decode_id = picked["x-dynamo-decode-worker"]
-        prefill_id = next(role.worker_id for host, role in fleet.prefill.items() if host != fleet.host_of(decode_id))
+        prefill_id = next(role.worker_id for host, role in fleet.prefill.items()
+                          if host != fleet.host_of(decode_id))
         before = await stats(fleet)
         async with httpx.AsyncClient(base_url=frontend.url, timeout=30) as http:
-            reply = await http.post("/v1/completions", content=completion_body("run me where you picked " * 4),
-                                    headers={"content-type": "application/json", "x-dynamo-decode-worker": decode_id,
+            reply = await http.post("/v1/completions",
+                                    content=completion_body("run me where you picked " * 4),
+                                    headers={"content-type": "application/json",
+                                             "x-dynamo-decode-worker": decode_id,
                                              "x-dynamo-prefill-worker": prefill_id})
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["prompt_tokens_details"]["kv_transferred_tokens"] > 0
         after = await stats(fleet)
-        finished = {worker: after[worker].requests_finished - before[worker].requests_finished for worker in after}
+        finished = {worker: after[worker].requests_finished - before[worker].requests_finished
+                    for worker in after}
         assert finished == {worker: int(worker in (decode_id, prefill_id)) for worker in after}
     finally:
         await frontend.stop()
@@ -247,6 +256,30 @@ async def stats(fleet: Fleet) -> dict[str, pb.WorkerStats]:
 async def test_the_picker_reports_its_health_under_the_ext_proc_service_name(fleet: Fleet) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{fleet.picker_port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        reply = await health.Check(health_pb2.HealthCheckRequest(
-            service="envoy.service.ext_proc.v3.ExternalProcessor"))
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=PICKER_SERVICE))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.slow
+async def test_the_router_command_serves_the_picker_on_its_ext_proc_port(etcd, tmp_path: Path) -> None:
+    port = free_port()
+    router = RoleProcess("router", "--etcd", etcd.endpoint, "--ext-proc-port", str(port), log_dir=tmp_path)
+    try:
+        await router.wait_serving()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=PICKER_SERVICE),
+                                       wait_for_ready=True)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            # No workers registered yet: the gateway is told 503, in OpenAI's error shape.
+            envoy = Envoy(ext_grpc.ExternalProcessorStub(channel))
+            try:
+                await envoy.send(request_headers=headers("/v1/completions"))
+                await envoy.receive()
+                await envoy.send(request_body=ext_pb.HttpBody(body=completion_body("hi"), end_of_stream=True))
+                refused = (await envoy.receive()).immediate_response
+            finally:
+                envoy.close()
+        assert (refused.status.code, json.loads(refused.body)["error"]["code"]) == (503, "no_workers")
+    finally:
+        router.stop()

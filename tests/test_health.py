@@ -87,7 +87,8 @@ async def test_a_worker_is_not_serving_until_its_engine_is_up_then_drains_on_sig
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             async for _ in decode_stream(stub, "early", 4):
                 pass
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and error_reason(refused.value) == "NOT_READY"
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_reason(refused.value) == "NOT_READY"
         assert checked == {"status": "NOT_SERVING"}, "the engine loaded before the check: raise --load-s"
 
         # (2) The engine is up: SERVING, and Watch saw the change without polling.

