@@ -66,9 +66,9 @@ async def decode_stream(stub: decode_grpc.DecodeServiceStub, request_id: str, ma
 
 @pytest.fixture
 async def loading_decode(etcd, tmp_path: Path) -> AsyncIterator[RoleProcess]:
-    """A decode worker whose engine takes 3 s to load; steps of 10 ms."""
+    """A decode worker whose engine takes 5 s to load; steps of 10 ms."""
     worker = RoleProcess("decode", "--etcd", etcd.endpoint, "--engine", "simulated", "--model", MODEL,
-                         "--load-s", "3", "--decode-step-s", "0.01", log_dir=tmp_path)
+                         "--load-s", "5", "--decode-step-s", "0.01", log_dir=tmp_path)
     yield worker
     worker.stop()
 
@@ -89,6 +89,9 @@ async def test_a_worker_is_not_serving_until_its_engine_is_up_then_drains_on_sig
                 pass
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert error_reason(refused.value) == "NOT_READY"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.GetDecodeStats(decode_pb.GetDecodeStatsRequest())
+        assert (refused.value.code(), error_reason(refused.value)) == (grpc.StatusCode.UNAVAILABLE, "NOT_READY")
         assert checked == {"status": "NOT_SERVING"}, "the engine loaded before the check: raise --load-s"
 
         # (2) The engine is up: SERVING, and Watch saw the change without polling.

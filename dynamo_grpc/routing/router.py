@@ -191,15 +191,17 @@ class Router:
 
     def _picked_route(self, request_id: str, params: pb.GenerationParams, picked: PickedPair) -> Route | None:
         """The pair an endpoint picker chose; None (route anew) when its decode worker is gone or serves
-        another model. A prefill worker that is gone leaves the prefill to the decode worker."""
+        another model. A prefill worker that is gone, or cannot pair with it, leaves the prefill to the
+        decode worker."""
         decode = self.fleet.workers.get(picked.decode_worker_id)
         if decode is None or decode.role != pb.WORKER_ROLE_DECODE or decode.model != params.model:
             log.info("request %s: picked decode worker %s is not live for %s; routing anew", request_id,
                      picked.decode_worker_id, params.model)
             return None
         prefill = self.fleet.workers.get(picked.prefill_worker_id) if picked.prefill_worker_id else None
-        if prefill is not None and prefill.role != pb.WORKER_ROLE_PREFILL:
-            prefill = None
+        if prefill is not None and (prefill.role != pb.WORKER_ROLE_PREFILL or prefill.model != decode.model
+                                    or prefill.engine_fingerprint != decode.engine_fingerprint):
+            prefill = None  # not a partner of this decode worker: it prefills itself
         return Route(decode=decode, prefill=prefill, uncached_tokens=estimated_tokens(params))
 
     async def _route(self, params: pb.GenerationParams, request_id: str, timeout: float | None,

@@ -122,7 +122,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
             route = self._router.pick(request_id, job.params, exclude=outside)
         except DynamoError as error:
             return _refusal(http_status(error.code, error.reason), error.message, error.reason.lower())
-        busy.enter_context(self._busy(route, job.params))
+        busy.enter_context(self._busy(route))
         picked = _Picked(self._endpoint(route.decode), route)
         log.info("request %s for %s: decode worker %s, prefill worker %s, endpoint %s", request_id, job.model,
                  route.decode.worker_id, route.prefill.worker_id if route.prefill else "-", picked.endpoint)
@@ -138,7 +138,8 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
         return _Picked(self._endpoint(decode), Route(decode=decode, prefill=None))
 
     @contextlib.contextmanager
-    def _busy(self, route: Route, params: pb.GenerationParams) -> Iterator[None]:
+    def _busy(self, route: Route) -> Iterator[None]:
+        """The route's workers count as busy in the router while the request runs."""
         with contextlib.ExitStack() as stack:
             stack.enter_context(self._router.fleet.busy(route.decode))
             if route.prefill is not None:

@@ -7,6 +7,8 @@ balancers get an answer while weights load), and every service turns NOT_SERVING
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +24,8 @@ from dynamo_grpc.channels import CHANNEL_OPTIONS
 from dynamo_grpc.errors import DynamoError, Unavailable
 
 log = logging.getLogger(__name__)
+
+FIRST_MESSAGE_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -105,12 +109,16 @@ class LateServices(grpc.GenericRpcHandler):
             handler = handlers.service(handler_call_details)
             if handler is not None:
                 return handler
-        if handler_call_details.method.split("/")[1] in self._starting:
+        if handler_call_details.method.rpartition("/")[0].lstrip("/") in self._starting:
             return grpc.stream_stream_rpc_method_handler(_not_ready)
         return None
 
 
 async def _not_ready(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    # Take the client's first message before refusing: a refusal sent while the client is still writing it
+    # reaches a Python aio client as a failed send (INTERNAL), not as our status.
+    with contextlib.suppress(asyncio.TimeoutError, StopAsyncIteration):
+        await asyncio.wait_for(anext(aiter(requests)), FIRST_MESSAGE_WAIT_S)
     raise Unavailable("this worker's engine is still starting; retry shortly", reason="NOT_READY")
     yield  # a stream handler, so it answers every kind of call
 
