@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "deployed with the manifests)")
     sub.add_argument("--k8s-shared-memory", action="store_true",
                      help="share the node's /dev/shm and process ids so same-node pairs move KV in place")
+    sub.add_argument("--k8s-endpoint-picker", action="store_true",
+                     help="the router is also a gateway's endpoint picker: an OpenAI frontend beside each decode "
+                     "worker and an InferencePool of them (Gateway API Inference Extension; docs/mesh.md)")
     sub = roles.add_parser("up", help="run the plan's processes for this host, restarting any that die")
     sub.add_argument("spec", help="the deployment spec")
     sub.add_argument("--host", default="", help="which of the spec's hosts this machine is (default: guessed)")
@@ -524,7 +527,8 @@ def _compile(args: argparse.Namespace) -> int:
     print(plan_to_json(plan) if args.json else render_plan(plan))
     if args.k8s_out:
         written = write_manifests(plan, args.k8s_out, image=args.k8s_image, namespace=args.k8s_namespace,
-                                  etcd_endpoints=args.k8s_etcd, shared_memory=args.k8s_shared_memory)
+                                  etcd_endpoints=args.k8s_etcd, shared_memory=args.k8s_shared_memory,
+                                  endpoint_picker=args.k8s_endpoint_picker)
         print(f"wrote {len(written)} files to {args.k8s_out}", file=sys.stderr)
     return 0
 
