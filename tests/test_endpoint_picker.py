@@ -177,6 +177,20 @@ async def test_full_duplex_streaming_answers_the_headers_after_the_whole_body_an
     finally:
         envoy.close()
 
+    # A body that ends with trailers: the answer comes with them, the body goes back still open.
+    envoy = Envoy(fleet.picker)
+    try:
+        await envoy.send(request_headers=headers("/v1/completions"), protocol_config=duplex)
+        await envoy.send(request_body=ext_pb.HttpBody(body=body))
+        await envoy.send(request_trailers=ext_pb.HttpTrailers())
+        answers = [await envoy.receive() for _ in range(3)]
+        assert [a.WhichOneof("response") for a in answers] == ["request_headers", "request_body",
+                                                               "request_trailers"]
+        streamed = answers[1].request_body.response.body_mutation.streamed_response
+        assert (streamed.body, streamed.end_of_stream) == (body, False)
+    finally:
+        envoy.close()
+
 
 async def test_the_gateways_subset_hint_limits_the_pick_and_bad_requests_are_answered_for_envoy(
         fleet: Fleet) -> None:

@@ -67,7 +67,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
 
     async def Process(self, request_iterator: AsyncIterator[ext_pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[ext_pb.ProcessingResponse]:
-        duplex = False
+        duplex = answered = False
         path, subset, body = "", None, bytearray()
         with contextlib.ExitStack() as busy:
             async for message in request_iterator:
@@ -79,25 +79,37 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
                     subset = _subset(message.metadata_context)
                     if message.request_headers.end_of_stream:  # no body: nothing to read a model from
                         yield self._answer_headers(self._pick_without_body(subset, busy))
+                        answered = True
                     elif not duplex:
                         yield ext_pb.ProcessingResponse(request_headers=ext_pb.HeadersResponse())
-                elif kind == "request_body":
+                    continue
+                if kind == "request_body":  # buffered: the whole body at once; full duplex: in chunks
                     body += message.request_body.body
-                    if not message.request_body.end_of_stream:
+                    if duplex and not message.request_body.end_of_stream:
                         continue
-                    answer = self._pick(bytes(body), path, subset, busy)
-                    if isinstance(answer, ext_pb.ProcessingResponse):  # refused: Envoy answers the client
-                        yield answer
-                        return
-                    if duplex:
-                        yield self._answer_headers(answer)
-                        yield _body_passed(bytes(body), end_of_stream=True)
-                    else:
-                        yield ext_pb.ProcessingResponse(
-                            request_body=ext_pb.BodyResponse(response=_routing(answer)),
-                            dynamic_metadata=_lb_metadata(answer))
-                else:
+                elif answered or kind != "request_trailers":
                     yield _passed(message, duplex)
+                    continue
+                # The whole request is in (its body ended, or trailers came): pick, and answer.
+                answered = True
+                answer = self._pick(bytes(body), path, subset, busy)
+                if isinstance(answer, ext_pb.ProcessingResponse):  # refused: Envoy answers the client
+                    yield answer
+                    return
+                for response in self._answer_request(answer, bytes(body), duplex, kind == "request_trailers"):
+                    yield response
+
+    def _answer_request(self, picked: _Picked, body: bytes, duplex: bool, trailers: bool
+                        ) -> list[ext_pb.ProcessingResponse]:
+        """Full duplex: the routing answers the headers, then the body goes back unchanged (and the trailers
+        through). Buffered: the routing rides on the body's response."""
+        if not duplex:
+            return [ext_pb.ProcessingResponse(request_body=ext_pb.BodyResponse(response=_routing(picked)),
+                                              dynamic_metadata=_lb_metadata(picked))]
+        answers = [self._answer_headers(picked), _body_passed(body, end_of_stream=not trailers)]
+        if trailers:
+            answers.append(ext_pb.ProcessingResponse(request_trailers=ext_pb.TrailersResponse()))
+        return answers
 
     def _answer_headers(self, answer: _Picked | ext_pb.ProcessingResponse) -> ext_pb.ProcessingResponse:
         if isinstance(answer, ext_pb.ProcessingResponse):
