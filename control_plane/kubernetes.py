@@ -33,7 +33,7 @@ ETCD_PORT = 2379
 ACTUATOR_PORT = 50070
 ACTUATOR = "k8s-actuator"
 WORKER_START_S = 900
-"""How long a worker may take to serve: a large model's weights load before its gRPC port opens."""
+"""How long a worker may take to serve: it reports NOT_SERVING while a large model's weights load."""
 SERVER_START_S = 120
 FRONTEND_PORT = 8000
 """The OpenAI frontend beside each decode worker, where a gateway sends what the endpoint picker picks."""
@@ -319,7 +319,8 @@ def _readme(plan: Plan, etcd: str, *, in_cluster_etcd: bool, inference_pool: boo
         lines += ["", f"`inference-pool.yaml` is the InferencePool `{_name(plan, 'decode')}` (the Gateway",
                   "API Inference Extension's CRDs must be installed): route to it from your Gateway with an",
                   "HTTPRoute whose backendRef is that InferencePool. The router picks each request's pair,",
-                  f"and the frontend in the chosen decode pod (port {FRONTEND_PORT}) runs it there."]
+                  f"and the frontend in the chosen decode pod (port {FRONTEND_PORT}) runs it there. The",
+                  "router's image needs Envoy's API stubs: `dynamo-grpc[mesh]`."]
     model_path = _model_path(plan)
     if model_path:
         lines += ["", f"The workers read the model at `{model_path}`: put it in the image or in a volume",
