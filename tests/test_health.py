@@ -66,7 +66,7 @@ async def decode_stream(stub: decode_grpc.DecodeServiceStub, request_id: str, ma
 
 @pytest.fixture
 async def loading_decode(etcd, tmp_path: Path) -> AsyncIterator[RoleProcess]:
-    """A decode worker whose engine takes 10 s to load (time for a loaded machine to see it loading); steps of 10 ms."""
+    """A decode worker whose engine loads for 10 s (long enough to be seen loading); steps of 10 ms."""
     worker = RoleProcess("decode", "--etcd", etcd.endpoint, "--engine", "simulated", "--model", MODEL,
                          "--load-s", "10", "--decode-step-s", "0.01", log_dir=tmp_path)
     yield worker
