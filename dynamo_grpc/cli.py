@@ -257,11 +257,25 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-async def _run_role(start: Callable[[], Awaitable[RunningRole]], registry: Registry) -> None:
+async def _serve_metrics(stack: contextlib.AsyncExitStack, server: ServerConfig) -> str:
+    """Prometheus /metrics of this process on --metrics-port, when one is given; its URL, or ""."""
+    if not server.metrics_port:
+        return ""
+    from dynamo_grpc.metrics import serve_metrics
+
+    running = await serve_metrics(server.host, server.metrics_port)
+    stack.push_async_callback(running.stop)
+    log.info("Prometheus metrics at %s", running.url)
+    return running.url
+
+
+async def _run_role(start: Callable[[], Awaitable[RunningRole]], registry: Registry, server: ServerConfig
+                    ) -> None:
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(registry.close)
         role = await start()
         stack.push_async_callback(role.stop)
+        await _serve_metrics(stack, server)
         await _until_signalled()
 
 
@@ -292,6 +306,8 @@ async def _serve(args: argparse.Namespace) -> int:
         _say("serve", f"OpenAI API at {frontend.url}/v1 (try: curl {frontend.url}/v1/completions "
              f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", "
              f"\"max_tokens\": 16}}')")
+        metrics_url = await _serve_metrics(stack, worker.server)
+        _say("serve", f"Prometheus metrics of every part at {metrics_url or frontend.url + '/metrics'}")
         await _until_signalled()
     return 0
 
@@ -327,7 +343,8 @@ async def _frontend(args: argparse.Namespace) -> int:
     from dynamo_grpc.frontend.backends import EmbeddedRouter, RemoteRouter
     from dynamo_grpc.routing.router import open_router
 
-    registry = await _connect_registry(server_config(args), required=True)
+    server = server_config(args)
+    registry = await _connect_registry(server, required=True)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(registry.close)
         backend: Backend
@@ -343,7 +360,9 @@ async def _frontend(args: argparse.Namespace) -> int:
         frontend = await _start_frontend(backend, registry, args.host, args.port,
                                          model_path=args.model_path or None)
         stack.push_async_callback(frontend.stop)
-        print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1, {backend.description}", flush=True)
+        await _serve_metrics(stack, server)
+        print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1, {backend.description}; metrics at "
+              f"{frontend.url}/metrics", flush=True)
         await _until_signalled()
     return 0
 
@@ -445,7 +464,7 @@ async def _main(args: argparse.Namespace) -> int:
         "router": lambda: start_router(server, registry, **router_settings(args)),
         "control-plane": lambda: start_control_plane(server, registry, plan=plan, autoscaling=autoscaling),
     }
-    await _run_role(starts[command], registry)
+    await _run_role(starts[command], registry, server)
     return 0
 
 

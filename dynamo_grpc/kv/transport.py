@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from dynamo_grpc import metrics
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.errors import DynamoError, FailedPrecondition, InvalidArgument, NotFound, from_rpc_error
 from dynamo_grpc.kv import shm
@@ -186,6 +187,7 @@ class KvReceiver:
 
     def __init__(self, transports: Sequence[KvTransport]) -> None:
         self.transports = list(transports)
+        self._metrics = metrics.kv_transfer()
 
     @classmethod
     def over_network(cls, channels: ChannelPool, *, host: str) -> KvReceiver:
@@ -217,6 +219,7 @@ class KvReceiver:
             if not transport.reaches(handle):
                 continue
             segment = shm.new_segment_name() if into_segment else ""
+            started = time.perf_counter()
             try:
                 received = await transport.fetch(handle, segment=segment, fingerprint=fingerprint,
                                                  request_id=request_id)
@@ -228,6 +231,7 @@ class KvReceiver:
             except BaseException:
                 received.close()
                 raise
+            self._metrics.observe(transport.name, received.stats.bytes, time.perf_counter() - started)
             return received
         raise DynamoError(f"no KV transport reaches {handle.endpoint or 'the handle'}",
                           request_id=request_id, reason="UNAVAILABLE", code=grpc.StatusCode.UNAVAILABLE)
