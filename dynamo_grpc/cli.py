@@ -22,7 +22,7 @@ import grpc
 from control_plane.deployment import start_all_in_one
 from control_plane.k8s_actuator import add_actuator_flags, run_actuator
 from control_plane.role import start_control_plane
-from dynamo_grpc import event_loop
+from dynamo_grpc import event_loop, tracing
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import (
     ROUTING_POLICIES,
@@ -52,6 +52,7 @@ log = logging.getLogger("dynamo_grpc")
 
 DEFAULT_ROUTER_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
+TRACED_COMMANDS = ("serve", "frontend", "router", "prefill", "decode")
 
 
 def add_router_flags(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None,
                         help="logging level of dynamo-grpc and vLLM: DEBUG, INFO, WARNING (default: INFO; "
                         "WARNING for serve --prompt)")
+    parser.add_argument("--otel-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+                        help="trace requests with OpenTelemetry to this OTLP/gRPC collector, e.g. "
+                        "http://127.0.0.1:4317 (needs dynamo-grpc[otel]) [env OTEL_EXPORTER_OTLP_ENDPOINT; "
+                        "default: no tracing]")
     add_flag(parser, "event-loop", default="uvloop", choices=event_loop.EVENT_LOOPS,
              help="the asyncio event loop to run on: uvloop (faster; asyncio's when uvloop is not installed) "
              "or asyncio")
@@ -636,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
         _configure_engine_logging(level, quiet=_quiet(args))
     logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {args.command} %(name)s: %(message)s")
+    if args.otel_endpoint and args.command in TRACED_COMMANDS:
+        tracing.configure(f"dynamo-grpc-{args.command}", endpoint=args.otel_endpoint)
     try:
         return event_loop.run(_main(args), args.event_loop)
     except ConfigError as error:

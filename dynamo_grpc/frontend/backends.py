@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from dynamo_grpc import tracing
 from dynamo_grpc.client import GenerateStream, RouterClient
 from dynamo_grpc.errors import from_rpc_error
 from dynamo_grpc.routing.router import Router
@@ -59,7 +60,7 @@ class RemoteRouter:
         self._client = RouterClient(endpoint)
 
     def open(self, request_id: str, params: pb.GenerationParams) -> Generation:
-        stream = GenerateStream(self._client.stub, request_id, params)
+        stream = GenerateStream(self._client.stub, request_id, params, metadata=tracing.metadata())
         return Generation(request_id, _with_our_errors(stream), stream.cancel)
 
     async def close(self) -> None:

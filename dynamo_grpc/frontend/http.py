@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from dynamo_grpc import metrics
+from dynamo_grpc import metrics, tracing
 from dynamo_grpc.errors import DynamoError
 from dynamo_grpc.frontend.backends import Backend, Generation
 from dynamo_grpc.frontend.openai_protocol import (
@@ -227,6 +227,11 @@ class Frontend:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        """A generation request, in a span continuing the client's trace when tracing is on."""
+        with tracing.http_span(request.method, request.path, request.headers):
+            return await self._answer(request, chat=chat)
+
+    async def _answer(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         headers = {REQUEST_ID_HEADER: request_id}
         try:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from dynamo_grpc import metrics
+from dynamo_grpc import metrics, tracing
 from dynamo_grpc.channels import MAX_MESSAGE_BYTES, ChannelPool
 from dynamo_grpc.errors import (
     AlreadyExists,
@@ -81,7 +81,7 @@ class Router:
         Yields the decode worker's messages as they come (token batches, then a completion, which may carry
         the last tokens in `last_tokens`), relayed without being rebuilt.
         """
-        with self._metrics.request() as timer:
+        with self._metrics.request() as timer, tracing.span("route", **{"request.id": request_id}):
             prompt_of(params, request_id)
             sampling_of(params, request_id)
             timeout = seconds_left(params, request_id)
@@ -221,7 +221,7 @@ class Router:
         with self.fleet.busy(worker, tokens):
             try:
                 response = await prefill(prefill_pb.PrefillRequest(request_id=request_id, params=params),
-                                         timeout=timeout)
+                                         timeout=timeout, metadata=tracing.metadata())
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.UNAVAILABLE:
                     log.warning("request %s: prefill worker %s unavailable (%s); prefilling on decode",
@@ -239,7 +239,7 @@ class Router:
             decode = decode_grpc.DecodeServiceStub(self._channels.get(worker.endpoint)).Decode
             self._decode_calls[worker.endpoint] = decode
         with self.fleet.busy(worker, to_compute):
-            call = decode()
+            call = decode(metadata=tracing.metadata())
 
             def send_cancel() -> None:
                 cancel = decode_pb.DecodeRequest(request_id=request_id,
@@ -264,7 +264,7 @@ class Router:
         stub = kv_grpc.KvTransferServiceStub(self._channels.get(handle.endpoint))
         with contextlib.suppress(grpc.aio.AioRpcError):
             await stub.ReleaseKv(kv_pb.ReleaseKvRequest(request_id=request_id, transfer_id=handle.transfer_id,
-                                                        pull_token=handle.pull_token))
+                                                        pull_token=handle.pull_token), metadata=tracing.metadata())
 
 
 def _check_message_size(request_id: str, params: pb.GenerationParams) -> None:
