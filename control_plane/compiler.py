@@ -59,9 +59,13 @@ class PlannedProcess:
         return f"{self.address}:{self.port}"
 
     @property
+    def metrics_port(self) -> int:
+        """Where the process serves its Prometheus metrics (`--metrics-port`)."""
+        return self.port + METRICS_PORT_OFFSET
+
+    @property
     def metrics_url(self) -> str:
-        """Where the process serves its Prometheus metrics."""
-        return f"http://{self.address}:{self.port + METRICS_PORT_OFFSET}/metrics"
+        return f"http://{self.address}:{self.metrics_port}/metrics"
 
     def shell(self) -> str:
         """The command as one shell line, environment first."""
@@ -339,9 +343,8 @@ def _metrics_notes(processes: list[PlannedProcess]) -> list[str]:
     notes = [f"metrics: every process serves Prometheus /metrics on its port + {METRICS_PORT_OFFSET} "
              f"(router: {router.metrics_url})"]
     taken = {(p.host, p.port) for p in processes}
-    notes += [f"{p.id}: metrics port {p.port + METRICS_PORT_OFFSET} is another process's gRPC port on host "
-              f"{p.host!r}; change base_port"
-              for p in processes if (p.host, p.port + METRICS_PORT_OFFSET) in taken]
+    notes += [f"{p.id}: metrics port {p.metrics_port} is another process's gRPC port on host {p.host!r}; "
+              "change base_port" for p in processes if (p.host, p.metrics_port) in taken]
     return notes
 
 
