@@ -256,7 +256,8 @@ SAMPLED: dict[str, tuple[str, str]] = {
 
 
 class _Sampled:
-    """Reads every registered source at scrape time; sources come and go with the parts that own them."""
+    """Reads every registered source at scrape time; sources come and go with the parts that own them.
+    Series two sources give alike (two routers in one process) add up: a scrape never has duplicates."""
 
     def __init__(self) -> None:
         self._sources: dict[object, Callable[[], Iterable[Sample]]] = {}
@@ -271,16 +272,19 @@ class _Sampled:
         return []  # families exist only while a source gives them samples
 
     def collect(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
+        series: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
         for source in list(self._sources.values()):
             for name, labels, value in source():
-                family = families.get(name)
-                if family is None:
-                    kind, documentation = SAMPLED[name]
-                    maker = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-                    family = families[name] = maker(name, documentation, labels=list(labels))
-                family.add_metric(list(labels.values()), value)
-        yield from families.values()
+                values = series.setdefault(name, {})
+                key = tuple(labels.items())
+                values[key] = values.get(key, 0.0) + value
+        for name, values in series.items():
+            kind, documentation = SAMPLED[name]
+            maker = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            family = maker(name, documentation, labels=[label for label, _ in next(iter(values))])
+            for key, value in values.items():
+                family.add_metric([v for _, v in key], value)
+            yield family
 
 
 @functools.cache

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dynamo_grpc import metrics
 from dynamo_grpc.client import RouterClient
 from tests import scrape
 from tests.etcd_server import EtcdServer
@@ -183,6 +184,18 @@ def test_control_plane_metrics(scrapes: Scrapes) -> None:
     assert scrapes.now("control-plane", "dynamo_control_plane_scale_target_version") >= 1
     assert scrapes.now("control-plane", "dynamo_control_plane_scale_target_workers", pool="decode") >= 0
     assert "dynamo_control_plane_scale_target_workers" in scrape.names(scrapes.after["control-plane"])
+
+
+async def test_sampled_series_of_two_parts_in_one_process_add_up() -> None:
+    """Two routers in one process (as in `serve` plus a frontend of its own) give one series, not two."""
+    stops = [metrics.sample(key, lambda n=n: [("dynamo_router_pairs", {}, float(n))]) for key, n in
+             (("first", 1), ("second", 2))]
+    exposed = metrics.exposition().decode()
+    assert [line for line in exposed.splitlines() if line.startswith("dynamo_router_pairs")] == [
+        "dynamo_router_pairs 3.0"]
+    for stop in stops:
+        await stop()
+    assert "dynamo_router_pairs" not in metrics.exposition().decode()
 
 
 # PromQL words that are not metric names: aggregations' modifiers, operators, and label names in `by (...)`.
