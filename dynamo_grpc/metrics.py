@@ -15,7 +15,7 @@ import collections
 import functools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -86,6 +86,17 @@ class RequestTimer:
 
 
 @dataclass(frozen=True)
+class ModelSeries:
+    """A model's series of the frontend's histograms."""
+
+    ttft: Any
+    itl: Any
+    duration: Any
+    input_tokens: Any
+    output_tokens: Any
+
+
+@dataclass(frozen=True)
 class FrontendMetrics:
     """The OpenAI HTTP frontend (Dynamo's frontend metrics)."""
 
@@ -96,6 +107,15 @@ class FrontendMetrics:
     duration: Histogram
     input_tokens: Histogram
     output_tokens: Histogram
+    _models: dict[str, ModelSeries] = field(default_factory=dict)
+
+    def of_model(self, model: str) -> ModelSeries:
+        """The model's series, looked up once per model (a label lookup takes a lock)."""
+        series = self._models.get(model)
+        if series is None:
+            series = self._models[model] = ModelSeries(*(family.labels(model) for family in (
+                self.ttft, self.itl, self.duration, self.input_tokens, self.output_tokens)))
+        return series
 
 
 @functools.cache

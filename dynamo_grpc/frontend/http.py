@@ -271,20 +271,20 @@ class Frontend:
         if first_at is not None or tokens is None or not tokens.token_ids:
             return first_at
         now = time.monotonic()
-        self.metrics.ttft.labels(job.model).observe(now - started)
+        self.metrics.of_model(job.model).ttft.observe(now - started)
         return now
 
     def _finished(self, job: Job, started: float, first_at: float | None, completions: list[pb.Completion]
                   ) -> None:
         """Observe a request whose every choice completed: once, with its totals."""
-        now, model, m = time.monotonic(), job.model, self.metrics
+        now, series = time.monotonic(), self.metrics.of_model(job.model)
         generated = sum(c.usage.completion_tokens for c in completions)
-        m.duration.labels(model).observe(now - started)
-        m.input_tokens.labels(model).observe(completions[0].usage.prompt_tokens)
-        m.output_tokens.labels(model).observe(generated)
+        series.duration.observe(now - started)
+        series.input_tokens.observe(completions[0].usage.prompt_tokens)
+        series.output_tokens.observe(generated)
         per_choice = generated / job.n
         if first_at is not None and per_choice > 1:
-            m.itl.labels(model).observe((now - first_at) / (per_choice - 1))
+            series.itl.observe((now - first_at) / (per_choice - 1))
 
     async def _whole(self, job: Job, request_id: str, relays: _Relays, item: tuple[int, Any] | None,
                      started: float, headers: dict[str, str]) -> web.Response:
