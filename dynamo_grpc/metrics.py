@@ -208,11 +208,13 @@ def _worker_families() -> tuple[Counter, Gauge, Histogram, Histogram, Histogram,
 
 
 def worker(role: str, worker_id: str) -> WorkerMetrics:
-    """The worker's metrics, its label values bound once."""
+    """The worker's metrics, its label values bound once (ITL and tokens generated: decode workers only)."""
     requests, inflight, duration, ttft, itl, generated = _worker_families()
     labels = (role, worker_id)
+    decode = role == "decode"
     return WorkerMetrics(role, worker_id, requests, inflight.labels(*labels), duration.labels(*labels),
-                         ttft.labels(*labels), itl.labels(*labels), generated.labels(*labels))
+                         ttft.labels(*labels), itl.labels(*labels) if decode else None,
+                         generated.labels(*labels) if decode else None)
 
 
 @dataclass(frozen=True)
