@@ -22,7 +22,7 @@ import grpc
 from control_plane.deployment import start_all_in_one
 from control_plane.k8s_actuator import add_actuator_flags, run_actuator
 from control_plane.role import start_control_plane
-from dynamo_grpc import event_loop
+from dynamo_grpc import event_loop, tracing
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import (
     ROUTING_POLICIES,
@@ -53,6 +53,7 @@ log = logging.getLogger("dynamo_grpc")
 
 DEFAULT_ROUTER_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
+TRACED_COMMANDS = ("serve", "frontend", "router", "prefill", "decode")
 
 
 def add_router_flags(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None,
                         help="logging level of dynamo-grpc and vLLM: DEBUG, INFO, WARNING (default: INFO; "
                         "WARNING for serve --prompt)")
+    parser.add_argument("--otel-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+                        help="trace requests with OpenTelemetry to this OTLP/gRPC collector, e.g. "
+                        "http://127.0.0.1:4317 (needs dynamo-grpc[otel]) [env OTEL_EXPORTER_OTLP_ENDPOINT; "
+                        "default: no tracing]")
     add_flag(parser, "event-loop", default="uvloop", choices=event_loop.EVENT_LOOPS,
              help="the asyncio event loop to run on: uvloop (faster; asyncio's when uvloop is not installed) "
              "or asyncio")
@@ -267,11 +273,25 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-async def _run_role(start: Callable[[], Awaitable[RunningRole]], registry: Registry) -> None:
+async def _serve_metrics(stack: contextlib.AsyncExitStack, server: ServerConfig) -> str:
+    """Prometheus /metrics of this process on --metrics-port, when one is given; its URL, or ""."""
+    if not server.metrics_port:
+        return ""
+    from dynamo_grpc.metrics import serve_metrics
+
+    running = await serve_metrics(server.host, server.metrics_port)
+    stack.push_async_callback(running.stop)
+    log.info("Prometheus metrics at %s", running.url)
+    return running.url
+
+
+async def _run_role(start: Callable[[], Awaitable[RunningRole]], registry: Registry, server: ServerConfig
+                    ) -> None:
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(registry.close)
         role = await start()
         stack.push_async_callback(role.stop)
+        await _serve_metrics(stack, server)
         await _until_signalled()
 
 
@@ -302,6 +322,8 @@ async def _serve(args: argparse.Namespace) -> int:
         _say("serve", f"OpenAI API at {frontend.url}/v1 (try: curl {frontend.url}/v1/completions "
              f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", "
              f"\"max_tokens\": 16}}')")
+        metrics_url = await _serve_metrics(stack, worker.server)
+        _say("serve", f"Prometheus metrics of every part at {metrics_url or frontend.url + '/metrics'}")
         await _until_signalled()
     return 0
 
@@ -337,7 +359,8 @@ async def _frontend(args: argparse.Namespace) -> int:
     from dynamo_grpc.frontend.backends import EmbeddedRouter, RemoteRouter
     from dynamo_grpc.routing.router import open_router
 
-    registry = await _connect_registry(server_config(args), required=True)
+    server = server_config(args)
+    registry = await _connect_registry(server, required=True)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(registry.close)
         backend: Backend
@@ -353,7 +376,9 @@ async def _frontend(args: argparse.Namespace) -> int:
         frontend = await _start_frontend(backend, registry, args.host, args.port,
                                          model_path=args.model_path or None)
         stack.push_async_callback(frontend.stop)
-        print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1, {backend.description}", flush=True)
+        await _serve_metrics(stack, server)
+        print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1, {backend.description}; metrics at "
+              f"{frontend.url}/metrics", flush=True)
         await _until_signalled()
     return 0
 
@@ -456,7 +481,7 @@ async def _main(args: argparse.Namespace) -> int:
                                        **router_settings(args)),
         "control-plane": lambda: start_control_plane(server, registry, plan=plan, autoscaling=autoscaling),
     }
-    await _run_role(starts[command], registry)
+    await _run_role(starts[command], registry, server)
     return 0
 
 
@@ -633,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         _configure_engine_logging(level, quiet=_quiet(args))
     logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {args.command} %(name)s: %(message)s")
+    if args.otel_endpoint and args.command in TRACED_COMMANDS:
+        tracing.configure(f"dynamo-grpc-{args.command}", endpoint=args.otel_endpoint)
     try:
         return event_loop.run(_main(args), args.event_loop)
     except ConfigError as error:
