@@ -22,12 +22,13 @@ import grpc
 from control_plane.deployment import start_all_in_one
 from control_plane.k8s_actuator import add_actuator_flags, run_actuator
 from control_plane.role import start_control_plane
-from dynamo_grpc import event_loop
+from dynamo_grpc import event_loop, process_group
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import (
     ROUTING_POLICIES,
     ConfigError,
     ServerConfig,
+    WorkerConfig,
     add_engine_flags,
     add_flag,
     add_server_flags,
@@ -74,6 +75,19 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "cold-start-wait-s", default=0.0, type=float,
              help="how long a request that finds no decode worker waits for one to start, calling on the "
              "control plane's autoscaler for it (0: fail at once with UNAVAILABLE)")
+
+
+def add_workers_flag(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "workers", default="1", type=process_group.workers_count,
+             help="processes serving --port together (SO_REUSEPORT), each with its own view of the fleet; "
+             "0 or auto: one per core")
+
+
+def router_flags_argv(args: argparse.Namespace) -> list[str]:
+    """The router flags of `args` as command-line arguments, for a process that routes the same way."""
+    names = ("policy", "load-poll-s", "tokenizer", "max-migrations", "disagg-min-prompt-tokens",
+             "disagg-max-prefill-queue", "cold-start-wait-s")
+    return [part for name in names for part in (f"--{name}", str(getattr(args, name.replace("-", "_"))))]
 
 
 def router_settings(args: argparse.Namespace) -> dict[str, object]:
@@ -141,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_flags(sub)
     sub = roles.add_parser("router", help="run a router")
     add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
+    add_workers_flag(sub)
     add_router_flags(sub)
     sub = roles.add_parser("control-plane", help="run the control plane (pairings, plan, fleet)")
     add_server_flags(sub)
@@ -156,10 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(sub, "http-host", default="127.0.0.1", help="address of the OpenAI-compatible HTTP frontend")
     add_flag(sub, "http-port", default=DEFAULT_HTTP_PORT, type=int,
              help="port of the OpenAI-compatible HTTP frontend (0 = any free port)")
+    add_flag(sub, "http-workers", default="auto", type=process_group.workers_count,
+             help="HTTP frontend processes sharing --http-port, each routing on its own (needs --etcd for more "
+             "than 1); auto: one per core the engines leave (1 beside engines that run on this host's CPUs)")
     add_flag(sub, "prompt", default="", help="send this prompt through the deployment, print the answer, exit")
     add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate for --prompt")
     sub = roles.add_parser("frontend", help="run the OpenAI-compatible HTTP frontend, routing in its own process")
     add_server_flags(sub, port=DEFAULT_HTTP_PORT)
+    add_workers_flag(sub)
     add_flag(sub, "router", default="", help="forward every request to the RouterService at host:port instead "
              "of routing in this process (then the routing flags below do not apply)")
     add_router_flags(sub)
@@ -286,14 +305,44 @@ async def _serve(args: argparse.Namespace) -> int:
              f"(try: dynamo-grpc generate --router {endpoint} --model {model} 'Hello')")
         # The frontend routes through the same router as RouterService, in this process: no hop between.
         assert deployment.router.router is not None
+        more = _http_workers(args, worker) - 1
         frontend = await _start_frontend(EmbeddedRouter(deployment.router.router), registry, args.http_host,
-                                         args.http_port, model_path=model_path or None)
+                                         args.http_port, model_path=model_path or None, reuse_port=more > 0)
         stack.push_async_callback(frontend.stop)
+        if more:
+            frontends = _more_frontends(args, worker, more, port=frontend.port, tokenizer=str(settings["tokenizer"]))
+            stack.push_async_callback(asyncio.to_thread, frontends.stop)
         _say("serve", f"OpenAI API at {frontend.url}/v1 (try: curl {frontend.url}/v1/completions "
              f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", "
              f"\"max_tokens\": 16}}')")
         await _until_signalled()
     return 0
+
+
+def _http_workers(args: argparse.Namespace, worker: WorkerConfig) -> int:
+    """How many processes serve `serve`'s HTTP port: --http-workers, where auto is one per core unless the
+    engines run on this host's CPUs (they hold the cores then). More than one needs etcd: the others follow
+    the fleet there."""
+    count = args.http_workers or (1 if worker.kind.cpus_field else process_group.resolve(0))
+    if count > 1 and not worker.server.etcd:
+        if args.http_workers > 1:
+            _say("serve", f"--http-workers {args.http_workers} needs --etcd (the other frontend processes "
+                 "follow the fleet there); serving HTTP from this process only")
+        return 1
+    return count
+
+
+def _more_frontends(args: argparse.Namespace, worker: WorkerConfig, count: int, *, port: int,
+                    tokenizer: str) -> process_group.ProcessGroup:
+    """`count` frontends beside `serve`'s own, on its HTTP port, each routing from the registry."""
+    argv = [sys.executable, "-m", "dynamo_grpc.cli", "--event-loop", args.event_loop,
+            *(["--log-level", args.log_level] if args.log_level else []), "frontend", "--workers", "1",
+            "--host", args.http_host, "--port", str(port), "--etcd", ",".join(worker.server.etcd),
+            "--namespace", worker.server.namespace, "--model-path", worker.kind.model_path(worker.engine),
+            *router_flags_argv(args), "--tokenizer", tokenizer]
+    frontends = process_group.ProcessGroup(argv, count, name="serve's HTTP frontends")
+    frontends.start()
+    return frontends
 
 
 def _say(command: str, message: str) -> None:
@@ -314,12 +363,13 @@ async def _prepare_engines(kind: str, model_path: str) -> None:
 
 
 async def _start_frontend(backend: Backend, registry: Registry, host: str, port: int, *,
-                          model_path: str | None) -> RunningFrontend:
+                          model_path: str | None, reuse_port: bool = False) -> RunningFrontend:
     from dynamo_grpc.frontend.http import start_frontend
     from dynamo_grpc.frontend.openai_protocol import load_chat_template
 
     template = load_chat_template(model_path) if model_path else None
-    return await start_frontend(backend, registry, host=host, port=port, chat_template=template)
+    return await start_frontend(backend, registry, host=host, port=port, chat_template=template,
+                                reuse_port=reuse_port)
 
 
 async def _frontend(args: argparse.Namespace) -> int:
@@ -341,7 +391,7 @@ async def _frontend(args: argparse.Namespace) -> int:
             stack.push_async_callback(router.close)
             backend = EmbeddedRouter(router)
         frontend = await _start_frontend(backend, registry, args.host, args.port,
-                                         model_path=args.model_path or None)
+                                         model_path=args.model_path or None, reuse_port=process_group.in_group())
         stack.push_async_callback(frontend.stop)
         print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1, {backend.description}", flush=True)
         await _until_signalled()
@@ -447,6 +497,15 @@ async def _main(args: argparse.Namespace) -> int:
     }
     await _run_role(starts[command], registry)
     return 0
+
+
+def _run_group(argv: list[str], count: int, args: argparse.Namespace) -> int:
+    """`frontend`/`router` as `count` processes on one port (each runs this same command line)."""
+    try:
+        return process_group.run_group(argv, count, host=args.host, port=args.port, name=args.command)
+    except OSError as error:
+        print(f"dynamo-grpc {args.command}: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
 
 
 def _make_model(args: argparse.Namespace) -> int:
@@ -617,6 +676,10 @@ def main(argv: list[str] | None = None) -> int:
         _configure_engine_logging(level, quiet=_quiet(args))
     logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {args.command} %(name)s: %(message)s")
+    if args.command in ("frontend", "router") and not process_group.in_group():
+        count = process_group.resolve(args.workers)
+        if count > 1:
+            return _run_group(list(sys.argv[1:] if argv is None else argv), count, args)
     try:
         return event_loop.run(_main(args), args.event_loop)
     except ConfigError as error:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections import Counter
@@ -54,6 +55,8 @@ class Metrics:
     """The few series an operator needs, in Prometheus text format (no client library needed)."""
 
     def __init__(self) -> None:
+        self.pid = os.getpid()
+        """Which process of a `--workers` group these counts are of."""
         self.requests: Counter[tuple[str, int]] = Counter()
         self.generated_tokens = 0
         self.in_flight = 0
@@ -69,7 +72,10 @@ class Metrics:
         self.ttft_count += 1
 
     def render(self) -> str:
-        lines = ["# HELP dynamo_frontend_requests_total HTTP requests by endpoint and status code.",
+        lines = ["# HELP dynamo_frontend_process_info The frontend process these series are of.",
+                 "# TYPE dynamo_frontend_process_info gauge",
+                 f'dynamo_frontend_process_info{{pid="{self.pid}"}} 1',
+                 "# HELP dynamo_frontend_requests_total HTTP requests by endpoint and status code.",
                  "# TYPE dynamo_frontend_requests_total counter"]
         lines += [f'dynamo_frontend_requests_total{{endpoint="{endpoint}",status="{status}"}} {count}'
                   for (endpoint, status), count in sorted(self.requests.items())]
@@ -414,7 +420,8 @@ class Frontend:
                                         "reason": "the next request starts a decode worker (cold start)"})
         if not decode_workers:
             return _json_response(503, {"status": "unhealthy", "reason": "no decode worker is registered"})
-        return _json_response(200, {"status": "healthy", "decode_workers": len(decode_workers)})
+        return _json_response(200, {"status": "healthy", "decode_workers": len(decode_workers),
+                                    "pid": self.metrics.pid})
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8",
@@ -446,13 +453,14 @@ class RunningFrontend:
 
 
 async def start_frontend(backend: Backend, registry: Registry, *, host: str, port: int,
-                         chat_template: str | None = None) -> RunningFrontend:
-    """Serve the OpenAI API on host:port (0 picks a free port), generating through `backend`."""
+                         chat_template: str | None = None, reuse_port: bool = False) -> RunningFrontend:
+    """Serve the OpenAI API on host:port (0 picks a free port), generating through `backend`; with
+    `reuse_port`, beside other processes listening on the same port (SO_REUSEPORT)."""
     frontend = Frontend(backend, registry, chat_template)
     # handler_cancellation: a disconnect cancels the handler at once, not at its next write.
     runner = web.AppRunner(frontend.app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     try:
         await site.start()
     except BaseException:
