@@ -264,11 +264,19 @@ async def _connect_registry(config: ServerConfig, *, required: bool) -> Registry
     return registry
 
 
+GC_YOUNG_THRESHOLD = 20_000
+"""Container objects allocated between young-generation collections (CPython's default: 700). A request
+allocates a few hundred (coroutines, frames, dicts, futures), most of them gone when it ends; with the
+default, every other request triggers a collection that scans the requests in flight and promotes them
+for older-generation collections to scan again (5-8% of the HTTP frontend's CPU under load)."""
+
+
 async def _until_signalled() -> None:
     """Serve until SIGINT or SIGTERM. What start-up built lives as long as the process, so it leaves the
-    garbage collector's view first: the collections that requests trigger then skip it."""
+    garbage collector's view first: the collections that requests trigger then skip it, and come less often."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
