@@ -10,6 +10,7 @@ the whole group.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -36,9 +37,9 @@ def workers_count(text: str) -> int:
     try:
         count = int(text)
     except ValueError:
-        raise ValueError(f"--workers must be a number of processes or 'auto', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number of processes or 'auto', got {text!r}") from None
     if count < 0:
-        raise ValueError(f"--workers must be 0 or more (0: one per core), got {count}")
+        raise argparse.ArgumentTypeError(f"expected 0 or more processes (0: one per core), got {count}")
     return count
 
 
