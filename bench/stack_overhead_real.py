@@ -119,7 +119,8 @@ async def start_vllm_server(model_dir: Path, model: str, engine: EngineConfig, s
     cores = decode_cores()
     if cores and "VLLM_CPU_OMP_THREADS_BIND" not in env:  # the cores our aggregated path's engine runs on
         env["VLLM_CPU_OMP_THREADS_BIND"] = cores
-        print(f"vLLM's server binds its engine to CPUs {cores}, as our decode worker's", file=sys.stderr, flush=True)
+        print(f"vLLM's server binds its engine to CPUs {cores}, as our decode worker's", file=sys.stderr,
+              flush=True)
     log = tempfile.NamedTemporaryFile("w+", prefix="vllm-server-", suffix=".log", delete=False)
     print(f"starting vLLM's OpenAI server on port {port} (log: {log.name})", file=sys.stderr, flush=True)
     # A group of its own: the server's engine processes go with it, even when it is stopped mid-start.

@@ -652,7 +652,8 @@ class _Checker:
         workers = self.integer(items.get("workers"), "router.workers", minimum=0, default=0)
         if _MISSING in (host, port, policy, min_uncached, workers):
             return _MISSING
-        return RouterSpec(host=host, port=port, policy=policy, min_uncached_tokens=min_uncached, workers=workers)
+        return RouterSpec(host=host, port=port, policy=policy, min_uncached_tokens=min_uncached,
+                          workers=workers)
 
     def control_plane(self, node: _Node | None, host_names: tuple[str, ...], default_host: str) -> Any:
         if node is None:

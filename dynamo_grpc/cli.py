@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(sub, "http-port", default=DEFAULT_HTTP_PORT, type=int,
              help="port of the OpenAI-compatible HTTP frontend (0 = any free port)")
     add_flag(sub, "http-workers", default="auto", type=process_group.workers_count,
-             help="HTTP frontend processes sharing --http-port, each routing on its own (needs --etcd for more "
-             "than 1); auto: one per core the engines leave (1 beside engines that run on this host's CPUs)")
+             help="HTTP frontend processes sharing --http-port, each routing on its own (needs --etcd for "
+             "more than 1); auto: one per core the engines leave (1 beside engines that run on this "
+             "host's CPUs)")
     add_flag(sub, "prompt", default="", help="send this prompt through the deployment, print the answer, exit")
     add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate for --prompt")
     sub = roles.add_parser("frontend", help="run the OpenAI-compatible HTTP frontend, routing in its own process")
@@ -273,7 +274,8 @@ for older-generation collections to scan again (5-8% of the HTTP frontend's CPU 
 
 async def _until_signalled() -> None:
     """Serve until SIGINT or SIGTERM. What start-up built lives as long as the process, so it leaves the
-    garbage collector's view first: the collections that requests trigger then skip it, and come less often."""
+    garbage collector's view first: the collections that requests trigger then skip it, and come less
+    often."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
@@ -318,7 +320,8 @@ async def _serve(args: argparse.Namespace) -> int:
                                          args.http_port, model_path=model_path or None, reuse_port=more > 0)
         stack.push_async_callback(frontend.stop)
         if more:
-            frontends = _more_frontends(args, worker, more, port=frontend.port, tokenizer=str(settings["tokenizer"]))
+            frontends = _more_frontends(args, worker, more, port=frontend.port,
+                                        tokenizer=str(settings["tokenizer"]))
             stack.push_async_callback(asyncio.to_thread, frontends.stop)
         _say("serve", f"OpenAI API at {frontend.url}/v1 (try: curl {frontend.url}/v1/completions "
              f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", "
@@ -399,7 +402,8 @@ async def _frontend(args: argparse.Namespace) -> int:
             stack.push_async_callback(router.close)
             backend = EmbeddedRouter(router)
         frontend = await _start_frontend(backend, registry, args.host, args.port,
-                                         model_path=args.model_path or None, reuse_port=process_group.in_group())
+                                         model_path=args.model_path or None,
+                                         reuse_port=process_group.in_group())
         stack.push_async_callback(frontend.stop)
         print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1, {backend.description}", flush=True)
         await _until_signalled()
@@ -512,7 +516,8 @@ def _run_group(argv: list[str], count: int, args: argparse.Namespace) -> int:
     try:
         return process_group.run_group(argv, count, host=args.host, port=args.port, name=args.command)
     except OSError as error:
-        print(f"dynamo-grpc {args.command}: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        print(f"dynamo-grpc {args.command}: cannot listen on {args.host}:{args.port}: {error}",
+              file=sys.stderr)
         return 1
 
 

@@ -82,7 +82,8 @@ class ProcessGroup:
         for index in range(self.count):
             env = {**os.environ, GROUP_INDEX_ENV: str(index)}
             self.children.append(subprocess.Popen(self.argv, env=env))
-        log.info("%s: %d processes (pids %s)", self.name, self.count, " ".join(str(c.pid) for c in self.children))
+        pids = " ".join(str(child.pid) for child in self.children)
+        log.info("%s: %d processes (pids %s)", self.name, self.count, pids)
 
     def signal_all(self, sig: int) -> None:
         for child in self.children:
@@ -134,8 +135,8 @@ def run_group(argv: Sequence[str], count: int, *, host: str, port: int, name: st
     them; P is `port`, or a free one for 0, held by this process so every copy binds the same."""
     holder = reserve_port(host, port)
     bound = holder.getsockname()[1]
-    group = ProcessGroup([sys.executable, "-m", "dynamo_grpc.cli", *argv, "--workers", "1", "--port", str(bound)],
-                         count, name=name)
+    command = [sys.executable, "-m", "dynamo_grpc.cli", *argv, "--workers", "1", "--port", str(bound)]
+    group = ProcessGroup(command, count, name=name)
     previous = {sig: signal.signal(sig, group.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         group.start()

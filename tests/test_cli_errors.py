@@ -77,7 +77,7 @@ async def test_bench_without_a_router_fails_in_one_line() -> None:
 
 async def test_a_bad_workers_count_is_refused_by_name() -> None:
     status, _, err = await cli("frontend", "--workers", "many")
-    assert status == 2 and last_line(err).endswith("argument --workers: expected a number of processes or 'auto', "
-                                                    "got 'many'")
+    assert status == 2 and last_line(err).endswith(
+        "argument --workers: expected a number of processes or 'auto', got 'many'")
     status, _, err = await cli("router", "--workers", "-2")
     assert status == 2 and last_line(err).endswith("expected 0 or more processes (0: one per core), got -2")
