@@ -17,6 +17,7 @@ from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine.base import Engine
 from dynamo_grpc.engine.registry import EngineParts
+from dynamo_grpc.kv.nixl_transport import NixlAgent
 from dynamo_grpc.kv.store import LeasedKvStore
 from dynamo_grpc.kv.transport import KvReceiver
 from dynamo_grpc.kv.wire import add_kv_transfer_service
@@ -93,17 +94,23 @@ def _kv_events(engine: Engine) -> list[ServiceBinding]:
                            service_name(events_pb, "KvEventService"))]
 
 
-def _worker_info(worker_id: str, role: int, engine: Engine, endpoint: str, server: ServerConfig
+def _worker_info(worker_id: str, role: int, engine: Engine, endpoint: str, config: WorkerConfig
                  ) -> pb.WorkerInfo:
     started = timestamp_pb2.Timestamp()
     started.GetCurrentTime()
+    transports = [pb.KvTransport.Value(f"KV_TRANSPORT_{name.upper()}") for name in config.resolved_kv_transports]
     return pb.WorkerInfo(worker_id=worker_id, role=role, model=engine.model, endpoint=endpoint,
-                         host=server.node_name, engine_fingerprint=engine.fingerprint, capacity=engine.capacity(),
-                         started_at=started, engine=engine.kind)
+                         host=config.server.node_name, engine_fingerprint=engine.fingerprint,
+                         capacity=engine.capacity(), started_at=started, engine=engine.kind, kv_transports=transports)
+
+
+def _nixl_agent(config: WorkerConfig) -> NixlAgent | None:
+    return NixlAgent() if "nixl" in config.resolved_kv_transports else None
 
 
 async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole:
-    store = LeasedKvStore(endpoint="", host=config.server.node_name, ttl_s=config.kv_ttl_s)
+    nixl = _nixl_agent(config)
+    store = LeasedKvStore(endpoint="", host=config.server.node_name, ttl_s=config.kv_ttl_s, nixl=nixl)
     engine = await start_engine(config, EngineParts(kv_store=store))
     server = await start_server([
         ServiceBinding(PrefillServicer(engine), prefill_grpc.add_PrefillServiceServicer_to_server,
@@ -114,19 +121,21 @@ async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole
     ], host=config.server.host, port=config.server.port)
     endpoint = store.endpoint = config.server.endpoint(server.port)
     worker_id = config.resolved_worker_id("prefill")
-    await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_PREFILL, engine, endpoint, config.server))
+    await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_PREFILL, engine, endpoint, config))
     log.info("prefill worker %s serving %s on %s", worker_id, engine.model, endpoint)
 
     async def close_store() -> None:
         store.close()
+        if nixl is not None:
+            nixl.close()
 
     return RunningRole("prefill worker", endpoint, server, registry, worker_id, [engine.shutdown, close_store])
 
 
 async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     channels = ChannelPool()
-    engine = await start_engine(config, EngineParts(
-        kv_receiver=KvReceiver.over_network(channels, host=config.server.node_name)))
+    engine = await start_engine(config, EngineParts(kv_receiver=KvReceiver.over_network(
+        channels, host=config.server.node_name, names=config.resolved_kv_transports, nixl=_nixl_agent(config))))
     worker_id = config.resolved_worker_id("decode")
     decode = DecodeServicer(engine, worker_id=worker_id, local_prefill_on_pull_failure=
                             config.kv_pull_failure == "local-prefill")
@@ -136,7 +145,7 @@ async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
         *_kv_events(engine),
     ], host=config.server.host, port=config.server.port)
     endpoint = config.server.endpoint(server.port)
-    await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_DECODE, engine, endpoint, config.server))
+    await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_DECODE, engine, endpoint, config))
     log.info("decode worker %s serving %s on %s", worker_id, engine.model, endpoint)
     return RunningRole("decode worker", endpoint, server, registry, worker_id, [engine.shutdown, channels.close])
 

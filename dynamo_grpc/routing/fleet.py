@@ -77,6 +77,8 @@ class Route:
     prefill: pb.WorkerInfo | None
     uncached_tokens: int = 0
     """Prompt tokens the prefilling worker (the prefill one, else the decode one) has to compute."""
+    kv_transports: tuple[int, ...] = ()
+    """How the pair moves KV, in the order the decode worker tries them (`pairing.kv_transports`)."""
 
 
 class Fleet:
@@ -165,7 +167,7 @@ class Fleet:
                 policy.max_prefill_queue and self._requests_at(best.prefill_worker_id) >= policy.max_prefill_queue):
             return Route(decode=decode, prefill=None, uncached_tokens=uncached(decode.worker_id))
         return Route(decode=decode, prefill=self.workers[best.prefill_worker_id],
-                     uncached_tokens=uncached(best.prefill_worker_id))
+                     uncached_tokens=uncached(best.prefill_worker_id), kv_transports=tuple(best.kv_transports))
 
     async def until_paired(self, timeout: float) -> bool:
         """Wait until some prefill worker is paired with a decode worker in this router's view (the

@@ -42,14 +42,16 @@ class Plan(_message.Message):
     def __init__(self, model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[PlannedWorker, _Mapping]]] = ...) -> None: ...
 
 class Pairing(_message.Message):
-    __slots__ = ("prefill_worker_id", "decode_worker_id", "same_host")
+    __slots__ = ("prefill_worker_id", "decode_worker_id", "same_host", "kv_transports")
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SAME_HOST_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     prefill_worker_id: str
     decode_worker_id: str
     same_host: bool
-    def __init__(self, prefill_worker_id: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., same_host: _Optional[bool] = ...) -> None: ...
+    kv_transports: _containers.RepeatedScalarFieldContainer[_common_pb2.KvTransport]
+    def __init__(self, prefill_worker_id: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., same_host: _Optional[bool] = ..., kv_transports: _Optional[_Iterable[_Union[_common_pb2.KvTransport, str]]] = ...) -> None: ...
 
 class PairingTable(_message.Message):
     __slots__ = ("pairings", "version")
