@@ -76,7 +76,7 @@ async def serve_store() -> AsyncIterator[Callable[..., asyncio.Future]]:
     async def start(*, nixl: bool = False, chunk_bytes: int = 1 << 20) -> Prefill:
         from dynamo_grpc.kv.nixl_transport import NixlAgent
 
-        store = LeasedKvStore(endpoint="", host="prefill-host", nixl=NixlAgent() if nixl else None)
+        store = LeasedKvStore(endpoint="", host="prefill-host", ttl_s=600, nixl=NixlAgent() if nixl else None)
         server = await start_server([ServiceBinding(KvTransferServicer(store, chunk_bytes=chunk_bytes),
                                                     add_kv_transfer_service, SERVICE)], host="127.0.0.1", port=0)
         store.endpoint = f"127.0.0.1:{server.port}"

@@ -101,11 +101,14 @@ class LeasedKvStore:
                 reason="ENGINE_FINGERPRINT_MISMATCH")
         return held.data
 
-    def release(self, transfer_id: str, pull_token: str) -> bool:
-        """Free a transfer after its pull; False when it is already gone (releasing is idempotent)."""
+    def release(self, transfer_id: str, pull_token: str, *, require_held: bool = False) -> bool:
+        """Free a transfer after its pull; False when it is already gone (releasing is idempotent), or
+        with `require_held` the NotFound that says why."""
         try:
             self._lookup(transfer_id, pull_token)
         except NotFound:
+            if require_held:
+                raise
             return False
         self._free(transfer_id, "released")
         self.transfers_completed += 1

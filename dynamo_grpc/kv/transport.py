@@ -90,12 +90,14 @@ class TransportFailed(Exception):
     """A transport could not move the bytes (not a failure of the transfer itself: another may)."""
 
 
-async def release_over_grpc(channels: ChannelPool, handle: pb.KvHandle, *, request_id: str) -> bool:
-    """`ReleaseKv` on the prefill worker, which checks the pull token (idempotent)."""
+async def release_over_grpc(channels: ChannelPool, handle: pb.KvHandle, *, request_id: str,
+                            require_held: bool = False) -> bool:
+    """`ReleaseKv` on the prefill worker, which checks the pull token (idempotent unless `require_held`)."""
     stub = kv_grpc.KvTransferServiceStub(channels.get(handle.endpoint))
     try:
         response = await stub.ReleaseKv(kv_pb.ReleaseKvRequest(
-            request_id=request_id, transfer_id=handle.transfer_id, pull_token=handle.pull_token))
+            request_id=request_id, transfer_id=handle.transfer_id, pull_token=handle.pull_token,
+            require_held=require_held))
     except grpc.aio.AioRpcError as error:
         raise from_rpc_error(error, request_id=request_id) from None
     return response.released
@@ -104,7 +106,8 @@ async def release_over_grpc(channels: ChannelPool, handle: pb.KvHandle, *, reque
 async def release_proving_the_lease(channels: ChannelPool, handle: pb.KvHandle, *, request_id: str) -> bool:
     """For bytes read in place or by NIXL, the release is what proves the pull token and that the lease
     held all along (the memory stays registered and mapped until the transfer is freed)."""
-    if not await release_over_grpc(channels, handle, request_id=request_id):
+    if not await release_over_grpc(channels, handle, request_id=request_id, require_held=True):
+        # A prefill worker that predates `require_held` answers false instead of saying why.
         raise NotFound(f"KV transfer {handle.transfer_id} is gone (lease expired or already taken); "
                        "prefill again", request_id=request_id, reason="KV_HANDLE_EXPIRED")
     return True

@@ -43,4 +43,5 @@ class KvTransferServicer(kv_grpc.KvTransferServiceServicer):
 
     async def ReleaseKv(self, request: kv_pb.ReleaseKvRequest, context: grpc.aio.ServicerContext
                         ) -> kv_pb.ReleaseKvResponse:
-        return kv_pb.ReleaseKvResponse(released=self._store.release(request.transfer_id, request.pull_token))
+        released = self._store.release(request.transfer_id, request.pull_token, require_held=request.require_held)
+        return kv_pb.ReleaseKvResponse(released=released)
