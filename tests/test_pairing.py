@@ -8,8 +8,10 @@ from dynamo_grpc.routing.pairing import compute_pairings
 from dynamo_grpc.v1 import common_pb2 as pb
 
 
-def worker(worker_id: str, role: int, *, host: str = "a", model: str = "m", fingerprint: str = "fp") -> pb.WorkerInfo:
-    return pb.WorkerInfo(worker_id=worker_id, role=role, host=host, model=model, engine_fingerprint=fingerprint)
+def worker(worker_id: str, role: int, *, host: str = "a", model: str = "m", fingerprint: str = "fp",
+           transports: tuple[int, ...] = ()) -> pb.WorkerInfo:
+    return pb.WorkerInfo(worker_id=worker_id, role=role, host=host, model=model, engine_fingerprint=fingerprint,
+                         kv_transports=transports)
 
 
 def test_only_compatible_workers_pair_and_same_host_comes_first() -> None:
@@ -22,6 +24,27 @@ def test_only_compatible_workers_pair_and_same_host_comes_first() -> None:
     assert [(p.prefill_worker_id, p.decode_worker_id, p.same_host) for p in table.pairings] == [
         ("p-near", "d", True), ("p-far", "d", False)]
     assert table.version == 7
+
+
+def test_each_pair_lists_the_transports_both_workers_have_fastest_first() -> None:
+    P, D = pb.WORKER_ROLE_PREFILL, pb.WORKER_ROLE_DECODE
+    SHM, NIXL, GRPC = pb.KV_TRANSPORT_SHM, pb.KV_TRANSPORT_NIXL, pb.KV_TRANSPORT_GRPC
+    everything = (GRPC, NIXL, SHM)  # a worker lists them in any order
+    table = compute_pairings([
+        worker("p-near", P, host="a", transports=everything), worker("p-far", P, host="b", transports=everything),
+        worker("p-old", P, host="a"),  # registered before workers listed transports: shm and gRPC
+        worker("p-nixl-only", P, host="b", transports=(NIXL,)),
+        worker("d", D, host="a", transports=everything), worker("d-grpc", D, host="b", transports=(GRPC,)),
+    ])
+    transports = {(p.prefill_worker_id, p.decode_worker_id): list(p.kv_transports) for p in table.pairings}
+    assert transports == {
+        ("p-near", "d"): [SHM, NIXL, GRPC],  # one host: in place first
+        ("p-far", "d"): [NIXL, GRPC],  # shm does not cross hosts
+        ("p-old", "d"): [SHM, GRPC],
+        ("p-nixl-only", "d"): [NIXL],
+        ("p-near", "d-grpc"): [GRPC], ("p-far", "d-grpc"): [GRPC], ("p-old", "d-grpc"): [GRPC],
+        # p-nixl-only and d-grpc share no transport: no pair.
+    }
 
 
 def test_no_decode_workers_means_no_pairs() -> None:
