@@ -36,7 +36,7 @@ from dynamo_grpc.engine.kv_blocks import load_blocks, save_blocks
 from dynamo_grpc.kv import shm
 from dynamo_grpc.kv.nixl_transport import NixlAgent, nixl_installed
 from dynamo_grpc.kv.store import LeasedKvStore
-from dynamo_grpc.kv.transport import GrpcTransport, release_over_grpc
+from dynamo_grpc.kv.transport import DEFAULT_PULL_STREAMS, GrpcTransport, release_over_grpc
 from dynamo_grpc.kv.wire import SERVICE, add_kv_transfer_service
 from dynamo_grpc.services.kv_transfer_service import DEFAULT_CHUNK_BYTES, KvTransferServicer
 from dynamo_grpc.services.server import ServiceBinding, start_server
@@ -187,7 +187,7 @@ def shm_moves(nbytes: int, count: int) -> tuple[list[float], list[float]]:
     return saves, takes
 
 
-def measure(nbytes: int, count: int, streams: int, chunk_bytes: int) -> dict[str, list[float]]:
+def measure(nbytes: int, count: int, streams: list[int], chunk_bytes: int) -> dict[str, list[float]]:
     """Seconds per transfer of every path, the slow ones once fewer times."""
     buffer = bytearray(nbytes)  # zero-filled, so already faulted in
     times: dict[str, list[float]] = {"memcpy": memcpy(nbytes, count)}
@@ -196,7 +196,8 @@ def measure(nbytes: int, count: int, streams: int, chunk_bytes: int) -> dict[str
     holder_process, handle = start_holder(nbytes, chunk_bytes)
     try:
         times["grpc, 1 stream"] = grpc_pulls(handle, count, 1, buffer)
-        times[f"grpc, {streams} streams"] = grpc_pulls(handle, count, streams, buffer)
+        for n in streams:
+            times[f"grpc, {n} streams"] = grpc_pulls(handle, count, n, buffer)
         if handle.HasField("nixl"):
             times["nixl"] = nixl_reads(handle, count, buffer, "")
     finally:
@@ -211,6 +212,7 @@ def measure(nbytes: int, count: int, streams: int, chunk_bytes: int) -> dict[str
 
 
 def chunk_sweep(nbytes: int, count: int, streams: int, chunks_kib: list[int]) -> dict[int, list[float]]:
+    """N-stream pulls (N the first of `--streams`) from holders serving chunks of each size."""
     results = {}
     buffer = bytearray(nbytes)
     for kib in chunks_kib:
@@ -226,7 +228,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, nargs="+", default=[64, 384], help="bytes per transfer, in MiB")
     parser.add_argument("--repeat", type=int, default=5, help="transfers per path (the median is reported)")
-    parser.add_argument("--streams", type=int, default=4, help="parallel PullKv streams of the N-stream row")
+    parser.add_argument("--streams", type=int, nargs="+", default=[DEFAULT_PULL_STREAMS],
+                        help="parallel PullKv streams of the N-stream rows (one row each)")
     parser.add_argument("--chunk-kib", type=int, default=DEFAULT_CHUNK_BYTES >> 10, help="gRPC chunk size")
     parser.add_argument("--sweep-chunk-kib", type=int, nargs="*", default=[],
                         help="also time N-stream gRPC pulls at each of these chunk sizes")
@@ -249,8 +252,8 @@ def main() -> None:
             ratio = f"{rate / rates[ref]:5.2f} x {ref}" if name not in ("memcpy", "raw socket") else ""
             label = "(prefill side: save blocks to a segment)" if name == "save" else name
             print(f"  {label:42s} {rate:7.2f} GB/s   {ratio}")
-        for kib, times in chunk_sweep(nbytes, count, args.streams, args.sweep_chunk_kib).items():
-            print(f"  grpc, {args.streams} streams, chunks of {kib:5d} KiB      {gbps(times):7.2f} GB/s   "
+        for kib, times in chunk_sweep(nbytes, count, args.streams[0], args.sweep_chunk_kib).items():
+            print(f"  grpc, {args.streams[0]} streams, chunks of {kib:5d} KiB      {gbps(times):7.2f} GB/s   "
                   f"{gbps(times) / rates['raw socket']:5.2f} x raw socket")
 
 

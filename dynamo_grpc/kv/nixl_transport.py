@@ -58,9 +58,11 @@ class Registration:
 
 
 def _load_nixl() -> Any:
-    """The nixl package, its logs on stderr at WARN unless NIXL_LOG_LEVEL says otherwise (it logs each
-    agent's start at INFO on stdout, where `serve --prompt` writes only the answer)."""
+    """The nixl package, its logs on stderr at WARN and UCX's at ERROR unless NIXL_LOG_LEVEL and UCX_LOG_LEVEL
+    say otherwise: nixl logs each agent's start at INFO and UCX its warnings on stdout, where `serve --prompt`
+    writes only the answer."""
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    os.environ.setdefault("UCX_LOG_LEVEL", "error")
     from nixl import _api
 
     for handler in logging.getLogger("nixl").handlers:
