@@ -2,12 +2,13 @@
 
 A zero-cost simulated engine (`--decode-step-s 0 --prefill-s-per-token 0`) makes everything measured our
 own path. Every layer runs as the CLI runs it (`python -m dynamo_grpc.cli ROLE ...`): etcd, control
-plane, prefill worker, decode worker, router, HTTP frontend. The load comes from client processes of
-their own (aiohttp on uvloop, closed loop), streaming /v1/completions of OSL tokens to prompts of random
-words (so no prefix cache helps). Modes:
+plane, prefill worker, decode worker, HTTP frontend (the router inside it, as `frontend --etcd` runs). The
+load comes from client processes of their own (aiohttp on uvloop, closed loop), streaming /v1/completions
+of OSL tokens to prompts of random words (so no prefix cache helps). Modes:
   dynamo   NVIDIA Dynamo 1.6.1, its Rust frontend + mocker engine (--dynamo-anchor, speedup 1000)
-  agg      our frontend -> router -> decode worker, which prefills (--disagg-min-prompt-tokens huge)
-  disagg   our frontend -> router -> prefill worker, KV moved -> decode worker
+  agg      our frontend (+ router) -> decode worker, which prefills (--disagg-min-prompt-tokens huge)
+  disagg   our frontend (+ router) -> prefill worker, KV moved -> decode worker
+  */remote with --remote-router: the same with the router in a process of its own (`frontend --router`)
 Each round runs every mode once, in a fresh shuffled order, so the machine's noise hits them alike; the
 tables give the median and the spread (min-max) across rounds. Per request and layer, CPU is the layer's
 processes' CPU time (user + system, children included) over the measured window divided by the requests
@@ -15,7 +16,8 @@ completed; the client processes' CPU and what the rest of the machine used in th
 too, so a starved or saturated run shows.
 
     python bench/stack_overhead.py --dynamo-anchor PATH/dynamo-serve.sh [--requests 2000] [--concurrency 64]
-        [--rounds 3] [--clients 2] [--event-loops uvloop asyncio] [--frontend-workers 1 2]
+        [--rounds 3] [--clients 2] [--event-loops uvloop asyncio] [--frontend-workers 1 2] [--remote-router]
+        [--stream-interval-ms MS [MS ...]]
     python bench/stack_overhead.py --profile DIR      # also py-spy each layer, one process at a time
     python bench/stack_overhead.py --small            # a few requests per mode, no Dynamo (smoke test)
 
@@ -52,9 +54,11 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL = "sim-zero"
 ZERO_COST = ("--engine", "simulated", "--model", MODEL, "--decode-step-s", "0", "--prefill-s-per-token", "0")
 NEVER_DISAGGREGATE = ("--disagg-min-prompt-tokens", str(2**31 - 1))
-TARGETS_MS = {"frontend": 0.4, "router": 0.3, "decode": 0.4, "prefill": 0.8}
+TARGETS_MS = {"frontend": 0.4, "router": 0.3, "frontend+router": 0.7, "decode": 0.4, "prefill": 0.8}
 """CPU per request of OSL 32 that each layer is to reach (prefill: prefill + KV handle + release)."""
 LAYERS = ("frontend", "router", "decode", "prefill", "control-plane", "etcd")
+ROUTING = "frontend+router"
+"""Frontend and router together: the frontend's own figure where the router runs inside it."""
 DYNAMO_LAYERS = {"frontend": "dynamo.frontend", "decode": "dynamo.mocker"}
 """Dynamo's processes under our layer names: its frontend embeds its router; its mocker is the engine."""
 START_TIMEOUT_S = 60.0
@@ -227,15 +231,10 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "dynamo_grpc.cli", *args]
 
 
-def cli_env(event_loop: str) -> dict[str, str]:
-    """This tree's code in every process, on the chosen event loop."""
-    return {"PYTHONPATH": str(REPO), "DYNAMO_GRPC_EVENT_LOOP": event_loop}
-
-
 def cli_has_workers_flag(role: str) -> bool:
     """Whether `dynamo-grpc ROLE` takes `--workers N` (several serving processes on one port)."""
     result = subprocess.run(cli(role, "--help"), capture_output=True, text=True, check=True,
-                            env={**os.environ, **cli_env("asyncio")})
+                            env={**os.environ, "PYTHONPATH": str(REPO), "DYNAMO_GRPC_EVENT_LOOP": "asyncio"})
     return "--workers" in result.stdout
 
 
@@ -293,45 +292,71 @@ class Mode:
     model: str
     layers: dict[str, list[Child]]
     """Layer name -> the processes whose CPU it is (shared workers count in every mode that uses them)."""
-    router: str = ""
-    """Our router's endpoint, to check the path (disaggregated or not) before measuring; "" for Dynamo."""
     disaggregated: bool = False
 
 
-async def start_workers(fleet: Fleet, etcd: str, event_loop: str) -> dict[str, list[Child]]:
-    """Control plane, prefill and decode worker of one deployment (one etcd namespace per event loop)."""
-    common = ("--etcd", etcd, "--namespace", f"bench-{event_loop}")
+@dataclass(frozen=True)
+class Variant:
+    """One deployment of ours: the event loop its processes run on, and its decode worker's stream interval."""
+
+    event_loop: str
+    stream_interval_ms: float | None
+    """None: the worker's default."""
+    several_intervals: bool = False
+
+    @property
+    def suffix(self) -> str:
+        """What mode names add for this deployment (nothing for the default one)."""
+        loop = "" if self.event_loop == "uvloop" else f"/{self.event_loop}"
+        return loop + (f"/{self.stream_interval_ms:g}ms" if self.several_intervals else "")
+
+    @property
+    def namespace(self) -> str:
+        return f"bench-{self.event_loop}" + (f"-{self.stream_interval_ms:g}ms" if self.several_intervals else "")
+
+    def env(self) -> dict[str, str]:
+        """This tree's code in every process, on the chosen event loop."""
+        return {"PYTHONPATH": str(REPO), "DYNAMO_GRPC_EVENT_LOOP": self.event_loop}
+
+
+async def start_workers(fleet: Fleet, etcd: str, variant: Variant) -> dict[str, list[Child]]:
+    """Control plane, prefill and decode worker of one deployment (an etcd namespace of its own)."""
+    common = ("--etcd", etcd, "--namespace", variant.namespace)
+    interval = () if variant.stream_interval_ms is None else ("--stream-interval-ms", f"{variant.stream_interval_ms:g}")
     children: dict[str, list[Child]] = {}
     waits = []
-    for role, flags in (("control-plane", ()), ("prefill", ZERO_COST), ("decode", ZERO_COST)):
+    for role, flags in (("control-plane", ()), ("prefill", ZERO_COST), ("decode", (*ZERO_COST, *interval))):
         port = free_port()
-        child = fleet.start(f"{role}-{event_loop}", cli(role, "--port", str(port), *common, *flags),
-                            cli_env(event_loop))
+        child = fleet.start(f"{role}{variant.suffix.replace('/', '-')}", cli(role, "--port", str(port), *common, *flags),
+                            variant.env())
         children[role] = [child]
         waits.append(wait_grpc_serving(child, f"127.0.0.1:{port}"))
     await asyncio.gather(*waits)
     return children
 
 
-async def start_our_mode(fleet: Fleet, etcd: str, workers: dict[str, list[Child]], *, event_loop: str,
-                         disaggregated: bool, processes: int, workers_flags: dict[str, bool]) -> Mode:
-    """Router(s) and frontend(s) for one mode over a deployment's workers.
+async def start_our_mode(fleet: Fleet, etcd: str, workers: dict[str, list[Child]], *, variant: Variant,
+                         disaggregated: bool, processes: int, workers_flags: dict[str, bool],
+                         remote_router: bool) -> Mode:
+    """The frontend(s) for one mode over a deployment's workers, each routing in its own process, or
+    (`remote_router`) in front of router processes of their own.
 
-    With `processes` > 1: if the frontend has `--workers`, one `frontend --workers N` runs in front of one
-    router (itself `--workers N` if it has the flag); if not, N frontend+router pairs run, and the clients
-    spread over them.
+    With `processes` > 1: if the frontend has `--workers`, one `frontend --workers N` runs (in front of one
+    router, itself `--workers N` if it has the flag); if not, N frontends (N frontend+router pairs) run, and
+    the clients spread over them.
     """
-    name = ("disagg" if disaggregated else "agg") + ("" if event_loop == "uvloop" else f"/{event_loop}") + (
+    name = ("disagg" if disaggregated else "agg") + ("/remote" if remote_router else "") + variant.suffix + (
         f"/{processes}fe" if processes > 1 else "")
-    common = ("--etcd", etcd, "--namespace", f"bench-{event_loop}")
+    label = name.replace("/", "-")
+    common = ("--etcd", etcd, "--namespace", variant.namespace)
     router_flags = () if disaggregated else NEVER_DISAGGREGATE
     routers, frontends, waits, urls = [], [], [], []
     router_copies = 1 if workers_flags["router"] or workers_flags["frontend"] else processes
-    for i in range(router_copies):
+    for i in range(router_copies if remote_router else 0):
         port = free_port()
         extra = ("--workers", str(processes)) if workers_flags["router"] and processes > 1 else ()
-        child = fleet.start(f"router-{name.replace('/', '-')}-{i}",
-                            cli("router", "--port", str(port), *common, *router_flags, *extra), cli_env(event_loop))
+        child = fleet.start(f"router-{label}-{i}",
+                            cli("router", "--port", str(port), *common, *router_flags, *extra), variant.env())
         routers.append((child, f"127.0.0.1:{port}"))
         waits.append(wait_grpc_serving(child, f"127.0.0.1:{port}"))
     await asyncio.gather(*waits)
@@ -339,32 +364,35 @@ async def start_our_mode(fleet: Fleet, etcd: str, workers: dict[str, list[Child]
     for i in range(1 if workers_flags["frontend"] else processes):
         port = free_port()
         extra = ("--workers", str(processes)) if workers_flags["frontend"] and processes > 1 else ()
-        router = routers[i % len(routers)][1]
-        child = fleet.start(f"frontend-{name.replace('/', '-')}-{i}",
-                            cli("frontend", "--port", str(port), "--router", router, *common, *extra),
-                            cli_env(event_loop))
+        routing = ("--router", routers[i % len(routers)][1]) if remote_router else router_flags
+        child = fleet.start(f"frontend-{label}-{i}", cli("frontend", "--port", str(port), *routing, *common, *extra),
+                            variant.env())
         frontends.append(child)
         urls.append(f"http://127.0.0.1:{port}")
         waits.append(wait_http(child, f"{urls[-1]}/health", START_TIMEOUT_S))
     await asyncio.gather(*waits)
-    layers = {"frontend": frontends, "router": [child for child, _ in routers], **workers}
-    return Mode(name, urls, MODEL, layers, router=routers[0][1], disaggregated=disaggregated)
+    layers = {"frontend": frontends, **({"router": [child for child, _ in routers]} if remote_router else {}),
+              **workers}
+    return Mode(name, urls, MODEL, layers, disaggregated=disaggregated)
+
+
+def path_check(url: str, model: str) -> bool:
+    """Whether a request through the frontend at `url` moved KV from a prefill worker."""
+    body = json.dumps({"model": model, "prompt": "path check", "max_tokens": 2, "ignore_eos": True}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        usage = json.loads(reply.read())["usage"]
+    return usage["prompt_tokens_details"]["kv_transferred_tokens"] > 0
 
 
 async def check_path(mode: Mode) -> None:
-    """Wait until the router sends requests the way the mode says (it learns the pairing from etcd)."""
-    from dynamo_grpc.client import RouterClient
-
+    """Wait until every frontend's router sends requests the way the mode says (it learns the pairing from
+    etcd)."""
     deadline = time.monotonic() + START_TIMEOUT_S
-    async with RouterClient(mode.router) as client:
-        while True:
-            result = await client.generate("path check", model=mode.model, max_tokens=2, ignore_eos=True).collect()
-            assert result.completion is not None
-            moved = result.completion.kv_transfer.bytes > 0
-            if moved == mode.disaggregated:
-                return
-            if not mode.disaggregated:
-                raise RuntimeError(f"{mode.name}: the aggregated router moved KV ({result.completion})")
+    for url in mode.urls:
+        while (moved := await asyncio.to_thread(path_check, url, mode.model)) != mode.disaggregated:
+            if moved:
+                raise RuntimeError(f"{mode.name}: the aggregated router moved KV")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{mode.name}: the router never disaggregated a request")
             await asyncio.sleep(0.2)
@@ -470,6 +498,7 @@ async def run_mode(mode: Mode, load: Load, seed: int, extra_layers: dict[str, li
     used = {name: (after[name][0] - before[name][0], after[name][1] - before[name][1]) for name in layers}
     cpu = {name: 1e3 * (user + system) / done for name, (user, system) in used.items()}
     system_share = {name: system / (user + system) if user + system else 0.0 for name, (user, system) in used.items()}
+    cpu[ROUTING] = cpu["frontend"] + cpu.get("router", 0.0)
     cpu["client"] = 1e3 * client_cpu / done
     cpu["others"] = 1e3 * max(0.0, busy - sum(map(sum, used.values())) - client_cpu - own) / done
     ttfts = [1e3 * r[0] for r in ok if r[0] is not None]
@@ -489,7 +518,7 @@ async def run_mode(mode: Mode, load: Load, seed: int, extra_layers: dict[str, li
 async def profile_mode(mode: Mode, load: Load, out_dir: Path, rate: int) -> list[Path]:
     written = []
     for layer in ("frontend", "router", "decode", "prefill"):
-        if layer == "prefill" and not mode.disaggregated:
+        if layer not in mode.layers or (layer == "prefill" and not mode.disaggregated):
             continue
         child = mode.layers[layer][0]
         path = out_dir / f"{mode.name.replace('/', '-')}-{layer}.speedscope.json"
@@ -633,7 +662,7 @@ def render(results: dict[str, list[RunResult]], load: Load, layout: str) -> str:
                      "where we send one per token batch: its req/s is counted in its favour; its TTFT is the whole "
                      "request's time (its first event is its last).")
     lines += ["", "CPU per request (ms), by layer: median (min-max) over rounds"]
-    layers = [*LAYERS, "client", "others"]
+    layers = [*LAYERS[:2], ROUTING, *LAYERS[2:], "client", "others"]
     lines.append(f"{'layer':<15}" + "".join(f"{n:>22}" for n in names) + f"{'target':>9}")
     for layer in layers:
         cells = [spread([r.cpu_ms_per_request[layer] for r in results[n] if layer in r.cpu_ms_per_request],
@@ -646,8 +675,8 @@ def render(results: dict[str, list[RunResult]], load: Load, layout: str) -> str:
                  if layer in results[n][0].system_share else "-" for n in names]
         lines.append(f"{layer:<15}" + "".join(f"{c:>22}" for c in cells))
     lines.append("client = the load generator's processes; others = the rest of the machine in the window "
-                 "(other work on shared cores). Dynamo: frontend = its Rust frontend (router inside), decode = "
-                 "its mocker engine.")
+                 "(other work on shared cores). Frontends route in their own process (router -) except in "
+                 "/remote modes. Dynamo: frontend = its Rust frontend (router inside), decode = its mocker engine.")
     if any(name.endswith("fe") for name in names):
         lines.append(f"/Nfe modes: {layout}")
     busiest = {n: max(r.client_busiest_core_share for r in results[n]) for n in names}
@@ -664,23 +693,29 @@ async def run(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
     modes: list[Mode] = []
     if args.dynamo_anchor:
         modes.append(await start_dynamo(fleet, args.dynamo_anchor))
+    intervals = args.stream_interval_ms or [None]
     for event_loop in args.event_loops:
-        log(f"starting our deployment on {event_loop}: control plane, prefill, decode")
-        workers = await start_workers(fleet, etcd, event_loop)
-        shared[f"control-plane/{event_loop}"] = workers.pop("control-plane")
-        for processes in args.frontend_workers:
-            for disaggregated in (False, True):
-                mode = await start_our_mode(fleet, etcd, workers, event_loop=event_loop, disaggregated=disaggregated,
-                                            processes=processes, workers_flags=workers_flags)
-                mode.layers["control-plane"] = shared[f"control-plane/{event_loop}"]
-                await check_path(mode)
-                modes.append(mode)
+        for interval in intervals:
+            variant = Variant(event_loop, interval, several_intervals=len(intervals) > 1)
+            log(f"starting our deployment{variant.suffix}: control plane, prefill, decode")
+            workers = await start_workers(fleet, etcd, variant)
+            control_plane = workers.pop("control-plane")
+            for processes in args.frontend_workers:
+                for remote_router in sorted({False, args.remote_router}):
+                    for disaggregated in (False, True):
+                        mode = await start_our_mode(fleet, etcd, workers, variant=variant,
+                                                    disaggregated=disaggregated, processes=processes,
+                                                    workers_flags=workers_flags, remote_router=remote_router)
+                        mode.layers["control-plane"] = control_plane
+                        await check_path(mode)
+                        modes.append(mode)
     fleet.remember_tree()
     if workers_flags["frontend"]:
-        layout = "one `frontend --workers N` in front of " + (
-            "one `router --workers N`" if workers_flags["router"] else "one router")
+        layout = "one `frontend --workers N` (/remote: in front of " + (
+            "one `router --workers N`)" if workers_flags["router"] else "one router)")
     else:
-        layout = "N frontend+router pairs on ports of their own (the CLI has no `--workers`), clients spread over them"
+        layout = ("N frontends (/remote: N frontend+router pairs) on ports of their own (the CLI has no "
+                  "`--workers`), clients spread over them")
     rng = random.Random(args.seed)
     results: dict[str, list[RunResult]] = {mode.name: [] for mode in modes}
     for round_number in range(args.rounds):
@@ -702,7 +737,7 @@ async def run(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
         out = Path(args.profile)
         out.mkdir(parents=True, exist_ok=True)
         for mode in modes:
-            if mode.name in ("agg", "disagg"):
+            if mode.name in ("agg", "disagg", "agg/remote", "disagg/remote"):
                 profiles += await profile_mode(mode, load, out, args.profile_rate)
         for path in profiles:
             print("\n" + summarize_profile(path), flush=True)
@@ -728,6 +763,11 @@ def main() -> int:
     parser.add_argument("--frontend-workers", nargs="+", type=int, default=[1], metavar="N",
                         help="frontend+router processes per mode: `--workers N` where the CLI has it, else N "
                         "separate pairs (e.g. 1 2)")
+    parser.add_argument("--remote-router", action="store_true",
+                        help="also run each mode with the router in a process of its own, behind `frontend --router`")
+    parser.add_argument("--stream-interval-ms", type=float, nargs="+", default=None, metavar="MS",
+                        help="the decode worker's --stream-interval-ms (default: the worker's own); several: a "
+                        "deployment each, modes named /<MS>ms")
     parser.add_argument("--profile", default="", metavar="DIR",
                         help="after the rounds, py-spy each of our layers (agg, disagg) under the same load, "
                         "one process at a time, into DIR, and print where their CPU goes")

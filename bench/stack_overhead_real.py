@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -53,6 +54,7 @@ from dynamo_grpc.v1 import common_pb2 as pb
 
 REAL_MODES = ("vllm-server", "http-agg", "http-disagg")
 LOOSE = Objectives(ttft_ms=1e9, itl_ms=1e9)  # goodput is not the question here
+START_TIMEOUT_S = 900  # three engines starting at once on two busy cores take minutes
 
 
 @dataclass
@@ -110,21 +112,25 @@ async def start_vllm_server(model_dir: Path, model: str, engine: EngineConfig, s
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib), "HF_HUB_OFFLINE": "1"}
     log = tempfile.NamedTemporaryFile("w+", prefix="vllm-server-", suffix=".log", delete=False)
     print(f"starting vLLM's OpenAI server on port {port} (log: {log.name})", file=sys.stderr, flush=True)
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # A group of its own: the server's engine processes go with it, even when it is stopped mid-start.
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     async def stop() -> None:
-        process.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             await asyncio.to_thread(process.wait, 30)
         except subprocess.TimeoutExpired:
-            process.kill()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         log.close()
 
     stack.closers.append(stop)
     url = f"http://127.0.0.1:{port}"
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=600))
     stack.closers.append(session.close)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"vLLM's server exited with {process.returncode}; see {log.name}")
@@ -134,7 +140,7 @@ async def start_vllm_server(model_dir: Path, model: str, engine: EngineConfig, s
                     stack.senders["vllm-server"] = openai_sender(url, model, session)
                     return
         await asyncio.sleep(1.0)
-    raise RuntimeError(f"vLLM's server was not ready within 300 s; see {log.name}")
+    raise RuntimeError(f"vLLM's server was not ready within {START_TIMEOUT_S} s; see {log.name}")
 
 
 @dataclass

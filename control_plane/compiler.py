@@ -4,7 +4,8 @@ The plan is what an operator (or the Kubernetes writer) runs; compiling the same
 same plan, so plans can be diffed and reviewed. Allocation rules:
 - workers are placed round-robin over their pool's hosts (`pool_placement`), prefill pool first;
 - on each GPU host, workers take consecutive GPU indices in that order, `tensor_parallel_size` each
-  (handed over as CUDA_VISIBLE_DEVICES); CPU hosts give no devices;
+  (handed over as CUDA_VISIBLE_DEVICES); CPU hosts give no devices, but a CPU host that says its `cpus`
+  splits them evenly between its workers, in that order, for an engine that runs on CPUs (`--cpus`);
 - on each host, workers take consecutive ports from `base_port` in that order, skipping the router's
   and control plane's ports;
 - worker ids are `<role>-<index>`; the initial pairing table is `compute_pairings` over the planned
@@ -21,6 +22,7 @@ from typing import Any
 
 from control_plane.autoscaler import tuning_knobs
 from control_plane.spec import PoolSpec, Spec, engine_arg_defaults, pool_placement
+from dynamo_grpc.engine import cpu_cores
 from dynamo_grpc.engine.registry import ENGINES
 from dynamo_grpc.routing.pairing import compute_pairings
 from dynamo_grpc.routing.policies import routing_policy
@@ -48,6 +50,8 @@ class PlannedProcess:
     engine_flags: tuple[str, ...] = ()
     """The command's flags that every worker of the pool shares (engine and KV transfer), for other targets."""
     env: dict[str, str] = field(default_factory=dict)
+    cpus: str = ""
+    """The CPU ids of a CPU host that this worker's engine runs on; empty where it keeps its own binding."""
 
     @property
     def endpoint(self) -> str:
@@ -117,6 +121,8 @@ def compile_spec(spec: Spec) -> Plan:
         return tuple(range(first, first + count))
 
     processes: list[PlannedProcess] = []
+    cores = _cpu_shares(spec)
+    cpus_field = ENGINES[spec.model.engine].cpus_field
     for pool in spec.pools():
         engine_args = _resolved_engine_args(spec, pool)
         engine_flags = _engine_flags(spec, pool, engine_args)
@@ -126,10 +132,14 @@ def compile_spec(spec: Spec) -> Plan:
             devices = take_devices(host, pool.tensor_parallel_size)
             command = (*_server_command(spec, pool.role, host, port), "--worker-id", worker_id, *engine_flags)
             env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))} if devices else {}
+            cpus = cores.get(worker_id, "")
+            own_args = {**engine_args, cpus_field: cpus} if cpus else engine_args
+            if cpus:
+                command = (*command, f"--{cpus_field.replace('_', '-')}", cpus)
             processes.append(PlannedProcess(
                 id=worker_id, role=pool.role, host=host, address=spec.host(host).address, port=port,
                 command=command, devices=devices, tensor_parallel_size=pool.tensor_parallel_size,
-                engine_args=engine_args, engine_flags=engine_flags, env=env))
+                engine_args=own_args, engine_flags=engine_flags, env=env, cpus=cpus))
     for role, host, port in (("router", spec.router.host, spec.router.port),
                              ("control-plane", spec.control_plane.host, spec.control_plane.port)):
         command = _server_command(spec, role, host, port)
@@ -153,7 +163,51 @@ def compile_spec(spec: Spec) -> Plan:
         min_uncached_tokens=spec.router.min_uncached_tokens,
         slo={k: v for k, v in (("ttft_ms", spec.slo.ttft_ms), ("itl_ms", spec.slo.itl_ms)) if v is not None},
         transfer={"kv_ttl_s": spec.transfer.kv_ttl_s, "on_pull_failure": spec.transfer.on_pull_failure},
-        autoscaling=spec.autoscaling is not None, notes=tuple(_notes(spec, pairings)))
+        autoscaling=spec.autoscaling is not None,
+        notes=tuple(_notes(spec, pairings) + _cpu_notes(spec, cores)))
+
+
+def _cpu_workers(spec: Spec) -> dict[str, list[str]]:
+    """CPU host -> the ids of its workers whose engine runs on CPUs and whose pool does not set the engine's
+    cores itself, in plan order."""
+    cpus_field = ENGINES[spec.model.engine].cpus_field
+    placed: dict[str, list[str]] = {}
+    if not cpus_field:
+        return placed
+    for pool in spec.pools():
+        if cpus_field in spec.engine_args_for(pool):
+            continue  # the user's own choice, on every worker of the pool
+        for index, host in enumerate(pool_placement(pool)):
+            if spec.host(host).gpus == 0:
+                placed.setdefault(host, []).append(f"{pool.role}-{index}")
+    return placed
+
+
+def _cpu_shares(spec: Spec) -> dict[str, str]:
+    """Worker id -> the CPU ids its engine runs on: each CPU host that says its `cpus` splits them evenly."""
+    shares: dict[str, str] = {}
+    for host, workers in _cpu_workers(spec).items():
+        split = cpu_cores.split(tuple(range(spec.host(host).cpus)), len(workers))
+        if split is not None:
+            shares.update(zip(workers, map(cpu_cores.format_list, split)))
+    return shares
+
+
+def _cpu_notes(spec: Spec, shares: dict[str, str]) -> list[str]:
+    notes = []
+    for host, workers in _cpu_workers(spec).items():
+        cpus = spec.host(host).cpus
+        if workers[0] in shares:
+            listed = ", ".join(f"{worker} {shares[worker]}" for worker in workers)
+            notes.append(f"host {host!r}: each engine worker runs on CPUs of its own ({listed})")
+        elif cpus:
+            notes.append(f"host {host!r} has {cpus} cpus for {len(workers)} engine workers: they share them, "
+                         "each engine binding its threads on its own")
+        elif len(workers) > 1:
+            notes.append(f"host {host!r} does not say its cpus: its {len(workers)} engine workers each "
+                         "bind their threads on their own, maybe all to the same cores; give the host "
+                         "`cpus: N` to split its cores between them")
+    return notes
 
 
 EXTRA = "extra."
@@ -283,13 +337,19 @@ def plan_to_json(plan: Plan) -> str:
     return json.dumps(plan_to_dict(plan), indent=2) + "\n"
 
 
+def _devices(process: PlannedProcess) -> str:
+    if process.devices:
+        return ",".join(map(str, process.devices))
+    return f"cpus {process.cpus}" if process.cpus else "-"
+
+
 def render_plan(plan: Plan) -> str:
     """A table of processes, the pairing table, the commands and the notes, for people."""
     title = (f"plan {plan.name}: model {plan.model} ({plan.engine}), namespace {plan.namespace}, "
              f"etcd {','.join(plan.etcd)}")
     lines = [title, ""]
     header = ("ID", "ROLE", "HOST", "ENDPOINT", "DEVICES", "TP")
-    rows = [(p.id, p.role, p.host, p.endpoint, ",".join(map(str, p.devices)) or "-",
+    rows = [(p.id, p.role, p.host, p.endpoint, _devices(p),
              str(p.tensor_parallel_size) if p.role in ("prefill", "decode") else "-") for p in plan.processes]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from control_plane.role import start_control_plane
 from dynamo_grpc.config import WorkerConfig
+from dynamo_grpc.engine import cpu_cores
 from dynamo_grpc.registry import Registry
 from dynamo_grpc.roles import RunningRole, start_decode, start_prefill, start_router
 
@@ -37,12 +38,12 @@ async def start_all_in_one(worker: WorkerConfig, registry: Registry, **router_se
     """Control plane, one prefill and one decode worker on free ports, and the router on `worker.server.port`
     (`router_settings` as `start_router` takes them)."""
     internal = dataclasses.replace(worker.server, port=0)
+    prefill, decode = (dataclasses.replace(config, server=internal) for config in _own_cores(worker))
     started: list[RunningRole] = []
     try:
         started.append(await start_control_plane(internal, registry))
         # Engines start side by side: each spends much of its start-up in its own processes.
-        workers = await asyncio.gather(start_prefill(dataclasses.replace(worker, server=internal), registry),
-                                       start_decode(dataclasses.replace(worker, server=internal), registry),
+        workers = await asyncio.gather(start_prefill(prefill, registry), start_decode(decode, registry),
                                        return_exceptions=True)
         started += [role for role in workers if isinstance(role, RunningRole)]
         for failure in workers:
@@ -58,3 +59,21 @@ async def start_all_in_one(worker: WorkerConfig, registry: Registry, **router_se
             await role.stop()
         raise
     return Deployment(*started)
+
+
+def _own_cores(worker: WorkerConfig) -> tuple[WorkerConfig, WorkerConfig]:
+    """The prefill and decode workers' configs: an engine that runs on CPUs gets half of this process's cores
+    each (prefill the lower half), unless the user chose its cores."""
+    field = worker.kind.cpus_field
+    if not field or getattr(worker.engine, field):
+        return worker, worker
+    cores = cpu_cores.usable()
+    shares = cpu_cores.split(cores, 2)
+    if shares is None:
+        log.info("one CPU core (%s): the prefill and decode engines share it", cpu_cores.format_list(cores))
+        return worker, worker
+    prefill, decode = (dataclasses.replace(worker, engine=dataclasses.replace(
+        worker.engine, **{field: cpu_cores.format_list(share)})) for share in shares)
+    log.info("prefill engine on CPUs %s, decode engine on CPUs %s", getattr(prefill.engine, field),
+             getattr(decode.engine, field))
+    return prefill, decode

@@ -17,7 +17,8 @@ obvious, so a bad spec is fixed in one edit instead of one error per run.
     etcd: [10.0.0.1:2379]
     autoscaling: {prefill_requests_per_s: 1.2, decode_requests_per_s: 2.5}   # optional
 
-A host with `gpus: 0` is a CPU host: its workers get no devices. A pool's workers are spread over its
+A host with `gpus: 0` is a CPU host: its workers get no devices, and with `cpus: N` (its cores) each
+engine worker gets its own share of the cores 0..N-1, as `--cpus`. A pool's workers are spread over its
 hosts round-robin (`pool_placement`). Engine arguments under `model.engine_args` apply to both pools; a
 pool's own `engine_args` add to or override them. `engine_args.extra` holds any other vLLM engine
 argument; vLLM workers get each as `--vllm-arg KEY=VALUE`.
@@ -68,6 +69,9 @@ class HostSpec:
     name: str
     address: str
     gpus: int = 0
+    cpus: int = 0
+    """A CPU host's cores (ids 0..cpus-1), split evenly between its engine workers; 0: not said, and each
+    engine keeps its own binding."""
 
 
 @dataclass(frozen=True)
@@ -231,7 +235,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
         model["engine_args"] = engine_args(spec.model.engine_args, spec.model.extra_engine_args)
     out: dict[str, Any] = {
         "name": spec.name, "namespace": spec.namespace, "model": model,
-        "hosts": [{"name": h.name, "address": h.address, "gpus": h.gpus} for h in spec.hosts],
+        "hosts": [{"name": h.name, "address": h.address, "gpus": h.gpus,
+                   **({"cpus": h.cpus} if h.cpus else {})} for h in spec.hosts],
         "prefill": pool(spec.prefill), "decode": pool(spec.decode),
         "router": {"host": spec.router.host, "port": spec.router.port, "policy": spec.router.policy,
                    "disaggregation": {"min_uncached_tokens": spec.router.min_uncached_tokens}},
@@ -562,19 +567,24 @@ class _Checker:
         seen: dict[str, int] = {}
         for index, item in enumerate(node.value):
             path = f"hosts[{index}]"
-            items = self.mapping(item, path, ("name", "address"), ("gpus",))
+            items = self.mapping(item, path, ("name", "address"), ("gpus", "cpus"))
             if items is None:
                 continue
             name = self.string(items.get("name"), f"{path}.name")
             address = self.string(items.get("address"), f"{path}.address")
             gpus = self.integer(items.get("gpus"), f"{path}.gpus", minimum=0, default=0)
+            cpus = self.integer(items.get("cpus"), f"{path}.cpus", minimum=0, default=0)
+            if isinstance(gpus, int) and gpus > 0 and isinstance(cpus, int) and cpus > 0:
+                self.problem(items["cpus"].line, f"{path}.cpus", "cpus splits a CPU host's cores between "
+                             "its engine workers; a GPU host's workers run on their GPUs: remove cpus or set "
+                             "gpus: 0")
             if isinstance(name, str) and name in seen:
                 self.problem(items["name"].line, f"{path}.name",
                              f"host {name!r} is already defined at line {seen[name]}; host names must be unique")
                 continue
-            if _MISSING not in (name, address, gpus):
+            if _MISSING not in (name, address, gpus, cpus):
                 seen[name] = items["name"].line
-                hosts.append(HostSpec(name=name, address=address, gpus=gpus))
+                hosts.append(HostSpec(name=name, address=address, gpus=gpus, cpus=cpus))
         return hosts
 
     def host_ref(self, node: _Node | None, path: str, host_names: tuple[str, ...], default: str) -> Any:

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from control_plane.deployment import start_all_in_one
+from control_plane.k8s_actuator import add_actuator_flags, run_actuator
 from control_plane.role import start_control_plane
 from dynamo_grpc import event_loop
 from dynamo_grpc.client import RouterClient
@@ -43,6 +45,7 @@ from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 if TYPE_CHECKING:
     from control_plane.compiler import Plan
     from control_plane.scaling import AutoscalingConfig
+    from dynamo_grpc.frontend.backends import Backend
     from dynamo_grpc.frontend.http import RunningFrontend
 
 log = logging.getLogger("dynamo_grpc")
@@ -143,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_flags(sub)
     add_flag(sub, "spec", default="", help="deployment spec whose compiled plan is published (GetPlan)")
     add_autoscaling_flags(sub)
+    sub = roles.add_parser("k8s-actuator", help="set the worker pools' Deployment replicas from the control "
+                           "plane's scale target (Kubernetes; needs dynamo-grpc[k8s])")
+    add_actuator_flags(sub)
     sub = roles.add_parser("serve", help="run 1 router + 1 prefill + 1 decode + control plane on this host")
     add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
     add_engine_flags(sub)
@@ -152,9 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
              help="port of the OpenAI-compatible HTTP frontend (0 = any free port)")
     add_flag(sub, "prompt", default="", help="send this prompt through the deployment, print the answer, exit")
     add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate for --prompt")
-    sub = roles.add_parser("frontend", help="run the OpenAI-compatible HTTP frontend for a router")
+    sub = roles.add_parser("frontend", help="run the OpenAI-compatible HTTP frontend, routing in its own process")
     add_server_flags(sub, port=DEFAULT_HTTP_PORT)
-    add_flag(sub, "router", default=f"127.0.0.1:{DEFAULT_ROUTER_PORT}", help="router endpoint host:port")
+    add_flag(sub, "router", default="", help="forward every request to the RouterService at host:port instead "
+             "of routing in this process (then the routing flags below do not apply)")
+    add_router_flags(sub)
     add_flag(sub, "model-path", default="", help="model directory whose chat template renders chat requests "
              "(default: plain 'role: content' lines)")
     sub = roles.add_parser("generate", help="send one request to a router and stream the answer")
@@ -185,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--k8s-out", default=None, help="also write Kubernetes manifests into this folder")
     sub.add_argument("--k8s-image", default="dynamo-grpc:latest", help="container image for the manifests")
     sub.add_argument("--k8s-namespace", default="default", help="Kubernetes namespace for the manifests")
-    sub.add_argument("--k8s-etcd", default=None, help="etcd endpoints the pods use (default: the spec's)")
+    sub.add_argument("--k8s-etcd", default=None, help="etcd endpoints the pods use (default: one etcd "
+                     "deployed with the manifests)")
     sub.add_argument("--k8s-shared-memory", action="store_true",
                      help="share the node's /dev/shm and process ids so same-node pairs move KV in place")
     sub = roles.add_parser("up", help="run the plan's processes for this host, restarting any that die")
@@ -237,6 +246,10 @@ async def _connect_registry(config: ServerConfig, *, required: bool) -> Registry
 
 
 async def _until_signalled() -> None:
+    """Serve until SIGINT or SIGTERM. What start-up built lives as long as the process, so it leaves the
+    garbage collector's view first: the collections that requests trigger then skip it."""
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -253,6 +266,8 @@ async def _run_role(start: Callable[[], Awaitable[RunningRole]], registry: Regis
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from dynamo_grpc.frontend.backends import EmbeddedRouter
+
     worker = worker_config(args)
     registry = await _connect_registry(worker.server, required=False)
     async with contextlib.AsyncExitStack() as stack:
@@ -269,8 +284,10 @@ async def _serve(args: argparse.Namespace) -> int:
             return await _generate(endpoint, model, args.prompt, args.max_tokens, command="serve")
         _say("serve", f"serving {model!r}; send requests to RouterService at {endpoint} "
              f"(try: dynamo-grpc generate --router {endpoint} --model {model} 'Hello')")
-        frontend = await _start_frontend(endpoint, registry, args.http_host, args.http_port,
-                                         model_path=model_path or None)
+        # The frontend routes through the same router as RouterService, in this process: no hop between.
+        assert deployment.router.router is not None
+        frontend = await _start_frontend(EmbeddedRouter(deployment.router.router), registry, args.http_host,
+                                         args.http_port, model_path=model_path or None)
         stack.push_async_callback(frontend.stop)
         _say("serve", f"OpenAI API at {frontend.url}/v1 (try: curl {frontend.url}/v1/completions "
              f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", "
@@ -296,23 +313,37 @@ async def _prepare_engines(kind: str, model_path: str) -> None:
     _say("serve", f"starting the prefill and decode {kind} engines (about a minute on a CPU)...")
 
 
-async def _start_frontend(router: str, registry: Registry, host: str, port: int, *,
+async def _start_frontend(backend: Backend, registry: Registry, host: str, port: int, *,
                           model_path: str | None) -> RunningFrontend:
     from dynamo_grpc.frontend.http import start_frontend
     from dynamo_grpc.frontend.openai_protocol import load_chat_template
 
     template = load_chat_template(model_path) if model_path else None
-    return await start_frontend(router, registry, host=host, port=port, chat_template=template)
+    return await start_frontend(backend, registry, host=host, port=port, chat_template=template)
 
 
 async def _frontend(args: argparse.Namespace) -> int:
+    """The frontend with its own router following the registry, or (`--router`) in front of a remote one."""
+    from dynamo_grpc.frontend.backends import EmbeddedRouter, RemoteRouter
+    from dynamo_grpc.routing.router import open_router
+
     registry = await _connect_registry(server_config(args), required=True)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(registry.close)
-        frontend = await _start_frontend(args.router, registry, args.host, args.port,
+        backend: Backend
+        if args.router:
+            backend = remote = RemoteRouter(args.router)
+            stack.push_async_callback(remote.close)
+        else:
+            settings = router_settings(args)
+            settings["tokenizer"] = settings["tokenizer"] or args.model_path  # the prompts the engines read
+            router = await open_router(registry, **settings)
+            stack.push_async_callback(router.close)
+            backend = EmbeddedRouter(router)
+        frontend = await _start_frontend(backend, registry, args.host, args.port,
                                          model_path=args.model_path or None)
         stack.push_async_callback(frontend.stop)
-        print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1, forwarding to the router at {args.router}", flush=True)
+        print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1, {backend.description}", flush=True)
         await _until_signalled()
     return 0
 
@@ -401,6 +432,8 @@ async def _main(args: argparse.Namespace) -> int:
         return await _up(args)
     if command == "serve":
         return await _serve(args)
+    if command == "k8s-actuator":
+        return await run_actuator(args)
     server = server_config(args)
     worker = worker_config(args) if command in ("prefill", "decode") else None
     plan = _plan_of(args.spec) if command == "control-plane" else None

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
 
 from dynamo_grpc.channels import CHANNEL_OPTIONS
-from dynamo_grpc.services.streams import open_bidi
+from dynamo_grpc.services.streams import CancelSignal, open_bidi
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import router_pb2 as router_pb
 from dynamo_grpc.v1 import router_pb2_grpc as router_grpc
@@ -33,7 +32,7 @@ class GenerateStream:
     """
 
     def __init__(self, stub: router_grpc.RouterServiceStub, request_id: str, params: pb.GenerationParams) -> None:
-        self._cancel = asyncio.Event()
+        self._cancel = CancelSignal()
         self.call = open_bidi(
             stub.Generate, router_pb.GenerateRequest(request_id=request_id, start=params),
             router_pb.GenerateRequest(request_id=request_id, cancel=pb.CancelAction(reason="client cancel")),

@@ -22,6 +22,8 @@ EngineConfig = Any
 """One of the engines' config dataclasses (`EngineKind.config`)."""
 KV_PULL_FAILURE_POLICIES = ("fail", "local-prefill")
 KV_TRANSPORTS = ("shm", "nixl", "grpc")
+DEFAULT_STREAM_INTERVAL_MS = 10.0
+MAX_STREAM_INTERVAL_MS = 1000.0
 ROUTING_POLICIES = tuple(POLICIES)
 
 
@@ -70,6 +72,8 @@ class WorkerConfig:
     kv_pull_failure: str = "fail"
     kv_transports: tuple[str, ...] = ()
     """KV transports the worker offers (prefill) or receives by (decode); empty: all this host has."""
+    stream_interval_ms: float = DEFAULT_STREAM_INTERVAL_MS
+    """A decode stream sends its first tokens at once, then gathers tokens for this long per message."""
 
     def __post_init__(self) -> None:
         if self.kv_ttl_s <= 0:
@@ -79,6 +83,9 @@ class WorkerConfig:
             raise ConfigError(f"--kv-transports takes {', '.join(KV_TRANSPORTS)}; got {', '.join(unknown)}")
         if "nixl" in self.kv_transports and not nixl_installed():
             raise ConfigError("--kv-transports nixl needs the nixl package: pip install 'dynamo-grpc[nixl]'")
+        if not 0 <= self.stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
+            raise ConfigError(f"--stream-interval-ms must be in [0, {MAX_STREAM_INTERVAL_MS}], "
+                              f"got {self.stream_interval_ms}")
         if self.kv_pull_failure not in KV_PULL_FAILURE_POLICIES:
             raise ConfigError(f"--kv-pull-failure must be one of {', '.join(KV_PULL_FAILURE_POLICIES)}, "
                               f"got {self.kv_pull_failure!r}")
@@ -164,6 +171,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "kv-transports", default="", help="KV transports this worker offers (prefill) or receives by "
              f"(decode), comma-separated among {', '.join(KV_TRANSPORTS)} (default: all; nixl where the nixl "
              "package is installed)")
+    add_flag(parser, "stream-interval-ms", default=DEFAULT_STREAM_INTERVAL_MS, type=float,
+             help="decode worker: after a request's first tokens (sent at once), send its tokens at most this "
+             "often, gathered into one message (its last at once; 0: send each step's tokens when ready)")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -200,5 +210,5 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return WorkerConfig(server=server_config(args), engine=engine, worker_id=args.worker_id, kv_ttl_s=args.kv_ttl_s,
-                        kv_pull_failure=args.kv_pull_failure,
+                        kv_pull_failure=args.kv_pull_failure, stream_interval_ms=args.stream_interval_ms,
                         kv_transports=tuple(name.strip() for name in args.kv_transports.split(",") if name.strip()))

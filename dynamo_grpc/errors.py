@@ -97,11 +97,13 @@ def from_rpc_error(error: grpc.aio.AioRpcError, *, request_id: str = "") -> Dyna
                 reason = info.reason
     too_large = _MESSAGE_SIZE_REFUSAL.search(error.details() or "") if reason == "RESOURCE_EXHAUSTED" else None
     if too_large:  # gRPC's own refusal carries no ErrorInfo: name it, and say the limit
-        size, limit = int(too_large[1]), int(too_large[2])
-        return DynamoError(f"the request makes a gRPC message of {size} bytes, over the {limit / 2**20:g} MiB "
-                           "message limit; shorten the prompt", request_id=request_id, reason="MESSAGE_TOO_LARGE",
-                           code=error.code())
+        return message_too_large(int(too_large[1]), int(too_large[2]), request_id=request_id)
     return DynamoError(error.details() or reason, request_id=request_id, reason=reason, code=error.code())
+
+
+def message_too_large(size: int, limit: int, *, request_id: str = "") -> ResourceExhausted:
+    return ResourceExhausted(f"the request makes a gRPC message of {size} bytes, over the {limit / 2**20:g} MiB "
+                             "message limit; shorten the prompt", request_id=request_id, reason="MESSAGE_TOO_LARGE")
 
 
 def error_reason(error: grpc.aio.AioRpcError) -> str:

@@ -33,9 +33,8 @@ from dynamo_grpc.kv.store import LeasedKvStore
 from dynamo_grpc.kv.transport import KvReceiver, ReceivedKv
 from dynamo_grpc.loadgen import RequestRecord, Workload, run_load
 from dynamo_grpc.routing.fleet import InFlight
-from dynamo_grpc.routing.policies import LeastLoaded, Load, routing_policy
+from dynamo_grpc.routing.policies import LeastLoaded, Load, rank_pair, routing_policy
 from dynamo_grpc.v1 import common_pb2 as pb
-from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
 T = TypeVar("T")
 
@@ -211,8 +210,7 @@ class _Picker:
         if prefills:
             name = min(names, key=lambda name: self.policy.rank_decode(name, load))
         else:
-            name = min(names, key=lambda name: self.policy.rank_pair(cp_pb.Pairing(
-                prefill_worker_id=prefilled_on, decode_worker_id=name, same_host=True), load))
+            name = min(names, key=lambda name: rank_pair(self.policy, prefilled_on, name, True, load))
         return name, uncached(name)
 
 

@@ -44,40 +44,38 @@ def estimated_tokens(params: pb.GenerationParams) -> int:
     return -(-len(params.prompt.text.encode()) // 4)
 
 
+_DEFAULTS = Sampling()
+
+
 def sampling_of(params: pb.GenerationParams, request_id: str) -> Sampling:
     """Validated sampling parameters with the documented defaults filled in."""
     s = params.sampling
-    defaults = Sampling()
-    sampling = Sampling(
-        max_tokens=s.max_tokens if s.HasField("max_tokens") else defaults.max_tokens,
-        temperature=s.temperature if s.HasField("temperature") else defaults.temperature,
-        top_p=s.top_p if s.HasField("top_p") else defaults.top_p,
-        top_k=s.top_k,
-        seed=s.seed if s.HasField("seed") else None,
-        stop_token_ids=tuple(s.stop_token_ids),
-        ignore_eos=s.ignore_eos,
-        logprobs=s.logprobs if s.HasField("logprobs") else None,
-        stop=tuple(s.stop),
-    )
+    max_tokens = s.max_tokens if s.HasField("max_tokens") else _DEFAULTS.max_tokens
+    temperature = s.temperature if s.HasField("temperature") else _DEFAULTS.temperature
+    top_p = s.top_p if s.HasField("top_p") else _DEFAULTS.top_p
+    logprobs = s.logprobs if s.HasField("logprobs") else None
+    stop = tuple(s.stop) if s.stop else ()
+    if max_tokens < 1:
+        raise _bad_sampling("max_tokens", "at least 1", max_tokens, request_id)
+    if not (0.0 <= temperature <= MAX_TEMPERATURE):
+        raise _bad_sampling("temperature", f"in [0, {MAX_TEMPERATURE}]", temperature, request_id)
+    if math.isnan(top_p) or not (0.0 < top_p <= 1.0):
+        raise _bad_sampling("top_p", "in (0, 1]", top_p, request_id)
+    if logprobs is not None and logprobs > MAX_LOGPROBS:
+        raise _bad_sampling("logprobs", f"at most {MAX_LOGPROBS}", logprobs, request_id)
+    if len(stop) > MAX_STOP_STRINGS:
+        raise _bad_sampling("stop", f"at most {MAX_STOP_STRINGS} strings", len(stop), request_id)
+    if any(not 0 < len(one) <= MAX_STOP_LENGTH for one in stop):
+        lengths = [len(one) for one in stop]
+        raise _bad_sampling("stop", f"strings of 1 to {MAX_STOP_LENGTH} characters", f"lengths {lengths}", request_id)
+    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=s.top_k,
+                    seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids) if s.stop_token_ids else (),
+                    ignore_eos=s.ignore_eos, logprobs=logprobs, stop=stop)
 
-    def bad(field: str, allowed: str, value: object) -> InvalidArgument:
-        return InvalidArgument(f"sampling.{field} must be {allowed}, got {value}", request_id=request_id,
-                               reason="BAD_SAMPLING_PARAMS")
 
-    if sampling.max_tokens < 1:
-        raise bad("max_tokens", "at least 1", sampling.max_tokens)
-    if not (0.0 <= sampling.temperature <= MAX_TEMPERATURE):
-        raise bad("temperature", f"in [0, {MAX_TEMPERATURE}]", sampling.temperature)
-    if math.isnan(sampling.top_p) or not (0.0 < sampling.top_p <= 1.0):
-        raise bad("top_p", "in (0, 1]", sampling.top_p)
-    if sampling.logprobs is not None and sampling.logprobs > MAX_LOGPROBS:
-        raise bad("logprobs", f"at most {MAX_LOGPROBS}", sampling.logprobs)
-    if len(sampling.stop) > MAX_STOP_STRINGS:
-        raise bad("stop", f"at most {MAX_STOP_STRINGS} strings", len(sampling.stop))
-    if any(not 0 < len(stop) <= MAX_STOP_LENGTH for stop in sampling.stop):
-        lengths = [len(stop) for stop in sampling.stop]
-        raise bad("stop", f"strings of 1 to {MAX_STOP_LENGTH} characters", f"lengths {lengths}")
-    return sampling
+def _bad_sampling(field: str, allowed: str, value: object, request_id: str) -> InvalidArgument:
+    return InvalidArgument(f"sampling.{field} must be {allowed}, got {value}", request_id=request_id,
+                           reason="BAD_SAMPLING_PARAMS")
 
 
 def check_request_id(request_id: str) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
@@ -22,9 +23,8 @@ from dynamo_grpc.kv.store import LeasedKvStore
 from dynamo_grpc.kv.transport import KvReceiver
 from dynamo_grpc.kv.wire import add_kv_transfer_service
 from dynamo_grpc.registry import Registry
-from dynamo_grpc.routing.fleet import ALWAYS_DISAGGREGATE, DEFAULT_LOAD_POLL_S, DisaggregationPolicy, Fleet
-from dynamo_grpc.routing.prompt_tokens import PromptTokenizer
-from dynamo_grpc.routing.router import DEFAULT_MAX_MIGRATIONS, Router
+from dynamo_grpc.routing.fleet import Fleet
+from dynamo_grpc.routing.router import Router, open_router
 from dynamo_grpc.services.decode_service import DecodeServicer
 from dynamo_grpc.services.kv_event_service import KvEventServicer
 from dynamo_grpc.services.kv_transfer_service import KvTransferServicer
@@ -62,8 +62,13 @@ class RunningRole:
     registry: Registry
     worker_id: str = ""
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    fleet: Fleet | None = None
-    """A router's view of the fleet."""
+    router: Router | None = None
+    """A router role's router, which an HTTP frontend in the same process may share."""
+
+    @property
+    def fleet(self) -> Fleet | None:
+        """A router's view of the fleet."""
+        return self.router.fleet if self.router is not None else None
 
     async def stop(self) -> None:
         await self.server.health.enter_graceful_shutdown()
@@ -138,7 +143,8 @@ async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
         channels, host=config.server.node_name, names=config.resolved_kv_transports, nixl=_nixl_agent(config))))
     worker_id = config.resolved_worker_id("decode")
     decode = DecodeServicer(engine, worker_id=worker_id, local_prefill_on_pull_failure=
-                            config.kv_pull_failure == "local-prefill")
+                            config.kv_pull_failure == "local-prefill",
+                            stream_interval_s=config.stream_interval_ms / 1e3)
     server = await start_server([
         ServiceBinding(decode, decode_grpc.add_DecodeServiceServicer_to_server,
                        service_name(decode_pb, "DecodeService")),
@@ -150,20 +156,14 @@ async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     return RunningRole("decode worker", endpoint, server, registry, worker_id, [engine.shutdown, channels.close])
 
 
-async def start_router(config: ServerConfig, registry: Registry, *,
-                       max_migrations: int = DEFAULT_MAX_MIGRATIONS,
-                       policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE, routing: str = "kv_aware",
-                       tokenizer: str = "", load_poll_s: float = DEFAULT_LOAD_POLL_S,
-                       cold_start_wait_s: float = 0.0) -> RunningRole:
-    channels = ChannelPool()
-    fleet = Fleet(registry, policy, routing=routing, channels=channels, load_poll_s=load_poll_s)
-    await fleet.start()
-    router = Router(fleet, channels, max_migrations=max_migrations, tokenizer=PromptTokenizer(tokenizer),
-                    cold_start_wait_s=cold_start_wait_s)
+async def start_router(config: ServerConfig, registry: Registry, **settings: Any) -> RunningRole:
+    """RouterService on `config`'s port, over a router following `registry` (`settings` as `open_router`
+    takes them)."""
+    router = await open_router(registry, **settings)
     server = await start_server([
         ServiceBinding(RouterServicer(router), router_grpc.add_RouterServiceServicer_to_server,
                        service_name(router_pb, "RouterService")),
     ], host=config.host, port=config.port)
     endpoint = config.endpoint(server.port)
-    log.info("router serving on %s (%d workers known)", endpoint, len(fleet.workers))
-    return RunningRole("router", endpoint, server, registry, cleanups=[fleet.stop, channels.close], fleet=fleet)
+    log.info("router serving on %s (%d workers known)", endpoint, len(router.fleet.workers))
+    return RunningRole("router", endpoint, server, registry, cleanups=[router.close], router=router)

@@ -20,8 +20,10 @@ from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine import SimulatedEngineConfig
 from dynamo_grpc.errors import error_reason
+from dynamo_grpc.frontend.backends import Backend, EmbeddedRouter, RemoteRouter
 from dynamo_grpc.frontend.http import RunningFrontend, start_frontend
 from dynamo_grpc.registry import MemoryRegistry, Registry
+from dynamo_grpc.routing.router import open_router
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
@@ -32,6 +34,11 @@ from tests.waiting import eventually
 
 MODEL = "sim-tiny"
 FAST_ENGINE = SimulatedEngineConfig(model=MODEL, decode_step_s=0.001, prefill_s_per_token=1e-5, num_blocks=512)
+
+
+def text_of(token_ids: list[int]) -> str:
+    """The simulated model's detokenizer: bytes, the end-of-sequence token (256) has no text."""
+    return bytes(t for t in token_ids if t < 256).decode()
 
 
 def worker_config(**engine: object) -> WorkerConfig:
@@ -128,6 +135,8 @@ class Served:
     frontend: RunningFrontend
     client: openai.AsyncOpenAI
     http: httpx.AsyncClient
+    mode: str
+    """Where the frontend's router runs (FRONTEND_MODES)."""
 
     async def metric(self, series: str) -> float:
         """One series' value from /metrics (0 while it does not exist yet)."""
@@ -136,17 +145,29 @@ class Served:
         return float(match.group(1)) if match else 0.0
 
 
+FRONTEND_MODES = ("embedded", "remote")
+"""The frontend routes in its own process (the default), or forwards to the deployment's RouterService."""
+
+
 @contextlib.asynccontextmanager
-async def openai_frontend(stubs: Stubs, chat_template: str | None = None) -> AsyncIterator[Served]:
-    """The OpenAI frontend in front of `stubs`' router, stopped after."""
-    router = stubs.deployment.router
-    frontend = await start_frontend(router.endpoint, router.registry, host="127.0.0.1", port=0,
-                                    chat_template=chat_template)
-    client = openai.AsyncOpenAI(base_url=f"{frontend.url}/v1", api_key="unused", max_retries=0)
-    http = httpx.AsyncClient(base_url=frontend.url)
-    try:
-        yield Served(stubs, frontend, client, http)
-    finally:
-        await http.aclose()
-        await client.close()
-        await frontend.stop()
+async def openai_frontend(stubs: Stubs, chat_template: str | None = None, *, mode: str = "embedded"
+                          ) -> AsyncIterator[Served]:
+    """The OpenAI frontend in front of `stubs`' workers, stopped after: with a router of its own following the
+    registry (`embedded`, as `dynamo-grpc frontend --etcd` runs), or forwarding to the deployment's router."""
+    registry = stubs.deployment.router.registry
+    async with contextlib.AsyncExitStack() as stack:
+        backend: Backend
+        if mode == "embedded":
+            router = await open_router(registry)
+            stack.push_async_callback(router.close)
+            backend = EmbeddedRouter(router)
+        else:
+            backend = remote = RemoteRouter(stubs.deployment.router.endpoint)
+            stack.push_async_callback(remote.close)
+        frontend = await start_frontend(backend, registry, host="127.0.0.1", port=0, chat_template=chat_template)
+        stack.push_async_callback(frontend.stop)
+        client = openai.AsyncOpenAI(base_url=f"{frontend.url}/v1", api_key="unused", max_retries=0)
+        stack.push_async_callback(client.close)
+        http = httpx.AsyncClient(base_url=frontend.url)
+        stack.push_async_callback(http.aclose)
+        yield Served(stubs, frontend, client, http, mode)

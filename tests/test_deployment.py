@@ -15,7 +15,7 @@ from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.routing.fleet import DisaggregationPolicy
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
-from tests.cluster import MODEL, Stubs, deployed, running, worker_config
+from tests.cluster import MODEL, Stubs, deployed, running, text_of, worker_config
 from tests.waiting import eventually
 
 
@@ -62,7 +62,7 @@ async def test_disaggregated_output_equals_aggregated(cluster: Stubs) -> None:
         assert (completion.usage.cached_tokens, completion.usage.kv_transferred_tokens) == (0, prompt_tokens)
         assert completion.usage.completion_tokens == 24 == len(result.token_ids)
         assert completion.finish_reason == pb.FINISH_REASON_LENGTH
-        assert result.text == bytes(result.token_ids).decode()
+        assert result.text == text_of(result.token_ids)
         # (3) Token for token what the decode worker computes on its own.
         assert result.token_ids == await aggregated(cluster, prompt, 24)
     # (4) Nothing left behind on either side.

@@ -14,14 +14,14 @@ from dynamo_grpc.frontend.openai_protocol import chat_prompt, http_status
 from dynamo_grpc.tiny_model import CHAT_TEMPLATE
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from tests.bad_input import BadInput, assert_body_limits_hold, assert_refused_by_frontend, bad_inputs
-from tests.cluster import FAST_ENGINE, MODEL, Served, openai_frontend, running
+from tests.cluster import FAST_ENGINE, FRONTEND_MODES, MODEL, Served, openai_frontend, running, text_of
 
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[Served]:
-    async with running() as stubs, openai_frontend(stubs) as served:
+@pytest.fixture(params=FRONTEND_MODES)
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    async with running() as stubs, openai_frontend(stubs, mode=request.param) as served:
         yield served
 
 
@@ -37,7 +37,7 @@ async def test_completion_equals_the_grpc_path(served: Served, prompt: str | lis
     expected = await grpc_tokens(served, prompt, 24)
     choice = completion.choices[0]
     assert choice.token_ids == expected
-    assert choice.text == bytes(expected).decode()
+    assert choice.text == text_of(expected)
     assert choice.finish_reason == "length"
     prompt_tokens = len(prompt.encode()) if isinstance(prompt, str) else len(prompt)
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens,
@@ -54,7 +54,7 @@ async def test_streaming_completion_equals_the_grpc_path(served: Served) -> None
     text_chunks = [c for c in chunks if c.choices[0].text]
     assert len(text_chunks) >= 2  # tokens arrive as they are made, not all at the end
     assert [t for c in chunks for t in c.choices[0].token_ids] == await grpc_tokens(served, "stream me", 30)
-    assert "".join(c.choices[0].text for c in chunks) == bytes(await grpc_tokens(served, "stream me", 30)).decode()
+    assert "".join(c.choices[0].text for c in chunks) == text_of(await grpc_tokens(served, "stream me", 30))
     assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
     assert len({c.id for c in chunks}) == 1
 
@@ -72,7 +72,7 @@ async def test_chat_stream_with_usage(served: Served) -> None:
     prompt = "system: be brief\nuser: hi\nassistant:"
     assert (usage.usage.prompt_tokens, usage.usage.completion_tokens) == (len(prompt.encode()), 12)
     content = "".join(c.choices[0].delta.content or "" for c in answer)
-    assert content == bytes(await grpc_tokens(served, prompt, 12)).decode()
+    assert content == text_of(await grpc_tokens(served, prompt, 12))
     assert chunks[0].object == "chat.completion.chunk" and chunks[0].id.startswith("chatcmpl-")
 
 
@@ -81,7 +81,7 @@ async def test_chat_without_streaming(served: Served) -> None:
         model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}], max_tokens=5,
         **GREEDY)
     assert reply.choices[0].message.role == "assistant"
-    assert reply.choices[0].message.content == bytes(await grpc_tokens(served, "user: hi\nassistant:", 5)).decode()
+    assert reply.choices[0].message.content == text_of(await grpc_tokens(served, "user: hi\nassistant:", 5))
     assert reply.usage.completion_tokens == 5
 
 
@@ -97,7 +97,7 @@ async def test_chat_template_shapes_the_prompt(served: Served) -> None:
         reply = await templated.client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, **GREEDY)
     assert reply.usage.prompt_tokens == len("<user>hi<bot>")
-    assert reply.choices[0].message.content == bytes(await grpc_tokens(served, "<user>hi<bot>", 4)).decode()
+    assert reply.choices[0].message.content == text_of(await grpc_tokens(served, "<user>hi<bot>", 4))
 
 
 async def test_models_and_health(served: Served) -> None:
@@ -224,8 +224,11 @@ async def test_client_disconnect_cancels_the_request_everywhere(served: Served,
             break
         await asyncio.sleep(0.02)
     # The cancel went in-band and the router confirmed it: its stream ended (the relay reading it is done)
-    # long before the grace after which the frontend would cut the call.
-    assert not relays and "request walk-away: client cancelled (client cancel)" in caplog.messages
+    # long before the grace after which the frontend would cut the call. A remote router logs the cancel it
+    # got; the decode worker logs the one the router sent on, in both modes.
+    assert not relays and "request walk-away: client cancelled (client cancelled)" in caplog.messages
+    if served.mode == "remote":
+        assert "request walk-away: client cancelled (client cancel)" in caplog.messages
     await served.stubs.assert_no_leaks()
     assert await served.metric("dynamo_frontend_inflight_requests") == 0
     assert await served.metric('dynamo_frontend_requests_total{endpoint="/v1/completions",status="499"}') == 1

@@ -8,16 +8,18 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 import grpc
+import pytest
 
 from control_plane.deployment import start_all_in_one
 from dynamo_grpc.client import GenerateStream, params
 from dynamo_grpc.config import ServerConfig
+from dynamo_grpc.frontend.backends import EmbeddedRouter
 from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.roles import RunningRole, start_decode
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
-from tests.cluster import MODEL, Stubs, rpc_failure, worker_config
+from tests.cluster import FRONTEND_MODES, MODEL, Served, Stubs, openai_frontend, rpc_failure, worker_config
 from tests.waiting import eventually
 
 PROMPT, MAX_TOKENS = "migrate me, please", 150
@@ -112,3 +114,32 @@ async def test_stop_strings_still_cut_the_text_after_a_migration() -> None:
         # The resuming worker matches on its own text; what was relayed before could not start a match.
         assert text == full.text[:full.text.index(stop)] and completion.finish_reason == pb.FINISH_REASON_STOP
         assert tokens == full.token_ids[:len(tokens)] and completion.usage.completion_tokens == len(tokens)
+
+
+@pytest.mark.parametrize("mode", FRONTEND_MODES)
+async def test_an_http_stream_survives_its_decode_worker_dying(mode: str) -> None:
+    async with two_decode_workers() as (stubs, spare), openai_frontend(stubs, mode=mode) as served:
+        expected = (await stubs.router.generate(PROMPT, model=MODEL, max_tokens=MAX_TOKENS,
+                                                ignore_eos=True).collect()).token_ids
+        if mode == "embedded":  # the frontend's own router must know the spare to resume there
+            await eventually(lambda: _knows(served, spare.worker_id), 5.0, "the frontend's router to see the spare")
+        stream = await served.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                                        stream=True, temperature=0.0,
+                                                        stream_options={"include_usage": True},
+                                                        extra_body={"ignore_eos": True, "return_token_ids": True})
+        tokens: list[int] = []
+        usage, lost = None, None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            tokens += [t for c in chunk.choices for t in c.token_ids or ()]
+            if lost is None and len(tokens) >= 20:
+                lost = await busy_worker(stubs.deployment.decode, spare)
+                await lost.server.server.stop(0)  # dies mid-stream, still registered
+        assert lost is not None and usage is not None
+        assert tokens == expected and usage.completion_tokens == MAX_TOKENS  # nothing lost, nothing repeated
+
+
+async def _knows(served: Served, worker_id: str) -> bool:
+    backend = served.frontend.frontend.backend
+    assert isinstance(backend, EmbeddedRouter)
+    return worker_id in backend.router.fleet.workers

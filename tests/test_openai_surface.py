@@ -13,20 +13,15 @@ from typing import Any
 import openai
 import pytest
 
-from tests.cluster import MODEL, Served, openai_frontend, running
+from tests.cluster import FRONTEND_MODES, MODEL, Served, openai_frontend, running, text_of
 
 GREEDY: dict[str, Any] = {"temperature": 0.0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[Served]:
-    async with running() as stubs, openai_frontend(stubs) as served:
+@pytest.fixture(params=FRONTEND_MODES)
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    async with running() as stubs, openai_frontend(stubs, mode=request.param) as served:
         yield served
-
-
-def text_of(token_ids: list[int]) -> str:
-    """The simulated model's detokenizer: bytes, the end-of-sequence token (256) has no text."""
-    return bytes(t for t in token_ids if t < 256).decode()
 
 
 async def test_chat_logprobs_whole_and_streamed(served: Served) -> None:

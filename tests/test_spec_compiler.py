@@ -188,6 +188,7 @@ def test_examples_compile_and_round_trip(name: str) -> None:
         build_parser().parse_args(list(process.command[1:]))
     if name == "tiny_cpu.yaml":
         assert [p.devices for p in plan.workers] == [(), ()]
+        assert [p.cpus for p in plan.workers] == ["0", "1"]
         assert plan.workers[0].command[2:4] == ("--host", "127.0.0.1")
 
 
@@ -279,7 +280,7 @@ def test_kubernetes_manifests_parse_back_with_gpu_requests(tmp_path: Path) -> No
     plan = compile_spec(parse_spec(GOOD))
     paths = write_manifests(plan, tmp_path, image="registry/dynamo-grpc:1", images={"router": "registry/router:1"},
                             namespace="serving", etcd_endpoints="etcd.serving:2379")
-    assert sorted(p.name for p in paths) == ["control-plane.yaml", "decode.yaml", "etcd-NOTE.md", "prefill.yaml",
+    assert sorted(p.name for p in paths) == ["README.md", "control-plane.yaml", "decode.yaml", "prefill.yaml",
                                              "router.yaml"]
     docs = {p.stem: list(yaml.safe_load_all(p.read_text())) for p in paths if p.suffix == ".yaml"}
     prefill = docs["prefill"][0]
@@ -411,3 +412,73 @@ def test_simulated_workers_take_the_pools_tensor_parallel_size() -> None:
         parse_spec(dump_spec(spec).replace("cost_model: llama3_70b", "decode_step_s: 0.01"))
     # vLLM workers run one rank whatever the pool says, and the plan says so.
     assert any("runs one rank" in note for note in compile_spec(parse_spec(GOOD)).notes)
+
+
+CPU_HOSTS = """\
+name: cpu-pair
+model: {path: /models/tiny, served_name: tiny, engine: vllm}
+hosts:
+  - {name: big, address: 10.0.0.1, gpus: 0, cpus: 32}
+  - {name: small, address: 10.0.0.2, gpus: 0, cpus: 2}
+prefill: {workers: 3, hosts: [big, small]}
+decode: {workers: 3, hosts: [big, small]}
+etcd: [10.0.0.1:2379]
+"""
+
+
+def test_cpu_hosts_split_their_cores_between_engine_workers() -> None:
+    plan = compile_spec(parse_spec(CPU_HOSTS, source="spec.yaml"))
+    # big: prefill-0, prefill-2, decode-0, decode-2 in plan order, 8 cores each; small: one core each.
+    assert {p.id: p.cpus for p in plan.workers} == {
+        "prefill-0": "0-7", "prefill-2": "8-15", "decode-0": "16-23", "decode-2": "24-31",
+        "prefill-1": "0", "decode-1": "1"}
+    for process in plan.workers:
+        args = build_parser().parse_args(list(process.command[1:]))
+        assert worker_config(args).engine.cpus == process.cpus == process.engine_args["cpus"]
+        assert process.command[-2:] == ("--cpus", process.cpus) and "--cpus" not in process.engine_flags
+    assert all(p.cpus == "" for p in plan.processes if p.role in ("router", "control-plane"))
+    assert "host 'big': each engine worker runs on CPUs of its own (prefill-0 0-7, prefill-2 8-15, " \
+           "decode-0 16-23, decode-2 24-31)" in plan.notes
+    assert "prefill-1      prefill        small  10.0.0.2:50100  cpus 0" in render_plan(plan)
+    assert plan.to_proto().workers[1].engine_args["cpus"] == "0"
+    spec = parse_spec(CPU_HOSTS)
+    assert parse_spec(dump_spec(spec)) == spec and spec.host("big").cpus == 32
+
+
+def test_cpu_split_is_left_to_the_engines_when_cores_are_unknown_or_too_few() -> None:
+    plan = compile_spec(parse_spec(CPU_HOSTS.replace(", cpus: 32", "").replace("cpus: 2", "cpus: 1")))
+    assert [p.cpus for p in plan.workers] == [""] * 6
+    assert not any("--cpus" in p.command for p in plan.processes)
+    assert ("host 'big' does not say its cpus: its 4 engine workers each bind their threads on their own, "
+            "maybe all to the same cores; give the host `cpus: N` to split its cores between them"
+            ) in plan.notes
+    assert "host 'small' has 1 cpus for 2 engine workers: they share them, each engine binding its threads " \
+           "on its own" in plan.notes
+
+
+def test_a_pools_own_cpus_win_over_the_split() -> None:
+    text = CPU_HOSTS.replace("prefill: {workers: 3, hosts: [big, small]}",
+                             "prefill: {workers: 3, hosts: [big, small], engine_args: {cpus: 0-3}}")
+    plan = compile_spec(parse_spec(text))
+    assert {p.id: p.cpus for p in plan.workers} == {
+        "prefill-0": "", "prefill-1": "", "prefill-2": "", "decode-0": "0-15", "decode-2": "16-31",
+        "decode-1": "0-1"}
+    for process in plan.by_role("prefill"):
+        assert worker_config(build_parser().parse_args(list(process.command[1:]))).engine.cpus == "0-3"
+        assert process.command.count("--cpus") == 1
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (("cpus: 32", "cpus: -1"), "spec.yaml:4: hosts[0].cpus: must be at least 0, got -1"),
+    (("gpus: 0, cpus: 32", "gpus: 8, cpus: 32"),
+     ("spec.yaml:4: hosts[0].cpus: cpus splits a CPU host's cores between its engine workers; a GPU host's "
+      "workers run on their GPUs: remove cpus or set gpus: 0")),
+    (("decode: {workers: 3, hosts: [big, small]}",
+      "decode: {workers: 3, hosts: [big, small], engine_args: {cpus: 3-1}}"),
+     "decode.engine_args: cpus: expected CPU ids like 0-3,8, got '3-1'"),
+])
+def test_bad_cpus_are_refused_with_the_fix(change: tuple[str, str], expected: str) -> None:
+    assert change[0] in CPU_HOSTS
+    with pytest.raises(SpecError) as caught:
+        parse_spec(CPU_HOSTS.replace(*change), source="spec.yaml")
+    assert expected in str(caught.value)

@@ -78,6 +78,16 @@ class EngineOutput:
         if earlier.logprobs:
             self.logprobs = earlier.logprobs + (self.logprobs or [])
 
+    def extend(self, later: EngineOutput) -> None:
+        """Put `later`'s tokens after this output's and take its other fields, merging two consecutive
+        outputs into this one (in place: an output owns its lists)."""
+        self.token_ids.extend(later.token_ids)
+        self.text += later.text
+        if later.logprobs:
+            self.logprobs = [*(self.logprobs or ()), *later.logprobs]
+        self.finish_reason, self.usage = later.finish_reason, later.usage
+        self.kv_handle, self.kv_transfer = later.kv_handle, later.kv_transfer
+
 
 def check_kv_roles(request: EngineRequest, *, holds_kv: bool, pulls_kv: bool) -> None:
     """Refuse a KV mode this worker was not built for: prefill needs a KV store, decode-with-handle a puller."""

@@ -59,6 +59,9 @@ class EngineKind:
     """The config field naming the model's directory, which a deployment must give; routers read its
     tokenizer and frontends its chat template. Empty for an engine that needs no model files."""
     passthrough: Passthrough | None = None
+    cpus_field: str = ""
+    """The config field that confines the engine to a set of CPU ids (`cpu_cores`), for an engine that runs
+    on CPUs: `serve` and a compiled plan's CPU hosts give each of its workers a share of their own."""
     tokenize_text: Callable[[str], tuple[int, ...]] | None = None
     """The engine's own tokenizer, for an engine that needs no model files to tokenize (else routers use
     the model's tokenizer from `model_path_field`)."""
@@ -100,6 +103,7 @@ VLLM = EngineKind(
     name="vllm", summary="vLLM (the tiny local model unless --model-path is given)",
     config=vllm_engine.VllmEngineConfig, start=_start_vllm, served_name_field="served_model_name",
     kv_layout_args=("dtype", "block_size"), plan_args=vllm_engine.planned_args, model_path_field="model_path",
+    cpus_field="cpus",
     passthrough=Passthrough(flag="vllm-arg", field="extra_args", check=vllm_engine.extra_engine_args,
                             help="any other vLLM engine argument, e.g. --vllm-arg kv_cache_dtype=fp8 "
                             "(repeatable; VALUE is read as YAML)"))

@@ -11,6 +11,7 @@ self-consistent (the greedy choice is its most likely token), not a model's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import random
 import zlib
@@ -101,15 +102,24 @@ class BlockPool:
         self.total = total
         self.free = total
         self._room = asyncio.Condition()
+        self._waiting = 0
 
     async def acquire(self, count: int) -> None:
+        if self.free >= count:
+            self.free -= count
+            return
         async with self._room:
-            await self._room.wait_for(lambda: self.free >= count)
+            self._waiting += 1
+            try:
+                await self._room.wait_for(lambda: self.free >= count)
+            finally:
+                self._waiting -= 1
             self.free -= count
 
     def release(self, count: int) -> None:
         self.free += count
-        asyncio.get_running_loop().create_task(self._notify())
+        if self._waiting:
+            asyncio.get_running_loop().create_task(self._notify())
 
     async def _notify(self) -> None:
         async with self._room:
@@ -129,10 +139,32 @@ def tokenize(prompt: str | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(prompt.encode()) if isinstance(prompt, str) else prompt
 
 
+_PAD_WORDS = 1 << 17
+
+
+@functools.cache
+def _pad() -> np.ndarray:
+    """1 MiB of random 64-bit words that every block's stand-in KV is cut from."""
+    return np.frombuffer(np.random.default_rng(0).bytes(8 * _PAD_WORDS), dtype=np.uint64)
+
+
 def synthesize_kv(prompt: tuple[int, ...], *, block_size: int, bytes_per_token: int) -> bytes:
-    """Deterministic stand-in KV bytes; each block depends on its whole prefix, like real attention KV."""
-    return b"".join(np.random.default_rng(digest).bytes(tokens * bytes_per_token)
-                    for tokens, digest in prefix_hashes(prompt, block_size))
+    """Deterministic stand-in KV bytes; each block depends on its whole prefix, like real attention KV.
+
+    A block is cut from one random pad at an offset its prefix hash picks, XORed with that hash: as cheap as
+    a copy (a random generator seeded per block cost more than the rest of a request's path).
+    """
+    pad, parts = _pad(), []
+    for tokens, digest in prefix_hashes(prompt, block_size):
+        size = tokens * bytes_per_token
+        words = -(-size // 8)
+        if words <= len(pad):
+            start = digest % (len(pad) - words + 1)
+            block = pad[start:start + words]
+        else:
+            block = np.resize(pad, words)
+        parts.append((block ^ np.uint64(digest)).tobytes()[:size])
+    return b"".join(parts)
 
 
 class PrefixCache:
@@ -188,6 +220,43 @@ class LinearStepCost:
         return prefill_tokens * self.prefill_ms_per_token + (self.decode_step_ms if decode_batch else 0.0)
 
 
+class _Outputs:
+    """A request's outputs on their way to its reader. While the reader has not taken one, the next merges
+    into it (as vLLM's output collector does): a reader that falls behind takes one output per wake-up."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._pending: EngineOutput | None = None
+        self._failure: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, out: EngineOutput) -> None:
+        if self._pending is None:
+            self._pending = out
+        else:
+            self._pending.extend(out)
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        self._failure = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> EngineOutput:
+        """What was made since the last call; the failure once nothing is left."""
+        while self._pending is None and self._failure is None:
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        out, self._pending = self._pending, None
+        if out is None:
+            assert self._failure is not None
+            raise self._failure
+        return out
+
+
 @dataclass(eq=False)
 class _Sequence:
     """A request inside the step loop."""
@@ -196,7 +265,7 @@ class _Sequence:
     prompt: tuple[int, ...]
     blocks: int
     usage: pb.Usage
-    outputs: asyncio.Queue[EngineOutput | BaseException] = field(default_factory=asyncio.Queue)
+    outputs: _Outputs
     to_prefill: int = 0
     kv: Any = None
     """The prompt's KV bytes (received, or computed here)."""
@@ -263,7 +332,7 @@ class SimulatedEngine:
         request, blocks = self._admit(rid, prompt, request)
         seq = _Sequence(request, prompt, blocks,
                         pb.Usage(prompt_tokens=len(prompt), completion_tokens=len(request.resume)),
-                        to_prefill=len(prompt) + len(request.resume))
+                        _Outputs(asyncio.get_running_loop()), to_prefill=len(prompt) + len(request.resume))
         self._live[rid] = seq
         needed, seq.blocks = seq.blocks, 0
         caching = self._prefix_cache is not None
@@ -293,8 +362,6 @@ class SimulatedEngine:
             self._schedule(seq)
             while True:
                 out = await seq.outputs.get()
-                if isinstance(out, BaseException):
-                    raise out
                 yield out
                 if out.finish_reason is not None:
                     return
@@ -357,7 +424,7 @@ class SimulatedEngine:
             except Exception as error:  # a bug here must fail the requests, not hang them
                 for seq in list(self._scheduled):
                     self._scheduled.remove(seq)
-                    seq.outputs.put_nowait(error)
+                    seq.outputs.fail(error)
                 raise
 
     def _prefilled(self, seq: _Sequence) -> None:
@@ -388,7 +455,7 @@ class SimulatedEngine:
         finish = seq.tokens.stop_reason(token, seq.usage.completion_tokens)
         out = self._with_logprobs(seq, EngineOutput([token], _text([token]), finish))
         if finish is None:
-            seq.outputs.put_nowait(out)
+            seq.outputs.put(out)
             return
         out.usage, out.kv_transfer = seq.usage, seq.transfer
         self._finish(seq, out)
@@ -403,7 +470,7 @@ class SimulatedEngine:
 
     def _finish(self, seq: _Sequence, out: EngineOutput) -> None:
         self._scheduled.remove(seq)
-        seq.outputs.put_nowait(out)
+        seq.outputs.put(out)
 
     def _admit(self, rid: str, prompt: tuple[int, ...], request: EngineRequest) -> tuple[EngineRequest, int]:
         """Check a request before it takes resources; return it with max_tokens clamped to the context left,

@@ -19,11 +19,12 @@ import gc
 import logging
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dynamo_grpc.engine import cpu_cores
 from dynamo_grpc.engine.base import (
     EngineOutput,
     EngineRequest,
@@ -71,6 +72,16 @@ class VllmEngineConfig:
     enforce_eager: bool = True
     extra_args: tuple[str, ...] = ()
     """Any other vLLM engine argument, as KEY=VALUE (`--vllm-arg`); VALUE is read as YAML (8, true, fp8)."""
+    cpus: str = ""
+    """CPU ids (`0-7`) the engine's processes and threads run on, on vLLM's CPU backend; empty keeps vLLM's
+    own binding. A VLLM_CPU_OMP_THREADS_BIND in the environment wins over it."""
+
+    def __post_init__(self) -> None:
+        if self.cpus:
+            try:
+                cpu_cores.parse(self.cpus)
+            except ValueError as error:
+                raise ValueError(f"cpus: {error}") from None
 
     @property
     def model(self) -> str:
@@ -84,6 +95,40 @@ def _set_cpu_defaults(config: VllmEngineConfig) -> None:
     os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", str(_ENGINE_EXIT_S))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "dynamo-grpc" / "vllm"))
+
+
+_BIND_VARIABLE = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+@contextlib.contextmanager
+def _on_cores(cpus: str) -> Iterator[None]:
+    """Engine processes started inside run on `cpus` only, and vLLM-CPU's automatic binding places their
+    OpenMP threads there.
+
+    vLLM reads its binding from the environment of the engine process as it starts, and the environment is
+    one per process: two engines starting side by side in one process (`serve`) could not each set their
+    own. CPU affinity is per thread and a process inherits the one of the thread that starts it, so this
+    narrows the calling thread's for the duration. A VLLM_CPU_OMP_THREADS_BIND of the user's wins.
+    """
+    from vllm.platforms import current_platform
+
+    if not cpus or not current_platform.is_cpu():
+        yield
+        return
+    if _BIND_VARIABLE in os.environ:
+        log.info("%s=%s is set: vLLM binds the engine's threads as it says (cpus %s unused)",
+                 _BIND_VARIABLE, os.environ[_BIND_VARIABLE], cpus)
+        yield
+        return
+    wanted, usable = set(cpu_cores.parse(cpus)), os.sched_getaffinity(0)
+    if not wanted <= usable:
+        raise ValueError(f"--cpus {cpus}: this process may run only on CPUs "
+                         f"{cpu_cores.format_list(sorted(usable))}")
+    os.sched_setaffinity(0, wanted)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, usable)
 
 
 # Engine arguments this adapter sets itself, from its own settings or because the KV path depends on them.
@@ -177,18 +222,20 @@ class VllmEngine:
         # Weight-loading progress bars only where vLLM's INFO logs show too.
         engine_args = {"use_tqdm_on_load": logging.getLogger("vllm").isEnabledFor(logging.INFO),
                        **extra_engine_args(config.extra_args)}
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
-            **engine_args,
-            model=config.model_path, served_model_name=config.model, dtype=config.dtype,
-            block_size=config.block_size, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens or None, enforce_eager=config.enforce_eager,
-            disable_log_stats=False,  # the per-step stats feed `_EngineStats`
-            kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
-                                            endpoint=events_endpoint) if events_endpoint else None,
-            kv_transfer_config=KVTransferConfig(
-                kv_connector=CONNECTOR_NAME, kv_connector_module_path=CONNECTOR_MODULE,
-                kv_role="kv_both", kv_load_failure_policy="fail")),
-            stat_loggers=[self._engine_stats.factory])
+        with _on_cores(config.cpus):
+            self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
+                **engine_args,
+                model=config.model_path, served_model_name=config.model, dtype=config.dtype,
+                block_size=config.block_size, max_model_len=config.max_model_len,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens or None, enforce_eager=config.enforce_eager,
+                disable_log_stats=False,  # the per-step stats feed `_EngineStats`
+                kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                                endpoint=events_endpoint) if events_endpoint else None,
+                kv_transfer_config=KVTransferConfig(
+                    kv_connector=CONNECTOR_NAME, kv_connector_module_path=CONNECTOR_MODULE,
+                    kv_role="kv_both", kv_load_failure_policy="fail")),
+                stat_loggers=[self._engine_stats.factory])
         vllm_config = self._llm.vllm_config
         model_config, cache = vllm_config.model_config, vllm_config.cache_config
         self._num_layers = model_config.get_num_layers(vllm_config.parallel_config)
@@ -322,13 +369,12 @@ class VllmEngine:
         rid = request.request_id
         finished = False
         resumed = len(request.resume)
-        usage = pb.Usage(completion_tokens=resumed)
+        completion_tokens = resumed  # counted per output; the usage message is built once, at the end
+        out = None
         try:
             async for out in self._llm.generate(engine_input, params, request_id=rid):
                 completion = out.outputs[0]
-                usage.prompt_tokens = len(out.prompt_token_ids or ()) - resumed
-                usage.cached_tokens = min(out.num_cached_tokens or 0, usage.prompt_tokens)
-                usage.completion_tokens += len(completion.token_ids)
+                completion_tokens += len(completion.token_ids)
                 result = EngineOutput(list(completion.token_ids), completion.text)
                 if completion.logprobs and request.sampling.logprobs is not None:
                     result.logprobs = _logprobs(result.token_ids, completion.logprobs,
@@ -339,10 +385,11 @@ class VllmEngine:
                         raise DynamoError("the engine failed the request (a KV load failed); see the worker log",
                                           request_id=rid, reason="ENGINE_ERROR")
                     result.finish_reason = _FINISH.get(completion.finish_reason or "abort", FinishReason.STOP)
-                    result.usage = usage
+                    result.usage = _usage(out, resumed, completion_tokens)
                 yield result, out.kv_transfer_params if out.finished else None
             if not finished:
-                yield EngineOutput(finish_reason=FinishReason.CANCELLED, usage=usage), None
+                yield EngineOutput(finish_reason=FinishReason.CANCELLED,
+                                   usage=_usage(out, resumed, completion_tokens)), None
                 finished = True
         except _refusals() as error:
             raise _invalid_argument(error, rid) from None
@@ -389,6 +436,15 @@ class VllmEngine:
         # Its __del__ shuts down again; at interpreter exit that fails on torn-down globals.
         del self._llm
         gc.collect()
+
+
+def _usage(last: Any, resumed: int, completion_tokens: int) -> pb.Usage:
+    """The request's token counts from vLLM's last output (None before the first), the prompt without the
+    tokens a resumed request had already produced."""
+    prompt_tokens = len(last.prompt_token_ids or ()) - resumed if last is not None else 0
+    cached_tokens = min(last.num_cached_tokens or 0, prompt_tokens) if last is not None else 0
+    return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    cached_tokens=cached_tokens)
 
 
 def _logprobs(token_ids: list[int], positions: Any, top: int) -> list[pb.TokenLogprob]:

@@ -1,8 +1,10 @@
-"""OpenAI-compatible HTTP frontend: /v1/completions and /v1/chat/completions over RouterService.Generate.
+"""OpenAI-compatible HTTP frontend: /v1/completions and /v1/chat/completions over the router.
 
-Every HTTP request becomes one Generate stream per choice (`n`). A client that disconnects cancels its
-request end to end (the router stops decode and frees KV on both workers), so an abandoned request costs
-nothing.
+Every HTTP request becomes one generation per choice (`n`), run by the router in this process or by a
+remote RouterService (`backends.py`). A client that disconnects cancels its request end to end (the router
+stops decode and frees KV on both workers), so an abandoned request costs nothing. Each message from the
+router becomes one write to the client, its SSE events serialized with orjson around an envelope
+serialized once per request.
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
+import orjson
 from aiohttp import web
 
-from dynamo_grpc.client import GenerateStream, RouterClient
-from dynamo_grpc.errors import from_rpc_error
+from dynamo_grpc.errors import DynamoError
+from dynamo_grpc.frontend.backends import Backend, Generation
 from dynamo_grpc.frontend.openai_protocol import (
     BadRequest,
     Job,
@@ -36,12 +38,11 @@ from dynamo_grpc.frontend.openai_protocol import (
     usage_of,
 )
 from dynamo_grpc.registry import SCALE_DOCUMENT, Registry, RegistryUnavailable
+from dynamo_grpc.services.streams import Mailbox
 from dynamo_grpc.v1 import common_pb2 as pb
-from dynamo_grpc.v1 import router_pb2 as router_pb
 
 log = logging.getLogger(__name__)
 
-Response = router_pb.GenerateResponse
 REQUEST_ID_HEADER = "X-Request-Id"
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"; only ever seen in /metrics
 ABANDONED_GRACE_S = 30.0  # how long a cancelled request may take to wind down before its call is cut
@@ -89,64 +90,92 @@ class Metrics:
 
 
 class _Relays:
-    """Reads the Generate streams of one HTTP request (one per choice), each in its own task, into one queue.
+    """Reads the generations of one HTTP request (one per choice), each in its own task, into one mailbox.
 
-    A disconnect cancels the HTTP handler wherever it waits; were that a gRPC read, the call would be
-    torn down instead of cancelled in-band. Here the handler only waits on a queue, and an abandoned
-    stream keeps being read until the router confirms the cancel.
+    A disconnect cancels the HTTP handler wherever it waits; were that inside a generation, the cancel would
+    land in the router's path instead of going in-band. Here the handler only waits on the mailbox, and
+    an abandoned generation keeps being read until the router confirms the cancel.
     """
 
-    def __init__(self, streams: list[GenerateStream], tasks: set[asyncio.Task[None]]) -> None:
-        self._streams = streams
-        self._queue: asyncio.Queue[tuple[int, Response | BaseException | None]] = asyncio.Queue()
-        self._running = len(streams)
-        self._tasks = [asyncio.create_task(self._pump(index, stream)) for index, stream in enumerate(streams)]
+    def __init__(self, generations: list[Generation], tasks: set[asyncio.Task[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        self._generations = generations
+        self._mailbox: Mailbox[tuple[int, Any]] = Mailbox(loop)
+        self._running = len(generations)
+        self._completed = 0
+        self._tasks = [loop.create_task(self._pump(index, g)) for index, g in enumerate(generations)]
         for task in self._tasks:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
-    async def _pump(self, index: int, stream: GenerateStream) -> None:
+    async def _pump(self, index: int, generation: Generation) -> None:
+        ending: DynamoError | None = None
         try:
-            async for response in stream:
-                self._queue.put_nowait((index, response))
-            self._queue.put_nowait((index, None))
-        except Exception as error:  # noqa: BLE001 - handed to the reader
-            self._queue.put_nowait((index, error))
+            async for response in generation.responses:
+                self._mailbox.put((index, response))
+        except DynamoError as error:
+            log.info("request %s failed: %s %s", generation.request_id, error.code.name, error.message)
+            ending = error
+        except Exception:  # a bug must still end the request with a status, as over gRPC
+            log.exception("request %s: generation failed unexpectedly", generation.request_id)
+            ending = DynamoError("internal error; see the server log", request_id=generation.request_id)
+        self._mailbox.put((index, ending))
 
-    async def next(self) -> tuple[int, Response] | None:
-        """The next response of any stream, with the stream's index; None once every stream has ended."""
+    async def next(self) -> tuple[int, Any] | None:
+        """The next response (tokens, or a completion) of any generation, with the choice's index; None once
+        every generation has ended. Raises a generation's error."""
         while self._running:
-            index, item = await self._queue.get()
-            if isinstance(item, BaseException):
+            index, item = await self._mailbox.get()
+            if isinstance(item, DynamoError):
                 raise item
             if item is not None:
+                if not item.HasField("tokens"):
+                    self._completed += 1
                 return index, item
             self._running -= 1
         return None
 
     def abandon(self) -> None:
-        """Cancel the streams still running (the client went away, or another choice failed)."""
+        """Cancel the generations still running (the client went away, or another choice failed)."""
+        if self._completed == len(self._generations):
+            return
         loop = asyncio.get_running_loop()
-        for stream, task in zip(self._streams, self._tasks):
+        for generation, task in zip(self._generations, self._tasks):
             if task.done():
                 continue
-            stream.cancel()
-            timer = loop.call_later(ABANDONED_GRACE_S, stream.call.cancel)
+            generation.cancel()
+            timer = loop.call_later(ABANDONED_GRACE_S, task.cancel)
             task.add_done_callback(lambda _, timer=timer: timer.cancel())
+
+
+def _parts(response: Any) -> tuple[pb.TokenBatch | None, pb.Completion | None]:
+    """A response's new tokens and its completion; a completion may carry the last tokens."""
+    if response.HasField("tokens"):
+        return response.tokens, None
+    completion = response.completion
+    return (completion.last_tokens if completion.HasField("last_tokens") else None), completion
 
 
 @dataclass
 class _Choice:
     """What one generation of a request has produced so far."""
 
-    text: str = ""
+    text: list[str]
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)
     completion: pb.Completion = field(default_factory=pb.Completion)
 
 
+def _loads(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)  # what orjson refuses and Python's reader takes (NaN, integers over 64 bits)
+
+
 def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, text=json.dumps(body), content_type="application/json", headers=headers)
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", charset="utf-8",
+                        headers=headers)
 
 
 def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None,
@@ -154,21 +183,46 @@ def _error(status: int, message: str, code: str, headers: dict[str, str] | None 
     return _json_response(status, error_body(status, message, code, param), headers)
 
 
-def _rpc_error_body(error: grpc.aio.AioRpcError) -> tuple[int, dict[str, Any]]:
-    failure = from_rpc_error(error)
+def _failure_body(failure: DynamoError) -> tuple[int, dict[str, Any]]:
     status = http_status(failure.code, failure.reason)
     return status, error_body(status, failure.message, failure.reason.lower())
 
 
-def _sse(data: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(data)}\n\n".encode()
+class _EventStream(web.StreamResponse):
+    """Server-sent events whose headers leave with the first event, in one write (as web.Response's do)."""
+
+    _send_headers_immediately = False
+
+
+class _Events:
+    """A request's SSE events as bytes: its envelope is serialized once, each event only adds its choice."""
+
+    def __init__(self, job: Job, request_id: str) -> None:
+        head = envelope(job, request_id, [], streaming=True)
+        del head["choices"]
+        head.pop("usage", None)
+        self._prefix = b"data: " + orjson.dumps(head)[:-1] + b',"choices":['
+        self._suffix = b'],"usage":null}\n\n' if job.include_usage else b"]}\n\n"
+
+    def choice(self, shaped: dict[str, Any]) -> bytes:
+        return self._prefix + orjson.dumps(shaped) + self._suffix
+
+    def usage(self, usage: dict[str, Any]) -> bytes:
+        return self._prefix + b'],"usage":' + orjson.dumps(usage) + b"}\n\n"
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
 
 
 class Frontend:
-    """The HTTP handlers; one RouterClient channel carries every request."""
+    """The HTTP handlers; every generation runs through `backend`."""
 
-    def __init__(self, router_endpoint: str, registry: Registry, chat_template: str | None = None) -> None:
-        self.client = RouterClient(router_endpoint)
+    def __init__(self, backend: Backend, registry: Registry, chat_template: str | None = None) -> None:
+        self.backend = backend
         self.registry = registry
         self.chat_template = chat_template
         self.metrics = Metrics()
@@ -216,7 +270,7 @@ class Frontend:
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         headers = {REQUEST_ID_HEADER: request_id}
         try:
-            body = await request.json()
+            body = _loads(await request.read())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             return _error(400, f"the request body is not valid JSON: {error}", "invalid_json", headers)
         try:
@@ -227,19 +281,18 @@ class Frontend:
         started = time.monotonic()
         # n choices are n generations, `<request id>-<i>` at the router.
         ids = [request_id] if job.n == 1 else [f"{request_id}-{i}" for i in range(job.n)]
-        streams = [GenerateStream(self.client.stub, rid, job.choice_params(i)) for i, rid in enumerate(ids)]
-        relays = _Relays(streams, self.relays)
+        generations = [self.backend.open(rid, job.choice_params(i)) for i, rid in enumerate(ids)]
+        relays = _Relays(generations, self.relays)
         self.metrics.in_flight += 1
         try:
             try:
                 first = await relays.next()
-            except grpc.aio.AioRpcError as error:
-                status, error_json = _rpc_error_body(error)
+            except DynamoError as error:
+                status, error_json = _failure_body(error)
                 return _json_response(status, error_json, headers)
-            responses = self._counted(relays, first, started)
             if job.stream:
-                return await self._stream(request, job, request_id, responses, headers)
-            return await self._whole(job, request_id, responses, headers)
+                return await self._stream(request, job, request_id, relays, first, started, headers)
+            return await self._whole(job, request_id, relays, first, started, headers)
         except (asyncio.CancelledError, ConnectionResetError):
             log.info("request %s: client went away; cancelling it", request_id)
             raise
@@ -247,37 +300,38 @@ class Frontend:
             relays.abandon()
             self.metrics.in_flight -= 1
 
-    async def _counted(self, relays: _Relays, first: tuple[int, Response] | None, started: float
-                       ) -> AsyncIterator[tuple[int, Response]]:
-        """The responses with their choice index, recording time to first token and tokens generated."""
-        item, seen_tokens = first, False
-        while item is not None:
-            response = item[1]
-            if response.HasField("tokens") and response.tokens.token_ids:
-                if not seen_tokens:
-                    self.metrics.observe_ttft(time.monotonic() - started)
-                    seen_tokens = True
-                self.metrics.generated_tokens += len(response.tokens.token_ids)
-            yield item
-            item = await relays.next()
+    def _count_tokens(self, tokens: pb.TokenBatch | None, first_tokens: bool, started: float) -> bool:
+        """Record tokens generated, and the time to the request's first; whether it has tokens now."""
+        if tokens is None or not tokens.token_ids:
+            return first_tokens
+        if not first_tokens:
+            self.metrics.observe_ttft(time.monotonic() - started)
+        self.metrics.generated_tokens += len(tokens.token_ids)
+        return True
 
-    async def _whole(self, job: Job, request_id: str,
-                     responses: AsyncIterator[tuple[int, Response]], headers: dict[str, str]
-                     ) -> web.Response:
-        choices = [_Choice(text=job.echo) for _ in range(job.n)]
+    async def _whole(self, job: Job, request_id: str, relays: _Relays, item: tuple[int, Any] | None,
+                     started: float, headers: dict[str, str]) -> web.Response:
+        choices = [_Choice(text=[job.echo]) for _ in range(job.n)]
+        has_tokens, finished = False, 0
         try:
-            async for index, response in responses:
-                made = choices[index]
-                if response.HasField("tokens"):
-                    made.text += response.tokens.text
-                    made.token_ids += response.tokens.token_ids
-                    made.logprobs += response.tokens.logprobs
-                else:
-                    made.completion = response.completion
-        except grpc.aio.AioRpcError as error:
-            status, error_json = _rpc_error_body(error)
+            while item is not None:
+                made = choices[item[0]]
+                tokens, completion = _parts(item[1])
+                has_tokens = self._count_tokens(tokens, has_tokens, started)
+                if tokens is not None:
+                    made.text.append(tokens.text)
+                    made.token_ids += tokens.token_ids
+                    made.logprobs += tokens.logprobs
+                if completion is not None:
+                    made.completion = completion
+                    finished += 1
+                    if finished == job.n:
+                        break
+                item = await relays.next()
+        except DynamoError as error:
+            status, error_json = _failure_body(error)
             return _json_response(status, error_json, headers)
-        shaped = [choice(job, index, text=made.text, token_ids=made.token_ids,
+        shaped = [choice(job, index, text="".join(made.text), token_ids=made.token_ids,
                          logprobs=logprobs_of(job, made.logprobs),
                          finish_reason=finish_reason_of(made.completion), streaming=False)
                   for index, made in enumerate(choices)]
@@ -285,45 +339,53 @@ class Frontend:
         body = envelope(job, request_id, shaped, streaming=False, usage=usage)
         return _json_response(200, body, headers)
 
-    async def _stream(self, request: web.Request, job: Job, request_id: str,
-                      responses: AsyncIterator[tuple[int, Response]], headers: dict[str, str]
+    async def _stream(self, request: web.Request, job: Job, request_id: str, relays: _Relays,
+                      item: tuple[int, Any] | None, started: float, headers: dict[str, str]
                       ) -> web.StreamResponse:
         """Server-sent events: a chunk per token batch of each choice, a finish chunk per choice, optionally
-        usage, then [DONE]."""
-        http = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
+        usage, then [DONE]. Each response from the router is one write, and the last carries the end."""
+        http = _EventStream(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await http.prepare(request)
-
-        async def send(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> None:
-            await http.write(_sse(envelope(job, request_id, choices, streaming=True, usage=usage)))
-
+        sse = _Events(job, request_id)
+        events: list[bytes] = []
         for index in range(job.n):
             if job.chat:
-                await send([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}])
+                events.append(sse.choice({"index": index, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}))
             elif job.echo:
-                await send([choice(job, index, text=job.echo, token_ids=None, logprobs=None,
-                                   finish_reason=None, streaming=True)])
+                events.append(sse.choice(choice(job, index, text=job.echo, token_ids=None, logprobs=None,
+                                                finish_reason=None, streaming=True)))
+        completions = [pb.Completion() for _ in range(job.n)]
+        text_offsets = [0] * job.n  # for the legacy completions logprobs
+        has_tokens, finished = False, 0
         try:
-            completions = [pb.Completion() for _ in range(job.n)]
-            text_offsets = [0] * job.n  # for the legacy completions logprobs
-            async for index, response in responses:
-                if response.HasField("tokens"):
-                    tokens = response.tokens
+            while item is not None:
+                index, response = item
+                tokens, completion = _parts(response)
+                if tokens is not None:
+                    has_tokens = self._count_tokens(tokens, has_tokens, started)
                     logprobs = logprobs_of(job, tokens.logprobs, text_offsets[index])
-                    text_offsets[index] += sum(len(entry.token) for entry in tokens.logprobs)
-                    await send([choice(job, index, text=tokens.text, token_ids=list(tokens.token_ids),
-                                       logprobs=logprobs, finish_reason=None, streaming=True)])
-                else:
-                    completions[index] = response.completion
-                    await send([choice(job, index, text=None, token_ids=[], logprobs=None, streaming=True,
-                                       finish_reason=finish_reason_of(response.completion))])
+                    if logprobs is not None:
+                        text_offsets[index] += sum(len(entry.token) for entry in tokens.logprobs)
+                    token_ids = list(tokens.token_ids) if job.return_token_ids else None
+                    events.append(sse.choice(choice(job, index, text=tokens.text, token_ids=token_ids,
+                                                    logprobs=logprobs, finish_reason=None, streaming=True)))
+                if completion is not None:
+                    completions[index] = completion
+                    finished += 1
+                    events.append(sse.choice(choice(job, index, text=None, token_ids=[], logprobs=None,
+                                                    streaming=True, finish_reason=finish_reason_of(completion))))
+                    if finished == job.n:
+                        break
+                await http.write(b"".join(events))
+                events.clear()
+                item = await relays.next()
             if job.include_usage:
-                await send([], usage=usage_of(completions))
-        except grpc.aio.AioRpcError as error:  # too late for an HTTP status: the error goes in the stream
-            await http.write(_sse(_rpc_error_body(error)[1]))
-        await http.write(b"data: [DONE]\n\n")
-        await http.write_eof()
+                events.append(sse.usage(usage_of(completions)))
+        except DynamoError as error:  # too late for an HTTP status: the error goes in the stream
+            events.append(_event(_failure_body(error)[1]))
+        events.append(DONE)
+        await http.write_eof(b"".join(events))
         return http
 
     async def models(self, request: web.Request) -> web.Response:
@@ -361,7 +423,7 @@ class Frontend:
 
 @dataclass
 class RunningFrontend:
-    """A serving frontend; `stop()` closes connections (cancelling what they ran) and the router channel."""
+    """A serving frontend; `stop()` closes connections, cancelling what they ran (its backend stays open)."""
 
     frontend: Frontend
     runner: web.AppRunner
@@ -381,13 +443,12 @@ class RunningFrontend:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        await self.frontend.client.channel.close()
 
 
-async def start_frontend(router_endpoint: str, registry: Registry, *, host: str, port: int,
+async def start_frontend(backend: Backend, registry: Registry, *, host: str, port: int,
                          chat_template: str | None = None) -> RunningFrontend:
-    """Serve the OpenAI API on host:port (0 picks a free port) in front of the router at `router_endpoint`."""
-    frontend = Frontend(router_endpoint, registry, chat_template)
+    """Serve the OpenAI API on host:port (0 picks a free port), generating through `backend`."""
+    frontend = Frontend(backend, registry, chat_template)
     # handler_cancellation: a disconnect cancels the handler at once, not at its next write.
     runner = web.AppRunner(frontend.app, handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -396,8 +457,7 @@ async def start_frontend(router_endpoint: str, registry: Registry, *, host: str,
         await site.start()
     except BaseException:
         await runner.cleanup()
-        await frontend.client.channel.close()
         raise
     bound = runner.addresses[0][1]
-    log.info("OpenAI frontend serving on http://%s:%d (router %s)", host, bound, router_endpoint)
+    log.info("OpenAI frontend serving on http://%s:%d (%s)", host, bound, backend.description)
     return RunningFrontend(frontend, runner, host, bound)

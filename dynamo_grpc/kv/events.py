@@ -8,21 +8,26 @@ streams the log to routers, which keep a `PrefixIndex` of the whole fleet.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import hashlib
+import heapq
+import sys
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-
-import numpy as np
 
 from dynamo_grpc.v1 import kv_events_pb2 as events_pb
 
 _MAX_PENDING = 4096
 """Changes queued for one watcher before it is sent a fresh snapshot instead."""
+_CHUNK_BLOCKS = 16
+"""Blocks of a prompt a lookup converts, and remembers the hashes of, at a time."""
+_BITS_OF_BYTE = [tuple(bit for bit in range(8) if byte >> bit & 1) for byte in range(256)]
+_UINT32 = next(code for code in "IL" if array.array(code).itemsize == 4)
 
 
 def chain_hash(parent: int | None, block: Sequence[int]) -> int:
     """The hash of a block whose prefix before it hashes to `parent` (None for a prompt's first block)."""
-    return _chain(parent, np.asarray(block, dtype="<u4").tobytes())
+    return _chain(parent, token_bytes(block))
 
 
 def block_hashes(tokens: Sequence[int], block_size: int, parent: int | None = None) -> list[int]:
@@ -32,7 +37,7 @@ def block_hashes(tokens: Sequence[int], block_size: int, parent: int | None = No
 
 def prefix_hashes(tokens: Sequence[int], block_size: int, parent: int | None = None) -> Iterator[tuple[int, int]]:
     """(tokens in the block, its chained hash) for each block of `tokens`, the last one maybe partial."""
-    data = np.asarray(tokens, dtype="<u4").tobytes()
+    data = token_bytes(tokens)
     step = 4 * block_size
     for start in range(0, len(data), step):
         block = data[start:start + step]
@@ -40,12 +45,17 @@ def prefix_hashes(tokens: Sequence[int], block_size: int, parent: int | None = N
         yield len(block) // 4, parent
 
 
+def token_bytes(tokens: Sequence[int]) -> bytes:
+    """Token ids as the hash reads them: 4-byte little-endian integers."""
+    ids = array.array(_UINT32, tokens)
+    if sys.byteorder == "big":
+        ids.byteswap()
+    return ids.tobytes()
+
+
 def _chain(parent: int | None, block: bytes) -> int:
-    digest = hashlib.blake2b(digest_size=8)
-    if parent is not None:
-        digest.update(parent.to_bytes(8, "little"))
-    digest.update(block)
-    return int.from_bytes(digest.digest(), "little")
+    prefix = b"" if parent is None else parent.to_bytes(8, "little")
+    return int.from_bytes(hashlib.blake2b(prefix + block, digest_size=8).digest(), "little")
 
 
 class KvEventLog:
@@ -123,62 +133,163 @@ class _Watcher:
 
 
 class PrefixIndex:
-    """The router's map of which worker holds which blocks, fed by every worker's `WatchKvEvents`."""
+    """The router's map of which worker holds which blocks, fed by every worker's `WatchKvEvents`.
+
+    A block maps to its holders as a bit mask over worker slots, so a block held by one worker costs one
+    dict entry (the mask is that worker's, shared) and a lookup narrows the candidates with one `&` a
+    block. A lookup hashes the prompt only as far as some candidate holds it, through `_BlockNames`.
+    """
 
     def __init__(self) -> None:
-        self._holders: dict[int, set[str]] = {}
+        self._holders: dict[int, int] = {}
+        """block hash -> bit mask of the slots of the workers holding it"""
         self._held: dict[str, set[int]] = {}
+        self._bits: dict[str, int] = {}
+        """worker -> the bit of its slot, 1 << slot"""
+        self._slot_workers: dict[int, str] = {}
+        self._free_slots: list[int] = []
+        self._names = _BlockNames()
+        self._by_size: dict[int, int] = {}
+        """block size -> mask of the workers whose blocks are that size"""
         self.block_sizes: dict[str, int] = {}
 
     def apply(self, worker_id: str, change: events_pb.WatchKvEventsResponse) -> None:
         if change.reset:
             self.forget(worker_id)
-        self.block_sizes[worker_id] = change.block_size
+        bit = self._bit(worker_id)
+        self._set_block_size(worker_id, bit, change.block_size)
         held = self._held.setdefault(worker_id, set())
+        holders = self._holders
         for h in change.removed_block_hashes:
             if h in held:
                 held.discard(h)
-                self._unhold(h, worker_id)
+                self._unhold(h, bit)
         for h in change.stored_block_hashes:
-            held.add(h)
-            self._holders.setdefault(h, set()).add(worker_id)
+            if h not in held:
+                held.add(h)
+                mask = holders.get(h)
+                holders[h] = bit if mask is None else mask | bit
 
     def forget(self, worker_id: str) -> None:
         """Drop a worker's blocks (it left, or its feed broke and will restart with a snapshot)."""
+        bit = self._bits.pop(worker_id, 0)
         for h in self._held.pop(worker_id, ()):
-            self._unhold(h, worker_id)
+            self._unhold(h, bit)
+        if bit:
+            self._set_block_size(worker_id, bit, 0)
+            slot = bit.bit_length() - 1
+            del self._slot_workers[slot]
+            heapq.heappush(self._free_slots, slot)
         self.block_sizes.pop(worker_id, None)
 
-    def _unhold(self, block_hash: int, worker_id: str) -> None:
-        holders = self._holders[block_hash]
-        holders.discard(worker_id)
-        if not holders:
+    def _set_block_size(self, worker_id: str, bit: int, size: int) -> None:
+        """Move a worker to the mask of its block size (0: to none)."""
+        previous = self.block_sizes.get(worker_id)
+        if previous == size:
+            return
+        if previous:
+            self._by_size[previous] ^= bit
+        if size:
+            self._by_size[size] = self._by_size.get(size, 0) | bit
+        self.block_sizes[worker_id] = size
+
+    def _bit(self, worker_id: str) -> int:
+        bit = self._bits.get(worker_id)
+        if bit is None:
+            slot = heapq.heappop(self._free_slots) if self._free_slots else len(self._slot_workers)
+            self._slot_workers[slot] = worker_id
+            bit = self._bits[worker_id] = 1 << slot
+        return bit
+
+    def _unhold(self, block_hash: int, bit: int) -> None:
+        mask = self._holders[block_hash] ^ bit
+        if mask:
+            self._holders[block_hash] = mask
+        else:
             del self._holders[block_hash]
 
     def blocks_held(self, worker_id: str) -> int:
         return len(self._held.get(worker_id, ()))
 
-    def cached_tokens(self, prompt: Sequence[int], workers: Iterable[str]) -> dict[str, int]:
-        """How many leading prompt tokens (whole blocks) each worker's cache holds, for those holding any."""
+    def cached_tokens(self, prompt: Sequence[int], workers: Iterable[str] | None = None) -> dict[str, int]:
+        """How many leading prompt tokens (whole blocks) each worker's cache holds, for those holding any;
+        of `workers`, or of every worker in the index."""
         found: dict[str, int] = {}
-        by_size: dict[int, list[str]] = {}
-        for worker in workers:
-            size = self.block_sizes.get(worker)
-            if size:
-                by_size.setdefault(size, []).append(worker)
-        for size, group in by_size.items():
-            alive = set(group)
-            depth = 0
-            for h in block_hashes(prompt, size):
-                holding = alive & self._holders.get(h, set())
-                if not holding:
-                    break
-                for worker in alive - holding:
-                    if depth:
-                        found[worker] = depth * size
-                depth += 1
-                alive = holding
-            for worker in alive:
-                if depth:
-                    found[worker] = depth * size
+        if workers is None:
+            by_size = self._by_size
+        else:
+            by_size = {}
+            for worker in workers:
+                size = self.block_sizes.get(worker)
+                if size:
+                    by_size[size] = by_size.get(size, 0) | self._bits[worker]
+        for size, alive in by_size.items():
+            if alive:
+                self._walk(prompt, size, alive, found)
         return found
+
+    def _walk(self, prompt: Sequence[int], size: int, alive: int, found: dict[str, int]) -> None:
+        """Follow the prompt's blocks while some worker of `alive` holds them; record where each one stops."""
+        holders = self._holders
+        depth = 0
+        for hashes in self._names.of(prompt, size):
+            for h in hashes:
+                holding = alive & holders.get(h, 0)
+                if holding != alive:
+                    if depth:
+                        self._found(alive ^ holding, depth * size, found)  # the workers that hold no more
+                    if not holding:
+                        return
+                    alive = holding
+                depth += 1
+        if depth:
+            self._found(alive, depth * size, found)
+
+    def _found(self, mask: int, tokens: int, found: dict[str, int]) -> None:
+        """Record `tokens` for every worker in `mask`, a byte of it at a time."""
+        workers = self._slot_workers
+        for offset, byte in enumerate(mask.to_bytes((mask.bit_length() + 7) // 8, "little")):
+            if byte:
+                for bit in _BITS_OF_BYTE[byte]:
+                    found[workers[8 * offset + bit]] = tokens
+
+
+class _BlockNames:
+    """Chained block hashes of the prompts seen lately, so a prefix many prompts share (the ones whose
+    lookups hit) is hashed once: BLAKE2b costs about 1 us a block in Python, a look-up here a tenth.
+
+    A trie of chunks of `_CHUNK_BLOCKS` blocks: a chunk's entry holds its blocks' hashes (each covers the
+    path to it) and the chunks seen after it. A chunk is kept once a lookup has read all of it. The trie
+    holds at most `capacity` blocks; when full it starts again empty, and the prefixes in use are hashed
+    once more.
+    """
+
+    def __init__(self, capacity: int = 1 << 16) -> None:
+        self._capacity = capacity
+        self._root: dict[bytes, tuple[tuple[int, ...], dict]] = {}
+        self._size = 0
+
+    def of(self, tokens: Sequence[int], block_size: int) -> Iterator[tuple[int, ...]]:
+        """The hash of each full block of `tokens`, in order: a chunk at a time where the trie has it, else a
+        block at a time, computed as the caller reads them (a lookup stops at the first block no worker
+        holds: the rest of the prompt is not even converted)."""
+        if self._size >= self._capacity:
+            self._root, self._size = {}, 0
+        node, parent = self._root, None
+        step = 4 * block_size
+        chunk = _CHUNK_BLOCKS * block_size
+        for first in range(0, len(tokens) - block_size + 1, chunk):
+            data = token_bytes(tokens[first:first + chunk])
+            entry = node.get(data)
+            if entry is None:
+                hashes = []
+                for start in range(0, len(data) - step + 1, step):
+                    parent = _chain(parent, data[start:start + step])
+                    hashes.append(parent)
+                    yield (parent,)
+                entry = node[data] = (tuple(hashes), {})  # the caller read all of it
+                self._size += len(hashes)
+            else:
+                yield entry[0]
+                parent = entry[0][-1]
+            node = entry[1]

@@ -144,9 +144,13 @@ class EtcdRegistry:
 
     async def watch_workers(self) -> AsyncIterator[dict[str, pb.WorkerInfo]]:
         prefix = workers_prefix(self.namespace)
+        parsed: dict[bytes, pb.WorkerInfo | None] = {}  # by value: a fleet of 1,000 parses only what changed
         async with contextlib.aclosing(self._follow(prefix, prefix_range_end(prefix))) as states:
             async for state in states:
-                yield {w.worker_id: w for w in _sorted_workers(state.values())}
+                parsed = {value: parsed[value] if value in parsed else _parse_worker(value)
+                          for value in state.values()}
+                workers = sorted((w for w in parsed.values() if w is not None), key=lambda w: w.worker_id)
+                yield {w.worker_id: w for w in workers}
 
     async def put_document(self, name: str, data: bytes) -> None:
         key = document_key(self.namespace, name)
@@ -371,13 +375,15 @@ async def _keep_alive_once(client: Etcd3Client, lease_id: int) -> int:
 
 
 def _sorted_workers(values: Iterable[bytes]) -> list[pb.WorkerInfo]:
-    workers = []
-    for value in values:
-        try:
-            workers.append(pb.WorkerInfo.FromString(value))
-        except DecodeError:
-            log.warning("registry: skipping an undecodable worker entry (%d bytes)", len(value))
-    return sorted(workers, key=lambda w: w.worker_id)
+    return sorted((w for w in map(_parse_worker, values) if w is not None), key=lambda w: w.worker_id)
+
+
+def _parse_worker(value: bytes) -> pb.WorkerInfo | None:
+    try:
+        return pb.WorkerInfo.FromString(value)
+    except DecodeError:
+        log.warning("registry: skipping an undecodable worker entry (%d bytes)", len(value))
+        return None
 
 
 def _retryable(exc: BaseException) -> bool:

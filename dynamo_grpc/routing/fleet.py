@@ -7,10 +7,9 @@ import contextlib
 import itertools
 import logging
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import grpc
 
@@ -18,7 +17,8 @@ from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.errors import NotFound, Unavailable
 from dynamo_grpc.kv.events import PrefixIndex
 from dynamo_grpc.registry import DEMAND_DOCUMENT, PAIRINGS_DOCUMENT, Registry
-from dynamo_grpc.routing.pairing import compute_pairings
+from dynamo_grpc.routing.pair_choice import Side, candidate_sides, choose_pair
+from dynamo_grpc.routing.pairing import PairGroup, groups_of, pair_transports, pairing_groups
 from dynamo_grpc.routing.policies import DEFAULT_POLICY, Load, routing_policy
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
@@ -30,8 +30,6 @@ from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 _MAX_RETRY_S = 10.0
 DEFAULT_LOAD_POLL_S = 0.5
@@ -70,6 +68,45 @@ class InFlight:
 
 
 @dataclass(frozen=True)
+class _View:
+    """What `route` reads of the fleet, derived once per change of the workers or of the pairing table."""
+
+    workers: dict[str, pb.WorkerInfo]
+    table: cp_pb.PairingTable | None
+    decodes: dict[str, list[str]]
+    """Per model, its decode workers, sorted."""
+    hosts: dict[str, str]
+    published: list[PairGroup]
+    """The control plane's pairs."""
+    derived: list[PairGroup]
+    """The pairs by the pairing rule, for requests the table has no live pair for yet."""
+    transports: dict[str, Sequence[int]]
+    """Per prefill worker, its group's KV transports: the table's where it lists the worker, else derived."""
+
+    @classmethod
+    def of(cls, workers: dict[str, pb.WorkerInfo], table: cp_pb.PairingTable | None) -> _View:
+        decodes: dict[str, list[str]] = {}
+        for worker_id in sorted(workers):
+            if workers[worker_id].role == pb.WORKER_ROLE_DECODE:
+                decodes.setdefault(workers[worker_id].model, []).append(worker_id)
+        derived_groups = pairing_groups(workers.values())
+        derived = [PairGroup(tuple(g.prefill_worker_ids), tuple(g.decode_worker_ids)) for g in derived_groups]
+        transports = {p: g.kv_transports for g in derived_groups for p in g.prefill_worker_ids}
+        if table is not None:
+            transports.update((p, g.kv_transports) for g in table.groups for p in g.prefill_worker_ids)
+        hosts = {worker_id: worker.host for worker_id, worker in workers.items()}
+        return cls(workers, table, decodes, hosts, groups_of(table) if table is not None else [], derived,
+                   transports)
+
+    def sides(self, decodes: Collection[str]) -> list[Side]:
+        """The candidate pairs of a request whose decode worker is one of `decodes`: the table's, or derived
+        here while the table has none for them (it trails the registry by a watch event, and pairs by the
+        same rule)."""
+        return (candidate_sides(self.published, self.workers, decodes)
+                or candidate_sides(self.derived, self.workers, decodes))
+
+
+@dataclass(frozen=True)
 class Route:
     """Where one request runs; no prefill worker means the decode worker prefills locally."""
 
@@ -77,6 +114,8 @@ class Route:
     prefill: pb.WorkerInfo | None
     uncached_tokens: int = 0
     """Prompt tokens the prefilling worker (the prefill one, else the decode one) has to compute."""
+    kv_transports: tuple[int, ...] = ()
+    """How the pair moves KV, in the order the decode worker tries them (`pairing.pair_transports`)."""
     kv_transports: tuple[int, ...] = ()
     """How the pair moves KV, in the order the decode worker tries them (`pairing.kv_transports`)."""
 
@@ -100,13 +139,22 @@ class Fleet:
         self._policy = policy
         self.routing = routing_policy(routing)
         self.workers: dict[str, pb.WorkerInfo] = {}
+        self._engines: dict[str, str] = {}
+        """Model -> the engine kind of its workers, looked up per request."""
         self.prefix_index = PrefixIndex()
         self._own_channels = channels is None
         self._channels = channels if channels is not None else ChannelPool()
         self._load_poll_s = load_poll_s
         self._reported: dict[str, pb.WorkerStats] = {}
+        # What the policies read of each worker, kept up to date as it changes, so a decision over hundreds
+        # of workers reads them with no Python call each.
+        self._requests: defaultdict[str, int] = defaultdict(int)
+        """Requests running on the worker: the larger of those this router sent and those it reports."""
+        self._kv_share: defaultdict[str, float] = defaultdict(float)
+        """Share of the worker's KV blocks in use, as it reports (0 when unknown)."""
         self._feeds: dict[str, tuple[str, list[asyncio.Task[None]]]] = {}
         self._table: cp_pb.PairingTable | None = None
+        self._view = _View.of(self.workers, None)
         self._in_flight = InFlight()
         self._turn = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
@@ -131,43 +179,41 @@ class Fleet:
         """The pair for a request; `exclude` names decode workers that just failed it. `prompt` (token ids)
         lets the kv_aware policy count cached tokens. A short uncached prompt, or a saturated prefill
         worker, keeps the prefill on the decode worker (conditional disaggregation)."""
-        decodes = {w.worker_id: w for w in self.workers.values()
-                   if w.role == pb.WORKER_ROLE_DECODE and w.model == model and w.worker_id not in exclude}
-        if not decodes:
-            served = sorted({w.model for w in self.workers.values() if w.role == pb.WORKER_ROLE_DECODE})
-            if not served:
+        view = self._current_view()
+        decode_ids = [d for d in view.decodes.get(model, ()) if d not in exclude]
+        if not decode_ids:
+            if not view.decodes:
                 raise Unavailable("no decode workers are registered; start one with `dynamo-grpc decode`",
                                   request_id=request_id, reason="NO_WORKERS")
-            raise NotFound(f"model {model!r} is not served; served models: {', '.join(served)}",
+            raise NotFound(f"model {model!r} is not served; served models: {', '.join(sorted(view.decodes))}",
                            request_id=request_id, reason="MODEL_NOT_FOUND")
-        pairs = self._live_pairs(decodes)
+        decodes = set(decode_ids)
+        sides = view.sides(decodes)
         prompt_tokens = len(prompt) if prompt is not None else prompt_tokens
         cached: dict[str, int] = {}
         if self.routing.uses_prefix_cache and prompt is not None:
-            cached = self.prefix_index.cached_tokens(prompt, {*decodes, *(p.prefill_worker_id for p in pairs)})
+            cached = self.prefix_index.cached_tokens(prompt)  # of every worker: the candidates' are read
 
         def uncached(worker_id: str) -> int:
             return prompt_tokens - cached.get(worker_id, 0)
 
-        load = Load(requests_at=self._requests_at, kv_usage=self._kv_usage,
-                    prefill_work=lambda worker_id: self._in_flight.tokens[worker_id] + uncached(worker_id))
+        tokens = self._in_flight.tokens
+        load = Load(requests_at=self._requests.__getitem__, kv_usage=self._kv_share.__getitem__,
+                    prefill_work=lambda worker: tokens.get(worker, 0) + prompt_tokens - cached.get(worker, 0))
         turn = next(self._turn)
-
-        def in_turn(items: list[T]) -> list[T]:
-            """Starting one further each request: the first of equals takes the request, so equals alternate."""
-            return items[turn % len(items):] + items[:turn % len(items)]
-
-        if not pairs:
-            decode = min(in_turn(sorted(decodes)), key=lambda worker_id: self.routing.rank_decode(worker_id, load))
-            return Route(decode=decodes[decode], prefill=None, uncached_tokens=uncached(decode))
-        best = min(in_turn(sorted(pairs, key=lambda p: (p.prefill_worker_id, p.decode_worker_id))),
-                   key=lambda pair: self.routing.rank_pair(pair, load))
-        decode, policy = decodes[best.decode_worker_id], self._policy
-        if uncached(decode.worker_id) < policy.min_prompt_tokens or (
-                policy.max_prefill_queue and self._requests_at(best.prefill_worker_id) >= policy.max_prefill_queue):
-            return Route(decode=decode, prefill=None, uncached_tokens=uncached(decode.worker_id))
-        return Route(decode=decode, prefill=self.workers[best.prefill_worker_id],
-                     uncached_tokens=uncached(best.prefill_worker_id), kv_transports=tuple(best.kv_transports))
+        if not sides:
+            start = turn % len(decode_ids)  # equals take turns: the first of them from here on takes it
+            decode = min(decode_ids[start:] + decode_ids[:start],
+                         key=lambda worker_id: self.routing.rank_decode(worker_id, load))
+            return Route(decode=self.workers[decode], prefill=None, uncached_tokens=uncached(decode))
+        prefill_id, decode_id = choose_pair(sides, self.routing, load, view.hosts.__getitem__, turn)
+        decode, prefill, policy = self.workers[decode_id], self.workers[prefill_id], self._policy
+        transports = pair_transports(view.transports.get(prefill_id, ()), prefill, decode)
+        if not transports or uncached(decode_id) < policy.min_prompt_tokens or (
+                policy.max_prefill_queue and self._requests[prefill_id] >= policy.max_prefill_queue):
+            return Route(decode=decode, prefill=None, uncached_tokens=uncached(decode_id))
+        return Route(decode=decode, prefill=prefill, uncached_tokens=uncached(prefill_id),
+                     kv_transports=tuple(transports))
 
     async def until_paired(self, timeout: float) -> bool:
         """Wait until some prefill worker is paired with a decode worker in this router's view (the
@@ -175,7 +221,7 @@ class Fleet:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            if self._live_pairs(self.workers):
+            if self._current_view().sides(self.workers):
                 return True
             await asyncio.sleep(0.05)
         return False
@@ -199,31 +245,43 @@ class Fleet:
             await asyncio.sleep(0.05)
         return False
 
-    def _live_pairs(self, decodes: Collection[str]) -> list[cp_pb.Pairing]:
-        """Pairs of live workers with a decode worker among `decodes`: from the control plane's table, or
-        derived here without a control plane, or while its table has none for them yet (it trails the
-        registry by a watch event, and pairs by the same rule)."""
-        def live(table: cp_pb.PairingTable) -> list[cp_pb.Pairing]:
-            return [p for p in table.pairings if p.decode_worker_id in decodes and p.prefill_worker_id in self.workers]
+    @property
+    def pairing_table(self) -> cp_pb.PairingTable | None:
+        """The control plane's table as this router last read it; None without a control plane."""
+        return self._table
 
-        published = live(self._table) if self._table is not None else []
-        return published or live(compute_pairings(self.workers.values()))
+    def _current_view(self) -> _View:
+        if self._view.workers is not self.workers or self._view.table is not self._table:
+            self._view = _View.of(self.workers, self._table)
+        return self._view
 
-    def _requests_at(self, worker_id: str) -> int:
+    def _update_load(self, worker_id: str) -> None:
         reported = self._reported.get(worker_id)
-        return max(self._in_flight.requests[worker_id], reported.active_requests if reported else 0)
-
-    def _kv_usage(self, worker_id: str) -> float:
-        reported = self._reported.get(worker_id)
-        return reported.used_kv_blocks / reported.total_kv_blocks if reported and reported.total_kv_blocks else 0.0
+        sent = self._in_flight.requests[worker_id]
+        if reported is None:
+            self._kv_share.pop(worker_id, None)
+            if sent:
+                self._requests[worker_id] = sent
+            else:
+                self._requests.pop(worker_id, None)  # idle and unknown: the default, 0
+            return
+        self._requests[worker_id] = max(sent, reported.active_requests)
+        total = reported.total_kv_blocks
+        self._kv_share[worker_id] = reported.used_kv_blocks / total if total else 0.0
 
     def engine_of(self, model: str) -> str:
         """The engine kind serving `model` ("" when none is registered)."""
-        return next((w.engine for w in self.workers.values() if w.model == model), "")
+        return self._engines.get(model, "")
 
-    def busy(self, worker: pb.WorkerInfo, tokens: int = 0) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def busy(self, worker: pb.WorkerInfo, tokens: int = 0) -> Iterator[None]:
         """Count a request, and the prompt tokens it has to compute there, against a worker while it runs."""
-        return self._in_flight.busy(worker.worker_id, tokens)
+        try:
+            with self._in_flight.busy(worker.worker_id, tokens):
+                self._update_load(worker.worker_id)
+                yield
+        finally:
+            self._update_load(worker.worker_id)
 
     async def _keep_following(self, what: str, follow: Callable[[], Awaitable[None]]) -> None:
         """A watch that fails is started again, so the router never keeps serving from a frozen view."""
@@ -244,6 +302,9 @@ class Fleet:
                 log.info("fleet: %d workers (joined: %s; left: %s)", len(snapshot), sorted(joined) or "-",
                          sorted(left) or "-")
             self.workers = snapshot
+            self._engines = {}
+            for worker in snapshot.values():
+                self._engines.setdefault(worker.model, worker.engine)
             self._follow_each_worker()
             self._first_snapshot.set()
 
@@ -257,6 +318,7 @@ class Fleet:
                 del self._feeds[worker_id]
                 self.prefix_index.forget(worker_id)
                 self._reported.pop(worker_id, None)
+                self._update_load(worker_id)
         for worker_id, worker in self.workers.items():
             if worker_id not in self._feeds and worker.role in (pb.WORKER_ROLE_PREFILL, pb.WORKER_ROLE_DECODE):
                 feeds = [asyncio.create_task(self._follow_cache(worker))] if self.routing.uses_prefix_cache else []
@@ -273,6 +335,7 @@ class Fleet:
                                                                       timeout=self._load_poll_s * 4)
             except grpc.aio.AioRpcError:
                 self._reported.pop(worker.worker_id, None)  # unreachable: judged by this router's count alone
+            self._update_load(worker.worker_id)
             await asyncio.sleep(self._load_poll_s)
 
     async def _follow_cache(self, worker: pb.WorkerInfo) -> None:

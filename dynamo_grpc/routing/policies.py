@@ -4,6 +4,12 @@ A policy only ranks; `Fleet.route` gathers the candidates (the model's decode wo
 prefill workers) and the load they carry, and takes the best. Equally ranked candidates take turns, so
 a policy that ranks everything alike (round robin) visits them in order. A new policy is one class here
 and one entry in `POLICIES`.
+
+A pair ranks by its prefill worker's part plus its decode worker's part, item by item, then (for a
+policy that prefers it) same host first: `rank_pair`. Ranks so built let the router find the best of
+a group's pairs, every prefill worker with every decode worker, from the best of each side alone
+(`routing/pair_choice.py`), so a fleet of 500 + 500 workers is not 250,000 pairs to rank per request.
+Parts hold counts, or a share beside a zero in the other part, so their sums are exact.
 """
 
 from __future__ import annotations
@@ -11,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
-
-from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
 Rank = tuple[float, ...]
 """Lower is better; compared item by item."""
@@ -36,12 +40,29 @@ class RoutingPolicy(Protocol):
     uses_prefix_cache: bool
     """Whether the policy reads the workers' prefix caches (the router then follows their KV events and
     tokenizes text prompts)."""
+    same_host_first: bool
+    """Whether, of pairs that rank alike otherwise, those on one host (KV over shared memory) come first."""
 
     def rank_decode(self, worker_id: str, load: Load) -> Rank:
         """A decode worker that would also prefill the prompt (no prefill worker is paired with it)."""
         ...
 
-    def rank_pair(self, pair: cp_pb.Pairing, load: Load) -> Rank: ...
+    def rank_prefill(self, worker_id: str, load: Load) -> Rank:
+        """A prefill worker's part of the rank of a pair it is in."""
+        ...
+
+    def rank_paired_decode(self, worker_id: str, load: Load) -> Rank:
+        """A decode worker's part of the rank of a pair it is in; as long as the prefill worker's part."""
+        ...
+
+
+def rank_pair(policy: RoutingPolicy, prefill_worker_id: str, decode_worker_id: str, same_host: bool,
+              load: Load) -> Rank:
+    """A pair's rank: its two workers' parts added item by item, then same host first if the policy asks."""
+    parts = zip(policy.rank_prefill(prefill_worker_id, load),
+                policy.rank_paired_decode(decode_worker_id, load), strict=True)
+    rank = tuple(prefill + decode for prefill, decode in parts)
+    return (*rank, not same_host) if policy.same_host_first else rank
 
 
 class KvAware:
@@ -50,13 +71,16 @@ class KvAware:
 
     name = "kv_aware"
     uses_prefix_cache = True
+    same_host_first = True
 
     def rank_decode(self, worker_id: str, load: Load) -> Rank:
         return load.prefill_work(worker_id), load.kv_usage(worker_id)
 
-    def rank_pair(self, pair: cp_pb.Pairing, load: Load) -> Rank:
-        return (load.prefill_work(pair.prefill_worker_id), load.requests_at(pair.decode_worker_id),
-                load.kv_usage(pair.decode_worker_id), not pair.same_host)
+    def rank_prefill(self, worker_id: str, load: Load) -> Rank:
+        return load.prefill_work(worker_id), 0, 0.0
+
+    def rank_paired_decode(self, worker_id: str, load: Load) -> Rank:
+        return 0, load.requests_at(worker_id), load.kv_usage(worker_id)
 
 
 class LeastLoaded:
@@ -64,13 +88,16 @@ class LeastLoaded:
 
     name = "least_loaded"
     uses_prefix_cache = False
+    same_host_first = True
 
     def rank_decode(self, worker_id: str, load: Load) -> Rank:
         return load.requests_at(worker_id), load.kv_usage(worker_id)
 
-    def rank_pair(self, pair: cp_pb.Pairing, load: Load) -> Rank:
-        return (load.requests_at(pair.decode_worker_id) + load.requests_at(pair.prefill_worker_id),
-                load.kv_usage(pair.decode_worker_id), not pair.same_host)
+    def rank_prefill(self, worker_id: str, load: Load) -> Rank:
+        return load.requests_at(worker_id), 0.0
+
+    def rank_paired_decode(self, worker_id: str, load: Load) -> Rank:
+        return load.requests_at(worker_id), load.kv_usage(worker_id)
 
 
 class RoundRobin:
@@ -78,11 +105,15 @@ class RoundRobin:
 
     name = "round_robin"
     uses_prefix_cache = False
+    same_host_first = False
 
     def rank_decode(self, worker_id: str, load: Load) -> Rank:
         return ()
 
-    def rank_pair(self, pair: cp_pb.Pairing, load: Load) -> Rank:
+    def rank_prefill(self, worker_id: str, load: Load) -> Rank:
+        return ()
+
+    def rank_paired_decode(self, worker_id: str, load: Load) -> Rank:
         return ()
 
 

@@ -1,4 +1,8 @@
-"""The router's request path: pick a pair, prefill there, decode with the KV handle, relay tokens."""
+"""The router's request path: pick a pair, prefill there, decode with the KV handle, relay tokens.
+
+One implementation for every entry point: RouterService serves it over gRPC, and the HTTP frontend runs it
+in its own process (`open_router`), one hop fewer.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,27 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from dynamo_grpc.channels import ChannelPool
-from dynamo_grpc.errors import AlreadyExists, DeadlineExceeded, DynamoError, Unavailable, from_rpc_error
+from dynamo_grpc.channels import MAX_MESSAGE_BYTES, ChannelPool
+from dynamo_grpc.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    DynamoError,
+    Unavailable,
+    from_rpc_error,
+    message_too_large,
+)
 from dynamo_grpc.params import deadline_timer, estimated_tokens, prompt_of, sampling_of, seconds_left
-from dynamo_grpc.routing.fleet import Fleet, Route
+from dynamo_grpc.registry import Registry
+from dynamo_grpc.routing.fleet import (
+    ALWAYS_DISAGGREGATE,
+    DEFAULT_LOAD_POLL_S,
+    DisaggregationPolicy,
+    Fleet,
+    Route,
+)
+from dynamo_grpc.routing.policies import DEFAULT_POLICY
 from dynamo_grpc.routing.prompt_tokens import PromptTokenizer
-from dynamo_grpc.services.streams import open_bidi
+from dynamo_grpc.services.streams import CancelSignal, send_quietly
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
@@ -22,7 +41,6 @@ from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
 from dynamo_grpc.v1 import kv_transfer_pb2_grpc as kv_grpc
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
-from dynamo_grpc.v1 import router_pb2 as router_pb
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +49,37 @@ DEFAULT_MAX_MIGRATIONS = 2
 
 
 class Router:
+    """Runs requests over a fleet: each `generate` picks a pair, prefills, decodes and relays the tokens."""
+
     def __init__(self, fleet: Fleet, channels: ChannelPool, *, max_migrations: int = DEFAULT_MAX_MIGRATIONS,
                  tokenizer: PromptTokenizer | None = None, cold_start_wait_s: float = 0.0) -> None:
-        self._fleet = fleet
+        self.fleet = fleet
         self._channels = channels
         self._max_migrations = max_migrations
         self._cold_start_wait_s = cold_start_wait_s
         self._tokenizer = tokenizer or PromptTokenizer()
         self._live: set[str] = set()
+        self._prefill_calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+        self._decode_calls: dict[str, grpc.aio.StreamStreamMultiCallable] = {}
+        self._cancels: set[asyncio.Task[None]] = set()
+        """Cancel messages on their way to decode workers (held here so none is collected mid-send)."""
 
-    async def generate(self, request_id: str, params: pb.GenerationParams, cancelled: asyncio.Event
-                       ) -> AsyncIterator[router_pb.GenerateResponse]:
-        """Run one request end to end; setting `cancelled` stops it and frees its KV everywhere."""
+    async def close(self) -> None:
+        """Stop following the fleet and close the channels to its workers."""
+        await self.fleet.stop()
+        await self._channels.close()
+
+    async def generate(self, request_id: str, params: pb.GenerationParams, cancelled: CancelSignal
+                       ) -> AsyncIterator[decode_pb.DecodeResponse]:
+        """Run one request end to end; setting `cancelled` stops it and frees its KV everywhere.
+
+        Yields the decode worker's messages as they come (token batches, then a completion, which may carry
+        the last tokens in `last_tokens`), relayed without being rebuilt.
+        """
         prompt_of(params, request_id)
         sampling_of(params, request_id)
         timeout = seconds_left(params, request_id)
+        _check_message_size(request_id, params)
         if request_id in self._live:
             raise AlreadyExists(f"request id {request_id!r} is already running; use a fresh id",
                                 request_id=request_id)
@@ -64,14 +98,14 @@ class Router:
         finally:
             self._live.discard(request_id)
 
-    async def _run(self, request_id: str, params: pb.GenerationParams, cancelled: asyncio.Event,
-                   timeout: float | None) -> AsyncIterator[router_pb.GenerateResponse]:
+    async def _run(self, request_id: str, params: pb.GenerationParams, cancelled: CancelSignal,
+                   timeout: float | None) -> AsyncIterator[decode_pb.DecodeResponse]:
         prompt = None
-        if self._fleet.routing.uses_prefix_cache:
-            prompt = self._tokenizer.token_ids(params, self._fleet.engine_of(params.model))
+        if self.fleet.routing.uses_prefix_cache:
+            prompt = self._tokenizer.token_ids(params, self.fleet.engine_of(params.model))
         route = await self._route(params, request_id, prompt, timeout, cancelled)
         if route is None:
-            yield router_pb.GenerateResponse(request_id=request_id, completion=pb.Completion(
+            yield decode_pb.DecodeResponse(request_id=request_id, completion=pb.Completion(
                 finish_reason=pb.FINISH_REASON_CANCELLED))
             return
         handle = prefilled = None
@@ -82,12 +116,13 @@ class Router:
             if cancelled.is_set():
                 if handle is not None:
                     await self._release(handle, request_id)
-                yield router_pb.GenerateResponse(request_id=request_id, completion=pb.Completion(
+                yield decode_pb.DecodeResponse(request_id=request_id, completion=pb.Completion(
                     finish_reason=pb.FINISH_REASON_CANCELLED, prefill_worker_id=route.prefill.worker_id))
                 return
         # 2) Decode, pulling that KV; relay its stream; forward a cancel. If the decode worker dies, another
         #    one resumes after the tokens already relayed (migration), so the client sees one stream.
-        start = decode_pb.DecodeStart(params=params, kv_handle=handle, kv_transports=route.kv_transports,
+        start = decode_pb.DecodeStart(params=params, kv_handle=handle, last_tokens_in_completion=True,
+                                      kv_transports=route.kv_transports,
                                       prefill_worker_id=route.prefill.worker_id if handle else "")
         decode, generated, failed = route.decode, [], []
         to_compute = route.uncached_tokens if handle is None else 0
@@ -98,15 +133,15 @@ class Router:
                     async with contextlib.aclosing(self._decode(decode, request_id, start, cancelled,
                                                                 to_compute)) as events:
                         async for event in events:
-                            if event.HasField("completion"):
-                                consumed = event.completion.kv_transfer.bytes > 0
-                                if prefilled is not None and event.completion.usage.kv_transferred_tokens:
-                                    # The prompt was computed on the prefill worker: its cache hits count.
-                                    event.completion.usage.cached_tokens = prefilled.usage.cached_tokens
-                                yield router_pb.GenerateResponse(request_id=request_id, completion=event.completion)
-                            else:
+                            if event.HasField("tokens"):
                                 generated += event.tokens.token_ids
-                                yield router_pb.GenerateResponse(request_id=request_id, tokens=event.tokens)
+                            else:
+                                completion = event.completion
+                                consumed = completion.kv_transfer.bytes > 0
+                                if prefilled is not None and completion.usage.kv_transferred_tokens:
+                                    # The prompt was computed on the prefill worker: its cache hits count.
+                                    completion.usage.cached_tokens = prefilled.usage.cached_tokens
+                            yield event
                     return
                 except DynamoError as error:
                     if not self._worker_lost(error, cancelled) or len(failed) >= self._max_migrations or \
@@ -114,12 +149,13 @@ class Router:
                         raise
                     failed.append(decode.worker_id)
                     try:
-                        decode = self._fleet.route(params.model, request_id, exclude=failed).decode
+                        decode = self.fleet.route(params.model, request_id, exclude=failed).decode
                     except DynamoError:
                         raise error from None  # nowhere to resume: report the loss itself
                     log.warning("request %s: decode worker %s lost after %d tokens (%s); resuming on %s",
                                 request_id, failed[-1], len(generated), error.message, decode.worker_id)
-                    start = decode_pb.DecodeStart(params=params, resume_token_ids=generated)
+                    start = decode_pb.DecodeStart(params=params, last_tokens_in_completion=True,
+                                                  resume_token_ids=generated)
         finally:
             if handle is not None and not consumed:
                 await asyncio.shield(self._release(handle, request_id))
@@ -129,7 +165,7 @@ class Router:
         """The request's pair; with no decode worker at all, wait up to `cold_start_wait_s` for one to
         start (an autoscaled fleet at zero). None when the request is cancelled meanwhile."""
         def route() -> Route:
-            return self._fleet.route(params.model, request_id, prompt_tokens=estimated_tokens(params), prompt=prompt)
+            return self.fleet.route(params.model, request_id, prompt_tokens=estimated_tokens(params), prompt=prompt)
 
         try:
             return route()
@@ -138,7 +174,7 @@ class Router:
                 raise
         wait = min(self._cold_start_wait_s, timeout) if timeout is not None else self._cold_start_wait_s
         log.info("request %s: no decode worker; waiting up to %.0f s for one to start", request_id, wait)
-        if not await self._fleet.until_decode_worker(params.model, wait, cancelled):
+        if not await self.fleet.until_decode_worker(params.model, wait, cancelled):
             if cancelled.is_set():
                 return None
             raise Unavailable(f"no decode worker started within {wait:g} s of the request (the fleet may be "
@@ -155,11 +191,14 @@ class Router:
     async def _prefill(self, worker: pb.WorkerInfo, request_id: str, params: pb.GenerationParams,
                        timeout: float | None, tokens: int) -> prefill_pb.PrefillResponse | None:
         """The KV handle and usage, or None when the prefill worker is gone (then decode prefills)."""
-        stub = prefill_grpc.PrefillServiceStub(self._channels.get(worker.endpoint))
-        with self._fleet.busy(worker, tokens):
+        prefill = self._prefill_calls.get(worker.endpoint)
+        if prefill is None:
+            prefill = prefill_grpc.PrefillServiceStub(self._channels.get(worker.endpoint)).Prefill
+            self._prefill_calls[worker.endpoint] = prefill
+        with self.fleet.busy(worker, tokens):
             try:
-                response = await stub.Prefill(prefill_pb.PrefillRequest(request_id=request_id, params=params),
-                                              timeout=timeout)
+                response = await prefill(prefill_pb.PrefillRequest(request_id=request_id, params=params),
+                                         timeout=timeout)
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.UNAVAILABLE:
                     log.warning("request %s: prefill worker %s unavailable (%s); prefilling on decode",
@@ -169,20 +208,33 @@ class Router:
         return response
 
     async def _decode(self, worker: pb.WorkerInfo, request_id: str, start: decode_pb.DecodeStart,
-                      cancelled: asyncio.Event, to_compute: int) -> AsyncIterator[decode_pb.DecodeResponse]:
-        """The decode worker's stream; closing it early cancels the call, and the worker aborts the request."""
-        stub = decode_grpc.DecodeServiceStub(self._channels.get(worker.endpoint))
-        with self._fleet.busy(worker, to_compute):
-            call = open_bidi(
-                stub.Decode, decode_pb.DecodeRequest(request_id=request_id, start=start),
-                decode_pb.DecodeRequest(request_id=request_id, cancel=pb.CancelAction(reason="client cancelled")),
-                cancelled)
+                      cancelled: CancelSignal, to_compute: int) -> AsyncIterator[decode_pb.DecodeResponse]:
+        """The decode worker's stream; a cancel goes to the worker in-band the moment `cancelled` is set,
+        and closing this stream early cancels the call, so the worker aborts the request either way."""
+        decode = self._decode_calls.get(worker.endpoint)
+        if decode is None:
+            decode = decode_grpc.DecodeServiceStub(self._channels.get(worker.endpoint)).Decode
+            self._decode_calls[worker.endpoint] = decode
+        with self.fleet.busy(worker, to_compute):
+            call = decode()
+
+            def send_cancel() -> None:
+                cancel = decode_pb.DecodeRequest(request_id=request_id,
+                                                 cancel=pb.CancelAction(reason="client cancelled"))
+                sending = asyncio.ensure_future(send_quietly(call, cancel))
+                self._cancels.add(sending)
+                sending.add_done_callback(self._cancels.discard)
+
             try:
+                # The cancel may only follow the start: gRPC sends one message of a call at a time.
+                await send_quietly(call, decode_pb.DecodeRequest(request_id=request_id, start=start))
+                cancelled.add_callback(send_cancel)
                 async for event in call:
                     yield event
             except grpc.aio.AioRpcError as error:
                 raise from_rpc_error(error, request_id=request_id) from None
             finally:
+                cancelled.remove_callback(send_cancel)
                 call.cancel()  # a no-op once the call has ended
 
     async def _release(self, handle: pb.KvHandle, request_id: str) -> None:
@@ -191,3 +243,27 @@ class Router:
             await stub.ReleaseKv(kv_pb.ReleaseKvRequest(request_id=request_id, transfer_id=handle.transfer_id,
                                                         pull_token=handle.pull_token))
 
+
+def _check_message_size(request_id: str, params: pb.GenerationParams) -> None:
+    """Refuse a request whose message to a worker would be over gRPC's limit, before routing reads its prompt:
+    the same refusal, at the same size, as a RouterService client gets from its own channel."""
+    size = _field_size(len(request_id.encode())) + _field_size(_field_size(params.ByteSize()))
+    if size > MAX_MESSAGE_BYTES:
+        raise message_too_large(size, MAX_MESSAGE_BYTES, request_id=request_id)
+
+
+def _field_size(payload: int) -> int:
+    """Bytes of a length-delimited protobuf field with a one-byte tag."""
+    return 1 + max(1, (payload.bit_length() + 6) // 7) + payload
+
+
+async def open_router(registry: Registry, *, max_migrations: int = DEFAULT_MAX_MIGRATIONS,
+                      policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE, routing: str = DEFAULT_POLICY,
+                      tokenizer: str = "", load_poll_s: float = DEFAULT_LOAD_POLL_S,
+                      cold_start_wait_s: float = 0.0) -> Router:
+    """A router following the fleet in `registry`, ready to route; `close()` stops it."""
+    channels = ChannelPool()
+    fleet = Fleet(registry, policy, routing=routing, channels=channels, load_poll_s=load_poll_s)
+    await fleet.start()
+    return Router(fleet, channels, max_migrations=max_migrations, tokenizer=PromptTokenizer(tokenizer),
+                  cold_start_wait_s=cold_start_wait_s)

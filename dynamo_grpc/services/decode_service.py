@@ -27,10 +27,12 @@ PULL_FAILURES = frozenset({"KV_HANDLE_NOT_FOUND", "KV_HANDLE_EXPIRED", "BAD_PULL
 
 
 class DecodeServicer(decode_grpc.DecodeServiceServicer):
-    def __init__(self, engine: Engine, *, worker_id: str, local_prefill_on_pull_failure: bool = False) -> None:
+    def __init__(self, engine: Engine, *, worker_id: str, local_prefill_on_pull_failure: bool = False,
+                 stream_interval_s: float) -> None:
         self._engine = engine
         self._worker_id = worker_id
         self._local_prefill_on_pull_failure = local_prefill_on_pull_failure
+        self._stream_interval_s = stream_interval_s
         self._ttft = LatencyWindow()
         self._itl = LatencyWindow()
 
@@ -46,15 +48,19 @@ class DecodeServicer(decode_grpc.DecodeServiceServicer):
             stops = tuple(start.params.sampling.stop)
             outputs = cut_at_stop_strings(outputs, stops, lambda: self._engine.abort(rid))
         async with (background(watch_for_cancel(request_iterator, rid, lambda: self._engine.abort(rid))),
-                    contextlib.aclosing(coalesce(outputs)) as batches):
+                    contextlib.aclosing(coalesce(outputs, self._stream_interval_s)) as batches):
             async for out in batches:
+                last_tokens = None
                 if out.token_ids:
                     if not tokens:
                         first = time.monotonic()
                         self._ttft.add((first - arrived) * 1e3)
                     tokens += len(out.token_ids)
-                    yield decode_pb.DecodeResponse(request_id=rid, tokens=pb.TokenBatch(
-                        token_ids=out.token_ids, text=out.text, logprobs=out.logprobs))
+                    batch = pb.TokenBatch(token_ids=out.token_ids, text=out.text, logprobs=out.logprobs)
+                    if out.finish_reason is not None and start.last_tokens_in_completion:
+                        last_tokens = batch  # one message for the last tokens and the end
+                    else:
+                        yield decode_pb.DecodeResponse(request_id=rid, tokens=batch)
                 if out.finish_reason is not None:
                     if tokens > 1:
                         self._itl.add((time.monotonic() - first) * 1e3 / (tokens - 1))
@@ -63,7 +69,7 @@ class DecodeServicer(decode_grpc.DecodeServiceServicer):
                         out.usage.kv_transferred_tokens = handle.num_tokens
                     yield decode_pb.DecodeResponse(request_id=rid, completion=completion_of(
                         out, prefill_worker_id=start.prefill_worker_id if pulled else "",
-                        decode_worker_id=self._worker_id))
+                        decode_worker_id=self._worker_id, last_tokens=last_tokens))
 
     async def _outputs(self, rid: str, params: pb.GenerationParams, handle: pb.KvHandle | None,
                        resume: tuple[int, ...], transports: tuple[int, ...]) -> AsyncIterator[EngineOutput]:
@@ -91,3 +97,4 @@ class DecodeServicer(decode_grpc.DecodeServiceServicer):
         stats = self._engine.stats()
         stats.ttft_p90_ms, stats.itl_p90_ms = self._ttft.p90(), self._itl.p90()
         return decode_pb.GetDecodeStatsResponse(stats=stats)
+

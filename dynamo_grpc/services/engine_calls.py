@@ -50,6 +50,8 @@ async def engine_run(engine: Engine, request: EngineRequest, params: pb.Generati
             await outputs.aclose()  # type: ignore[attr-defined]
 
 
-def completion_of(out: EngineOutput, *, prefill_worker_id: str, decode_worker_id: str) -> pb.Completion:
+def completion_of(out: EngineOutput, *, prefill_worker_id: str, decode_worker_id: str,
+                  last_tokens: pb.TokenBatch | None = None) -> pb.Completion:
     return pb.Completion(finish_reason=int(out.finish_reason or 0), usage=out.usage, kv_transfer=out.kv_transfer,
-                         prefill_worker_id=prefill_worker_id, decode_worker_id=decode_worker_id)
+                         prefill_worker_id=prefill_worker_id, decode_worker_id=decode_worker_id,
+                         last_tokens=last_tokens)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -10,7 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from dynamo_grpc.routing.router import Router
-from dynamo_grpc.services.streams import background, first_message, watch_for_cancel
+from dynamo_grpc.services.streams import CancelSignal, background, first_message, watch_for_cancel
 from dynamo_grpc.v1 import router_pb2 as router_pb
 from dynamo_grpc.v1 import router_pb2_grpc as router_grpc
 
@@ -23,12 +22,19 @@ class RouterServicer(router_grpc.RouterServiceServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb.GenerateResponse]:
         opening = await first_message(request_iterator, "start")
         request_id = opening.request_id or uuid.uuid4().hex
-        cancelled = asyncio.Event()
+        cancelled = CancelSignal()
 
         async def cancel() -> None:
             cancelled.set()
 
         async with (background(watch_for_cancel(request_iterator, request_id, cancel)),
-                    contextlib.aclosing(self._router.generate(request_id, opening.start, cancelled)) as responses):
-            async for response in responses:
-                yield response
+                    contextlib.aclosing(self._router.generate(request_id, opening.start, cancelled)) as events):
+            async for event in events:
+                if event.HasField("tokens"):
+                    yield router_pb.GenerateResponse(request_id=request_id, tokens=event.tokens)
+                    continue
+                completion = event.completion
+                if completion.HasField("last_tokens"):  # the contract: token batches, then the completion
+                    yield router_pb.GenerateResponse(request_id=request_id, tokens=completion.last_tokens)
+                    completion.ClearField("last_tokens")
+                yield router_pb.GenerateResponse(request_id=request_id, completion=completion)

@@ -53,13 +53,29 @@ class Pairing(_message.Message):
     kv_transports: _containers.RepeatedScalarFieldContainer[_common_pb2.KvTransport]
     def __init__(self, prefill_worker_id: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., same_host: _Optional[bool] = ..., kv_transports: _Optional[_Iterable[_Union[_common_pb2.KvTransport, str]]] = ...) -> None: ...
 
+class PairingGroup(_message.Message):
+    __slots__ = ("model", "engine_fingerprint", "prefill_worker_ids", "decode_worker_ids", "kv_transports")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    engine_fingerprint: str
+    prefill_worker_ids: _containers.RepeatedScalarFieldContainer[str]
+    decode_worker_ids: _containers.RepeatedScalarFieldContainer[str]
+    kv_transports: _containers.RepeatedScalarFieldContainer[_common_pb2.KvTransport]
+    def __init__(self, model: _Optional[str] = ..., engine_fingerprint: _Optional[str] = ..., prefill_worker_ids: _Optional[_Iterable[str]] = ..., decode_worker_ids: _Optional[_Iterable[str]] = ..., kv_transports: _Optional[_Iterable[_Union[_common_pb2.KvTransport, str]]] = ...) -> None: ...
+
 class PairingTable(_message.Message):
-    __slots__ = ("pairings", "version")
+    __slots__ = ("pairings", "version", "groups")
     PAIRINGS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     pairings: _containers.RepeatedCompositeFieldContainer[Pairing]
     version: int
-    def __init__(self, pairings: _Optional[_Iterable[_Union[Pairing, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
+    groups: _containers.RepeatedCompositeFieldContainer[PairingGroup]
+    def __init__(self, pairings: _Optional[_Iterable[_Union[Pairing, _Mapping]]] = ..., version: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[PairingGroup, _Mapping]]] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ("role", "model")

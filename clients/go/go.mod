@@ -1,0 +1,3 @@
+module dynamo-grpc/clients/go
+
+go 1.19
