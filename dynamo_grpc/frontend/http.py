@@ -60,6 +60,19 @@ class Metrics:
         self.ttft_buckets = [0] * len(TTFT_BUCKETS_S)
         self.ttft_sum = 0.0
         self.ttft_count = 0
+        self.kv_transfers: Counter[str] = Counter()
+        """Prompt KV transfers by the transport that moved the bytes."""
+        self.kv_bytes: Counter[str] = Counter()
+        self.kv_fallbacks: Counter[str] = Counter()
+        """Transports that failed mid-transfer and handed over to the next."""
+
+    def observe_completion(self, completion: pb.Completion) -> None:
+        transfer = completion.kv_transfer
+        if transfer.path:
+            self.kv_transfers[transfer.path] += 1
+            self.kv_bytes[transfer.path] += transfer.bytes
+        for failed in transfer.fallbacks:
+            self.kv_fallbacks[failed.partition(":")[0]] += 1
 
     def observe_ttft(self, seconds: float) -> None:
         for i, bound in enumerate(TTFT_BUCKETS_S):
@@ -86,6 +99,15 @@ class Metrics:
         lines += [f'dynamo_frontend_time_to_first_token_seconds_bucket{{le="+Inf"}} {self.ttft_count}',
                   f"dynamo_frontend_time_to_first_token_seconds_sum {self.ttft_sum}",
                   f"dynamo_frontend_time_to_first_token_seconds_count {self.ttft_count}"]
+        for name, what, counts in (
+                ("kv_transfers_total", "Prompt KV transfers, by the transport that moved the bytes.",
+                 self.kv_transfers),
+                ("kv_transferred_bytes_total", "Prompt KV bytes moved, by transport.", self.kv_bytes),
+                ("kv_transport_fallbacks_total", "KV transports that failed and handed over to the next.",
+                 self.kv_fallbacks)):
+            lines += [f"# HELP dynamo_frontend_{name} {what}", f"# TYPE dynamo_frontend_{name} counter"]
+            lines += [f'dynamo_frontend_{name}{{transport="{transport}"}} {count}'
+                      for transport, count in sorted(counts.items())]
         return "\n".join(lines) + "\n"
 
 
@@ -324,6 +346,7 @@ class Frontend:
                     made.logprobs += tokens.logprobs
                 if completion is not None:
                     made.completion = completion
+                    self.metrics.observe_completion(completion)
                     finished += 1
                     if finished == job.n:
                         break
@@ -372,6 +395,7 @@ class Frontend:
                                                     logprobs=logprobs, finish_reason=None, streaming=True)))
                 if completion is not None:
                     completions[index] = completion
+                    self.metrics.observe_completion(completion)
                     finished += 1
                     events.append(sse.choice(choice(job, index, text=None, token_ids=[], logprobs=None,
                                                     streaming=True, finish_reason=finish_reason_of(completion))))
