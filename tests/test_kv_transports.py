@@ -73,10 +73,10 @@ class Prefill:
 async def serve_store() -> AsyncIterator[Callable[..., asyncio.Future]]:
     started: list[Prefill] = []
 
-    async def start(*, nixl: bool = False, chunk_bytes: int = 1 << 20) -> Prefill:
+    async def start(*, nixl: bool = False, chunk_bytes: int = 1 << 20, ttl_s: float = 600) -> Prefill:
         from dynamo_grpc.kv.nixl_transport import NixlAgent
 
-        store = LeasedKvStore(endpoint="", host="prefill-host", ttl_s=600, nixl=NixlAgent() if nixl else None)
+        store = LeasedKvStore(endpoint="", host="prefill-host", ttl_s=ttl_s, nixl=NixlAgent() if nixl else None)
         server = await start_server([ServiceBinding(KvTransferServicer(store, chunk_bytes=chunk_bytes),
                                                     add_kv_transfer_service, SERVICE)], host="127.0.0.1", port=0)
         store.endpoint = f"127.0.0.1:{server.port}"
@@ -290,3 +290,76 @@ async def test_grpc_killed_mid_transfer_fails_with_its_reason(channels) -> None:
     assert (failure.code, failure.reason) == (grpc.StatusCode.UNAVAILABLE, "KV_TRANSFER_FAILED")
     assert "grpc: PullKv broke after" in failure.message
     assert not own_segments()
+
+
+def puller(transport: str, ready: mp.Queue, handles: mp.Queue) -> None:
+    """A decode worker's receiver in a process of its own, taking one handle's KV over `transport` into a
+    segment, until killed."""
+    os.environ["UCX_TLS"] = "tcp"  # slow enough to be killed mid-read
+
+    async def main() -> None:
+        from dynamo_grpc.kv.nixl_transport import NixlAgent
+
+        kv = KvReceiver.over_network(ChannelPool(), host="decode-host", names=(transport,),
+                                     nixl=NixlAgent() if transport == "nixl" else None)
+        ready.put(os.getpid())
+        handle = pb.KvHandle.FromString(await asyncio.to_thread(handles.get))
+        await receive(kv, handle)
+
+    asyncio.run(main())
+
+
+def segments_of(pid: int) -> list[str]:
+    return [path.name for path in shm.SHM_DIR.glob(f"{shm.SEGMENT_PREFIX}{pid}-*")]
+
+
+def some_bytes_arrived(pid: int) -> bool:
+    """Whether a segment of process `pid` has non-zero bytes (KV payloads are random; new segments zero)."""
+    for path in map(shm.SHM_DIR.joinpath, segments_of(pid)):
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if any(any(os.pread(f.fileno(), 4096, offset)) for offset in range(0, size, 1 << 20)):
+                return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["grpc", pytest.param("nixl", marks=needs_nixl)])
+async def test_a_puller_killed_mid_transfer_leaves_nothing_held_registered_or_linked_once_the_lease_ends(
+        transport: str, serve_store) -> None:
+    prefill = await serve_store(nixl=transport == "nixl", ttl_s=10)
+    ctx = mp.get_context("spawn")
+    ready, handles = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=puller, args=(transport, ready, handles), daemon=True)
+    child.start()
+    pid = child.pid
+    try:
+        assert pid == await asyncio.to_thread(ready.get, timeout=60)
+        handle = await prefill.hold(payload(BIG, seed=3))
+        handles.put(handle.SerializeToString())
+
+        async def arriving() -> bool:
+            return some_bytes_arrived(pid) or not child.is_alive()
+
+        await eventually(arriving, 30, f"the first bytes over {transport}")
+        assert child.is_alive(), "the pull finished before it could be killed"
+        child.kill()
+    finally:
+        child.kill()
+        child.join(10)
+        left_by_the_dead = segments_of(pid)
+        for name in left_by_the_dead:  # as a worker starting on this host does (`shm.sweep`)
+            shm.unlink(name)
+    assert len(left_by_the_dead) == 1
+    # The prefill side holds the KV (and its NIXL registration) until the lease ends, then frees it all.
+    assert prefill.store.held_transfers == 1
+    registered = prefill.store.nixl.registrations if prefill.store.nixl is not None else 0
+    assert registered == (transport == "nixl")
+
+    async def freed() -> bool:
+        return prefill.store.held_transfers == 0
+
+    await eventually(freed, 30, "the lease to end")
+    nixl_left = prefill.store.nixl.registrations if prefill.store.nixl is not None else 0
+    assert (prefill.store.transfers_expired, nixl_left) == (1, 0)
+    assert shm.size_of(handle.shm_segment) is None  # the prefill side's segment is gone too
