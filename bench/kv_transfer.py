@@ -54,7 +54,8 @@ def holder(nbytes: int, chunk_bytes: int, ucx_tls: str, handles: mp.Queue) -> No
         os.environ["UCX_TLS"] = ucx_tls
 
     async def main() -> None:
-        store = LeasedKvStore(endpoint="", host="bench", ttl_s=3600, nixl=NixlAgent() if nixl_installed() else None)
+        store = LeasedKvStore(endpoint="", host="bench", ttl_s=3600,
+                              nixl=NixlAgent() if nixl_installed() else None)
         server = await start_server([ServiceBinding(KvTransferServicer(store, chunk_bytes=chunk_bytes),
                                                     add_kv_transfer_service, SERVICE)], host="127.0.0.1", port=0)
         store.endpoint = f"127.0.0.1:{server.port}"
@@ -243,8 +244,8 @@ def main() -> None:
         def gbps(times: list[float]) -> float:
             return nbytes / statistics.median(times[1:]) / 1e9
 
-        rates = {name: gbps(times) for name, times in measure(nbytes, count, args.streams, args.chunk_kib << 10)
-                 .items()}
+        measured = measure(nbytes, count, args.streams, args.chunk_kib << 10)
+        rates = {name: gbps(times) for name, times in measured.items()}
         print(f"\n{mib} MiB")
         reference: Callable[[str], str] = lambda name: "memcpy" if name in ("shm", "save") else "raw socket"
         for name, rate in rates.items():

@@ -33,23 +33,28 @@ CASES = (  # (what it is, transport, link)
 
 def ttft_ms(transport: str, link: str, prompt_tokens: int, requests: int) -> float:
     shape = FleetShape(decode_workers=1, prefill_workers=1, link=link, transport=transport)
-    workload = Workload(requests=requests, input_tokens=Lengths(str(prompt_tokens)), output_tokens=Lengths("8"),
+    workload = Workload(requests=requests, input_tokens=Lengths(str(prompt_tokens)),
+                        output_tokens=Lengths("8"),
                         concurrency=1, seed=1)
     records = run_virtual(simulate(shape, workload, model=MODEL))
     return statistics.median(r.ttft for r in records if r.ttft is not None) * 1e3
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-tokens", type=int, default=3000)
-    parser.add_argument("--requests", type=int, default=3, help="requests, one at a time (the median is shown)")
+    parser.add_argument("--requests", type=int, default=3,
+                        help="requests, one at a time (the median is shown)")
     args = parser.parse_args()
     nbytes = args.prompt_tokens * KV_BYTES_PER_TOKEN[MODEL]
     layers = MODEL_SHAPES[MODEL].layers
-    print(f"{MODEL}, {args.prompt_tokens}-token prompt: {nbytes / 1e6:.0f} MB of KV; 1 prefill + 1 decode worker")
-    rows = [(label, transfer_ms(nbytes, link, transport), ttft_ms(transport, link, args.prompt_tokens, args.requests))
+    print(f"{MODEL}, {args.prompt_tokens}-token prompt: {nbytes / 1e6:.0f} MB of KV; "
+          "1 prefill + 1 decode worker")
+    rows = [(label, transfer_ms(nbytes, link, transport),
+             ttft_ms(transport, link, args.prompt_tokens, args.requests))
             for label, transport, link in CASES]
-    # What is not transfer (prefill, first decode step, hops): an upper bound on what an overlap can hide behind.
+    # What is not transfer (prefill, first decode step, hops): at most this hides behind compute.
     compute = min(ttft - transfer for _, transfer, ttft in rows)
     print(f"| {'case':42s} | transfer | TTFT | TTFT, overlapped by layer (model) |\n|---|---|---|---|")
     for label, transfer, ttft in rows:

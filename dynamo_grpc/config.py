@@ -168,9 +168,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "kv-ttl-s", default=30.0, type=float, help="seconds a prefill holds unpulled KV")
     add_flag(parser, "kv-pull-failure", default="fail", choices=KV_PULL_FAILURE_POLICIES,
              help="decode worker, when pulling a prompt's KV fails: fail the request, or prefill it locally")
-    add_flag(parser, "kv-transports", default="", help="KV transports this worker offers (prefill) or receives by "
-             f"(decode), comma-separated among {', '.join(KV_TRANSPORTS)} (default: all; nixl where the nixl "
-             "package is installed)")
+    add_flag(parser, "kv-transports", default="",
+             help="KV transports this worker offers (prefill) or receives by (decode), comma-separated among "
+             f"{', '.join(KV_TRANSPORTS)} (default: all; nixl where the nixl package is installed)")
     add_flag(parser, "stream-interval-ms", default=DEFAULT_STREAM_INTERVAL_MS, type=float,
              help="decode worker: after a request's first tokens (sent at once), send its tokens at most this "
              "often, gathered into one message (its last at once; 0: send each step's tokens when ready)")
@@ -211,4 +211,5 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         raise ConfigError(str(error)) from None
     return WorkerConfig(server=server_config(args), engine=engine, worker_id=args.worker_id, kv_ttl_s=args.kv_ttl_s,
                         kv_pull_failure=args.kv_pull_failure, stream_interval_ms=args.stream_interval_ms,
-                        kv_transports=tuple(name.strip() for name in args.kv_transports.split(",") if name.strip()))
+                        kv_transports=tuple(name.strip() for name in args.kv_transports.split(",")
+                                            if name.strip()))

@@ -103,10 +103,12 @@ def _worker_info(worker_id: str, role: int, engine: Engine, endpoint: str, confi
                  ) -> pb.WorkerInfo:
     started = timestamp_pb2.Timestamp()
     started.GetCurrentTime()
-    transports = [pb.KvTransport.Value(f"KV_TRANSPORT_{name.upper()}") for name in config.resolved_kv_transports]
+    transports = [pb.KvTransport.Value(f"KV_TRANSPORT_{name.upper()}")
+                  for name in config.resolved_kv_transports]
     return pb.WorkerInfo(worker_id=worker_id, role=role, model=engine.model, endpoint=endpoint,
                          host=config.server.node_name, engine_fingerprint=engine.fingerprint,
-                         capacity=engine.capacity(), started_at=started, engine=engine.kind, kv_transports=transports)
+                         capacity=engine.capacity(), started_at=started, engine=engine.kind,
+                         kv_transports=transports)
 
 
 def _nixl_agent(config: WorkerConfig) -> NixlAgent | None:
@@ -140,7 +142,8 @@ async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole
 async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     channels = ChannelPool()
     engine = await start_engine(config, EngineParts(kv_receiver=KvReceiver.over_network(
-        channels, host=config.server.node_name, names=config.resolved_kv_transports, nixl=_nixl_agent(config))))
+        channels, host=config.server.node_name, names=config.resolved_kv_transports,
+        nixl=_nixl_agent(config))))
     worker_id = config.resolved_worker_id("decode")
     decode = DecodeServicer(engine, worker_id=worker_id, local_prefill_on_pull_failure=
                             config.kv_pull_failure == "local-prefill",

@@ -131,11 +131,13 @@ async def test_metrics_move(served: Served) -> None:
     assert await served.metric('dynamo_frontend_time_to_first_token_seconds_bucket{le="+Inf"}') == 1
     assert await served.metric("dynamo_frontend_inflight_requests") == 0
     # The transport that moved the prompt's KV, as the gRPC completion names it, counted with its bytes.
-    completion = (await served.stubs.router.generate("count me", model=MODEL, max_tokens=1).collect()).completion
+    result = await served.stubs.router.generate("count me", model=MODEL, max_tokens=1).collect()
+    completion = result.completion
     transport, kv_bytes = completion.kv_transfer.path, completion.kv_transfer.bytes
     assert transport in ("shm", "nixl", "grpc") and kv_bytes > 0
     assert await served.metric(f'dynamo_frontend_kv_transfers_total{{transport="{transport}"}}') == 1
-    assert await served.metric(f'dynamo_frontend_kv_transferred_bytes_total{{transport="{transport}"}}') == kv_bytes
+    moved = await served.metric(f'dynamo_frontend_kv_transferred_bytes_total{{transport="{transport}"}}')
+    assert moved == kv_bytes
     response = await served.http.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain")
     assert "# TYPE dynamo_frontend_time_to_first_token_seconds histogram" in response.text

@@ -51,10 +51,14 @@ def segment_with(data: bytes) -> str:
     return name
 
 
+def segments_of(pid: int) -> list[str]:
+    return [path.name for path in shm.SHM_DIR.glob(f"{shm.SEGMENT_PREFIX}{pid}-*")]
+
+
 def own_segments(*held: pb.KvHandle) -> list[str]:
     """Segments this process made, but those the prefill side still holds for `held`."""
     holding = {handle.shm_segment for handle in held}
-    return [path.name for path in shm.SHM_DIR.glob(f"{shm.SEGMENT_PREFIX}{os.getpid()}-*") if path.name not in holding]
+    return [name for name in segments_of(os.getpid()) if name not in holding]
 
 
 @dataclass
@@ -76,9 +80,11 @@ async def serve_store() -> AsyncIterator[Callable[..., asyncio.Future]]:
     async def start(*, nixl: bool = False, chunk_bytes: int = 1 << 20, ttl_s: float = 600) -> Prefill:
         from dynamo_grpc.kv.nixl_transport import NixlAgent
 
-        store = LeasedKvStore(endpoint="", host="prefill-host", ttl_s=ttl_s, nixl=NixlAgent() if nixl else None)
-        server = await start_server([ServiceBinding(KvTransferServicer(store, chunk_bytes=chunk_bytes),
-                                                    add_kv_transfer_service, SERVICE)], host="127.0.0.1", port=0)
+        store = LeasedKvStore(endpoint="", host="prefill-host", ttl_s=ttl_s,
+                              nixl=NixlAgent() if nixl else None)
+        servicer = KvTransferServicer(store, chunk_bytes=chunk_bytes)
+        server = await start_server([ServiceBinding(servicer, add_kv_transfer_service, SERVICE)],
+                                    host="127.0.0.1", port=0)
         store.endpoint = f"127.0.0.1:{server.port}"
         started.append(Prefill(store, server))
         return started[-1]
@@ -106,7 +112,8 @@ def receiver(channels: ChannelPool, *names: str) -> KvReceiver:
 
 
 async def receive(kv: KvReceiver, handle: pb.KvHandle, *order: int):
-    return await kv.receive(handle, prompt_tokens=1, fingerprint=FINGERPRINT, request_id="r", into_segment=True,
+    return await kv.receive(handle, prompt_tokens=1, fingerprint=FINGERPRINT, request_id="r",
+                            into_segment=True,
                             order=order)
 
 
@@ -115,14 +122,16 @@ def segment_bytes(name: str) -> bytes:
         return f.read()
 
 
-async def test_grpc_pulls_in_parallel_streams_and_the_last_chunk_frees_the_transfer(serve_store, channels) -> None:
+async def test_grpc_pulls_in_parallel_streams_and_the_last_chunk_frees_the_transfer(serve_store,
+                                                                                     channels) -> None:
     prefill = await serve_store(chunk_bytes=256 << 10)
     data = payload(19 << 20)  # five streams' worth, not a multiple of the chunk or the stream size
     handle = await prefill.hold(data)
     kv = KvReceiver([GrpcTransport(channels, streams=5)])
     received = await receive(kv, handle, GRPC)
     try:
-        assert received.stats.path == "grpc" and received.stats.bytes == len(data) and not received.stats.fallbacks
+        moved = received.stats
+        assert (moved.path, moved.bytes, moved.fallbacks) == ("grpc", len(data), [])
         assert segment_bytes(received.segment) == data
     finally:
         received.close()
@@ -168,7 +177,8 @@ async def test_nixl_reads_registered_memory_and_leaves_nothing_registered(serve_
     # The pair's order, from another host: NIXL first (shm does not reach across hosts).
     received = await receive(kv, handle, SHM, NIXL, GRPC)
     try:
-        assert received.stats.path == "nixl" and received.stats.bytes == len(data) and not received.stats.fallbacks
+        moved = received.stats
+        assert (moved.path, moved.bytes, moved.fallbacks) == ("nixl", len(data), [])
         assert segment_bytes(received.segment) == data
     finally:
         received.close()
@@ -224,8 +234,8 @@ async def read_while_killing_the_source(monkeypatch, kv_order: tuple[int, ...], 
 @needs_nixl
 @pytest.mark.slow
 async def test_nixl_killed_mid_transfer_falls_back_to_grpc(monkeypatch, serve_store, channels) -> None:
-    received, _, data, kv, prefill = await read_while_killing_the_source(monkeypatch, (NIXL, GRPC), serve_store,
-                                                                      channels)
+    received, _, data, kv, prefill = await read_while_killing_the_source(monkeypatch, (NIXL, GRPC),
+                                                                      serve_store, channels)
     assert not isinstance(received, BaseException), received
     try:
         assert received.stats.path == "grpc"
@@ -256,8 +266,9 @@ def grpc_holder(nbytes: int, handles: mp.Queue) -> None:
     """A prefill worker's KvTransferService in a process of its own, until killed."""
     async def main() -> None:
         store = LeasedKvStore(endpoint="", host="prefill-host", ttl_s=600)
-        server = await start_server([ServiceBinding(KvTransferServicer(store, chunk_bytes=64 << 10),
-                                                    add_kv_transfer_service, SERVICE)], host="127.0.0.1", port=0)
+        servicer = KvTransferServicer(store, chunk_bytes=64 << 10)
+        server = await start_server([ServiceBinding(servicer, add_kv_transfer_service, SERVICE)],
+                                    host="127.0.0.1", port=0)
         store.endpoint = f"127.0.0.1:{server.port}"
         handles.put(store.hold(data=payload(nbytes), num_tokens=1, layout=pb.KvLayout(),
                                fingerprint=FINGERPRINT).SerializeToString())
@@ -307,10 +318,6 @@ def puller(transport: str, ready: mp.Queue, handles: mp.Queue) -> None:
         await receive(kv, handle)
 
     asyncio.run(main())
-
-
-def segments_of(pid: int) -> list[str]:
-    return [path.name for path in shm.SHM_DIR.glob(f"{shm.SEGMENT_PREFIX}{pid}-*")]
 
 
 def some_bytes_arrived(pid: int) -> bool:

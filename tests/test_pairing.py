@@ -13,8 +13,8 @@ from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
 def worker(worker_id: str, role: int, *, host: str = "a", model: str = "m", fingerprint: str = "fp",
            transports: tuple[int, ...] = ()) -> pb.WorkerInfo:
-    return pb.WorkerInfo(worker_id=worker_id, role=role, host=host, model=model, engine_fingerprint=fingerprint,
-                         kv_transports=transports)
+    return pb.WorkerInfo(worker_id=worker_id, role=role, host=host, model=model,
+                         engine_fingerprint=fingerprint, kv_transports=transports)
 
 
 def test_only_compatible_workers_pair_and_same_host_comes_first() -> None:
@@ -34,7 +34,8 @@ def test_each_pair_lists_the_transports_both_workers_have_fastest_first() -> Non
     SHM, NIXL, GRPC = pb.KV_TRANSPORT_SHM, pb.KV_TRANSPORT_NIXL, pb.KV_TRANSPORT_GRPC
     everything = (GRPC, NIXL, SHM)  # a worker lists them in any order
     table = compute_pairings([
-        worker("p-near", P, host="a", transports=everything), worker("p-far", P, host="b", transports=everything),
+        worker("p-near", P, host="a", transports=everything),
+        worker("p-far", P, host="b", transports=everything),
         worker("p-old", P, host="a"),  # registered before workers listed transports: shm and gRPC
         worker("p-nixl-only", P, host="b", transports=(NIXL,)),
         worker("d", D, host="a", transports=everything), worker("d-grpc", D, host="b", transports=(GRPC,)),
@@ -80,7 +81,8 @@ async def test_a_pair_with_no_transport_in_common_prefills_on_its_decode_worker(
     assert route.decode.worker_id == "d" and route.prefill is None and not route.kv_transports
 
 
-async def routes_from_groups(workers: list[pb.WorkerInfo], table: cp_pb.PairingTable, *, requests: int) -> list:
+async def routes_from_groups(workers: list[pb.WorkerInfo], table: cp_pb.PairingTable, *,
+                             requests: int) -> list:
     """Routes of a router that reads `table`'s groups only."""
     registry = MemoryRegistry()
     for info in workers:

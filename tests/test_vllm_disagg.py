@@ -146,7 +146,8 @@ async def wait_idle(stubs: Stubs) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_disaggregated_greedy_equals_aggregated_on_shm_and_grpc(cluster: Stubs, tiny_model_dir: Path) -> None:
+async def test_disaggregated_greedy_equals_aggregated_on_shm_and_grpc(cluster: Stubs,
+                                                                       tiny_model_dir: Path) -> None:
     workers = await cluster.deployment.router.registry.list_workers()
     assert {w.engine for w in workers} == {"vllm"} and len({w.engine_fingerprint for w in workers}) == 1
     # (1) Through the router, all prompts at once: same host, so the decode worker takes the KV in place.
@@ -204,7 +205,8 @@ async def test_nixl_path_equals_the_grpc_path(cluster: Stubs, tiny_model_dir: Pa
     # The decode worker READs each prompt's KV from the prefill worker's registered memory (UCX picks the
     # wire: shared memory or TCP here), as a decode worker on another host would.
     handles = await asyncio.gather(*(prefill(cluster, f"n{i}", p) for i, p in enumerate(PROMPTS)))
-    assert all(h.HasField("nixl") for h in handles) and (await cluster.prefill_stats()).nixl_registrations == len(PROMPTS)
+    assert all(h.HasField("nixl") for h in handles)
+    assert (await cluster.prefill_stats()).nixl_registrations == len(PROMPTS)
     read = await asyncio.gather(*(decode(cluster, f"n{i}", p, elsewhere(h), transports=NIXL_ONLY)
                                   for i, (p, h) in enumerate(zip(PROMPTS, handles))))
     for prompt, handle, (tokens, completion) in zip(PROMPTS, handles, read):

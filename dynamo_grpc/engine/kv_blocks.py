@@ -70,7 +70,8 @@ def load_blocks(caches: Sequence[torch.Tensor], block_ids: Sequence[int], segmen
         try:
             segment_blocks = _whole_blocks(caches, os.fstat(fd).st_size)
             if first + len(block_ids) > segment_blocks:
-                raise ValueError(f"segment has {segment_blocks} blocks, asked for {first}..{first + len(block_ids) - 1}")
+                raise ValueError(f"segment has {segment_blocks} blocks, asked for "
+                                 f"{first}..{first + len(block_ids) - 1}")
             _move_rows(caches, block_ids, first, segment_blocks, fd, os.preadv)
         finally:
             os.close(fd)
@@ -97,8 +98,8 @@ def _whole_blocks(caches: Sequence[torch.Tensor], total: int) -> int:
     return total // block_bytes(caches)
 
 
-def _move_rows(caches: Sequence[torch.Tensor], block_ids: Sequence[int], first: int, segment_blocks: int, fd: int,
-               move: Callable[[int, list[memoryview], int], int]) -> None:
+def _move_rows(caches: Sequence[torch.Tensor], block_ids: Sequence[int], first: int, segment_blocks: int,
+               fd: int, move: Callable[[int, list[memoryview], int], int]) -> None:
     """`os.preadv` or `os.pwritev` between the caches' rows `block_ids` and the segment's blocks `first`, ...,
     whose layers each hold `segment_blocks` blocks; the layers' batches run on a few threads."""
     batches, layer_offset = [], 0
@@ -136,7 +137,8 @@ def _threads() -> ThreadPoolExecutor:
     """Kernel copies of different layers side by side (the calls release the GIL)."""
     global _io_threads
     if _io_threads is None:
-        _io_threads = ThreadPoolExecutor(max(1, min(torch.get_num_threads(), 4)), thread_name_prefix="kv-blocks")
+        _io_threads = ThreadPoolExecutor(max(1, min(torch.get_num_threads(), 4)),
+                                         thread_name_prefix="kv-blocks")
     return _io_threads
 
 

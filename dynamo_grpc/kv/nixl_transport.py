@@ -96,7 +96,8 @@ class NixlAgent:
     def __init__(self, name: str = "") -> None:
         api = _load_nixl()
         self.name = name or f"dynamo-grpc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        config = api.nixl_agent_config(backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        config = api.nixl_agent_config(backends=["UCX"],
+                                       sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
         self._agent = api.nixl_agent(self.name, config)
         self._failures = _failures()
         self._registered: dict[int, Registration] = {}
@@ -133,7 +134,8 @@ class NixlAgent:
                              device_id=registration.device_id, memory_kind=registration.memory_kind)
 
     async def read(self, source: pb.NixlSource, into: Registration) -> None:
-        """READ `into.nbytes` bytes from a remote agent's registered memory into ours; raises `NixlFailure`."""
+        """READ `into.nbytes` bytes from a remote agent's registered memory into ours; raises
+        `NixlFailure`."""
         memory_type = _MEMORY_TYPES.get(source.memory_kind)
         if memory_type is None:
             raise NixlFailure(f"unknown memory kind {source.memory_kind} in the handle's NIXL source")
@@ -142,7 +144,8 @@ class NixlAgent:
             remote = self._load_remote(source.agent_metadata)
             local = self._agent.get_xfer_descs([(into.address, into.nbytes, into.device_id)],
                                                _MEMORY_TYPES[into.memory_kind])
-            remote_descs = self._agent.get_xfer_descs([(source.address, into.nbytes, source.device_id)], memory_type)
+            remote_descs = self._agent.get_xfer_descs([(source.address, into.nbytes, source.device_id)],
+                                                      memory_type)
             handle = self._agent.initialize_xfer("READ", local, remote_descs, remote)
             state = self._agent.transfer(handle)
             delay = _POLL_START_S

@@ -45,7 +45,8 @@ class _Held:
 class LeasedKvStore:
     """KV bytes of finished prefills, each claimable with its own pull token until its lease ends."""
 
-    def __init__(self, *, endpoint: str, host: str, ttl_s: float = 30.0, nixl: NixlAgent | None = None) -> None:
+    def __init__(self, *, endpoint: str, host: str, ttl_s: float = 30.0,
+                 nixl: NixlAgent | None = None) -> None:
         """With `nixl`, every held transfer is registered with that agent for decode workers to READ."""
         if ttl_s <= 0:
             raise ValueError(f"KV lease TTL must be positive, got {ttl_s}")
@@ -84,7 +85,7 @@ class LeasedKvStore:
         """Lease a shared-memory segment an engine wrote; freeing the transfer unlinks it. A decode worker
         on this host links it in place, others pull it over gRPC."""
         mapping = shm.attach(segment)
-        # About 4 ms per 64 MiB: off the event loop (zlib-ng releases the GIL), so other requests go on meanwhile.
+        # About 4 ms per 64 MiB: off the event loop (zlib-ng releases the GIL), so other requests go on.
         crc = await asyncio.to_thread(zlib_ng.crc32, mapping)
         # The store drops its view on free; streams still sending keep theirs until they finish.
         return self.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=layout, fingerprint=fingerprint,

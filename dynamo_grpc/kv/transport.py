@@ -27,7 +27,14 @@ import grpc
 from zlib_ng import zlib_ng
 
 from dynamo_grpc.channels import ChannelPool
-from dynamo_grpc.errors import DynamoError, FailedPrecondition, InvalidArgument, NotFound, Unavailable, from_rpc_error
+from dynamo_grpc.errors import (
+    DynamoError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    from_rpc_error,
+)
 from dynamo_grpc.kv import shm
 from dynamo_grpc.kv.nixl_transport import NixlAgent, NixlFailure
 from dynamo_grpc.kv.wire import PULL_KV_METHOD, parse_chunk
@@ -126,7 +133,8 @@ class ShmTransport:
     def reaches(self, handle: pb.KvHandle) -> bool:
         return bool(handle.shm_segment) and bool(self._host) and handle.host == self._host
 
-    async def fetch(self, handle: pb.KvHandle, *, segment: str, fingerprint: str, request_id: str) -> ReceivedKv:
+    async def fetch(self, handle: pb.KvHandle, *, segment: str, fingerprint: str, request_id: str
+                    ) -> ReceivedKv:
         name = segment or shm.new_segment_name()
         try:
             shm.link(handle.shm_segment, name)
@@ -134,7 +142,8 @@ class ShmTransport:
             raise TransportFailed(f"segment {handle.shm_segment} is not reachable here ({error})") from None
         if shm.size_of(name) != handle.total_bytes:
             shm.unlink(name)
-            raise TransportFailed(f"segment {handle.shm_segment} does not hold the handle's {handle.total_bytes} bytes")
+            raise TransportFailed(f"segment {handle.shm_segment} does not hold the handle's "
+                                  f"{handle.total_bytes} bytes")
         stats = pb.KvTransferStats(bytes=handle.total_bytes, path=self.name)
         if segment:  # the engine reads it by name; nothing is mapped here
             return ReceivedKv(data=None, stats=stats, segment=segment)
@@ -159,7 +168,8 @@ class NixlTransport:
     def reaches(self, handle: pb.KvHandle) -> bool:
         return handle.HasField("nixl")
 
-    async def fetch(self, handle: pb.KvHandle, *, segment: str, fingerprint: str, request_id: str) -> ReceivedKv:
+    async def fetch(self, handle: pb.KvHandle, *, segment: str, fingerprint: str, request_id: str
+                    ) -> ReceivedKv:
         started = time.perf_counter()
         size = handle.total_bytes
         buffer = shm.create(segment, size, populate=True) if segment else anonymous_buffer(size)
@@ -201,7 +211,8 @@ class GrpcTransport:
     def reaches(self, handle: pb.KvHandle) -> bool:
         return True
 
-    async def fetch(self, handle: pb.KvHandle, *, segment: str, fingerprint: str, request_id: str) -> ReceivedKv:
+    async def fetch(self, handle: pb.KvHandle, *, segment: str, fingerprint: str, request_id: str
+                    ) -> ReceivedKv:
         sink = _FileSink(segment, handle.total_bytes) if segment else _MemorySink(handle.total_bytes)
         try:
             stats = await self.pull(handle, fingerprint=fingerprint, request_id=request_id, write=sink.write,
@@ -219,7 +230,8 @@ class GrpcTransport:
         started = time.perf_counter()
         ranges = _split(handle.total_bytes, self._streams)
         request = kv_pb.PullKvRequest(request_id=request_id, transfer_id=handle.transfer_id,
-                                      pull_token=handle.pull_token, engine_fingerprint=fingerprint, release=release)
+                                      pull_token=handle.pull_token, engine_fingerprint=fingerprint,
+                                      release=release)
         pulls = [asyncio.ensure_future(self._pull_range(handle.endpoint, lane, request, start, end, write))
                  for lane, (start, end) in enumerate(ranges)]
         try:
@@ -234,8 +246,8 @@ class GrpcTransport:
             crc = zlib_ng.crc32_combine(crc, range_crc, end - start)
         if crc != handle.crc32:
             raise _data_loss(request_id, "KV bytes failed their CRC-32 check")
-        return pb.KvTransferStats(bytes=handle.total_bytes, duration_us=int((time.perf_counter() - started) * 1e6),
-                                  path=self.name)
+        duration_us = int((time.perf_counter() - started) * 1e6)
+        return pb.KvTransferStats(bytes=handle.total_bytes, duration_us=duration_us, path=self.name)
 
     async def _pull_range(self, endpoint: str, lane: int, request: kv_pb.PullKvRequest, start: int, end: int,
                           write: Callable[[int, memoryview], None]) -> int:
@@ -250,8 +262,8 @@ class GrpcTransport:
         try:
             async for offset, data in pull_kv(ranged):
                 if offset != received or offset + len(data) > end:
-                    raise _data_loss(request.request_id, f"KV chunk [{offset}, {offset + len(data)}) does not "
-                                     f"follow byte {received} of the range [{start}, {end})")
+                    raise _data_loss(request.request_id, f"KV chunk [{offset}, {offset + len(data)}) does "
+                                     f"not follow byte {received} of the range [{start}, {end})")
                 write(offset, data)
                 crc = zlib_ng.crc32(data, crc)
                 received += len(data)
@@ -398,8 +410,8 @@ class KvReceiver:
                 raise
             received.stats.fallbacks.extend(failures)
             return received
-        tried = "; ".join(failures) or (
-            f"none of the transports {self._names(order)} reaches {handle.endpoint or 'the handle'} from here")
+        tried = "; ".join(failures) or (f"none of the transports {self._names(order)} reaches "
+                                        f"{handle.endpoint or 'the handle'} from here")
         raise Unavailable(f"the KV transfer failed on every transport: {tried}", request_id=request_id,
                           reason="KV_TRANSFER_FAILED")
 

@@ -53,7 +53,8 @@ def pairing_groups(workers: Iterable[pb.WorkerInfo]) -> list[cp_pb.PairingGroup]
             for (model, fingerprint), (prefills, decodes) in sorted(by_kind.items()) if prefills and decodes]
 
 
-def pair_transports(group_transports: Sequence[int], prefill: pb.WorkerInfo, decode: pb.WorkerInfo) -> list[int]:
+def pair_transports(group_transports: Sequence[int], prefill: pb.WorkerInfo, decode: pb.WorkerInfo
+                    ) -> list[int]:
     """How one pair moves KV, in the order tried: its group's transports that both workers registered, shm
     only on one host. An empty `group_transports` (a table that predates transports) means all of them."""
     shared = set(_offered(prefill)).intersection(_offered(decode))

@@ -26,7 +26,8 @@ def engine_request(engine: Engine, request_id: str, params: pb.GenerationParams,
                               f"({sampling.max_tokens}) and cannot come with a KV handle",
                               request_id=request_id, reason="BAD_RESUME")
     return EngineRequest(request_id=request_id, prompt=prompt_of(params, request_id), sampling=sampling,
-                         produce_kv=produce_kv, kv_handle=kv_handle, resume=resume, kv_transports=kv_transports)
+                         produce_kv=produce_kv, kv_handle=kv_handle, resume=resume,
+                         kv_transports=kv_transports)
 
 
 @contextlib.asynccontextmanager

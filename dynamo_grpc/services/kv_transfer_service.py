@@ -15,7 +15,7 @@ from dynamo_grpc.v1 import kv_transfer_pb2_grpc as kv_grpc
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 1024 * 1024
-"""Chosen by `bench/kv_transfer.py --chunk-kib`: larger chunks cost fewer messages but more memory per copy."""
+"""Chosen by `bench/kv_transfer.py --chunk-kib`: larger chunks, fewer messages but more memory per copy."""
 
 
 class KvTransferServicer(kv_grpc.KvTransferServiceServicer):
@@ -31,9 +31,9 @@ class KvTransferServicer(kv_grpc.KvTransferServiceServicer):
         start = request.offset
         end = start + request.length if request.length else len(data)
         if start > end or end > len(data):
-            raise DynamoError(f"range [{start}, {end}) is outside KV transfer {request.transfer_id}'s {len(data)} "
-                              "bytes", request_id=request.request_id, reason="KV_RANGE_OUT_OF_BOUNDS",
-                              code=grpc.StatusCode.OUT_OF_RANGE)
+            raise DynamoError(f"range [{start}, {end}) is outside KV transfer {request.transfer_id}'s "
+                              f"{len(data)} bytes", request_id=request.request_id,
+                              reason="KV_RANGE_OUT_OF_BOUNDS", code=grpc.StatusCode.OUT_OF_RANGE)
         log.debug("request %s: sending bytes [%d, %d) of KV transfer %s", request.request_id, start, end,
                   request.transfer_id)
         for offset in range(start, end, self._chunk_bytes):
@@ -43,5 +43,6 @@ class KvTransferServicer(kv_grpc.KvTransferServiceServicer):
 
     async def ReleaseKv(self, request: kv_pb.ReleaseKvRequest, context: grpc.aio.ServicerContext
                         ) -> kv_pb.ReleaseKvResponse:
-        released = self._store.release(request.transfer_id, request.pull_token, require_held=request.require_held)
+        released = self._store.release(request.transfer_id, request.pull_token,
+                                       require_held=request.require_held)
         return kv_pb.ReleaseKvResponse(released=released)
