@@ -200,8 +200,9 @@ async def test_nixl_path_equals_the_grpc_path(cluster: Stubs, tiny_model_dir: Pa
     # Both workers registered NIXL, so the pairing table lists it for them, after shm (one host).
     async with grpc.aio.insecure_channel(cluster.deployment.control_plane.endpoint) as channel:
         table = (await cp_grpc.ControlPlaneServiceStub(channel).GetPairings(cp_pb.GetPairingsRequest())).table
-    [pair] = table.pairings
-    assert list(pair.kv_transports) == [pb.KV_TRANSPORT_SHM, pb.KV_TRANSPORT_NIXL, pb.KV_TRANSPORT_GRPC]
+    [pair], [group] = table.pairings, table.groups
+    every_transport = [pb.KV_TRANSPORT_SHM, pb.KV_TRANSPORT_NIXL, pb.KV_TRANSPORT_GRPC]
+    assert list(pair.kv_transports) == list(group.kv_transports) == every_transport
     # The decode worker READs each prompt's KV from the prefill worker's registered memory (UCX picks the
     # wire: shared memory or TCP here), as a decode worker on another host would.
     handles = await asyncio.gather(*(prefill(cluster, f"n{i}", p) for i, p in enumerate(PROMPTS)))
@@ -282,6 +283,7 @@ async def test_cancels_and_expiry_leave_no_blocks_held(cluster: Stubs) -> None:
 
 
 async def test_openai_chat_through_the_frontend_on_real_engines(cluster: Stubs, tiny_model_dir: Path) -> None:
+    import httpx
     import openai
     from transformers import AutoTokenizer
 
@@ -301,9 +303,13 @@ async def test_openai_chat_through_the_frontend_on_real_engines(cluster: Stubs, 
             if chunk.choices:
                 text += chunk.choices[0].delta.content or ""
             usage = chunk.usage or usage
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"{frontend.url}/metrics")).text
     finally:
         await client.close()
         await frontend.stop()
+    # One host: the prompt's KV moved in place, and /metrics says so.
+    assert 'dynamo_frontend_kv_transfers_total{transport="shm"} 1\n' in metrics
     # The prompt is the model's own chat template, tokenized as HF does it; the answer is HF's greedy one.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
