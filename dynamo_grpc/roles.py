@@ -141,9 +141,9 @@ async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole
 
 async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     channels = ChannelPool()
+    nixl = _nixl_agent(config)
     engine = await start_engine(config, EngineParts(kv_receiver=KvReceiver.over_network(
-        channels, host=config.server.node_name, names=config.resolved_kv_transports,
-        nixl=_nixl_agent(config))))
+        channels, host=config.server.node_name, names=config.resolved_kv_transports, nixl=nixl)))
     worker_id = config.resolved_worker_id("decode")
     decode = DecodeServicer(engine, worker_id=worker_id, local_prefill_on_pull_failure=
                             config.kv_pull_failure == "local-prefill",
@@ -156,7 +156,12 @@ async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     endpoint = config.server.endpoint(server.port)
     await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_DECODE, engine, endpoint, config))
     log.info("decode worker %s serving %s on %s", worker_id, engine.model, endpoint)
-    return RunningRole("decode worker", endpoint, server, registry, worker_id, [engine.shutdown, channels.close])
+    async def close_transports() -> None:
+        await channels.close()
+        if nixl is not None:
+            nixl.close()
+
+    return RunningRole("decode worker", endpoint, server, registry, worker_id, [engine.shutdown, close_transports])
 
 
 async def start_router(config: ServerConfig, registry: Registry, **settings: Any) -> RunningRole:

@@ -116,8 +116,6 @@ class Route:
     """Prompt tokens the prefilling worker (the prefill one, else the decode one) has to compute."""
     kv_transports: tuple[int, ...] = ()
     """How the pair moves KV, in the order the decode worker tries them (`pairing.pair_transports`)."""
-    kv_transports: tuple[int, ...] = ()
-    """How the pair moves KV, in the order the decode worker tries them (`pairing.kv_transports`)."""
 
 
 class Fleet:
