@@ -22,8 +22,8 @@ from dynamo_grpc.client import params
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
 from dynamo_grpc.kv import shm
-from dynamo_grpc.kv.nixl_transport import nixl_installed
 from dynamo_grpc.kv.events import block_hashes
+from dynamo_grpc.kv.nixl_transport import nixl_installed
 from dynamo_grpc.registry import EtcdRegistry
 from dynamo_grpc.routing.prompt_tokens import PromptTokenizer
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -34,7 +34,7 @@ from dynamo_grpc.v1 import kv_events_pb2 as events_pb
 from dynamo_grpc.v1 import kv_events_pb2_grpc as events_grpc
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
-from tests.cluster import Stubs, deployed, rpc_failure
+from tests.cluster import Stubs, deployed, openai_frontend, rpc_failure
 from tests.etcd_server import EtcdServer
 from tests.hf_reference import hf_greedy
 from tests.real_engine import ONE_DEPLOYMENT_PER_MODULE
@@ -283,33 +283,23 @@ async def test_cancels_and_expiry_leave_no_blocks_held(cluster: Stubs) -> None:
 
 
 async def test_openai_chat_through_the_frontend_on_real_engines(cluster: Stubs, tiny_model_dir: Path) -> None:
-    import httpx
-    import openai
     from transformers import AutoTokenizer
 
-    from dynamo_grpc.frontend.http import start_frontend
     from dynamo_grpc.frontend.openai_protocol import load_chat_template
 
-    frontend = await start_frontend(cluster.deployment.router.endpoint, cluster.deployment.router.registry,
-                                    host="127.0.0.1", port=0, chat_template=load_chat_template(tiny_model_dir))
-    client = openai.AsyncOpenAI(base_url=f"{frontend.url}/v1", api_key="unused", max_retries=0)
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where is the river?"}]
-    try:
-        stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS,
-                                                      temperature=0, stream=True,
-                                                      stream_options={"include_usage": True})
+    # The frontend routes in its own process (as `dynamo-grpc frontend --etcd` runs), over these workers.
+    async with openai_frontend(cluster, load_chat_template(tiny_model_dir)) as served:
+        stream = await served.client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+            stream_options={"include_usage": True})
         text, usage = "", None
         async for chunk in stream:
             if chunk.choices:
                 text += chunk.choices[0].delta.content or ""
             usage = chunk.usage or usage
-        async with httpx.AsyncClient() as http:
-            metrics = (await http.get(f"{frontend.url}/metrics")).text
-    finally:
-        await client.close()
-        await frontend.stop()
-    # One host: the prompt's KV moved in place, and /metrics says so.
-    assert 'dynamo_frontend_kv_transfers_total{transport="shm"} 1\n' in metrics
+        # One host: the prompt's KV moved in place, and /metrics says so.
+        assert await served.metric('dynamo_frontend_kv_transfers_total{transport="shm"}') == 1
     # The prompt is the model's own chat template, tokenized as HF does it; the answer is HF's greedy one.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
