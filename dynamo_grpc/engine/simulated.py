@@ -74,6 +74,9 @@ class SimulatedEngineConfig:
     """Reuse the KV of prompt blocks that earlier requests computed."""
     tensor_parallel_size: int = 1
     """GPUs the simulated worker spans: its steps are priced as a TP-N engine (needs a cost_model)."""
+    load_s: float = 0.0
+    """Seconds (simulated) the engine takes to start, as a real one loads weights: health checks and cold
+    starts see a worker that is up but not ready yet."""
 
     def __post_init__(self) -> None:
         if self.cost_model and self.cost_model not in SHAPES:
@@ -90,7 +93,7 @@ class SimulatedEngineConfig:
                      "max_model_len", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"simulated engine: {name} must be at least 1, got {getattr(self, name)}")
-        for name in ("prefill_s_per_token", "decode_step_s"):
+        for name in ("prefill_s_per_token", "decode_step_s", "load_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"simulated engine: {name} must not be negative, got {getattr(self, name)}")
 

@@ -13,9 +13,10 @@ from typing import Any, Protocol
 
 import grpc
 
+from dynamo_grpc import tracing
 from dynamo_grpc.client import GenerateStream, RouterClient
 from dynamo_grpc.errors import from_rpc_error
-from dynamo_grpc.routing.router import Router
+from dynamo_grpc.routing.router import PickedPair, Router
 from dynamo_grpc.services.streams import CancelSignal
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -35,7 +36,10 @@ class Backend(Protocol):
     description: str
     """Where generations run, for logs."""
 
-    def open(self, request_id: str, params: pb.GenerationParams) -> Generation: ...
+    def open(self, request_id: str, params: pb.GenerationParams, picked: PickedPair | None = None
+             ) -> Generation:
+        """Start a generation; `picked` is the pair an endpoint picker in front chose for it."""
+        ...
 
 
 class EmbeddedRouter:
@@ -46,9 +50,11 @@ class EmbeddedRouter:
     def __init__(self, router: Router) -> None:
         self.router = router
 
-    def open(self, request_id: str, params: pb.GenerationParams) -> Generation:
+    def open(self, request_id: str, params: pb.GenerationParams, picked: PickedPair | None = None
+             ) -> Generation:
         cancelled = CancelSignal()
-        return Generation(request_id, self.router.generate(request_id, params, cancelled), cancelled.set)
+        responses = self.router.generate(request_id, params, cancelled, picked)
+        return Generation(request_id, responses, cancelled.set)
 
 
 class RemoteRouter:
@@ -58,8 +64,11 @@ class RemoteRouter:
         self.description = f"forwarding to the router at {endpoint}"
         self._client = RouterClient(endpoint)
 
-    def open(self, request_id: str, params: pb.GenerationParams) -> Generation:
-        stream = GenerateStream(self._client.stub, request_id, params)
+    def open(self, request_id: str, params: pb.GenerationParams, picked: PickedPair | None = None
+             ) -> Generation:
+        """`picked` is not followed: RouterService picks again (an endpoint picker needs the frontend to
+        route in its own process)."""
+        stream = GenerateStream(self._client.stub, request_id, params, metadata=tracing.metadata())
         return Generation(request_id, _with_our_errors(stream), stream.cancel)
 
     async def close(self) -> None:

@@ -15,7 +15,6 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from dynamo_grpc import metrics, tracing
 from dynamo_grpc.errors import DynamoError
 from dynamo_grpc.frontend.backends import Backend, Generation
 from dynamo_grpc.frontend.openai_protocol import (
@@ -38,6 +38,7 @@ from dynamo_grpc.frontend.openai_protocol import (
     usage_of,
 )
 from dynamo_grpc.registry import SCALE_DOCUMENT, Registry, RegistryUnavailable
+from dynamo_grpc.routing.router import PickedPair
 from dynamo_grpc.services.streams import Mailbox
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -47,68 +48,6 @@ REQUEST_ID_HEADER = "X-Request-Id"
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"; only ever seen in /metrics
 ABANDONED_GRACE_S = 30.0  # how long a cancelled request may take to wind down before its call is cut
 MAX_BODY_BYTES = 64 * 2**20  # token-id prompts are large JSON
-TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class Metrics:
-    """The few series an operator needs, in Prometheus text format (no client library needed)."""
-
-    def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.generated_tokens = 0
-        self.in_flight = 0
-        self.ttft_buckets = [0] * len(TTFT_BUCKETS_S)
-        self.ttft_sum = 0.0
-        self.ttft_count = 0
-        self.kv_transfers: Counter[str] = Counter()
-        """Prompt KV transfers by the transport that moved the bytes."""
-        self.kv_bytes: Counter[str] = Counter()
-        self.kv_fallbacks: Counter[str] = Counter()
-        """Transports that failed mid-transfer and handed over to the next."""
-
-    def observe_completion(self, completion: pb.Completion) -> None:
-        transfer = completion.kv_transfer
-        if transfer.path:
-            self.kv_transfers[transfer.path] += 1
-            self.kv_bytes[transfer.path] += transfer.bytes
-        for failed in transfer.fallbacks:
-            self.kv_fallbacks[failed.partition(":")[0]] += 1
-
-    def observe_ttft(self, seconds: float) -> None:
-        for i, bound in enumerate(TTFT_BUCKETS_S):
-            if seconds <= bound:
-                self.ttft_buckets[i] += 1
-        self.ttft_sum += seconds
-        self.ttft_count += 1
-
-    def render(self) -> str:
-        lines = ["# HELP dynamo_frontend_requests_total HTTP requests by endpoint and status code.",
-                 "# TYPE dynamo_frontend_requests_total counter"]
-        lines += [f'dynamo_frontend_requests_total{{endpoint="{endpoint}",status="{status}"}} {count}'
-                  for (endpoint, status), count in sorted(self.requests.items())]
-        lines += ["# HELP dynamo_frontend_generated_tokens_total Tokens sent back to clients.",
-                  "# TYPE dynamo_frontend_generated_tokens_total counter",
-                  f"dynamo_frontend_generated_tokens_total {self.generated_tokens}",
-                  "# HELP dynamo_frontend_inflight_requests Generation requests being served now.",
-                  "# TYPE dynamo_frontend_inflight_requests gauge",
-                  f"dynamo_frontend_inflight_requests {self.in_flight}",
-                  "# HELP dynamo_frontend_time_to_first_token_seconds From request to first token.",
-                  "# TYPE dynamo_frontend_time_to_first_token_seconds histogram"]
-        lines += [f'dynamo_frontend_time_to_first_token_seconds_bucket{{le="{bound}"}} {count}'
-                  for bound, count in zip(TTFT_BUCKETS_S, self.ttft_buckets)]
-        lines += [f'dynamo_frontend_time_to_first_token_seconds_bucket{{le="+Inf"}} {self.ttft_count}',
-                  f"dynamo_frontend_time_to_first_token_seconds_sum {self.ttft_sum}",
-                  f"dynamo_frontend_time_to_first_token_seconds_count {self.ttft_count}"]
-        for name, what, counts in (
-                ("kv_transfers_total", "Prompt KV transfers, by the transport that moved the bytes.",
-                 self.kv_transfers),
-                ("kv_transferred_bytes_total", "Prompt KV bytes moved, by transport.", self.kv_bytes),
-                ("kv_transport_fallbacks_total", "KV transports that failed and handed over to the next.",
-                 self.kv_fallbacks)):
-            lines += [f"# HELP dynamo_frontend_{name} {what}", f"# TYPE dynamo_frontend_{name} counter"]
-            lines += [f'dynamo_frontend_{name}{{transport="{transport}"}} {count}'
-                      for transport, count in sorted(counts.items())]
-        return "\n".join(lines) + "\n"
 
 
 class _Relays:
@@ -247,7 +186,7 @@ class Frontend:
         self.backend = backend
         self.registry = registry
         self.chat_template = chat_template
-        self.metrics = Metrics()
+        self.metrics = metrics.frontend()
         self.relays: set[asyncio.Task[None]] = set()
         self.app = web.Application(middlewares=[self._count_and_shape_errors], client_max_size=MAX_BODY_BYTES)
         self.app.add_routes([
@@ -255,7 +194,7 @@ class Frontend:
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/v1/models", self.models),
             web.get("/health", self.health),
-            web.get("/metrics", self.metrics_text),
+            web.get("/metrics", metrics.metrics_handler),
         ])
 
     @web.middleware
@@ -280,7 +219,7 @@ class Frontend:
             status = CLIENT_CLOSED
             raise
         finally:
-            self.metrics.requests[(endpoint, status)] += 1
+            self.metrics.requests.labels(endpoint, str(status)).inc()
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
@@ -289,6 +228,11 @@ class Frontend:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        """A generation request, in a span continuing the client's trace when tracing is on."""
+        with tracing.http_span(request.method, request.path, request.headers):
+            return await self._answer(request, chat=chat)
+
+    async def _answer(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         headers = {REQUEST_ID_HEADER: request_id}
         try:
@@ -303,9 +247,10 @@ class Frontend:
         started = time.monotonic()
         # n choices are n generations, `<request id>-<i>` at the router.
         ids = [request_id] if job.n == 1 else [f"{request_id}-{i}" for i in range(job.n)]
-        generations = [self.backend.open(rid, job.choice_params(i)) for i, rid in enumerate(ids)]
+        picked = PickedPair.from_headers(request.headers)
+        generations = [self.backend.open(rid, job.choice_params(i), picked) for i, rid in enumerate(ids)]
         relays = _Relays(generations, self.relays)
-        self.metrics.in_flight += 1
+        self.metrics.inflight.inc()
         try:
             try:
                 first = await relays.next()
@@ -320,33 +265,44 @@ class Frontend:
             raise
         finally:
             relays.abandon()
-            self.metrics.in_flight -= 1
+            self.metrics.inflight.dec()
 
-    def _count_tokens(self, tokens: pb.TokenBatch | None, first_tokens: bool, started: float) -> bool:
-        """Record tokens generated, and the time to the request's first; whether it has tokens now."""
-        if tokens is None or not tokens.token_ids:
-            return first_tokens
-        if not first_tokens:
-            self.metrics.observe_ttft(time.monotonic() - started)
-        self.metrics.generated_tokens += len(tokens.token_ids)
-        return True
+    def _first_token(self, tokens: pb.TokenBatch | None, first_at: float | None, job: Job, started: float
+                     ) -> float | None:
+        """When the request's first token came: now, if `tokens` are its first (then its TTFT is observed)."""
+        if first_at is not None or tokens is None or not tokens.token_ids:
+            return first_at
+        now = time.monotonic()
+        self.metrics.of_model(job.model).ttft.observe(now - started)
+        return now
+
+    def _finished(self, job: Job, started: float, first_at: float | None, completions: list[pb.Completion]
+                  ) -> None:
+        """Observe a request whose every choice completed: once, with its totals."""
+        now, series = time.monotonic(), self.metrics.of_model(job.model)
+        generated = sum(c.usage.completion_tokens for c in completions)
+        series.duration.observe(now - started)
+        series.input_tokens.observe(completions[0].usage.prompt_tokens)
+        series.output_tokens.observe(generated)
+        per_choice = generated / job.n
+        if first_at is not None and per_choice > 1:
+            series.itl.observe((now - first_at) / (per_choice - 1))
 
     async def _whole(self, job: Job, request_id: str, relays: _Relays, item: tuple[int, Any] | None,
                      started: float, headers: dict[str, str]) -> web.Response:
         choices = [_Choice(text=[job.echo]) for _ in range(job.n)]
-        has_tokens, finished = False, 0
+        first_at, finished = None, 0
         try:
             while item is not None:
                 made = choices[item[0]]
                 tokens, completion = _parts(item[1])
-                has_tokens = self._count_tokens(tokens, has_tokens, started)
+                first_at = self._first_token(tokens, first_at, job, started)
                 if tokens is not None:
                     made.text.append(tokens.text)
                     made.token_ids += tokens.token_ids
                     made.logprobs += tokens.logprobs
                 if completion is not None:
                     made.completion = completion
-                    self.metrics.observe_completion(completion)
                     finished += 1
                     if finished == job.n:
                         break
@@ -354,6 +310,7 @@ class Frontend:
         except DynamoError as error:
             status, error_json = _failure_body(error)
             return _json_response(status, error_json, headers)
+        self._finished(job, started, first_at, [made.completion for made in choices])
         shaped = [choice(job, index, text="".join(made.text), token_ids=made.token_ids,
                          logprobs=logprobs_of(job, made.logprobs),
                          finish_reason=finish_reason_of(made.completion), streaming=False)
@@ -380,13 +337,13 @@ class Frontend:
                                                 finish_reason=None, streaming=True)))
         completions = [pb.Completion() for _ in range(job.n)]
         text_offsets = [0] * job.n  # for the legacy completions logprobs
-        has_tokens, finished = False, 0
+        first_at, finished = None, 0
         try:
             while item is not None:
                 index, response = item
                 tokens, completion = _parts(response)
                 if tokens is not None:
-                    has_tokens = self._count_tokens(tokens, has_tokens, started)
+                    first_at = self._first_token(tokens, first_at, job, started)
                     logprobs = logprobs_of(job, tokens.logprobs, text_offsets[index])
                     if logprobs is not None:
                         text_offsets[index] += sum(len(entry.token) for entry in tokens.logprobs)
@@ -395,11 +352,11 @@ class Frontend:
                                                     logprobs=logprobs, finish_reason=None, streaming=True)))
                 if completion is not None:
                     completions[index] = completion
-                    self.metrics.observe_completion(completion)
                     finished += 1
                     events.append(sse.choice(choice(job, index, text=None, token_ids=[], logprobs=None,
                                                     streaming=True, finish_reason=finish_reason_of(completion))))
                     if finished == job.n:
+                        self._finished(job, started, first_at, completions)
                         break
                 await http.write(b"".join(events))
                 events.clear()
@@ -439,10 +396,6 @@ class Frontend:
         if not decode_workers:
             return _json_response(503, {"status": "unhealthy", "reason": "no decode worker is registered"})
         return _json_response(200, {"status": "healthy", "decode_workers": len(decode_workers)})
-
-    async def metrics_text(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type-Options": "nosniff"})
 
 
 @dataclass

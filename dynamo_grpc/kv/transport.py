@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import grpc
 from zlib_ng import zlib_ng
 
+from dynamo_grpc import metrics, tracing
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.errors import (
     DynamoError,
@@ -107,7 +108,7 @@ async def release_over_grpc(channels: ChannelPool, handle: pb.KvHandle, *, reque
     try:
         response = await stub.ReleaseKv(kv_pb.ReleaseKvRequest(
             request_id=request_id, transfer_id=handle.transfer_id, pull_token=handle.pull_token,
-            require_held=require_held))
+            require_held=require_held), metadata=tracing.metadata())
     except grpc.aio.AioRpcError as error:
         raise from_rpc_error(error, request_id=request_id) from None
     return response.released
@@ -263,7 +264,7 @@ class GrpcTransport:
             response_deserializer=parse_chunk)
         received, crc = start, 0
         try:
-            async for offset, data in pull_kv(ranged):
+            async for offset, data in pull_kv(ranged, metadata=tracing.metadata()):
                 if offset != received or offset + len(data) > end:
                     raise _data_loss(request.request_id, f"KV chunk [{offset}, {offset + len(data)}) does "
                                      f"not follow byte {received} of the range [{start}, {end})")
@@ -344,6 +345,7 @@ class KvReceiver:
 
     def __init__(self, transports: Sequence[KvTransport]) -> None:
         self.transports = list(transports)
+        self._metrics = metrics.kv_transfer()
 
     @classmethod
     def over_network(cls, channels: ChannelPool, *, host: str, names: Sequence[str] = TRANSPORT_NAMES,
@@ -393,16 +395,28 @@ class KvReceiver:
         ended; in a new shared-memory segment if `into_segment`. `order` names the transports to try (the
         pair's, from the pairing table); empty tries all of this receiver's."""
         self.check(handle, prompt_tokens=prompt_tokens, fingerprint=fingerprint, request_id=request_id)
+        with tracing.span("kv.transfer", **{"request.id": request_id, "kv.bytes": handle.total_bytes}) as span:
+            received = await self._take(handle, fingerprint=fingerprint, request_id=request_id,
+                                        into_segment=into_segment, order=order)
+            if span is not None:
+                span.set_attribute("kv.transport", received.stats.path)
+            return received
+
+    async def _take(self, handle: pb.KvHandle, *, fingerprint: str, request_id: str, into_segment: bool,
+                    order: Sequence[int]) -> ReceivedKv:
+        """The bytes, by the first of the transports in `order` that moves them, and the lease ended."""
         failures: list[str] = []
         for transport in self._in_order(order):
             if not transport.reaches(handle):
                 continue
             segment = shm.new_segment_name() if into_segment else ""
+            started = time.perf_counter()
             try:
                 received = await transport.fetch(handle, segment=segment, fingerprint=fingerprint,
                                                  request_id=request_id)
             except TransportFailed as why:
                 failures.append(f"{transport.name}: {why}")
+                self._metrics.fallbacks.labels(transport.name).inc()
                 log.warning("request %s: KV over %s failed (%s); trying the next transport", request_id,
                             transport.name, why)
                 continue
@@ -412,6 +426,7 @@ class KvReceiver:
                 received.close()
                 raise
             received.stats.fallbacks.extend(failures)
+            self._metrics.observe(transport.name, received.stats.bytes, time.perf_counter() - started)
             return received
         tried = "; ".join(failures) or (f"none of the transports {self._names(order)} reaches "
                                         f"{handle.endpoint or 'the handle'} from here")

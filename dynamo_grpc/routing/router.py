@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import grpc
 
+from dynamo_grpc import metrics, tracing
 from dynamo_grpc.channels import MAX_MESSAGE_BYTES, ChannelPool
 from dynamo_grpc.errors import (
     AlreadyExists,
@@ -48,6 +52,24 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MIGRATIONS = 2
 
 
+@dataclass(frozen=True)
+class PickedPair:
+    """Workers chosen for a request before it arrived, by an endpoint picker in front of the frontend
+    (`services/endpoint_picker.py`), which names them in two request headers."""
+
+    decode_worker_id: str
+    prefill_worker_id: str = ""
+    """Empty: the decode worker prefills."""
+
+    DECODE_HEADER: ClassVar[str] = "x-dynamo-decode-worker"
+    PREFILL_HEADER: ClassVar[str] = "x-dynamo-prefill-worker"
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> PickedPair | None:
+        decode = headers.get(cls.DECODE_HEADER)
+        return cls(decode, headers.get(cls.PREFILL_HEADER, "")) if decode else None
+
+
 class Router:
     """Runs requests over a fleet: each `generate` picks a pair, prefills, decodes and relays the tokens."""
 
@@ -63,47 +85,75 @@ class Router:
         self._decode_calls: dict[str, grpc.aio.StreamStreamMultiCallable] = {}
         self._cancels: set[asyncio.Task[None]] = set()
         """Cancel messages on their way to decode workers (held here so none is collected mid-send)."""
+        self._metrics = metrics.router()
+        self._stop_sampling = metrics.sample(self, fleet.metric_samples)
 
     async def close(self) -> None:
         """Stop following the fleet and close the channels to its workers."""
+        await self._stop_sampling()
         await self.fleet.stop()
         await self._channels.close()
 
-    async def generate(self, request_id: str, params: pb.GenerationParams, cancelled: CancelSignal
-                       ) -> AsyncIterator[decode_pb.DecodeResponse]:
-        """Run one request end to end; setting `cancelled` stops it and frees its KV everywhere.
+    def pick(self, request_id: str, params: pb.GenerationParams, *, exclude: Collection[str] = ()) -> Route:
+        """The pair this router would run the request on now (`exclude`: decode workers not to pick)."""
+        prompt = None
+        if self.fleet.routing.uses_prefix_cache:
+            prompt = self._tokenizer.token_ids(params, self.fleet.engine_of(params.model))
+        return self.fleet.route(params.model, request_id, prompt_tokens=estimated_tokens(params),
+                                prompt=prompt, exclude=exclude)
+
+    async def generate(self, request_id: str, params: pb.GenerationParams, cancelled: CancelSignal,
+                       picked: PickedPair | None = None) -> AsyncIterator[decode_pb.DecodeResponse]:
+        """Run one request end to end; setting `cancelled` stops it and frees its KV everywhere. `picked`
+        runs it on a pair chosen already (by an endpoint picker in front), while both workers are live.
 
         Yields the decode worker's messages as they come (token batches, then a completion, which may carry
         the last tokens in `last_tokens`), relayed without being rebuilt.
         """
-        prompt_of(params, request_id)
-        sampling_of(params, request_id)
-        timeout = seconds_left(params, request_id)
-        _check_message_size(request_id, params)
-        if request_id in self._live:
-            raise AlreadyExists(f"request id {request_id!r} is already running; use a fresh id",
-                                request_id=request_id)
-        self._live.add(request_id)
-        # The deadline cancels the request like a client would, then turns its end into DEADLINE_EXCEEDED.
-        try:
-            with deadline_timer(timeout, cancelled.set) as expired:
-                async with contextlib.aclosing(self._run(request_id, params, cancelled, timeout)) as responses:
-                    async for response in responses:
-                        if expired.is_set() and response.HasField("completion"):
-                            break
-                        yield response
-                if expired.is_set():
-                    raise DeadlineExceeded("the request's deadline passed before it finished",
-                                           request_id=request_id)
-        finally:
-            self._live.discard(request_id)
+        with self._metrics.request() as timer, tracing.span("route", **{"request.id": request_id}):
+            prompt_of(params, request_id)
+            sampling_of(params, request_id)
+            timeout = seconds_left(params, request_id)
+            _check_message_size(request_id, params)
+            if request_id in self._live:
+                raise AlreadyExists(f"request id {request_id!r} is already running; use a fresh id",
+                                    request_id=request_id)
+            self._live.add(request_id)
+            first_at = response = None
+            # The deadline cancels the request like a client would, then turns its end into DEADLINE_EXCEEDED.
+            try:
+                with deadline_timer(timeout, cancelled.set) as expired:
+                    running = self._run(request_id, params, cancelled, timeout, picked)
+                    async with contextlib.aclosing(running) as responses:
+                        async for response in responses:
+                            if expired.is_set() and response.HasField("completion"):
+                                break
+                            if first_at is None:
+                                first_at = time.perf_counter()
+                            yield response
+                    if expired.is_set():
+                        raise DeadlineExceeded("the request's deadline passed before it finished",
+                                               request_id=request_id)
+            finally:
+                self._live.discard(request_id)
+            if response is not None and response.HasField("completion"):
+                timer.outcome = self._observe_finished(response.completion, timer.started, first_at)
+
+    def _observe_finished(self, completion: pb.Completion, started: float, first_at: float | None) -> str:
+        """Observe a finished request's latencies once; its outcome label (the finish reason)."""
+        generated = completion.usage.completion_tokens
+        if first_at is not None and generated:
+            self._metrics.ttft.observe(first_at - started)
+            if generated > 1:
+                self._metrics.itl.observe((time.perf_counter() - first_at) / (generated - 1))
+        return metrics.finish_label(completion.finish_reason)
 
     async def _run(self, request_id: str, params: pb.GenerationParams, cancelled: CancelSignal,
-                   timeout: float | None) -> AsyncIterator[decode_pb.DecodeResponse]:
-        prompt = None
-        if self.fleet.routing.uses_prefix_cache:
-            prompt = self._tokenizer.token_ids(params, self.fleet.engine_of(params.model))
-        route = await self._route(params, request_id, prompt, timeout, cancelled)
+                   timeout: float | None, picked: PickedPair | None
+                   ) -> AsyncIterator[decode_pb.DecodeResponse]:
+        route = self._picked_route(request_id, params, picked) if picked is not None else None
+        if route is None:
+            route = await self._route(params, request_id, timeout, cancelled)
         if route is None:
             yield decode_pb.DecodeResponse(request_id=request_id, completion=pb.Completion(
                 finish_reason=pb.FINISH_REASON_CANCELLED))
@@ -119,6 +169,8 @@ class Router:
                 yield decode_pb.DecodeResponse(request_id=request_id, completion=pb.Completion(
                     finish_reason=pb.FINISH_REASON_CANCELLED, prefill_worker_id=route.prefill.worker_id))
                 return
+        self._metrics.prefills.labels("remote" if handle is not None else "local" if route.prefill is None
+                                      else "fallback").inc()
         # 2) Decode, pulling that KV; relay its stream; forward a cancel. If the decode worker dies, another
         #    one resumes after the tokens already relayed (migration), so the client sees one stream.
         start = decode_pb.DecodeStart(params=params, kv_handle=handle, last_tokens_in_completion=True,
@@ -154,18 +206,34 @@ class Router:
                         raise error from None  # nowhere to resume: report the loss itself
                     log.warning("request %s: decode worker %s lost after %d tokens (%s); resuming on %s",
                                 request_id, failed[-1], len(generated), error.message, decode.worker_id)
+                    self._metrics.migrations.inc()
                     start = decode_pb.DecodeStart(params=params, last_tokens_in_completion=True,
                                                   resume_token_ids=generated)
         finally:
             if handle is not None and not consumed:
                 await asyncio.shield(self._release(handle, request_id))
 
-    async def _route(self, params: pb.GenerationParams, request_id: str, prompt: tuple[int, ...] | None,
-                     timeout: float | None, cancelled: asyncio.Event) -> Route | None:
+    def _picked_route(self, request_id: str, params: pb.GenerationParams, picked: PickedPair) -> Route | None:
+        """The pair an endpoint picker chose; None (route anew) when its decode worker is gone or serves
+        another model. A prefill worker that is gone, or cannot pair with it, leaves the prefill to the
+        decode worker."""
+        decode = self.fleet.workers.get(picked.decode_worker_id)
+        if decode is None or decode.role != pb.WORKER_ROLE_DECODE or decode.model != params.model:
+            log.info("request %s: picked decode worker %s is not live for %s; routing anew", request_id,
+                     picked.decode_worker_id, params.model)
+            return None
+        prefill = self.fleet.workers.get(picked.prefill_worker_id) if picked.prefill_worker_id else None
+        if prefill is not None and (prefill.role != pb.WORKER_ROLE_PREFILL or prefill.model != decode.model
+                                    or prefill.engine_fingerprint != decode.engine_fingerprint):
+            prefill = None  # not a partner of this decode worker: it prefills itself
+        return Route(decode=decode, prefill=prefill, uncached_tokens=estimated_tokens(params))
+
+    async def _route(self, params: pb.GenerationParams, request_id: str, timeout: float | None,
+                     cancelled: asyncio.Event) -> Route | None:
         """The request's pair; with no decode worker at all, wait up to `cold_start_wait_s` for one to
         start (an autoscaled fleet at zero). None when the request is cancelled meanwhile."""
         def route() -> Route:
-            return self.fleet.route(params.model, request_id, prompt_tokens=estimated_tokens(params), prompt=prompt)
+            return self.pick(request_id, params)
 
         try:
             return route()
@@ -198,7 +266,7 @@ class Router:
         with self.fleet.busy(worker, tokens):
             try:
                 response = await prefill(prefill_pb.PrefillRequest(request_id=request_id, params=params),
-                                         timeout=timeout)
+                                         timeout=timeout, metadata=tracing.metadata())
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.UNAVAILABLE:
                     log.warning("request %s: prefill worker %s unavailable (%s); prefilling on decode",
@@ -216,7 +284,7 @@ class Router:
             decode = decode_grpc.DecodeServiceStub(self._channels.get(worker.endpoint)).Decode
             self._decode_calls[worker.endpoint] = decode
         with self.fleet.busy(worker, to_compute):
-            call = decode()
+            call = decode(metadata=tracing.metadata())
 
             def send_cancel() -> None:
                 cancel = decode_pb.DecodeRequest(request_id=request_id,
@@ -241,7 +309,7 @@ class Router:
         stub = kv_grpc.KvTransferServiceStub(self._channels.get(handle.endpoint))
         with contextlib.suppress(grpc.aio.AioRpcError):
             await stub.ReleaseKv(kv_pb.ReleaseKvRequest(request_id=request_id, transfer_id=handle.transfer_id,
-                                                        pull_token=handle.pull_token))
+                                                        pull_token=handle.pull_token), metadata=tracing.metadata())
 
 
 def _check_message_size(request_id: str, params: pb.GenerationParams) -> None:

@@ -1,7 +1,15 @@
-"""The gRPC server every role runs: our services plus health, reflection and one error mapping."""
+"""The gRPC server every role runs: our services plus health, reflection and one error mapping.
+
+grpc.health.v1 reports each service and the server as a whole ("") SERVING only while it can take calls:
+a worker's services stay NOT_SERVING until its engine is up (its port opens first, so probes and
+balancers get an answer while weights load), and every service turns NOT_SERVING when the server drains.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -12,10 +20,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from dynamo_grpc import tracing
 from dynamo_grpc.channels import CHANNEL_OPTIONS
-from dynamo_grpc.errors import DynamoError
+from dynamo_grpc.errors import DynamoError, Unavailable
 
 log = logging.getLogger(__name__)
+
+FIRST_MESSAGE_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,13 @@ class RunningServer:
     port: int
     health: HealthServicer
     service_names: tuple[str, ...]
+    late: LateServices
+
+    async def serve_late(self, bindings: list[ServiceBinding]) -> None:
+        """Take calls for the services `start_server` was told are `starting`, and report SERVING."""
+        self.late.bind(bindings)
+        for name in (*(b.service_name for b in bindings), ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Report NOT_SERVING first so balancers drain us, then stop accepting and finish in-flight calls."""
@@ -40,22 +58,70 @@ class RunningServer:
         await self.server.stop(grace_s)
 
 
-async def start_server(bindings: list[ServiceBinding], *, host: str, port: int) -> RunningServer:
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
+async def start_server(bindings: list[ServiceBinding], *, host: str, port: int,
+                       starting: tuple[str, ...] = ()) -> RunningServer:
+    """Serve `bindings` at once; the services named in `starting` answer NOT_SERVING (health) and
+    UNAVAILABLE (calls) until `serve_late` binds them, and the server as a whole is NOT_SERVING till then."""
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *tracing.server_interceptors()], options=CHANNEL_OPTIONS)
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)
+    late = LateServices(starting)
+    server.add_generic_rpc_handlers((late,))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = tuple(b.service_name for b in bindings)
-    reflection.enable_server_reflection((*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                         reflection.SERVICE_NAME), server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection((*names, *starting, health_name, reflection.SERVICE_NAME), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}: address in use or not available; pick another --port")
+    for name in starting:
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING if starting else
+                     health_pb2.HealthCheckResponse.SERVING)
     await server.start()
-    for name in ("", *names):
+    for name in names:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, bound, health, names)
+    return RunningServer(server, bound, health, (*names, *starting), late)
+
+
+class LateServices(grpc.GenericRpcHandler):
+    """Services bound after the server started. Until then a call to one of them fails with UNAVAILABLE
+    (reason `NOT_READY`), which clients retry, rather than UNIMPLEMENTED."""
+
+    def __init__(self, starting: tuple[str, ...]) -> None:
+        self._starting = frozenset(starting)
+        self._handlers: list[grpc.GenericRpcHandler] = []
+
+    def bind(self, bindings: list[ServiceBinding]) -> None:
+        for binding in bindings:
+            binding.add_to_server(binding.servicer, self)
+        self._starting = frozenset()
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        """What the generated `add_*_to_server` calls on a server."""
+        self._handlers.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        """Also called by the generated code; the generic handlers already route these methods."""
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        for handlers in self._handlers:
+            handler = handlers.service(handler_call_details)
+            if handler is not None:
+                return handler
+        if handler_call_details.method.rpartition("/")[0].lstrip("/") in self._starting:
+            return grpc.stream_stream_rpc_method_handler(_not_ready)
+        return None
+
+
+async def _not_ready(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    # Take the client's first message before refusing: a refusal sent while the client is still writing it
+    # reaches a Python aio client as a failed send (INTERNAL), not as our status.
+    with contextlib.suppress(asyncio.TimeoutError, StopAsyncIteration):
+        await asyncio.wait_for(anext(aiter(requests)), FIRST_MESSAGE_WAIT_S)
+    raise Unavailable("this worker's engine is still starting; retry shortly", reason="NOT_READY")
+    yield  # a stream handler, so it answers every kind of call
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -101,7 +167,10 @@ def _guard_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any
     return guarded
 
 
-def _guard_stream(behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
+def _guard_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    if not inspect.isasyncgenfunction(behavior):  # it writes with context.write (Health.Watch does)
+        return _guard_unary(behavior, method)
+
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
             async for response in behavior(request, context):
