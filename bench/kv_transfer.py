@@ -230,8 +230,8 @@ def main() -> None:
     parser.add_argument("--mib", type=int, nargs="+", default=[64, 384], help="bytes per transfer, in MiB")
     parser.add_argument("--repeat", type=int, default=5, help="transfers per path (the median is reported)")
     parser.add_argument("--streams", type=int, nargs="+", default=[4],
-                        help="parallel PullKv streams of the N-stream rows (one row each; decode workers here "
-                        f"use {DEFAULT_PULL_STREAMS})")
+                        help="parallel PullKv streams of the N-stream rows (one row each; decode workers "
+                        f"here use {DEFAULT_PULL_STREAMS})")
     parser.add_argument("--chunk-kib", type=int, default=DEFAULT_CHUNK_BYTES >> 10, help="gRPC chunk size")
     parser.add_argument("--sweep-chunk-kib", type=int, nargs="*", default=[],
                         help="also time N-stream gRPC pulls at each of these chunk sizes")

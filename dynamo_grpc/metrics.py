@@ -235,10 +235,11 @@ def kv_transfer() -> KvTransferMetrics:
     return KvTransferMetrics(
         bytes=Counter("dynamo_kv_transfer_bytes", "KV bytes received from prefill workers.", ["transport"]),
         seconds=Histogram("dynamo_kv_transfer_seconds", "Time to take one request's KV: link the segment "
-                          "(shm), READ it (nixl) or pull and check it (grpc), and release it.", ["transport"],
-                          buckets=KV_SECONDS_BUCKETS),
-        fallbacks=Counter("dynamo_kv_transport_fallbacks", "KV transports that failed mid-transfer or could not "
-                          "reach the bytes, handing over to the next, by the one that failed.", ["transport"]))
+                          "(shm), READ it (nixl) or pull and check it (grpc), and release it.",
+                          ["transport"], buckets=KV_SECONDS_BUCKETS),
+        fallbacks=Counter("dynamo_kv_transport_fallbacks", "KV transports that failed mid-transfer or could "
+                          "not reach the bytes, handing over to the next, by the one that failed.",
+                          ["transport"]))
 
 
 @functools.cache

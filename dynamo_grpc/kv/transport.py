@@ -49,9 +49,9 @@ TRANSPORT_NAMES = ("shm", "nixl", "grpc")
 """Every transport, in order of preference (as `routing.pairing.TRANSPORT_PREFERENCE`)."""
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 DEFAULT_PULL_STREAMS = max(1, min(4, _CORES // 2))
-"""Parallel PullKv streams per transfer, each over its own connection: one per two cores we may run on, up to
-4. Every chunk costs Python time on both ends, so on 2 cores one stream was the fastest (`bench/kv_transfer.py`,
-docs/experiments.md §5); larger hosts get more, a choice not yet measured there."""
+"""Parallel PullKv streams per transfer, each over its own connection: one per two cores we may run on, up
+to 4. Every chunk costs Python time on both ends, so on 2 cores one stream was the fastest
+(`bench/kv_transfer.py`, docs/experiments.md §5); larger hosts get more, a choice not measured there."""
 _MIN_STREAM_BYTES = 4 << 20
 # Failures that say something about the transfer itself; any other failure of a pull is the transport's.
 _TRANSFER_REFUSALS = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
