@@ -53,6 +53,9 @@ class PlannedProcess:
     env: dict[str, str] = field(default_factory=dict)
     cpus: str = ""
     """The CPU ids of a CPU host that this worker's engine runs on; empty where it keeps its own binding."""
+    processes: int = 1
+    """Processes serving the port together (the router's `--workers`); 0: one per core of the host, counted
+    when it starts (a host whose cores the spec does not say)."""
 
     @property
     def endpoint(self) -> str:
@@ -162,10 +165,12 @@ def compile_spec(spec: Spec) -> Plan:
                 command = (*command, "--disagg-min-prompt-tokens", str(spec.router.min_uncached_tokens))
             if spec.autoscaling is not None:
                 command = (*command, "--cold-start-wait-s", _flag_value(spec.autoscaling.cold_start_wait_s))
+            count = _router_processes(spec, processes)
+            command = (*command, "--workers", str(count) if count else "auto")
         elif spec.autoscaling is not None:
             command = (*command, *_autoscaling_flags(spec))
         processes.append(PlannedProcess(id=role, role=role, host=host, address=spec.host(host).address, port=port,
-                                        command=command))
+                                        command=command, processes=count if role == "router" else 1))
     pairings = _initial_pairings(spec, processes)
     return Plan(
         name=spec.name, namespace=spec.namespace, model=spec.model.served_name, engine=spec.model.engine,
@@ -175,6 +180,18 @@ def compile_spec(spec: Spec) -> Plan:
         transfer={"kv_ttl_s": spec.transfer.kv_ttl_s, "on_pull_failure": spec.transfer.on_pull_failure},
         autoscaling=spec.autoscaling is not None,
         notes=tuple(_notes(spec, pairings) + _cpu_notes(spec, cores) + _metrics_notes(processes)))
+
+
+def _router_processes(spec: Spec, planned: list[PlannedProcess]) -> int:
+    """Router processes on its host: the spec's `router.workers`, else one per core of the host that no
+    engine runs on (at least one); 0 where the host does not say its cores (the router counts them)."""
+    if spec.router.workers:
+        return spec.router.workers
+    host = spec.host(spec.router.host)
+    if not host.cpus:
+        return 0
+    taken = sum(len(cpu_cores.parse(p.cpus)) for p in planned if p.host == host.name and p.cpus)
+    return max(1, host.cpus - taken)
 
 
 def _cpu_workers(spec: Spec) -> dict[str, list[str]]:
@@ -371,9 +388,10 @@ def render_plan(plan: Plan) -> str:
     title = (f"plan {plan.name}: model {plan.model} ({plan.engine}), namespace {plan.namespace}, "
              f"etcd {','.join(plan.etcd)}")
     lines = [title, ""]
-    header = ("ID", "ROLE", "HOST", "ENDPOINT", "DEVICES", "TP")
+    header = ("ID", "ROLE", "HOST", "ENDPOINT", "DEVICES", "TP", "PROCESSES")
     rows = [(p.id, p.role, p.host, p.endpoint, _devices(p),
-             str(p.tensor_parallel_size) if p.role in ("prefill", "decode") else "-") for p in plan.processes]
+             str(p.tensor_parallel_size) if p.role in ("prefill", "decode") else "-",
+             str(p.processes) if p.processes else "auto (1 per core)") for p in plan.processes]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -43,9 +43,10 @@ INFERENCE_POOL = "inference-pool"
 
 PARTS = {"etcd", "prefill", "decode", "router", "control-plane", ACTUATOR, INFERENCE_POOL}
 
-_PER_POD_FLAGS = {"--advertise-host", "--node-name", "--worker-id"}
+_PER_POD_FLAGS = {"--advertise-host", "--node-name", "--worker-id", "--workers"}
 """Flags of the plan's commands that each pod sets for itself: its address and node through the
-environment, a worker id of its own by default (replicas share one pod template)."""
+environment, a worker id of its own by default (replicas share one pod template), one process (a
+router scales by replicas)."""
 
 
 def write_manifests(plan: Plan, out_dir: str | Path, *, image: str = DEFAULT_IMAGE,

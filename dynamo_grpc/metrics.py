@@ -18,9 +18,19 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_grpc.errors import DynamoError
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -370,8 +380,69 @@ def exposition() -> bytes:
     return generate_latest(REGISTRY)
 
 
+@dataclass
+class _Group:
+    """The processes sharing this one's port (`--workers`): their private /metrics, by index."""
+
+    urls: list[str]
+    own: int
+
+
+_group: _Group | None = None
+
+
+async def group_exposition(group: _Group) -> bytes:
+    """The series of every process of the group, each labelled with its `process` index; a process that
+    does not answer within 2 s is left out of this scrape."""
+    async def series_of(index: int, url: str) -> str:
+        if index == group.own:
+            return exposition().decode()
+        async with session.get(url) as reply:
+            return await reply.text()
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        texts = await asyncio.gather(*(series_of(i, url) for i, url in enumerate(group.urls)),
+                                     return_exceptions=True)
+    families: dict[str, Metric] = {}
+    for index, text in enumerate(texts):
+        if isinstance(text, BaseException):
+            continue
+        for family in text_string_to_metric_families(text):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type,
+                                                             family.unit))
+            merged.samples += [sample._replace(labels={**sample.labels, "process": str(index)})
+                               for sample in family.samples]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collected(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Collected:
+    """Metrics gathered already, as a collector a registry can render."""
+
+    def __init__(self, metrics: list[Metric]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> list[Metric]:
+        return self.metrics
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
+    body = exposition() if _group is None else await group_exposition(_group)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def own_metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def join_group(ports: list[int], own: int) -> MetricsServer:
+    """Serve this process's own series on its private loopback port, and from now on answer /metrics for
+    the whole group, so a scrape of the shared port sees every process whichever one it reaches."""
+    global _group
+    server = await serve_metrics("127.0.0.1", ports[own], handler=own_metrics_handler)
+    _group = _Group([f"http://127.0.0.1:{port}/metrics" for port in ports], own)
+    return server
 
 
 @dataclass
@@ -383,14 +454,16 @@ class MetricsServer:
         await self.runner.cleanup()
 
 
-async def serve_metrics(host: str, port: int) -> MetricsServer:
-    """/metrics over HTTP on host:port (0 picks a free port)."""
+async def serve_metrics(host: str, port: int, *, reuse_port: bool = False,
+                        handler: Callable[[web.Request], Awaitable[web.Response]] = metrics_handler
+                        ) -> MetricsServer:
+    """/metrics over HTTP on host:port (0 picks a free port); `reuse_port` beside the rest of a group."""
     app = web.Application()
-    app.add_routes([web.get("/metrics", metrics_handler)])
+    app.add_routes([web.get("/metrics", handler)])
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
     except OSError as error:
         await runner.cleanup()
         raise OSError(f"cannot serve metrics on {host}:{port} ({error.strerror}); "

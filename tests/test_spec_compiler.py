@@ -487,3 +487,26 @@ def test_bad_cpus_are_refused_with_the_fix(change: tuple[str, str], expected: st
     with pytest.raises(SpecError) as caught:
         parse_spec(CPU_HOSTS.replace(*change), source="spec.yaml")
     assert expected in str(caught.value)
+
+
+def _router_workers(plan) -> int:  # type: ignore[no-untyped-def]
+    router = plan.by_role("router")[0]
+    assert build_parser().parse_args(list(router.command[1:])).workers == router.processes
+    return router.processes
+
+
+def test_the_router_runs_one_process_per_core_its_host_leaves_free() -> None:
+    # The engines hold every core of a CPU host they split: one router process.
+    assert _router_workers(compile_spec(parse_spec(CPU_HOSTS))) == 1
+    # Engines that do not run on the host's CPUs leave it all to the router.
+    simulated = CPU_HOSTS.replace("engine: vllm", "engine: simulated")
+    plan = compile_spec(parse_spec(simulated))
+    assert _router_workers(plan) == 32
+    assert "router         router         big    10.0.0.1:50051  -        -   32" in render_plan(plan)
+    # A host that does not say its cores: the router counts them when it starts.
+    plan = compile_spec(parse_spec(simulated.replace(", cpus: 32", "")))
+    assert _router_workers(plan) == 0 and plan.by_role("router")[0].command[-2:] == ("--workers", "auto")
+    assert "auto (1 per core)" in render_plan(plan)
+    # The spec's own count wins, and survives a round trip.
+    spec = parse_spec(simulated + "router: {workers: 3}\n")
+    assert _router_workers(compile_spec(spec)) == 3 and parse_spec(dump_spec(spec)) == spec

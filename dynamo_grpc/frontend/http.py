@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -395,7 +396,8 @@ class Frontend:
                                         "reason": "the next request starts a decode worker (cold start)"})
         if not decode_workers:
             return _json_response(503, {"status": "unhealthy", "reason": "no decode worker is registered"})
-        return _json_response(200, {"status": "healthy", "decode_workers": len(decode_workers)})
+        return _json_response(200, {"status": "healthy", "decode_workers": len(decode_workers),
+                                    "pid": os.getpid()})
 
 
 @dataclass
@@ -423,13 +425,14 @@ class RunningFrontend:
 
 
 async def start_frontend(backend: Backend, registry: Registry, *, host: str, port: int,
-                         chat_template: str | None = None) -> RunningFrontend:
-    """Serve the OpenAI API on host:port (0 picks a free port), generating through `backend`."""
+                         chat_template: str | None = None, reuse_port: bool = False) -> RunningFrontend:
+    """Serve the OpenAI API on host:port (0 picks a free port), generating through `backend`; with
+    `reuse_port`, beside other processes listening on the same port (SO_REUSEPORT)."""
     frontend = Frontend(backend, registry, chat_template)
     # handler_cancellation: a disconnect cancels the handler at once, not at its next write.
     runner = web.AppRunner(frontend.app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     try:
         await site.start()
     except BaseException:
