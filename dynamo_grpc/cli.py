@@ -533,8 +533,11 @@ async def _bench(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace) -> int:
     command = args.command
     if command == "generate":
-        return await _generate(args.router, args.model, args.prompt, args.max_tokens,
-                               options=connection_options(args))
+        try:
+            options = connection_options(args)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        return await _generate(args.router, args.model, args.prompt, args.max_tokens, options=options)
     if command == "bench":
         return await _bench(args)
     if command == "frontend":

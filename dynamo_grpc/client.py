@@ -140,7 +140,7 @@ class GenerateStream:
         if self._deadline is not None and time.monotonic() + wait_s >= self._deadline:
             return False
         self._retries_left -= 1
-        log.info("request %s: UNAVAILABLE before any response (%s); retrying in %.1f s",
+        log.debug("request %s: UNAVAILABLE before any response (%s); retrying in %.1f s",
                  self._start.request_id or "(unnamed)", error.details(), wait_s)
         await asyncio.sleep(wait_s)
         return not self._cancel.is_set()
@@ -291,12 +291,23 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def connection_options(args: argparse.Namespace) -> dict[str, Any]:
-    """`RouterClient`'s keyword arguments from the flags of `add_connection_flags`."""
+    """`RouterClient`'s keyword arguments from the flags of `add_connection_flags`; ValueError, naming the
+    flag, for a file that cannot be read or a certificate without its key."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together (mutual TLS)")
     tls = None
-    if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
-        tls = Tls(root_certificates=args.tls_ca, certificate_chain=args.tls_cert, private_key=args.tls_key,
-                  server_name=args.tls_server_name)
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_server_name:
+        tls = Tls(root_certificates=_read_flag("--tls-ca", args.tls_ca),
+                  certificate_chain=_read_flag("--tls-cert", args.tls_cert),
+                  private_key=_read_flag("--tls-key", args.tls_key), server_name=args.tls_server_name)
     return {"tls": tls, "token": args.token, "deadline_s": args.deadline_s, "retries": args.retries}
+
+
+def _read_flag(flag: str, path: str | None) -> bytes | None:
+    try:
+        return None if path is None else Path(path).read_bytes()
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: {error.strerror}") from None
 
 
 def params(prompt: str | list[int], *, model: str, max_tokens: int = 16, temperature: float = 0.0,

@@ -142,6 +142,11 @@ async def test_tls_mutual_tls_token_and_deadline_through_nginx(
         "--tls-ca", str(ca), "--tls-cert", str(client_cert), "--tls-key", str(client_key), "hello"],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
     assert cli.returncode == 1 and "UNAUTHENTICATED" in cli.stderr, cli.stderr
+    cli = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "dynamo_grpc.cli", "generate", "--router", address, "--tls-cert", str(client_cert),
+        "hello"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 2
+    assert cli.stderr.strip() == "dynamo-grpc generate: --tls-cert and --tls-key go together (mutual TLS)"
 
 
 class Relay:

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -79,9 +80,9 @@ class Printer:
               f"finish: {pb.FinishReason.Name(completion.finish_reason)}]", file=sys.stderr)
 
 
-async def generate_async(args: argparse.Namespace, printer: Printer) -> pb.Completion:
+async def generate_async(args: argparse.Namespace, printer: Printer, options: dict[str, Any]) -> pb.Completion:
     """The async client: iterate the stream; `stream.cancel()` sends the in-band cancel."""
-    async with RouterClient(args.router, **connection_options(args)) as client:
+    async with RouterClient(args.router, **options) as client:
         stream = client.open(args.request_id, generation_params(args))
 
         async def read() -> pb.Completion:
@@ -95,9 +96,9 @@ async def generate_async(args: argparse.Namespace, printer: Printer) -> pb.Compl
         return await asyncio.wait_for(read(), wait_s(args))
 
 
-def generate_sync(args: argparse.Namespace, printer: Printer) -> pb.Completion:
+def generate_sync(args: argparse.Namespace, printer: Printer, options: dict[str, Any]) -> pb.Completion:
     """The same request through the blocking wrapper."""
-    with SyncRouterClient(args.router, **connection_options(args)) as client:
+    with SyncRouterClient(args.router, **options) as client:
         responses, cancel = client.generate(args.request_id, generation_params(args), wait_s(args))
         with contextlib.closing(responses):
             for response in responses:
@@ -140,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     printer = Printer(args)
     try:
-        completion = generate_sync(args, printer) if args.sync else asyncio.run(generate_async(args, printer))
+        options = connection_options(args)
+    except ValueError as error:
+        print(f"generate.py: {error}", file=sys.stderr)
+        return 2
+    try:
+        completion = (generate_sync(args, printer, options) if args.sync
+                      else asyncio.run(generate_async(args, printer, options)))
     except grpc.RpcError as error:
         failure = describe(error)
     except (TimeoutError, asyncio.TimeoutError):
