@@ -141,7 +141,7 @@ class GenerateStream:
             return False
         self._retries_left -= 1
         log.debug("request %s: UNAVAILABLE before any response (%s); retrying in %.1f s",
-                 self._start.request_id or "(unnamed)", error.details(), wait_s)
+                  self._start.request_id or "(unnamed)", error.details(), wait_s)
         await asyncio.sleep(wait_s)
         return not self._cancel.is_set()
 

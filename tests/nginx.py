@@ -53,12 +53,12 @@ def nginx_config(folder: Path, *, port: int, router: str, cert: Path, key: Path,
     checks of `access_checks`), inside a main config that runs nginx in the foreground with every path in
     `folder`."""
     example = EXAMPLE.read_text()
-    server_lines, location_lines = access_checks(token, client_ca)
-    for documented, ours in (("listen 8443", f"listen 127.0.0.1:{port}"),
-                             ("server 127.0.0.1:50051", f"server {router}"),
-                             ("/etc/dynamo-grpc/tls/server.crt", str(cert)),
-                             ("/etc/dynamo-grpc/tls/server.key", str(key)),
-                             ("    location / {", f"    {server_lines}\n    location / {{\n        {location_lines}")):
+    replacements = [("listen 8443", f"listen 127.0.0.1:{port}"), ("server 127.0.0.1:50051", f"server {router}"),
+                    ("/etc/dynamo-grpc/tls/server.crt", str(cert)), ("/etc/dynamo-grpc/tls/server.key", str(key))]
+    if token is not None or client_ca is not None:
+        server_lines, location_lines = access_checks(token, client_ca)
+        replacements.append(("    location / {", f"    {server_lines}\n    location / {{\n        {location_lines}"))
+    for documented, ours in replacements:
         assert example.count(documented) == 1, f"{EXAMPLE} no longer has {documented!r} once"
         example = example.replace(documented, ours)
     (folder / "dynamo-grpc.conf").write_text(example)
