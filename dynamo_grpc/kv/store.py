@@ -130,7 +130,7 @@ class LeasedKvStore:
                 raise NotFound(f"no KV transfer {transfer_id!r} on {self.endpoint}", reason="KV_HANDLE_NOT_FOUND")
             raise NotFound(f"KV transfer {transfer_id!r} is gone ({why}); prefill again",
                            reason="KV_HANDLE_EXPIRED" if why == "lease expired" else "KV_HANDLE_NOT_FOUND")
-        if not hmac.compare_digest(held.handle.pull_token, pull_token):
+        if not hmac.compare_digest(held.handle.pull_token.encode(), pull_token.encode()):  # any text, not ASCII only
             raise PermissionDenied(f"wrong pull token for KV transfer {transfer_id!r}", reason="BAD_PULL_TOKEN")
         return held
 

@@ -155,9 +155,12 @@ class GrpcTransport:
         received = crc = 0
         try:
             with memoryview(buffer) as view:
-                async for offset, data in pull_kv(kv_pb.PullKvRequest(
+                async for chunk in pull_kv(kv_pb.PullKvRequest(
                         request_id=request_id, transfer_id=handle.transfer_id, pull_token=handle.pull_token,
                         engine_fingerprint=fingerprint)):
+                    if chunk is None:  # what gRPC hands on for a message its deserializer refused
+                        raise _data_loss(request_id, f"a KV chunk from {handle.endpoint} is no PullKvResponse")
+                    offset, data = chunk
                     end = offset + len(data)
                     if end > len(buffer):
                         raise _data_loss(request_id,
