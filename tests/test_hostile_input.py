@@ -4,6 +4,7 @@ an actionable message, or a gRPC status with its ErrorInfo reason), never a 500,
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 import zlib
 from collections.abc import AsyncIterator
 
@@ -247,3 +248,22 @@ async def test_undecodable_request_bytes(stubs: Stubs, method: str, kind: str) -
                     pass
     refusal = from_rpc_error(failure.value)
     assert (refusal.code, refusal.reason) == (INVALID, "UNDECODABLE_REQUEST"), refusal.message
+
+
+@pytest.mark.parametrize("via", ["router", "prefill"])
+async def test_huge_prompt_is_refused_before_it_is_tokenized(stubs: Stubs, via: str) -> None:
+    """A 10 MB text prompt is CONTEXT_TOO_LONG without the router or the worker making a token per byte
+    (a tuple of 10 M ids is 80 MB; the prompt's own copies on the way are 10 MB each)."""
+    prompt = "x" * 10_000_000
+    tracemalloc.start()
+    try:
+        if via == "router":
+            failure = rpc_failure(GenerateStream(stubs.router.stub, "", params(prompt, model=MODEL)).collect())
+        else:
+            failure = rpc_failure(stubs.prefill.Prefill(prefill_pb.PrefillRequest(
+                request_id="p", params=params(prompt, model=MODEL))))
+        assert await failure == (INVALID, "CONTEXT_TOO_LONG")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 70_000_000, f"{peak / 1e6:.0f} MB allocated at the peak"

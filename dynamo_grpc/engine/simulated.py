@@ -29,6 +29,7 @@ from dynamo_grpc.engine.base import (
     check_kv_roles,
     check_prompt,
     check_stop_token_ids,
+    check_text_length,
     within_context,
 )
 from dynamo_grpc.engine.cost_model import (
@@ -331,6 +332,9 @@ class SimulatedEngine:
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         rid = request.request_id
+        if isinstance(request.prompt, str):  # a token per UTF-8 byte: at most one character a token
+            check_text_length(request.prompt, max_chars_per_token=1, max_model_len=self.config.max_model_len,
+                              request_id=rid)
         prompt = self.tokenize(request.prompt)
         request, blocks = self._admit(rid, prompt, request)
         seq = _Sequence(request, prompt, blocks,
