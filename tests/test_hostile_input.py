@@ -267,3 +267,15 @@ async def test_huge_prompt_is_refused_before_it_is_tokenized(stubs: Stubs, via: 
     finally:
         tracemalloc.stop()
     assert peak < 70_000_000, f"{peak / 1e6:.0f} MB allocated at the peak"
+
+
+@pytest.mark.parametrize("prompt", ["abd", [97, 98, 100]], ids=["text", "token ids"])
+async def test_handle_for_another_prompt_of_the_same_length(stubs: Stubs, prompt: str | list[int]) -> None:
+    """The handle names its prompt by a digest of the token ids, not only by their count."""
+    handle = await _prefill(stubs, "abc")
+    start = decode_pb.DecodeStart(params=params(prompt, model=MODEL), kv_handle=handle)
+    assert await rpc_failure(_decode(stubs, start)) == (grpc.StatusCode.FAILED_PRECONDITION,
+                                                        "KV_HANDLE_PROMPT_MISMATCH")
+    same = decode_pb.DecodeStart(params=params([97, 98, 99], model=MODEL, max_tokens=2), kv_handle=handle)
+    await _decode(stubs, same)  # the same prompt as token ids: the KV is taken
+    assert (await stubs.prefill_stats()).transfers_completed == 1

@@ -8,14 +8,17 @@ engine's blocks.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import secrets
+import sys
 import time
 import uuid
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
@@ -25,6 +28,15 @@ from dynamo_grpc.kv import shm
 from dynamo_grpc.v1 import common_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+
+def prompt_digest(token_ids: Sequence[int]) -> bytes:
+    """What a KV handle names its prompt by (`KvHandle.prompt_digest`): BLAKE2b-128 of the ids as
+    little-endian uint32s, a few microseconds for a prompt of thousands of tokens."""
+    ids = array("I", token_ids)
+    if sys.byteorder == "big":
+        ids.byteswap()
+    return hashlib.blake2b(ids, digest_size=16).digest()
 
 _FORGOTTEN_LIMIT = 4096
 
@@ -54,10 +66,11 @@ class LeasedKvStore:
 
     def hold(self, *, data: bytes | memoryview, num_tokens: int, layout: pb.KvLayout, fingerprint: str,
              on_free: Callable[[], None] | None = None, ttl_s: float | None = None,
-             shm_segment: str = "", crc32: int | None = None) -> pb.KvHandle:
+             shm_segment: str = "", crc32: int | None = None, prompt: Sequence[int] = ()) -> pb.KvHandle:
         """Keep `data` for one pull and return the handle that claims it; `shm_segment` names the
         shared memory behind `data` for a same-host decode worker to read in place. `crc32`, when the
-        caller computed it off the event loop, saves computing it here."""
+        caller computed it off the event loop, saves computing it here. `prompt`, the token ids the KV is
+        of, goes in the handle as a digest."""
         ttl = self.ttl_s if ttl_s is None else ttl_s
         expires = timestamp_pb2.Timestamp()
         expires.FromNanoseconds(time.time_ns() + int(ttl * 1e9))
@@ -65,14 +78,15 @@ class LeasedKvStore:
             transfer_id=uuid.uuid4().hex, endpoint=self.endpoint, pull_token=secrets.token_urlsafe(24),
             num_tokens=num_tokens, layout=layout, engine_fingerprint=fingerprint, lease_expires_at=expires,
             total_bytes=len(data), crc32=zlib.crc32(data) if crc32 is None else crc32, host=self.host, shm_segment=shm_segment,
+            prompt_digest=prompt_digest(prompt) if prompt else b"",
         )
         held = _Held(handle, data, on_free)
         held.expiry = asyncio.get_running_loop().call_later(ttl, self._expire, handle.transfer_id)
         self._held[handle.transfer_id] = held
         return handle
 
-    async def hold_segment(self, segment: str, *, num_tokens: int, layout: pb.KvLayout, fingerprint: str
-                           ) -> pb.KvHandle:
+    async def hold_segment(self, segment: str, *, num_tokens: int, layout: pb.KvLayout, fingerprint: str,
+                           prompt: Sequence[int] = ()) -> pb.KvHandle:
         """Lease a shared-memory segment an engine wrote; freeing the transfer unlinks it. A decode worker
         on this host links it in place, others pull it over gRPC."""
         mapping = shm.attach(segment)
@@ -80,7 +94,7 @@ class LeasedKvStore:
         crc = await asyncio.to_thread(zlib.crc32, mapping)
         # The store drops its view on free; streams still sending keep theirs until they finish.
         return self.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=layout, fingerprint=fingerprint,
-                         on_free=lambda: shm.unlink(segment), shm_segment=segment, crc32=crc)
+                         on_free=lambda: shm.unlink(segment), shm_segment=segment, crc32=crc, prompt=prompt)
 
     def claim(self, transfer_id: str, pull_token: str, fingerprint: str) -> bytes | memoryview:
         """The held bytes, if the caller proves it may have them."""

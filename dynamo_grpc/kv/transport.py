@@ -24,6 +24,7 @@ import grpc
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.errors import DynamoError, FailedPrecondition, InvalidArgument, NotFound, from_rpc_error
 from dynamo_grpc.kv import shm
+from dynamo_grpc.kv.store import prompt_digest
 from dynamo_grpc.kv.wire import PULL_KV_METHOD, parse_chunk
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
@@ -196,26 +197,30 @@ class KvReceiver:
         return cls([ShmTransport(channels, host), GrpcTransport(channels)])
 
     @staticmethod
-    def check(handle: pb.KvHandle, *, prompt_tokens: int, fingerprint: str, request_id: str) -> None:
+    def check(handle: pb.KvHandle, *, prompt: Sequence[int], fingerprint: str, request_id: str) -> None:
         """Refuse KV for another prompt, or from an engine whose cache this engine cannot read."""
         if not handle.endpoint or not handle.transfer_id:
             raise InvalidArgument("kv_handle needs the prefill worker's endpoint and a transfer id",
                                   request_id=request_id, reason="BAD_KV_HANDLE")
-        if handle.num_tokens != prompt_tokens:
+        if handle.num_tokens != len(prompt):
             raise FailedPrecondition(
-                f"KV handle covers {handle.num_tokens} tokens but the prompt has {prompt_tokens}; "
+                f"KV handle covers {handle.num_tokens} tokens but the prompt has {len(prompt)}; "
                 "send the same prompt that was prefilled", request_id=request_id, reason="KV_HANDLE_PROMPT_MISMATCH")
+        if handle.prompt_digest and handle.prompt_digest != prompt_digest(prompt):
+            raise FailedPrecondition(
+                f"KV handle is of another prompt of {len(prompt)} tokens; send the same prompt that was "
+                "prefilled", request_id=request_id, reason="KV_HANDLE_PROMPT_MISMATCH")
         if handle.engine_fingerprint != fingerprint:
             raise FailedPrecondition(
                 f"KV handle comes from an incompatible engine ({handle.engine_fingerprint}); this decode "
                 f"worker runs {fingerprint}. Pair only workers with the same engine fingerprint.",
                 request_id=request_id, reason="ENGINE_FINGERPRINT_MISMATCH")
 
-    async def receive(self, handle: pb.KvHandle, *, prompt_tokens: int, fingerprint: str, request_id: str,
+    async def receive(self, handle: pb.KvHandle, *, prompt: Sequence[int], fingerprint: str, request_id: str,
                       into_segment: bool = False) -> ReceivedKv:
-        """The KV of a prompt of `prompt_tokens` tokens for an engine with `fingerprint`, checked, its lease
-        ended; in a new shared-memory segment if `into_segment`."""
-        self.check(handle, prompt_tokens=prompt_tokens, fingerprint=fingerprint, request_id=request_id)
+        """The KV of `prompt` (token ids) for an engine with `fingerprint`, checked, its lease ended; in a new
+        shared-memory segment if `into_segment`."""
+        self.check(handle, prompt=prompt, fingerprint=fingerprint, request_id=request_id)
         for transport in self.transports:
             if not transport.reaches(handle):
                 continue
