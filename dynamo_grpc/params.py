@@ -97,8 +97,8 @@ def check_request_id(request_id: str) -> None:
 def check_request_id_form(request_id: str) -> None:
     """Refuse ids a status could not carry back (the ErrorInfo names the request); not echoed here either."""
     if not valid_request_id(request_id):
-        raise InvalidArgument(f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable ASCII characters, got "
-                              f"{len(request_id)} characters; send a shorter id", reason="BAD_REQUEST_ID")
+        raise InvalidArgument(f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable ASCII characters, "
+                              f"got {len(request_id)} characters; send a shorter id", reason="BAD_REQUEST_ID")
 
 
 def seconds_left(params: pb.GenerationParams, request_id: str) -> float | None:
@@ -107,10 +107,10 @@ def seconds_left(params: pb.GenerationParams, request_id: str) -> float | None:
         return None
     deadline = params.deadline
     if not (MIN_TIMESTAMP_SECONDS <= deadline.seconds <= MAX_TIMESTAMP_SECONDS and 0 <= deadline.nanos < 10**9):
-        raise InvalidArgument(f"deadline must be a Timestamp from year 1 to 9999 with nanos in [0, 999999999], got "
-                              f"seconds={deadline.seconds} nanos={deadline.nanos}", request_id=request_id,
+        raise InvalidArgument(f"deadline must be a Timestamp from year 1 to 9999 with nanos in [0, 999999999], "
+                              f"got seconds={deadline.seconds} nanos={deadline.nanos}", request_id=request_id,
                               reason="BAD_DEADLINE")
-    left = params.deadline.ToNanoseconds() / 1e9 - time.time()
+    left = deadline.ToNanoseconds() / 1e9 - time.time()
     if left <= 0:
         raise DeadlineExceeded("the request's deadline has already passed", request_id=request_id)
     return left

@@ -9,7 +9,6 @@ import zlib
 from collections.abc import AsyncIterator
 
 import grpc
-import httpx
 import pytest
 from google.protobuf import timestamp_pb2
 
@@ -18,7 +17,6 @@ from dynamo_grpc.errors import from_rpc_error
 from dynamo_grpc.frontend.backends import RemoteRouter
 from dynamo_grpc.frontend.http import MAX_HTTP_REQUEST_ID_CHARS, start_frontend
 from dynamo_grpc.kv.wire import PULL_KV_METHOD
-from dynamo_grpc.params import MAX_REQUEST_ID_CHARS
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
@@ -102,8 +100,8 @@ async def test_idle_and_partial_connections_are_closed(stubs: Stubs) -> None:
     remote = RemoteRouter(stubs.deployment.router.endpoint)
     frontend = await start_frontend(remote, stubs.deployment.router.registry, host="127.0.0.1", port=0,
                                     idle_timeout_s=0.5, body_timeout_s=0.5)
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: 100\r\n").encode()
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n")
     try:
         async def left_open(sent: bytes) -> bytes:
             """What the server answers before it closes a connection that sent only `sent`."""

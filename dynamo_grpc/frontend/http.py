@@ -185,7 +185,8 @@ def _decoded(raw: bytes, encoding: str) -> bytes:
     if encoding not in ("gzip", "deflate"):
         raise BadRequest(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or no encoding")
     # gzip, or deflate in its zlib wrapping (what HTTP means) or raw (what some clients send).
-    wbits = zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS if raw[:1] == b"\x78" else -zlib.MAX_WBITS
+    zlib_wrapped = raw[:1] == b"\x78"
+    wbits = zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS if zlib_wrapped else -zlib.MAX_WBITS
     decompressor = zlib.decompressobj(wbits)
     try:
         body = decompressor.decompress(raw, MAX_BODY_BYTES + 1)
@@ -354,9 +355,9 @@ class Frontend:
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         if not valid_request_id(request_id, MAX_HTTP_REQUEST_ID_CHARS):  # not echoed: it may not be writable
-            return _error(400, f"the {REQUEST_ID_HEADER} header must be 1 to {MAX_HTTP_REQUEST_ID_CHARS} printable "
-                          "ASCII characters; send a shorter id, or none to get one", "invalid_request_id",
-                          param=REQUEST_ID_HEADER)
+            return _error(400, f"the {REQUEST_ID_HEADER} header must be 1 to {MAX_HTTP_REQUEST_ID_CHARS} "
+                          "printable ASCII characters; send a shorter id, or none to get one",
+                          "invalid_request_id", param=REQUEST_ID_HEADER)
         headers = {REQUEST_ID_HEADER: request_id}
         try:
             raw = await asyncio.wait_for(request.read(), self.body_timeout_s)
@@ -366,7 +367,11 @@ class Frontend:
             refusal.force_close()
             return refusal
         try:
-            body = _loads(_decoded(raw, request.headers.get("Content-Encoding", "")))
+            raw = _decoded(raw, request.headers.get("Content-Encoding", ""))
+        except BadRequest as error:
+            return _error(400, error.message, "invalid_body", headers)
+        try:
+            body = _loads(raw)
         except BadRequest as error:
             return _error(400, error.message, "invalid_json", headers)
         try:

@@ -16,8 +16,8 @@ import sys
 import time
 import uuid
 import zlib
-from collections import OrderedDict
 from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 

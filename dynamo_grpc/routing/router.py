@@ -24,7 +24,14 @@ from dynamo_grpc.errors import (
     from_rpc_error,
     message_too_large,
 )
-from dynamo_grpc.params import check_request_id_form, deadline_timer, estimated_tokens, prompt_of, sampling_of, seconds_left
+from dynamo_grpc.params import (
+    check_request_id_form,
+    deadline_timer,
+    estimated_tokens,
+    prompt_of,
+    sampling_of,
+    seconds_left,
+)
 from dynamo_grpc.registry import Registry
 from dynamo_grpc.routing.fleet import (
     ALWAYS_DISAGGREGATE,
