@@ -27,6 +27,7 @@ from tests.cluster import MODEL, Served, Stubs, openai_frontend, rpc_failure, ru
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 JSON = {"Content-Type": "application/json"}
+SERVICE_NAME = PULL_KV_METHOD.split("/")[1]
 
 
 @pytest.fixture
@@ -210,8 +211,6 @@ async def test_malformed_pull_response_is_data_loss(stubs: Stubs) -> None:
         await source.stop(None)
         await _release(stubs, handle)
 
-
-SERVICE_NAME = PULL_KV_METHOD.split("/")[1]
 
 
 async def test_list_workers_with_an_unknown_role(stubs: Stubs) -> None:
