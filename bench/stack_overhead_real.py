@@ -6,7 +6,10 @@ OpenAI server (a subprocess with the same engine settings):
   http-agg       our frontend -> router -> decode worker
   http-disagg    our frontend -> router -> prefill worker, KV moved -> decode worker
 Our frontend, router and workers run in this process, beside the client (bench/stack_overhead.py gives each
-layer a process of its own, on a zero-cost simulated engine).
+layer a process of its own, on a zero-cost simulated engine). Our prefill engine runs on the lower half of
+the CPUs and our decode engine on the upper half (as `serve` splits them), and vLLM's server binds its engine
+to the decode engine's CPUs: the aggregated path and vLLM's server on the same cores, the disaggregated
+path on two disjoint sets.
 
 Modes take turns within each round in a fresh shuffled order, so the machine's noise hits them alike;
 every request has its own random prompt, so no prefix cache helps any mode. It starts three real engines:
@@ -37,6 +40,8 @@ import aiohttp
 
 from control_plane.deployment import start_all_in_one
 from dynamo_grpc.config import EngineConfig, ServerConfig, WorkerConfig
+from dynamo_grpc.engine import cpu_cores
+from dynamo_grpc.frontend.backends import EmbeddedRouter
 from dynamo_grpc.frontend.http import start_frontend
 from dynamo_grpc.loadgen import (
     Lengths,
@@ -90,7 +95,8 @@ async def start_our_stack(engine: EngineConfig, modes: tuple[str, ...], stack: S
     model = engine.model
     for mode in modes:
         router, known = (agg_router, decode_only) if mode == "http-agg" else (deployment.router, registry)
-        frontend = await start_frontend(router.endpoint, known, host="127.0.0.1", port=0)
+        assert router.router is not None
+        frontend = await start_frontend(EmbeddedRouter(router.router), known, host="127.0.0.1", port=0)
         stack.closers.append(frontend.stop)
         stack.senders[mode] = openai_sender(frontend.url, model, session)
 
@@ -110,6 +116,11 @@ async def start_vllm_server(model_dir: Path, model: str, engine: EngineConfig, s
     if engine.max_num_batched_tokens:
         command += ["--max-num-batched-tokens", str(engine.max_num_batched_tokens)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib), "HF_HUB_OFFLINE": "1"}
+    cores = decode_cores()
+    if cores and "VLLM_CPU_OMP_THREADS_BIND" not in env:  # the cores our aggregated path's engine runs on
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cores
+        print(f"vLLM's server binds its engine to CPUs {cores}, as our decode worker's", file=sys.stderr,
+              flush=True)
     log = tempfile.NamedTemporaryFile("w+", prefix="vllm-server-", suffix=".log", delete=False)
     print(f"starting vLLM's OpenAI server on port {port} (log: {log.name})", file=sys.stderr, flush=True)
     # A group of its own: the server's engine processes go with it, even when it is stopped mid-start.
@@ -141,6 +152,13 @@ async def start_vllm_server(model_dir: Path, model: str, engine: EngineConfig, s
                     return
         await asyncio.sleep(1.0)
     raise RuntimeError(f"vLLM's server was not ready within {START_TIMEOUT_S} s; see {log.name}")
+
+
+def decode_cores() -> str:
+    """The CPUs our decode engine runs on (`start_all_in_one` gives prefill the lower half, decode the upper);
+    empty when it cannot split them."""
+    shares = cpu_cores.split(cpu_cores.usable(), 2)
+    return cpu_cores.format_list(shares[1]) if shares else ""
 
 
 @dataclass

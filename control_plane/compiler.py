@@ -7,7 +7,7 @@ same plan, so plans can be diffed and reviewed. Allocation rules:
   (handed over as CUDA_VISIBLE_DEVICES); CPU hosts give no devices, but a CPU host that says its `cpus`
   splits them evenly between its workers, in that order, for an engine that runs on CPUs (`--cpus`);
 - on each host, workers take consecutive ports from `base_port` in that order, skipping the router's
-  and control plane's ports;
+  and control plane's ports; every process serves Prometheus /metrics on its port + METRICS_PORT_OFFSET;
 - worker ids are `<role>-<index>`; the initial pairing table is `compute_pairings` over the planned
   workers (same-host pairs first), with engine fingerprints predicted from the KV-layout arguments.
 """
@@ -30,6 +30,7 @@ from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
 PROGRAM = "dynamo-grpc"
+METRICS_PORT_OFFSET = 1000
 _ROLE_ENUM = {"prefill": pb.WORKER_ROLE_PREFILL, "decode": pb.WORKER_ROLE_DECODE, "router": pb.WORKER_ROLE_ROUTER}
 
 
@@ -52,10 +53,22 @@ class PlannedProcess:
     env: dict[str, str] = field(default_factory=dict)
     cpus: str = ""
     """The CPU ids of a CPU host that this worker's engine runs on; empty where it keeps its own binding."""
+    processes: int = 1
+    """Processes serving the port together (the router's `--workers`); 0: one per core of the host, counted
+    when it starts (a host whose cores the spec does not say)."""
 
     @property
     def endpoint(self) -> str:
         return f"{self.address}:{self.port}"
+
+    @property
+    def metrics_port(self) -> int:
+        """Where the process serves its Prometheus metrics (`--metrics-port`)."""
+        return self.port + METRICS_PORT_OFFSET
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.address}:{self.metrics_port}/metrics"
 
     def shell(self) -> str:
         """The command as one shell line, environment first."""
@@ -152,10 +165,12 @@ def compile_spec(spec: Spec) -> Plan:
                 command = (*command, "--disagg-min-prompt-tokens", str(spec.router.min_uncached_tokens))
             if spec.autoscaling is not None:
                 command = (*command, "--cold-start-wait-s", _flag_value(spec.autoscaling.cold_start_wait_s))
+            count = _router_processes(spec, processes)
+            command = (*command, "--workers", str(count) if count else "auto")
         elif spec.autoscaling is not None:
             command = (*command, *_autoscaling_flags(spec))
         processes.append(PlannedProcess(id=role, role=role, host=host, address=spec.host(host).address, port=port,
-                                        command=command))
+                                        command=command, processes=count if role == "router" else 1))
     pairings = _initial_pairings(spec, processes)
     return Plan(
         name=spec.name, namespace=spec.namespace, model=spec.model.served_name, engine=spec.model.engine,
@@ -164,7 +179,19 @@ def compile_spec(spec: Spec) -> Plan:
         slo={k: v for k, v in (("ttft_ms", spec.slo.ttft_ms), ("itl_ms", spec.slo.itl_ms)) if v is not None},
         transfer={"kv_ttl_s": spec.transfer.kv_ttl_s, "on_pull_failure": spec.transfer.on_pull_failure},
         autoscaling=spec.autoscaling is not None,
-        notes=tuple(_notes(spec, pairings) + _cpu_notes(spec, cores)))
+        notes=tuple(_notes(spec, pairings) + _cpu_notes(spec, cores) + _metrics_notes(processes)))
+
+
+def _router_processes(spec: Spec, planned: list[PlannedProcess]) -> int:
+    """Router processes on its host: the spec's `router.workers`, else one per core of the host that no
+    engine runs on (at least one); 0 where the host does not say its cores (the router counts them)."""
+    if spec.router.workers:
+        return spec.router.workers
+    host = spec.host(spec.router.host)
+    if not host.cpus:
+        return 0
+    taken = sum(len(cpu_cores.parse(p.cpus)) for p in planned if p.host == host.name and p.cpus)
+    return max(1, host.cpus - taken)
 
 
 def _cpu_workers(spec: Spec) -> dict[str, list[str]]:
@@ -278,7 +305,8 @@ def _bind_address(address: str) -> str:
 def _server_command(spec: Spec, role: str, host: str, port: int) -> tuple[str, ...]:
     address = spec.host(host).address
     return (PROGRAM, role, "--host", _bind_address(address), "--port", str(port), "--advertise-host", address,
-            "--node-name", host, "--etcd", ",".join(spec.etcd), "--namespace", spec.namespace)
+            "--node-name", host, "--etcd", ",".join(spec.etcd), "--namespace", spec.namespace,
+            "--metrics-port", str(port + METRICS_PORT_OFFSET))
 
 
 def _initial_pairings(spec: Spec, processes: list[PlannedProcess]) -> tuple[tuple[str, str, bool], ...]:
@@ -326,9 +354,21 @@ def _notes(spec: Spec, pairings: tuple[tuple[str, str, bool], ...]) -> list[str]
     return notes
 
 
+def _metrics_notes(processes: list[PlannedProcess]) -> list[str]:
+    """Where Prometheus scrapes, and any metrics port that another process of its host listens on."""
+    router = next(p for p in processes if p.role == "router")
+    notes = [f"metrics: every process serves Prometheus /metrics on its port + {METRICS_PORT_OFFSET} "
+             f"(router: {router.metrics_url})"]
+    taken = {(p.host, p.port) for p in processes}
+    notes += [f"{p.id}: metrics port {p.metrics_port} is another process's gRPC port on host {p.host!r}; "
+              "change base_port" for p in processes if (p.host, p.metrics_port) in taken]
+    return notes
+
+
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     out = asdict(plan)
-    out["processes"] = [{**asdict(p), "endpoint": p.endpoint, "shell": p.shell()} for p in plan.processes]
+    out["processes"] = [{**asdict(p), "endpoint": p.endpoint, "metrics": p.metrics_url, "shell": p.shell()}
+                        for p in plan.processes]
     out["pairings"] = [{"prefill": p, "decode": d, "same_host": same} for p, d, same in plan.pairings]
     return out
 
@@ -348,9 +388,10 @@ def render_plan(plan: Plan) -> str:
     title = (f"plan {plan.name}: model {plan.model} ({plan.engine}), namespace {plan.namespace}, "
              f"etcd {','.join(plan.etcd)}")
     lines = [title, ""]
-    header = ("ID", "ROLE", "HOST", "ENDPOINT", "DEVICES", "TP")
+    header = ("ID", "ROLE", "HOST", "ENDPOINT", "DEVICES", "TP", "PROCESSES")
     rows = [(p.id, p.role, p.host, p.endpoint, _devices(p),
-             str(p.tensor_parallel_size) if p.role in ("prefill", "decode") else "-") for p in plan.processes]
+             str(p.tensor_parallel_size) if p.role in ("prefill", "decode") else "-",
+             str(p.processes) if p.processes else "auto (1 per core)") for p in plan.processes]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
 
+from dynamo_grpc import metrics
 from dynamo_grpc.registry import PAIRINGS_DOCUMENT, Registry, RegistryUnavailable
 from dynamo_grpc.routing.pairing import pairing_table
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -34,6 +35,8 @@ class PairingController:
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._changes = metrics.pairing_changes()
+        self.workers: dict[str, pb.WorkerInfo] = {}
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -62,6 +65,7 @@ class PairingController:
 
     async def _publish(self, workers: dict[str, pb.WorkerInfo]) -> None:
         """Write the table for this fleet, unless it pairs the workers as the current one does."""
+        self.workers = workers
         table = pairing_table(workers.values(), version=self.table.version + 1)
         if self._ready.is_set() and list(table.groups) == list(self.table.groups) \
                 and list(table.pairings) == list(self.table.pairings):
@@ -77,9 +81,17 @@ class PairingController:
         pairs = sum(len(g.prefill_worker_ids) * len(g.decode_worker_ids) for g in table.groups)
         log.info("pairing table v%d: %d pairs in %d groups among %d workers", table.version, pairs,
                  len(table.groups), len(workers))
+        self._changes.inc()
         async with self._changed:
             self.table = table
             self._changed.notify_all()
+
+    def metric_samples(self) -> list[metrics.Sample]:
+        """The fleet and the published table, for /metrics."""
+        pairs = sum(len(g.prefill_worker_ids) * len(g.decode_worker_ids) for g in self.table.groups)
+        return [*metrics.workers_by_role("dynamo_control_plane_workers", self.workers.values()),
+                ("dynamo_control_plane_pairs", {}, float(pairs)),
+                ("dynamo_control_plane_pairing_version", {}, float(self.table.version))]
 
 
 async def newest_only(source: AsyncGenerator[T, None]) -> AsyncIterator[T]:

@@ -43,9 +43,10 @@ INFERENCE_POOL = "inference-pool"
 
 PARTS = {"etcd", "prefill", "decode", "router", "control-plane", ACTUATOR, INFERENCE_POOL}
 
-_PER_POD_FLAGS = {"--advertise-host", "--node-name", "--worker-id"}
+_PER_POD_FLAGS = {"--advertise-host", "--node-name", "--worker-id", "--workers"}
 """Flags of the plan's commands that each pod sets for itself: its address and node through the
-environment, a worker id of its own by default (replicas share one pod template)."""
+environment, a worker id of its own by default (replicas share one pod template), one process (a
+router scales by replicas)."""
 
 
 def write_manifests(plan: Plan, out_dir: str | Path, *, image: str = DEFAULT_IMAGE,
@@ -74,7 +75,7 @@ def write_manifests(plan: Plan, out_dir: str | Path, *, image: str = DEFAULT_IMA
             continue
         documents = [_deployment(plan, processes, images.get(role, image), namespace, etcd, shared_memory)]
         if role in ("router", "control-plane"):
-            documents.append(_service(plan, role, processes[0].port, namespace))
+            documents.append(_service(plan, role, processes[0], namespace))
         files[role] = documents
     if plan.autoscaling:
         files[ACTUATOR] = _actuator(plan, images.get(ACTUATOR, image), namespace, etcd)
@@ -157,7 +158,8 @@ def _deployment(plan: Plan, processes: list[PlannedProcess], image: str, namespa
     worker = role in ("prefill", "decode")
     container: dict[str, Any] = {
         "name": role, "image": image, "command": ["dynamo-grpc"], "args": _pod_args(first, etcd),
-        "ports": [{"name": "grpc", "containerPort": first.port}],
+        "ports": [{"name": "grpc", "containerPort": first.port},
+                  {"name": "metrics", "containerPort": first.metrics_port}],
         "env": _pod_identity(shared_memory and worker),
         **_grpc_probes(first.port, WORKER_START_S if worker else SERVER_START_S),
     }
@@ -178,16 +180,20 @@ def _deployment(plan: Plan, processes: list[PlannedProcess], image: str, namespa
         spec["strategy"] = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     else:
         spec["strategy"] = {"type": "Recreate"}  # one control plane (one autoscaler) at a time
-    spec["template"] = {"metadata": {"labels": labels}, "spec": pod}
+    # Prometheus' pod discovery (kubernetes_sd_configs) keeps pods that ask to be scraped, at their port.
+    scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": str(first.metrics_port),
+              "prometheus.io/path": "/metrics"}
+    spec["template"] = {"metadata": {"labels": labels, "annotations": scrape}, "spec": pod}
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _metadata(plan, role, namespace),
             "spec": spec}
 
 
-def _service(plan: Plan, role: str, port: int, namespace: str) -> dict[str, Any]:
+def _service(plan: Plan, role: str, process: PlannedProcess, namespace: str) -> dict[str, Any]:
+    ports = [{"name": "grpc", "port": process.port, "targetPort": process.port},
+             {"name": "metrics", "port": process.metrics_port, "targetPort": process.metrics_port}]
     return {
         "apiVersion": "v1", "kind": "Service", "metadata": _metadata(plan, role, namespace),
-        "spec": {"selector": _labels(plan, role),
-                 "ports": [{"name": "grpc", "port": port, "targetPort": port}]},
+        "spec": {"selector": _labels(plan, role), "ports": ports},
     }
 
 

@@ -8,6 +8,7 @@ import logging
 from control_plane.control_plane_service import ControlPlaneServicer
 from control_plane.controller import PairingController
 from control_plane.scaling import AutoscalingConfig, ScaleController
+from dynamo_grpc import metrics
 from dynamo_grpc.config import ServerConfig
 from dynamo_grpc.registry import PLAN_DOCUMENT, Registry
 from dynamo_grpc.roles import RunningRole, service_name
@@ -26,11 +27,11 @@ async def start_control_plane(config: ServerConfig, registry: Registry, *, plan:
         await registry.put_document(PLAN_DOCUMENT, plan.SerializeToString())
     pairings = PairingController(registry)
     await pairings.start()
-    cleanups = [pairings.stop]
+    cleanups = [metrics.sample(pairings, pairings.metric_samples), pairings.stop]
     if autoscaling is not None:
         scaler = ScaleController(registry, autoscaling)
         await scaler.start()
-        cleanups.insert(0, scaler.stop)
+        cleanups[:0] = [metrics.sample(scaler, scaler.metric_samples), scaler.stop]
     server = await start_server([
         ServiceBinding(ControlPlaneServicer(registry, pairings), cp_grpc.add_ControlPlaneServiceServicer_to_server,
                        service_name(cp_pb, "ControlPlaneService")),

@@ -24,6 +24,7 @@ from control_plane.autoscaler import (
     PoolMetrics,
     ScaleDecision,
 )
+from dynamo_grpc import metrics
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.registry import DEMAND_DOCUMENT, SCALE_DOCUMENT, Registry
 from dynamo_grpc.routing.fleet import worker_stats
@@ -183,6 +184,13 @@ class ScaleController:
             except Exception as error:  # noqa: BLE001 - cold starts must keep working once it is back
                 log.warning("autoscaling: watching for calls for capacity failed (%s); again in 2 s", error)
                 await asyncio.sleep(2.0)
+
+    def metric_samples(self) -> list[metrics.Sample]:
+        """The published scale target, for /metrics."""
+        target, name = self.target, "dynamo_control_plane_scale_target_workers"
+        return [(name, {"pool": "prefill"}, float(target.prefill_workers)),
+                (name, {"pool": "decode"}, float(target.decode_workers)),
+                ("dynamo_control_plane_scale_target_version", {}, float(target.version))]
 
     async def _publish(self, decision: ScaleDecision) -> None:
         if (decision.prefill_workers, decision.decode_workers) == (self.target.prefill_workers,

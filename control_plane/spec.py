@@ -11,7 +11,7 @@ obvious, so a bad spec is fixed in one edit instead of one error per run.
     hosts: [{name: node-a, address: 10.0.0.1, gpus: 8}]
     prefill: {workers: 4, tensor_parallel_size: 1, hosts: [node-a], engine_args: {max_num_batched_tokens: 8192}}
     decode:  {workers: 4, tensor_parallel_size: 1, hosts: [node-a]}
-    router:  {port: 50051, policy: kv_aware, disaggregation: {min_uncached_tokens: 512}}
+    router:  {port: 50051, policy: kv_aware, disaggregation: {min_uncached_tokens: 512}, workers: 4}
     slo: {ttft_ms: 500, itl_ms: 50}
     transfer: {kv_ttl_s: 30, on_pull_failure: fail}
     etcd: [10.0.0.1:2379]
@@ -93,6 +93,8 @@ class RouterSpec:
     policy: str = "kv_aware"
     min_uncached_tokens: int = 0
     """Prompts with fewer uncached tokens than this may be served without a separate prefill."""
+    workers: int = 0
+    """Router processes sharing the port (`--workers`); 0: sized to the host by the compiler."""
 
 
 @dataclass(frozen=True)
@@ -239,7 +241,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
                    **({"cpus": h.cpus} if h.cpus else {})} for h in spec.hosts],
         "prefill": pool(spec.prefill), "decode": pool(spec.decode),
         "router": {"host": spec.router.host, "port": spec.router.port, "policy": spec.router.policy,
-                   "disaggregation": {"min_uncached_tokens": spec.router.min_uncached_tokens}},
+                   "disaggregation": {"min_uncached_tokens": spec.router.min_uncached_tokens},
+                   **({"workers": spec.router.workers} if spec.router.workers else {})},
         "control_plane": {"host": spec.control_plane.host, "port": spec.control_plane.port},
         "base_port": spec.base_port,
         "transfer": {"kv_ttl_s": spec.transfer.kv_ttl_s, "on_pull_failure": spec.transfer.on_pull_failure},
@@ -634,7 +637,7 @@ class _Checker:
     def router(self, node: _Node | None, host_names: tuple[str, ...], default_host: str) -> Any:
         if node is None:
             return RouterSpec(host=default_host)
-        items = self.mapping(node, "router", (), ("host", "port", "policy", "disaggregation"))
+        items = self.mapping(node, "router", (), ("host", "port", "policy", "disaggregation", "workers"))
         if items is None:
             return _MISSING
         host = self.host_ref(items.get("host"), "router.host", host_names, default_host)
@@ -646,9 +649,11 @@ class _Checker:
             if sub is not None:
                 min_uncached = self.integer(sub.get("min_uncached_tokens"),
                                             "router.disaggregation.min_uncached_tokens", minimum=0, default=0)
-        if _MISSING in (host, port, policy, min_uncached):
+        workers = self.integer(items.get("workers"), "router.workers", minimum=0, default=0)
+        if _MISSING in (host, port, policy, min_uncached, workers):
             return _MISSING
-        return RouterSpec(host=host, port=port, policy=policy, min_uncached_tokens=min_uncached)
+        return RouterSpec(host=host, port=port, policy=policy, min_uncached_tokens=min_uncached,
+                          workers=workers)
 
     def control_plane(self, node: _Node | None, host_names: tuple[str, ...], default_host: str) -> Any:
         if node is None:

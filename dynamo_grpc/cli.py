@@ -22,13 +22,14 @@ import grpc
 from control_plane.deployment import start_all_in_one
 from control_plane.k8s_actuator import add_actuator_flags, run_actuator
 from control_plane.role import start_control_plane
-from dynamo_grpc import event_loop
+from dynamo_grpc import event_loop, process_group, tracing
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import (
     ROUTING_POLICIES,
     ConfigError,
     EndpointPickerConfig,
     ServerConfig,
+    WorkerConfig,
     add_engine_flags,
     add_flag,
     add_server_flags,
@@ -53,6 +54,7 @@ log = logging.getLogger("dynamo_grpc")
 
 DEFAULT_ROUTER_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
+TRACED_COMMANDS = ("serve", "frontend", "router", "prefill", "decode")
 
 
 def add_router_flags(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +77,19 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "cold-start-wait-s", default=0.0, type=float,
              help="how long a request that finds no decode worker waits for one to start, calling on the "
              "control plane's autoscaler for it (0: fail at once with UNAVAILABLE)")
+
+
+def add_workers_flag(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "workers", default="1", type=process_group.workers_count,
+             help="processes serving --port together (SO_REUSEPORT), each with its own view of the fleet; "
+             "0 or auto: one per core")
+
+
+def router_flags_argv(args: argparse.Namespace) -> list[str]:
+    """The router flags of `args` as command-line arguments, for a process that routes the same way."""
+    names = ("policy", "load-poll-s", "tokenizer", "max-migrations", "disagg-min-prompt-tokens",
+             "disagg-max-prefill-queue", "cold-start-wait-s")
+    return [part for name in names for part in (f"--{name}", str(getattr(args, name.replace("-", "_"))))]
 
 
 def router_settings(args: argparse.Namespace) -> dict[str, object]:
@@ -132,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None,
                         help="logging level of dynamo-grpc and vLLM: DEBUG, INFO, WARNING (default: INFO; "
                         "WARNING for serve --prompt)")
+    parser.add_argument("--otel-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+                        help="trace requests with OpenTelemetry to this OTLP/gRPC collector, e.g. "
+                        "http://127.0.0.1:4317 (needs dynamo-grpc[otel]) [env OTEL_EXPORTER_OTLP_ENDPOINT; "
+                        "default: no tracing]")
     add_flag(parser, "event-loop", default="uvloop", choices=event_loop.EVENT_LOOPS,
              help="the asyncio event loop to run on: uvloop (faster; asyncio's when uvloop is not installed) "
              "or asyncio")
@@ -142,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_flags(sub)
     sub = roles.add_parser("router", help="run a router")
     add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
+    add_workers_flag(sub)
     add_router_flags(sub)
     add_flag(sub, "ext-proc-port", default=0, type=int,
              help="also serve Envoy's External Processing API here, as the endpoint picker of an Envoy-based "
@@ -163,10 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(sub, "http-host", default="127.0.0.1", help="address of the OpenAI-compatible HTTP frontend")
     add_flag(sub, "http-port", default=DEFAULT_HTTP_PORT, type=int,
              help="port of the OpenAI-compatible HTTP frontend (0 = any free port)")
+    add_flag(sub, "http-workers", default="auto", type=process_group.workers_count,
+             help="HTTP frontend processes sharing --http-port, each routing on its own (needs --etcd for "
+             "more than 1); auto: one per core the engines leave (1 beside engines that run on this "
+             "host's CPUs)")
     add_flag(sub, "prompt", default="", help="send this prompt through the deployment, print the answer, exit")
     add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate for --prompt")
     sub = roles.add_parser("frontend", help="run the OpenAI-compatible HTTP frontend, routing in its own process")
     add_server_flags(sub, port=DEFAULT_HTTP_PORT)
+    add_workers_flag(sub)
     add_flag(sub, "router", default="", help="forward every request to the RouterService at host:port instead "
              "of routing in this process (then the routing flags below do not apply)")
     add_router_flags(sub)
@@ -255,11 +281,20 @@ async def _connect_registry(config: ServerConfig, *, required: bool) -> Registry
     return registry
 
 
+GC_YOUNG_THRESHOLD = 20_000
+"""Container objects allocated between young-generation collections (CPython's default: 700). A request
+allocates a few hundred (coroutines, frames, dicts, futures), most of them gone when it ends; with the
+default, every other request triggers a collection that scans the requests in flight and promotes them
+for older-generation collections to scan again (5-8% of the HTTP frontend's CPU under load)."""
+
+
 async def _until_signalled() -> None:
     """Serve until SIGINT or SIGTERM. What start-up built lives as long as the process, so it leaves the
-    garbage collector's view first: the collections that requests trigger then skip it."""
+    garbage collector's view first: the collections that requests trigger then skip it, and come less
+    often."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -267,11 +302,32 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-async def _run_role(start: Callable[[], Awaitable[RunningRole]], registry: Registry) -> None:
+async def _serve_metrics(stack: contextlib.AsyncExitStack, server: ServerConfig,
+                         group_ports: list[int] | None = None) -> str:
+    """Prometheus /metrics of this process on --metrics-port, when one is given; its URL, or "". In a group
+    (`group_ports`: the group's private metrics ports; by default those of the group this process is in),
+    /metrics answers for every process of it."""
+    from dynamo_grpc.metrics import join_group, serve_metrics
+
+    group_ports = process_group.metrics_ports() if group_ports is None else group_ports
+    if group_ports:
+        private = await join_group(group_ports, process_group.index())
+        stack.push_async_callback(private.stop)
+    if not server.metrics_port:
+        return ""
+    running = await serve_metrics(server.host, server.metrics_port, reuse_port=process_group.in_group())
+    stack.push_async_callback(running.stop)
+    log.info("Prometheus metrics at %s", running.url)
+    return running.url
+
+
+async def _run_role(start: Callable[[], Awaitable[RunningRole]], registry: Registry, server: ServerConfig
+                    ) -> None:
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(registry.close)
         role = await start()
         stack.push_async_callback(role.stop)
+        await _serve_metrics(stack, server)
         await _until_signalled()
 
 
@@ -296,14 +352,50 @@ async def _serve(args: argparse.Namespace) -> int:
              f"(try: dynamo-grpc generate --router {endpoint} --model {model} 'Hello')")
         # The frontend routes through the same router as RouterService, in this process: no hop between.
         assert deployment.router.router is not None
+        more = _http_workers(args, worker) - 1
         frontend = await _start_frontend(EmbeddedRouter(deployment.router.router), registry, args.http_host,
-                                         args.http_port, model_path=model_path or None)
+                                         args.http_port, model_path=model_path or None, reuse_port=more > 0)
         stack.push_async_callback(frontend.stop)
+        group_ports = process_group.free_loopback_ports(1 + more) if more else []
+        if more:
+            frontends = _more_frontends(args, worker, more, port=frontend.port, metrics_ports=group_ports,
+                                        tokenizer=str(settings["tokenizer"]))
+            stack.push_async_callback(asyncio.to_thread, frontends.stop)
         _say("serve", f"OpenAI API at {frontend.url}/v1 (try: curl {frontend.url}/v1/completions "
              f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", "
              f"\"max_tokens\": 16}}')")
+        metrics_url = await _serve_metrics(stack, worker.server, group_ports)
+        _say("serve", f"Prometheus metrics of every part at {metrics_url or frontend.url + '/metrics'}")
         await _until_signalled()
     return 0
+
+
+def _http_workers(args: argparse.Namespace, worker: WorkerConfig) -> int:
+    """How many processes serve `serve`'s HTTP port: --http-workers, where auto is one per core unless the
+    engines run on this host's CPUs (they hold the cores then). More than one needs etcd: the others follow
+    the fleet there."""
+    count = args.http_workers or (1 if worker.kind.cpus_field else process_group.resolve(0))
+    if count > 1 and not worker.server.etcd:
+        if args.http_workers > 1:
+            _say("serve", f"--http-workers {args.http_workers} needs --etcd (the other frontend processes "
+                 "follow the fleet there); serving HTTP from this process only")
+        return 1
+    return count
+
+
+def _more_frontends(args: argparse.Namespace, worker: WorkerConfig, count: int, *, port: int,
+                    metrics_ports: list[int], tokenizer: str) -> process_group.ProcessGroup:
+    """`count` frontends beside `serve`'s own (index 0 of their group), on its HTTP port, each routing from
+    the registry."""
+    argv = [sys.executable, "-m", "dynamo_grpc.cli", "--event-loop", args.event_loop,
+            *(["--log-level", args.log_level] if args.log_level else []), "frontend", "--workers", "1",
+            "--host", args.http_host, "--port", str(port), "--etcd", ",".join(worker.server.etcd),
+            "--namespace", worker.server.namespace, "--model-path", worker.kind.model_path(worker.engine),
+            *router_flags_argv(args), "--tokenizer", tokenizer]
+    frontends = process_group.ProcessGroup(argv, count, name="serve's HTTP frontends", first_index=1,
+                                           metrics_ports=metrics_ports)
+    frontends.start()
+    return frontends
 
 
 def _say(command: str, message: str) -> None:
@@ -324,12 +416,13 @@ async def _prepare_engines(kind: str, model_path: str) -> None:
 
 
 async def _start_frontend(backend: Backend, registry: Registry, host: str, port: int, *,
-                          model_path: str | None) -> RunningFrontend:
+                          model_path: str | None, reuse_port: bool = False) -> RunningFrontend:
     from dynamo_grpc.frontend.http import start_frontend
     from dynamo_grpc.frontend.openai_protocol import load_chat_template
 
     template = load_chat_template(model_path) if model_path else None
-    return await start_frontend(backend, registry, host=host, port=port, chat_template=template)
+    return await start_frontend(backend, registry, host=host, port=port, chat_template=template,
+                                reuse_port=reuse_port)
 
 
 async def _frontend(args: argparse.Namespace) -> int:
@@ -337,7 +430,8 @@ async def _frontend(args: argparse.Namespace) -> int:
     from dynamo_grpc.frontend.backends import EmbeddedRouter, RemoteRouter
     from dynamo_grpc.routing.router import open_router
 
-    registry = await _connect_registry(server_config(args), required=True)
+    server = server_config(args)
+    registry = await _connect_registry(server, required=True)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(registry.close)
         backend: Backend
@@ -351,9 +445,12 @@ async def _frontend(args: argparse.Namespace) -> int:
             stack.push_async_callback(router.close)
             backend = EmbeddedRouter(router)
         frontend = await _start_frontend(backend, registry, args.host, args.port,
-                                         model_path=args.model_path or None)
+                                         model_path=args.model_path or None,
+                                         reuse_port=process_group.in_group())
         stack.push_async_callback(frontend.stop)
-        print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1, {backend.description}", flush=True)
+        await _serve_metrics(stack, server)
+        print(f"dynamo-grpc: OpenAI API at {frontend.url}/v1, {backend.description}; metrics at "
+              f"{frontend.url}/metrics", flush=True)
         await _until_signalled()
     return 0
 
@@ -456,12 +553,22 @@ async def _main(args: argparse.Namespace) -> int:
                                        **router_settings(args)),
         "control-plane": lambda: start_control_plane(server, registry, plan=plan, autoscaling=autoscaling),
     }
-    await _run_role(starts[command], registry)
+    await _run_role(starts[command], registry, server)
     return 0
 
 
 def _endpoint_picker(args: argparse.Namespace) -> EndpointPickerConfig | None:
     return EndpointPickerConfig(args.ext_proc_port, args.ext_proc_target_port) if args.ext_proc_port else None
+
+
+def _run_group(argv: list[str], count: int, args: argparse.Namespace) -> int:
+    """`frontend`/`router` as `count` processes on one port (each runs this same command line)."""
+    try:
+        return process_group.run_group(argv, count, host=args.host, port=args.port, name=args.command)
+    except OSError as error:
+        print(f"dynamo-grpc {args.command}: cannot listen on {args.host}:{args.port}: {error}",
+              file=sys.stderr)
+        return 1
 
 
 def _make_model(args: argparse.Namespace) -> int:
@@ -633,6 +740,12 @@ def main(argv: list[str] | None = None) -> int:
         _configure_engine_logging(level, quiet=_quiet(args))
     logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {args.command} %(name)s: %(message)s")
+    if args.command in ("frontend", "router") and not process_group.in_group():
+        count = process_group.resolve(args.workers)
+        if count > 1:
+            return _run_group(list(sys.argv[1:] if argv is None else argv), count, args)
+    if args.otel_endpoint and args.command in TRACED_COMMANDS:
+        tracing.configure(f"dynamo-grpc-{args.command}", endpoint=args.otel_endpoint)
     try:
         return event_loop.run(_main(args), args.event_loop)
     except ConfigError as error:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -31,10 +32,12 @@ class GenerateStream:
     (`responses = aiter(stream)`) and resume it.
     """
 
-    def __init__(self, stub: router_grpc.RouterServiceStub, request_id: str, params: pb.GenerationParams) -> None:
+    def __init__(self, stub: router_grpc.RouterServiceStub, request_id: str, params: pb.GenerationParams, *,
+                 metadata: Sequence[tuple[str, str]] | None = None) -> None:
         self._cancel = CancelSignal()
         self.call = open_bidi(
-            stub.Generate, router_pb.GenerateRequest(request_id=request_id, start=params),
+            stub.Generate if metadata is None else functools.partial(stub.Generate, metadata=metadata),
+            router_pb.GenerateRequest(request_id=request_id, start=params),
             router_pb.GenerateRequest(request_id=request_id, cancel=pb.CancelAction(reason="client cancel")),
             self._cancel)
 

@@ -40,10 +40,18 @@ class ServerConfig:
     etcd: tuple[str, ...] = ()
     namespace: str = "default"
     lease_ttl_s: int = 10
+    metrics_port: int = 0
+    """Where this process serves Prometheus /metrics over HTTP; 0: not served (an HTTP frontend serves its
+    own /metrics on its port either way)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in [0, 65535] (0 picks a free port), got {self.port}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port must be in [0, 65535] (0: no metrics server), "
+                              f"got {self.metrics_port}")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ConfigError(f"--metrics-port must differ from --port ({self.port}); pick another")
         if self.lease_ttl_s < 2:
             raise ConfigError(f"--lease-ttl-s must be at least 2 (etcd's minimum lease), got {self.lease_ttl_s}")
         for endpoint in self.etcd:
@@ -131,6 +139,8 @@ def add_server_flags(parser: argparse.ArgumentParser, *, port: int = 0) -> None:
     add_flag(parser, "etcd", default="", help="etcd endpoints host:port[,host:port...]")
     add_flag(parser, "namespace", default="default", help="deployment namespace in etcd")
     add_flag(parser, "lease-ttl-s", default=10, type=int, help="etcd lease TTL of this process's registration")
+    add_flag(parser, "metrics-port", default=0, type=int, help="serve Prometheus metrics at "
+             "http://HOST:PORT/metrics (0: not served; an HTTP frontend serves /metrics on its own port)")
 
 
 def _own_flag_fields(kind: EngineKind) -> list[str]:
@@ -175,7 +185,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, advertise_host=args.advertise_host,
                         node_name=args.node_name, etcd=tuple(e for e in args.etcd.split(",") if e),
-                        namespace=args.namespace, lease_ttl_s=args.lease_ttl_s)
+                        namespace=args.namespace, lease_ttl_s=args.lease_ttl_s,
+                        metrics_port=args.metrics_port)
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:

@@ -14,6 +14,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
+from dynamo_grpc import metrics
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.config import ConfigError, EndpointPickerConfig, ServerConfig, WorkerConfig
 from dynamo_grpc.engine.base import Engine
@@ -98,6 +99,11 @@ def _kv_events(engine: Engine) -> list[ServiceBinding]:
                            service_name(events_pb, "KvEventService"))]
 
 
+def _sample_engine(role: str, worker_id: str, engine: Engine) -> Callable[[], Awaitable[None]]:
+    """Show the engine's load and caches at every scrape of /metrics, until the returned cleanup runs."""
+    return metrics.sample(engine, metrics.worker_samples(role, worker_id, engine.stats))
+
+
 def _worker_info(worker_id: str, role: int, engine: Engine, endpoint: str, server: ServerConfig
                  ) -> pb.WorkerInfo:
     started = timestamp_pb2.Timestamp()
@@ -125,21 +131,23 @@ async def _start_worker(config: WorkerConfig, parts: EngineParts,
 
 async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole:
     store = LeasedKvStore(endpoint="", host=config.server.node_name, ttl_s=config.kv_ttl_s)
+    worker_id = config.resolved_worker_id("prefill")
     server, engine = await _start_worker(config, EngineParts(kv_store=store), lambda engine: [
-        ServiceBinding(PrefillServicer(engine), prefill_grpc.add_PrefillServiceServicer_to_server,
+        ServiceBinding(PrefillServicer(engine, worker_id=worker_id),
+                       prefill_grpc.add_PrefillServiceServicer_to_server,
                        service_name(prefill_pb, "PrefillService")),
         ServiceBinding(KvTransferServicer(store), add_kv_transfer_service,
                        service_name(kv_pb, "KvTransferService")),
     ], starting=(service_name(prefill_pb, "PrefillService"), service_name(kv_pb, "KvTransferService")))
     endpoint = store.endpoint = config.server.endpoint(server.port)
-    worker_id = config.resolved_worker_id("prefill")
     await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_PREFILL, engine, endpoint, config.server))
     log.info("prefill worker %s serving %s on %s", worker_id, engine.model, endpoint)
 
     async def close_store() -> None:
         store.close()
 
-    return RunningRole("prefill worker", endpoint, server, registry, worker_id, [engine.shutdown, close_store])
+    return RunningRole("prefill worker", endpoint, server, registry, worker_id,
+                       [_sample_engine("prefill", worker_id, engine), engine.shutdown, close_store])
 
 
 async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
@@ -156,7 +164,8 @@ async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     endpoint = config.server.endpoint(server.port)
     await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_DECODE, engine, endpoint, config.server))
     log.info("decode worker %s serving %s on %s", worker_id, engine.model, endpoint)
-    return RunningRole("decode worker", endpoint, server, registry, worker_id, [engine.shutdown, channels.close])
+    return RunningRole("decode worker", endpoint, server, registry, worker_id,
+                       [_sample_engine("decode", worker_id, engine), engine.shutdown, channels.close])
 
 
 async def start_router(config: ServerConfig, registry: Registry, *,

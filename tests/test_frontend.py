@@ -122,13 +122,18 @@ async def test_models_and_health(served: Served) -> None:
 
 async def test_metrics_move(served: Served) -> None:
     requests_ok = 'dynamo_frontend_requests_total{endpoint="/v1/completions",status="200"}'
-    before = {s: await served.metric(s) for s in (requests_ok, "dynamo_frontend_generated_tokens_total",
-                                                  "dynamo_frontend_time_to_first_token_seconds_count")}
-    await served.client.completions.create(model=MODEL, prompt="count me", max_tokens=7, **GREEDY)
-    assert await served.metric(requests_ok) == before[requests_ok] + 1
-    assert await served.metric("dynamo_frontend_generated_tokens_total") == 7
-    assert await served.metric("dynamo_frontend_time_to_first_token_seconds_count") == 1
-    assert await served.metric('dynamo_frontend_time_to_first_token_seconds_bucket{le="+Inf"}') == 1
+    series = (requests_ok, f'dynamo_frontend_output_sequence_tokens_sum{{model="{MODEL}"}}',
+              f'dynamo_frontend_time_to_first_token_seconds_count{{model="{MODEL}"}}',
+              f'dynamo_frontend_time_to_first_token_seconds_bucket{{le="+Inf",model="{MODEL}"}}',
+              f'dynamo_frontend_inter_token_latency_seconds_count{{model="{MODEL}"}}',
+              f'dynamo_frontend_input_sequence_tokens_count{{model="{MODEL}"}}',
+              'dynamo_router_requests_total{outcome="length"}')
+    before = {s: await served.metric(s) for s in series}
+    await served.client.completions.create(model=MODEL, prompt="count me", max_tokens=7, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    after = {s: await served.metric(s) for s in series}
+    assert {s: after[s] - before[s] for s in series} == {
+        requests_ok: 1, series[1]: 7, series[2]: 1, series[3]: 1, series[4]: 1, series[5]: 1, series[6]: 1}
     assert await served.metric("dynamo_frontend_inflight_requests") == 0
     response = await served.http.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain")
@@ -199,15 +204,23 @@ async def test_max_tokens_past_the_context_finish_at_its_end(served: Served) -> 
 
 
 async def test_unknown_model_is_404(served: Served) -> None:
+    not_found = 'dynamo_frontend_requests_total{endpoint="/v1/completions",status="404"}'
+    before = await served.metric(not_found)
     with pytest.raises(openai.NotFoundError) as refused:
         await served.client.completions.create(model="no-such-model", prompt="hi", stream=True)
     assert refused.value.code == "model_not_found" and "no-such-model" in refused.value.message
-    assert await served.metric('dynamo_frontend_requests_total{endpoint="/v1/completions",status="404"}') == 1
+    assert await served.metric(not_found) == before + 1
 
 
 async def test_client_disconnect_cancels_the_request_everywhere(served: Served,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="dynamo_grpc.services.streams")
+    decode_id = served.stubs.deployment.decode.worker_id
+    cancelled = ('dynamo_frontend_requests_total{endpoint="/v1/completions",status="499"}',
+                 'dynamo_router_requests_total{outcome="cancelled"}',
+                 f'dynamo_component_requests_total{{role="decode",worker_id="{decode_id}",'
+                 'outcome="cancelled"}')
+    before = [await served.metric(series) for series in cancelled]
     # 5000 tokens take the simulated engine over 5 s; the disconnect must end the request long before.
     stream = await served.client.completions.create(model=MODEL, prompt="walk away", max_tokens=5000, stream=True,
                                                     extra_body={"ignore_eos": True},
@@ -231,5 +244,5 @@ async def test_client_disconnect_cancels_the_request_everywhere(served: Served,
         assert "request walk-away: client cancelled (client cancel)" in caplog.messages
     await served.stubs.assert_no_leaks()
     assert await served.metric("dynamo_frontend_inflight_requests") == 0
-    assert await served.metric('dynamo_frontend_requests_total{endpoint="/v1/completions",status="499"}') == 1
-    assert await served.metric("dynamo_frontend_generated_tokens_total") < 5000
+    # Each layer counted the request once, as cancelled.
+    assert [await served.metric(series) for series in cancelled] == [count + 1 for count in before]

@@ -107,8 +107,8 @@ async def test_a_worker_is_not_serving_until_its_engine_is_up_then_drains_on_sig
         first = await anext(responses)
         assert first.HasField("tokens")
         loading_decode.signal(signal.SIGTERM)
-        await decode.until(NOT_SERVING, timeout_s=5)
-        await overall.until(NOT_SERVING, timeout_s=5)
+        await decode.until(NOT_SERVING, timeout_s=20)
+        await overall.until(NOT_SERVING, timeout_s=20)
         last = [r async for r in responses][-1]
         assert last.completion.usage.completion_tokens == 150
         assert await asyncio.to_thread(loading_decode.wait_exit) == 0
@@ -124,7 +124,7 @@ async def test_a_router_reports_serving_then_not_serving_when_it_drains(etcd, tm
             watcher = Watcher(channel, "dynamo_grpc.v1.RouterService")
             await watcher.until(SERVING)
             router.signal(signal.SIGTERM)
-            await watcher.until(NOT_SERVING, timeout_s=5)
+            await watcher.until(NOT_SERVING, timeout_s=20)
             await watcher.close()
         assert await asyncio.to_thread(router.wait_exit) == 0
     finally:

@@ -21,8 +21,8 @@ from dynamo_grpc.cli import build_parser, main
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 VERSIONS = (KUBERNETES_VERSION, kubernetes_validate.latest_version())
-POD_OWN = {"host", "etcd", "advertise_host", "node_name", "worker_id"}
-"""Flags each pod sets for itself, or that differ in a cluster."""
+POD_OWN = {"host", "etcd", "advertise_host", "node_name", "worker_id", "workers"}
+"""Flags each pod sets for itself, or that differ in a cluster (a pod runs one router process)."""
 
 Manifests = dict[str, list[dict[str, Any]]]
 
@@ -61,6 +61,12 @@ def check_manifests(plan: Plan, manifests: Manifests, *, etcd: str, shared_memor
         assert {k: v for k, v in args.items() if k not in POD_OWN} == \
             {k: v for k, v in planned.items() if k not in POD_OWN}
         assert (args["host"], args["etcd"], args.get("worker_id", "")) == ("0.0.0.0", etcd, "")
+        # Prometheus finds each pod by its annotations, at the port its process serves /metrics on.
+        deployment = deployments[f"{plan.name}-{role}"]
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(args["metrics_port"]) != "0"
+        assert {"name": "metrics", "containerPort": args["metrics_port"]} in container(deployment)["ports"]
+        assert args.get("workers", 1) == 1
     # (3) Our processes are probed through grpc.health.v1 on the port they serve.
     for deployment in deployments.values():
         ours = container(deployment)

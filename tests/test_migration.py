@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from control_plane.deployment import start_all_in_one
+from dynamo_grpc import metrics
 from dynamo_grpc.client import GenerateStream, params
 from dynamo_grpc.config import ServerConfig
 from dynamo_grpc.frontend.backends import EmbeddedRouter
@@ -19,6 +20,7 @@ from dynamo_grpc.roles import RunningRole, start_decode
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
+from tests import scrape
 from tests.cluster import FRONTEND_MODES, MODEL, Served, Stubs, openai_frontend, rpc_failure, worker_config
 from tests.waiting import eventually
 
@@ -63,6 +65,7 @@ async def test_a_request_survives_its_decode_worker_dying() -> None:
         deployment = stubs.deployment
         expected = (await stubs.router.generate(PROMPT, model=MODEL, max_tokens=MAX_TOKENS,
                                                 ignore_eos=True).collect()).token_ids
+        migrations = scrape.value(metrics.exposition().decode(), "dynamo_router_migrations_total")
         stream = stubs.router.generate(PROMPT, model=MODEL, max_tokens=MAX_TOKENS, ignore_eos=True)
         tokens: list[int] = []
         completion = None
@@ -79,6 +82,7 @@ async def test_a_request_survives_its_decode_worker_dying() -> None:
         assert tokens == expected  # nothing lost, nothing repeated
         assert completion.usage.completion_tokens == MAX_TOKENS
         assert completion.decode_worker_id not in ("", lost.worker_id)
+        assert scrape.value(metrics.exposition().decode(), "dynamo_router_migrations_total") == migrations + 1
         # With no worker left to resume on, the loss itself is reported.
         survivor = spare if lost is deployment.decode else deployment.decode
         stream = stubs.router.generate(PROMPT, model=MODEL, max_tokens=MAX_TOKENS, ignore_eos=True)

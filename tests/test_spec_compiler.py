@@ -134,7 +134,8 @@ def test_good_spec_compiles_to_placed_workers_with_devices_ports_and_pairings() 
     assert plan.by_role("prefill")[0].command == (
         "dynamo-grpc", "prefill", "--host", "0.0.0.0", "--port", "50100", "--advertise-host", "10.0.0.1",
         "--node-name", "node-a", "--etcd", "10.0.0.1:2379", "--namespace", "llama-disagg",
-        "--worker-id", "prefill-0", "--engine", "vllm", "--model-path", "/models/llama-3-8b",
+        "--metrics-port", "51100", "--worker-id", "prefill-0", "--engine", "vllm",
+        "--model-path", "/models/llama-3-8b",
         "--model", "llama-3-8b", "--dtype", "bfloat16", "--max-model-len", "8192",
         "--max-num-batched-tokens", "8192", "--kv-ttl-s", "30", "--kv-pull-failure", "local-prefill")
     assert "--max-num-batched-tokens" not in plan.by_role("decode")[0].command
@@ -151,6 +152,7 @@ def test_compiled_commands_parse_with_the_real_cli() -> None:
         server = server_config(args)
         assert (server.port, server.node_name, server.endpoint(server.port)) == (
             process.port, process.host, process.endpoint)
+        assert process.metrics_url == f"http://{process.address}:{server.metrics_port}/metrics"
         if process.role in ("prefill", "decode"):
             worker = worker_config(args)
             assert worker.worker_id == process.id
@@ -171,6 +173,9 @@ def test_plan_outputs_text_json_and_proto() -> None:
     assert "a vllm worker runs one rank" in text and "kv_aware" in text
     data = json.loads(plan_to_json(plan))
     assert data["processes"][0]["shell"].startswith("CUDA_VISIBLE_DEVICES=0,1 dynamo-grpc prefill")
+    assert data["processes"][0]["metrics"] == "http://10.0.0.1:51100/metrics"
+    assert "metrics: every process serves Prometheus /metrics on its port + 1000 (router: " \
+           "http://10.0.0.1:51051/metrics)" in plan.notes
     assert data["pairings"][0] == {"prefill": "prefill-0", "decode": "decode-0", "same_host": True}
     proto = plan.to_proto()
     assert proto.model == "llama-3-8b" and len(proto.workers) == 7
@@ -482,3 +487,26 @@ def test_bad_cpus_are_refused_with_the_fix(change: tuple[str, str], expected: st
     with pytest.raises(SpecError) as caught:
         parse_spec(CPU_HOSTS.replace(*change), source="spec.yaml")
     assert expected in str(caught.value)
+
+
+def _router_workers(plan) -> int:  # type: ignore[no-untyped-def]
+    router = plan.by_role("router")[0]
+    assert build_parser().parse_args(list(router.command[1:])).workers == router.processes
+    return router.processes
+
+
+def test_the_router_runs_one_process_per_core_its_host_leaves_free() -> None:
+    # The engines hold every core of a CPU host they split: one router process.
+    assert _router_workers(compile_spec(parse_spec(CPU_HOSTS))) == 1
+    # Engines that do not run on the host's CPUs leave it all to the router.
+    simulated = CPU_HOSTS.replace("engine: vllm", "engine: simulated")
+    plan = compile_spec(parse_spec(simulated))
+    assert _router_workers(plan) == 32
+    assert "router         router         big    10.0.0.1:50051  -        -   32" in render_plan(plan)
+    # A host that does not say its cores: the router counts them when it starts.
+    plan = compile_spec(parse_spec(simulated.replace(", cpus: 32", "")))
+    assert _router_workers(plan) == 0 and plan.by_role("router")[0].command[-2:] == ("--workers", "auto")
+    assert "auto (1 per core)" in render_plan(plan)
+    # The spec's own count wins, and survives a round trip.
+    spec = parse_spec(simulated + "router: {workers: 3}\n")
+    assert _router_workers(compile_spec(spec)) == 3 and parse_spec(dump_spec(spec)) == spec

@@ -31,7 +31,7 @@ from dynamo_grpc.v1 import kv_events_pb2 as events_pb
 from dynamo_grpc.v1 import kv_events_pb2_grpc as events_grpc
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
-from tests.cluster import Stubs, deployed, rpc_failure
+from tests.cluster import Stubs, deployed, openai_frontend, rpc_failure
 from tests.etcd_server import EtcdServer
 from tests.hf_reference import hf_greedy
 from tests.real_engine import ONE_DEPLOYMENT_PER_MODULE
@@ -250,28 +250,20 @@ async def test_cancels_and_expiry_leave_no_blocks_held(cluster: Stubs) -> None:
 
 
 async def test_openai_chat_through_the_frontend_on_real_engines(cluster: Stubs, tiny_model_dir: Path) -> None:
-    import openai
     from transformers import AutoTokenizer
 
-    from dynamo_grpc.frontend.http import start_frontend
     from dynamo_grpc.frontend.openai_protocol import load_chat_template
 
-    frontend = await start_frontend(cluster.deployment.router.endpoint, cluster.deployment.router.registry,
-                                    host="127.0.0.1", port=0, chat_template=load_chat_template(tiny_model_dir))
-    client = openai.AsyncOpenAI(base_url=f"{frontend.url}/v1", api_key="unused", max_retries=0)
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where is the river?"}]
-    try:
-        stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS,
-                                                      temperature=0, stream=True,
-                                                      stream_options={"include_usage": True})
+    async with openai_frontend(cluster, load_chat_template(tiny_model_dir)) as served:
+        stream = await served.client.chat.completions.create(model=MODEL, messages=messages,
+                                                             max_tokens=MAX_TOKENS, temperature=0, stream=True,
+                                                             stream_options={"include_usage": True})
         text, usage = "", None
         async for chunk in stream:
             if chunk.choices:
                 text += chunk.choices[0].delta.content or ""
             usage = chunk.usage or usage
-    finally:
-        await client.close()
-        await frontend.stop()
     # The prompt is the model's own chat template, tokenized as HF does it; the answer is HF's greedy one.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

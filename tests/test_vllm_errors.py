@@ -21,6 +21,7 @@ import pytest_asyncio
 from dynamo_grpc.client import RouterClient
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
+from dynamo_grpc.frontend.backends import EmbeddedRouter
 from dynamo_grpc.frontend.http import start_frontend
 from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.roles import start_router
@@ -71,12 +72,13 @@ async def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
             # A second router that keeps every prompt on the decode worker.
             local = await start_router(ServerConfig(port=0), registry, tokenizer=tokenizer,
                                        policy=DisaggregationPolicy(min_prompt_tokens=1 << 30))
-            routers = {"disaggregated": stubs.deployment.router.endpoint, "local": local.endpoint}
-            frontends = {path: await start_frontend(endpoint, registry, host="127.0.0.1", port=0)
-                         for path, endpoint in routers.items()}
-            surfaces = {path: Surface(RouterClient(endpoint), endpoint,
+            routers = {"disaggregated": stubs.deployment.router, "local": local}
+            frontends = {path: await start_frontend(EmbeddedRouter(role.router), registry, host="127.0.0.1",
+                                                    port=0)
+                         for path, role in routers.items()}
+            surfaces = {path: Surface(RouterClient(role.endpoint), role.endpoint,
                                       httpx.AsyncClient(base_url=frontends[path].url, timeout=120))
-                        for path, endpoint in routers.items()}
+                        for path, role in routers.items()}
             try:
                 yield Served(stubs, surfaces)
             finally:

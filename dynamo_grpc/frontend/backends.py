@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from dynamo_grpc import tracing
 from dynamo_grpc.client import GenerateStream, RouterClient
 from dynamo_grpc.errors import from_rpc_error
 from dynamo_grpc.routing.router import PickedPair, Router
@@ -67,7 +68,7 @@ class RemoteRouter:
              ) -> Generation:
         """`picked` is not followed: RouterService picks again (an endpoint picker needs the frontend to
         route in its own process)."""
-        stream = GenerateStream(self._client.stub, request_id, params)
+        stream = GenerateStream(self._client.stub, request_id, params, metadata=tracing.metadata())
         return Generation(request_id, _with_our_errors(stream), stream.cancel)
 
     async def close(self) -> None:

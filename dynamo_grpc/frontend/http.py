@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 import uuid
 import zlib
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from dynamo_grpc import metrics, tracing
 from dynamo_grpc.errors import DynamoError
 from dynamo_grpc.frontend.backends import Backend, Generation
 from dynamo_grpc.frontend.openai_protocol import (
@@ -57,46 +58,6 @@ IDLE_TIMEOUT_S = 75.0  # nginx's keep-alive default
 BODY_TIMEOUT_S = 60.0
 # Room for the `-<i>` of a choice's id within what the router takes.
 MAX_HTTP_REQUEST_ID_CHARS = MAX_REQUEST_ID_CHARS - len(f"-{MAX_N - 1}")
-TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class Metrics:
-    """The few series an operator needs, in Prometheus text format (no client library needed)."""
-
-    def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.generated_tokens = 0
-        self.in_flight = 0
-        self.ttft_buckets = [0] * len(TTFT_BUCKETS_S)
-        self.ttft_sum = 0.0
-        self.ttft_count = 0
-
-    def observe_ttft(self, seconds: float) -> None:
-        for i, bound in enumerate(TTFT_BUCKETS_S):
-            if seconds <= bound:
-                self.ttft_buckets[i] += 1
-        self.ttft_sum += seconds
-        self.ttft_count += 1
-
-    def render(self) -> str:
-        lines = ["# HELP dynamo_frontend_requests_total HTTP requests by endpoint and status code.",
-                 "# TYPE dynamo_frontend_requests_total counter"]
-        lines += [f'dynamo_frontend_requests_total{{endpoint="{endpoint}",status="{status}"}} {count}'
-                  for (endpoint, status), count in sorted(self.requests.items())]
-        lines += ["# HELP dynamo_frontend_generated_tokens_total Tokens sent back to clients.",
-                  "# TYPE dynamo_frontend_generated_tokens_total counter",
-                  f"dynamo_frontend_generated_tokens_total {self.generated_tokens}",
-                  "# HELP dynamo_frontend_inflight_requests Generation requests being served now.",
-                  "# TYPE dynamo_frontend_inflight_requests gauge",
-                  f"dynamo_frontend_inflight_requests {self.in_flight}",
-                  "# HELP dynamo_frontend_time_to_first_token_seconds From request to first token.",
-                  "# TYPE dynamo_frontend_time_to_first_token_seconds histogram"]
-        lines += [f'dynamo_frontend_time_to_first_token_seconds_bucket{{le="{bound}"}} {count}'
-                  for bound, count in zip(TTFT_BUCKETS_S, self.ttft_buckets)]
-        lines += [f'dynamo_frontend_time_to_first_token_seconds_bucket{{le="+Inf"}} {self.ttft_count}',
-                  f"dynamo_frontend_time_to_first_token_seconds_sum {self.ttft_sum}",
-                  f"dynamo_frontend_time_to_first_token_seconds_count {self.ttft_count}"]
-        return "\n".join(lines) + "\n"
 
 
 class _Relays:
@@ -310,7 +271,7 @@ class Frontend:
         self.backend = backend
         self.registry = registry
         self.chat_template = chat_template
-        self.metrics = Metrics()
+        self.metrics = metrics.frontend()
         self.relays: set[asyncio.Task[None]] = set()
         self.body_timeout_s = BODY_TIMEOUT_S
         self.app = web.Application(middlewares=[self._count_and_shape_errors], client_max_size=MAX_BODY_BYTES)
@@ -319,7 +280,7 @@ class Frontend:
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/v1/models", self.models),
             web.get("/health", self.health),
-            web.get("/metrics", self.metrics_text),
+            web.get("/metrics", metrics.metrics_handler),
         ])
 
     @web.middleware
@@ -344,7 +305,7 @@ class Frontend:
             status = CLIENT_CLOSED
             raise
         finally:
-            self.metrics.requests[(endpoint, status)] += 1
+            self.metrics.requests.labels(endpoint, str(status)).inc()
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
@@ -353,6 +314,11 @@ class Frontend:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        """A generation request, in a span continuing the client's trace when tracing is on."""
+        with tracing.http_span(request.method, request.path, request.headers):
+            return await self._answer(request, chat=chat)
+
+    async def _answer(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         if not valid_request_id(request_id, MAX_HTTP_REQUEST_ID_CHARS):  # not echoed: it may not be writable
             return _error(400, f"the {REQUEST_ID_HEADER} header must be 1 to {MAX_HTTP_REQUEST_ID_CHARS} "
@@ -385,7 +351,7 @@ class Frontend:
         picked = PickedPair.from_headers(request.headers)
         generations = [self.backend.open(rid, job.choice_params(i), picked) for i, rid in enumerate(ids)]
         relays = _Relays(generations, self.relays)
-        self.metrics.in_flight += 1
+        self.metrics.inflight.inc()
         try:
             try:
                 first = await relays.next()
@@ -400,26 +366,38 @@ class Frontend:
             raise
         finally:
             relays.abandon()
-            self.metrics.in_flight -= 1
+            self.metrics.inflight.dec()
 
-    def _count_tokens(self, tokens: pb.TokenBatch | None, first_tokens: bool, started: float) -> bool:
-        """Record tokens generated, and the time to the request's first; whether it has tokens now."""
-        if tokens is None or not tokens.token_ids:
-            return first_tokens
-        if not first_tokens:
-            self.metrics.observe_ttft(time.monotonic() - started)
-        self.metrics.generated_tokens += len(tokens.token_ids)
-        return True
+    def _first_token(self, tokens: pb.TokenBatch | None, first_at: float | None, job: Job, started: float
+                     ) -> float | None:
+        """When the request's first token came: now, if `tokens` are its first (then its TTFT is observed)."""
+        if first_at is not None or tokens is None or not tokens.token_ids:
+            return first_at
+        now = time.monotonic()
+        self.metrics.of_model(job.model).ttft.observe(now - started)
+        return now
+
+    def _finished(self, job: Job, started: float, first_at: float | None, completions: list[pb.Completion]
+                  ) -> None:
+        """Observe a request whose every choice completed: once, with its totals."""
+        now, series = time.monotonic(), self.metrics.of_model(job.model)
+        generated = sum(c.usage.completion_tokens for c in completions)
+        series.duration.observe(now - started)
+        series.input_tokens.observe(completions[0].usage.prompt_tokens)
+        series.output_tokens.observe(generated)
+        per_choice = generated / job.n
+        if first_at is not None and per_choice > 1:
+            series.itl.observe((now - first_at) / (per_choice - 1))
 
     async def _whole(self, job: Job, request_id: str, relays: _Relays, item: tuple[int, Any] | None,
                      started: float, headers: dict[str, str]) -> web.Response:
         choices = [_Choice(text=[job.echo]) for _ in range(job.n)]
-        has_tokens, finished = False, 0
+        first_at, finished = None, 0
         try:
             while item is not None:
                 made = choices[item[0]]
                 tokens, completion = _parts(item[1])
-                has_tokens = self._count_tokens(tokens, has_tokens, started)
+                first_at = self._first_token(tokens, first_at, job, started)
                 if tokens is not None:
                     made.text.append(tokens.text)
                     made.token_ids += tokens.token_ids
@@ -433,6 +411,7 @@ class Frontend:
         except DynamoError as error:
             status, error_json = _failure_body(error)
             return _json_response(status, error_json, headers)
+        self._finished(job, started, first_at, [made.completion for made in choices])
         shaped = [choice(job, index, text="".join(made.text), token_ids=made.token_ids,
                          logprobs=logprobs_of(job, made.logprobs),
                          finish_reason=finish_reason_of(made.completion), streaming=False)
@@ -459,13 +438,13 @@ class Frontend:
                                                 finish_reason=None, streaming=True)))
         completions = [pb.Completion() for _ in range(job.n)]
         text_offsets = [0] * job.n  # for the legacy completions logprobs
-        has_tokens, finished = False, 0
+        first_at, finished = None, 0
         try:
             while item is not None:
                 index, response = item
                 tokens, completion = _parts(response)
                 if tokens is not None:
-                    has_tokens = self._count_tokens(tokens, has_tokens, started)
+                    first_at = self._first_token(tokens, first_at, job, started)
                     logprobs = logprobs_of(job, tokens.logprobs, text_offsets[index])
                     if logprobs is not None:
                         text_offsets[index] += sum(len(entry.token) for entry in tokens.logprobs)
@@ -478,6 +457,7 @@ class Frontend:
                     events.append(sse.choice(choice(job, index, text=None, token_ids=[], logprobs=None,
                                                     streaming=True, finish_reason=finish_reason_of(completion))))
                     if finished == job.n:
+                        self._finished(job, started, first_at, completions)
                         break
                 await http.write(b"".join(events))
                 events.clear()
@@ -516,11 +496,8 @@ class Frontend:
                                         "reason": "the next request starts a decode worker (cold start)"})
         if not decode_workers:
             return _json_response(503, {"status": "unhealthy", "reason": "no decode worker is registered"})
-        return _json_response(200, {"status": "healthy", "decode_workers": len(decode_workers)})
-
-    async def metrics_text(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type-Options": "nosniff"})
+        return _json_response(200, {"status": "healthy", "decode_workers": len(decode_workers),
+                                    "pid": os.getpid()})
 
 
 @dataclass
@@ -548,11 +525,12 @@ class RunningFrontend:
 
 
 async def start_frontend(backend: Backend, registry: Registry, *, host: str, port: int,
-                         chat_template: str | None = None, idle_timeout_s: float = IDLE_TIMEOUT_S,
-                         body_timeout_s: float = BODY_TIMEOUT_S) -> RunningFrontend:
-    """Serve the OpenAI API on host:port (0 picks a free port), generating through `backend`. A connection
-    idle (or with its headers unfinished) for `idle_timeout_s` is closed, a body slower than
-    `body_timeout_s` gets 408."""
+                         chat_template: str | None = None, reuse_port: bool = False,
+                         idle_timeout_s: float = IDLE_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S
+                         ) -> RunningFrontend:
+    """Serve the OpenAI API on host:port (0 picks a free port), generating through `backend`; with
+    `reuse_port`, beside other processes listening on the same port (SO_REUSEPORT). A connection idle (or
+    with its headers unfinished) for `idle_timeout_s` is closed, a body slower than `body_timeout_s` gets 408."""
     frontend = Frontend(backend, registry, chat_template)
     frontend.body_timeout_s = body_timeout_s
     # handler_cancellation: a disconnect cancels the handler at once, not at its next write. Our own
@@ -560,7 +538,7 @@ async def start_frontend(backend: Backend, registry: Registry, *, host: str, por
     runner = web.AppRunner(frontend.app, handler_cancellation=True, access_log=None, auto_decompress=False,
                            keepalive_timeout=idle_timeout_s, lingering_time=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     try:
         await site.start()
     except BaseException:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from dynamo_grpc import metrics, tracing
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.errors import DynamoError, FailedPrecondition, InvalidArgument, NotFound, from_rpc_error
 from dynamo_grpc.kv import shm
@@ -78,7 +79,8 @@ async def release_over_grpc(channels: ChannelPool, handle: pb.KvHandle, *, reque
     stub = kv_grpc.KvTransferServiceStub(channels.get(handle.endpoint))
     try:
         response = await stub.ReleaseKv(kv_pb.ReleaseKvRequest(
-            request_id=request_id, transfer_id=handle.transfer_id, pull_token=handle.pull_token))
+            request_id=request_id, transfer_id=handle.transfer_id, pull_token=handle.pull_token),
+            metadata=tracing.metadata())
     except grpc.aio.AioRpcError as error:
         raise from_rpc_error(error, request_id=request_id) from None
     return response.released
@@ -158,7 +160,7 @@ class GrpcTransport:
             with memoryview(buffer) as view:
                 async for chunk in pull_kv(kv_pb.PullKvRequest(
                         request_id=request_id, transfer_id=handle.transfer_id, pull_token=handle.pull_token,
-                        engine_fingerprint=fingerprint)):
+                        engine_fingerprint=fingerprint), metadata=tracing.metadata()):
                     if chunk is None:  # what gRPC hands on for a message its deserializer refused
                         raise _data_loss(request_id, f"a KV chunk from {handle.endpoint} is no PullKvResponse")
                     offset, data = chunk
@@ -190,6 +192,7 @@ class KvReceiver:
 
     def __init__(self, transports: Sequence[KvTransport]) -> None:
         self.transports = list(transports)
+        self._metrics = metrics.kv_transfer()
 
     @classmethod
     def over_network(cls, channels: ChannelPool, *, host: str) -> KvReceiver:
@@ -221,10 +224,21 @@ class KvReceiver:
         """The KV of `prompt` (token ids) for an engine with `fingerprint`, checked, its lease ended; in a new
         shared-memory segment if `into_segment`."""
         self.check(handle, prompt=prompt, fingerprint=fingerprint, request_id=request_id)
+        with tracing.span("kv.transfer", **{"request.id": request_id, "kv.bytes": handle.total_bytes}) as span:
+            received = await self._take(handle, fingerprint=fingerprint, request_id=request_id,
+                                        into_segment=into_segment)
+            if span is not None:
+                span.set_attribute("kv.transport", received.stats.path)
+            return received
+
+    async def _take(self, handle: pb.KvHandle, *, fingerprint: str, request_id: str, into_segment: bool
+                    ) -> ReceivedKv:
+        """The bytes, by the first transport that reaches them, and the lease ended."""
         for transport in self.transports:
             if not transport.reaches(handle):
                 continue
             segment = shm.new_segment_name() if into_segment else ""
+            started = time.perf_counter()
             try:
                 received = await transport.fetch(handle, segment=segment, fingerprint=fingerprint,
                                                  request_id=request_id)
@@ -236,6 +250,7 @@ class KvReceiver:
             except BaseException:
                 received.close()
                 raise
+            self._metrics.observe(transport.name, received.stats.bytes, time.perf_counter() - started)
             return received
         raise DynamoError(f"no KV transport reaches {handle.endpoint or 'the handle'}",
                           request_id=request_id, reason="UNAVAILABLE", code=grpc.StatusCode.UNAVAILABLE)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from dynamo_grpc import metrics
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.errors import NotFound, Unavailable
 from dynamo_grpc.kv.events import PrefixIndex
@@ -237,6 +238,13 @@ class Fleet:
     def pairing_table(self) -> cp_pb.PairingTable | None:
         """The control plane's table as this router last read it; None without a control plane."""
         return self._table
+
+    def metric_samples(self) -> list[metrics.Sample]:
+        """Workers by role and the pairs routing may use, for /metrics."""
+        view = self._current_view()
+        pairs = sum(len(g.prefills) * len(g.decodes) for g in (view.published or view.derived))
+        return [*metrics.workers_by_role("dynamo_router_workers", self.workers.values()),
+                ("dynamo_router_pairs", {}, float(pairs))]
 
     def _current_view(self) -> _View:
         if self._view.workers is not self.workers or self._view.table is not self._table:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import grpc
 
+from dynamo_grpc import metrics, tracing
 from dynamo_grpc.channels import MAX_MESSAGE_BYTES, ChannelPool
 from dynamo_grpc.errors import (
     AlreadyExists,
@@ -90,9 +92,12 @@ class Router:
         self._decode_calls: dict[str, grpc.aio.StreamStreamMultiCallable] = {}
         self._cancels: set[asyncio.Task[None]] = set()
         """Cancel messages on their way to decode workers (held here so none is collected mid-send)."""
+        self._metrics = metrics.router()
+        self._stop_sampling = metrics.sample(self, fleet.metric_samples)
 
     async def close(self) -> None:
         """Stop following the fleet and close the channels to its workers."""
+        await self._stop_sampling()
         await self.fleet.stop()
         await self._channels.close()
 
@@ -112,29 +117,44 @@ class Router:
         Yields the decode worker's messages as they come (token batches, then a completion, which may carry
         the last tokens in `last_tokens`), relayed without being rebuilt.
         """
-        check_request_id_form(request_id)
-        prompt_of(params, request_id)
-        sampling_of(params, request_id)
-        timeout = seconds_left(params, request_id)
-        _check_message_size(request_id, params)
-        if request_id in self._live:
-            raise AlreadyExists(f"request id {request_id!r} is already running; use a fresh id",
-                                request_id=request_id)
-        self._live.add(request_id)
-        # The deadline cancels the request like a client would, then turns its end into DEADLINE_EXCEEDED.
-        try:
-            with deadline_timer(timeout, cancelled.set) as expired:
-                async with contextlib.aclosing(self._run(request_id, params, cancelled, timeout, picked)
-                                               ) as responses:
-                    async for response in responses:
-                        if expired.is_set() and response.HasField("completion"):
-                            break
-                        yield response
-                if expired.is_set():
-                    raise DeadlineExceeded("the request's deadline passed before it finished",
-                                           request_id=request_id)
-        finally:
-            self._live.discard(request_id)
+        with self._metrics.request() as timer, tracing.span("route", **{"request.id": request_id}):
+            check_request_id_form(request_id)
+            prompt_of(params, request_id)
+            sampling_of(params, request_id)
+            timeout = seconds_left(params, request_id)
+            _check_message_size(request_id, params)
+            if request_id in self._live:
+                raise AlreadyExists(f"request id {request_id!r} is already running; use a fresh id",
+                                    request_id=request_id)
+            self._live.add(request_id)
+            first_at = response = None
+            # The deadline cancels the request like a client would, then turns its end into DEADLINE_EXCEEDED.
+            try:
+                with deadline_timer(timeout, cancelled.set) as expired:
+                    running = self._run(request_id, params, cancelled, timeout, picked)
+                    async with contextlib.aclosing(running) as responses:
+                        async for response in responses:
+                            if expired.is_set() and response.HasField("completion"):
+                                break
+                            if first_at is None:
+                                first_at = time.perf_counter()
+                            yield response
+                    if expired.is_set():
+                        raise DeadlineExceeded("the request's deadline passed before it finished",
+                                               request_id=request_id)
+            finally:
+                self._live.discard(request_id)
+            if response is not None and response.HasField("completion"):
+                timer.outcome = self._observe_finished(response.completion, timer.started, first_at)
+
+    def _observe_finished(self, completion: pb.Completion, started: float, first_at: float | None) -> str:
+        """Observe a finished request's latencies once; its outcome label (the finish reason)."""
+        generated = completion.usage.completion_tokens
+        if first_at is not None and generated:
+            self._metrics.ttft.observe(first_at - started)
+            if generated > 1:
+                self._metrics.itl.observe((time.perf_counter() - first_at) / (generated - 1))
+        return metrics.finish_label(completion.finish_reason)
 
     async def _run(self, request_id: str, params: pb.GenerationParams, cancelled: CancelSignal,
                    timeout: float | None, picked: PickedPair | None
@@ -157,6 +177,8 @@ class Router:
                 yield decode_pb.DecodeResponse(request_id=request_id, completion=pb.Completion(
                     finish_reason=pb.FINISH_REASON_CANCELLED, prefill_worker_id=route.prefill.worker_id))
                 return
+        self._metrics.prefills.labels("remote" if handle is not None else "local" if route.prefill is None
+                                      else "fallback").inc()
         # 2) Decode, pulling that KV; relay its stream; forward a cancel. If the decode worker dies, another
         #    one resumes after the tokens already relayed (migration), so the client sees one stream.
         start = decode_pb.DecodeStart(params=params, kv_handle=handle, last_tokens_in_completion=True,
@@ -191,6 +213,7 @@ class Router:
                         raise error from None  # nowhere to resume: report the loss itself
                     log.warning("request %s: decode worker %s lost after %d tokens (%s); resuming on %s",
                                 request_id, failed[-1], len(generated), error.message, decode.worker_id)
+                    self._metrics.migrations.inc()
                     start = decode_pb.DecodeStart(params=params, last_tokens_in_completion=True,
                                                   resume_token_ids=generated)
         finally:
@@ -250,7 +273,7 @@ class Router:
         with self.fleet.busy(worker, tokens):
             try:
                 response = await prefill(prefill_pb.PrefillRequest(request_id=request_id, params=params),
-                                         timeout=timeout)
+                                         timeout=timeout, metadata=tracing.metadata())
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.UNAVAILABLE:
                     log.warning("request %s: prefill worker %s unavailable (%s); prefilling on decode",
@@ -268,7 +291,7 @@ class Router:
             decode = decode_grpc.DecodeServiceStub(self._channels.get(worker.endpoint)).Decode
             self._decode_calls[worker.endpoint] = decode
         with self.fleet.busy(worker, to_compute):
-            call = decode()
+            call = decode(metadata=tracing.metadata())
 
             def send_cancel() -> None:
                 cancel = decode_pb.DecodeRequest(request_id=request_id,
@@ -293,7 +316,7 @@ class Router:
         stub = kv_grpc.KvTransferServiceStub(self._channels.get(handle.endpoint))
         with contextlib.suppress(grpc.aio.AioRpcError):
             await stub.ReleaseKv(kv_pb.ReleaseKvRequest(request_id=request_id, transfer_id=handle.transfer_id,
-                                                        pull_token=handle.pull_token))
+                                                        pull_token=handle.pull_token), metadata=tracing.metadata())
 
 
 def _check_message_size(request_id: str, params: pb.GenerationParams) -> None:

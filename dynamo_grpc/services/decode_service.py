@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from dynamo_grpc import metrics
 from dynamo_grpc.engine.base import Engine, EngineOutput
 from dynamo_grpc.errors import DynamoError
 from dynamo_grpc.services.engine_calls import completion_of, engine_request, engine_run
@@ -35,6 +36,7 @@ class DecodeServicer(decode_grpc.DecodeServiceServicer):
         self._stream_interval_s = stream_interval_s
         self._ttft = LatencyWindow()
         self._itl = LatencyWindow()
+        self._metrics = metrics.worker("decode", worker_id)
 
     async def Decode(self, request_iterator: AsyncIterator[decode_pb.DecodeRequest],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[decode_pb.DecodeResponse]:
@@ -42,34 +44,44 @@ class DecodeServicer(decode_grpc.DecodeServiceServicer):
         rid, start = opening.request_id, opening.start
         handle = start.kv_handle if start.HasField("kv_handle") else None
         resume = tuple(start.resume_token_ids)
-        arrived, first, tokens = time.monotonic(), 0.0, 0
-        outputs = self._outputs(rid, start.params, handle, resume)
-        if start.params.sampling.stop:
-            stops = tuple(start.params.sampling.stop)
-            outputs = cut_at_stop_strings(outputs, stops, lambda: self._engine.abort(rid))
-        async with (background(watch_for_cancel(request_iterator, rid, lambda: self._engine.abort(rid))),
-                    contextlib.aclosing(coalesce(outputs, self._stream_interval_s)) as batches):
-            async for out in batches:
-                last_tokens = None
-                if out.token_ids:
-                    if not tokens:
-                        first = time.monotonic()
-                        self._ttft.add((first - arrived) * 1e3)
-                    tokens += len(out.token_ids)
-                    batch = pb.TokenBatch(token_ids=out.token_ids, text=out.text, logprobs=out.logprobs)
-                    if out.finish_reason is not None and start.last_tokens_in_completion:
-                        last_tokens = batch  # one message for the last tokens and the end
-                    else:
-                        yield decode_pb.DecodeResponse(request_id=rid, tokens=batch)
-                if out.finish_reason is not None:
-                    if tokens > 1:
-                        self._itl.add((time.monotonic() - first) * 1e3 / (tokens - 1))
-                    pulled = out.kv_transfer is not None and out.kv_transfer.path
-                    if pulled and handle is not None and out.usage is not None:
-                        out.usage.kv_transferred_tokens = handle.num_tokens
-                    yield decode_pb.DecodeResponse(request_id=rid, completion=completion_of(
-                        out, prefill_worker_id=start.prefill_worker_id if pulled else "",
-                        decode_worker_id=self._worker_id, last_tokens=last_tokens))
+        with self._metrics.request() as timer:
+            first, tokens = 0.0, 0
+            outputs = self._outputs(rid, start.params, handle, resume)
+            if start.params.sampling.stop:
+                stops = tuple(start.params.sampling.stop)
+                outputs = cut_at_stop_strings(outputs, stops, lambda: self._engine.abort(rid))
+            async with (background(watch_for_cancel(request_iterator, rid, lambda: self._engine.abort(rid))),
+                        contextlib.aclosing(coalesce(outputs, self._stream_interval_s)) as batches):
+                async for out in batches:
+                    last_tokens = None
+                    if out.token_ids:
+                        if not tokens:
+                            first = time.perf_counter()
+                            self._ttft.add((first - timer.started) * 1e3)
+                            self._metrics.ttft.observe(first - timer.started)
+                        tokens += len(out.token_ids)
+                        batch = pb.TokenBatch(token_ids=out.token_ids, text=out.text, logprobs=out.logprobs)
+                        if out.finish_reason is not None and start.last_tokens_in_completion:
+                            last_tokens = batch  # one message for the last tokens and the end
+                        else:
+                            yield decode_pb.DecodeResponse(request_id=rid, tokens=batch)
+                    if out.finish_reason is not None:
+                        timer.outcome = self._finished(out.finish_reason, first, tokens)
+                        pulled = out.kv_transfer is not None and out.kv_transfer.path
+                        if pulled and handle is not None and out.usage is not None:
+                            out.usage.kv_transferred_tokens = handle.num_tokens
+                        yield decode_pb.DecodeResponse(request_id=rid, completion=completion_of(
+                            out, prefill_worker_id=start.prefill_worker_id if pulled else "",
+                            decode_worker_id=self._worker_id, last_tokens=last_tokens))
+
+    def _finished(self, reason: int, first: float, tokens: int) -> str:
+        """Observe a finished request once: its tokens and mean inter-token gap; its outcome label."""
+        self._metrics.generated.inc(tokens)
+        if tokens > 1:
+            itl = (time.perf_counter() - first) / (tokens - 1)
+            self._itl.add(itl * 1e3)
+            self._metrics.itl.observe(itl)
+        return metrics.finish_label(reason)
 
     async def _outputs(self, rid: str, params: pb.GenerationParams, handle: pb.KvHandle | None,
                        resume: tuple[int, ...]) -> AsyncIterator[EngineOutput]:

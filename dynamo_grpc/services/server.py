@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from dynamo_grpc import tracing
 from dynamo_grpc.channels import CHANNEL_OPTIONS
 from dynamo_grpc.errors import DynamoError, InvalidArgument, Unavailable
 
@@ -61,7 +62,7 @@ async def start_server(bindings: list[ServiceBinding], *, host: str, port: int,
                        starting: tuple[str, ...] = ()) -> RunningServer:
     """Serve `bindings` at once; the services named in `starting` answer NOT_SERVING (health) and
     UNAVAILABLE (calls) until `serve_late` binds them, and the server as a whole is NOT_SERVING till then."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *tracing.server_interceptors()], options=CHANNEL_OPTIONS)
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)
     late = LateServices(starting)
