@@ -1,4 +1,4 @@
-"""Shared client channels: one per endpoint, sized for KV chunks."""
+"""Shared client channels: one per endpoint (and lane), sized for KV chunks."""
 
 from __future__ import annotations
 
@@ -12,16 +12,20 @@ CHANNEL_OPTIONS = (
 
 
 class ChannelPool:
-    """Reuses one channel per endpoint; gRPC multiplexes concurrent calls over it."""
+    """Reuses one channel per endpoint; gRPC multiplexes concurrent calls over it. Lanes other than 0 are
+    channels of their own to the same endpoint, each with its own connection: parallel KV pulls run on
+    separate lanes so one connection's single-threaded framing does not bound them."""
 
     def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, int], grpc.aio.Channel] = {}
 
-    def get(self, endpoint: str) -> grpc.aio.Channel:
-        channel = self._channels.get(endpoint)
+    def get(self, endpoint: str, *, lane: int = 0) -> grpc.aio.Channel:
+        channel = self._channels.get((endpoint, lane))
         if channel is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
-            self._channels[endpoint] = channel
+            # A channel argument of its own keeps gRPC from sharing one connection among the lanes.
+            options = CHANNEL_OPTIONS + ((("dynamo_grpc.lane", lane),) if lane else ())
+            channel = grpc.aio.insecure_channel(endpoint, options=options)
+            self._channels[(endpoint, lane)] = channel
         return channel
 
     async def close(self) -> None:

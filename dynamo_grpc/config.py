@@ -14,12 +14,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dynamo_grpc.engine.registry import DEFAULT_ENGINE, ENGINES, EngineKind, kind_of
+from dynamo_grpc.kv.nixl_transport import nixl_installed
 from dynamo_grpc.routing.policies import POLICIES
 from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR
 
 EngineConfig = Any
 """One of the engines' config dataclasses (`EngineKind.config`)."""
 KV_PULL_FAILURE_POLICIES = ("fail", "local-prefill")
+KV_TRANSPORTS = ("shm", "nixl", "grpc")
 DEFAULT_STREAM_INTERVAL_MS = 10.0
 MAX_STREAM_INTERVAL_MS = 1000.0
 ROUTING_POLICIES = tuple(POLICIES)
@@ -91,12 +93,19 @@ class WorkerConfig:
     worker_id: str = ""
     kv_ttl_s: float = 30.0
     kv_pull_failure: str = "fail"
+    kv_transports: tuple[str, ...] = ()
+    """KV transports the worker offers (prefill) or receives by (decode); empty: all this host has."""
     stream_interval_ms: float = DEFAULT_STREAM_INTERVAL_MS
     """A decode stream sends its first tokens at once, then gathers tokens for this long per message."""
 
     def __post_init__(self) -> None:
         if self.kv_ttl_s <= 0:
             raise ConfigError(f"--kv-ttl-s must be positive, got {self.kv_ttl_s}")
+        unknown = [name for name in self.kv_transports if name not in KV_TRANSPORTS]
+        if unknown:
+            raise ConfigError(f"--kv-transports takes {', '.join(KV_TRANSPORTS)}; got {', '.join(unknown)}")
+        if "nixl" in self.kv_transports and not nixl_installed():
+            raise ConfigError("--kv-transports nixl needs the nixl package: pip install 'dynamo-grpc[nixl]'")
         if not 0 <= self.stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
             raise ConfigError(f"--stream-interval-ms must be in [0, {MAX_STREAM_INTERVAL_MS}], "
                               f"got {self.stream_interval_ms}")
@@ -108,6 +117,13 @@ class WorkerConfig:
     def kind(self) -> EngineKind:
         """Which engine `engine` configures."""
         return kind_of(self.engine)
+
+    @property
+    def resolved_kv_transports(self) -> tuple[str, ...]:
+        """The transports asked for, or every one this host has: nixl where the package is installed."""
+        if self.kv_transports:
+            return tuple(name for name in KV_TRANSPORTS if name in self.kv_transports)
+        return tuple(name for name in KV_TRANSPORTS if name != "nixl" or nixl_installed())
 
     def resolved_worker_id(self, role: str) -> str:
         return self.worker_id or f"{role}-{self.server.node_name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -177,6 +193,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "kv-ttl-s", default=30.0, type=float, help="seconds a prefill holds unpulled KV")
     add_flag(parser, "kv-pull-failure", default="fail", choices=KV_PULL_FAILURE_POLICIES,
              help="decode worker, when pulling a prompt's KV fails: fail the request, or prefill it locally")
+    add_flag(parser, "kv-transports", default="",
+             help="KV transports this worker offers (prefill) or receives by (decode), comma-separated among "
+             f"{', '.join(KV_TRANSPORTS)} (default: all; nixl where the nixl package is installed)")
     add_flag(parser, "stream-interval-ms", default=DEFAULT_STREAM_INTERVAL_MS, type=float,
              help="decode worker: after a request's first tokens (sent at once), send its tokens at most this "
              "often, gathered into one message (its last at once; 0: send each step's tokens when ready)")
@@ -217,4 +236,6 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return WorkerConfig(server=server_config(args), engine=engine, worker_id=args.worker_id, kv_ttl_s=args.kv_ttl_s,
-                        kv_pull_failure=args.kv_pull_failure, stream_interval_ms=args.stream_interval_ms)
+                        kv_pull_failure=args.kv_pull_failure, stream_interval_ms=args.stream_interval_ms,
+                        kv_transports=tuple(name.strip() for name in args.kv_transports.split(",")
+                                            if name.strip()))

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from dynamo_grpc.engine.base import EngineRequest, Sampling
 from dynamo_grpc.engine.cost_model import (
     KV_BYTES_PER_TOKEN,
+    TRANSPORT_GBPS,
     check_tensor_parallel_size,
     load_tensor_parallel_cost,
     transfer_ms,
@@ -91,7 +92,9 @@ class FleetShape:
     """Token budget per step on decode (or aggregated) workers: how much prefill rides with decodes."""
     prefill_chunk_tokens: int = 8192
     link: str = "nvlink"
-    """How KV moves from prefill to decode workers (see `cost_model.LINK_GBPS`)."""
+    """What KV crosses from prefill to decode workers (see `cost_model.LINK_GBPS`)."""
+    transport: str = "nixl"
+    """How KV moves over the link (see `cost_model.TRANSPORT_GBPS`)."""
     routing: str = SIMULATED_ROUTING
     """How requests pick engines, as the router's `--policy` (`routing/policies.py`)."""
     tensor_parallel_size: int = 1
@@ -100,6 +103,8 @@ class FleetShape:
 
     def __post_init__(self) -> None:
         routing_policy(self.routing)  # refuses an unknown name
+        if self.transport not in TRANSPORT_GBPS:
+            raise ValueError(f"unknown KV transport {self.transport!r}; known: {', '.join(TRANSPORT_GBPS)}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
 
@@ -116,14 +121,19 @@ class FleetShape:
         tp = f" x TP{self.tensor_parallel_size}" if self.tensor_parallel_size > 1 else ""
         if not self.prefill_workers:
             return f"agg {self.decode_workers}{tp} (chunk {self.decode_chunk_tokens}{routed})"
-        return f"disagg {self.prefill_workers}P+{self.decode_workers}D{tp} ({self.link}{routed})"
+        moved = self.link if self.transport == "nixl" else f"{self.transport} over {self.link}"
+        return f"disagg {self.prefill_workers}P+{self.decode_workers}D{tp} ({moved}{routed})"
 
 
 class _LinkedTransport:
-    """A decode engine's way to the prefill engines' stores, across a modelled link."""
+    """A decode engine's way to the prefill engines' stores: a KV transport across a modelled link."""
 
-    def __init__(self, stores: dict[str, LeasedKvStore], modelled_bytes_per_token: int, link: str) -> None:
-        self.name = link
+    kind = pb.KV_TRANSPORT_UNSPECIFIED
+
+    def __init__(self, stores: dict[str, LeasedKvStore], modelled_bytes_per_token: int, link: str,
+                 transport: str) -> None:
+        self.name = transport
+        self._link = link
         self._stores = stores
         self._bytes_per_token = modelled_bytes_per_token
 
@@ -133,7 +143,7 @@ class _LinkedTransport:
     async def fetch(self, handle: pb.KvHandle, *, segment: str, fingerprint: str, request_id: str) -> ReceivedKv:
         data = self._stores[handle.endpoint].claim(handle.transfer_id, handle.pull_token, fingerprint)
         nbytes = handle.num_tokens * self._bytes_per_token
-        ms = transfer_ms(nbytes, self.name)
+        ms = transfer_ms(nbytes, self._link, self.name)
         await asyncio.sleep(ms / 1e3)
         return ReceivedKv(data=bytes(data), stats=pb.KvTransferStats(bytes=nbytes, duration_us=int(ms * 1e3),
                                                                      path=self.name))
@@ -232,7 +242,7 @@ async def run_fleet(shape: FleetShape, workload: Workload, *, model: str = "llam
               for i in range(shape.prefill_workers)}
     prefills = {name: SimulatedEngine(dataclasses.replace(base, max_num_batched_tokens=shape.prefill_chunk_tokens),
                                       kv_store=store, cost=cost) for name, store in stores.items()}
-    receiver = KvReceiver([_LinkedTransport(stores, KV_BYTES_PER_TOKEN[model], shape.link)])
+    receiver = KvReceiver([_LinkedTransport(stores, KV_BYTES_PER_TOKEN[model], shape.link, shape.transport)])
     decodes = {f"decode-{i}": SimulatedEngine(dataclasses.replace(base, max_num_batched_tokens=shape.decode_chunk_tokens),
                                               kv_receiver=receiver, cost=cost) for i in range(shape.decode_workers)}
     prefilling = prefills or decodes

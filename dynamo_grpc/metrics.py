@@ -229,10 +229,11 @@ def worker(role: str, worker_id: str) -> WorkerMetrics:
 
 @dataclass(frozen=True)
 class KvTransferMetrics:
-    """KV a decode worker received, by transport (`shm`, `grpc`)."""
+    """KV a decode worker received, by transport (`shm`, `nixl`, `grpc`), and the transports that failed."""
 
     bytes: Counter
     seconds: Histogram
+    fallbacks: Counter
 
     def observe(self, transport: str, size: int, seconds: float) -> None:
         self.bytes.labels(transport).inc(size)
@@ -244,8 +245,11 @@ def kv_transfer() -> KvTransferMetrics:
     return KvTransferMetrics(
         bytes=Counter("dynamo_kv_transfer_bytes", "KV bytes received from prefill workers.", ["transport"]),
         seconds=Histogram("dynamo_kv_transfer_seconds", "Time to take one request's KV: link the segment "
-                          "(shm) or pull and check it (grpc), and release it.", ["transport"],
-                          buckets=KV_SECONDS_BUCKETS))
+                          "(shm), READ it (nixl) or pull and check it (grpc), and release it.",
+                          ["transport"], buckets=KV_SECONDS_BUCKETS),
+        fallbacks=Counter("dynamo_kv_transport_fallbacks", "KV transports that failed mid-transfer or could "
+                          "not reach the bytes, handing over to the next, by the one that failed.",
+                          ["transport"]))
 
 
 @functools.cache

@@ -19,6 +19,7 @@ from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.config import ConfigError, EndpointPickerConfig, ServerConfig, WorkerConfig
 from dynamo_grpc.engine.base import Engine
 from dynamo_grpc.engine.registry import EngineParts
+from dynamo_grpc.kv.nixl_transport import NixlAgent
 from dynamo_grpc.kv.store import LeasedKvStore
 from dynamo_grpc.kv.transport import KvReceiver
 from dynamo_grpc.kv.wire import add_kv_transfer_service
@@ -104,13 +105,20 @@ def _sample_engine(role: str, worker_id: str, engine: Engine) -> Callable[[], Aw
     return metrics.sample(engine, metrics.worker_samples(role, worker_id, engine.stats))
 
 
-def _worker_info(worker_id: str, role: int, engine: Engine, endpoint: str, server: ServerConfig
+def _worker_info(worker_id: str, role: int, engine: Engine, endpoint: str, config: WorkerConfig
                  ) -> pb.WorkerInfo:
     started = timestamp_pb2.Timestamp()
     started.GetCurrentTime()
+    transports = [pb.KvTransport.Value(f"KV_TRANSPORT_{name.upper()}")
+                  for name in config.resolved_kv_transports]
     return pb.WorkerInfo(worker_id=worker_id, role=role, model=engine.model, endpoint=endpoint,
-                         host=server.node_name, engine_fingerprint=engine.fingerprint, capacity=engine.capacity(),
-                         started_at=started, engine=engine.kind)
+                         host=config.server.node_name, engine_fingerprint=engine.fingerprint,
+                         capacity=engine.capacity(), started_at=started, engine=engine.kind,
+                         kv_transports=transports)
+
+
+def _nixl_agent(config: WorkerConfig) -> NixlAgent | None:
+    return NixlAgent() if "nixl" in config.resolved_kv_transports else None
 
 
 async def _start_worker(config: WorkerConfig, parts: EngineParts,
@@ -130,7 +138,8 @@ async def _start_worker(config: WorkerConfig, parts: EngineParts,
 
 
 async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole:
-    store = LeasedKvStore(endpoint="", host=config.server.node_name, ttl_s=config.kv_ttl_s)
+    nixl = _nixl_agent(config)
+    store = LeasedKvStore(endpoint="", host=config.server.node_name, ttl_s=config.kv_ttl_s, nixl=nixl)
     worker_id = config.resolved_worker_id("prefill")
     server, engine = await _start_worker(config, EngineParts(kv_store=store), lambda engine: [
         ServiceBinding(PrefillServicer(engine, worker_id=worker_id),
@@ -140,11 +149,13 @@ async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole
                        service_name(kv_pb, "KvTransferService")),
     ], starting=(service_name(prefill_pb, "PrefillService"), service_name(kv_pb, "KvTransferService")))
     endpoint = store.endpoint = config.server.endpoint(server.port)
-    await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_PREFILL, engine, endpoint, config.server))
+    await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_PREFILL, engine, endpoint, config))
     log.info("prefill worker %s serving %s on %s", worker_id, engine.model, endpoint)
 
     async def close_store() -> None:
         store.close()
+        if nixl is not None:
+            nixl.close()
 
     return RunningRole("prefill worker", endpoint, server, registry, worker_id,
                        [_sample_engine("prefill", worker_id, engine), engine.shutdown, close_store])
@@ -152,8 +163,10 @@ async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole
 
 async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     channels = ChannelPool()
+    nixl = _nixl_agent(config)
     worker_id = config.resolved_worker_id("decode")
-    parts = EngineParts(kv_receiver=KvReceiver.over_network(channels, host=config.server.node_name))
+    parts = EngineParts(kv_receiver=KvReceiver.over_network(
+        channels, host=config.server.node_name, names=config.resolved_kv_transports, nixl=nixl))
     server, engine = await _start_worker(config, parts, lambda engine: [
         ServiceBinding(DecodeServicer(engine, worker_id=worker_id, local_prefill_on_pull_failure=
                                       config.kv_pull_failure == "local-prefill",
@@ -162,10 +175,16 @@ async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
                        service_name(decode_pb, "DecodeService")),
     ], starting=(service_name(decode_pb, "DecodeService"),))
     endpoint = config.server.endpoint(server.port)
-    await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_DECODE, engine, endpoint, config.server))
+    await registry.register(_worker_info(worker_id, pb.WORKER_ROLE_DECODE, engine, endpoint, config))
     log.info("decode worker %s serving %s on %s", worker_id, engine.model, endpoint)
+
+    async def close_transports() -> None:
+        await channels.close()
+        if nixl is not None:
+            nixl.close()
+
     return RunningRole("decode worker", endpoint, server, registry, worker_id,
-                       [_sample_engine("decode", worker_id, engine), engine.shutdown, channels.close])
+                       [_sample_engine("decode", worker_id, engine), engine.shutdown, close_transports])
 
 
 async def start_router(config: ServerConfig, registry: Registry, *,

@@ -87,5 +87,13 @@ else
   say "installing the TypeScript client's npm packages (npm ci in clients/typescript, as $lock pins them)..."
   npm ci --prefix clients/typescript --no-audit --no-fund --loglevel=error >/dev/null
 fi
+say "installing the nixl extra (the NIXL KV transport) after the project, so the torch above stays..."
+torch_before=$(python -c 'import torch; print(torch.__version__)')
+python -m pip install -q --disable-pip-version-check -e '.[nixl]'
+torch_after=$(python -c 'import torch; print(torch.__version__)')
+if [ "$torch_after" != "$torch_before" ]; then
+  say "nixl replaced torch $torch_before with $torch_after; putting $torch_before back..."
+  python -m pip install -q --disable-pip-version-check "torch==${torch_before%%+*}"
+fi
 say "done: $(python --version 2>&1), $(etcd --version 2>/dev/null | head -n 1), node $(node --version),"
 say "  $(go version | cut -d' ' -f3), $(protoc --version), $(cmake --version | head -n 1)"

@@ -90,10 +90,11 @@ class Stubs:
         await eventually(idle, timeout_s, "both engines to be idle")
 
     async def assert_no_leaks(self) -> None:
-        """Both engines and the prefill's KV store hold nothing."""
+        """Both engines, the prefill's KV store and both NIXL agents hold nothing."""
         prefill, decode = await self.prefill_stats(), await self.decode_stats()
-        assert (prefill.active_requests, prefill.used_kv_blocks, prefill.held_transfers) == (0, 0, 0), prefill
-        assert (decode.active_requests, decode.used_kv_blocks) == (0, 0), decode
+        assert (prefill.active_requests, prefill.used_kv_blocks, prefill.held_transfers,
+                prefill.nixl_registrations) == (0, 0, 0, 0), prefill
+        assert (decode.active_requests, decode.used_kv_blocks, decode.nixl_registrations) == (0, 0, 0), decode
 
 
 @contextlib.asynccontextmanager

@@ -13,6 +13,7 @@ from dynamo_grpc.engine.cost_model import (
     KV_BYTES_PER_TOKEN,
     SHAPES,
     STEP_TIMES_FILE,
+    TRANSPORT_GBPS,
     StepCostModel,
     load_cost_model,
     load_tensor_parallel_cost,
@@ -170,3 +171,15 @@ def test_kv_memory_of_a_tp_worker_is_its_gpus_less_the_real_weights() -> None:
     assert worker_kv_memory_gb("llama3_70b", 1) < 0 and worker_kv_memory_gb("llama3_70b", 2) < 0
     assert worker_kv_memory_gb("llama3_70b", 4) == pytest.approx(4 * (72 - 16) - 141.1)
     assert worker_kv_memory_gb("llama3_70b", 8) > 3 * worker_kv_memory_gb("llama3_70b", 4)
+
+
+def test_a_transfer_runs_at_the_slower_of_its_transport_and_its_link() -> None:
+    prompt = 3000 * KV_BYTES_PER_TOKEN["llama3_8b"]  # the two-node case: 393 MB
+    # NIXL is bound by the link alone; gRPC by its own path through Python, even on a fast link.
+    assert transfer_ms(prompt, "rdma_400g", "nixl") == transfer_ms(prompt, "rdma_400g") == pytest.approx(
+        prompt / 50e9 * 1e3)
+    grpc_ms = prompt / (TRANSPORT_GBPS["grpc"] * 1e9) * 1e3
+    assert transfer_ms(prompt, "tcp_100g", "grpc") == pytest.approx(grpc_ms)
+    assert transfer_ms(prompt, "rdma_400g", "nixl") < transfer_ms(prompt, "tcp_100g", "grpc") / 10
+    with pytest.raises(ValueError, match="unknown KV transport"):
+        transfer_ms(1, "nvlink", "carrier_pigeon")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
+import textwrap
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,6 +14,7 @@ import pytest
 
 from control_plane.deployment import start_all_in_one
 from dynamo_grpc.client import params
+from dynamo_grpc.kv.nixl_transport import nixl_installed
 from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.routing.fleet import DisaggregationPolicy
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -49,10 +54,13 @@ async def test_disaggregated_output_equals_aggregated(cluster: Stubs) -> None:
     for prompt, result in zip(PROMPTS, results):
         completion = result.completion
         prompt_tokens = len(prompt.encode()) if isinstance(prompt, str) else len(prompt)
-        # (2) The KV really crossed: the decode worker pulled all of it from the prefill worker.
+        # (2) The KV really crossed: the decode worker took all of it from the prefill worker, by the pair's
+        #     first transport (a simulated prefill holds its KV in process memory: no shm segment).
         assert completion.prefill_worker_id == prefill_id
         assert completion.decode_worker_id == cluster.deployment.decode.worker_id
-        assert completion.kv_transfer.bytes == prompt_tokens * 4096 and completion.kv_transfer.path == "grpc"
+        assert completion.kv_transfer.bytes == prompt_tokens * 4096
+        assert completion.kv_transfer.path == ("nixl" if nixl_installed() else "grpc")
+        assert not completion.kv_transfer.fallbacks
         assert completion.usage.prompt_tokens == prompt_tokens
         # Moved, not found in a cache: every prompt is new to the prefill worker (none shares a whole block).
         assert (completion.usage.cached_tokens, completion.usage.kv_transferred_tokens) == (0, prompt_tokens)
@@ -65,6 +73,40 @@ async def test_disaggregated_output_equals_aggregated(cluster: Stubs) -> None:
     await cluster.assert_no_leaks()
     stats = await cluster.prefill_stats()
     assert stats.transfers_completed == len(PROMPTS) and stats.transfers_expired == 0
+
+
+WITHOUT_NIXL = textwrap.dedent("""
+    import asyncio, json, sys
+    sys.modules["nixl"] = None  # as if the nixl extra were not installed: importing it fails
+    import dataclasses
+    from dynamo_grpc.config import ConfigError
+    from dynamo_grpc.v1 import common_pb2 as pb
+    from tests.cluster import MODEL, running, worker_config
+
+    async def main():
+        try:
+            dataclasses.replace(worker_config(), kv_transports=("nixl",))
+            refused = ""
+        except ConfigError as error:
+            refused = str(error)
+        async with running() as stubs:
+            result = await stubs.router.generate("no nixl here", model=MODEL, max_tokens=4).collect()
+            workers = await stubs.deployment.decode.registry.list_workers(pb.WORKER_ROLE_PREFILL)
+            await stubs.assert_no_leaks()
+        print(json.dumps({"path": result.completion.kv_transfer.path, "tokens": len(result.token_ids),
+                          "offered": [list(w.kv_transports) for w in workers], "refused": refused}))
+
+    asyncio.run(main())
+""")
+
+
+def test_without_the_nixl_extra_workers_offer_shm_and_grpc_and_kv_moves_over_grpc() -> None:
+    run = subprocess.run([sys.executable, "-c", WITHOUT_NIXL], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["offered"] == [[pb.KV_TRANSPORT_SHM, pb.KV_TRANSPORT_GRPC]]
+    assert (seen["path"], seen["tokens"]) == ("grpc", 4)  # a simulated prefill holds its KV in process memory
+    assert "pip install 'dynamo-grpc[nixl]'" in seen["refused"]
 
 
 async def test_tokens_stream_in_batches_before_the_end(cluster: Stubs) -> None:

@@ -77,6 +77,10 @@ def test_a_tensor_parallel_fleet_counts_every_gpu_and_decodes_faster() -> None:
     shape = FleetShape(decode_workers=1, prefill_workers=2, tensor_parallel_size=4)
     assert (shape.workers, shape.gpus) == (3, 12)
     assert shape.describe() == "disagg 2P+1D x TP4 (nvlink)"
+    assert FleetShape(decode_workers=1, prefill_workers=1, link="tcp_100g", transport="grpc").describe() == \
+        "disagg 1P+1D (grpc over tcp_100g)"
+    with pytest.raises(ValueError, match="unknown KV transport"):
+        FleetShape(decode_workers=1, prefill_workers=1, transport="carrier_pigeon")
     assert FleetShape(decode_workers=2, decode_chunk_tokens=512, tensor_parallel_size=8).describe() == \
         "agg 2 x TP8 (chunk 512)"
     with pytest.raises(ValueError, match="tensor_parallel_size"):

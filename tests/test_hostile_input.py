@@ -204,6 +204,7 @@ async def test_malformed_pull_response_is_data_loss(stubs: Stubs) -> None:
     forged = pb.KvHandle()
     forged.CopyFrom(handle)
     forged.endpoint, forged.host, forged.shm_segment = f"127.0.0.1:{port}", "", ""
+    forged.ClearField("nixl")  # only the PullKv stream reaches the bytes
     start = decode_pb.DecodeStart(params=params("abc", model=MODEL), kv_handle=forged)
     try:
         assert await rpc_failure(_decode(stubs, start)) == (grpc.StatusCode.DATA_LOSS, "KV_TRANSFER_CORRUPT")

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 
-from dynamo_grpc.routing.pairing import compute_pairings
+from dynamo_grpc.registry import PAIRINGS_DOCUMENT, MemoryRegistry
+from dynamo_grpc.routing.fleet import Fleet
+from dynamo_grpc.routing.pairing import compute_pairings, pair_transports, pairing_table
 from dynamo_grpc.v1 import common_pb2 as pb
+from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
 
-def worker(worker_id: str, role: int, *, host: str = "a", model: str = "m", fingerprint: str = "fp") -> pb.WorkerInfo:
-    return pb.WorkerInfo(worker_id=worker_id, role=role, host=host, model=model, engine_fingerprint=fingerprint)
+def worker(worker_id: str, role: int, *, host: str = "a", model: str = "m", fingerprint: str = "fp",
+           transports: tuple[int, ...] = ()) -> pb.WorkerInfo:
+    return pb.WorkerInfo(worker_id=worker_id, role=role, host=host, model=model,
+                         engine_fingerprint=fingerprint, kv_transports=transports)
 
 
 def test_only_compatible_workers_pair_and_same_host_comes_first() -> None:
@@ -22,6 +27,76 @@ def test_only_compatible_workers_pair_and_same_host_comes_first() -> None:
     assert [(p.prefill_worker_id, p.decode_worker_id, p.same_host) for p in table.pairings] == [
         ("p-near", "d", True), ("p-far", "d", False)]
     assert table.version == 7
+
+
+def test_each_pair_lists_the_transports_both_workers_have_fastest_first() -> None:
+    P, D = pb.WORKER_ROLE_PREFILL, pb.WORKER_ROLE_DECODE
+    SHM, NIXL, GRPC = pb.KV_TRANSPORT_SHM, pb.KV_TRANSPORT_NIXL, pb.KV_TRANSPORT_GRPC
+    everything = (GRPC, NIXL, SHM)  # a worker lists them in any order
+    table = compute_pairings([
+        worker("p-near", P, host="a", transports=everything),
+        worker("p-far", P, host="b", transports=everything),
+        worker("p-old", P, host="a"),  # registered before workers listed transports: shm and gRPC
+        worker("p-nixl-only", P, host="b", transports=(NIXL,)),
+        worker("d", D, host="a", transports=everything), worker("d-grpc", D, host="b", transports=(GRPC,)),
+    ])
+    transports = {(p.prefill_worker_id, p.decode_worker_id): list(p.kv_transports) for p in table.pairings}
+    assert transports == {
+        ("p-near", "d"): [SHM, NIXL, GRPC],  # one host: in place first
+        ("p-far", "d"): [NIXL, GRPC],  # shm does not cross hosts
+        ("p-old", "d"): [SHM, GRPC],
+        ("p-nixl-only", "d"): [NIXL],
+        ("p-near", "d-grpc"): [GRPC], ("p-far", "d-grpc"): [GRPC], ("p-old", "d-grpc"): [GRPC],
+        # p-nixl-only and d-grpc share no transport: no pair.
+    }
+
+
+async def test_a_group_lists_its_transports_and_each_pair_routes_with_its_own() -> None:
+    P, D = pb.WORKER_ROLE_PREFILL, pb.WORKER_ROLE_DECODE
+    SHM, NIXL, GRPC = pb.KV_TRANSPORT_SHM, pb.KV_TRANSPORT_NIXL, pb.KV_TRANSPORT_GRPC
+    workers = [worker("p-near", P, host="a", transports=(SHM, NIXL, GRPC)),
+               worker("p-far", P, host="b", transports=(SHM, GRPC)),
+               worker("d", D, host="a", transports=(GRPC, NIXL, SHM))]
+    table = pairing_table(workers)
+    assert [list(group.kv_transports) for group in table.groups] == [[SHM, NIXL, GRPC]]
+    listed = {(p.prefill_worker_id, p.decode_worker_id): list(p.kv_transports) for p in table.pairings}
+    assert listed == {("p-near", "d"): [SHM, NIXL, GRPC], ("p-far", "d"): [GRPC]}
+    by_id = {w.worker_id: w for w in workers}
+    assert all(pair_transports(table.groups[0].kv_transports, by_id[p], by_id[d]) == transports
+               for (p, d), transports in listed.items())
+    # A table of groups only (a large fleet's): the router derives each pair's transports from its group's.
+    routes = await routes_from_groups(workers, table, requests=4)
+    assert {r.prefill.worker_id: list(r.kv_transports) for r in routes if r.prefill} == {
+        "p-near": [SHM, NIXL, GRPC], "p-far": [GRPC]}
+
+
+async def test_a_pair_with_no_transport_in_common_prefills_on_its_decode_worker() -> None:
+    P, D = pb.WORKER_ROLE_PREFILL, pb.WORKER_ROLE_DECODE
+    workers = [worker("p", P, host="a", transports=(pb.KV_TRANSPORT_NIXL,)),
+               worker("d", D, host="a", transports=(pb.KV_TRANSPORT_GRPC,))]
+    table = pairing_table(workers)
+    assert not table.groups[0].kv_transports and not table.pairings
+    assert pair_transports(table.groups[0].kv_transports, *workers) == []
+    [route] = await routes_from_groups(workers, table, requests=1)
+    assert route.decode.worker_id == "d" and route.prefill is None and not route.kv_transports
+
+
+async def routes_from_groups(workers: list[pb.WorkerInfo], table: cp_pb.PairingTable, *,
+                             requests: int) -> list:
+    """Routes of a router that reads `table`'s groups only."""
+    registry = MemoryRegistry()
+    for info in workers:
+        await registry.register(info)
+    groups_only = cp_pb.PairingTable(groups=table.groups, version=1)
+    await registry.put_document(PAIRINGS_DOCUMENT, groups_only.SerializeToString())
+    fleet = Fleet(registry, routing="round_robin", load_poll_s=0)
+    await fleet.start()
+    try:
+        assert fleet.pairing_table == groups_only
+        return [fleet.route("m", f"r{turn}", prompt_tokens=8) for turn in range(requests)]
+    finally:
+        await fleet.stop()
+        await registry.close()
 
 
 def test_no_decode_workers_means_no_pairs() -> None:

@@ -23,9 +23,12 @@ from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
 from dynamo_grpc.kv import shm
 from dynamo_grpc.kv.events import block_hashes
+from dynamo_grpc.kv.nixl_transport import nixl_installed
 from dynamo_grpc.registry import EtcdRegistry
 from dynamo_grpc.routing.prompt_tokens import PromptTokenizer
 from dynamo_grpc.v1 import common_pb2 as pb
+from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
+from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import kv_events_pb2 as events_pb
 from dynamo_grpc.v1 import kv_events_pb2_grpc as events_grpc
@@ -94,10 +97,11 @@ async def prefill(stubs: Stubs, request_id: str, prompt: str | list[int]) -> pb.
 
 
 async def decode(stubs: Stubs, request_id: str, prompt: str | list[int], handle: pb.KvHandle | None = None,
-                 max_tokens: int = MAX_TOKENS) -> tuple[list[int], pb.Completion]:
+                 max_tokens: int = MAX_TOKENS, *, transports: tuple[int, ...] = ()
+                 ) -> tuple[list[int], pb.Completion]:
     async def requests() -> AsyncIterator[decode_pb.DecodeRequest]:
         yield decode_pb.DecodeRequest(request_id=request_id, start=decode_pb.DecodeStart(
-            params=generation(prompt, max_tokens), kv_handle=handle))
+            params=generation(prompt, max_tokens), kv_handle=handle, kv_transports=transports))
 
     tokens: list[int] = []
     completion = pb.Completion()
@@ -117,8 +121,12 @@ def altered(handle: pb.KvHandle, **fields: str) -> pb.KvHandle:
 
 
 def elsewhere(handle: pb.KvHandle) -> pb.KvHandle:
-    """The same handle as a decode worker on another host sees it: it must pull over gRPC."""
+    """The same handle as a decode worker on another host sees it: shared memory is out of reach."""
     return altered(handle, host="another-host")
+
+
+GRPC_ONLY = (pb.KV_TRANSPORT_GRPC,)
+NIXL_ONLY = (pb.KV_TRANSPORT_NIXL,)
 
 
 def scribble(segment: str) -> None:
@@ -138,7 +146,8 @@ async def wait_idle(stubs: Stubs) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_disaggregated_greedy_equals_aggregated_on_both_paths(cluster: Stubs, tiny_model_dir: Path) -> None:
+async def test_disaggregated_greedy_equals_aggregated_on_shm_and_grpc(cluster: Stubs,
+                                                                       tiny_model_dir: Path) -> None:
     workers = await cluster.deployment.router.registry.list_workers()
     assert {w.engine for w in workers} == {"vllm"} and len({w.engine_fingerprint for w in workers}) == 1
     # (1) Through the router, all prompts at once: same host, so the decode worker takes the KV in place.
@@ -147,7 +156,7 @@ async def test_disaggregated_greedy_equals_aggregated_on_both_paths(cluster: Stu
         for i, p in enumerate(PROMPTS)))
     # (2) Prefill and decode called directly, the handle rewritten as seen from another host: a gRPC pull.
     handles = await asyncio.gather(*(prefill(cluster, f"p{i}", p) for i, p in enumerate(PROMPTS)))
-    pulled = await asyncio.gather(*(decode(cluster, f"g{i}", p, elsewhere(h))
+    pulled = await asyncio.gather(*(decode(cluster, f"g{i}", p, elsewhere(h), transports=GRPC_ONLY)
                                     for i, (p, h) in enumerate(zip(PROMPTS, handles))))
     for prompt, result, handle, (tokens, completion) in zip(PROMPTS, routed, handles, pulled):
         n = result.completion.usage.prompt_tokens
@@ -180,9 +189,36 @@ async def test_the_kv_really_moves(cluster: Stubs, tiny_model_dir: Path) -> None
     # Over gRPC the CRC-32 catches it.
     handle = await prefill(cluster, "kv-noise-grpc", prompt + "!")
     scribble(handle.shm_segment)
-    code, reason = await rpc_failure(decode(cluster, "kv-noise-grpc", prompt + "!", elsewhere(handle)))
+    code, reason = await rpc_failure(decode(cluster, "kv-noise-grpc", prompt + "!", elsewhere(handle),
+                                            transports=GRPC_ONLY))
     assert (code, reason) == (grpc.StatusCode.DATA_LOSS, "KV_TRANSFER_CORRUPT")
     await cluster.kv.ReleaseKv(kv_pb.ReleaseKvRequest(transfer_id=handle.transfer_id, pull_token=handle.pull_token))
+
+
+@pytest.mark.skipif(not nixl_installed(), reason="the nixl package is not installed")
+async def test_nixl_path_equals_the_grpc_path(cluster: Stubs, tiny_model_dir: Path) -> None:
+    # Both workers registered NIXL, so the pairing table lists it for them, after shm (one host).
+    async with grpc.aio.insecure_channel(cluster.deployment.control_plane.endpoint) as channel:
+        table = (await cp_grpc.ControlPlaneServiceStub(channel).GetPairings(cp_pb.GetPairingsRequest())).table
+    [pair], [group] = table.pairings, table.groups
+    every_transport = [pb.KV_TRANSPORT_SHM, pb.KV_TRANSPORT_NIXL, pb.KV_TRANSPORT_GRPC]
+    assert list(pair.kv_transports) == list(group.kv_transports) == every_transport
+    # The decode worker READs each prompt's KV from the prefill worker's registered memory (UCX picks the
+    # wire: shared memory or TCP here), as a decode worker on another host would.
+    handles = await asyncio.gather(*(prefill(cluster, f"n{i}", p) for i, p in enumerate(PROMPTS)))
+    assert all(h.HasField("nixl") for h in handles)
+    assert (await cluster.prefill_stats()).nixl_registrations == len(PROMPTS)
+    read = await asyncio.gather(*(decode(cluster, f"n{i}", p, elsewhere(h), transports=NIXL_ONLY)
+                                  for i, (p, h) in enumerate(zip(PROMPTS, handles))))
+    for prompt, handle, (tokens, completion) in zip(PROMPTS, handles, read):
+        assert (completion.kv_transfer.path, completion.kv_transfer.bytes) == ("nixl", handle.total_bytes)
+        assert not completion.kv_transfer.fallbacks
+        assert tokens == hf_greedy(tiny_model_dir, prompt, MAX_TOKENS), prompt
+    # Every registration ended with its transfer, on both sides.
+    assert (await cluster.prefill_stats()).nixl_registrations == 0
+    assert (await cluster.decode_stats()).nixl_registrations == 0
+    await wait_idle(cluster)
+    await cluster.assert_no_leaks()
 
 
 async def test_bad_handles_are_refused_without_leaking(cluster: Stubs) -> None:
@@ -250,11 +286,14 @@ async def test_cancels_and_expiry_leave_no_blocks_held(cluster: Stubs) -> None:
 
 
 async def test_openai_chat_through_the_frontend_on_real_engines(cluster: Stubs, tiny_model_dir: Path) -> None:
+    from prometheus_client import REGISTRY
     from transformers import AutoTokenizer
 
     from dynamo_grpc.frontend.openai_protocol import load_chat_template
 
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where is the river?"}]
+    kv_by_shm = ("dynamo_kv_transfer_seconds_count", {"transport": "shm"})
+    before = REGISTRY.get_sample_value(*kv_by_shm) or 0.0
     async with openai_frontend(cluster, load_chat_template(tiny_model_dir)) as served:
         stream = await served.client.chat.completions.create(model=MODEL, messages=messages,
                                                              max_tokens=MAX_TOKENS, temperature=0, stream=True,
@@ -264,6 +303,8 @@ async def test_openai_chat_through_the_frontend_on_real_engines(cluster: Stubs, 
             if chunk.choices:
                 text += chunk.choices[0].delta.content or ""
             usage = chunk.usage or usage
+    # One host: the prompt's KV moved in place, as the decode worker's /metrics counts it.
+    assert REGISTRY.get_sample_value(*kv_by_shm) == before + 1
     # The prompt is the model's own chat template, tokenized as HF does it; the answer is HF's greedy one.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

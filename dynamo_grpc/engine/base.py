@@ -54,6 +54,8 @@ class EngineRequest:
     kv_handle: pb.KvHandle | None = None
     resume: tuple[int, ...] = ()
     """Tokens already generated elsewhere: they extend the prompt, count as output, and are not sent again."""
+    kv_transports: tuple[int, ...] = ()
+    """`KvTransport`s to take `kv_handle` by, in order; empty: every one the worker has, in its own order."""
 
 
 @dataclass

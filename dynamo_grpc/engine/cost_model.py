@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,19 @@ LINK_GBPS = {
     "rdma_400g": 50.0,  # 400 Gb/s InfiniBand / RoCE
     "tcp_100g": 12.0,  # 100 Gb/s Ethernet
     "tcp_10g": 1.2,  # 10 Gb/s Ethernet
+}
+
+# What each KV transport's own path sustains (GB/s), whatever the link under it: a transfer runs at the lower
+# of its transport's figure and its link's. NIXL hands the NIC (GPUDirect RDMA) or NVLink the GPU's memory, so
+# only the link bounds it. The other two move every byte through host memory and Python:
+# - shm, one host: the GPU cache is copied into a shared-memory segment and out again, measured on the
+#   calibration H100 at 2.65 GB/s (save) and 4.48 GB/s (load) (docs/experiments.md section 7): 1.66 in series;
+# - grpc: PullKv streams through Python on both ends, measured by bench/kv_transfer.py (N streams, 384 MiB) at
+#   the figure below on this 2-core shared CPU box; a faster host does better, never link rate.
+TRANSPORT_GBPS = {
+    "nixl": math.inf,
+    "shm": 1.66,
+    "grpc": 1.0,
 }
 
 # GEMMs process tokens in tiles: a step with 520 tokens costs about what one with 576 does.
@@ -107,13 +121,16 @@ def check_tensor_parallel_size(shape: str, size: int) -> None:
                          f"KV heads ({', '.join(map(str, allowed))})")
 
 
-def transfer_ms(nbytes: int, link: str) -> float:
-    """Time to move `nbytes` over a named link at its assumed bandwidth (no latency, no contention)."""
+def transfer_ms(nbytes: int, link: str, transport: str = "nixl") -> float:
+    """Time to move `nbytes` by a KV transport over a named link, at the lower of their bandwidths (no
+    latency, no contention)."""
     if link not in LINK_GBPS:
         raise ValueError(f"unknown link {link!r}; known: {', '.join(sorted(LINK_GBPS))}")
+    if transport not in TRANSPORT_GBPS:
+        raise ValueError(f"unknown KV transport {transport!r}; known: {', '.join(TRANSPORT_GBPS)}")
     if nbytes < 0:
         raise ValueError(f"nbytes must not be negative, got {nbytes}")
-    return nbytes / (LINK_GBPS[link] * 1e9) * 1e3
+    return nbytes / (min(LINK_GBPS[link], TRANSPORT_GBPS[transport]) * 1e9) * 1e3
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,20 @@
 A segment is layer-major, then block, each block byte-for-byte as the engine stores it (dimension 0
 of every layer's cache indexes blocks). Copying whole blocks keeps this independent of how an
 attention backend lays out heads and tokens inside a block; engines with the same fingerprint agree.
+
+A cache in host memory moves through the segment's file (`os.preadv`/`os.pwritev` of the cache's block
+rows, on a few threads): the kernel copies straight between the cache and the segment's pages, and no
+mapping of the segment has to be built page by page first, which costs more than the copy. A cache on
+a GPU goes through a mapping of the segment (and pinned staging for saves).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -38,7 +45,18 @@ def block_bytes(caches: Sequence[torch.Tensor]) -> int:
 
 def save_blocks(caches: Sequence[torch.Tensor], block_ids: Sequence[int], segment: str) -> None:
     """Write blocks `block_ids` of every layer into a new segment."""
-    mapping = shm.create(segment, block_bytes(caches) * len(block_ids))
+    size = block_bytes(caches) * len(block_ids)
+    if _rows_movable(caches):
+        fd = shm.create_file(segment, size)
+        try:
+            _move_rows(caches, block_ids, 0, len(block_ids), fd, os.pwritev)
+        except BaseException:
+            shm.unlink(segment)
+            raise
+        finally:
+            os.close(fd)
+        return
+    mapping = shm.create(segment, size)
     try:
         _copy_out(caches, block_ids, mapping)
     finally:
@@ -47,6 +65,17 @@ def save_blocks(caches: Sequence[torch.Tensor], block_ids: Sequence[int], segmen
 
 def load_blocks(caches: Sequence[torch.Tensor], block_ids: Sequence[int], segment: str, first: int = 0) -> None:
     """Read the segment's blocks `first`, `first + 1`, ... into the cache's blocks `block_ids`."""
+    if _rows_movable(caches):
+        fd = os.open(shm.SHM_DIR / segment, os.O_RDONLY)
+        try:
+            segment_blocks = _whole_blocks(caches, os.fstat(fd).st_size)
+            if first + len(block_ids) > segment_blocks:
+                raise ValueError(f"segment has {segment_blocks} blocks, asked for "
+                                 f"{first}..{first + len(block_ids) - 1}")
+            _move_rows(caches, block_ids, first, segment_blocks, fd, os.preadv)
+        finally:
+            os.close(fd)
+        return
     mapping = shm.attach(segment)
     try:
         _copy_in(caches, block_ids, mapping, first)
@@ -54,12 +83,68 @@ def load_blocks(caches: Sequence[torch.Tensor], block_ids: Sequence[int], segmen
         mapping.close()
 
 
-def _layer_views(caches: Sequence[torch.Tensor], buffer: Any) -> list[torch.Tensor]:
-    """Per layer, a tensor over the buffer shaped like that layer's blocks."""
-    total = len(buffer)
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_io_threads: ThreadPoolExecutor | None = None
+
+
+def _rows_movable(caches: Sequence[torch.Tensor]) -> bool:
+    """Host caches whose blocks are contiguous rows move through the segment's file."""
+    return hasattr(os, "preadv") and all(c.device.type == "cpu" and c.is_contiguous() for c in caches)
+
+
+def _whole_blocks(caches: Sequence[torch.Tensor], total: int) -> int:
     if total % block_bytes(caches):
         raise ValueError(f"segment of {total} bytes is not a whole number of {block_bytes(caches)}-byte blocks")
-    num_blocks = total // block_bytes(caches)
+    return total // block_bytes(caches)
+
+
+def _move_rows(caches: Sequence[torch.Tensor], block_ids: Sequence[int], first: int, segment_blocks: int,
+               fd: int, move: Callable[[int, list[memoryview], int], int]) -> None:
+    """`os.preadv` or `os.pwritev` between the caches' rows `block_ids` and the segment's blocks `first`, ...,
+    whose layers each hold `segment_blocks` blocks; the layers' batches run on a few threads."""
+    batches, layer_offset = [], 0
+    for cache in caches:
+        row_bytes = math.prod(cache.shape[1:]) * cache.element_size()
+        offset = layer_offset + first * row_bytes
+        runs = _row_runs(cache, block_ids)
+        for start in range(0, len(runs), _IOV_MAX):
+            batch = runs[start:start + _IOV_MAX]
+            batches.append((batch, offset, sum(run.nbytes for run in batch)))
+            offset += batches[-1][2]
+        layer_offset += segment_blocks * row_bytes
+
+    def run(batch: tuple[list[memoryview], int, int]) -> None:
+        views, offset, nbytes = batch
+        if move(fd, views, offset) != nbytes:
+            raise OSError(f"moved fewer than the {nbytes} bytes asked at offset {offset} of the segment")
+
+    for _ in _threads().map(run, batches):
+        pass
+
+
+def _row_runs(cache: torch.Tensor, block_ids: Sequence[int]) -> list[memoryview]:
+    """The cache's rows `block_ids` as writable buffers, one per run of consecutive ids, in order."""
+    rows = cache.view(torch.uint8).reshape(cache.shape[0], -1).numpy()  # numpy has no bfloat16; bytes suffice
+    runs, start = [], 0
+    for i in range(1, len(block_ids) + 1):
+        if i == len(block_ids) or block_ids[i] != block_ids[i - 1] + 1:
+            runs.append(memoryview(rows[block_ids[start]:block_ids[i - 1] + 1]))
+            start = i
+    return runs
+
+
+def _threads() -> ThreadPoolExecutor:
+    """Kernel copies of different layers side by side (the calls release the GIL)."""
+    global _io_threads
+    if _io_threads is None:
+        _io_threads = ThreadPoolExecutor(max(1, min(torch.get_num_threads(), 4)),
+                                         thread_name_prefix="kv-blocks")
+    return _io_threads
+
+
+def _layer_views(caches: Sequence[torch.Tensor], buffer: Any) -> list[torch.Tensor]:
+    """Per layer, a tensor over the buffer shaped like that layer's blocks."""
+    num_blocks = _whole_blocks(caches, len(buffer))
     with warnings.catch_warnings():  # a read-only segment: only ever copied from
         warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
         flat = torch.frombuffer(buffer, dtype=torch.uint8)

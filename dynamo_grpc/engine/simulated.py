@@ -351,7 +351,8 @@ class SimulatedEngine:
                 # The prompt's KV comes from a prefill worker; the last prompt token is recomputed.
                 # Not prefix-cache hits: cached_tokens stays 0 (the decode servicer reports the transfer).
                 kv = await self._receiver.receive(request.kv_handle, prompt=prompt,
-                                                  fingerprint=self.fingerprint, request_id=rid)
+                                                  fingerprint=self.fingerprint, request_id=rid,
+                                                  order=request.kv_transports)
                 seq.kv, seq.transfer = kv.data, kv.stats
                 seq.to_prefill = 1
             elif self._prefix_cache is not None:
@@ -390,6 +391,8 @@ class SimulatedEngine:
                                prompt_tokens=self._prompt_tokens, prefix_cache_hit_tokens=self._hit_tokens)
         if self._store is not None:
             self._store.add_stats(stats)
+        if self._receiver is not None:
+            self._receiver.add_stats(stats)
         return stats
 
     async def shutdown(self) -> None:

@@ -5,8 +5,8 @@ Three modes, chosen per request:
 - prefill (`produce_kv`): one token with our KV connector saving the prompt's blocks into shared memory,
   which the worker's `LeasedKvStore` then leases to one decode worker;
 - decode (`kv_handle`): the prompt's KV comes from a prefill worker, read in place from its shared memory
-  when both run on one host, else pulled over gRPC into a local segment; the connector writes it into
-  vLLM's paged cache before the step that recomputes the last prompt token.
+  when both run on one host, else read by NIXL or pulled over gRPC into a local segment; the connector
+  writes it into vLLM's paged cache before the step that recomputes the last prompt token.
 The engine core never touches the network; see `vllm_connector`.
 """
 
@@ -343,7 +343,7 @@ class VllmEngine:
         assert self._receiver is not None
         kv = await self._receiver.receive(handle, prompt=engine_input["prompt_token_ids"],
                                           fingerprint=self.fingerprint, request_id=request.request_id,
-                                          into_segment=True)
+                                          into_segment=True, order=request.kv_transports)
         try:
             params = self._sampling(request, kv_transfer={"load_from": kv.segment, "num_tokens": handle.num_tokens})
             loaded = False
@@ -425,6 +425,8 @@ class VllmEngine:
                                prompt_tokens=engine.prompt_tokens, prefix_cache_hit_tokens=engine.hit_tokens)
         if self._store is not None:
             self._store.add_stats(stats)
+        if self._receiver is not None:
+            self._receiver.add_stats(stats)
         return stats
 
     async def shutdown(self) -> None:

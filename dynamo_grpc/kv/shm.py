@@ -32,17 +32,30 @@ def _path(name: str) -> Path:
     return SHM_DIR / name
 
 
-def create(name: str, size: int) -> mmap.mmap:
-    """A new zero-filled, writable segment; fails if the name is taken."""
-    fd = os.open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+def create(name: str, size: int, *, populate: bool = False) -> mmap.mmap:
+    """A new zero-filled, writable segment; fails if the name is taken. `populate` maps every page up front:
+    one call instead of a fault per page when the whole segment is about to be written."""
+    fd = create_file(name, size)
     try:
-        os.ftruncate(fd, size)
-        return mmap.mmap(fd, size)
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | (_POPULATE if populate else 0))
     except BaseException:
         os.unlink(_path(name))
         raise
     finally:
         os.close(fd)
+
+
+def create_file(name: str, size: int) -> int:
+    """A new zero-filled segment, open for writing (`os.pwrite`: the kernel copies, nothing faults here);
+    the caller closes the descriptor."""
+    fd = os.open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        os.unlink(_path(name))
+        raise
+    return fd
 
 
 def attach(name: str) -> mmap.mmap:

@@ -1,8 +1,9 @@
 """The prefill side of KV transfer: KV bytes held under a lease until a decode worker pulls them.
 
-A transfer is freed exactly once, by whichever comes first: the puller's release, the lease expiry
-(the decode worker never came), or shutdown. Freeing runs the owner's callback, which returns the
-engine's blocks.
+A transfer is freed exactly once, by whichever comes first: the puller's release (a `ReleaseKv`, or gRPC
+pulls that asked for it having sent every byte), the lease expiry (the decode worker never came), or
+shutdown. Freeing deregisters the bytes from the NIXL agent, if the store has one, then runs the owner's
+callback, which returns the engine's blocks.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ import secrets
 import sys
 import time
 import uuid
-import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
+from zlib_ng import zlib_ng
 
 from dynamo_grpc.errors import FailedPrecondition, NotFound, PermissionDenied
 from dynamo_grpc.kv import shm
+from dynamo_grpc.kv.nixl_transport import NixlAgent, NixlFailure, Registration
 from dynamo_grpc.v1 import common_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -47,17 +49,23 @@ class _Held:
     data: bytes | memoryview
     on_free: Callable[[], None] | None
     expiry: asyncio.TimerHandle | None = None
+    registration: Registration | None = None
+    sent: list[tuple[int, int]] = field(default_factory=list)
+    """Byte ranges that pulls asking for a release have sent."""
 
 
 class LeasedKvStore:
     """KV bytes of finished prefills, each claimable with its own pull token until its lease ends."""
 
-    def __init__(self, *, endpoint: str, host: str, ttl_s: float = 30.0) -> None:
+    def __init__(self, *, endpoint: str, host: str, ttl_s: float = 30.0,
+                 nixl: NixlAgent | None = None) -> None:
+        """With `nixl`, every held transfer is registered with that agent for decode workers to READ."""
         if ttl_s <= 0:
             raise ValueError(f"KV lease TTL must be positive, got {ttl_s}")
         self.endpoint = endpoint
         self.host = host
         self.ttl_s = ttl_s
+        self.nixl = nixl
         self._held: dict[str, _Held] = {}
         # Recently freed transfer ids -> why, so a late puller learns "expired" rather than "unknown".
         self._forgotten: OrderedDict[str, str] = OrderedDict()
@@ -77,10 +85,11 @@ class LeasedKvStore:
         handle = pb.KvHandle(
             transfer_id=uuid.uuid4().hex, endpoint=self.endpoint, pull_token=secrets.token_urlsafe(24),
             num_tokens=num_tokens, layout=layout, engine_fingerprint=fingerprint, lease_expires_at=expires,
-            total_bytes=len(data), crc32=zlib.crc32(data) if crc32 is None else crc32, host=self.host, shm_segment=shm_segment,
+            total_bytes=len(data), crc32=zlib_ng.crc32(data) if crc32 is None else crc32, host=self.host,
+            shm_segment=shm_segment,
             prompt_digest=prompt_digest(prompt) if prompt else b"",
         )
-        held = _Held(handle, data, on_free)
+        held = _Held(handle, data, on_free, registration=self._register(handle, data))
         held.expiry = asyncio.get_running_loop().call_later(ttl, self._expire, handle.transfer_id)
         self._held[handle.transfer_id] = held
         return handle
@@ -90,8 +99,8 @@ class LeasedKvStore:
         """Lease a shared-memory segment an engine wrote; freeing the transfer unlinks it. A decode worker
         on this host links it in place, others pull it over gRPC."""
         mapping = shm.attach(segment)
-        # About 1 ms per 4 MiB: off the event loop (zlib releases the GIL), so other requests go on meanwhile.
-        crc = await asyncio.to_thread(zlib.crc32, mapping)
+        # About 4 ms per 64 MiB: off the event loop (zlib-ng releases the GIL), so other requests go on.
+        crc = await asyncio.to_thread(zlib_ng.crc32, mapping)
         # The store drops its view on free; streams still sending keep theirs until they finish.
         return self.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=layout, fingerprint=fingerprint,
                          on_free=lambda: shm.unlink(segment), shm_segment=segment, crc32=crc, prompt=prompt)
@@ -107,11 +116,33 @@ class LeasedKvStore:
                 reason="ENGINE_FINGERPRINT_MISMATCH")
         return held.data
 
-    def release(self, transfer_id: str, pull_token: str) -> bool:
-        """Free a transfer after its pull; False when it is already gone (releasing is idempotent)."""
+    def release(self, transfer_id: str, pull_token: str, *, require_held: bool = False) -> bool:
+        """Free a transfer after its pull; False when it is already gone (releasing is idempotent), or
+        with `require_held` the NotFound that says why."""
         try:
             self._lookup(transfer_id, pull_token)
         except NotFound:
+            if require_held:
+                raise
+            return False
+        self._free(transfer_id, "released")
+        self.transfers_completed += 1
+        return True
+
+    def sent(self, transfer_id: str, pull_token: str, start: int, end: int) -> bool:
+        """A pull that asked for the release sent bytes [start, end); once such pulls have sent every byte,
+        the transfer is freed (True)."""
+        try:
+            held = self._lookup(transfer_id, pull_token)
+        except NotFound:
+            return False
+        held.sent.append((start, end))
+        covered = 0
+        for first, last in sorted(held.sent):
+            if first > covered:
+                return False
+            covered = max(covered, last)
+        if covered < len(held.data):
             return False
         self._free(transfer_id, "released")
         self.transfers_completed += 1
@@ -127,6 +158,8 @@ class LeasedKvStore:
         stats.held_kv_bytes = self.held_bytes
         stats.transfers_completed = self.transfers_completed
         stats.transfers_expired = self.transfers_expired
+        if self.nixl is not None:
+            stats.nixl_registrations = self.nixl.registrations
 
     @property
     def held_transfers(self) -> int:
@@ -148,6 +181,18 @@ class LeasedKvStore:
             raise PermissionDenied(f"wrong pull token for KV transfer {transfer_id!r}", reason="BAD_PULL_TOKEN")
         return held
 
+    def _register(self, handle: pb.KvHandle, data: bytes | memoryview) -> Registration | None:
+        """Offer the bytes to NIXL READs too; without a registration the handle offers shm and gRPC only."""
+        if self.nixl is None or not len(data):
+            return None
+        try:
+            registration = self.nixl.register(data)
+            handle.nixl.CopyFrom(self.nixl.source(registration))
+        except NixlFailure as error:
+            log.warning("KV transfer %s is not offered over NIXL: %s", handle.transfer_id, error)
+            return None
+        return registration
+
     def _expire(self, transfer_id: str) -> None:
         if transfer_id in self._held:
             log.info("KV transfer %s expired unpulled after %.1f s", transfer_id, self.ttl_s)
@@ -158,6 +203,9 @@ class LeasedKvStore:
         held = self._held.pop(transfer_id)
         if held.expiry is not None:
             held.expiry.cancel()
+        if held.registration is not None:
+            assert self.nixl is not None
+            self.nixl.deregister(held.registration)
         self._forgotten[transfer_id] = why
         while len(self._forgotten) > _FORGOTTEN_LIMIT:
             self._forgotten.popitem(last=False)

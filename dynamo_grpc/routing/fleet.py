@@ -19,7 +19,7 @@ from dynamo_grpc.errors import NotFound, Unavailable
 from dynamo_grpc.kv.events import PrefixIndex
 from dynamo_grpc.registry import DEMAND_DOCUMENT, PAIRINGS_DOCUMENT, Registry
 from dynamo_grpc.routing.pair_choice import Side, candidate_sides, choose_pair
-from dynamo_grpc.routing.pairing import PairGroup, groups_of, pairing_groups
+from dynamo_grpc.routing.pairing import PairGroup, groups_of, pair_transports, pairing_groups
 from dynamo_grpc.routing.policies import DEFAULT_POLICY, Load, routing_policy
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
@@ -81,6 +81,8 @@ class _View:
     """The control plane's pairs."""
     derived: list[PairGroup]
     """The pairs by the pairing rule, for requests the table has no live pair for yet."""
+    transports: dict[str, Sequence[int]]
+    """Per prefill worker, its group's KV transports: the table's where it lists the worker, else derived."""
 
     @classmethod
     def of(cls, workers: dict[str, pb.WorkerInfo], table: cp_pb.PairingTable | None) -> _View:
@@ -88,10 +90,14 @@ class _View:
         for worker_id in sorted(workers):
             if workers[worker_id].role == pb.WORKER_ROLE_DECODE:
                 decodes.setdefault(workers[worker_id].model, []).append(worker_id)
-        derived = [PairGroup(tuple(g.prefill_worker_ids), tuple(g.decode_worker_ids))
-                   for g in pairing_groups(workers.values())]
+        derived_groups = pairing_groups(workers.values())
+        derived = [PairGroup(tuple(g.prefill_worker_ids), tuple(g.decode_worker_ids)) for g in derived_groups]
+        transports = {p: g.kv_transports for g in derived_groups for p in g.prefill_worker_ids}
+        if table is not None:
+            transports.update((p, g.kv_transports) for g in table.groups for p in g.prefill_worker_ids)
         hosts = {worker_id: worker.host for worker_id, worker in workers.items()}
-        return cls(workers, table, decodes, hosts, groups_of(table) if table is not None else [], derived)
+        return cls(workers, table, decodes, hosts, groups_of(table) if table is not None else [], derived,
+                   transports)
 
     def sides(self, decodes: Collection[str]) -> list[Side]:
         """The candidate pairs of a request whose decode worker is one of `decodes`: the table's, or derived
@@ -109,6 +115,8 @@ class Route:
     prefill: pb.WorkerInfo | None
     uncached_tokens: int = 0
     """Prompt tokens the prefilling worker (the prefill one, else the decode one) has to compute."""
+    kv_transports: tuple[int, ...] = ()
+    """How the pair moves KV, in the order the decode worker tries them (`pairing.pair_transports`)."""
 
 
 class Fleet:
@@ -198,11 +206,13 @@ class Fleet:
                          key=lambda worker_id: self.routing.rank_decode(worker_id, load))
             return Route(decode=self.workers[decode], prefill=None, uncached_tokens=uncached(decode))
         prefill_id, decode_id = choose_pair(sides, self.routing, load, view.hosts.__getitem__, turn)
-        decode, policy = self.workers[decode_id], self._policy
-        if uncached(decode_id) < policy.min_prompt_tokens or (
+        decode, prefill, policy = self.workers[decode_id], self.workers[prefill_id], self._policy
+        transports = pair_transports(view.transports.get(prefill_id, ()), prefill, decode)
+        if not transports or uncached(decode_id) < policy.min_prompt_tokens or (
                 policy.max_prefill_queue and self._requests[prefill_id] >= policy.max_prefill_queue):
             return Route(decode=decode, prefill=None, uncached_tokens=uncached(decode_id))
-        return Route(decode=decode, prefill=self.workers[prefill_id], uncached_tokens=uncached(prefill_id))
+        return Route(decode=decode, prefill=prefill, uncached_tokens=uncached(prefill_id),
+                     kv_transports=tuple(transports))
 
     async def until_paired(self, timeout: float) -> bool:
         """Wait until some prefill worker is paired with a decode worker in this router's view (the

@@ -182,6 +182,7 @@ class Router:
         # 2) Decode, pulling that KV; relay its stream; forward a cancel. If the decode worker dies, another
         #    one resumes after the tokens already relayed (migration), so the client sees one stream.
         start = decode_pb.DecodeStart(params=params, kv_handle=handle, last_tokens_in_completion=True,
+                                      kv_transports=route.kv_transports,
                                       prefill_worker_id=route.prefill.worker_id if handle else "")
         decode, generated, failed = route.decode, [], []
         to_compute = route.uncached_tokens if handle is None else 0

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # Failures of the pull itself, after which prefilling locally can still answer the request.
 PULL_FAILURES = frozenset({"KV_HANDLE_NOT_FOUND", "KV_HANDLE_EXPIRED", "BAD_PULL_TOKEN", "KV_TRANSFER_CORRUPT",
-                           "UNAVAILABLE", "ENGINE_FINGERPRINT_MISMATCH"})
+                           "KV_TRANSFER_FAILED", "ENGINE_FINGERPRINT_MISMATCH"})
 
 
 class DecodeServicer(decode_grpc.DecodeServiceServicer):
@@ -46,7 +46,7 @@ class DecodeServicer(decode_grpc.DecodeServiceServicer):
         resume = tuple(start.resume_token_ids)
         with self._metrics.request() as timer:
             first, tokens = 0.0, 0
-            outputs = self._outputs(rid, start.params, handle, resume)
+            outputs = self._outputs(rid, start.params, handle, resume, tuple(start.kv_transports))
             if start.params.sampling.stop:
                 stops = tuple(start.params.sampling.stop)
                 outputs = cut_at_stop_strings(outputs, stops, lambda: self._engine.abort(rid))
@@ -84,12 +84,13 @@ class DecodeServicer(decode_grpc.DecodeServiceServicer):
         return metrics.finish_label(reason)
 
     async def _outputs(self, rid: str, params: pb.GenerationParams, handle: pb.KvHandle | None,
-                       resume: tuple[int, ...]) -> AsyncIterator[EngineOutput]:
+                       resume: tuple[int, ...], transports: tuple[int, ...]) -> AsyncIterator[EngineOutput]:
         """The engine's outputs; if the KV pull fails and this worker may, it prefills the prompt itself."""
         produced = False
         try:
             async with engine_run(self._engine, engine_request(self._engine, rid, params, kv_handle=handle,
-                                                               resume=resume), params) as outputs:
+                                                               resume=resume, kv_transports=transports),
+                                  params) as outputs:
                 async for out in outputs:
                     produced = True
                     yield out

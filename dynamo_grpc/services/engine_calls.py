@@ -14,7 +14,7 @@ from dynamo_grpc.v1 import common_pb2 as pb
 
 def engine_request(engine: Engine, request_id: str, params: pb.GenerationParams, *,
                    produce_kv: bool = False, kv_handle: pb.KvHandle | None = None,
-                   resume: tuple[int, ...] = ()) -> EngineRequest:
+                   resume: tuple[int, ...] = (), kv_transports: tuple[int, ...] = ()) -> EngineRequest:
     """Validate a request against this worker's engine and build the engine's view of it."""
     check_request_id(request_id)
     if params.model != engine.model:
@@ -26,7 +26,8 @@ def engine_request(engine: Engine, request_id: str, params: pb.GenerationParams,
                               f"({sampling.max_tokens}) and cannot come with a KV handle",
                               request_id=request_id, reason="BAD_RESUME")
     return EngineRequest(request_id=request_id, prompt=prompt_of(params, request_id), sampling=sampling,
-                         produce_kv=produce_kv, kv_handle=kv_handle, resume=resume)
+                         produce_kv=produce_kv, kv_handle=kv_handle, resume=resume,
+                         kv_transports=kv_transports)
 
 
 @contextlib.asynccontextmanager

@@ -23,6 +23,19 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
+
+class KvTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_TRANSPORT_UNSPECIFIED: _ClassVar[KvTransport]
+    KV_TRANSPORT_SHM: _ClassVar[KvTransport]
+    KV_TRANSPORT_NIXL: _ClassVar[KvTransport]
+    KV_TRANSPORT_GRPC: _ClassVar[KvTransport]
+
+class NixlMemoryKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NIXL_MEMORY_KIND_UNSPECIFIED: _ClassVar[NixlMemoryKind]
+    NIXL_MEMORY_KIND_DRAM: _ClassVar[NixlMemoryKind]
+    NIXL_MEMORY_KIND_VRAM: _ClassVar[NixlMemoryKind]
 WORKER_ROLE_UNSPECIFIED: WorkerRole
 WORKER_ROLE_PREFILL: WorkerRole
 WORKER_ROLE_DECODE: WorkerRole
@@ -31,6 +44,13 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
+KV_TRANSPORT_UNSPECIFIED: KvTransport
+KV_TRANSPORT_SHM: KvTransport
+KV_TRANSPORT_NIXL: KvTransport
+KV_TRANSPORT_GRPC: KvTransport
+NIXL_MEMORY_KIND_UNSPECIFIED: NixlMemoryKind
+NIXL_MEMORY_KIND_DRAM: NixlMemoryKind
+NIXL_MEMORY_KIND_VRAM: NixlMemoryKind
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -131,14 +151,16 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., kv_transferred_tokens: _Optional[int] = ...) -> None: ...
 
 class KvTransferStats(_message.Message):
-    __slots__ = ("bytes", "duration_us", "path")
+    __slots__ = ("bytes", "duration_us", "path", "fallbacks")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     DURATION_US_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     duration_us: int
     path: str
-    def __init__(self, bytes: _Optional[int] = ..., duration_us: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
+    fallbacks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, bytes: _Optional[int] = ..., duration_us: _Optional[int] = ..., path: _Optional[str] = ..., fallbacks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Completion(_message.Message):
     __slots__ = ("finish_reason", "usage", "kv_transfer", "prefill_worker_id", "decode_worker_id", "last_tokens")
@@ -171,7 +193,7 @@ class KvLayout(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., bytes_per_token: _Optional[int] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("transfer_id", "endpoint", "pull_token", "num_tokens", "layout", "engine_fingerprint", "lease_expires_at", "total_bytes", "crc32", "host", "shm_segment", "prompt_digest")
+    __slots__ = ("transfer_id", "endpoint", "pull_token", "num_tokens", "layout", "engine_fingerprint", "lease_expires_at", "total_bytes", "crc32", "host", "shm_segment", "nixl", "prompt_digest")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     PULL_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +205,7 @@ class KvHandle(_message.Message):
     CRC32_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    NIXL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     endpoint: str
@@ -195,8 +218,21 @@ class KvHandle(_message.Message):
     crc32: int
     host: str
     shm_segment: str
+    nixl: NixlSource
     prompt_digest: bytes
-    def __init__(self, transfer_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., pull_token: _Optional[str] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., engine_fingerprint: _Optional[str] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., host: _Optional[str] = ..., shm_segment: _Optional[str] = ..., prompt_digest: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, transfer_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., pull_token: _Optional[str] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., engine_fingerprint: _Optional[str] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., host: _Optional[str] = ..., shm_segment: _Optional[str] = ..., nixl: _Optional[_Union[NixlSource, _Mapping]] = ..., prompt_digest: _Optional[bytes] = ...) -> None: ...
+
+class NixlSource(_message.Message):
+    __slots__ = ("agent_metadata", "address", "device_id", "memory_kind")
+    AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_KIND_FIELD_NUMBER: _ClassVar[int]
+    agent_metadata: bytes
+    address: int
+    device_id: int
+    memory_kind: NixlMemoryKind
+    def __init__(self, agent_metadata: _Optional[bytes] = ..., address: _Optional[int] = ..., device_id: _Optional[int] = ..., memory_kind: _Optional[_Union[NixlMemoryKind, str]] = ...) -> None: ...
 
 class WorkerCapacity(_message.Message):
     __slots__ = ("kv_blocks", "block_size", "max_batch_size")
@@ -209,7 +245,7 @@ class WorkerCapacity(_message.Message):
     def __init__(self, kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "endpoint", "host", "engine_fingerprint", "capacity", "started_at", "engine")
+    __slots__ = ("worker_id", "role", "model", "endpoint", "host", "engine_fingerprint", "capacity", "started_at", "engine", "kv_transports")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +255,7 @@ class WorkerInfo(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     model: str
@@ -228,10 +265,11 @@ class WorkerInfo(_message.Message):
     capacity: WorkerCapacity
     started_at: _timestamp_pb2.Timestamp
     engine: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., endpoint: _Optional[str] = ..., host: _Optional[str] = ..., engine_fingerprint: _Optional[str] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., engine: _Optional[str] = ...) -> None: ...
+    kv_transports: _containers.RepeatedScalarFieldContainer[KvTransport]
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., endpoint: _Optional[str] = ..., host: _Optional[str] = ..., engine_fingerprint: _Optional[str] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., engine: _Optional[str] = ..., kv_transports: _Optional[_Iterable[_Union[KvTransport, str]]] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("active_requests", "used_kv_blocks", "total_kv_blocks", "held_transfers", "held_kv_bytes", "transfers_completed", "transfers_expired", "requests_finished", "prompt_tokens", "prefix_cache_hit_tokens", "ttft_p90_ms", "itl_p90_ms")
+    __slots__ = ("active_requests", "used_kv_blocks", "total_kv_blocks", "held_transfers", "held_kv_bytes", "transfers_completed", "transfers_expired", "requests_finished", "prompt_tokens", "prefix_cache_hit_tokens", "ttft_p90_ms", "itl_p90_ms", "nixl_registrations")
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     USED_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +282,7 @@ class WorkerStats(_message.Message):
     PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_P90_MS_FIELD_NUMBER: _ClassVar[int]
     ITL_P90_MS_FIELD_NUMBER: _ClassVar[int]
+    NIXL_REGISTRATIONS_FIELD_NUMBER: _ClassVar[int]
     active_requests: int
     used_kv_blocks: int
     total_kv_blocks: int
@@ -256,4 +295,5 @@ class WorkerStats(_message.Message):
     prefix_cache_hit_tokens: int
     ttft_p90_ms: float
     itl_p90_ms: float
-    def __init__(self, active_requests: _Optional[int] = ..., used_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., held_transfers: _Optional[int] = ..., held_kv_bytes: _Optional[int] = ..., transfers_completed: _Optional[int] = ..., transfers_expired: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., ttft_p90_ms: _Optional[float] = ..., itl_p90_ms: _Optional[float] = ...) -> None: ...
+    nixl_registrations: int
+    def __init__(self, active_requests: _Optional[int] = ..., used_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., held_transfers: _Optional[int] = ..., held_kv_bytes: _Optional[int] = ..., transfers_completed: _Optional[int] = ..., transfers_expired: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., ttft_p90_ms: _Optional[float] = ..., itl_p90_ms: _Optional[float] = ..., nixl_registrations: _Optional[int] = ...) -> None: ...

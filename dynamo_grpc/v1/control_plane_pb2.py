@@ -26,7 +26,7 @@ from dynamo_grpc.v1 import common_pb2 as dynamo__grpc_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"dynamo_grpc/v1/control_plane.proto\x12\x0e\x64ynamo_grpc.v1\x1a\x1b\x64ynamo_grpc/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x01\n\rPlannedWorker\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x04role\x18\x02 \x01(\x0e\x32\x1a.dynamo_grpc.v1.WorkerRole\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\r\x12\x42\n\x0b\x65ngine_args\x18\x06 \x03(\x0b\x32-.dynamo_grpc.v1.PlannedWorker.EngineArgsEntry\x1a\x31\n\x0f\x45ngineArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x04Plan\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x07workers\x18\x02 \x03(\x0b\x32\x1d.dynamo_grpc.v1.PlannedWorker\"Q\n\x07Pairing\x12\x19\n\x11prefill_worker_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x11\n\tsame_host\x18\x03 \x01(\x08\"p\n\x0cPairingGroup\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1a\n\x12\x65ngine_fingerprint\x18\x02 \x01(\t\x12\x1a\n\x12prefill_worker_ids\x18\x03 \x03(\t\x12\x19\n\x11\x64\x65\x63ode_worker_ids\x18\x04 \x03(\t\"x\n\x0cPairingTable\x12)\n\x08pairings\x18\x01 \x03(\x0b\x32\x17.dynamo_grpc.v1.Pairing\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12,\n\x06groups\x18\x03 \x03(\x0b\x32\x1c.dynamo_grpc.v1.PairingGroup\"M\n\x12ListWorkersRequest\x12(\n\x04role\x18\x01 \x01(\x0e\x32\x1a.dynamo_grpc.v1.WorkerRole\x12\r\n\x05model\x18\x02 \x01(\t\"B\n\x13ListWorkersResponse\x12+\n\x07workers\x18\x01 \x03(\x0b\x32\x1a.dynamo_grpc.v1.WorkerInfo\"\x10\n\x0eGetPlanRequest\"5\n\x0fGetPlanResponse\x12\"\n\x04plan\x18\x01 \x01(\x0b\x32\x14.dynamo_grpc.v1.Plan\"\x14\n\x12GetPairingsRequest\"B\n\x13GetPairingsResponse\x12+\n\x05table\x18\x01 \x01(\x0b\x32\x1c.dynamo_grpc.v1.PairingTable\"\x16\n\x14WatchPairingsRequest\"D\n\x15WatchPairingsResponse\x12+\n\x05table\x18\x01 \x01(\x0b\x32\x1c.dynamo_grpc.v1.PairingTable\"\x8f\x01\n\x0bScaleTarget\x12\x17\n\x0fprefill_workers\x18\x01 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_workers\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12.\n\nchanged_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x0e\x43\x61pacityDemand\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x17\n\x15GetScaleTargetRequest\"E\n\x16GetScaleTargetResponse\x12+\n\x06target\x18\x01 \x01(\x0b\x32\x1b.dynamo_grpc.v1.ScaleTarget2\xd2\x03\n\x13\x43ontrolPlaneService\x12V\n\x0bListWorkers\x12\".dynamo_grpc.v1.ListWorkersRequest\x1a#.dynamo_grpc.v1.ListWorkersResponse\x12J\n\x07GetPlan\x12\x1e.dynamo_grpc.v1.GetPlanRequest\x1a\x1f.dynamo_grpc.v1.GetPlanResponse\x12V\n\x0bGetPairings\x12\".dynamo_grpc.v1.GetPairingsRequest\x1a#.dynamo_grpc.v1.GetPairingsResponse\x12^\n\rWatchPairings\x12$.dynamo_grpc.v1.WatchPairingsRequest\x1a%.dynamo_grpc.v1.WatchPairingsResponse0\x01\x12_\n\x0eGetScaleTarget\x12%.dynamo_grpc.v1.GetScaleTargetRequest\x1a&.dynamo_grpc.v1.GetScaleTargetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"dynamo_grpc/v1/control_plane.proto\x12\x0e\x64ynamo_grpc.v1\x1a\x1b\x64ynamo_grpc/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x01\n\rPlannedWorker\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x04role\x18\x02 \x01(\x0e\x32\x1a.dynamo_grpc.v1.WorkerRole\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\r\x12\x42\n\x0b\x65ngine_args\x18\x06 \x03(\x0b\x32-.dynamo_grpc.v1.PlannedWorker.EngineArgsEntry\x1a\x31\n\x0f\x45ngineArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x04Plan\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x07workers\x18\x02 \x03(\x0b\x32\x1d.dynamo_grpc.v1.PlannedWorker\"\x85\x01\n\x07Pairing\x12\x19\n\x11prefill_worker_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x11\n\tsame_host\x18\x03 \x01(\x08\x12\x32\n\rkv_transports\x18\x04 \x03(\x0e\x32\x1b.dynamo_grpc.v1.KvTransport\"\xa4\x01\n\x0cPairingGroup\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1a\n\x12\x65ngine_fingerprint\x18\x02 \x01(\t\x12\x1a\n\x12prefill_worker_ids\x18\x03 \x03(\t\x12\x19\n\x11\x64\x65\x63ode_worker_ids\x18\x04 \x03(\t\x12\x32\n\rkv_transports\x18\x05 \x03(\x0e\x32\x1b.dynamo_grpc.v1.KvTransport\"x\n\x0cPairingTable\x12)\n\x08pairings\x18\x01 \x03(\x0b\x32\x17.dynamo_grpc.v1.Pairing\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12,\n\x06groups\x18\x03 \x03(\x0b\x32\x1c.dynamo_grpc.v1.PairingGroup\"M\n\x12ListWorkersRequest\x12(\n\x04role\x18\x01 \x01(\x0e\x32\x1a.dynamo_grpc.v1.WorkerRole\x12\r\n\x05model\x18\x02 \x01(\t\"B\n\x13ListWorkersResponse\x12+\n\x07workers\x18\x01 \x03(\x0b\x32\x1a.dynamo_grpc.v1.WorkerInfo\"\x10\n\x0eGetPlanRequest\"5\n\x0fGetPlanResponse\x12\"\n\x04plan\x18\x01 \x01(\x0b\x32\x14.dynamo_grpc.v1.Plan\"\x14\n\x12GetPairingsRequest\"B\n\x13GetPairingsResponse\x12+\n\x05table\x18\x01 \x01(\x0b\x32\x1c.dynamo_grpc.v1.PairingTable\"\x16\n\x14WatchPairingsRequest\"D\n\x15WatchPairingsResponse\x12+\n\x05table\x18\x01 \x01(\x0b\x32\x1c.dynamo_grpc.v1.PairingTable\"\x8f\x01\n\x0bScaleTarget\x12\x17\n\x0fprefill_workers\x18\x01 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_workers\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12.\n\nchanged_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x0e\x43\x61pacityDemand\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x17\n\x15GetScaleTargetRequest\"E\n\x16GetScaleTargetResponse\x12+\n\x06target\x18\x01 \x01(\x0b\x32\x1b.dynamo_grpc.v1.ScaleTarget2\xd2\x03\n\x13\x43ontrolPlaneService\x12V\n\x0bListWorkers\x12\".dynamo_grpc.v1.ListWorkersRequest\x1a#.dynamo_grpc.v1.ListWorkersResponse\x12J\n\x07GetPlan\x12\x1e.dynamo_grpc.v1.GetPlanRequest\x1a\x1f.dynamo_grpc.v1.GetPlanResponse\x12V\n\x0bGetPairings\x12\".dynamo_grpc.v1.GetPairingsRequest\x1a#.dynamo_grpc.v1.GetPairingsResponse\x12^\n\rWatchPairings\x12$.dynamo_grpc.v1.WatchPairingsRequest\x1a%.dynamo_grpc.v1.WatchPairingsResponse0\x01\x12_\n\x0eGetScaleTarget\x12%.dynamo_grpc.v1.GetScaleTargetRequest\x1a&.dynamo_grpc.v1.GetScaleTargetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,36 +41,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLANNEDWORKER_ENGINEARGSENTRY']._serialized_end=352
   _globals['_PLAN']._serialized_start=354
   _globals['_PLAN']._serialized_end=423
-  _globals['_PAIRING']._serialized_start=425
-  _globals['_PAIRING']._serialized_end=506
-  _globals['_PAIRINGGROUP']._serialized_start=508
-  _globals['_PAIRINGGROUP']._serialized_end=620
-  _globals['_PAIRINGTABLE']._serialized_start=622
-  _globals['_PAIRINGTABLE']._serialized_end=742
-  _globals['_LISTWORKERSREQUEST']._serialized_start=744
-  _globals['_LISTWORKERSREQUEST']._serialized_end=821
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=823
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=889
-  _globals['_GETPLANREQUEST']._serialized_start=891
-  _globals['_GETPLANREQUEST']._serialized_end=907
-  _globals['_GETPLANRESPONSE']._serialized_start=909
-  _globals['_GETPLANRESPONSE']._serialized_end=962
-  _globals['_GETPAIRINGSREQUEST']._serialized_start=964
-  _globals['_GETPAIRINGSREQUEST']._serialized_end=984
-  _globals['_GETPAIRINGSRESPONSE']._serialized_start=986
-  _globals['_GETPAIRINGSRESPONSE']._serialized_end=1052
-  _globals['_WATCHPAIRINGSREQUEST']._serialized_start=1054
-  _globals['_WATCHPAIRINGSREQUEST']._serialized_end=1076
-  _globals['_WATCHPAIRINGSRESPONSE']._serialized_start=1078
-  _globals['_WATCHPAIRINGSRESPONSE']._serialized_end=1146
-  _globals['_SCALETARGET']._serialized_start=1149
-  _globals['_SCALETARGET']._serialized_end=1292
-  _globals['_CAPACITYDEMAND']._serialized_start=1294
-  _globals['_CAPACITYDEMAND']._serialized_end=1365
-  _globals['_GETSCALETARGETREQUEST']._serialized_start=1367
-  _globals['_GETSCALETARGETREQUEST']._serialized_end=1390
-  _globals['_GETSCALETARGETRESPONSE']._serialized_start=1392
-  _globals['_GETSCALETARGETRESPONSE']._serialized_end=1461
-  _globals['_CONTROLPLANESERVICE']._serialized_start=1464
-  _globals['_CONTROLPLANESERVICE']._serialized_end=1930
+  _globals['_PAIRING']._serialized_start=426
+  _globals['_PAIRING']._serialized_end=559
+  _globals['_PAIRINGGROUP']._serialized_start=562
+  _globals['_PAIRINGGROUP']._serialized_end=726
+  _globals['_PAIRINGTABLE']._serialized_start=728
+  _globals['_PAIRINGTABLE']._serialized_end=848
+  _globals['_LISTWORKERSREQUEST']._serialized_start=850
+  _globals['_LISTWORKERSREQUEST']._serialized_end=927
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=929
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=995
+  _globals['_GETPLANREQUEST']._serialized_start=997
+  _globals['_GETPLANREQUEST']._serialized_end=1013
+  _globals['_GETPLANRESPONSE']._serialized_start=1015
+  _globals['_GETPLANRESPONSE']._serialized_end=1068
+  _globals['_GETPAIRINGSREQUEST']._serialized_start=1070
+  _globals['_GETPAIRINGSREQUEST']._serialized_end=1090
+  _globals['_GETPAIRINGSRESPONSE']._serialized_start=1092
+  _globals['_GETPAIRINGSRESPONSE']._serialized_end=1158
+  _globals['_WATCHPAIRINGSREQUEST']._serialized_start=1160
+  _globals['_WATCHPAIRINGSREQUEST']._serialized_end=1182
+  _globals['_WATCHPAIRINGSRESPONSE']._serialized_start=1184
+  _globals['_WATCHPAIRINGSRESPONSE']._serialized_end=1252
+  _globals['_SCALETARGET']._serialized_start=1255
+  _globals['_SCALETARGET']._serialized_end=1398
+  _globals['_CAPACITYDEMAND']._serialized_start=1400
+  _globals['_CAPACITYDEMAND']._serialized_end=1471
+  _globals['_GETSCALETARGETREQUEST']._serialized_start=1473
+  _globals['_GETSCALETARGETREQUEST']._serialized_end=1496
+  _globals['_GETSCALETARGETRESPONSE']._serialized_start=1498
+  _globals['_GETSCALETARGETRESPONSE']._serialized_end=1567
+  _globals['_CONTROLPLANESERVICE']._serialized_start=1570
+  _globals['_CONTROLPLANESERVICE']._serialized_end=2036
 # @@protoc_insertion_point(module_scope)

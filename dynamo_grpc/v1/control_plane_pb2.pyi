@@ -42,26 +42,30 @@ class Plan(_message.Message):
     def __init__(self, model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[PlannedWorker, _Mapping]]] = ...) -> None: ...
 
 class Pairing(_message.Message):
-    __slots__ = ("prefill_worker_id", "decode_worker_id", "same_host")
+    __slots__ = ("prefill_worker_id", "decode_worker_id", "same_host", "kv_transports")
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SAME_HOST_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     prefill_worker_id: str
     decode_worker_id: str
     same_host: bool
-    def __init__(self, prefill_worker_id: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., same_host: _Optional[bool] = ...) -> None: ...
+    kv_transports: _containers.RepeatedScalarFieldContainer[_common_pb2.KvTransport]
+    def __init__(self, prefill_worker_id: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., same_host: _Optional[bool] = ..., kv_transports: _Optional[_Iterable[_Union[_common_pb2.KvTransport, str]]] = ...) -> None: ...
 
 class PairingGroup(_message.Message):
-    __slots__ = ("model", "engine_fingerprint", "prefill_worker_ids", "decode_worker_ids")
+    __slots__ = ("model", "engine_fingerprint", "prefill_worker_ids", "decode_worker_ids", "kv_transports")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     engine_fingerprint: str
     prefill_worker_ids: _containers.RepeatedScalarFieldContainer[str]
     decode_worker_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., engine_fingerprint: _Optional[str] = ..., prefill_worker_ids: _Optional[_Iterable[str]] = ..., decode_worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    kv_transports: _containers.RepeatedScalarFieldContainer[_common_pb2.KvTransport]
+    def __init__(self, model: _Optional[str] = ..., engine_fingerprint: _Optional[str] = ..., prefill_worker_ids: _Optional[_Iterable[str]] = ..., decode_worker_ids: _Optional[_Iterable[str]] = ..., kv_transports: _Optional[_Iterable[_Union[_common_pb2.KvTransport, str]]] = ...) -> None: ...
 
 class PairingTable(_message.Message):
     __slots__ = ("pairings", "version", "groups")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dynamo_grpc.v1 import common_pb2 as dynamo__grpc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ynamo_grpc/v1/decode.proto\x12\x0e\x64ynamo_grpc.v1\x1a\x1b\x64ynamo_grpc/v1/common.proto\"\xc4\x01\n\x0b\x44\x65\x63odeStart\x12\x30\n\x06params\x18\x01 \x01(\x0b\x32 .dynamo_grpc.v1.GenerationParams\x12+\n\tkv_handle\x18\x02 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvHandle\x12\x19\n\x11prefill_worker_id\x18\x03 \x01(\t\x12\x18\n\x10resume_token_ids\x18\x04 \x03(\r\x12!\n\x19last_tokens_in_completion\x18\x05 \x01(\x08\"\x8b\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05start\x18\x02 \x01(\x0b\x32\x1b.dynamo_grpc.v1.DecodeStartH\x00\x12.\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1c.dynamo_grpc.v1.CancelActionH\x00\x42\x08\n\x06\x61\x63tion\"\x8d\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x06tokens\x18\x02 \x01(\x0b\x32\x1a.dynamo_grpc.v1.TokenBatchH\x00\x12\x30\n\ncompletion\x18\x03 \x01(\x0b\x32\x1a.dynamo_grpc.v1.CompletionH\x00\x42\x07\n\x05\x65vent\"\x17\n\x15GetDecodeStatsRequest\"D\n\x16GetDecodeStatsResponse\x12*\n\x05stats\x18\x01 \x01(\x0b\x32\x1b.dynamo_grpc.v1.WorkerStats2\xbd\x01\n\rDecodeService\x12K\n\x06\x44\x65\x63ode\x12\x1d.dynamo_grpc.v1.DecodeRequest\x1a\x1e.dynamo_grpc.v1.DecodeResponse(\x01\x30\x01\x12_\n\x0eGetDecodeStats\x12%.dynamo_grpc.v1.GetDecodeStatsRequest\x1a&.dynamo_grpc.v1.GetDecodeStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ynamo_grpc/v1/decode.proto\x12\x0e\x64ynamo_grpc.v1\x1a\x1b\x64ynamo_grpc/v1/common.proto\"\xf8\x01\n\x0b\x44\x65\x63odeStart\x12\x30\n\x06params\x18\x01 \x01(\x0b\x32 .dynamo_grpc.v1.GenerationParams\x12+\n\tkv_handle\x18\x02 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvHandle\x12\x19\n\x11prefill_worker_id\x18\x03 \x01(\t\x12\x18\n\x10resume_token_ids\x18\x04 \x03(\r\x12!\n\x19last_tokens_in_completion\x18\x05 \x01(\x08\x12\x32\n\rkv_transports\x18\x06 \x03(\x0e\x32\x1b.dynamo_grpc.v1.KvTransport\"\x8b\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05start\x18\x02 \x01(\x0b\x32\x1b.dynamo_grpc.v1.DecodeStartH\x00\x12.\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1c.dynamo_grpc.v1.CancelActionH\x00\x42\x08\n\x06\x61\x63tion\"\x8d\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x06tokens\x18\x02 \x01(\x0b\x32\x1a.dynamo_grpc.v1.TokenBatchH\x00\x12\x30\n\ncompletion\x18\x03 \x01(\x0b\x32\x1a.dynamo_grpc.v1.CompletionH\x00\x42\x07\n\x05\x65vent\"\x17\n\x15GetDecodeStatsRequest\"D\n\x16GetDecodeStatsResponse\x12*\n\x05stats\x18\x01 \x01(\x0b\x32\x1b.dynamo_grpc.v1.WorkerStats2\xbd\x01\n\rDecodeService\x12K\n\x06\x44\x65\x63ode\x12\x1d.dynamo_grpc.v1.DecodeRequest\x1a\x1e.dynamo_grpc.v1.DecodeResponse(\x01\x30\x01\x12_\n\x0eGetDecodeStats\x12%.dynamo_grpc.v1.GetDecodeStatsRequest\x1a&.dynamo_grpc.v1.GetDecodeStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dynamo_grpc.v1.decode_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECODESTART']._serialized_start=77
-  _globals['_DECODESTART']._serialized_end=273
-  _globals['_DECODEREQUEST']._serialized_start=276
-  _globals['_DECODEREQUEST']._serialized_end=415
-  _globals['_DECODERESPONSE']._serialized_start=418
-  _globals['_DECODERESPONSE']._serialized_end=559
-  _globals['_GETDECODESTATSREQUEST']._serialized_start=561
-  _globals['_GETDECODESTATSREQUEST']._serialized_end=584
-  _globals['_GETDECODESTATSRESPONSE']._serialized_start=586
-  _globals['_GETDECODESTATSRESPONSE']._serialized_end=654
-  _globals['_DECODESERVICE']._serialized_start=657
-  _globals['_DECODESERVICE']._serialized_end=846
+  _globals['_DECODESTART']._serialized_end=325
+  _globals['_DECODEREQUEST']._serialized_start=328
+  _globals['_DECODEREQUEST']._serialized_end=467
+  _globals['_DECODERESPONSE']._serialized_start=470
+  _globals['_DECODERESPONSE']._serialized_end=611
+  _globals['_GETDECODESTATSREQUEST']._serialized_start=613
+  _globals['_GETDECODESTATSREQUEST']._serialized_end=636
+  _globals['_GETDECODESTATSRESPONSE']._serialized_start=638
+  _globals['_GETDECODESTATSRESPONSE']._serialized_end=706
+  _globals['_DECODESERVICE']._serialized_start=709
+  _globals['_DECODESERVICE']._serialized_end=898
 # @@protoc_insertion_point(module_scope)

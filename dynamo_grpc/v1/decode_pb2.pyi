@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeStart(_message.Message):
-    __slots__ = ("params", "kv_handle", "prefill_worker_id", "resume_token_ids", "last_tokens_in_completion")
+    __slots__ = ("params", "kv_handle", "prefill_worker_id", "resume_token_ids", "last_tokens_in_completion", "kv_transports")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     KV_HANDLE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LAST_TOKENS_IN_COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     params: _common_pb2.GenerationParams
     kv_handle: _common_pb2.KvHandle
     prefill_worker_id: str
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
     last_tokens_in_completion: bool
-    def __init__(self, params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., kv_handle: _Optional[_Union[_common_pb2.KvHandle, _Mapping]] = ..., prefill_worker_id: _Optional[str] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., last_tokens_in_completion: _Optional[bool] = ...) -> None: ...
+    kv_transports: _containers.RepeatedScalarFieldContainer[_common_pb2.KvTransport]
+    def __init__(self, params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., kv_handle: _Optional[_Union[_common_pb2.KvHandle, _Mapping]] = ..., prefill_worker_id: _Optional[str] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., last_tokens_in_completion: _Optional[bool] = ..., kv_transports: _Optional[_Iterable[_Union[_common_pb2.KvTransport, str]]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "start", "cancel")

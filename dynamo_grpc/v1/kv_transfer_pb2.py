@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n dynamo_grpc/v1/kv_transfer.proto\x12\x0e\x64ynamo_grpc.v1\"h\n\rPullKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x12\n\npull_token\x18\x03 \x01(\t\x12\x1a\n\x12\x65ngine_fingerprint\x18\x04 \x01(\t\".\n\x0ePullKvResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"O\n\x10ReleaseKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x12\n\npull_token\x18\x03 \x01(\t\"%\n\x11ReleaseKvResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xb0\x01\n\x11KvTransferService\x12I\n\x06PullKv\x12\x1d.dynamo_grpc.v1.PullKvRequest\x1a\x1e.dynamo_grpc.v1.PullKvResponse0\x01\x12P\n\tReleaseKv\x12 .dynamo_grpc.v1.ReleaseKvRequest\x1a!.dynamo_grpc.v1.ReleaseKvResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n dynamo_grpc/v1/kv_transfer.proto\x12\x0e\x64ynamo_grpc.v1\"\x99\x01\n\rPullKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x12\n\npull_token\x18\x03 \x01(\t\x12\x1a\n\x12\x65ngine_fingerprint\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0e\n\x06length\x18\x06 \x01(\x04\x12\x0f\n\x07release\x18\x07 \x01(\x08\".\n\x0ePullKvResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"e\n\x10ReleaseKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x12\n\npull_token\x18\x03 \x01(\t\x12\x14\n\x0crequire_held\x18\x04 \x01(\x08\"%\n\x11ReleaseKvResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xb0\x01\n\x11KvTransferService\x12I\n\x06PullKv\x12\x1d.dynamo_grpc.v1.PullKvRequest\x1a\x1e.dynamo_grpc.v1.PullKvResponse0\x01\x12P\n\tReleaseKv\x12 .dynamo_grpc.v1.ReleaseKvRequest\x1a!.dynamo_grpc.v1.ReleaseKvResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dynamo_grpc.v1.kv_transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PULLKVREQUEST']._serialized_start=52
-  _globals['_PULLKVREQUEST']._serialized_end=156
-  _globals['_PULLKVRESPONSE']._serialized_start=158
-  _globals['_PULLKVRESPONSE']._serialized_end=204
-  _globals['_RELEASEKVREQUEST']._serialized_start=206
-  _globals['_RELEASEKVREQUEST']._serialized_end=285
-  _globals['_RELEASEKVRESPONSE']._serialized_start=287
-  _globals['_RELEASEKVRESPONSE']._serialized_end=324
-  _globals['_KVTRANSFERSERVICE']._serialized_start=327
-  _globals['_KVTRANSFERSERVICE']._serialized_end=503
+  _globals['_PULLKVREQUEST']._serialized_start=53
+  _globals['_PULLKVREQUEST']._serialized_end=206
+  _globals['_PULLKVRESPONSE']._serialized_start=208
+  _globals['_PULLKVRESPONSE']._serialized_end=254
+  _globals['_RELEASEKVREQUEST']._serialized_start=256
+  _globals['_RELEASEKVREQUEST']._serialized_end=357
+  _globals['_RELEASEKVRESPONSE']._serialized_start=359
+  _globals['_RELEASEKVRESPONSE']._serialized_end=396
+  _globals['_KVTRANSFERSERVICE']._serialized_start=399
+  _globals['_KVTRANSFERSERVICE']._serialized_end=575
 # @@protoc_insertion_point(module_scope)

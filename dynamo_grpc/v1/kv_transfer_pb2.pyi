@@ -5,16 +5,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PullKvRequest(_message.Message):
-    __slots__ = ("request_id", "transfer_id", "pull_token", "engine_fingerprint")
+    __slots__ = ("request_id", "transfer_id", "pull_token", "engine_fingerprint", "offset", "length", "release")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     PULL_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     transfer_id: str
     pull_token: str
     engine_fingerprint: str
-    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., pull_token: _Optional[str] = ..., engine_fingerprint: _Optional[str] = ...) -> None: ...
+    offset: int
+    length: int
+    release: bool
+    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., pull_token: _Optional[str] = ..., engine_fingerprint: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., release: _Optional[bool] = ...) -> None: ...
 
 class PullKvResponse(_message.Message):
     __slots__ = ("offset", "data")
@@ -25,14 +31,16 @@ class PullKvResponse(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ReleaseKvRequest(_message.Message):
-    __slots__ = ("request_id", "transfer_id", "pull_token")
+    __slots__ = ("request_id", "transfer_id", "pull_token", "require_held")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     PULL_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_HELD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     transfer_id: str
     pull_token: str
-    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., pull_token: _Optional[str] = ...) -> None: ...
+    require_held: bool
+    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., pull_token: _Optional[str] = ..., require_held: _Optional[bool] = ...) -> None: ...
 
 class ReleaseKvResponse(_message.Message):
     __slots__ = ("released",)

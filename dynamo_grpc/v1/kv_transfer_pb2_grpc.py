@@ -52,7 +52,8 @@ class KvTransferServiceServicer:
     """
 
     def PullKv(self, request, context):
-        """Streams the held bytes in chunks, in order.
+        """Streams the held bytes (or a range of them) in chunks, in order. A puller may run several at once
+        over disjoint ranges.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -17,7 +17,8 @@ const _ = grpc.SupportPackageIsVersion7
 //
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 type KvTransferServiceClient interface {
-	// Streams the held bytes in chunks, in order.
+	// Streams the held bytes (or a range of them) in chunks, in order. A puller may run several at once
+	// over disjoint ranges.
 	PullKv(ctx context.Context, in *PullKvRequest, opts ...grpc.CallOption) (KvTransferService_PullKvClient, error)
 	// Frees the held bytes; the puller calls it once the bytes are safely in its own cache.
 	ReleaseKv(ctx context.Context, in *ReleaseKvRequest, opts ...grpc.CallOption) (*ReleaseKvResponse, error)
@@ -76,7 +77,8 @@ func (c *kvTransferServiceClient) ReleaseKv(ctx context.Context, in *ReleaseKvRe
 // All implementations must embed UnimplementedKvTransferServiceServer
 // for forward compatibility
 type KvTransferServiceServer interface {
-	// Streams the held bytes in chunks, in order.
+	// Streams the held bytes (or a range of them) in chunks, in order. A puller may run several at once
+	// over disjoint ranges.
 	PullKv(*PullKvRequest, KvTransferService_PullKvServer) error
 	// Frees the held bytes; the puller calls it once the bytes are safely in its own cache.
 	ReleaseKv(context.Context, *ReleaseKvRequest) (*ReleaseKvResponse, error)

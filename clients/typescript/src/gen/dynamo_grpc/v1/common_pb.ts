@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file dynamo_grpc/v1/common.proto.
  */
 export const file_dynamo_grpc_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("ChtkeW5hbW9fZ3JwYy92MS9jb21tb24ucHJvdG8SDmR5bmFtb19ncnBjLnYxIhcKCFRva2VuSWRzEgsKA2lkcxgBIAMoDSJPCgZQcm9tcHQSDgoEdGV4dBgBIAEoCUgAEi0KCXRva2VuX2lkcxgCIAEoCzIYLmR5bmFtb19ncnBjLnYxLlRva2VuSWRzSABCBgoEZm9ybSKJAgoOU2FtcGxpbmdQYXJhbXMSFwoKbWF4X3Rva2VucxgBIAEoDUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARINCgV0b3BfaxgEIAEoDRIRCgRzZWVkGAUgASgESAOIAQESFgoOc3RvcF90b2tlbl9pZHMYBiADKA0SEgoKaWdub3JlX2VvcxgHIAEoCBIVCghsb2dwcm9icxgIIAEoDUgEiAEBEgwKBHN0b3AYCSADKAlCDQoLX21heF90b2tlbnNCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIHCgVfc2VlZEILCglfbG9ncHJvYnMiuwEKEEdlbmVyYXRpb25QYXJhbXMSDQoFbW9kZWwYASABKAkSJgoGcHJvbXB0GAIgASgLMhYuZHluYW1vX2dycGMudjEuUHJvbXB0EjAKCHNhbXBsaW5nGAMgASgLMh4uZHluYW1vX2dycGMudjEuU2FtcGxpbmdQYXJhbXMSLAoIZGVhZGxpbmUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHByaW9yaXR5GAUgASgFIh4KDENhbmNlbEFjdGlvbhIOCgZyZWFzb24YASABKAkiPgoKVG9wTG9ncHJvYhIQCgh0b2tlbl9pZBgBIAEoDRINCgV0b2tlbhgCIAEoCRIPCgdsb2dwcm9iGAMgASgCImAKDFRva2VuTG9ncHJvYhIPCgdsb2dwcm9iGAEgASgCEg0KBXRva2VuGAIgASgJEjAKDHRvcF9sb2dwcm9icxgDIAMoCzIaLmR5bmFtb19ncnBjLnYxLlRvcExvZ3Byb2IiXQoKVG9rZW5CYXRjaBIRCgl0b2tlbl9pZHMYASADKA0SDAoEdGV4dBgCIAEoCRIuCghsb2dwcm9icxgDIAMoCzIcLmR5bmFtb19ncnBjLnYxLlRva2VuTG9ncHJvYiJvCgVVc2FnZRIVCg1wcm9tcHRfdG9rZW5zGAEgASgNEhkKEWNvbXBsZXRpb25fdG9rZW5zGAIgASgNEhUKDWNhY2hlZF90b2tlbnMYAyABKA0SHQoVa3ZfdHJhbnNmZXJyZWRfdG9rZW5zGAQgASgNIkMKD0t2VHJhbnNmZXJTdGF0cxINCgVieXRlcxgBIAEoBBITCgtkdXJhdGlvbl91cxgCIAEoBBIMCgRwYXRoGAMgASgJIoMCCgpDb21wbGV0aW9uEjMKDWZpbmlzaF9yZWFzb24YASABKA4yHC5keW5hbW9fZ3JwYy52MS5GaW5pc2hSZWFzb24SJAoFdXNhZ2UYAiABKAsyFS5keW5hbW9fZ3JwYy52MS5Vc2FnZRI0Cgtrdl90cmFuc2ZlchgDIAEoCzIfLmR5bmFtb19ncnBjLnYxLkt2VHJhbnNmZXJTdGF0cxIZChFwcmVmaWxsX3dvcmtlcl9pZBgEIAEoCRIYChBkZWNvZGVfd29ya2VyX2lkGAUgASgJEi8KC2xhc3RfdG9rZW5zGAYgASgLMhouZHluYW1vX2dycGMudjEuVG9rZW5CYXRjaCJuCghLdkxheW91dBISCgpibG9ja19zaXplGAEgASgNEhIKCm51bV9ibG9ja3MYAiABKA0SFwoPYnl0ZXNfcGVyX3Rva2VuGAMgASgEEhIKCm51bV9sYXllcnMYBCABKA0SDQoFZHR5cGUYBSABKAkiswIKCEt2SGFuZGxlEhMKC3RyYW5zZmVyX2lkGAEgASgJEhAKCGVuZHBvaW50GAIgASgJEhIKCnB1bGxfdG9rZW4YAyABKAkSEgoKbnVtX3Rva2VucxgEIAEoDRIoCgZsYXlvdXQYBSABKAsyGC5keW5hbW9fZ3JwYy52MS5LdkxheW91dBIaChJlbmdpbmVfZmluZ2VycHJpbnQYBiABKAkSNAoQbGVhc2VfZXhwaXJlc19hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLdG90YWxfYnl0ZXMYCCABKAQSDQoFY3JjMzIYCSABKA0SDAoEaG9zdBgKIAEoCRITCgtzaG1fc2VnbWVudBgLIAEoCRIVCg1wcm9tcHRfZGlnZXN0GAwgASgMIk8KDldvcmtlckNhcGFjaXR5EhEKCWt2X2Jsb2NrcxgBIAEoDRISCgpibG9ja19zaXplGAIgASgNEhYKDm1heF9iYXRjaF9zaXplGAMgASgNIoYCCgpXb3JrZXJJbmZvEhEKCXdvcmtlcl9pZBgBIAEoCRIoCgRyb2xlGAIgASgOMhouZHluYW1vX2dycGMudjEuV29ya2VyUm9sZRINCgVtb2RlbBgDIAEoCRIQCghlbmRwb2ludBgEIAEoCRIMCgRob3N0GAUgASgJEhoKEmVuZ2luZV9maW5nZXJwcmludBgGIAEoCRIwCghjYXBhY2l0eRgHIAEoCzIeLmR5bmFtb19ncnBjLnYxLldvcmtlckNhcGFjaXR5Ei4KCnN0YXJ0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmVuZ2luZRgJIAEoCSK6AgoLV29ya2VyU3RhdHMSFwoPYWN0aXZlX3JlcXVlc3RzGAEgASgNEhYKDnVzZWRfa3ZfYmxvY2tzGAIgASgNEhcKD3RvdGFsX2t2X2Jsb2NrcxgDIAEoDRIWCg5oZWxkX3RyYW5zZmVycxgEIAEoDRIVCg1oZWxkX2t2X2J5dGVzGAUgASgEEhsKE3RyYW5zZmVyc19jb21wbGV0ZWQYBiABKAQSGQoRdHJhbnNmZXJzX2V4cGlyZWQYByABKAQSGQoRcmVxdWVzdHNfZmluaXNoZWQYCCABKAQSFQoNcHJvbXB0X3Rva2VucxgJIAEoBBIfChdwcmVmaXhfY2FjaGVfaGl0X3Rva2VucxgKIAEoBBITCgt0dGZ0X3A5MF9tcxgLIAEoARISCgppdGxfcDkwX21zGAwgASgBKnIKCldvcmtlclJvbGUSGwoXV09SS0VSX1JPTEVfVU5TUEVDSUZJRUQQABIXChNXT1JLRVJfUk9MRV9QUkVGSUxMEAESFgoSV09SS0VSX1JPTEVfREVDT0RFEAISFgoSV09SS0VSX1JPTEVfUk9VVEVSEAMqfAoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEhsKF0ZJTklTSF9SRUFTT05fQ0FOQ0VMTEVEEANiBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("ChtkeW5hbW9fZ3JwYy92MS9jb21tb24ucHJvdG8SDmR5bmFtb19ncnBjLnYxIhcKCFRva2VuSWRzEgsKA2lkcxgBIAMoDSJPCgZQcm9tcHQSDgoEdGV4dBgBIAEoCUgAEi0KCXRva2VuX2lkcxgCIAEoCzIYLmR5bmFtb19ncnBjLnYxLlRva2VuSWRzSABCBgoEZm9ybSKJAgoOU2FtcGxpbmdQYXJhbXMSFwoKbWF4X3Rva2VucxgBIAEoDUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARINCgV0b3BfaxgEIAEoDRIRCgRzZWVkGAUgASgESAOIAQESFgoOc3RvcF90b2tlbl9pZHMYBiADKA0SEgoKaWdub3JlX2VvcxgHIAEoCBIVCghsb2dwcm9icxgIIAEoDUgEiAEBEgwKBHN0b3AYCSADKAlCDQoLX21heF90b2tlbnNCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIHCgVfc2VlZEILCglfbG9ncHJvYnMiuwEKEEdlbmVyYXRpb25QYXJhbXMSDQoFbW9kZWwYASABKAkSJgoGcHJvbXB0GAIgASgLMhYuZHluYW1vX2dycGMudjEuUHJvbXB0EjAKCHNhbXBsaW5nGAMgASgLMh4uZHluYW1vX2dycGMudjEuU2FtcGxpbmdQYXJhbXMSLAoIZGVhZGxpbmUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHByaW9yaXR5GAUgASgFIh4KDENhbmNlbEFjdGlvbhIOCgZyZWFzb24YASABKAkiPgoKVG9wTG9ncHJvYhIQCgh0b2tlbl9pZBgBIAEoDRINCgV0b2tlbhgCIAEoCRIPCgdsb2dwcm9iGAMgASgCImAKDFRva2VuTG9ncHJvYhIPCgdsb2dwcm9iGAEgASgCEg0KBXRva2VuGAIgASgJEjAKDHRvcF9sb2dwcm9icxgDIAMoCzIaLmR5bmFtb19ncnBjLnYxLlRvcExvZ3Byb2IiXQoKVG9rZW5CYXRjaBIRCgl0b2tlbl9pZHMYASADKA0SDAoEdGV4dBgCIAEoCRIuCghsb2dwcm9icxgDIAMoCzIcLmR5bmFtb19ncnBjLnYxLlRva2VuTG9ncHJvYiJvCgVVc2FnZRIVCg1wcm9tcHRfdG9rZW5zGAEgASgNEhkKEWNvbXBsZXRpb25fdG9rZW5zGAIgASgNEhUKDWNhY2hlZF90b2tlbnMYAyABKA0SHQoVa3ZfdHJhbnNmZXJyZWRfdG9rZW5zGAQgASgNIlYKD0t2VHJhbnNmZXJTdGF0cxINCgVieXRlcxgBIAEoBBITCgtkdXJhdGlvbl91cxgCIAEoBBIMCgRwYXRoGAMgASgJEhEKCWZhbGxiYWNrcxgEIAMoCSKDAgoKQ29tcGxldGlvbhIzCg1maW5pc2hfcmVhc29uGAEgASgOMhwuZHluYW1vX2dycGMudjEuRmluaXNoUmVhc29uEiQKBXVzYWdlGAIgASgLMhUuZHluYW1vX2dycGMudjEuVXNhZ2USNAoLa3ZfdHJhbnNmZXIYAyABKAsyHy5keW5hbW9fZ3JwYy52MS5LdlRyYW5zZmVyU3RhdHMSGQoRcHJlZmlsbF93b3JrZXJfaWQYBCABKAkSGAoQZGVjb2RlX3dvcmtlcl9pZBgFIAEoCRIvCgtsYXN0X3Rva2VucxgGIAEoCzIaLmR5bmFtb19ncnBjLnYxLlRva2VuQmF0Y2gibgoIS3ZMYXlvdXQSEgoKYmxvY2tfc2l6ZRgBIAEoDRISCgpudW1fYmxvY2tzGAIgASgNEhcKD2J5dGVzX3Blcl90b2tlbhgDIAEoBBISCgpudW1fbGF5ZXJzGAQgASgNEg0KBWR0eXBlGAUgASgJIt0CCghLdkhhbmRsZRITCgt0cmFuc2Zlcl9pZBgBIAEoCRIQCghlbmRwb2ludBgCIAEoCRISCgpwdWxsX3Rva2VuGAMgASgJEhIKCm51bV90b2tlbnMYBCABKA0SKAoGbGF5b3V0GAUgASgLMhguZHluYW1vX2dycGMudjEuS3ZMYXlvdXQSGgoSZW5naW5lX2ZpbmdlcnByaW50GAYgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3RvdGFsX2J5dGVzGAggASgEEg0KBWNyYzMyGAkgASgNEgwKBGhvc3QYCiABKAkSEwoLc2htX3NlZ21lbnQYCyABKAkSKAoEbml4bBgMIAEoCzIaLmR5bmFtb19ncnBjLnYxLk5peGxTb3VyY2USFQoNcHJvbXB0X2RpZ2VzdBgNIAEoDCJ9CgpOaXhsU291cmNlEhYKDmFnZW50X21ldGFkYXRhGAEgASgMEg8KB2FkZHJlc3MYAiABKAQSEQoJZGV2aWNlX2lkGAMgASgNEjMKC21lbW9yeV9raW5kGAQgASgOMh4uZHluYW1vX2dycGMudjEuTml4bE1lbW9yeUtpbmQiTwoOV29ya2VyQ2FwYWNpdHkSEQoJa3ZfYmxvY2tzGAEgASgNEhIKCmJsb2NrX3NpemUYAiABKA0SFgoObWF4X2JhdGNoX3NpemUYAyABKA0iugIKCldvcmtlckluZm8SEQoJd29ya2VyX2lkGAEgASgJEigKBHJvbGUYAiABKA4yGi5keW5hbW9fZ3JwYy52MS5Xb3JrZXJSb2xlEg0KBW1vZGVsGAMgASgJEhAKCGVuZHBvaW50GAQgASgJEgwKBGhvc3QYBSABKAkSGgoSZW5naW5lX2ZpbmdlcnByaW50GAYgASgJEjAKCGNhcGFjaXR5GAcgASgLMh4uZHluYW1vX2dycGMudjEuV29ya2VyQ2FwYWNpdHkSLgoKc3RhcnRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGZW5naW5lGAkgASgJEjIKDWt2X3RyYW5zcG9ydHMYCiADKA4yGy5keW5hbW9fZ3JwYy52MS5LdlRyYW5zcG9ydCLWAgoLV29ya2VyU3RhdHMSFwoPYWN0aXZlX3JlcXVlc3RzGAEgASgNEhYKDnVzZWRfa3ZfYmxvY2tzGAIgASgNEhcKD3RvdGFsX2t2X2Jsb2NrcxgDIAEoDRIWCg5oZWxkX3RyYW5zZmVycxgEIAEoDRIVCg1oZWxkX2t2X2J5dGVzGAUgASgEEhsKE3RyYW5zZmVyc19jb21wbGV0ZWQYBiABKAQSGQoRdHJhbnNmZXJzX2V4cGlyZWQYByABKAQSGQoRcmVxdWVzdHNfZmluaXNoZWQYCCABKAQSFQoNcHJvbXB0X3Rva2VucxgJIAEoBBIfChdwcmVmaXhfY2FjaGVfaGl0X3Rva2VucxgKIAEoBBITCgt0dGZ0X3A5MF9tcxgLIAEoARISCgppdGxfcDkwX21zGAwgASgBEhoKEm5peGxfcmVnaXN0cmF0aW9ucxgNIAEoDSpyCgpXb3JrZXJSb2xlEhsKF1dPUktFUl9ST0xFX1VOU1BFQ0lGSUVEEAASFwoTV09SS0VSX1JPTEVfUFJFRklMTBABEhYKEldPUktFUl9ST0xFX0RFQ09ERRACEhYKEldPUktFUl9ST0xFX1JPVVRFUhADKnwKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIbChdGSU5JU0hfUkVBU09OX0NBTkNFTExFRBADKm8KC0t2VHJhbnNwb3J0EhwKGEtWX1RSQU5TUE9SVF9VTlNQRUNJRklFRBAAEhQKEEtWX1RSQU5TUE9SVF9TSE0QARIVChFLVl9UUkFOU1BPUlRfTklYTBACEhUKEUtWX1RSQU5TUE9SVF9HUlBDEAMqaAoOTml4bE1lbW9yeUtpbmQSIAocTklYTF9NRU1PUllfS0lORF9VTlNQRUNJRklFRBAAEhkKFU5JWExfTUVNT1JZX0tJTkRfRFJBTRABEhkKFU5JWExfTUVNT1JZX0tJTkRfVlJBTRACYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * A list of token ids; a message of its own so it can sit in a oneof.
@@ -388,19 +388,26 @@ export type KvTransferStats = Message<"dynamo_grpc.v1.KvTransferStats"> & {
   bytes: bigint;
 
   /**
-   * Wall time of the gRPC pull, in microseconds; 0 on the "shm" path, where the decode engine
-   * copies the bytes during its first step.
+   * Wall time of the transfer, in microseconds; 0 on the "shm" path, where the decode engine copies
+   * the bytes during its first step.
    *
    * @generated from field: uint64 duration_us = 2;
    */
   durationUs: bigint;
 
   /**
-   * "grpc" or "shm"; empty when no transfer happened.
+   * The transport that moved the bytes: "shm", "nixl" or "grpc"; empty when no transfer happened.
    *
    * @generated from field: string path = 3;
    */
   path: string;
+
+  /**
+   * Transports that failed before `path` moved the bytes, in the order tried, each as "name: why".
+   *
+   * @generated from field: repeated string fallbacks = 4;
+   */
+  fallbacks: string[];
 };
 
 /**
@@ -601,11 +608,18 @@ export type KvHandle = Message<"dynamo_grpc.v1.KvHandle"> & {
   shmSegment: string;
 
   /**
+   * Where a NIXL agent can READ the bytes; unset when the prefill worker offers no NIXL transport.
+   *
+   * @generated from field: dynamo_grpc.v1.NixlSource nixl = 12;
+   */
+  nixl?: NixlSource | undefined;
+
+  /**
    * BLAKE2b-128 of the prompt's token ids (each as a little-endian uint32): a consumer refuses the KV
    * for any other prompt. Empty from workers that predate it, whose handles are checked by
    * `num_tokens` alone.
    *
-   * @generated from field: bytes prompt_digest = 12;
+   * @generated from field: bytes prompt_digest = 13;
    */
   promptDigest: Uint8Array;
 };
@@ -616,6 +630,49 @@ export type KvHandle = Message<"dynamo_grpc.v1.KvHandle"> & {
  */
 export const KvHandleSchema: GenMessage<KvHandle> = /*@__PURE__*/
   messageDesc(file_dynamo_grpc_v1_common, 12);
+
+/**
+ * Memory a prefill worker registered with its NIXL agent, holding one transfer's bytes.
+ *
+ * @generated from message dynamo_grpc.v1.NixlSource
+ */
+export type NixlSource = Message<"dynamo_grpc.v1.NixlSource"> & {
+  /**
+   * The agent's partial metadata (NIXL's `get_partial_agent_metadata`): its name, how to connect to it,
+   * and this memory's registration. A few hundred bytes.
+   *
+   * @generated from field: bytes agent_metadata = 1;
+   */
+  agentMetadata: Uint8Array;
+
+  /**
+   * Address of the first byte in the prefill worker's memory; the transfer is KvHandle.total_bytes long.
+   *
+   * @generated from field: uint64 address = 2;
+   */
+  address: bigint;
+
+  /**
+   * 0 for host memory; the GPU's index for device memory.
+   *
+   * @generated from field: uint32 device_id = 3;
+   */
+  deviceId: number;
+
+  /**
+   * Host or GPU memory.
+   *
+   * @generated from field: dynamo_grpc.v1.NixlMemoryKind memory_kind = 4;
+   */
+  memoryKind: NixlMemoryKind;
+};
+
+/**
+ * Describes the message dynamo_grpc.v1.NixlSource.
+ * Use `create(NixlSourceSchema)` to create a new message.
+ */
+export const NixlSourceSchema: GenMessage<NixlSource> = /*@__PURE__*/
+  messageDesc(file_dynamo_grpc_v1_common, 13);
 
 /**
  * Capacity a worker announces when it registers.
@@ -650,7 +707,7 @@ export type WorkerCapacity = Message<"dynamo_grpc.v1.WorkerCapacity"> & {
  * Use `create(WorkerCapacitySchema)` to create a new message.
  */
 export const WorkerCapacitySchema: GenMessage<WorkerCapacity> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_common, 13);
+  messageDesc(file_dynamo_grpc_v1_common, 14);
 
 /**
  * A live worker as registered in etcd.
@@ -720,6 +777,14 @@ export type WorkerInfo = Message<"dynamo_grpc.v1.WorkerInfo"> & {
    * @generated from field: string engine = 9;
    */
   engine: string;
+
+  /**
+   * KV transports the worker offers (prefill) or receives by (decode). Empty for a worker registered
+   * before workers listed them, which offers shm and gRPC.
+   *
+   * @generated from field: repeated dynamo_grpc.v1.KvTransport kv_transports = 10;
+   */
+  kvTransports: KvTransport[];
 };
 
 /**
@@ -727,7 +792,7 @@ export type WorkerInfo = Message<"dynamo_grpc.v1.WorkerInfo"> & {
  * Use `create(WorkerInfoSchema)` to create a new message.
  */
 export const WorkerInfoSchema: GenMessage<WorkerInfo> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_common, 14);
+  messageDesc(file_dynamo_grpc_v1_common, 15);
 
 /**
  * Live load of a worker engine and its KV store.
@@ -821,6 +886,14 @@ export type WorkerStats = Message<"dynamo_grpc.v1.WorkerStats"> & {
    * @generated from field: double itl_p90_ms = 12;
    */
   itlP90Ms: number;
+
+  /**
+   * Memory regions registered with the worker's NIXL agent: held transfers on a prefill worker, reads in
+   * flight on a decode worker. 0 without NIXL.
+   *
+   * @generated from field: uint32 nixl_registrations = 13;
+   */
+  nixlRegistrations: number;
 };
 
 /**
@@ -828,7 +901,7 @@ export type WorkerStats = Message<"dynamo_grpc.v1.WorkerStats"> & {
  * Use `create(WorkerStatsSchema)` to create a new message.
  */
 export const WorkerStatsSchema: GenMessage<WorkerStats> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_common, 15);
+  messageDesc(file_dynamo_grpc_v1_common, 16);
 
 /**
  * The role a worker process plays in a disaggregated deployment.
@@ -911,4 +984,80 @@ export enum FinishReason {
  */
 export const FinishReasonSchema: GenEnum<FinishReason> = /*@__PURE__*/
   enumDesc(file_dynamo_grpc_v1_common, 1);
+
+/**
+ * A way to move a prompt's KV bytes from a prefill worker to a decode worker.
+ *
+ * @generated from enum dynamo_grpc.v1.KvTransport
+ */
+export enum KvTransport {
+  /**
+   * Not set; never valid on the wire.
+   *
+   * @generated from enum value: KV_TRANSPORT_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Shared memory on one host: the decode worker links the prefill worker's segment; nothing is copied.
+   *
+   * @generated from enum value: KV_TRANSPORT_SHM = 1;
+   */
+  SHM = 1,
+
+  /**
+   * NIXL (over UCX: RDMA where there is a NIC for it, else TCP or shared memory): the decode worker READs
+   * the bytes from memory the prefill worker registered with its NIXL agent.
+   *
+   * @generated from enum value: KV_TRANSPORT_NIXL = 2;
+   */
+  NIXL = 2,
+
+  /**
+   * KvTransferService.PullKv chunk streams; works between any two workers.
+   *
+   * @generated from enum value: KV_TRANSPORT_GRPC = 3;
+   */
+  GRPC = 3,
+}
+
+/**
+ * Describes the enum dynamo_grpc.v1.KvTransport.
+ */
+export const KvTransportSchema: GenEnum<KvTransport> = /*@__PURE__*/
+  enumDesc(file_dynamo_grpc_v1_common, 2);
+
+/**
+ * Kinds of memory a NIXL agent registers.
+ *
+ * @generated from enum dynamo_grpc.v1.NixlMemoryKind
+ */
+export enum NixlMemoryKind {
+  /**
+   * Not set; never valid on the wire.
+   *
+   * @generated from enum value: NIXL_MEMORY_KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Host memory.
+   *
+   * @generated from enum value: NIXL_MEMORY_KIND_DRAM = 1;
+   */
+  DRAM = 1,
+
+  /**
+   * GPU memory.
+   *
+   * @generated from enum value: NIXL_MEMORY_KIND_VRAM = 2;
+   */
+  VRAM = 2,
+}
+
+/**
+ * Describes the enum dynamo_grpc.v1.NixlMemoryKind.
+ */
+export const NixlMemoryKindSchema: GenEnum<NixlMemoryKind> = /*@__PURE__*/
+  enumDesc(file_dynamo_grpc_v1_common, 3);
 

@@ -4,7 +4,7 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { CancelAction, Completion, GenerationParams, KvHandle, TokenBatch, WorkerStats } from "./common_pb.js";
+import type { CancelAction, Completion, GenerationParams, KvHandle, KvTransport, TokenBatch, WorkerStats } from "./common_pb.js";
 import { file_dynamo_grpc_v1_common } from "./common_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file dynamo_grpc/v1/decode.proto.
  */
 export const file_dynamo_grpc_v1_decode: GenFile = /*@__PURE__*/
-  fileDesc("ChtkeW5hbW9fZ3JwYy92MS9kZWNvZGUucHJvdG8SDmR5bmFtb19ncnBjLnYxIsQBCgtEZWNvZGVTdGFydBIwCgZwYXJhbXMYASABKAsyIC5keW5hbW9fZ3JwYy52MS5HZW5lcmF0aW9uUGFyYW1zEisKCWt2X2hhbmRsZRgCIAEoCzIYLmR5bmFtb19ncnBjLnYxLkt2SGFuZGxlEhkKEXByZWZpbGxfd29ya2VyX2lkGAMgASgJEhgKEHJlc3VtZV90b2tlbl9pZHMYBCADKA0SIQoZbGFzdF90b2tlbnNfaW5fY29tcGxldGlvbhgFIAEoCCKLAQoNRGVjb2RlUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEiwKBXN0YXJ0GAIgASgLMhsuZHluYW1vX2dycGMudjEuRGVjb2RlU3RhcnRIABIuCgZjYW5jZWwYAyABKAsyHC5keW5hbW9fZ3JwYy52MS5DYW5jZWxBY3Rpb25IAEIICgZhY3Rpb24ijQEKDkRlY29kZVJlc3BvbnNlEhIKCnJlcXVlc3RfaWQYASABKAkSLAoGdG9rZW5zGAIgASgLMhouZHluYW1vX2dycGMudjEuVG9rZW5CYXRjaEgAEjAKCmNvbXBsZXRpb24YAyABKAsyGi5keW5hbW9fZ3JwYy52MS5Db21wbGV0aW9uSABCBwoFZXZlbnQiFwoVR2V0RGVjb2RlU3RhdHNSZXF1ZXN0IkQKFkdldERlY29kZVN0YXRzUmVzcG9uc2USKgoFc3RhdHMYASABKAsyGy5keW5hbW9fZ3JwYy52MS5Xb3JrZXJTdGF0czK9AQoNRGVjb2RlU2VydmljZRJLCgZEZWNvZGUSHS5keW5hbW9fZ3JwYy52MS5EZWNvZGVSZXF1ZXN0Gh4uZHluYW1vX2dycGMudjEuRGVjb2RlUmVzcG9uc2UoATABEl8KDkdldERlY29kZVN0YXRzEiUuZHluYW1vX2dycGMudjEuR2V0RGVjb2RlU3RhdHNSZXF1ZXN0GiYuZHluYW1vX2dycGMudjEuR2V0RGVjb2RlU3RhdHNSZXNwb25zZWIGcHJvdG8z", [file_dynamo_grpc_v1_common]);
+  fileDesc("ChtkeW5hbW9fZ3JwYy92MS9kZWNvZGUucHJvdG8SDmR5bmFtb19ncnBjLnYxIvgBCgtEZWNvZGVTdGFydBIwCgZwYXJhbXMYASABKAsyIC5keW5hbW9fZ3JwYy52MS5HZW5lcmF0aW9uUGFyYW1zEisKCWt2X2hhbmRsZRgCIAEoCzIYLmR5bmFtb19ncnBjLnYxLkt2SGFuZGxlEhkKEXByZWZpbGxfd29ya2VyX2lkGAMgASgJEhgKEHJlc3VtZV90b2tlbl9pZHMYBCADKA0SIQoZbGFzdF90b2tlbnNfaW5fY29tcGxldGlvbhgFIAEoCBIyCg1rdl90cmFuc3BvcnRzGAYgAygOMhsuZHluYW1vX2dycGMudjEuS3ZUcmFuc3BvcnQiiwEKDURlY29kZVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIsCgVzdGFydBgCIAEoCzIbLmR5bmFtb19ncnBjLnYxLkRlY29kZVN0YXJ0SAASLgoGY2FuY2VsGAMgASgLMhwuZHluYW1vX2dycGMudjEuQ2FuY2VsQWN0aW9uSABCCAoGYWN0aW9uIo0BCg5EZWNvZGVSZXNwb25zZRISCgpyZXF1ZXN0X2lkGAEgASgJEiwKBnRva2VucxgCIAEoCzIaLmR5bmFtb19ncnBjLnYxLlRva2VuQmF0Y2hIABIwCgpjb21wbGV0aW9uGAMgASgLMhouZHluYW1vX2dycGMudjEuQ29tcGxldGlvbkgAQgcKBWV2ZW50IhcKFUdldERlY29kZVN0YXRzUmVxdWVzdCJEChZHZXREZWNvZGVTdGF0c1Jlc3BvbnNlEioKBXN0YXRzGAEgASgLMhsuZHluYW1vX2dycGMudjEuV29ya2VyU3RhdHMyvQEKDURlY29kZVNlcnZpY2USSwoGRGVjb2RlEh0uZHluYW1vX2dycGMudjEuRGVjb2RlUmVxdWVzdBoeLmR5bmFtb19ncnBjLnYxLkRlY29kZVJlc3BvbnNlKAEwARJfCg5HZXREZWNvZGVTdGF0cxIlLmR5bmFtb19ncnBjLnYxLkdldERlY29kZVN0YXRzUmVxdWVzdBomLmR5bmFtb19ncnBjLnYxLkdldERlY29kZVN0YXRzUmVzcG9uc2ViBnByb3RvMw", [file_dynamo_grpc_v1_common]);
 
 /**
  * What to decode.
@@ -56,6 +56,14 @@ export type DecodeStart = Message<"dynamo_grpc.v1.DecodeStart"> & {
    * @generated from field: bool last_tokens_in_completion = 5;
    */
   lastTokensInCompletion: boolean;
+
+  /**
+   * KV transports to try for kv_handle, in order (the pair's, from the pairing table); empty means every
+   * transport this worker has, shm first, then NIXL, then gRPC.
+   *
+   * @generated from field: repeated dynamo_grpc.v1.KvTransport kv_transports = 6;
+   */
+  kvTransports: KvTransport[];
 };
 
 /**

@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file dynamo_grpc/v1/kv_transfer.proto.
  */
 export const file_dynamo_grpc_v1_kv_transfer: GenFile = /*@__PURE__*/
-  fileDesc("CiBkeW5hbW9fZ3JwYy92MS9rdl90cmFuc2Zlci5wcm90bxIOZHluYW1vX2dycGMudjEiaAoNUHVsbEt2UmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhMKC3RyYW5zZmVyX2lkGAIgASgJEhIKCnB1bGxfdG9rZW4YAyABKAkSGgoSZW5naW5lX2ZpbmdlcnByaW50GAQgASgJIi4KDlB1bGxLdlJlc3BvbnNlEg4KBm9mZnNldBgBIAEoBBIMCgRkYXRhGAIgASgMIk8KEFJlbGVhc2VLdlJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRITCgt0cmFuc2Zlcl9pZBgCIAEoCRISCgpwdWxsX3Rva2VuGAMgASgJIiUKEVJlbGVhc2VLdlJlc3BvbnNlEhAKCHJlbGVhc2VkGAEgASgIMrABChFLdlRyYW5zZmVyU2VydmljZRJJCgZQdWxsS3YSHS5keW5hbW9fZ3JwYy52MS5QdWxsS3ZSZXF1ZXN0Gh4uZHluYW1vX2dycGMudjEuUHVsbEt2UmVzcG9uc2UwARJQCglSZWxlYXNlS3YSIC5keW5hbW9fZ3JwYy52MS5SZWxlYXNlS3ZSZXF1ZXN0GiEuZHluYW1vX2dycGMudjEuUmVsZWFzZUt2UmVzcG9uc2ViBnByb3RvMw");
+  fileDesc("CiBkeW5hbW9fZ3JwYy92MS9rdl90cmFuc2Zlci5wcm90bxIOZHluYW1vX2dycGMudjEimQEKDVB1bGxLdlJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRITCgt0cmFuc2Zlcl9pZBgCIAEoCRISCgpwdWxsX3Rva2VuGAMgASgJEhoKEmVuZ2luZV9maW5nZXJwcmludBgEIAEoCRIOCgZvZmZzZXQYBSABKAQSDgoGbGVuZ3RoGAYgASgEEg8KB3JlbGVhc2UYByABKAgiLgoOUHVsbEt2UmVzcG9uc2USDgoGb2Zmc2V0GAEgASgEEgwKBGRhdGEYAiABKAwiZQoQUmVsZWFzZUt2UmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhMKC3RyYW5zZmVyX2lkGAIgASgJEhIKCnB1bGxfdG9rZW4YAyABKAkSFAoMcmVxdWlyZV9oZWxkGAQgASgIIiUKEVJlbGVhc2VLdlJlc3BvbnNlEhAKCHJlbGVhc2VkGAEgASgIMrABChFLdlRyYW5zZmVyU2VydmljZRJJCgZQdWxsS3YSHS5keW5hbW9fZ3JwYy52MS5QdWxsS3ZSZXF1ZXN0Gh4uZHluYW1vX2dycGMudjEuUHVsbEt2UmVzcG9uc2UwARJQCglSZWxlYXNlS3YSIC5keW5hbW9fZ3JwYy52MS5SZWxlYXNlS3ZSZXF1ZXN0GiEuZHluYW1vX2dycGMudjEuUmVsZWFzZUt2UmVzcG9uc2ViBnByb3RvMw");
 
 /**
  * Claims a transfer.
@@ -45,6 +45,27 @@ export type PullKvRequest = Message<"dynamo_grpc.v1.PullKvRequest"> & {
    * @generated from field: string engine_fingerprint = 4;
    */
   engineFingerprint: string;
+
+  /**
+   * First byte of the range to send; 0 from the start.
+   *
+   * @generated from field: uint64 offset = 5;
+   */
+  offset: bigint;
+
+  /**
+   * Bytes in the range; 0 means up to the end. A range past the end is OUT_OF_RANGE.
+   *
+   * @generated from field: uint64 length = 6;
+   */
+  length: bigint;
+
+  /**
+   * Free the transfer once pulls that set this have sent every byte of it, so no ReleaseKv is needed.
+   *
+   * @generated from field: bool release = 7;
+   */
+  release: boolean;
 };
 
 /**
@@ -108,6 +129,15 @@ export type ReleaseKvRequest = Message<"dynamo_grpc.v1.ReleaseKvRequest"> & {
    * @generated from field: string pull_token = 3;
    */
   pullToken: string;
+
+  /**
+   * Fail with NOT_FOUND (KV_HANDLE_NOT_FOUND or KV_HANDLE_EXPIRED) when the transfer is no longer held,
+   * instead of answering released = false: a puller that read the bytes in place or by NIXL learns
+   * whether the lease held all along.
+   *
+   * @generated from field: bool require_held = 4;
+   */
+  requireHeld: boolean;
 };
 
 /**
@@ -145,7 +175,8 @@ export const ReleaseKvResponseSchema: GenMessage<ReleaseKvResponse> = /*@__PURE_
  */
 export const KvTransferService: GenService<{
   /**
-   * Streams the held bytes in chunks, in order.
+   * Streams the held bytes (or a range of them) in chunks, in order. A puller may run several at once
+   * over disjoint ranges.
    *
    * @generated from rpc dynamo_grpc.v1.KvTransferService.PullKv
    */
