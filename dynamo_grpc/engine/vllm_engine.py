@@ -325,7 +325,8 @@ class VllmEngine:
                 if saved:
                     num_tokens = int(saved["num_tokens"])
                     out.kv_handle = await self._store.hold_segment(
-                        segment, num_tokens=num_tokens, layout=self.layout(num_tokens), fingerprint=self.fingerprint)
+                        segment, num_tokens=num_tokens, layout=self.layout(num_tokens), fingerprint=self.fingerprint,
+                        prompt=engine_input["prompt_token_ids"][:num_tokens])
                     leased = True
                 elif out.finish_reason in (FinishReason.LENGTH, FinishReason.STOP):
                     raise DynamoError("the engine finished the prefill without saving its KV; see the worker log",
@@ -340,7 +341,7 @@ class VllmEngine:
                       ) -> AsyncIterator[EngineOutput]:
         """Tokens from the prompt's KV, received into a segment of this worker's that the connector reads."""
         assert self._receiver is not None
-        kv = await self._receiver.receive(handle, prompt_tokens=len(engine_input["prompt_token_ids"]),
+        kv = await self._receiver.receive(handle, prompt=engine_input["prompt_token_ids"],
                                           fingerprint=self.fingerprint, request_id=request.request_id,
                                           into_segment=True, order=request.kv_transports)
         try:
