@@ -23,6 +23,7 @@ from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
+from tests.cluster import cancel_after_first_tokens
 from tests.processes import RoleProcess, free_port
 
 pytestmark = pytest.mark.slow
@@ -93,12 +94,7 @@ async def test_request_flows_through_separate_processes(fleet: dict[str, RolePro
         assert result.token_ids == local
 
         # (4) A cancel from the client stops decode and leaves no KV anywhere.
-        stream = client.generate("cancel", model=MODEL, max_tokens=5000, ignore_eos=True)
-        responses = aiter(stream)
-        while not (await anext(responses)).HasField("tokens"):
-            pass
-        stream.cancel()
-        completion = [r async for r in responses][-1].completion
+        completion = await cancel_after_first_tokens(client.generate("cancel", model=MODEL, max_tokens=5000, ignore_eos=True))
         assert completion.finish_reason == pb.FINISH_REASON_CANCELLED
         assert completion.usage.completion_tokens < 5000
         d = (await decode.GetDecodeStats(decode_pb.GetDecodeStatsRequest())).stats

@@ -25,6 +25,7 @@ from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
 from dynamo_grpc.v1 import router_pb2 as router_pb
 from dynamo_grpc.v1 import router_pb2_grpc as router_grpc
+from tests.cluster import cancel_after_first_tokens
 from tests.processes import RoleProcess, free_port
 from tests.test_grpcurl import GRPCURL
 from tests.waiting import eventually
@@ -139,12 +140,7 @@ async def test_generations_health_cancels_and_deadlines_through_nginx(proxied: P
     assert messages > 1, "tokens stream in several messages, not one at the end"
 
     # (3) Our cancel message, through nginx: the worker stops at once and the completion says CANCELLED.
-    stream = proxied.generate("cancel-message", 5000)
-    responses = aiter(stream)
-    while not (await anext(responses)).HasField("tokens"):
-        pass
-    stream.cancel()
-    completion = [r async for r in responses][-1].completion
+    completion = await cancel_after_first_tokens(proxied.generate("cancel-message", 5000))
     assert completion.finish_reason == pb.FINISH_REASON_CANCELLED
     assert completion.usage.completion_tokens < 5000
     await eventually(proxied.idle, 10, what="workers idle after an in-band cancel")
