@@ -80,8 +80,6 @@ async def serve_store() -> AsyncIterator[Callable[..., asyncio.Future]]:
     started: list[Prefill] = []
 
     async def start(*, nixl: bool = False, chunk_bytes: int = 1 << 20, ttl_s: float = 600) -> Prefill:
-        from dynamo_grpc.kv.nixl_transport import NixlAgent
-
         store = LeasedKvStore(endpoint="", host="prefill-host", ttl_s=ttl_s,
                               nixl=NixlAgent() if nixl else None)
         servicer = KvTransferServicer(store, chunk_bytes=chunk_bytes)
@@ -107,8 +105,6 @@ async def channels() -> AsyncIterator[ChannelPool]:
 
 
 def receiver(channels: ChannelPool, *names: str) -> KvReceiver:
-    from dynamo_grpc.kv.nixl_transport import NixlAgent
-
     return KvReceiver.over_network(channels, host="decode-host", names=names,
                                    nixl=NixlAgent() if "nixl" in names else None)
 
@@ -322,8 +318,6 @@ def puller(transport: str, ready: mp.Queue, handles: mp.Queue) -> None:
     os.environ["UCX_TLS"] = "tcp"  # slow enough to be killed mid-read
 
     async def main() -> None:
-        from dynamo_grpc.kv.nixl_transport import NixlAgent
-
         kv = KvReceiver.over_network(ChannelPool(), host="decode-host", names=(transport,),
                                      nixl=NixlAgent() if transport == "nixl" else None)
         ready.put(os.getpid())
