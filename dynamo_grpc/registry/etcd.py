@@ -64,6 +64,8 @@ _FATAL_CODES = (
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.UNIMPLEMENTED,
 )
+# What gRPC's messages say when the TLS session failed (handshake refused, client certificate missing).
+_TLS_FAILURE_SIGNS = ("ssl", "handshake", "certificate", "tsi_", "unwrap failed")
 # Which role of `dynamo-grpc etcd-setup-auth` may write where (docs/security.md).
 _WRITER_ROLES = {"workers": "dynamo-worker", "demand": "dynamo-reader"}
 _DEFAULT_WRITER_ROLE = "dynamo-control-plane"
@@ -326,7 +328,7 @@ class EtcdRegistry:
 
     def _reach_hint(self, exc: BaseException) -> str:
         detail = _detail(exc).lower()
-        if self.access.tls and ("ssl" in detail or "handshake" in detail or "certificate" in detail):
+        if self.access.tls and any(sign in detail for sign in _TLS_FAILURE_SIGNS):
             return (f"the TLS handshake failed: check that etcd serves https, that --etcd-ca "
                     f"{self.access.ca} is the CA that signed its certificate (which must name the address "
                     "dialled), and, if etcd runs with --client-cert-auth, --etcd-cert/--etcd-key")
