@@ -177,9 +177,9 @@ def add_etcd_access_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def etcd_access(args: argparse.Namespace) -> EtcdAccess:
-    password = (read_password(args.etcd_password_file) if args.etcd_password_file
-                else os.environ.get(PASSWORD_ENV, ""))
     try:
+        password = (read_password(args.etcd_password_file) if args.etcd_password_file
+                    else os.environ.get(PASSWORD_ENV, ""))
         return EtcdAccess(ca=args.etcd_ca, cert=args.etcd_cert, key=args.etcd_key, user=args.etcd_user,
                           password=password)
     except EtcdAccessError as error:

@@ -23,6 +23,7 @@ from etcd3aio import Etcd3Client
 
 from dynamo_grpc import cli
 from dynamo_grpc.client import RouterClient
+from dynamo_grpc.config import ConfigError, server_config
 from dynamo_grpc.registry import EtcdAccess, EtcdRegistry, RegistryAccessDenied, RegistryUnavailable
 from dynamo_grpc.registry.setup_auth import CONTROL_PLANE_ROLE, READER_ROLE, WORKER_ROLE, setup_auth
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -177,8 +178,7 @@ async def test_client_certificates_name_the_etcd_user(tmp_path: Path, ca: Throwa
                 pass
 
 
-def test_etcd_flags_are_checked_before_anything_starts(capsys: pytest.CaptureFixture[str],
-                                                       tmp_path: Path) -> None:
+def test_etcd_flags_are_checked_before_anything_starts(tmp_path: Path) -> None:
     cases = {
         ("--etcd-cert", str(tmp_path / "c.pem")): "--etcd-cert and --etcd-key go together",
         ("--etcd-user", "dynamo-worker"): "needs its password: --etcd-password-file PATH or the "
@@ -187,8 +187,10 @@ def test_etcd_flags_are_checked_before_anything_starts(capsys: pytest.CaptureFix
         ("--etcd-user", "u", "--etcd-password-file", str(tmp_path / "none")): "--etcd-password-file",
     }
     for flags, expected in cases.items():
-        assert cli.main(["router", "--etcd", "127.0.0.1:1", *flags]) == 2
-        assert expected in capsys.readouterr().err
+        args = cli.build_parser().parse_args(["router", "--etcd", "127.0.0.1:1", *flags])
+        with pytest.raises(ConfigError) as refused:
+            server_config(args)
+        assert expected in str(refused.value)
 
 
 @pytest.fixture

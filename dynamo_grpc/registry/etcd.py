@@ -33,6 +33,7 @@ from google.protobuf.message import DecodeError
 
 from dynamo_grpc.registry.access import PASSWORD_ENV, EtcdAccess
 from dynamo_grpc.registry.base import (
+    WORKERS,
     RegistryAccessDenied,
     RegistryUnavailable,
     all_roles,
@@ -41,6 +42,8 @@ from dynamo_grpc.registry.base import (
     worker_key,
     workers_prefix,
 )
+from dynamo_grpc.registry.documents import DEMAND_DOCUMENT
+from dynamo_grpc.registry.setup_auth import CONTROL_PLANE_ROLE, READER_ROLE, WORKER_ROLE
 from dynamo_grpc.v1 import common_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -67,8 +70,7 @@ _FATAL_CODES = (
 # What gRPC's messages say when the TLS session failed (handshake refused, client certificate missing).
 _TLS_FAILURE_SIGNS = ("ssl", "handshake", "certificate", "tsi_", "unwrap failed")
 # Which role of `dynamo-grpc etcd-setup-auth` may write where (docs/security.md).
-_WRITER_ROLES = {"workers": "dynamo-worker", "demand": "dynamo-reader"}
-_DEFAULT_WRITER_ROLE = "dynamo-control-plane"
+_WRITER_ROLES = {WORKERS: WORKER_ROLE, DEMAND_DOCUMENT: READER_ROLE}
 
 
 class EtcdRegistry:
@@ -479,7 +481,7 @@ async def _keep_alive_once(client: Etcd3Client, lease_id: int) -> int:
 def _writer_role(key: str, namespace: str) -> str:
     """The role of `dynamo-grpc etcd-setup-auth` that may write `key`."""
     first = key.removeprefix(namespace_prefix(namespace)).split("/", 1)[0]
-    return f"the {_WRITER_ROLES.get(first, _DEFAULT_WRITER_ROLE)} role"
+    return f"the {_WRITER_ROLES.get(first, CONTROL_PLANE_ROLE)} role"
 
 
 def _sorted_workers(values: Iterable[bytes]) -> list[pb.WorkerInfo]:
