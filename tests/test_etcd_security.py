@@ -22,8 +22,8 @@ import pytest
 from etcd3aio import Etcd3Client
 
 from dynamo_grpc import cli
-from dynamo_grpc.client import RouterClient
-from dynamo_grpc.config import ConfigError, server_config
+from dynamo_grpc.client import GenerateResult, RouterClient
+from dynamo_grpc.config import ConfigError, etcd_access, server_config
 from dynamo_grpc.registry import EtcdAccess, EtcdRegistry, RegistryAccessDenied, RegistryUnavailable
 from dynamo_grpc.registry.setup_auth import CONTROL_PLANE_ROLE, READER_ROLE, WORKER_ROLE, setup_auth
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -52,7 +52,7 @@ class SecuredEtcd:
         return EtcdRegistry([self.server.endpoint], namespace=NS, access=self.access(user))
 
     def flags(self, user: str) -> tuple[str, ...]:
-        """A role's command-line flags for `user`: the password comes from its file, never the command line."""
+        """A role's command-line flags for `user`: the password comes from its file, not the command line."""
         return ("--etcd", self.server.endpoint, "--namespace", NS, "--etcd-ca", str(self.ca.ca_path),
                 "--etcd-user", user, "--etcd-password-file", str(self.password_dir / f"{user}.password"))
 
@@ -69,10 +69,10 @@ def secured(tmp_path: Path, ca: ThrowawayCA) -> Iterator[SecuredEtcd]:
     server.start()
     try:
         password_dir = tmp_path / "passwords"
-        setup = subprocess.run(
-            [sys.executable, "-m", "dynamo_grpc.cli", "etcd-setup-auth", "--etcd", server.endpoint, "--etcd-ca",
-             str(ca.ca_path), "--namespace", NS, "--password-dir", str(password_dir)],
-            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60, check=False)
+        command = [sys.executable, "-m", "dynamo_grpc.cli", "etcd-setup-auth", "--etcd", server.endpoint,
+                   "--etcd-ca", str(ca.ca_path), "--namespace", NS, "--password-dir", str(password_dir)]
+        setup = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                               text=True, timeout=60, check=False)
         assert setup.returncode == 0, setup.stderr
         assert sorted(p.name for p in password_dir.iterdir()) == sorted(
             f"{user}.password" for user in ("root", WORKER_ROLE, READER_ROLE, CONTROL_PLANE_ROLE))
@@ -193,13 +193,31 @@ def test_etcd_flags_are_checked_before_anything_starts(tmp_path: Path) -> None:
         assert expected in str(refused.value)
 
 
+def test_processes_started_by_serve_and_up_reach_etcd_the_same_way(monkeypatch: pytest.MonkeyPatch,
+                                                                   ca: ThrowawayCA, tmp_path: Path) -> None:
+    """`serve` and `up` hand their etcd settings to the processes they start as DYNAMO_GRPC_ETCD_* variables,
+    which those read as their flags' defaults: the password never appears on a command line."""
+    cert, key = ca.client(WORKER_ROLE)
+    password_file = tmp_path / "worker.password"
+    password_file.write_text("s3cret\n")
+    parent_args = cli.build_parser().parse_args([
+        "up", "spec.yaml", "--etcd-ca", str(ca.ca_path), "--etcd-cert", str(cert), "--etcd-key", str(key),
+        "--etcd-user", WORKER_ROLE, "--etcd-password-file", str(password_file)])
+    parent = etcd_access(parent_args)
+    assert parent.password == "s3cret" and "s3cret" not in repr(parent)
+    for name, value in parent.environment().items():
+        monkeypatch.setenv(name, value)
+    child_args = cli.build_parser().parse_args(["decode", "--etcd", "127.0.0.1:2379"])
+    assert server_config(child_args).etcd_access == parent
+
+
 @pytest.fixture
 async def secured_fleet(secured: SecuredEtcd, tmp_path: Path) -> AsyncIterator[dict[str, RoleProcess]]:
     lease = ("--lease-ttl-s", "2")
     procs = {
         "control-plane": RoleProcess("control-plane", *secured.flags(CONTROL_PLANE_ROLE), log_dir=tmp_path),
-        "prefill": RoleProcess("prefill", *secured.flags(WORKER_ROLE), *lease, *ENGINE_FLAGS, log_dir=tmp_path),
-        "decode": RoleProcess("decode", *secured.flags(WORKER_ROLE), *lease, *ENGINE_FLAGS, log_dir=tmp_path),
+        **{role: RoleProcess(role, *secured.flags(WORKER_ROLE), *lease, *ENGINE_FLAGS, log_dir=tmp_path)
+           for role in ("prefill", "decode")},
         "router": RoleProcess("router", *secured.flags(READER_ROLE), log_dir=tmp_path),
     }
     try:
@@ -234,12 +252,13 @@ async def test_a_fleet_over_tls_with_credentials_routes_only_to_real_workers(
         assert set(registered) == {pb.WORKER_ROLE_PREFILL, pb.WORKER_ROLE_DECODE}
 
         async with RouterClient(secured_fleet["router"].endpoint) as client:
+            async def request(prompt: str) -> GenerateResult:
+                return await client.generate(prompt, model=MODEL, max_tokens=4, ignore_eos=True).collect()
+
             async def disaggregated() -> bool:
-                result = await client.generate("over tls", model=MODEL, max_tokens=4, ignore_eos=True).collect()
-                return result.completion.kv_transfer.bytes > 0
+                return (await request("over tls")).completion.kv_transfer.bytes > 0
             await eventually(disaggregated, what="a disaggregated request through the secured fleet")
-            results = [await client.generate(f"prompt {i}", model=MODEL, max_tokens=4, ignore_eos=True).collect()
-                       for i in range(30)]
+            results = [await request(f"prompt {i}") for i in range(30)]
         assert {r.completion.decode_worker_id for r in results} == {registered[pb.WORKER_ROLE_DECODE]}
         assert {r.completion.prefill_worker_id for r in results} == {registered[pb.WORKER_ROLE_PREFILL]}
 
@@ -251,7 +270,8 @@ async def test_a_fleet_over_tls_with_credentials_routes_only_to_real_workers(
             try:
                 async with aiohttp.ClientSession() as session, \
                         session.post(f"{url}/v1/completions", json=body) as response:
-                    return response.status == 200 and (await response.json())["usage"]["completion_tokens"] == 4
+                    usage = (await response.json()).get("usage", {}) if response.status == 200 else {}
+                    return usage.get("completion_tokens") == 4
             except aiohttp.ClientError:
                 return False
         await eventually(completes, timeout_s=30, what="a completion through the secured frontend")

@@ -281,8 +281,10 @@ class EtcdRegistry:
         stale = self._token
         try:
             return await operation()
-        except EtcdUnauthenticatedError:
-            if not self.access.user:
+        except (EtcdUnauthenticatedError, grpc.aio.AioRpcError) as exc:  # streams raise gRPC's own errors
+            unauthenticated = not isinstance(exc, grpc.aio.AioRpcError) or \
+                exc.code() == grpc.StatusCode.UNAUTHENTICATED
+            if not unauthenticated or not self.access.user:
                 raise
         async with self._auth_lock:
             if self._token == stale:  # not renewed meanwhile by another call
@@ -379,7 +381,8 @@ class EtcdRegistry:
         client = self._connected()
         lease_id = self._lease_id
         if lease_id:
-            ttl = await asyncio.wait_for(_keep_alive_once(client, lease_id), timeout)
+            renewal = self._with_token(lambda: _keep_alive_once(client, lease_id))
+            ttl = await asyncio.wait_for(renewal, timeout)
             if ttl > 0:
                 return
         async with self._lease_lock:
