@@ -41,13 +41,13 @@ class ServerConfig:
     advertise_host: str = ""
     node_name: str = field(default_factory=socket.gethostname)
     etcd: tuple[str, ...] = ()
-    etcd_access: EtcdAccess = field(default_factory=EtcdAccess)
-    """TLS and credentials for etcd (`--etcd-ca`, `--etcd-user`, ...)."""
     namespace: str = "default"
     lease_ttl_s: int = 10
     metrics_port: int = 0
     """Where this process serves Prometheus /metrics over HTTP; 0: not served (an HTTP frontend serves its
     own /metrics on its port either way)."""
+    etcd_access: EtcdAccess = field(default_factory=EtcdAccess)
+    """TLS and credentials for etcd (`--etcd-ca`, `--etcd-user`, ...)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

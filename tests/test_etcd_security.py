@@ -176,6 +176,13 @@ async def test_client_certificates_name_the_etcd_user(tmp_path: Path, ca: Throwa
             async with EtcdRegistry([server.endpoint], namespace=NS, access=EtcdAccess(ca=str(ca.ca_path)),
                                     connect_timeout_s=1.0):
                 pass
+        # Authentication is on now: another namespace's roles need root, here root's certificate.
+        with pytest.raises(RegistryUnavailable, match="permission denied"):
+            await setup_auth([server.endpoint], identity(READER_ROLE), namespace="second",
+                             password_dir=tmp_path / "passwords")
+        again = await setup_auth([server.endpoint], identity("root"), namespace="second",
+                                 password_dir=tmp_path / "passwords")
+        assert sorted(again) == sorted([WORKER_ROLE, READER_ROLE, CONTROL_PLANE_ROLE])
 
 
 def test_etcd_flags_are_checked_before_anything_starts(tmp_path: Path) -> None:

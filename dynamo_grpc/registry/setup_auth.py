@@ -50,16 +50,17 @@ async def setup_auth(endpoints: Sequence[str], admin: EtcdAccess, *, namespace: 
                      password_dir: Path) -> dict[str, Path]:
     """Create the roles and users, then turn authentication on; each user -> its password file. With
     authentication already on, `admin` must be `root`'s credentials."""
-    password_dir.mkdir(parents=True, exist_ok=True)
+    password_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     async with Etcd3Client(list(endpoints), **admin.channel_credentials()) as client:
         assert client.auth is not None
         auth = client.auth
         try:
             enabled = await _log_in(client, admin)
-            if enabled and admin.user != ROOT:
+            if enabled and not (admin.user or admin.cert):
                 raise RegistryAccessDenied(
                     f"authentication is already on at {', '.join(endpoints)}: pass --etcd-user root and "
-                    "--etcd-password-file with root's password to change roles and users")
+                    "--etcd-password-file with root's password (or root's client certificate) to change "
+                    "roles and users")
             written = {}
             users = [] if enabled else [ROOT]
             for role, grants in role_permissions(namespace).items():
@@ -78,21 +79,18 @@ async def setup_auth(endpoints: Sequence[str], admin: EtcdAccess, *, namespace: 
 
 
 async def _log_in(client: Etcd3Client, admin: EtcdAccess) -> bool:
-    """Authenticate as `admin` if etcd has authentication on; whether it has (etcd 3.4 has no AuthStatus)."""
+    """Whether etcd has authentication on (etcd 3.4 has no AuthStatus); if so, authenticate as `admin`."""
     assert client.auth is not None
-    auth = client.auth
     try:
-        if admin.user:
-            client.set_token((await auth.authenticate(admin.user, admin.password, timeout=TIMEOUT_S)).token)
-        else:
-            await auth.user_list(timeout=TIMEOUT_S)  # anyone may, while authentication is off
-        return bool(admin.user)
+        response = await client.auth.authenticate(admin.user, admin.password, timeout=TIMEOUT_S)
     except grpc.aio.AioRpcError as error:
         if "authentication is not enabled" in (error.details() or ""):
             return False
-        if not admin.user and "user name is empty" in (error.details() or ""):
-            return True
+        if not admin.user and "authentication failed" in (error.details() or ""):
+            return True  # on, and only a client certificate (or nothing) says who we are
         raise
+    client.set_token(response.token)
+    return True
 
 
 async def _ensure_role(auth: AuthService, role: str, grants: list[tuple[PermissionType, str, bool]]) -> None:
