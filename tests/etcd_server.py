@@ -14,8 +14,10 @@ import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from tests.throwaway_ca import ThrowawayCA
+if TYPE_CHECKING:
+    from tests.throwaway_ca import ThrowawayCA
 
 ETCD_BINARY = os.environ.get("ETCD_BINARY") or shutil.which("etcd") or "/usr/bin/etcd"
 START_TIMEOUT_S = 20.0
