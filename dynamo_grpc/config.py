@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dynamo_grpc.engine.registry import DEFAULT_ENGINE, ENGINES, EngineKind, kind_of
-from dynamo_grpc.kv.nixl_transport import nixl_installed
+from dynamo_grpc.kv.nixl_transport import DEFAULT_NIXL_MIN_BYTES, nixl_installed
 from dynamo_grpc.registry.access import PASSWORD_ENV, EtcdAccess, EtcdAccessError, read_password
 from dynamo_grpc.routing.policies import POLICIES
 from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR
@@ -98,6 +98,8 @@ class WorkerConfig:
     kv_pull_failure: str = "fail"
     kv_transports: tuple[str, ...] = ()
     """KV transports the worker offers (prefill) or receives by (decode); empty: all this host has."""
+    nixl_min_bytes: int = DEFAULT_NIXL_MIN_BYTES
+    """A prefill worker offers NIXL for transfers at least this large; smaller ones move by shm or gRPC."""
     stream_interval_ms: float = DEFAULT_STREAM_INTERVAL_MS
     """A decode stream sends its first tokens at once, then gathers tokens for this long per message."""
 
@@ -109,6 +111,8 @@ class WorkerConfig:
             raise ConfigError(f"--kv-transports takes {', '.join(KV_TRANSPORTS)}; got {', '.join(unknown)}")
         if "nixl" in self.kv_transports and not nixl_installed():
             raise ConfigError("--kv-transports nixl needs the nixl package: pip install 'dynamo-grpc[nixl]'")
+        if self.nixl_min_bytes < 0:
+            raise ConfigError(f"--nixl-min-bytes must be at least 0, got {self.nixl_min_bytes}")
         if not 0 <= self.stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
             raise ConfigError(f"--stream-interval-ms must be in [0, {MAX_STREAM_INTERVAL_MS}], "
                               f"got {self.stream_interval_ms}")
@@ -223,6 +227,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "kv-transports", default="",
              help="KV transports this worker offers (prefill) or receives by (decode), comma-separated among "
              f"{', '.join(KV_TRANSPORTS)} (default: all; nixl where the nixl package is installed)")
+    add_flag(parser, "nixl-min-bytes", default=DEFAULT_NIXL_MIN_BYTES, type=int,
+             help="prefill worker: offer NIXL only for KV transfers of at least this many bytes; below it, "
+             "registering memory and the READ's set-up cost more than a gRPC pull (0: always)")
     add_flag(parser, "stream-interval-ms", default=DEFAULT_STREAM_INTERVAL_MS, type=float,
              help="decode worker: after a request's first tokens (sent at once), send its tokens at most this "
              "often, gathered into one message (its last at once; 0: send each step's tokens when ready)")
@@ -264,5 +271,6 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         raise ConfigError(str(error)) from None
     return WorkerConfig(server=server_config(args), engine=engine, worker_id=args.worker_id, kv_ttl_s=args.kv_ttl_s,
                         kv_pull_failure=args.kv_pull_failure, stream_interval_ms=args.stream_interval_ms,
+                        nixl_min_bytes=args.nixl_min_bytes,
                         kv_transports=tuple(name.strip() for name in args.kv_transports.split(",")
                                             if name.strip()))

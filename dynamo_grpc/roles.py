@@ -139,7 +139,8 @@ async def _start_worker(config: WorkerConfig, parts: EngineParts,
 
 async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole:
     nixl = _nixl_agent(config)
-    store = LeasedKvStore(endpoint="", host=config.server.node_name, ttl_s=config.kv_ttl_s, nixl=nixl)
+    store = LeasedKvStore(endpoint="", host=config.server.node_name, ttl_s=config.kv_ttl_s, nixl=nixl,
+                          nixl_min_bytes=config.nixl_min_bytes)
     worker_id = config.resolved_worker_id("prefill")
     server, engine = await _start_worker(config, EngineParts(kv_store=store), lambda engine: [
         ServiceBinding(PrefillServicer(engine, worker_id=worker_id),
