@@ -213,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_flags(sub, port=DEFAULT_HTTP_PORT)
     add_workers_flag(sub)
     add_flag(sub, "router", default="", help="forward every request to the RouterService at host:port instead "
-             "of routing in this process (then the routing flags below do not apply); several, comma-separated, "
-             "take turns, and a request whose router is down is sent to the next before its first token")
+             "of routing in this process (then the routing flags below do not apply); several, comma-"
+             "separated, take turns, and a request whose router is down goes to the next before its first "
+             "token")
     add_router_flags(sub)
     add_http_timeout_flags(sub)
     add_flag(sub, "model-path", default="", help="model directory whose chat template renders chat requests "

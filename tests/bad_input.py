@@ -108,7 +108,8 @@ async def assert_body_limits_hold(http: httpx.AsyncClient, model: str) -> None:
             yield body[start:start + 2**16]
 
     for content in (body, chunked()):
-        response = await http.post("/v1/completions", content=content, headers={"Content-Type": "application/json"})
+        response = await http.post("/v1/completions", content=content,
+                                   headers={"Content-Type": "application/json"})
         error = response.json()["error"]
         assert (response.status_code, error["code"]) == (413, "request_too_large"), error
         assert f"{MAX_BODY_BYTES / 2**20:g} MiB" in error["message"], error["message"]

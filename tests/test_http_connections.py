@@ -28,10 +28,9 @@ HEAD = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/
 async def frontend() -> AsyncIterator[RunningFrontend]:
     """A frontend with short timeouts, over a deployment whose tokens come every 10 ms."""
     async with running(decode_step_s=0.01) as stubs:
-        assert stubs.deployment.router.router is not None
-        served = await start_frontend(EmbeddedRouter(stubs.deployment.router.router), stubs.deployment.router.registry,
-                                      host="127.0.0.1", port=0, idle_timeout_s=IDLE_S, header_timeout_s=HEADER_S,
-                                      body_timeout_s=BODY_S)
+        router, registry = stubs.deployment.router.router, stubs.deployment.router.registry
+        served = await start_frontend(EmbeddedRouter(router), registry, host="127.0.0.1", port=0,
+                                      idle_timeout_s=IDLE_S, header_timeout_s=HEADER_S, body_timeout_s=BODY_S)
         try:
             yield served
         finally:
@@ -71,7 +70,7 @@ async def test_slow_and_idle_connections_are_closed_within_their_timeouts(fronte
     # Unfinished headers go after the header timeout, well before a connection merely idle does.
     assert idle == head == trickled == b""
     assert HEADER_S <= head_s < IDLE_S - 1 and HEADER_S <= trickled_s < IDLE_S - 1, (head_s, trickled_s)
-    assert IDLE_S <= idle_s < IDLE_S + 3, idle_s
+    assert IDLE_S - 0.2 <= idle_s < IDLE_S + 3, idle_s  # its clock starts as the server accepts
     # A body that stops coming gets 408 after the body timeout.
     assert body.startswith(b"HTTP/1.1 408") and b"request_timeout" in body
     assert BODY_S <= body_s < IDLE_S - 1, body_s
@@ -120,7 +119,7 @@ async def test_a_10_mb_body_is_refused_without_the_frontend_growing(etcd, tmp_pa
                 yield body[start:start + 2**16]
 
         async with aiohttp.ClientSession() as session:
-            for data in (io.BytesIO(body), io.BytesIO(body), chunked(), chunked()):  # length up front; streamed
+            for data in (io.BytesIO(body), io.BytesIO(body), chunked(), chunked()):  # length said, then not
                 async with session.post(f"{url}/v1/completions", data=data,
                                         headers={"Content-Type": "application/json"}) as response:
                     assert response.status == 413, await response.text()

@@ -75,7 +75,8 @@ class RemoteRouter:
         endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not endpoints:
             raise ValueError("a remote router needs at least one host:port")
-        self.description = f"forwarding to the router{'s' if len(endpoints) > 1 else ''} at " + ", ".join(endpoints)
+        routers = "routers" if len(endpoints) > 1 else "router"
+        self.description = f"forwarding to the {routers} at {', '.join(endpoints)}"
         self._clients = [RouterClient(endpoint) for endpoint in endpoints]
         self._turn = itertools.count()
         # Each other router once at once, then two more tries with a short backoff (a lone router restarting).
@@ -87,8 +88,8 @@ class RemoteRouter:
         route in its own process)."""
         first = next(self._turn) % len(self._clients)
         stubs = [client.stub for client in self._clients[first:] + self._clients[:first]]
-        stream = GenerateStream(stubs[0], request_id, params, metadata=tracing.metadata(), retries=self._retries,
-                                fallbacks=stubs[1:])
+        stream = GenerateStream(stubs[0], request_id, params, metadata=tracing.metadata(),
+                                retries=self._retries, fallbacks=stubs[1:])
         return Generation(request_id, _with_our_errors(stream), stream.cancel)
 
     async def close(self) -> None:

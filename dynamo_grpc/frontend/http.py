@@ -501,9 +501,8 @@ class Frontend:
         then as etcd last showed it, and generation goes on over it): `registry_connected` and
         `view_age_s` (0 while the view is live) say how current it is."""
         lost_at = self.registry.watch_lost_at
-        state: dict[str, Any] = {"registry_connected": lost_at is None,
-                                 "view_age_s": 0.0 if lost_at is None else round(time.monotonic() - lost_at, 3),
-                                 "pid": os.getpid()}
+        age_s = 0.0 if lost_at is None else round(time.monotonic() - lost_at, 3)
+        state = {"registry_connected": lost_at is None, "view_age_s": age_s, "pid": os.getpid()}
         decode_workers = sum(w.role == pb.WORKER_ROLE_DECODE for w in self.fleet.workers.values())
         if decode_workers:
             return _json_response(200, {"status": "healthy", "decode_workers": decode_workers, **state})
@@ -611,7 +610,7 @@ async def start_frontend(backend: Backend, registry: Registry, *, host: str, por
                            keepalive_timeout=idle_timeout_s, lingering_time=1.0)
     try:
         await runner.setup()
-        runner.server.__class__ = _Server  # the same server; only its connections differ (aiohttp has no hook)
+        runner.server.__class__ = _Server  # the same server, making our connections (aiohttp has no hook)
         runner.server.header_timeout_s = header_timeout_s
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()

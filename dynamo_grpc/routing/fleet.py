@@ -359,7 +359,7 @@ class Fleet:
         with a full snapshot). A worker whose engine reports no events stays out of the index."""
         delay = 0.5
         while True:
-            stub = events_grpc.KvEventServiceStub(self._channels.get(worker.endpoint))  # it may have been reset
+            stub = events_grpc.KvEventServiceStub(self._channels.get(worker.endpoint))  # it may be reset
             try:
                 async for change in stub.WatchKvEvents(events_pb.WatchKvEventsRequest()):
                     self.prefix_index.apply(worker.worker_id, change)
