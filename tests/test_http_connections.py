@@ -101,7 +101,6 @@ def _peak_rss_mib(pid: int) -> float:
     return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
 
 
-@pytest.mark.slow
 async def test_a_10_mb_body_is_refused_without_the_frontend_growing(etcd, tmp_path: Path) -> None:
     common = ("--etcd", etcd.endpoint, "--namespace", "bodies")
     decode = RoleProcess("decode", *common, *ENGINE, log_dir=tmp_path)

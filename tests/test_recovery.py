@@ -93,6 +93,7 @@ async def test_a_decode_worker_restarted_on_its_port_is_used_again_at_once(etcd,
         assert not [code for at, code in load.failed if at > recovered_at], load.failed
 
 
+@pytest.mark.slow
 async def test_a_frontend_over_two_routers_loses_no_new_request_when_one_dies(etcd, tmp_path: Path) -> None:
     # (1) One decode worker, two routers, a frontend forwarding to both.
     decode = RoleProcess("decode", *_common(etcd), *ENGINE, log_dir=tmp_path)

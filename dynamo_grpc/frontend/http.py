@@ -597,11 +597,11 @@ async def start_frontend(backend: Backend, registry: Registry, *, host: str, por
     `reuse_port`, beside other processes listening on the same port (SO_REUSEPORT). A connection idle between
     requests for `idle_timeout_s`, or whose request headers take over `header_timeout_s`, is closed; a body
     slower than `body_timeout_s` gets 408. A running response is never cut by them."""
-    own_fleet = None
-    if backend.fleet is None:  # routing happens elsewhere: follow the workers for /health and /v1/models
-        own_fleet = Fleet(registry, routing=RoundRobin.name, load_poll_s=0)
+    fleet, own_fleet = backend.fleet, None
+    if fleet is None:  # routing happens elsewhere: follow the workers for /health and /v1/models
+        fleet = own_fleet = Fleet(registry, routing=RoundRobin.name, load_poll_s=0)
         await own_fleet.start()
-    frontend = Frontend(backend, registry, backend.fleet or own_fleet, chat_template)
+    frontend = Frontend(backend, registry, fleet, chat_template)
     frontend.body_timeout_s = body_timeout_s
     following = asyncio.create_task(frontend.follow_scale())
     # handler_cancellation: a disconnect cancels the handler at once, not at its next write. Our own
