@@ -87,6 +87,24 @@ def add_workers_flag(parser: argparse.ArgumentParser) -> None:
              "0 or auto: one per core")
 
 
+HTTP_TIMEOUT_FLAGS = ("idle-timeout-s", "header-timeout-s", "body-timeout-s")
+
+
+def add_http_timeout_flags(parser: argparse.ArgumentParser) -> None:
+    from dynamo_grpc.frontend import http
+
+    add_flag(parser, "idle-timeout-s", default=http.IDLE_TIMEOUT_S, type=float,
+             help="close an HTTP connection idle this long between requests (keep-alive)")
+    add_flag(parser, "header-timeout-s", default=http.HEADER_TIMEOUT_S, type=float,
+             help="close an HTTP connection whose request headers take longer than this")
+    add_flag(parser, "body-timeout-s", default=http.BODY_TIMEOUT_S, type=float,
+             help="answer 408 to a request body that takes longer than this to arrive")
+
+
+def http_timeouts(args: argparse.Namespace) -> dict[str, float]:
+    return {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name in HTTP_TIMEOUT_FLAGS}
+
+
 def router_flags_argv(args: argparse.Namespace) -> list[str]:
     """The router flags of `args` as command-line arguments, for a process that routes the same way."""
     names = ("policy", "load-poll-s", "tokenizer", "max-migrations", "disagg-min-prompt-tokens",
@@ -190,14 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
              help="HTTP frontend processes sharing --http-port, each routing on its own (needs --etcd for "
              "more than 1); auto: one per core the engines leave (1 beside engines that run on this "
              "host's CPUs)")
+    add_http_timeout_flags(sub)
     add_flag(sub, "prompt", default="", help="send this prompt through the deployment, print the answer, exit")
     add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate for --prompt")
     sub = roles.add_parser("frontend", help="run the OpenAI-compatible HTTP frontend, routing in its own process")
     add_server_flags(sub, port=DEFAULT_HTTP_PORT)
     add_workers_flag(sub)
     add_flag(sub, "router", default="", help="forward every request to the RouterService at host:port instead "
-             "of routing in this process (then the routing flags below do not apply)")
+             "of routing in this process (then the routing flags below do not apply); several, comma-"
+             "separated, take turns, and a request whose router is down goes to the next before its first "
+             "token")
     add_router_flags(sub)
+    add_http_timeout_flags(sub)
     add_flag(sub, "model-path", default="", help="model directory whose chat template renders chat requests "
              "(default: plain 'role: content' lines)")
     sub = roles.add_parser("generate", help="send one request to a router and stream the answer")
@@ -366,7 +388,8 @@ async def _serve(args: argparse.Namespace) -> int:
         assert deployment.router.router is not None
         more = _http_workers(args, worker) - 1
         frontend = await _start_frontend(EmbeddedRouter(deployment.router.router), registry, args.http_host,
-                                         args.http_port, model_path=model_path or None, reuse_port=more > 0)
+                                         args.http_port, model_path=model_path or None,
+                                         timeouts=http_timeouts(args), reuse_port=more > 0)
         stack.push_async_callback(frontend.stop)
         group_ports = process_group.free_loopback_ports(1 + more) if more else []
         if more:
@@ -403,7 +426,9 @@ def _more_frontends(args: argparse.Namespace, worker: WorkerConfig, count: int, 
             *(["--log-level", args.log_level] if args.log_level else []), "frontend", "--workers", "1",
             "--host", args.http_host, "--port", str(port), "--etcd", ",".join(worker.server.etcd),
             "--namespace", worker.server.namespace, "--model-path", worker.kind.model_path(worker.engine),
-            *router_flags_argv(args), "--tokenizer", tokenizer]
+            *router_flags_argv(args), "--tokenizer", tokenizer,
+            *(arg for name, value in zip(HTTP_TIMEOUT_FLAGS, http_timeouts(args).values())
+              for arg in (f"--{name}", str(value)))]
     os.environ.update(worker.server.etcd_access.environment())  # credentials for the frontends, off argv
     frontends = process_group.ProcessGroup(argv, count, name="serve's HTTP frontends", first_index=1,
                                            metrics_ports=metrics_ports)
@@ -429,13 +454,14 @@ async def _prepare_engines(kind: str, model_path: str) -> None:
 
 
 async def _start_frontend(backend: Backend, registry: Registry, host: str, port: int, *,
-                          model_path: str | None, reuse_port: bool = False) -> RunningFrontend:
+                          model_path: str | None, timeouts: dict[str, float], reuse_port: bool = False
+                          ) -> RunningFrontend:
     from dynamo_grpc.frontend.http import start_frontend
     from dynamo_grpc.frontend.openai_protocol import load_chat_template
 
     template = load_chat_template(model_path) if model_path else None
     return await start_frontend(backend, registry, host=host, port=port, chat_template=template,
-                                reuse_port=reuse_port)
+                                reuse_port=reuse_port, **timeouts)
 
 
 async def _frontend(args: argparse.Namespace) -> int:
@@ -449,7 +475,7 @@ async def _frontend(args: argparse.Namespace) -> int:
         stack.push_async_callback(registry.close)
         backend: Backend
         if args.router:
-            backend = remote = RemoteRouter(args.router)
+            backend = remote = RemoteRouter([e.strip() for e in args.router.split(",") if e.strip()])
             stack.push_async_callback(remote.close)
         else:
             settings = router_settings(args)
@@ -458,7 +484,7 @@ async def _frontend(args: argparse.Namespace) -> int:
             stack.push_async_callback(router.close)
             backend = EmbeddedRouter(router)
         frontend = await _start_frontend(backend, registry, args.host, args.port,
-                                         model_path=args.model_path or None,
+                                         model_path=args.model_path or None, timeouts=http_timeouts(args),
                                          reuse_port=process_group.in_group())
         stack.push_async_callback(frontend.stop)
         await _serve_metrics(stack, server)

@@ -88,16 +88,18 @@ class GenerateStream:
     UNAVAILABLE before any response is made again, the same request, up to `retries` times with a doubling
     wait: the router never started it, so its request id is free. After a response nothing is retried: the
     error is raised, and the generation is not silently started over. `attempts` counts the calls made.
+    With `fallbacks` (other routers), a retry goes to the next router in turn, at once while some router
+    has not been tried yet.
     """
 
     def __init__(self, stub: router_grpc.RouterServiceStub, request_id: str, params: pb.GenerationParams, *,
                  metadata: Sequence[tuple[str, str]] | None = None, timeout_s: float | None = None,
-                 retries: int = 0) -> None:
+                 retries: int = 0, fallbacks: Sequence[router_grpc.RouterServiceStub] = ()) -> None:
         self._cancel = CancelSignal()
         self._start = router_pb.GenerateRequest(request_id=request_id, start=params)
         self._cancel_message = router_pb.GenerateRequest(request_id=request_id,
                                                          cancel=pb.CancelAction(reason="client cancel"))
-        self._method = stub.Generate
+        self._methods = [stub.Generate, *(fallback.Generate for fallback in fallbacks)]
         self._metadata = metadata
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._retries_left = retries
@@ -105,8 +107,8 @@ class GenerateStream:
         self.call = self._open()
 
     def _open(self) -> grpc.aio.StreamStreamCall:
+        method = self._methods[self.attempts % len(self._methods)]
         self.attempts += 1
-        method = self._method
         if self._metadata is not None or self._deadline is not None:
             timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
             method = functools.partial(method, metadata=self._metadata, timeout=timeout)
@@ -136,7 +138,8 @@ class GenerateStream:
         time are left and nobody cancelled."""
         if error.code() != grpc.StatusCode.UNAVAILABLE or self._retries_left <= 0 or self._cancel.is_set():
             return False
-        wait_s = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (self.attempts - 1))
+        rounds = self.attempts // len(self._methods)  # 0 while a router is still untried: no wait
+        wait_s = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (rounds - 1)) if rounds else 0.0
         if self._deadline is not None and time.monotonic() + wait_s >= self._deadline:
             return False
         self._retries_left -= 1
