@@ -17,6 +17,7 @@ from dynamo_grpc import tracing
 from dynamo_grpc.client import GenerateStream, RouterClient
 from dynamo_grpc.errors import from_rpc_error
 from dynamo_grpc.routing.router import PickedPair, Router
+from dynamo_grpc.security import Tls
 from dynamo_grpc.services.streams import CancelSignal
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -58,17 +59,21 @@ class EmbeddedRouter:
 
 
 class RemoteRouter:
-    """Forwards every generation to the RouterService at `endpoint`; `close()` closes the channel."""
+    """Forwards every generation to the RouterService at `endpoint` (TLS with `tls`, and `token` as the bearer
+    token where the router requires one); `close()` closes the channel."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, *, tls: Tls | None = None, token: str | None = None) -> None:
         self.description = f"forwarding to the router at {endpoint}"
-        self._client = RouterClient(endpoint)
+        self._client = RouterClient(endpoint, tls=tls, token=token)
 
     def open(self, request_id: str, params: pb.GenerationParams, picked: PickedPair | None = None
              ) -> Generation:
         """`picked` is not followed: RouterService picks again (an endpoint picker needs the frontend to
         route in its own process)."""
-        stream = GenerateStream(self._client.stub, request_id, params, metadata=tracing.metadata())
+        metadata = tracing.metadata()
+        if self._client.metadata is not None:
+            metadata = (*(metadata or ()), *self._client.metadata)
+        stream = GenerateStream(self._client.stub, request_id, params, metadata=metadata)
         return Generation(request_id, _with_our_errors(stream), stream.cancel)
 
     async def close(self) -> None:

@@ -44,6 +44,7 @@ from dynamo_grpc.frontend.openai_protocol import (
 from dynamo_grpc.params import MAX_REQUEST_ID_CHARS, valid_request_id
 from dynamo_grpc.registry import SCALE_DOCUMENT, Registry, RegistryUnavailable
 from dynamo_grpc.routing.router import PickedPair
+from dynamo_grpc.security import Tls, bearer_matches, is_loopback
 from dynamo_grpc.services.streams import Mailbox
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -219,6 +220,27 @@ def _refuse_surrogates(body: Any) -> None:
             pending.extend(item)
 
 
+OPEN_PATHS = frozenset(("/health", "/metrics"))
+"""What answers without the bearer token: probes and scrapers hold no secret."""
+
+
+def _requiring_token(token: bytes) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """A middleware that answers 401 (OpenAI's shape, `WWW-Authenticate: Bearer`) to a request without
+    `Authorization: Bearer <token>`, except on OPEN_PATHS."""
+
+    @web.middleware
+    async def require_token(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                            ) -> web.StreamResponse:
+        if request.path in OPEN_PATHS or bearer_matches(request.headers.get("Authorization"), token):
+            return await handler(request)
+        given = "Authorization" in request.headers
+        message = ("the API key is not valid for this server" if given else
+                   "this server requires an API key: send `Authorization: Bearer <key>`")
+        return _error(401, message, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+    return require_token
+
+
 def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", charset="utf-8",
                         headers=headers)
@@ -267,14 +289,18 @@ DONE = b"data: [DONE]\n\n"
 class Frontend:
     """The HTTP handlers; every generation runs through `backend`."""
 
-    def __init__(self, backend: Backend, registry: Registry, chat_template: str | None = None) -> None:
+    def __init__(self, backend: Backend, registry: Registry, chat_template: str | None = None,
+                 token: str | None = None) -> None:
         self.backend = backend
         self.registry = registry
         self.chat_template = chat_template
         self.metrics = metrics.frontend()
         self.relays: set[asyncio.Task[None]] = set()
         self.body_timeout_s = BODY_TIMEOUT_S
-        self.app = web.Application(middlewares=[self._count_and_shape_errors], client_max_size=MAX_BODY_BYTES)
+        middlewares = [self._count_and_shape_errors]
+        if token is not None:  # no per-request check without a token
+            middlewares.append(_requiring_token(token.encode()))
+        self.app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
@@ -508,11 +534,12 @@ class RunningFrontend:
     runner: web.AppRunner
     host: str
     port: int
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     async def stop(self) -> None:
         await self.runner.cleanup()
@@ -526,24 +553,30 @@ class RunningFrontend:
 
 async def start_frontend(backend: Backend, registry: Registry, *, host: str, port: int,
                          chat_template: str | None = None, reuse_port: bool = False,
-                         idle_timeout_s: float = IDLE_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S
-                         ) -> RunningFrontend:
+                         idle_timeout_s: float = IDLE_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S,
+                         tls: Tls | None = None, token: str | None = None) -> RunningFrontend:
     """Serve the OpenAI API on host:port (0 picks a free port), generating through `backend`; with
     `reuse_port`, beside other processes listening on the same port (SO_REUSEPORT). A connection idle (or
-    with its headers unfinished) for `idle_timeout_s` is closed, a body slower than `body_timeout_s` gets 408."""
-    frontend = Frontend(backend, registry, chat_template)
+    with its headers unfinished) for `idle_timeout_s` is closed, a body slower than `body_timeout_s` gets 408.
+    `tls`: HTTPS with its certificate; `token`: the bearer token (API key) every request but /health and
+    /metrics needs."""
+    frontend = Frontend(backend, registry, chat_template, token)
     frontend.body_timeout_s = body_timeout_s
     # handler_cancellation: a disconnect cancels the handler at once, not at its next write. Our own
     # decompression (`_decoded`); a response to a body left unread (a 408) leaves within a second.
     runner = web.AppRunner(frontend.app, handler_cancellation=True, access_log=None, auto_decompress=False,
                            keepalive_timeout=idle_timeout_s, lingering_time=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None,
+                       ssl_context=None if tls is None else tls.http_context())
     try:
         await site.start()
     except BaseException:
         await runner.cleanup()
         raise
     bound = runner.addresses[0][1]
-    log.info("OpenAI frontend serving on http://%s:%d (%s)", host, bound, backend.description)
-    return RunningFrontend(frontend, runner, host, bound)
+    scheme = "http" if tls is None else "https"
+    log.info("OpenAI frontend serving on %s://%s:%d (%s)", scheme, host, bound, backend.description)
+    if tls is None and not is_loopback(host):
+        log.warning("HTTP on %s:%d is plaintext; give --tls-cert and --tls-key for HTTPS", host, bound)
+    return RunningFrontend(frontend, runner, host, bound, scheme)
