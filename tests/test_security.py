@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,8 +21,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from dynamo_grpc.cli import build_parser
 from dynamo_grpc.client import RouterClient
-from dynamo_grpc.config import ServerConfig
+from dynamo_grpc.config import ConfigError, ServerConfig, server_config
 from dynamo_grpc.errors import error_reason
 from dynamo_grpc.frontend.backends import EmbeddedRouter
 from dynamo_grpc.frontend.http import start_frontend
@@ -32,6 +34,7 @@ from dynamo_grpc.v1 import common_pb2 as pb
 from tests.certificates import CertificateAuthority, Identity
 from tests.cluster import MODEL, Stubs, deployed, worker_config
 from tests.processes import RoleProcess
+from tests.test_cli_errors import cli, last_line
 from tests.waiting import eventually
 
 TOKEN = "fleet-token-0123456789"
@@ -225,3 +228,41 @@ async def test_disaggregated_request_across_processes_with_mutual_tls_everywhere
     finally:
         for proc in procs:
             proc.stop()
+
+
+@pytest.mark.slow
+async def test_serve_wires_tls_and_the_token_into_its_own_pieces(pki: Pki, tmp_path: Path) -> None:
+    """`serve --prompt` with mutual TLS and a token: its router, workers and control plane serve mutual TLS,
+    and its own client presents the certificate and the token."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    status, out, err = await cli("serve", "--engine", "simulated", "--model", MODEL, "--port", "0",
+                                 "--http-port", "0", *pki.fleet.flags(pki.ca.cert), "--auth-token-file",
+                                 str(token_file), "--no-reflection", "--prompt", "hello", "--max-tokens", "4")
+    assert status == 0, err
+    assert out.endswith("\n") and "[1 prompt" not in out, out
+    assert "4 completion tokens" in err and "KV moved" in err, err
+
+
+async def test_tls_and_token_flags_are_checked_at_start_up(pki: Pki, tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    cases = {
+        ("--tls-cert", str(pki.fleet.cert)): "--tls-cert and --tls-key go together",
+        ("--tls-cert", str(pki.fleet.cert), "--tls-key", str(pki.client.key)):
+            "not a PEM certificate and matching key",
+        ("--tls-cert", str(missing), "--tls-key", str(pki.fleet.key)): "No such file or directory",
+        (*pki.fleet.flags(None), "--tls-ca", str(pki.fleet.key)): f"--tls-ca {pki.fleet.key}: ",
+        ("--auth-token-file", str(missing)): f"--auth-token-file {missing}: No such file or directory",
+        ("--auth-token-file", str(empty)): "the file holds no token",
+    }
+    for flags, problem in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            server_config(build_parser().parse_args(["router", *flags]))
+    tls = server_config(build_parser().parse_args(["router", *pki.fleet.flags(pki.ca.cert)])).tls
+    assert tls == Tls(str(pki.ca.cert), str(pki.fleet.cert), str(pki.fleet.key)) and tls.mutual
+    # As the user sees it: one line naming the flag, exit status 2.
+    status, _, err = await cli("router", "--etcd", "127.0.0.1:1", "--tls-ca", str(pki.ca.cert))
+    assert status == 2
+    assert last_line(err).startswith("dynamo-grpc router: --tls-ca needs --tls-cert and --tls-key"), err
