@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--address", default="127.0.0.1", help="address of the node")
     sub.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoint for the spec")
     sub.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU, to size TP")
+    sub.add_argument("--api-key-file", default=None, help="where an --api-key of the command is written, for the "
+                     "router to require as its bearer token (default: SPEC-NAME.api-key here; owner-only)")
     sub.add_argument("vllm_argv", nargs=argparse.REMAINDER, help="-- vllm serve MODEL [flags]")
     sub = roles.add_parser("plan", help="size prefill and decode pools for a workload and SLOs (simulated H100s)")
     sub.add_argument("--model", choices=("llama3_8b", "llama3_70b"), default="llama3_70b", help="model shape")
@@ -688,7 +690,8 @@ def _from_vllm(args: argparse.Namespace) -> int:
     argv = args.vllm_argv[1:] if args.vllm_argv[:1] == ["--"] else args.vllm_argv
     try:
         spec, notes = spec_from_vllm(argv, gpus=args.gpus, host_name=args.host_name, address=args.address,
-                                     etcd=args.etcd, gpu_memory_gib=args.gpu_memory_gib)
+                                     etcd=args.etcd, gpu_memory_gib=args.gpu_memory_gib,
+                                     api_key_file=args.api_key_file)
     except ValueError as error:
         print(f"dynamo-grpc from-vllm: {error}", file=sys.stderr)
         return 2
