@@ -169,8 +169,8 @@ def add_server_flags(parser: argparse.ArgumentParser, *, port: int = 0) -> None:
 
 
 def add_tls_flags(parser: argparse.ArgumentParser) -> None:
-    add_flag(parser, "tls-cert", default="", help="PEM certificate chain this process serves with (and presents "
-             "to the servers it calls, given --tls-ca); with --tls-key, TLS on every port (default: plaintext)")
+    add_flag(parser, "tls-cert", default="", help="PEM certificate chain this process serves with and presents "
+             "to the servers it calls; with --tls-key, TLS on every port and channel (default: plaintext)")
     add_flag(parser, "tls-key", default="", help="PEM private key of --tls-cert")
     add_flag(parser, "tls-ca", default="", help="PEM CA this process trusts: its gRPC servers then require "
              "client certificates the CA signed (mutual TLS), and its channels trust only servers it signed")
@@ -251,18 +251,19 @@ def tls_config(args: argparse.Namespace) -> Tls | None:
     try:
         context.load_cert_chain(args.tls_cert, args.tls_key)
     except (OSError, ssl.SSLError) as error:
-        raise ConfigError(f"--tls-cert {args.tls_cert} / --tls-key {args.tls_key}: {_ssl_problem(error)}") from None
+        raise ConfigError(f"--tls-cert {args.tls_cert} / --tls-key {args.tls_key}: "
+                          f"{_ssl_problem(error, 'a PEM certificate chain and its private key')}") from None
     if args.tls_ca:
         try:
             context.load_verify_locations(args.tls_ca)
         except (OSError, ssl.SSLError) as error:
-            raise ConfigError(f"--tls-ca {args.tls_ca}: {_ssl_problem(error)}") from None
+            raise ConfigError(f"--tls-ca {args.tls_ca}: {_ssl_problem(error, 'a PEM CA certificate')}") from None
     return Tls(root_certificates=args.tls_ca or None, certificate_chain=args.tls_cert, private_key=args.tls_key)
 
 
-def _ssl_problem(error: OSError | ssl.SSLError) -> str:
+def _ssl_problem(error: OSError, expected: str) -> str:
     if isinstance(error, ssl.SSLError):
-        return f"not a PEM certificate and matching key ({error.reason or error})"
+        return f"not {expected} ({error.reason or error})"
     return error.strerror or str(error)
 
 

@@ -251,9 +251,9 @@ async def test_tls_and_token_flags_are_checked_at_start_up(pki: Pki, tmp_path: P
     cases = {
         ("--tls-cert", str(pki.fleet.cert)): "--tls-cert and --tls-key go together",
         ("--tls-cert", str(pki.fleet.cert), "--tls-key", str(pki.client.key)):
-            "not a PEM certificate and matching key",
+            "not a PEM certificate chain and its private key",
         ("--tls-cert", str(missing), "--tls-key", str(pki.fleet.key)): "No such file or directory",
-        (*pki.fleet.flags(None), "--tls-ca", str(pki.fleet.key)): f"--tls-ca {pki.fleet.key}: ",
+        (*pki.fleet.flags(None), "--tls-ca", str(pki.fleet.key)): f"--tls-ca {pki.fleet.key}: not a PEM CA",
         ("--auth-token-file", str(missing)): f"--auth-token-file {missing}: No such file or directory",
         ("--auth-token-file", str(empty)): "the file holds no token",
     }
@@ -266,3 +266,14 @@ async def test_tls_and_token_flags_are_checked_at_start_up(pki: Pki, tmp_path: P
     status, _, err = await cli("router", "--etcd", "127.0.0.1:1", "--tls-ca", str(pki.ca.cert))
     assert status == 2
     assert last_line(err).startswith("dynamo-grpc router: --tls-ca needs --tls-cert and --tls-key"), err
+
+
+async def test_plaintext_beyond_loopback_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    warnings = []
+    for host in ("127.0.0.1", "0.0.0.0"):
+        caplog.clear()
+        server = await start_server([], host=host, port=0)
+        await server.stop(0)
+        warnings.append([r.getMessage() for r in caplog.records if r.levelname == "WARNING"])
+    assert warnings[0] == []
+    assert len(warnings[1]) == 1 and "plaintext and open to anyone who reaches it" in warnings[1][0], warnings
