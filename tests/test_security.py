@@ -1,5 +1,5 @@
 """TLS, mutual TLS and bearer tokens over real sockets, with a throwaway CA made for each test: a TLS router
-answers a client with the fleet's certificate and the token, and refuses plaintext, a client without a
+answers a client with a certificate the CA signed and the token, and refuses plaintext, a client without a
 certificate, one signed by another CA, and a missing or wrong token (UNAUTHENTICATED with ErrorInfo); the
 HTTPS frontend answers the openai SDK that trusts the CA and gives 401 to a wrong key; and a disaggregated
 request crosses separate processes with mutual TLS between every pair of them."""
@@ -48,9 +48,9 @@ class Pki:
     stranger: Identity
     """Signed by another CA."""
 
-    def tls(self, identity: Identity | None = None, *, ca: bool = True) -> Tls:
+    def tls(self, identity: Identity | None = None) -> Tls:
         """Client or server TLS trusting our CA, presenting `identity` (none: no certificate)."""
-        return Tls(root_certificates=self.ca.cert if ca else None,
+        return Tls(root_certificates=self.ca.cert,
                    certificate_chain=identity.cert if identity else None,
                    private_key=identity.key if identity else None)
 

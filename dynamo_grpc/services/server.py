@@ -29,6 +29,7 @@ from dynamo_grpc.security import Tls, bearer_matches, listen
 log = logging.getLogger(__name__)
 
 FIRST_MESSAGE_WAIT_S = 1.0
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
 @dataclass(frozen=True)
@@ -154,9 +155,6 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         else:
             refusal = Unauthenticated("the bearer token is not valid for this server", reason="BAD_TOKEN")
         return grpc.stream_stream_rpc_method_handler(functools.partial(_refuse, refusal))
-
-
-HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
 async def _refuse(refusal: DynamoError, requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
