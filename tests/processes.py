@@ -15,6 +15,8 @@ import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dynamo_grpc.security import Tls, open_channel
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -27,9 +29,12 @@ def free_port() -> int:
 class RoleProcess:
     """`dynamo-grpc <role> ...` as a child process listening on a port of its own."""
 
-    def __init__(self, role: str, *args: str, log_dir: Path, port: int | None = None) -> None:
-        """`port`: where it listens (default: a free one), e.g. the port of a process it replaces."""
+    def __init__(self, role: str, *args: str, log_dir: Path, port: int | None = None,
+                 tls: Tls | None = None) -> None:
+        """`port`: where it listens (default: a free one), e.g. the port of a process it replaces; `tls`: what
+        the health checks of `wait_serving` connect with, for a process serving TLS."""
         self.role = role
+        self.tls = tls
         self.port = port or free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{role}-{self.port}.log"
@@ -42,7 +47,7 @@ class RoleProcess:
         """Poll grpc.health.v1 until the process reports SERVING."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        async with grpc.aio.insecure_channel(self.endpoint) as channel:
+        async with open_channel(self.endpoint, self.tls) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.proc.poll() is not None:

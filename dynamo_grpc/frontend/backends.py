@@ -19,6 +19,7 @@ from dynamo_grpc.client import GenerateStream, RouterClient
 from dynamo_grpc.errors import from_rpc_error
 from dynamo_grpc.routing.fleet import Fleet
 from dynamo_grpc.routing.router import PickedPair, Router
+from dynamo_grpc.security import Tls
 from dynamo_grpc.services.streams import CancelSignal
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -63,7 +64,8 @@ class EmbeddedRouter:
 
 
 class RemoteRouter:
-    """Forwards every generation to a RouterService; `close()` closes the channels.
+    """Forwards every generation to a RouterService (TLS with `tls`, and `token` as the bearer token where
+    the routers require one); `close()` closes the channels.
 
     With several router endpoints, requests take turns among them, and one that fails UNAVAILABLE before
     its first response (its router is down or restarting) goes to the next router with the same request id;
@@ -71,13 +73,13 @@ class RemoteRouter:
 
     fleet: Fleet | None = None
 
-    def __init__(self, endpoints: str | Sequence[str]) -> None:
+    def __init__(self, endpoints: str | Sequence[str], *, tls: Tls | None = None, token: str | None = None) -> None:
         endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not endpoints:
             raise ValueError("a remote router needs at least one host:port")
         routers = "routers" if len(endpoints) > 1 else "router"
         self.description = f"forwarding to the {routers} at {', '.join(endpoints)}"
-        self._clients = [RouterClient(endpoint) for endpoint in endpoints]
+        self._clients = [RouterClient(endpoint, tls=tls, token=token) for endpoint in endpoints]
         self._turn = itertools.count()
         # Each other router once at once, then two more tries with a short backoff (a lone router restarting).
         self._retries = len(endpoints) + 1
@@ -88,7 +90,10 @@ class RemoteRouter:
         route in its own process)."""
         first = next(self._turn) % len(self._clients)
         stubs = [client.stub for client in self._clients[first:] + self._clients[:first]]
-        stream = GenerateStream(stubs[0], request_id, params, metadata=tracing.metadata(),
+        metadata = tracing.metadata()
+        if self._clients[0].metadata is not None:
+            metadata = (*(metadata or ()), *self._clients[0].metadata)
+        stream = GenerateStream(stubs[0], request_id, params, metadata=metadata,
                                 retries=self._retries, fallbacks=stubs[1:])
         return Generation(request_id, _with_our_errors(stream), stream.cancel)
 

@@ -47,6 +47,7 @@ from dynamo_grpc.registry import SCALE_DOCUMENT, Registry
 from dynamo_grpc.routing.fleet import Fleet
 from dynamo_grpc.routing.policies import RoundRobin
 from dynamo_grpc.routing.router import PickedPair
+from dynamo_grpc.security import Tls, bearer_matches, is_loopback
 from dynamo_grpc.services.streams import Mailbox
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -226,6 +227,27 @@ def _refuse_surrogates(body: Any) -> None:
             pending.extend(item)
 
 
+OPEN_PATHS = frozenset(("/health", "/metrics"))
+"""What answers without the bearer token: probes and scrapers hold no secret."""
+
+
+def _requiring_token(token: bytes) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """A middleware that answers 401 (OpenAI's shape, `WWW-Authenticate: Bearer`) to a request without
+    `Authorization: Bearer <token>`, except on OPEN_PATHS."""
+
+    @web.middleware
+    async def require_token(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                            ) -> web.StreamResponse:
+        if request.path in OPEN_PATHS or bearer_matches(request.headers.get("Authorization"), token):
+            return await handler(request)
+        given = "Authorization" in request.headers
+        message = ("the API key is not valid for this server" if given else
+                   "this server requires an API key: send `Authorization: Bearer <key>`")
+        return _error(401, message, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+    return require_token
+
+
 def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", charset="utf-8",
                         headers=headers)
@@ -274,8 +296,8 @@ DONE = b"data: [DONE]\n\n"
 class Frontend:
     """The HTTP handlers; every generation runs through `backend`."""
 
-    def __init__(self, backend: Backend, registry: Registry, fleet: Fleet, chat_template: str | None = None
-                 ) -> None:
+    def __init__(self, backend: Backend, registry: Registry, fleet: Fleet, chat_template: str | None = None,
+                 token: str | None = None) -> None:
         self.backend = backend
         self.registry = registry
         self.fleet = fleet
@@ -286,7 +308,10 @@ class Frontend:
         self.metrics = metrics.frontend()
         self.relays: set[asyncio.Task[None]] = set()
         self.body_timeout_s = BODY_TIMEOUT_S
-        self.app = web.Application(middlewares=[self._count_and_shape_errors], client_max_size=MAX_BODY_BYTES)
+        middlewares = [self._count_and_shape_errors]
+        if token is not None:  # no per-request check without a token
+            middlewares.append(_requiring_token(token.encode()))
+        self.app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
@@ -530,11 +555,12 @@ class RunningFrontend:
     """The scale document's watch."""
     own_fleet: Fleet | None = None
     """The view of the fleet it follows itself, when its backend routes elsewhere."""
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     async def stop(self) -> None:
         await self.runner.cleanup()
@@ -592,16 +618,18 @@ class _Server(web.Server):
 async def start_frontend(backend: Backend, registry: Registry, *, host: str, port: int,
                          chat_template: str | None = None, reuse_port: bool = False,
                          idle_timeout_s: float = IDLE_TIMEOUT_S, header_timeout_s: float = HEADER_TIMEOUT_S,
-                         body_timeout_s: float = BODY_TIMEOUT_S) -> RunningFrontend:
+                         body_timeout_s: float = BODY_TIMEOUT_S, tls: Tls | None = None,
+                         token: str | None = None) -> RunningFrontend:
     """Serve the OpenAI API on host:port (0 picks a free port), generating through `backend`; with
     `reuse_port`, beside other processes listening on the same port (SO_REUSEPORT). A connection idle between
     requests for `idle_timeout_s`, or whose request headers take over `header_timeout_s`, is closed; a body
-    slower than `body_timeout_s` gets 408. A running response is never cut by them."""
+    slower than `body_timeout_s` gets 408. A running response is never cut by them. `tls`: HTTPS with its
+    certificate; `token`: the bearer token (API key) every request but /health and /metrics needs."""
     fleet, own_fleet = backend.fleet, None
     if fleet is None:  # routing happens elsewhere: follow the workers for /health and /v1/models
         fleet = own_fleet = Fleet(registry, routing=RoundRobin.name, load_poll_s=0)
         await own_fleet.start()
-    frontend = Frontend(backend, registry, fleet, chat_template)
+    frontend = Frontend(backend, registry, fleet, chat_template, token)
     frontend.body_timeout_s = body_timeout_s
     following = asyncio.create_task(frontend.follow_scale())
     # handler_cancellation: a disconnect cancels the handler at once, not at its next write. Our own
@@ -612,7 +640,8 @@ async def start_frontend(backend: Backend, registry: Registry, *, host: str, por
         await runner.setup()
         runner.server.__class__ = _Server  # the same server, making our connections (aiohttp has no hook)
         runner.server.header_timeout_s = header_timeout_s
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None,
+                           ssl_context=None if tls is None else tls.http_context())
         await site.start()
     except BaseException:
         await runner.cleanup()
@@ -621,5 +650,8 @@ async def start_frontend(backend: Backend, registry: Registry, *, host: str, por
             await own_fleet.stop()
         raise
     bound = runner.addresses[0][1]
-    log.info("OpenAI frontend serving on http://%s:%d (%s)", host, bound, backend.description)
-    return RunningFrontend(frontend, runner, host, bound, following, own_fleet)
+    scheme = "http" if tls is None else "https"
+    log.info("OpenAI frontend serving on %s://%s:%d (%s)", scheme, host, bound, backend.description)
+    if tls is None and not is_loopback(host):
+        log.warning("HTTP on %s:%d is plaintext; give --tls-cert and --tls-key for HTTPS", host, bound)
+    return RunningFrontend(frontend, runner, host, bound, following, own_fleet, scheme)

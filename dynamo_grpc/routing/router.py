@@ -44,6 +44,7 @@ from dynamo_grpc.routing.fleet import (
 )
 from dynamo_grpc.routing.policies import DEFAULT_POLICY
 from dynamo_grpc.routing.prompt_tokens import PromptTokenizer
+from dynamo_grpc.security import Tls
 from dynamo_grpc.services.streams import CancelSignal, send_quietly
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
@@ -341,9 +342,10 @@ def _field_size(payload: int) -> int:
 async def open_router(registry: Registry, *, max_migrations: int = DEFAULT_MAX_MIGRATIONS,
                       policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE, routing: str = DEFAULT_POLICY,
                       tokenizer: str = "", load_poll_s: float = DEFAULT_LOAD_POLL_S,
-                      cold_start_wait_s: float = 0.0) -> Router:
-    """A router following the fleet in `registry`, ready to route; `close()` stops it."""
-    channels = ChannelPool()
+                      cold_start_wait_s: float = 0.0, tls: Tls | None = None) -> Router:
+    """A router following the fleet in `registry`, ready to route, its channels to workers TLS with `tls`;
+    `close()` stops it."""
+    channels = ChannelPool(tls)
     fleet = Fleet(registry, policy, routing=routing, channels=channels, load_poll_s=load_poll_s)
     await fleet.start()
     return Router(fleet, channels, max_migrations=max_migrations, tokenizer=PromptTokenizer(tokenizer),
