@@ -34,8 +34,8 @@ from dynamo_grpc.config import (
     add_etcd_access_flags,
     add_flag,
     add_server_flags,
-    etcd_access,
     add_token_flag,
+    etcd_access,
     server_config,
     worker_config,
 )
