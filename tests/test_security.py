@@ -31,10 +31,10 @@ from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.security import Tls, open_channel
 from dynamo_grpc.services.server import start_server
 from dynamo_grpc.v1 import common_pb2 as pb
-from tests.certificates import CertificateAuthority, Identity
 from tests.cluster import MODEL, Stubs, deployed, worker_config
 from tests.processes import RoleProcess
 from tests.test_cli_errors import cli, last_line
+from tests.throwaway_ca import Identity, ThrowawayCA
 from tests.waiting import eventually
 
 TOKEN = "fleet-token-0123456789"
@@ -42,7 +42,7 @@ TOKEN = "fleet-token-0123456789"
 
 @dataclasses.dataclass
 class Pki:
-    ca: CertificateAuthority
+    ca: ThrowawayCA
     fleet: Identity
     client: Identity
     stranger: Identity
@@ -50,16 +50,16 @@ class Pki:
 
     def tls(self, identity: Identity | None = None) -> Tls:
         """Client or server TLS trusting our CA, presenting `identity` (none: no certificate)."""
-        return Tls(root_certificates=self.ca.cert,
+        return Tls(root_certificates=self.ca.ca_path,
                    certificate_chain=identity.cert if identity else None,
                    private_key=identity.key if identity else None)
 
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
-    ca = CertificateAuthority(tmp_path)
-    other = CertificateAuthority(tmp_path, "other-ca")
-    return Pki(ca, ca.issue("fleet"), ca.issue("client"), other.issue("stranger"))
+    ca = ThrowawayCA(tmp_path)
+    other = ThrowawayCA(tmp_path, "other-ca")
+    return Pki(ca, ca.server("fleet"), ca.server("client"), other.server("stranger"))
 
 
 @contextlib.asynccontextmanager
@@ -129,7 +129,7 @@ async def test_https_frontend_with_an_api_key(pki: Pki) -> None:
                                         tls=pki.tls(pki.fleet), token=TOKEN)
         try:
             assert frontend.url.startswith("https://")
-            verified = ssl.create_default_context(cafile=str(pki.ca.cert))
+            verified = ssl.create_default_context(cafile=str(pki.ca.ca_path))
             # (1) The openai SDK trusting the CA, with the key: an answer.
             async with httpx.AsyncClient(verify=verified) as http, openai.AsyncOpenAI(
                     base_url=f"{frontend.url}/v1", api_key=TOKEN, max_retries=0, http_client=http) as client:
@@ -186,10 +186,10 @@ async def test_disaggregated_request_across_processes_with_mutual_tls_everywhere
     key_file.write_text("api-key-for-users")
     common = ("--etcd", etcd.endpoint, "--namespace", "tls", "--lease-ttl-s", "2")
     engine = ("--engine", "simulated", "--decode-step-s", "0.002", "--model", MODEL, "--kv-transports", "grpc")
-    identities = {role: pki.ca.issue(role) for role in ("control-plane", "prefill", "decode", "router", "frontend")}
+    identities = {role: pki.ca.server(role) for role in ("control-plane", "prefill", "decode", "router", "frontend")}
 
     def role(name: str, *args: str) -> RoleProcess:
-        return RoleProcess(name, *common, *identities[name].flags(pki.ca.cert), *args, log_dir=tmp_path,
+        return RoleProcess(name, *common, *identities[name].flags(pki.ca.ca_path), *args, log_dir=tmp_path,
                            tls=pki.tls(pki.client))
 
     procs = [role("control-plane"), role("prefill", *engine), role("decode", *engine),
@@ -198,7 +198,7 @@ async def test_disaggregated_request_across_processes_with_mutual_tls_everywhere
         await asyncio.gather(*(proc.wait_serving() for proc in procs))
         # The frontend's --port (RoleProcess's) is its HTTPS port.
         procs.append(frontend := RoleProcess(
-            "frontend", *common, *identities["frontend"].flags(pki.ca.cert), "--router", router.endpoint,
+            "frontend", *common, *identities["frontend"].flags(pki.ca.ca_path), "--router", router.endpoint,
             "--router-token-file", str(token_file), "--auth-token-file", str(key_file), log_dir=tmp_path))
         # (1) The router over mutual TLS with the token: the KV moved from prefill to decode by gRPC.
         async with RouterClient(router.endpoint, tls=pki.tls(pki.client), token=TOKEN) as client:
@@ -208,7 +208,7 @@ async def test_disaggregated_request_across_processes_with_mutual_tls_everywhere
 
         # (2) The openai SDK through the HTTPS frontend, which reaches the router over mutual TLS with the
         # router's token; a wrong key gets 401.
-        verified = ssl.create_default_context(cafile=str(pki.ca.cert))
+        verified = ssl.create_default_context(cafile=str(pki.ca.ca_path))
         url = f"https://{frontend.endpoint}"
         async with httpx.AsyncClient(verify=verified) as http:
             async def healthy() -> bool:
@@ -237,7 +237,7 @@ async def test_serve_wires_tls_and_the_token_into_its_own_pieces(pki: Pki, tmp_p
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     status, out, err = await cli("serve", "--engine", "simulated", "--model", MODEL, "--port", "0",
-                                 "--http-port", "0", *pki.fleet.flags(pki.ca.cert), "--auth-token-file",
+                                 "--http-port", "0", *pki.fleet.flags(pki.ca.ca_path), "--auth-token-file",
                                  str(token_file), "--no-reflection", "--prompt", "hello", "--max-tokens", "4")
     assert status == 0, err
     assert out.endswith("\n") and "[1 prompt" not in out, out
@@ -260,10 +260,10 @@ async def test_tls_and_token_flags_are_checked_at_start_up(pki: Pki, tmp_path: P
     for flags, problem in cases.items():
         with pytest.raises(ConfigError, match=re.escape(problem)):
             server_config(build_parser().parse_args(["router", *flags]))
-    tls = server_config(build_parser().parse_args(["router", *pki.fleet.flags(pki.ca.cert)])).tls
-    assert tls == Tls(str(pki.ca.cert), str(pki.fleet.cert), str(pki.fleet.key)) and tls.mutual
+    tls = server_config(build_parser().parse_args(["router", *pki.fleet.flags(pki.ca.ca_path)])).tls
+    assert tls == Tls(str(pki.ca.ca_path), str(pki.fleet.cert), str(pki.fleet.key)) and tls.mutual
     # As the user sees it: one line naming the flag, exit status 2.
-    status, _, err = await cli("router", "--etcd", "127.0.0.1:1", "--tls-ca", str(pki.ca.cert))
+    status, _, err = await cli("router", "--etcd", "127.0.0.1:1", "--tls-ca", str(pki.ca.ca_path))
     assert status == 2
     assert last_line(err).startswith("dynamo-grpc router: --tls-ca needs --tls-cert and --tls-key"), err
 

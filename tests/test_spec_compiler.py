@@ -18,7 +18,7 @@ from dynamo_grpc.cli import build_parser
 from dynamo_grpc.config import ConfigError, server_config, worker_config
 from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
 from dynamo_grpc.v1 import common_pb2 as pb
-from tests.certificates import CertificateAuthority
+from tests.throwaway_ca import ThrowawayCA
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -246,16 +246,16 @@ def test_vllm_flags_kept_dropped_and_noted() -> None:
 
 
 def test_vllm_api_key_and_certificates_secure_every_process(tmp_path: Path) -> None:
-    ca = CertificateAuthority(tmp_path)
-    node = ca.issue("node")
+    ca = ThrowawayCA(tmp_path)
+    node = ca.server("node")
     key_file = tmp_path / "router.key"
     spec, notes = spec_from_vllm(["vllm", "serve", "org/model-8B", "--api-key", "s3cret", "--ssl-certfile",
-                                  str(node.cert), "--ssl-keyfile", str(node.key), "--ssl-ca-certs", str(ca.cert)],
+                                  str(node.cert), "--ssl-keyfile", str(node.key), "--ssl-ca-certs", str(ca.ca_path)],
                                  api_key_file=key_file)
     # The key is in a file only its owner reads, which the spec names; the certificates are the spec's.
     assert key_file.read_text() == "s3cret\n" and key_file.stat().st_mode & 0o777 == 0o600
     assert "s3cret" not in dump_spec(spec) and "s3cret" not in "\n".join(notes)
-    assert spec.security.to_dict() == {"tls_cert": str(node.cert), "tls_key": str(node.key), "tls_ca": str(ca.cert),
+    assert spec.security.to_dict() == {"tls_cert": str(node.cert), "tls_key": str(node.key), "tls_ca": str(ca.ca_path),
                                        "auth_token_file": str(key_file)}
     assert parse_spec(dump_spec(spec)).security == spec.security
     assert "--ssl-ca-certs: security.tls_ca, for every process (mutual TLS" in "\n".join(notes)

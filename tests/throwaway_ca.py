@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -12,6 +13,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALID_FOR = datetime.timedelta(days=1)
+
+
+class Identity(NamedTuple):
+    cert: Path
+    key: Path
+
+    def flags(self, ca: Path | None) -> list[str]:
+        """A process's TLS flags: this identity, and `ca` for mutual TLS."""
+        return ["--tls-cert", str(self.cert), "--tls-key", str(self.key),
+                *(["--tls-ca", str(ca)] if ca is not None else [])]
 
 
 class ThrowawayCA:
@@ -33,19 +44,19 @@ class ThrowawayCA:
         self.ca_path = folder / f"{name}.crt"
         self.ca_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
-    def server(self, name: str = "server") -> tuple[Path, Path]:
+    def server(self, name: str = "server") -> Identity:
         """A certificate for 127.0.0.1 and localhost, usable by a server (and by a client: etcd's peers)."""
         names = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                                              x509.DNSName("localhost")])
         return self._issue(name, "localhost", names,
                            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
 
-    def client(self, common_name: str) -> tuple[Path, Path]:
+    def client(self, common_name: str) -> Identity:
         """A client certificate; etcd with --client-cert-auth takes its common name as the user name."""
         return self._issue(f"client-{common_name}", common_name, None, [ExtendedKeyUsageOID.CLIENT_AUTH])
 
     def _issue(self, name: str, common_name: str, names: x509.SubjectAlternativeName | None,
-               usages: list[x509.ObjectIdentifier]) -> tuple[Path, Path]:
+               usages: list[x509.ObjectIdentifier]) -> Identity:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (_builder(_name(common_name), self._subject, key.public_key())
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -58,7 +69,7 @@ class ThrowawayCA:
         key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
         key_path.chmod(0o600)
-        return cert_path, key_path
+        return Identity(cert_path, key_path)
 
 
 def _name(common_name: str) -> x509.Name:
