@@ -89,10 +89,10 @@ def add_workers_flag(parser: argparse.ArgumentParser) -> None:
              "0 or auto: one per core")
 
 
-HTTP_TIMEOUT_FLAGS = ("idle-timeout-s", "header-timeout-s", "body-timeout-s")
+HTTP_LIMIT_FLAGS = ("idle-timeout-s", "header-timeout-s", "body-timeout-s", "max-body-mib")
 
 
-def add_http_timeout_flags(parser: argparse.ArgumentParser) -> None:
+def add_http_limit_flags(parser: argparse.ArgumentParser) -> None:
     from dynamo_grpc.frontend import http
 
     add_flag(parser, "idle-timeout-s", default=http.IDLE_TIMEOUT_S, type=float,
@@ -101,10 +101,13 @@ def add_http_timeout_flags(parser: argparse.ArgumentParser) -> None:
              help="close an HTTP connection whose request headers take longer than this")
     add_flag(parser, "body-timeout-s", default=http.BODY_TIMEOUT_S, type=float,
              help="answer 408 to a request body that takes longer than this to arrive")
+    add_flag(parser, "max-body-mib", default=http.MAX_BODY_MIB, type=float,
+             help="answer 413 to a request body larger than this, decompressed (refused unread when its "
+             "Content-Length says so)")
 
 
-def http_timeouts(args: argparse.Namespace) -> dict[str, float]:
-    return {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name in HTTP_TIMEOUT_FLAGS}
+def http_limits(args: argparse.Namespace) -> dict[str, float]:
+    return {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name in HTTP_LIMIT_FLAGS}
 
 
 def router_flags_argv(args: argparse.Namespace) -> list[str]:
@@ -220,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
              help="HTTP frontend processes sharing --http-port, each routing on its own (needs --etcd for "
              "more than 1); auto: one per core the engines leave (1 beside engines that run on this "
              "host's CPUs)")
-    add_http_timeout_flags(sub)
+    add_http_limit_flags(sub)
     add_token_flag(sub, what="RouterService and the HTTP API (health checks and /metrics stay open)")
     add_flag(sub, "prompt", default="", help="send this prompt through the deployment, print the answer, exit")
     add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate for --prompt")
@@ -235,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(sub, "router-token-file", default="", help="with --router: file holding the bearer token that "
              "router requires")
     add_router_flags(sub)
-    add_http_timeout_flags(sub)
+    add_http_limit_flags(sub)
     add_flag(sub, "model-path", default="", help="model directory whose chat template renders chat requests "
              "(default: plain 'role: content' lines)")
     sub = roles.add_parser("generate", help="send one request to a router and stream the answer")
@@ -409,7 +412,7 @@ async def _serve(args: argparse.Namespace) -> int:
         more = _http_workers(args, worker) - 1
         frontend = await _start_frontend(EmbeddedRouter(deployment.router.router), registry, args.http_host,
                                          args.http_port, model_path=model_path or None,
-                                         timeouts=http_timeouts(args), reuse_port=more > 0,
+                                         limits=http_limits(args), reuse_port=more > 0,
                                          security=worker.server)
         stack.push_async_callback(frontend.stop)
         group_ports = process_group.free_loopback_ports(1 + more) if more else []
@@ -448,7 +451,7 @@ def _more_frontends(args: argparse.Namespace, worker: WorkerConfig, count: int, 
             "--host", args.http_host, "--port", str(port), "--etcd", ",".join(worker.server.etcd),
             "--namespace", worker.server.namespace, "--model-path", worker.kind.model_path(worker.engine),
             *router_flags_argv(args), "--tokenizer", tokenizer, *security_flags_argv(args),
-            *(arg for name, value in zip(HTTP_TIMEOUT_FLAGS, http_timeouts(args).values())
+            *(arg for name, value in zip(HTTP_LIMIT_FLAGS, http_limits(args).values())
               for arg in (f"--{name}", str(value)))]
     os.environ.update(worker.server.etcd_access.environment())  # credentials for the frontends, off argv
     frontends = process_group.ProcessGroup(argv, count, name="serve's HTTP frontends", first_index=1,
@@ -475,7 +478,7 @@ async def _prepare_engines(kind: str, model_path: str) -> None:
 
 
 async def _start_frontend(backend: Backend, registry: Registry, host: str, port: int, *,
-                          model_path: str | None, timeouts: dict[str, float], security: ServerConfig,
+                          model_path: str | None, limits: dict[str, float], security: ServerConfig,
                           reuse_port: bool = False) -> RunningFrontend:
     """The HTTP frontend, with the TLS certificate and the token of `security`."""
     from dynamo_grpc.frontend.http import start_frontend
@@ -483,7 +486,7 @@ async def _start_frontend(backend: Backend, registry: Registry, host: str, port:
 
     template = load_chat_template(model_path) if model_path else None
     return await start_frontend(backend, registry, host=host, port=port, chat_template=template,
-                                reuse_port=reuse_port, tls=security.tls, token=security.auth_token, **timeouts)
+                                reuse_port=reuse_port, tls=security.tls, token=security.auth_token, **limits)
 
 
 async def _frontend(args: argparse.Namespace) -> int:
@@ -507,7 +510,7 @@ async def _frontend(args: argparse.Namespace) -> int:
             stack.push_async_callback(router.close)
             backend = EmbeddedRouter(router)
         frontend = await _start_frontend(backend, registry, args.host, args.port,
-                                         model_path=args.model_path or None, timeouts=http_timeouts(args),
+                                         model_path=args.model_path or None, limits=http_limits(args),
                                          security=server,
                                          reuse_port=process_group.in_group())
         stack.push_async_callback(frontend.stop)

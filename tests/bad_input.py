@@ -19,9 +19,11 @@ import pytest
 from dynamo_grpc.channels import MAX_MESSAGE_BYTES
 from dynamo_grpc.client import GenerateStream, params
 from dynamo_grpc.errors import from_rpc_error
-from dynamo_grpc.frontend.http import MAX_BODY_BYTES
+from dynamo_grpc.frontend.http import MAX_BODY_MIB
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import router_pb2_grpc as router_grpc
+
+MAX_BODY_BYTES = int(MAX_BODY_MIB * 2**20)
 
 
 @dataclass(frozen=True)

@@ -129,3 +129,22 @@ async def test_a_10_mb_body_is_refused_without_the_frontend_growing(etcd, tmp_pa
     finally:
         frontend.stop()
         decode.stop()
+
+
+async def test_the_body_limit_is_the_frontends_own() -> None:
+    async with running() as stubs:
+        router, registry = stubs.deployment.router.router, stubs.deployment.router.registry
+        served = await start_frontend(EmbeddedRouter(router), registry, host="127.0.0.1", port=0,
+                                      max_body_mib=0.25)
+        try:
+            async with aiohttp.ClientSession() as session:
+                # Over the limit: 413 naming it. Under it: read and parsed, then refused for the prompt's length.
+                for prompt, status, code in (("x" * 300_000, 413, "request_too_large"),
+                                             ("x" * 200_000, 400, "context_too_long")):
+                    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1}
+                    async with session.post(f"{served.url}/v1/completions", json=body) as response:
+                        error = (await response.json())["error"]
+                        assert (response.status, error["code"]) == (status, code), error
+                        assert ("limit of 0.25 MiB" in error["message"]) == (status == 413), error
+        finally:
+            await served.stop()

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "X-Request-Id"
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"; only ever seen in /metrics
 ABANDONED_GRACE_S = 30.0  # how long a cancelled request may take to wind down before its call is cut
-MAX_BODY_BYTES = 4 * 2**20  # a 128k-token prompt is under 1 MiB of JSON, even as token ids
+MAX_BODY_MIB = 4.0  # a 128k-token prompt is under 1 MiB of JSON, even as token ids
 MAX_JSON_DEPTH = 64  # OpenAI requests nest a few levels
 IDLE_TIMEOUT_S = 60.0
 """A connection with no request under way for this long is closed (keep-alive)."""
@@ -145,8 +145,8 @@ class _Choice:
     completion: pb.Completion = field(default_factory=pb.Completion)
 
 
-def _decoded(raw: bytes, encoding: str) -> bytes:
-    """The body without its Content-Encoding, at most MAX_BODY_BYTES (aiohttp's own decoding is off: a
+def _decoded(raw: bytes, encoding: str, limit: int) -> bytes:
+    """The body without its Content-Encoding, at most `limit` bytes (aiohttp's own decoding is off: a
     truncated deflate body hangs its connection)."""
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
@@ -158,12 +158,12 @@ def _decoded(raw: bytes, encoding: str) -> bytes:
     wbits = zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS if zlib_wrapped else -zlib.MAX_WBITS
     decompressor = zlib.decompressobj(wbits)
     try:
-        body = decompressor.decompress(raw, MAX_BODY_BYTES + 1)
+        body = decompressor.decompress(raw, limit + 1)
     except zlib.error as error:
         raise BadRequest(f"the request body is not valid {encoding} data ({error}), which its Content-Encoding "
                          "header says it is; send it so encoded, or uncompressed without the header") from None
-    if len(body) > MAX_BODY_BYTES:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=len(body))
+    if len(body) > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
     if not decompressor.eof:
         raise BadRequest(f"the request body ends before its {encoding} data does; send all of it")
     return body
@@ -297,7 +297,7 @@ class Frontend:
     """The HTTP handlers; every generation runs through `backend`."""
 
     def __init__(self, backend: Backend, registry: Registry, fleet: Fleet, chat_template: str | None = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None, max_body_mib: float = MAX_BODY_MIB) -> None:
         self.backend = backend
         self.registry = registry
         self.fleet = fleet
@@ -308,10 +308,11 @@ class Frontend:
         self.metrics = metrics.frontend()
         self.relays: set[asyncio.Task[None]] = set()
         self.body_timeout_s = BODY_TIMEOUT_S
+        self.max_body_bytes = int(max_body_mib * 2**20)
         middlewares = [self._count_and_shape_errors]
         if token is not None:  # no per-request check without a token
             middlewares.append(_requiring_token(token.encode()))
-        self.app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+        self.app = web.Application(middlewares=middlewares, client_max_size=self.max_body_bytes)
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
@@ -333,8 +334,8 @@ class Frontend:
             return response
         except web.HTTPRequestEntityTooLarge:
             status = 413
-            return _error(status, f"the request body is over this server's limit of {MAX_BODY_BYTES / 2**20:g} MiB; "
-                          "shorten the prompt", "request_too_large")
+            return _error(status, f"the request body is over this server's limit of "
+                          f"{self.max_body_bytes / 2**20:g} MiB; shorten the prompt", "request_too_large")
         except web.HTTPException as error:  # aiohttp's own 404/405, in OpenAI's error shape
             status = error.status
             return _error(error.status, error.reason, error.reason.lower().replace(" ", "_"))
@@ -362,8 +363,8 @@ class Frontend:
                           "printable ASCII characters; send a shorter id, or none to get one",
                           "invalid_request_id", param=REQUEST_ID_HEADER)
         headers = {REQUEST_ID_HEADER: request_id}
-        if (request.content_length or 0) > MAX_BODY_BYTES:  # refused before a byte of it is read
-            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length)
+        if (request.content_length or 0) > self.max_body_bytes:  # refused before a byte of it is read
+            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=request.content_length)
         try:
             raw = await asyncio.wait_for(request.read(), self.body_timeout_s)
         except asyncio.TimeoutError:
@@ -372,7 +373,7 @@ class Frontend:
             refusal.force_close()
             return refusal
         try:
-            raw = _decoded(raw, request.headers.get("Content-Encoding", ""))
+            raw = _decoded(raw, request.headers.get("Content-Encoding", ""), self.max_body_bytes)
         except BadRequest as error:
             return _error(400, error.message, "invalid_body", headers)
         try:
@@ -618,18 +619,18 @@ class _Server(web.Server):
 async def start_frontend(backend: Backend, registry: Registry, *, host: str, port: int,
                          chat_template: str | None = None, reuse_port: bool = False,
                          idle_timeout_s: float = IDLE_TIMEOUT_S, header_timeout_s: float = HEADER_TIMEOUT_S,
-                         body_timeout_s: float = BODY_TIMEOUT_S, tls: Tls | None = None,
-                         token: str | None = None) -> RunningFrontend:
+                         body_timeout_s: float = BODY_TIMEOUT_S, max_body_mib: float = MAX_BODY_MIB,
+                         tls: Tls | None = None, token: str | None = None) -> RunningFrontend:
     """Serve the OpenAI API on host:port (0 picks a free port), generating through `backend`; with
     `reuse_port`, beside other processes listening on the same port (SO_REUSEPORT). A connection idle between
     requests for `idle_timeout_s`, or whose request headers take over `header_timeout_s`, is closed; a body
-    slower than `body_timeout_s` gets 408. A running response is never cut by them. `tls`: HTTPS with its
+    slower than `body_timeout_s` gets 408, one over `max_body_mib` 413. A running response is never cut by them. `tls`: HTTPS with its
     certificate; `token`: the bearer token (API key) every request but /health and /metrics needs."""
     fleet, own_fleet = backend.fleet, None
     if fleet is None:  # routing happens elsewhere: follow the workers for /health and /v1/models
         fleet = own_fleet = Fleet(registry, routing=RoundRobin.name, load_poll_s=0)
         await own_fleet.start()
-    frontend = Frontend(backend, registry, fleet, chat_template, token)
+    frontend = Frontend(backend, registry, fleet, chat_template, token, max_body_mib)
     frontend.body_timeout_s = body_timeout_s
     following = asyncio.create_task(frontend.follow_scale())
     # handler_cancellation: a disconnect cancels the handler at once, not at its next write. Our own
