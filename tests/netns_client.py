@@ -86,6 +86,7 @@ async def _one_request(session: aiohttp.ClientSession, url: str, model: str, pro
     """One streamed completion: when it started and ended, its outcome ("ok", an HTTP status, or the code of
     an error event in the stream) and its text."""
     body = {"model": model, "prompt": PROMPTS[prompt_index], "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0,
             "stream": True}
     record: dict[str, Any] = {"prompt": prompt_index, "start": time.time(), "text": ""}
     try:
@@ -112,8 +113,10 @@ async def _one_request(session: aiohttp.ClientSession, url: str, model: str, pro
     return record
 
 
-async def load(url: str, model: str, concurrency: int, seconds: float, max_tokens: int) -> list[dict[str, Any]]:
-    """`concurrency` clients, each sending its next request when the last ended, for `seconds`."""
+async def load(url: str, model: str, concurrency: int, seconds: float, max_tokens: int, ready: Path
+               ) -> list[dict[str, Any]]:
+    """`concurrency` clients, each sending its next request when the last ended, for `seconds`; `ready` is
+    written when the first request succeeded (a start-up slowed by a busy machine is not part of the load)."""
     records: list[dict[str, Any]] = []
     stop_at = time.monotonic() + seconds
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
@@ -123,6 +126,8 @@ async def load(url: str, model: str, concurrency: int, seconds: float, max_token
             while time.monotonic() < stop_at:
                 prompt = (index + sent) % len(PROMPTS)
                 records.append(await _one_request(session, url, model, prompt, max_tokens))
+                if records[-1]["outcome"] == "ok" and not ready.exists():
+                    ready.write_text("ready")
                 sent += 1
 
         await asyncio.gather(*(client(i) for i in range(concurrency)))
@@ -157,7 +162,8 @@ def main(argv: list[str]) -> int:
     elif args.command == "generate":
         result = asyncio.run(generate(args.router, args.model, args.prompt))
     else:
-        records = asyncio.run(load(args.url, args.model, args.concurrency, args.seconds, args.max_tokens))
+        records = asyncio.run(load(args.url, args.model, args.concurrency, args.seconds, args.max_tokens,
+                                   Path(args.out + ".ready")))
         Path(args.out).write_text(json.dumps(records))
         result = {"requests": len(records)}
     print(json.dumps(result))

@@ -33,7 +33,8 @@ ENGINE_FLAGS = ("--engine", "simulated", "--model", MODEL, "--decode-step-s", "0
                 "--kv-ttl-s", "3")
 """shm is offered too, so a test fails if two hosts ever took the one-host path."""
 LOAD = {"concurrency": 6, "seconds": 9.0}
-FAULT_AT_S = 3.0
+FAULT_AT_S = 2.0
+"""After the load's first success."""
 LINK_DOWN_S = 3.0
 
 
@@ -209,12 +210,13 @@ class FaultReport:
                 f"slowest in flight {self.slowest_across_fault_s:.2f} s, (used blocks, held transfers) {held}")
 
 
-def _settled(fleet: Fleet, timeout_s: float = 10.0) -> dict[str, dict[str, Any]]:
-    """The workers' stats once none holds a request, a block or a transfer (or, after `timeout_s`, as they
-    are): a transfer the decode side never released is freed at the prefill's lease expiry (--kv-ttl-s 3)."""
+def _settled(fleet: Fleet, gone: str, timeout_s: float = 10.0) -> dict[str, dict[str, Any]]:
+    """The stats of the workers (but `gone`, the one the fault stopped) once none holds a request, a block or
+    a transfer (or, after `timeout_s`, as they are): a transfer the decode side never released is freed at
+    the prefill's lease expiry (--kv-ttl-s 3)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        stats = fleet.worker_stats()
+        stats = {name: s for name, s in fleet.worker_stats().items() if name != gone}
         busy = [s for s in stats.values() if "error" in s or s["active_requests"] or s["used_kv_blocks"]
                 or s["held_transfers"]]
         if not busy or time.monotonic() > deadline:
@@ -222,15 +224,24 @@ def _settled(fleet: Fleet, timeout_s: float = 10.0) -> dict[str, dict[str, Any]]
         time.sleep(0.5)
 
 
-def under_load(fleet: Fleet, name: str, fault: Callable[[], None]) -> FaultReport:
-    """Run the load, `fault` at FAULT_AT_S into it; what the load saw and what the workers hold after."""
-    out = fleet.log_dir / f"load-{name}.json"
+def _wait_ready(load: subprocess.Popen[bytes], ready: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        assert load.poll() is None and time.monotonic() < deadline, "the load never got an answer"
+        time.sleep(0.1)
+
+
+def under_load(fleet: Fleet, name: str, fault: Callable[[], None], gone: str = "") -> FaultReport:
+    """Run the load, `fault` FAULT_AT_S after its first success; what the load saw and what the workers
+    (but `gone`) hold after."""
+    out = fleet.log_dir / f"load-{name.replace(' ', '_')}.json"
     load = fleet.start_load(out)
+    _wait_ready(load, Path(f"{out}.ready"))
     time.sleep(FAULT_AT_S)
     fault_at = time.time()
     fault()
     assert load.wait(LOAD["seconds"] + 60) == 0, (fleet.log_dir / "load.log").read_text()[-3000:]
-    report = FaultReport(name, json.loads(out.read_text()), fault_at, _settled(fleet))
+    report = FaultReport(name, json.loads(out.read_text()), fault_at, _settled(fleet, gone))
     print("\n" + report.line(fleet.expected))
     return report
 
@@ -275,7 +286,7 @@ def test_disaggregated_request_moves_kv_between_hosts(fleet: Fleet) -> None:
 
 def test_kill_prefill_under_load(fleet: Fleet, expected: dict[int, str]) -> None:
     prefill = fleet.roles["prefill"]
-    report = under_load(fleet, "kill -9 prefill", lambda: prefill.signal(signal.SIGKILL))
+    report = under_load(fleet, "kill -9 prefill", lambda: prefill.signal(signal.SIGKILL), "prefill")
     prefill.restart_elsewhere(fleet.etcd.endpoint)
     fleet.wait_serving("prefill")
     fleet.until_disaggregated()
@@ -285,7 +296,7 @@ def test_kill_prefill_under_load(fleet: Fleet, expected: dict[int, str]) -> None
 
 def test_kill_decode_under_load(fleet: Fleet, expected: dict[int, str]) -> None:
     decode = fleet.roles["decode-a"]
-    report = under_load(fleet, "kill -9 decode", lambda: decode.signal(signal.SIGKILL))
+    report = under_load(fleet, "kill -9 decode", lambda: decode.signal(signal.SIGKILL), "decode-a")
     decode.restart_elsewhere(fleet.etcd.endpoint)
     fleet.wait_serving("decode-a")
     assert_lossless(report, expected)
@@ -294,7 +305,7 @@ def test_kill_decode_under_load(fleet: Fleet, expected: dict[int, str]) -> None:
 
 def test_drain_decode_under_load(fleet: Fleet, expected: dict[int, str]) -> None:
     decode = fleet.roles["decode-a"]
-    report = under_load(fleet, "SIGTERM decode", lambda: decode.signal(signal.SIGTERM))
+    report = under_load(fleet, "SIGTERM decode", lambda: decode.signal(signal.SIGTERM), "decode-a")
     assert decode.proc is not None and decode.proc.wait(15) == 0, decode.log()
     decode.restart_elsewhere(fleet.etcd.endpoint)
     fleet.wait_serving("decode-a")
