@@ -4,6 +4,7 @@ address on the hosts' network, so it runs this there and reads the JSON it print
     python -m tests.netns_client wait-serving ENDPOINT...        every server's gRPC health says SERVING
     python -m tests.netns_client stats --prefill EP --decode EP  each worker's WorkerStats
     python -m tests.netns_client generate ROUTER MODEL PROMPT    one request through RouterService
+    python -m tests.netns_client metrics URL SERIES...           series' values from a /metrics
     python -m tests.netns_client load URL MODEL --concurrency N --seconds S --out FILE
                                                                  closed-loop streaming completions
 """
@@ -28,6 +29,7 @@ from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
+from tests import scrape
 
 PROMPTS = tuple(f"hostile world prompt {k}: " + "lorem ipsum " * (4 + k) for k in range(4))
 """What the load sends, in turn; each has one right answer, whatever path it took."""
@@ -79,6 +81,12 @@ async def generate(router: str, model: str, prompt: str) -> dict[str, Any]:
         result = await client.generate(prompt, model=model, max_tokens=8, ignore_eos=True).collect()
     return {"token_ids": list(result.token_ids),
             "completion": MessageToDict(result.completion, preserving_proto_field_name=True)}
+
+
+async def metrics(url: str, series: list[str]) -> dict[str, float]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        text = await response.text()
+    return {name: scrape.value(text, name) for name in series}
 
 
 async def _one_request(session: aiohttp.ClientSession, url: str, model: str, prompt_index: int,
@@ -147,6 +155,9 @@ def main(argv: list[str]) -> int:
     sub.add_argument("router")
     sub.add_argument("model")
     sub.add_argument("prompt")
+    sub = commands.add_parser("metrics")
+    sub.add_argument("url")
+    sub.add_argument("series", nargs="+")
     sub = commands.add_parser("load")
     sub.add_argument("url")
     sub.add_argument("model")
@@ -161,6 +172,8 @@ def main(argv: list[str]) -> int:
         result = asyncio.run(stats(args.prefill, args.decode))
     elif args.command == "generate":
         result = asyncio.run(generate(args.router, args.model, args.prompt))
+    elif args.command == "metrics":
+        result = asyncio.run(metrics(args.url, args.series))
     else:
         records = asyncio.run(load(args.url, args.model, args.concurrency, args.seconds, args.max_tokens,
                                    Path(args.out + ".ready")))

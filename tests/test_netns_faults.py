@@ -28,14 +28,20 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "sim-tiny"
-GRPC_PORT, HTTP_PORT = 50051, 8000
+GRPC_PORT, HTTP_PORT, METRICS_PORT = 50051, 8000, 9100
+ROUTER_SERIES = ("dynamo_router_migrations_total", 'dynamo_router_prefills_total{where="fallback"}')
+"""What the router counts of a fault: streams resumed on another decode worker, prompts prefilled on the
+decode worker because the prefill worker was unreachable."""
 ENGINE_FLAGS = ("--engine", "simulated", "--model", MODEL, "--decode-step-s", "0.01", "--kv-transports", "shm,grpc",
                 "--kv-ttl-s", "3")
 """shm is offered too, so a test fails if two hosts ever took the one-host path."""
-LOAD = {"concurrency": 6, "seconds": 9.0}
+ROUTER_FLAGS = ("--metrics-port", str(METRICS_PORT), "--policy", "round_robin")
+"""Decode workers in turn: requests keep reaching a decode host that is cut off, whatever its load."""
+LOAD = {"concurrency": 6, "seconds": 8.0}
 FAULT_AT_S = 2.0
 """After the load's first success."""
-LINK_DOWN_S = 3.0
+LINK_DOWN_S = 4.0
+"""Longer than a prefill worker holds unpulled KV (--kv-ttl-s 3)."""
 
 
 def _extra_flags() -> dict[str, list[str]]:
@@ -131,6 +137,10 @@ class Fleet:
                 raise AssertionError(f"no disaggregated request within {timeout_s} s: {answer}")
             time.sleep(0.5)
 
+    def router_counts(self) -> Counter[str]:
+        url = f"http://{self.roles['router'].host.address}:{METRICS_PORT}/metrics"
+        return Counter(self.ask("metrics", url, *ROUTER_SERIES))
+
     def start_load(self, out: Path) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "tests.netns_client", "load", self.url, MODEL, "--out", str(out),
                 "--concurrency", str(LOAD["concurrency"]), "--seconds", str(LOAD["seconds"])]
@@ -146,7 +156,7 @@ def _start_fleet(net: Network, log_dir: Path) -> Fleet:
         "prefill": Role("prefill", "prefill", net.hosts["prefill"], ENGINE_FLAGS, log_dir),
         "decode-a": Role("decode-a", "decode", net.hosts["decode-a"], ENGINE_FLAGS, log_dir),
         "decode-b": Role("decode-b", "decode", net.hosts["decode-b"], ENGINE_FLAGS, log_dir),
-        "router": Role("router", "router", net.hosts["router"], (), log_dir),
+        "router": Role("router", "router", net.hosts["router"], ROUTER_FLAGS, log_dir),
         "frontend": Role("frontend", "frontend", net.hosts["front"], (), log_dir, port=HTTP_PORT),
     }
     roles["frontend"].args = ("--router", roles["router"].endpoint)
@@ -168,6 +178,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         try:
             yield fleet
         finally:
+            for host in net.hosts.values():  # before etcd: a stopping worker deregisters there
+                host.stop_processes()
             fleet.etcd.close()
 
 
@@ -177,6 +189,8 @@ class FaultReport:
     records: list[dict[str, Any]]
     fault_at: float
     leftovers: dict[str, dict[str, Any]]
+    router: Counter[str]
+    """ROUTER_SERIES' increase over the load."""
 
     @property
     def failures(self) -> Counter[str]:
@@ -193,6 +207,11 @@ class FaultReport:
         return (min(after) if after else float("inf")) - self.fault_at
 
     @property
+    def stalled(self) -> int:
+        """Requests that took over 1 s (unhindered, one takes about 0.3 s)."""
+        return sum(1 for r in self.records if r["end"] - r["start"] > 1.0)
+
+    @property
     def slowest_across_fault_s(self) -> float:
         """The longest request among those in flight at the fault."""
         spans = [r["end"] - r["start"] for r in self.records if r["start"] <= self.fault_at <= r["end"]]
@@ -207,7 +226,9 @@ class FaultReport:
                 for name, s in self.leftovers.items()}
         return (f"{self.name}: sent {len(self.records)}, failed {sum(self.failures.values())} "
                 f"{dict(self.failures)}, wrong text {self.wrong_texts(expected)}, recovery {self.recovery_s:.2f} s, "
-                f"slowest in flight {self.slowest_across_fault_s:.2f} s, (used blocks, held transfers) {held}")
+                f"slowest in flight {self.slowest_across_fault_s:.2f} s, over 1 s {self.stalled}, "
+                f"migrated {self.router[ROUTER_SERIES[0]]:g}, prefill fallbacks {self.router[ROUTER_SERIES[1]]:g}, "
+                f"(used blocks, held transfers) {held}")
 
 
 def _settled(fleet: Fleet, gone: str, timeout_s: float = 10.0) -> dict[str, dict[str, Any]]:
@@ -235,13 +256,15 @@ def under_load(fleet: Fleet, name: str, fault: Callable[[], None], gone: str = "
     """Run the load, `fault` FAULT_AT_S after its first success; what the load saw and what the workers
     (but `gone`) hold after."""
     out = fleet.log_dir / f"load-{name.replace(' ', '_')}.json"
+    before = fleet.router_counts()
     load = fleet.start_load(out)
     _wait_ready(load, Path(f"{out}.ready"))
     time.sleep(FAULT_AT_S)
     fault_at = time.time()
     fault()
     assert load.wait(LOAD["seconds"] + 60) == 0, (fleet.log_dir / "load.log").read_text()[-3000:]
-    report = FaultReport(name, json.loads(out.read_text()), fault_at, _settled(fleet, gone))
+    leftovers = _settled(fleet, gone)
+    report = FaultReport(name, json.loads(out.read_text()), fault_at, leftovers, fleet.router_counts() - before)
     print("\n" + report.line(fleet.expected))
     return report
 
@@ -290,6 +313,7 @@ def test_kill_prefill_under_load(fleet: Fleet, expected: dict[int, str]) -> None
     prefill.restart_elsewhere(fleet.etcd.endpoint)
     fleet.wait_serving("prefill")
     fleet.until_disaggregated()
+    assert report.router[ROUTER_SERIES[1]] > 0, "no request met the dead prefill worker: " + report.line(expected)
     assert_lossless(report, expected)
     assert_nothing_held(report)
 
@@ -299,6 +323,7 @@ def test_kill_decode_under_load(fleet: Fleet, expected: dict[int, str]) -> None:
     report = under_load(fleet, "kill -9 decode", lambda: decode.signal(signal.SIGKILL), "decode-a")
     decode.restart_elsewhere(fleet.etcd.endpoint)
     fleet.wait_serving("decode-a")
+    assert report.router[ROUTER_SERIES[0]] > 0, "no stream was cut by the kill: " + report.line(expected)
     assert_lossless(report, expected)
     assert_nothing_held(report)
 
@@ -325,6 +350,9 @@ def test_etcd_restart_under_load(fleet: Fleet, expected: dict[int, str]) -> None
     assert_nothing_held(report)
 
 
+@pytest.mark.xfail(strict=True, reason="a request whose KV expired on the prefill worker while the decode host "
+                   "was cut off fails with HTTP 404 kv_handle_expired (an invalid_request_error, though the "
+                   "client did nothing wrong; README: 404 is an unknown model) instead of being prefilled again")
 def test_decode_link_down_under_load(fleet: Fleet, expected: dict[int, str]) -> None:
     host = fleet.roles["decode-a"].host
 
@@ -336,3 +364,5 @@ def test_decode_link_down_under_load(fleet: Fleet, expected: dict[int, str]) -> 
     report = under_load(fleet, f"decode link down {LINK_DOWN_S:g} s", link_flap)
     assert report.wrong_texts(expected) == 0, report.line(expected)
     assert_nothing_held(report)
+    client_errors = [r for r in report.records if r["outcome"].startswith(("http_4", "stream_kv_handle"))]
+    assert not client_errors, f"{report.line(expected)}; {client_errors[0].get('detail')}"
