@@ -1,4 +1,4 @@
-"""Many concurrent streams through one HTTP frontend for a while: what fails (by code), and what memory it takes.
+"""Many concurrent streams through one HTTP frontend for a while: what fails (by code), what memory it takes.
 
 etcd, the control plane, a prefill and a decode worker (simulated engine) and one HTTP frontend (routing in
 its own process, as `frontend --etcd` runs) start as the CLI runs them, on loopback. `--streams` clients then
@@ -60,7 +60,8 @@ class Deployment:
 
     def start(self, name: str, argv: list[str]) -> None:
         with open(self.log_dir / f"{name}.log", "wb") as log:
-            self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True,
                                                 env={**os.environ, "PYTHONPATH": str(REPO)})
 
     def check_alive(self) -> None:
@@ -71,7 +72,8 @@ class Deployment:
 
     def rss(self) -> dict[str, float]:
         """Each process's RSS, and this one's (the client)."""
-        return {**{name: rss_mib(proc.pid) for name, proc in self.procs.items()}, "client": rss_mib(os.getpid())}
+        rss = {name: rss_mib(proc.pid) for name, proc in self.procs.items()}
+        return {**rss, "client": rss_mib(os.getpid())}
 
     def stop(self) -> None:
         for proc in reversed(self.procs.values()):
@@ -89,7 +91,8 @@ def start(deployment: Deployment) -> str:
     """Start everything; the frontend's URL."""
     etcd_port, peer_port, http_port = free_port(), free_port(), free_port()
     client, peer = f"http://127.0.0.1:{etcd_port}", f"http://127.0.0.1:{peer_port}"
-    deployment.start("etcd", [shutil.which("etcd") or "/usr/bin/etcd", "--data-dir", str(deployment.log_dir / "etcd"),
+    etcd = shutil.which("etcd") or "/usr/bin/etcd"
+    deployment.start("etcd", [etcd, "--data-dir", str(deployment.log_dir / "etcd"),
                               "--listen-client-urls", client, "--advertise-client-urls", client,
                               "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                               "--initial-cluster", f"bench={peer}", "--name", "bench"])
@@ -171,7 +174,8 @@ async def main(args: argparse.Namespace) -> int:
         await until_answering(deployment, url)
         before = deployment.rss()
         started = time.perf_counter()
-        records, failures, peak = await closed_loop(url, args.streams, args.seconds, args.max_tokens, deployment)
+        records, failures, peak = await closed_loop(url, args.streams, args.seconds, args.max_tokens,
+                                                    deployment)
         elapsed = time.perf_counter() - started
         await asyncio.sleep(5.0)
         after = deployment.rss()
@@ -187,7 +191,8 @@ async def main(args: argparse.Namespace) -> int:
         print(f"  failed {count:6d}  {code}")
     ttfts = sorted(r.ttft for r in done if r.ttft is not None)
     if ttfts:
-        print(f"TTFT p50 {ttfts[len(ttfts) // 2] * 1e3:.0f} ms, p99 {ttfts[int(len(ttfts) * 0.99)] * 1e3:.0f} ms")
+        p50, p99 = ttfts[len(ttfts) // 2], ttfts[int(len(ttfts) * 0.99)]
+        print(f"TTFT p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms")
     print(f"{'process':<14}{'RSS before':>12}{'peak':>10}{'5 s after':>12}  (MiB)")
     for name in [*deployment.procs, "client"]:
         print(f"{name:<14}{before.get(name, 0):>12.0f}{peak[name]:>10.0f}{after.get(name, 0):>12.0f}")
@@ -196,7 +201,8 @@ async def main(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=50, help="concurrent streams (closed loop)")
     parser.add_argument("--seconds", type=float, default=5.0, help="how long new requests are sent")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request")

@@ -88,8 +88,9 @@ class EtcdServer:
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(self.run_in(command) if self.run_in else command, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            self._proc = subprocess.Popen(self.run_in(command) if self.run_in else command, stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                          start_new_session=True)
         try:
             self._wait_healthy()
         except BaseException:
@@ -172,8 +173,8 @@ class EtcdServer:
         if self.run_in is not None:  # where this process may not reach it: ask from where etcd runs
             assert self.ca is None, "a probe run elsewhere speaks plain HTTP"
             probe = ("import json, sys, urllib.request\n"
-                     "try: print(json.loads(urllib.request.urlopen(sys.argv[1], timeout=1).read())['health'])\n"
-                     "except Exception as e: print(e)")
+                     "try: print(json.loads(urllib.request.urlopen(sys.argv[1], timeout=1).read())"
+                     "['health'])\nexcept Exception as e: print(e)")
             result = subprocess.run(self.run_in([sys.executable, "-c", probe, url]), capture_output=True,
                                     text=True, timeout=10, check=False)
             answer = result.stdout.strip() or result.stderr.strip()

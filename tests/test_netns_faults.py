@@ -32,8 +32,8 @@ GRPC_PORT, HTTP_PORT, METRICS_PORT = 50051, 8000, 9100
 ROUTER_SERIES = ("dynamo_router_migrations_total", 'dynamo_router_prefills_total{where="fallback"}')
 """What the router counts of a fault: streams resumed on another decode worker, prompts prefilled on the
 decode worker because the prefill worker was unreachable."""
-ENGINE_FLAGS = ("--engine", "simulated", "--model", MODEL, "--decode-step-s", "0.01", "--kv-transports", "shm,grpc",
-                "--kv-ttl-s", "3")
+ENGINE_FLAGS = ("--engine", "simulated", "--model", MODEL, "--decode-step-s", "0.01",
+                "--kv-transports", "shm,grpc", "--kv-ttl-s", "3")
 """shm is offered too, so a test fails if two hosts ever took the one-host path."""
 ROUTER_FLAGS = ("--metrics-port", str(METRICS_PORT), "--policy", "round_robin")
 """Decode workers in turn: requests keep reaching a decode host that is cut off, whatever its load."""
@@ -70,8 +70,9 @@ class Role:
     def start(self, etcd: str) -> None:
         extra = _extra_flags()
         argv = [sys.executable, "-m", "dynamo_grpc.cli", self.role, "--host", self.host.address,
-                "--port", str(self.port), "--node-name", self.host.name, "--etcd", etcd, "--namespace", "netns",
-                "--lease-ttl-s", "2", *self.args, *extra.get("*", []), *extra.get(self.role, [])]
+                "--port", str(self.port), "--node-name", self.host.name, "--etcd", etcd,
+                "--namespace", "netns", "--lease-ttl-s", "2", *self.args, *extra.get("*", []),
+                *extra.get(self.role, [])]
         self.log_path = self.log_dir / f"{self.name}-{self.port}.log"
         self.proc = self.host.popen(argv, self.log_path, env={**os.environ, "PYTHONPATH": str(REPO)})
 
@@ -122,8 +123,8 @@ class Fleet:
         return self.ask("generate", self.roles["router"].endpoint, MODEL, prompt)
 
     def worker_stats(self) -> dict[str, dict[str, Any]]:
-        by_endpoint = self.ask("stats", "--prefill", self.roles["prefill"].endpoint,
-                               "--decode", self.roles["decode-a"].endpoint, "--decode", self.roles["decode-b"].endpoint)
+        by_endpoint = self.ask("stats", "--prefill", self.roles["prefill"].endpoint, "--decode",
+                               self.roles["decode-a"].endpoint, "--decode", self.roles["decode-b"].endpoint)
         return {name: by_endpoint[self.roles[name].endpoint] for name in ("prefill", "decode-a", "decode-b")}
 
     def until_disaggregated(self, timeout_s: float = 30.0) -> dict[str, Any]:
@@ -225,9 +226,11 @@ class FaultReport:
         held = {name: (s.get("used_kv_blocks"), s.get("held_transfers")) if "error" not in s else s["error"]
                 for name, s in self.leftovers.items()}
         return (f"{self.name}: sent {len(self.records)}, failed {sum(self.failures.values())} "
-                f"{dict(self.failures)}, wrong text {self.wrong_texts(expected)}, recovery {self.recovery_s:.2f} s, "
+                f"{dict(self.failures)}, wrong text {self.wrong_texts(expected)}, "
+                f"recovery {self.recovery_s:.2f} s, "
                 f"slowest in flight {self.slowest_across_fault_s:.2f} s, over 1 s {self.stalled}, "
-                f"migrated {self.router[ROUTER_SERIES[0]]:g}, prefill fallbacks {self.router[ROUTER_SERIES[1]]:g}, "
+                f"migrated {self.router[ROUTER_SERIES[0]]:g}, "
+                f"prefill fallbacks {self.router[ROUTER_SERIES[1]]:g}, "
                 f"(used blocks, held transfers) {held}")
 
 
@@ -264,7 +267,8 @@ def under_load(fleet: Fleet, name: str, fault: Callable[[], None], gone: str = "
     fault()
     assert load.wait(LOAD["seconds"] + 60) == 0, (fleet.log_dir / "load.log").read_text()[-3000:]
     leftovers = _settled(fleet, gone)
-    report = FaultReport(name, json.loads(out.read_text()), fault_at, leftovers, fleet.router_counts() - before)
+    records = json.loads(out.read_text())
+    report = FaultReport(name, records, fault_at, leftovers, fleet.router_counts() - before)
     print("\n" + report.line(fleet.expected))
     return report
 
@@ -291,7 +295,8 @@ def expected(fleet: Fleet) -> dict[int, str]:
     out = fleet.log_dir / "load-baseline.json"
     assert fleet.start_load(out).wait(LOAD["seconds"] + 60) == 0
     records = json.loads(out.read_text())
-    texts = {k: {r["text"] for r in records if r["prompt"] == k and r["outcome"] == "ok"} for k in range(len(PROMPTS))}
+    texts = {k: {r["text"] for r in records if r["prompt"] == k and r["outcome"] == "ok"}
+             for k in range(len(PROMPTS))}
     assert all(len(t) == 1 for t in texts.values()), texts
     assert not [r for r in records if r["outcome"] != "ok"], "the fleet fails without any fault"
     fleet.expected = {k: t.pop() for k, t in texts.items()}
@@ -313,7 +318,7 @@ def test_kill_prefill_under_load(fleet: Fleet, expected: dict[int, str]) -> None
     prefill.restart_elsewhere(fleet.etcd.endpoint)
     fleet.wait_serving("prefill")
     fleet.until_disaggregated()
-    assert report.router[ROUTER_SERIES[1]] > 0, "no request met the dead prefill worker: " + report.line(expected)
+    assert report.router[ROUTER_SERIES[1]] > 0, f"no request met the dead prefill: {report.line(expected)}"
     assert_lossless(report, expected)
     assert_nothing_held(report)
 
@@ -350,9 +355,10 @@ def test_etcd_restart_under_load(fleet: Fleet, expected: dict[int, str]) -> None
     assert_nothing_held(report)
 
 
-@pytest.mark.xfail(strict=True, reason="a request whose KV expired on the prefill worker while the decode host "
-                   "was cut off fails with HTTP 404 kv_handle_expired (an invalid_request_error, though the "
-                   "client did nothing wrong; README: 404 is an unknown model) instead of being prefilled again")
+@pytest.mark.xfail(strict=True, reason="a request whose KV expired on the prefill worker while the decode "
+                   "host was cut off fails with HTTP 404 kv_handle_expired (an invalid_request_error, though "
+                   "the client did nothing wrong; README: 404 is an unknown model) instead of being prefilled "
+                   "again")
 def test_decode_link_down_under_load(fleet: Fleet, expected: dict[int, str]) -> None:
     host = fleet.roles["decode-a"].host
 
