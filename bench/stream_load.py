@@ -3,8 +3,9 @@
 etcd, the control plane, a prefill and a decode worker (simulated engine) and one HTTP frontend (routing in
 its own process, as `frontend --etcd` runs) start as the CLI runs them, on loopback. `--streams` clients then
 stream /v1/completions in a closed loop (each sends its next request when the last ended) for `--seconds`.
-It prints requests and failures by code (an HTTP status, or the code of an error event in the stream),
-and per process its RSS before the load, at its peak during it, and 5 s after it (memory given back).
+It prints requests and failures by code (an HTTP status, or the code of an error event in the stream)
+with one message of each, how many 429 answers carried `Retry-After`, and per process its RSS before the
+load, at its peak during it, and 5 s after it (memory given back).
 
     python bench/stream_load.py --streams 1000 --seconds 60     # the benchmark
     python bench/stream_load.py                                  # a smoke run: 50 streams for 5 s
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -131,16 +133,38 @@ def error_code(error: Exception) -> str:
     return type(error).__name__
 
 
+@dataclass
+class Outcome:
+    records: list[RequestRecord] = field(default_factory=list)
+    failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+    """One message per failure code."""
+    retry_after: collections.Counter[bool] = field(default_factory=collections.Counter)
+    """429 answers by whether they carried a Retry-After header."""
+    peak: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
+    """Each process's peak RSS, MiB."""
+
+
+def count_retry_after(outcome: Outcome) -> aiohttp.TraceConfig:
+    async def on_request_end(session: object, context: object, params: aiohttp.TraceRequestEndParams) -> None:
+        if params.response.status == 429:
+            outcome.retry_after["Retry-After" in params.response.headers] += 1
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(on_request_end)
+    return trace
+
+
 async def closed_loop(url: str, streams: int, seconds: float, max_tokens: int, deployment: Deployment
-                      ) -> tuple[list[RequestRecord], collections.Counter[str], dict[str, float]]:
-    """`streams` clients for `seconds`; their records, failures by code, and each process's peak RSS."""
-    records: list[RequestRecord] = []
-    failures: collections.Counter[str] = collections.Counter()
-    peak: dict[str, float] = collections.defaultdict(float)
+                      ) -> Outcome:
+    """`streams` clients for `seconds`: what they saw, and each process's peak RSS."""
+    outcome = Outcome()
+    records, failures, peak = outcome.records, outcome.failures, outcome.peak
     stop_at = time.monotonic() + seconds
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                     trace_configs=[count_retry_after(outcome)]) as session:
         send = openai_sender(url, MODEL, session)
 
         async def client(index: int) -> None:
@@ -153,6 +177,7 @@ async def closed_loop(url: str, streams: int, seconds: float, max_tokens: int, d
                 except Exception as error:  # noqa: BLE001 - a failed request is counted, not fatal to the run
                     record.error = str(error)[:200]
                     failures[error_code(error)] += 1
+                    outcome.examples.setdefault(error_code(error), record.error)
                 record.ended = time.perf_counter()
 
         async def sample_memory() -> None:
@@ -164,7 +189,7 @@ async def closed_loop(url: str, streams: int, seconds: float, max_tokens: int, d
         sampler = asyncio.ensure_future(sample_memory())
         await asyncio.gather(*(client(i) for i in range(streams)))
         sampler.cancel()
-    return records, failures, peak
+    return outcome
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -174,28 +199,30 @@ async def main(args: argparse.Namespace) -> int:
         await until_answering(deployment, url)
         before = deployment.rss()
         started = time.perf_counter()
-        records, failures, peak = await closed_loop(url, args.streams, args.seconds, args.max_tokens,
-                                                    deployment)
+        outcome = await closed_loop(url, args.streams, args.seconds, args.max_tokens, deployment)
         elapsed = time.perf_counter() - started
         await asyncio.sleep(5.0)
         after = deployment.rss()
         deployment.check_alive()
     finally:
         deployment.stop()
+    records, failures = outcome.records, outcome.failures
     done = [r for r in records if not r.error]
     tokens = sum(len(r.token_times) for r in done)
     print(f"{args.streams} streams for {args.seconds:g} s ({elapsed:.1f} s with the last requests): "
           f"{len(records)} requests, {len(done)} succeeded, {sum(failures.values())} failed, "
           f"{tokens / elapsed:,.0f} tokens/s")
     for code, count in failures.most_common():
-        print(f"  failed {count:6d}  {code}")
+        print(f"  failed {count:6d}  {code}  e.g. {outcome.examples[code]!r}")
+    if outcome.retry_after:
+        print(f"  429 with Retry-After: {outcome.retry_after[True]}, without: {outcome.retry_after[False]}")
     ttfts = sorted(r.ttft for r in done if r.ttft is not None)
     if ttfts:
         p50, p99 = ttfts[len(ttfts) // 2], ttfts[int(len(ttfts) * 0.99)]
         print(f"TTFT p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms")
     print(f"{'process':<14}{'RSS before':>12}{'peak':>10}{'5 s after':>12}  (MiB)")
     for name in [*deployment.procs, "client"]:
-        print(f"{name:<14}{before.get(name, 0):>12.0f}{peak[name]:>10.0f}{after.get(name, 0):>12.0f}")
+        print(f"{name:<14}{before.get(name, 0):>12.0f}{outcome.peak[name]:>10.0f}{after.get(name, 0):>12.0f}")
     print(f"logs: {deployment.log_dir}")
     return 1 if not done else 0
 
