@@ -142,9 +142,9 @@ class Fleet:
         url = f"http://{self.roles['router'].host.address}:{METRICS_PORT}/metrics"
         return Counter(self.ask("metrics", url, *ROUTER_SERIES))
 
-    def start_load(self, out: Path) -> subprocess.Popen[bytes]:
+    def start_load(self, out: Path, seconds: float = LOAD["seconds"]) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "tests.netns_client", "load", self.url, MODEL, "--out", str(out),
-                "--concurrency", str(LOAD["concurrency"]), "--seconds", str(LOAD["seconds"])]
+                "--concurrency", str(LOAD["concurrency"]), "--seconds", str(seconds)]
         return self.client.popen(argv, self.log_dir / "load.log", env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
@@ -200,7 +200,7 @@ class FaultReport:
     @property
     def recovery_s(self) -> float:
         """From the fault to the start of the first request that succeeded after the last one that failed (0
-        when none failed)."""
+        when none failed; infinite when none succeeded after)."""
         failed = [r["end"] for r in self.records if r["outcome"] != "ok" and r["end"] >= self.fault_at]
         if not failed:
             return 0.0
@@ -255,17 +255,18 @@ def _wait_ready(load: subprocess.Popen[bytes], ready: Path, timeout_s: float = 6
         time.sleep(0.1)
 
 
-def under_load(fleet: Fleet, name: str, fault: Callable[[], None], gone: str = "") -> FaultReport:
-    """Run the load, `fault` FAULT_AT_S after its first success; what the load saw and what the workers
-    (but `gone`) hold after."""
+def under_load(fleet: Fleet, name: str, fault: Callable[[], None], gone: str = "",
+               seconds: float = LOAD["seconds"]) -> FaultReport:
+    """Run the load for `seconds`, `fault` FAULT_AT_S after its first success; what the load saw and what
+    the workers (but `gone`) hold after."""
     out = fleet.log_dir / f"load-{name.replace(' ', '_')}.json"
     before = fleet.router_counts()
-    load = fleet.start_load(out)
+    load = fleet.start_load(out, seconds)
     _wait_ready(load, Path(f"{out}.ready"))
     time.sleep(FAULT_AT_S)
     fault_at = time.time()
     fault()
-    assert load.wait(LOAD["seconds"] + 60) == 0, (fleet.log_dir / "load.log").read_text()[-3000:]
+    assert load.wait(seconds + 60) == 0, (fleet.log_dir / "load.log").read_text()[-3000:]
     leftovers = _settled(fleet, gone)
     records = json.loads(out.read_text())
     report = FaultReport(name, records, fault_at, leftovers, fleet.router_counts() - before)
@@ -367,7 +368,8 @@ def test_decode_link_down_under_load(fleet: Fleet, expected: dict[int, str]) -> 
         time.sleep(LINK_DOWN_S)
         host.link_up()
 
-    report = under_load(fleet, f"decode link down {LINK_DOWN_S:g} s", link_flap)
+    report = under_load(fleet, f"decode link down {LINK_DOWN_S:g} s", link_flap,
+                        seconds=LOAD["seconds"] + LINK_DOWN_S + 2)
     assert report.wrong_texts(expected) == 0, report.line(expected)
     assert_nothing_held(report)
     client_errors = [r for r in report.records if r["outcome"].startswith(("http_4", "stream_kv_handle"))]
