@@ -3,8 +3,9 @@
 `Network` makes the bridge, and per host a namespace with loopback up and a veth pair (one end in the
 namespace as `eth0`, with the host's address; the other on the bridge). Only addresses inside the
 namespaces exist (10.77.0.0/24 by default); the bridge has none, so nothing outside can reach them and
-runs that overlap do not collide: each run names its namespaces, veths and bridge after a random id and the
-pid that made them, and `sweep()` removes what runs whose process is gone left behind. Needs root
+runs that overlap do not collide: each run names its namespaces, veths and bridge after a random id (and
+marks namespaces and bridge with the pid that made them), and `sweep()` removes what runs whose process is
+gone left behind. Needs root
 (`ip netns`, veth, a bridge); `require_root()` fails with a message that says so.
 """
 
@@ -16,7 +17,7 @@ import os
 import secrets
 import signal
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -181,15 +182,3 @@ class Network:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-
-@contextlib.contextmanager
-def network(*hosts: str) -> Iterator[Network]:
-    """A network with `hosts`, removed after, also when making it fails halfway."""
-    net = Network()
-    try:
-        for name in hosts:
-            net.add_host(name)
-        yield net
-    finally:
-        net.close()
