@@ -1,4 +1,5 @@
-"""A real single-member etcd for tests, on free loopback ports, in its own process group."""
+"""A real single-member etcd for tests, on free ports (loopback, or an address of a test host), in its own
+process group."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -35,17 +38,22 @@ class EtcdServer:
 
     With `ca`, clients reach it over TLS with a certificate that CA signs; `client_cert_auth` also makes
     it require a client certificate from that CA. `auth_token_ttl_s` sets how long an idle auth token
-    lives (etcd's default: 300 s). Authentication itself is switched on through etcd's API, as in use."""
+    lives (etcd's default: 300 s). Authentication itself is switched on through etcd's API, as in use.
+    `host` is the address it listens on; `run_in` wraps each command it runs (etcd itself, and its health
+    probe), e.g. to run them inside a network namespace (`tests/netns.py`: `Host.command`)."""
 
     def __init__(self, base_dir: Path | None = None, name: str = "test-etcd", *,
                  ca: ThrowawayCA | None = None, client_cert_auth: bool = False,
-                 auth_token_ttl_s: int | None = None) -> None:
+                 auth_token_ttl_s: int | None = None, host: str = "127.0.0.1",
+                 run_in: Callable[[Sequence[str]], list[str]] | None = None) -> None:
         self._owns_dir = base_dir is None
         self.base_dir = Path(tempfile.mkdtemp(prefix="etcd-")) if base_dir is None else base_dir
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.base_dir / "data"
         self.log_path = self.base_dir / "etcd.log"
         self.name = name
+        self.host = host
+        self.run_in = run_in
         self.client_port = free_port()
         self.peer_port = free_port()
         self.ca = ca
@@ -57,7 +65,7 @@ class EtcdServer:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     @property
     def scheme(self) -> str:
@@ -70,7 +78,7 @@ class EtcdServer:
     def start(self) -> None:
         if self.running:
             return
-        client_url, peer_url = f"{self.scheme}://{self.endpoint}", f"http://127.0.0.1:{self.peer_port}"
+        client_url, peer_url = f"{self.scheme}://{self.endpoint}", f"http://{self.host}:{self.peer_port}"
         command = [
             ETCD_BINARY, "--data-dir", str(self.data_dir),
             "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
@@ -80,8 +88,9 @@ class EtcdServer:
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            self._proc = subprocess.Popen(self.run_in(command) if self.run_in else command, stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                          start_new_session=True)
         try:
             self._wait_healthy()
         except BaseException:
@@ -158,6 +167,26 @@ class EtcdServer:
             context.load_cert_chain(*self._health_cert)
         return context
 
+    def _health_error(self) -> str:
+        """Why etcd is not healthy yet; empty when it is."""
+        url = f"{self.scheme}://{self.endpoint}/health"
+        if self.run_in is not None:  # where this process may not reach it: ask from where etcd runs
+            assert self.ca is None, "a probe run elsewhere speaks plain HTTP"
+            probe = ("import json, sys, urllib.request\n"
+                     "try: print(json.loads(urllib.request.urlopen(sys.argv[1], timeout=1).read())"
+                     "['health'])\nexcept Exception as e: print(e)")
+            result = subprocess.run(self.run_in([sys.executable, "-c", probe, url]), capture_output=True,
+                                    text=True, timeout=10, check=False)
+            answer = result.stdout.strip() or result.stderr.strip()
+            return "" if answer == "true" else answer or "no answer yet"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0, context=self._health_context()) as response:
+                if json.loads(response.read()).get("health") == "true":
+                    return ""
+                return "health is not true yet"
+        except (OSError, ValueError) as exc:
+            return str(exc)
+
     def _wait_healthy(self) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -166,14 +195,9 @@ class EtcdServer:
             if self._proc.poll() is not None:
                 last_error = f"etcd exited with code {self._proc.returncode}"
                 break
-            try:
-                with urllib.request.urlopen(f"{self.scheme}://{self.endpoint}/health", timeout=1.0,
-                                            context=self._health_context()) as response:
-                    if json.loads(response.read()).get("health") == "true":
-                        return
-                    last_error = "health is not true yet"
-            except (OSError, ValueError) as exc:
-                last_error = str(exc)
+            last_error = self._health_error()
+            if not last_error:
+                return
             time.sleep(0.05)
         tail = self.log_tail()
         print(f"etcd failed to start ({last_error}); log tail:\n{tail}")
