@@ -118,6 +118,7 @@ async def test_models_and_health(served: Served) -> None:
     with pytest.raises(openai.APIStatusError) as refused:  # the router's UNAVAILABLE (NO_WORKERS)
         await served.client.completions.create(model=MODEL, prompt="anyone?", max_tokens=3)
     assert refused.value.status_code == 503 and refused.value.code == "no_workers"
+    assert refused.value.response.headers["Retry-After"] == "1"  # clients back off, then try again
     # An autoscaled deployment at zero is still ready: the next request starts a decode worker.
     await registry.put_document("scale", cp_pb.ScaleTarget(decode_workers=0, version=3).SerializeToString())
 

@@ -248,7 +248,13 @@ def _requiring_token(token: bytes) -> Callable[..., Awaitable[web.StreamResponse
     return require_token
 
 
+RETRY_AFTER = "1"
+"""Seconds a client told 429 (every worker busy) or 503 (none serving yet) waits before trying again."""
+
+
 def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    if status in (429, 503):
+        headers = {**(headers or {}), "Retry-After": RETRY_AFTER}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", charset="utf-8",
                         headers=headers)
 
