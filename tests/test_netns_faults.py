@@ -356,10 +356,6 @@ def test_etcd_restart_under_load(fleet: Fleet, expected: dict[int, str]) -> None
     assert_nothing_held(report)
 
 
-@pytest.mark.xfail(strict=True, reason="a request whose KV expired on the prefill worker while the decode "
-                   "host was cut off fails with HTTP 404 kv_handle_expired (an invalid_request_error, though "
-                   "the client did nothing wrong; README: 404 is an unknown model) instead of being "
-                   "prefilled again")
 def test_decode_link_down_under_load(fleet: Fleet, expected: dict[int, str]) -> None:
     host = fleet.roles["decode-a"].host
 

@@ -206,6 +206,15 @@ class Router:
                             yield event
                     return
                 except DynamoError as error:
+                    if handle is not None and not generated and error.reason == "KV_HANDLE_EXPIRED":
+                        # The lease ended before the decode worker could take the KV (its link was down,
+                        # say): the request is still good, so the decode worker prefills it itself.
+                        log.warning("request %s: its KV expired on prefill worker %s before decode worker %s "
+                                    "took it; the decode worker prefills the prompt", request_id,
+                                    route.prefill.worker_id if route.prefill else "?", decode.worker_id)
+                        handle, to_compute = None, route.uncached_tokens
+                        start = decode_pb.DecodeStart(params=params, last_tokens_in_completion=True)
+                        continue
                     if not self._worker_lost(error, cancelled) or len(failed) >= self._max_migrations or \
                             len(generated) >= sampling_of(params, request_id).max_tokens:
                         raise
