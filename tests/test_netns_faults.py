@@ -330,6 +330,9 @@ def test_kill_decode_under_load(fleet: Fleet, expected: dict[int, str]) -> None:
     decode.restart_elsewhere(fleet.etcd.endpoint)
     fleet.wait_serving("decode-a")
     assert report.router[ROUTER_SERIES[0]] > 0, "no stream was cut by the kill: " + report.line(expected)
+    # The first refused connection marks the worker down: later requests go elsewhere at once rather than
+    # each failing over from it until its lease ends (30 migrations for 6 streams before that).
+    assert report.router[ROUTER_SERIES[0]] <= 2 * LOAD["concurrency"], report.line(expected)
     assert_lossless(report, expected)
     assert_nothing_held(report)
 

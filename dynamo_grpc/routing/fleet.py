@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import logging
 import math
+import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 _MAX_RETRY_S = 10.0
 DEFAULT_LOAD_POLL_S = 0.5
+
+DOWN_FOR_S = 5.0
+"""How long routing passes by a decode worker a call found unreachable; its registration outlives a crash
+by up to its lease TTL (10 s by default)."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,8 @@ class Fleet:
         self._tasks: list[asyncio.Task[None]] = []
         self._first_snapshot = asyncio.Event()
         self._called_for_capacity = -math.inf
+        self._down: dict[str, float] = {}
+        """Decode workers a call just found unreachable -> until when routing passes them by."""
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._keep_following("workers", self._follow_workers)),
@@ -179,6 +186,8 @@ class Fleet:
         lets the kv_aware policy count cached tokens. A short uncached prompt, or a saturated prefill
         worker, keeps the prefill on the decode worker (conditional disaggregation)."""
         view = self._current_view()
+        if self._down:
+            exclude = self._excluding_down(exclude, view.decodes.get(model, ()))
         decode_ids = [d for d in view.decodes.get(model, ()) if d not in exclude]
         if not decode_ids:
             if not view.decodes:
@@ -315,12 +324,29 @@ class Fleet:
             self._follow_each_worker()
             self._first_snapshot.set()
 
+    def mark_down(self, worker_id: str, for_s: float = DOWN_FOR_S) -> None:
+        """A call to the decode worker failed as if it were gone (refused, reset): route around it for `for_s`,
+        or until its record changes (a restart), rather than send every request to it until its lease ends."""
+        self._down[worker_id] = time.monotonic() + for_s
+
+    def _excluding_down(self, exclude: Collection[str], candidates: Collection[str]) -> Collection[str]:
+        """`exclude` and the workers marked down, unless that leaves none of `candidates` (then trying one
+        beats refusing the request)."""
+        now = time.monotonic()
+        for worker_id, until in list(self._down.items()):
+            if until <= now or worker_id not in self.workers:
+                del self._down[worker_id]
+        more = {*exclude, *self._down}
+        return more if any(c not in more for c in candidates) else exclude
+
     def _reset_renewed(self, snapshot: dict[str, pb.WorkerInfo]) -> None:
         """A worker record new to this view, or changed, is a process (re)started at its endpoint: channels
         to that endpoint may be waiting out a reconnect backoff from the process that was there before, so
         they are made afresh and the next call connects at once."""
         for worker_id, worker in snapshot.items():
             before = self.workers.get(worker_id)
+            if before is not worker and before != worker:
+                self._down.pop(worker_id, None)
             if before is not worker and before != worker and self._channels.reset(worker.endpoint):
                 log.info("fleet: worker %s (re)started at %s; reconnecting to it", worker_id, worker.endpoint)
 

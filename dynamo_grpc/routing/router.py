@@ -219,6 +219,7 @@ class Router:
                             len(generated) >= sampling_of(params, request_id).max_tokens:
                         raise
                     failed.append(decode.worker_id)
+                    self.fleet.mark_down(decode.worker_id)
                     try:
                         decode = self.fleet.route(params.model, request_id, exclude=failed).decode
                     except DynamoError:
