@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,8 @@ class DynamoKvConnector(KVConnectorBase_V1):
         # Worker side.
         self._kv_caches: list[torch.Tensor] = []
         self._failed_blocks: set[int] = set()
+        log.info("%s: %s side, tensor-parallel rank %d of %d, pid %d", CONNECTOR_NAME, role.name,
+                 _tp_rank(role), vllm_config.parallel_config.tensor_parallel_size, os.getpid())
 
     # ---- scheduler side ----
 
@@ -171,3 +174,12 @@ class DynamoKvConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
+
+
+def _tp_rank(role: KVConnectorRole) -> int:
+    """This worker's tensor-parallel rank; the scheduler side, which serves every rank, counts as rank 0."""
+    if role != KVConnectorRole.WORKER:
+        return 0
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()
