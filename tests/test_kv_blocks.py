@@ -95,3 +95,12 @@ def test_a_layout_without_a_block_dimension_is_refused() -> None:
     assert len(block_major(torch.zeros(8, 2, 4), 8)) == 1
     with pytest.raises(ValueError, match="neither"):
         block_major(torch.zeros(3, 8, 4), 8)
+
+
+def test_kv_heads_split_across_ranks_as_vllm_splits_them() -> None:
+    from dynamo_grpc.engine.vllm_engine import kv_shards
+
+    heads = [(s.rank, s.first_kv_head, s.num_kv_heads) for s in kv_shards(2, 8, 4)]
+    assert heads == [(0, 0, 4), (1, 4, 4)]
+    # Two KV heads over four ranks: each head on two ranks.
+    assert [s.first_kv_head for s in kv_shards(4, 2, 1)] == [0, 0, 1, 1]

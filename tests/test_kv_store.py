@@ -70,3 +70,21 @@ async def test_close_frees_everything() -> None:
 def test_ttl_must_be_positive() -> None:
     with pytest.raises(ValueError, match="TTL"):
         LeasedKvStore(endpoint="e", host="h", ttl_s=0)
+
+
+async def test_a_segment_of_tensor_parallel_shards_is_described_shard_by_shard() -> None:
+    import os
+
+    from dynamo_grpc.kv import shm
+
+    store = LeasedKvStore(endpoint="e", host="h", ttl_s=30)
+    segment = shm.new_segment_name()
+    data = os.urandom(4096) + os.urandom(4096)
+    shm.create(segment, len(data)).write(data)
+    handle = await store.hold_segment(segment, num_tokens=1, layout=pb.KvLayout(), fingerprint="f",
+                                      shards=[pb.KvShard(rank=r, first_kv_head=r, num_kv_heads=1) for r in (0, 1)])
+    assert handle.crc32 == zlib.crc32(data) and handle.total_bytes == len(data)
+    assert [(s.rank, s.first_kv_head, s.offset, s.size, s.crc32) for s in handle.shards] == [
+        (0, 0, 0, 4096, zlib.crc32(data[:4096])), (1, 1, 4096, 4096, zlib.crc32(data[4096:]))]
+    assert store.release(handle.transfer_id, handle.pull_token)
+    assert shm.size_of(segment) is None

@@ -200,6 +200,15 @@ def extra_engine_args(pairs: tuple[str, ...]) -> dict[str, Any]:
     return args
 
 
+def kv_shards(ranks: int, total_kv_heads: int, kv_heads_per_rank: int) -> list[pb.KvShard]:
+    """Which KV heads each tensor-parallel rank holds: consecutive equal splits, or with fewer heads than
+    ranks, each head on `ranks / total_kv_heads` consecutive ranks (vLLM replicates them)."""
+    return [pb.KvShard(rank=rank, num_kv_heads=kv_heads_per_rank,
+                       first_kv_head=rank * kv_heads_per_rank if total_kv_heads >= ranks
+                       else rank * total_kv_heads // ranks)
+            for rank in range(ranks)]
+
+
 def _refusals() -> tuple[type[Exception], ...]:
     """What vLLM raises when it refuses a request it was handed."""
     from vllm.exceptions import VLLMValidationError
@@ -279,6 +288,7 @@ class VllmEngine:
         self.fingerprint = (
             f"vllm-{vllm.__version__}/{config.model}/{config.dtype}/kv-{self._kv_dtype}/bs{cache.block_size}"
             f"/L{self._num_layers}xH{self._total_kv_heads}xD{head_size}/tp{self._tp}h{kv_heads}")
+        self._shards = kv_shards(self._tp, self._total_kv_heads, kv_heads)
         self._store = kv_store
         self._receiver = kv_receiver
         self._live: set[str] = set()
@@ -354,7 +364,8 @@ class VllmEngine:
                 if saved:
                     num_tokens = int(saved["num_tokens"])
                     out.kv_handle = await self._store.hold_segment(
-                        segment, num_tokens=num_tokens, layout=self.layout(num_tokens), fingerprint=self.fingerprint)
+                        segment, num_tokens=num_tokens, layout=self.layout(num_tokens), fingerprint=self.fingerprint,
+                        shards=self._shards)
                     leased = True
                 elif out.finish_reason in (FinishReason.LENGTH, FinishReason.STOP):
                     raise DynamoError("the engine finished the prefill without saving its KV; see the worker log",

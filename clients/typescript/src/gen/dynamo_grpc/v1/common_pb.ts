@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file dynamo_grpc/v1/common.proto.
  */
 export const file_dynamo_grpc_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("ChtkeW5hbW9fZ3JwYy92MS9jb21tb24ucHJvdG8SDmR5bmFtb19ncnBjLnYxIhcKCFRva2VuSWRzEgsKA2lkcxgBIAMoDSJPCgZQcm9tcHQSDgoEdGV4dBgBIAEoCUgAEi0KCXRva2VuX2lkcxgCIAEoCzIYLmR5bmFtb19ncnBjLnYxLlRva2VuSWRzSABCBgoEZm9ybSKJAgoOU2FtcGxpbmdQYXJhbXMSFwoKbWF4X3Rva2VucxgBIAEoDUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARINCgV0b3BfaxgEIAEoDRIRCgRzZWVkGAUgASgESAOIAQESFgoOc3RvcF90b2tlbl9pZHMYBiADKA0SEgoKaWdub3JlX2VvcxgHIAEoCBIVCghsb2dwcm9icxgIIAEoDUgEiAEBEgwKBHN0b3AYCSADKAlCDQoLX21heF90b2tlbnNCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIHCgVfc2VlZEILCglfbG9ncHJvYnMiuwEKEEdlbmVyYXRpb25QYXJhbXMSDQoFbW9kZWwYASABKAkSJgoGcHJvbXB0GAIgASgLMhYuZHluYW1vX2dycGMudjEuUHJvbXB0EjAKCHNhbXBsaW5nGAMgASgLMh4uZHluYW1vX2dycGMudjEuU2FtcGxpbmdQYXJhbXMSLAoIZGVhZGxpbmUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHByaW9yaXR5GAUgASgFIh4KDENhbmNlbEFjdGlvbhIOCgZyZWFzb24YASABKAkiPgoKVG9wTG9ncHJvYhIQCgh0b2tlbl9pZBgBIAEoDRINCgV0b2tlbhgCIAEoCRIPCgdsb2dwcm9iGAMgASgCImAKDFRva2VuTG9ncHJvYhIPCgdsb2dwcm9iGAEgASgCEg0KBXRva2VuGAIgASgJEjAKDHRvcF9sb2dwcm9icxgDIAMoCzIaLmR5bmFtb19ncnBjLnYxLlRvcExvZ3Byb2IiXQoKVG9rZW5CYXRjaBIRCgl0b2tlbl9pZHMYASADKA0SDAoEdGV4dBgCIAEoCRIuCghsb2dwcm9icxgDIAMoCzIcLmR5bmFtb19ncnBjLnYxLlRva2VuTG9ncHJvYiJvCgVVc2FnZRIVCg1wcm9tcHRfdG9rZW5zGAEgASgNEhkKEWNvbXBsZXRpb25fdG9rZW5zGAIgASgNEhUKDWNhY2hlZF90b2tlbnMYAyABKA0SHQoVa3ZfdHJhbnNmZXJyZWRfdG9rZW5zGAQgASgNIlYKD0t2VHJhbnNmZXJTdGF0cxINCgVieXRlcxgBIAEoBBITCgtkdXJhdGlvbl91cxgCIAEoBBIMCgRwYXRoGAMgASgJEhEKCWZhbGxiYWNrcxgEIAMoCSKDAgoKQ29tcGxldGlvbhIzCg1maW5pc2hfcmVhc29uGAEgASgOMhwuZHluYW1vX2dycGMudjEuRmluaXNoUmVhc29uEiQKBXVzYWdlGAIgASgLMhUuZHluYW1vX2dycGMudjEuVXNhZ2USNAoLa3ZfdHJhbnNmZXIYAyABKAsyHy5keW5hbW9fZ3JwYy52MS5LdlRyYW5zZmVyU3RhdHMSGQoRcHJlZmlsbF93b3JrZXJfaWQYBCABKAkSGAoQZGVjb2RlX3dvcmtlcl9pZBgFIAEoCRIvCgtsYXN0X3Rva2VucxgGIAEoCzIaLmR5bmFtb19ncnBjLnYxLlRva2VuQmF0Y2gibgoIS3ZMYXlvdXQSEgoKYmxvY2tfc2l6ZRgBIAEoDRISCgpudW1fYmxvY2tzGAIgASgNEhcKD2J5dGVzX3Blcl90b2tlbhgDIAEoBBISCgpudW1fbGF5ZXJzGAQgASgNEg0KBWR0eXBlGAUgASgJIsYCCghLdkhhbmRsZRITCgt0cmFuc2Zlcl9pZBgBIAEoCRIQCghlbmRwb2ludBgCIAEoCRISCgpwdWxsX3Rva2VuGAMgASgJEhIKCm51bV90b2tlbnMYBCABKA0SKAoGbGF5b3V0GAUgASgLMhguZHluYW1vX2dycGMudjEuS3ZMYXlvdXQSGgoSZW5naW5lX2ZpbmdlcnByaW50GAYgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3RvdGFsX2J5dGVzGAggASgEEg0KBWNyYzMyGAkgASgNEgwKBGhvc3QYCiABKAkSEwoLc2htX3NlZ21lbnQYCyABKAkSKAoEbml4bBgMIAEoCzIaLmR5bmFtb19ncnBjLnYxLk5peGxTb3VyY2UifQoKTml4bFNvdXJjZRIWCg5hZ2VudF9tZXRhZGF0YRgBIAEoDBIPCgdhZGRyZXNzGAIgASgEEhEKCWRldmljZV9pZBgDIAEoDRIzCgttZW1vcnlfa2luZBgEIAEoDjIeLmR5bmFtb19ncnBjLnYxLk5peGxNZW1vcnlLaW5kIk8KDldvcmtlckNhcGFjaXR5EhEKCWt2X2Jsb2NrcxgBIAEoDRISCgpibG9ja19zaXplGAIgASgNEhYKDm1heF9iYXRjaF9zaXplGAMgASgNIroCCgpXb3JrZXJJbmZvEhEKCXdvcmtlcl9pZBgBIAEoCRIoCgRyb2xlGAIgASgOMhouZHluYW1vX2dycGMudjEuV29ya2VyUm9sZRINCgVtb2RlbBgDIAEoCRIQCghlbmRwb2ludBgEIAEoCRIMCgRob3N0GAUgASgJEhoKEmVuZ2luZV9maW5nZXJwcmludBgGIAEoCRIwCghjYXBhY2l0eRgHIAEoCzIeLmR5bmFtb19ncnBjLnYxLldvcmtlckNhcGFjaXR5Ei4KCnN0YXJ0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmVuZ2luZRgJIAEoCRIyCg1rdl90cmFuc3BvcnRzGAogAygOMhsuZHluYW1vX2dycGMudjEuS3ZUcmFuc3BvcnQi1gIKC1dvcmtlclN0YXRzEhcKD2FjdGl2ZV9yZXF1ZXN0cxgBIAEoDRIWCg51c2VkX2t2X2Jsb2NrcxgCIAEoDRIXCg90b3RhbF9rdl9ibG9ja3MYAyABKA0SFgoOaGVsZF90cmFuc2ZlcnMYBCABKA0SFQoNaGVsZF9rdl9ieXRlcxgFIAEoBBIbChN0cmFuc2ZlcnNfY29tcGxldGVkGAYgASgEEhkKEXRyYW5zZmVyc19leHBpcmVkGAcgASgEEhkKEXJlcXVlc3RzX2ZpbmlzaGVkGAggASgEEhUKDXByb21wdF90b2tlbnMYCSABKAQSHwoXcHJlZml4X2NhY2hlX2hpdF90b2tlbnMYCiABKAQSEwoLdHRmdF9wOTBfbXMYCyABKAESEgoKaXRsX3A5MF9tcxgMIAEoARIaChJuaXhsX3JlZ2lzdHJhdGlvbnMYDSABKA0qcgoKV29ya2VyUm9sZRIbChdXT1JLRVJfUk9MRV9VTlNQRUNJRklFRBAAEhcKE1dPUktFUl9ST0xFX1BSRUZJTEwQARIWChJXT1JLRVJfUk9MRV9ERUNPREUQAhIWChJXT1JLRVJfUk9MRV9ST1VURVIQAyp8CgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISGwoXRklOSVNIX1JFQVNPTl9DQU5DRUxMRUQQAypvCgtLdlRyYW5zcG9ydBIcChhLVl9UUkFOU1BPUlRfVU5TUEVDSUZJRUQQABIUChBLVl9UUkFOU1BPUlRfU0hNEAESFQoRS1ZfVFJBTlNQT1JUX05JWEwQAhIVChFLVl9UUkFOU1BPUlRfR1JQQxADKmgKDk5peGxNZW1vcnlLaW5kEiAKHE5JWExfTUVNT1JZX0tJTkRfVU5TUEVDSUZJRUQQABIZChVOSVhMX01FTU9SWV9LSU5EX0RSQU0QARIZChVOSVhMX01FTU9SWV9LSU5EX1ZSQU0QAmIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChtkeW5hbW9fZ3JwYy92MS9jb21tb24ucHJvdG8SDmR5bmFtb19ncnBjLnYxIhcKCFRva2VuSWRzEgsKA2lkcxgBIAMoDSJPCgZQcm9tcHQSDgoEdGV4dBgBIAEoCUgAEi0KCXRva2VuX2lkcxgCIAEoCzIYLmR5bmFtb19ncnBjLnYxLlRva2VuSWRzSABCBgoEZm9ybSKJAgoOU2FtcGxpbmdQYXJhbXMSFwoKbWF4X3Rva2VucxgBIAEoDUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARINCgV0b3BfaxgEIAEoDRIRCgRzZWVkGAUgASgESAOIAQESFgoOc3RvcF90b2tlbl9pZHMYBiADKA0SEgoKaWdub3JlX2VvcxgHIAEoCBIVCghsb2dwcm9icxgIIAEoDUgEiAEBEgwKBHN0b3AYCSADKAlCDQoLX21heF90b2tlbnNCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIHCgVfc2VlZEILCglfbG9ncHJvYnMiuwEKEEdlbmVyYXRpb25QYXJhbXMSDQoFbW9kZWwYASABKAkSJgoGcHJvbXB0GAIgASgLMhYuZHluYW1vX2dycGMudjEuUHJvbXB0EjAKCHNhbXBsaW5nGAMgASgLMh4uZHluYW1vX2dycGMudjEuU2FtcGxpbmdQYXJhbXMSLAoIZGVhZGxpbmUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHByaW9yaXR5GAUgASgFIh4KDENhbmNlbEFjdGlvbhIOCgZyZWFzb24YASABKAkiPgoKVG9wTG9ncHJvYhIQCgh0b2tlbl9pZBgBIAEoDRINCgV0b2tlbhgCIAEoCRIPCgdsb2dwcm9iGAMgASgCImAKDFRva2VuTG9ncHJvYhIPCgdsb2dwcm9iGAEgASgCEg0KBXRva2VuGAIgASgJEjAKDHRvcF9sb2dwcm9icxgDIAMoCzIaLmR5bmFtb19ncnBjLnYxLlRvcExvZ3Byb2IiXQoKVG9rZW5CYXRjaBIRCgl0b2tlbl9pZHMYASADKA0SDAoEdGV4dBgCIAEoCRIuCghsb2dwcm9icxgDIAMoCzIcLmR5bmFtb19ncnBjLnYxLlRva2VuTG9ncHJvYiJvCgVVc2FnZRIVCg1wcm9tcHRfdG9rZW5zGAEgASgNEhkKEWNvbXBsZXRpb25fdG9rZW5zGAIgASgNEhUKDWNhY2hlZF90b2tlbnMYAyABKA0SHQoVa3ZfdHJhbnNmZXJyZWRfdG9rZW5zGAQgASgNIlYKD0t2VHJhbnNmZXJTdGF0cxINCgVieXRlcxgBIAEoBBITCgtkdXJhdGlvbl91cxgCIAEoBBIMCgRwYXRoGAMgASgJEhEKCWZhbGxiYWNrcxgEIAMoCSKDAgoKQ29tcGxldGlvbhIzCg1maW5pc2hfcmVhc29uGAEgASgOMhwuZHluYW1vX2dycGMudjEuRmluaXNoUmVhc29uEiQKBXVzYWdlGAIgASgLMhUuZHluYW1vX2dycGMudjEuVXNhZ2USNAoLa3ZfdHJhbnNmZXIYAyABKAsyHy5keW5hbW9fZ3JwYy52MS5LdlRyYW5zZmVyU3RhdHMSGQoRcHJlZmlsbF93b3JrZXJfaWQYBCABKAkSGAoQZGVjb2RlX3dvcmtlcl9pZBgFIAEoCRIvCgtsYXN0X3Rva2VucxgGIAEoCzIaLmR5bmFtb19ncnBjLnYxLlRva2VuQmF0Y2gibgoIS3ZMYXlvdXQSEgoKYmxvY2tfc2l6ZRgBIAEoDRISCgpudW1fYmxvY2tzGAIgASgNEhcKD2J5dGVzX3Blcl90b2tlbhgDIAEoBBISCgpudW1fbGF5ZXJzGAQgASgNEg0KBWR0eXBlGAUgASgJIu8CCghLdkhhbmRsZRITCgt0cmFuc2Zlcl9pZBgBIAEoCRIQCghlbmRwb2ludBgCIAEoCRISCgpwdWxsX3Rva2VuGAMgASgJEhIKCm51bV90b2tlbnMYBCABKA0SKAoGbGF5b3V0GAUgASgLMhguZHluYW1vX2dycGMudjEuS3ZMYXlvdXQSGgoSZW5naW5lX2ZpbmdlcnByaW50GAYgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3RvdGFsX2J5dGVzGAggASgEEg0KBWNyYzMyGAkgASgNEgwKBGhvc3QYCiABKAkSEwoLc2htX3NlZ21lbnQYCyABKAkSKAoEbml4bBgMIAEoCzIaLmR5bmFtb19ncnBjLnYxLk5peGxTb3VyY2USJwoGc2hhcmRzGA0gAygLMhcuZHluYW1vX2dycGMudjEuS3ZTaGFyZCJxCgdLdlNoYXJkEgwKBHJhbmsYASABKA0SFQoNZmlyc3Rfa3ZfaGVhZBgCIAEoDRIUCgxudW1fa3ZfaGVhZHMYAyABKA0SDgoGb2Zmc2V0GAQgASgEEgwKBHNpemUYBSABKAQSDQoFY3JjMzIYBiABKA0ifQoKTml4bFNvdXJjZRIWCg5hZ2VudF9tZXRhZGF0YRgBIAEoDBIPCgdhZGRyZXNzGAIgASgEEhEKCWRldmljZV9pZBgDIAEoDRIzCgttZW1vcnlfa2luZBgEIAEoDjIeLmR5bmFtb19ncnBjLnYxLk5peGxNZW1vcnlLaW5kIk8KDldvcmtlckNhcGFjaXR5EhEKCWt2X2Jsb2NrcxgBIAEoDRISCgpibG9ja19zaXplGAIgASgNEhYKDm1heF9iYXRjaF9zaXplGAMgASgNIroCCgpXb3JrZXJJbmZvEhEKCXdvcmtlcl9pZBgBIAEoCRIoCgRyb2xlGAIgASgOMhouZHluYW1vX2dycGMudjEuV29ya2VyUm9sZRINCgVtb2RlbBgDIAEoCRIQCghlbmRwb2ludBgEIAEoCRIMCgRob3N0GAUgASgJEhoKEmVuZ2luZV9maW5nZXJwcmludBgGIAEoCRIwCghjYXBhY2l0eRgHIAEoCzIeLmR5bmFtb19ncnBjLnYxLldvcmtlckNhcGFjaXR5Ei4KCnN0YXJ0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmVuZ2luZRgJIAEoCRIyCg1rdl90cmFuc3BvcnRzGAogAygOMhsuZHluYW1vX2dycGMudjEuS3ZUcmFuc3BvcnQi1gIKC1dvcmtlclN0YXRzEhcKD2FjdGl2ZV9yZXF1ZXN0cxgBIAEoDRIWCg51c2VkX2t2X2Jsb2NrcxgCIAEoDRIXCg90b3RhbF9rdl9ibG9ja3MYAyABKA0SFgoOaGVsZF90cmFuc2ZlcnMYBCABKA0SFQoNaGVsZF9rdl9ieXRlcxgFIAEoBBIbChN0cmFuc2ZlcnNfY29tcGxldGVkGAYgASgEEhkKEXRyYW5zZmVyc19leHBpcmVkGAcgASgEEhkKEXJlcXVlc3RzX2ZpbmlzaGVkGAggASgEEhUKDXByb21wdF90b2tlbnMYCSABKAQSHwoXcHJlZml4X2NhY2hlX2hpdF90b2tlbnMYCiABKAQSEwoLdHRmdF9wOTBfbXMYCyABKAESEgoKaXRsX3A5MF9tcxgMIAEoARIaChJuaXhsX3JlZ2lzdHJhdGlvbnMYDSABKA0qcgoKV29ya2VyUm9sZRIbChdXT1JLRVJfUk9MRV9VTlNQRUNJRklFRBAAEhcKE1dPUktFUl9ST0xFX1BSRUZJTEwQARIWChJXT1JLRVJfUk9MRV9ERUNPREUQAhIWChJXT1JLRVJfUk9MRV9ST1VURVIQAyp8CgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISGwoXRklOSVNIX1JFQVNPTl9DQU5DRUxMRUQQAypvCgtLdlRyYW5zcG9ydBIcChhLVl9UUkFOU1BPUlRfVU5TUEVDSUZJRUQQABIUChBLVl9UUkFOU1BPUlRfU0hNEAESFQoRS1ZfVFJBTlNQT1JUX05JWEwQAhIVChFLVl9UUkFOU1BPUlRfR1JQQxADKmgKDk5peGxNZW1vcnlLaW5kEiAKHE5JWExfTUVNT1JZX0tJTkRfVU5TUEVDSUZJRUQQABIZChVOSVhMX01FTU9SWV9LSU5EX0RSQU0QARIZChVOSVhMX01FTU9SWV9LSU5EX1ZSQU0QAmIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * A list of token ids; a message of its own so it can sit in a oneof.
@@ -613,6 +613,14 @@ export type KvHandle = Message<"dynamo_grpc.v1.KvHandle"> & {
    * @generated from field: dynamo_grpc.v1.NixlSource nixl = 12;
    */
   nixl?: NixlSource | undefined;
+
+  /**
+   * The bytes split by tensor-parallel rank of the prefill engine, rank 0 first, back to back; each rank
+   * holds the KV of its heads only. One shard for an engine of one rank.
+   *
+   * @generated from field: repeated dynamo_grpc.v1.KvShard shards = 13;
+   */
+  shards: KvShard[];
 };
 
 /**
@@ -621,6 +629,63 @@ export type KvHandle = Message<"dynamo_grpc.v1.KvHandle"> & {
  */
 export const KvHandleSchema: GenMessage<KvHandle> = /*@__PURE__*/
   messageDesc(file_dynamo_grpc_v1_common, 12);
+
+/**
+ * The part of a transfer's bytes one tensor-parallel rank wrote: that rank's KV heads, laid out like
+ * the whole transfer (`KvHandle.layout`) but with `num_kv_heads` heads.
+ *
+ * @generated from message dynamo_grpc.v1.KvShard
+ */
+export type KvShard = Message<"dynamo_grpc.v1.KvShard"> & {
+  /**
+   * Tensor-parallel rank of the prefill engine that wrote it.
+   *
+   * @generated from field: uint32 rank = 1;
+   */
+  rank: number;
+
+  /**
+   * First KV head of the model the shard holds.
+   *
+   * @generated from field: uint32 first_kv_head = 2;
+   */
+  firstKvHead: number;
+
+  /**
+   * KV heads the shard holds, consecutive from `first_kv_head`.
+   *
+   * @generated from field: uint32 num_kv_heads = 3;
+   */
+  numKvHeads: number;
+
+  /**
+   * Offset of the shard's first byte in the transfer.
+   *
+   * @generated from field: uint64 offset = 4;
+   */
+  offset: bigint;
+
+  /**
+   * Bytes of the shard.
+   *
+   * @generated from field: uint64 size = 5;
+   */
+  size: bigint;
+
+  /**
+   * CRC-32 of the shard's bytes, to name the rank whose shard arrived corrupted.
+   *
+   * @generated from field: uint32 crc32 = 6;
+   */
+  crc32: number;
+};
+
+/**
+ * Describes the message dynamo_grpc.v1.KvShard.
+ * Use `create(KvShardSchema)` to create a new message.
+ */
+export const KvShardSchema: GenMessage<KvShard> = /*@__PURE__*/
+  messageDesc(file_dynamo_grpc_v1_common, 13);
 
 /**
  * Memory a prefill worker registered with its NIXL agent, holding one transfer's bytes.
@@ -663,7 +728,7 @@ export type NixlSource = Message<"dynamo_grpc.v1.NixlSource"> & {
  * Use `create(NixlSourceSchema)` to create a new message.
  */
 export const NixlSourceSchema: GenMessage<NixlSource> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_common, 13);
+  messageDesc(file_dynamo_grpc_v1_common, 14);
 
 /**
  * Capacity a worker announces when it registers.
@@ -698,7 +763,7 @@ export type WorkerCapacity = Message<"dynamo_grpc.v1.WorkerCapacity"> & {
  * Use `create(WorkerCapacitySchema)` to create a new message.
  */
 export const WorkerCapacitySchema: GenMessage<WorkerCapacity> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_common, 14);
+  messageDesc(file_dynamo_grpc_v1_common, 15);
 
 /**
  * A live worker as registered in etcd.
@@ -783,7 +848,7 @@ export type WorkerInfo = Message<"dynamo_grpc.v1.WorkerInfo"> & {
  * Use `create(WorkerInfoSchema)` to create a new message.
  */
 export const WorkerInfoSchema: GenMessage<WorkerInfo> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_common, 15);
+  messageDesc(file_dynamo_grpc_v1_common, 16);
 
 /**
  * Live load of a worker engine and its KV store.
@@ -892,7 +957,7 @@ export type WorkerStats = Message<"dynamo_grpc.v1.WorkerStats"> & {
  * Use `create(WorkerStatsSchema)` to create a new message.
  */
 export const WorkerStatsSchema: GenMessage<WorkerStats> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_common, 16);
+  messageDesc(file_dynamo_grpc_v1_common, 17);
 
 /**
  * The role a worker process plays in a disaggregated deployment.
