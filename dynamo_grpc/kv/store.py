@@ -23,6 +23,7 @@ from zlib_ng import zlib_ng
 
 from dynamo_grpc.errors import FailedPrecondition, NotFound, PermissionDenied
 from dynamo_grpc.kv import shm
+from dynamo_grpc.kv.fingerprint import mismatch_hint
 from dynamo_grpc.kv.nixl_transport import NixlAgent, NixlFailure, Registration
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -101,7 +102,7 @@ class LeasedKvStore:
             raise FailedPrecondition(
                 f"KV transfer {transfer_id} was produced by an incompatible engine "
                 f"({held.handle.engine_fingerprint}); the puller runs {fingerprint}. "
-                "Pair only workers with the same engine fingerprint.",
+                + mismatch_hint(held.handle.engine_fingerprint, fingerprint),
                 reason="ENGINE_FINGERPRINT_MISMATCH")
         return held.data
 

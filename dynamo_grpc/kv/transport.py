@@ -37,6 +37,7 @@ from dynamo_grpc.errors import (
     from_rpc_error,
 )
 from dynamo_grpc.kv import shm
+from dynamo_grpc.kv.fingerprint import mismatch_hint
 from dynamo_grpc.kv.nixl_transport import NixlAgent, NixlFailure
 from dynamo_grpc.kv.wire import PULL_KV_METHOD, parse_chunk
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -386,7 +387,7 @@ class KvReceiver:
         if handle.engine_fingerprint != fingerprint:
             raise FailedPrecondition(
                 f"KV handle comes from an incompatible engine ({handle.engine_fingerprint}); this decode "
-                f"worker runs {fingerprint}. Pair only workers with the same engine fingerprint.",
+                f"worker runs {fingerprint}. {mismatch_hint(handle.engine_fingerprint, fingerprint)}",
                 request_id=request_id, reason="ENGINE_FINGERPRINT_MISMATCH")
 
     async def receive(self, handle: pb.KvHandle, *, prompt_tokens: int, fingerprint: str, request_id: str,
