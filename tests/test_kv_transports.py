@@ -141,6 +141,23 @@ async def test_grpc_pulls_in_parallel_streams_and_the_last_chunk_frees_the_trans
     assert not own_segments()
 
 
+async def test_a_corrupted_tensor_parallel_shard_is_reported_with_its_rank(serve_store, channels) -> None:
+    prefill = await serve_store()
+    data = payload(4 << 20)
+    segment = segment_with(data)
+    handle = await prefill.store.hold_segment(segment, num_tokens=1, layout=pb.KvLayout(), fingerprint=FINGERPRINT,
+                                              shards=[pb.KvShard(rank=r, first_kv_head=r, num_kv_heads=1)
+                                                      for r in (0, 1)])
+    fd = os.open(shm.SHM_DIR / segment, os.O_WRONLY)  # memory corruption in rank 1's half
+    os.pwrite(fd, b"\xff" * 64, 3 << 20)
+    os.close(fd)
+    kv = KvReceiver([GrpcTransport(channels, streams=4)])
+    with pytest.raises(DynamoError, match=r"tensor-parallel ranks \[1\]") as failure:
+        await receive(kv, handle, GRPC)
+    assert failure.value.reason == "KV_TRANSFER_CORRUPT"
+    assert not own_segments()
+
+
 async def test_a_range_outside_the_transfer_is_refused(serve_store, channels) -> None:
     prefill = await serve_store()
     handle = await prefill.hold(payload(1000))

@@ -233,7 +233,7 @@ class GrpcTransport:
         stream in order) and checked against the handle's size and CRC-32; the prefill worker checks
         `fingerprint`. With `release`, the prefill worker frees the transfer once all of it is sent."""
         started = time.perf_counter()
-        ranges = _split(handle.total_bytes, self._streams)
+        ranges = _shard_ranges(handle, self._streams)
         request = kv_pb.PullKvRequest(request_id=request_id, transfer_id=handle.transfer_id,
                                       pull_token=handle.pull_token, engine_fingerprint=fingerprint,
                                       release=release)
@@ -250,7 +250,9 @@ class GrpcTransport:
         for (start, end), range_crc in zip(ranges, crcs):
             crc = zlib_ng.crc32_combine(crc, range_crc, end - start)
         if crc != handle.crc32:
-            raise _data_loss(request_id, "KV bytes failed their CRC-32 check")
+            corrupt = _corrupt_ranks(handle, ranges, crcs)
+            raise _data_loss(request_id, "KV bytes failed their CRC-32 check"
+                             + (f" (the shards of tensor-parallel ranks {corrupt})" if corrupt else ""))
         duration_us = int((time.perf_counter() - started) * 1e6)
         return pb.KvTransferStats(bytes=handle.total_bytes, duration_us=duration_us, path=self.name)
 
@@ -293,6 +295,29 @@ def _split(total: int, streams: int) -> list[tuple[int, int]]:
     count = max(1, min(streams, total // _MIN_STREAM_BYTES))
     step = -(-total // count)
     return [(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+def _shard_ranges(handle: pb.KvHandle, streams: int) -> list[tuple[int, int]]:
+    """`_split` of the transfer; with several tensor-parallel shards, of each shard on its share of the
+    streams (at least one each), so that every range lies in one shard."""
+    if len(handle.shards) < 2:
+        return _split(handle.total_bytes, streams)
+    per_shard = max(1, streams // len(handle.shards))
+    return [(shard.offset + start, shard.offset + end)
+            for shard in handle.shards for start, end in _split(shard.size, per_shard)]
+
+
+def _corrupt_ranks(handle: pb.KvHandle, ranges: list[tuple[int, int]], crcs: list[int]) -> list[int]:
+    """The ranks whose shard's CRC-32, combined from the ranges' that lie in it, is not the handle's."""
+    corrupt = []
+    for shard in handle.shards if len(handle.shards) > 1 else ():
+        crc = 0
+        for (start, end), range_crc in zip(ranges, crcs):
+            if shard.offset <= start < shard.offset + shard.size:
+                crc = zlib_ng.crc32_combine(crc, range_crc, end - start)
+        if crc != shard.crc32:
+            corrupt.append(shard.rank)
+    return corrupt
 
 
 class _FileSink:
