@@ -87,7 +87,7 @@ class DynamoKvConnector(KVConnectorBase_V1):
         self._failed_blocks: set[int] = set()
         self._shard = Shard(_tp_rank(role), vllm_config.parallel_config.tensor_parallel_size)
         log.info("%s: %s side, tensor-parallel rank %d of %d, pid %d", CONNECTOR_NAME, role.name,
-                 _tp_rank(role), vllm_config.parallel_config.tensor_parallel_size, os.getpid())
+                 self._shard.rank, self._shard.num_ranks, os.getpid())
 
     # ---- scheduler side ----
 
