@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from control_plane.controller import PairingController
+from dynamo_grpc.errors import InvalidArgument
 from dynamo_grpc.registry import PLAN_DOCUMENT, SCALE_DOCUMENT, Registry
+from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
 
@@ -19,6 +21,9 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
 
     async def ListWorkers(self, request: cp_pb.ListWorkersRequest, context: grpc.aio.ServicerContext
                           ) -> cp_pb.ListWorkersResponse:
+        if request.role not in pb.WorkerRole.values():
+            raise InvalidArgument(f"role {request.role} is not a WorkerRole; roles are "
+                                  f"{', '.join(pb.WorkerRole.keys())}", reason="BAD_ROLE")
         workers = await self._registry.list_workers(request.role)
         return cp_pb.ListWorkersResponse(workers=[w for w in workers if not request.model or w.model == request.model])
 

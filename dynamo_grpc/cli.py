@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -23,7 +23,7 @@ from control_plane.deployment import start_all_in_one
 from control_plane.k8s_actuator import add_actuator_flags, run_actuator
 from control_plane.role import start_control_plane
 from dynamo_grpc import event_loop, process_group, tracing
-from dynamo_grpc.client import RouterClient
+from dynamo_grpc.client import RouterClient, add_connection_flags, connection_options
 from dynamo_grpc.config import (
     ROUTING_POLICIES,
     ConfigError,
@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(sub, "router", default=f"127.0.0.1:{DEFAULT_ROUTER_PORT}", help="router endpoint host:port")
     add_flag(sub, "model", default="tiny-llama", help="model name")
     add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate")
+    add_connection_flags(sub)
     sub.add_argument("prompt", help="prompt text")
     sub = roles.add_parser("bench", help="load a router with requests and report TTFT, ITL, throughput, goodput")
     add_flag(sub, "router", default=f"127.0.0.1:{DEFAULT_ROUTER_PORT}", help="router endpoint host:port")
@@ -468,10 +469,12 @@ def _failure_line(command: str, failure: str, router: str) -> str:
     return f"dynamo-grpc {command}: {failure}" + (f"; {step.format(router=router)}" if step else "")
 
 
-async def _generate(endpoint: str, model: str, prompt: str, max_tokens: int, *, command: str = "generate") -> int:
-    """The answer on stdout as it streams, then a newline; the summary line on stderr."""
+async def _generate(endpoint: str, model: str, prompt: str, max_tokens: int, *, command: str = "generate",
+                    options: dict[str, Any] | None = None) -> int:
+    """The answer on stdout as it streams, then a newline; the summary line on stderr. `options` are
+    `RouterClient`'s (TLS, token, deadline, retries)."""
     printed = False
-    async with RouterClient(endpoint) as client:
+    async with RouterClient(endpoint, **(options or {})) as client:
         stream = client.generate(prompt, model=model, max_tokens=max_tokens)
         try:
             async for response in stream:
@@ -530,7 +533,11 @@ async def _bench(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace) -> int:
     command = args.command
     if command == "generate":
-        return await _generate(args.router, args.model, args.prompt, args.max_tokens)
+        try:
+            options = connection_options(args)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        return await _generate(args.router, args.model, args.prompt, args.max_tokens, options=options)
     if command == "bench":
         return await _bench(args)
     if command == "frontend":

@@ -18,6 +18,15 @@ DOMAIN = "dynamo-grpc"
 # gRPC's own refusal of a message over a channel's size limit: "CLIENT: Sent message larger than max (N vs. M)".
 _MESSAGE_SIZE_REFUSAL = re.compile(r"message larger than max \((\d+) vs\. (\d+)\)")
 
+# Status text travels in trailers twice (grpc-message, and the details' ErrorInfo): bounded, both fit well
+# within gRPC's 8 KiB metadata default, whatever a client sent (an id or model name of megabytes).
+MAX_ID_IN_STATUS = 256
+MAX_MESSAGE_IN_STATUS = 1000
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
 
 class DynamoError(Exception):
     """An error a client can act on; `message` is shown to users, so it carries no internals."""
@@ -36,12 +45,14 @@ class DynamoError(Exception):
             self.code = code
 
     def to_status(self) -> grpc.Status:
+        """The status, its text bounded so it always fits gRPC's metadata limit (it travels in trailers)."""
         info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN)
         if self.request_id:
-            info.metadata["request_id"] = self.request_id
+            info.metadata["request_id"] = _bounded(self.request_id, MAX_ID_IN_STATUS)
         detail = any_pb2.Any()
         detail.Pack(info)
-        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
+        status = status_pb2.Status(code=self.code.value[0], message=_bounded(self.message, MAX_MESSAGE_IN_STATUS),
+                                   details=[detail])
         return rpc_status.to_status(status)
 
 

@@ -78,17 +78,39 @@ def _bad_sampling(field: str, allowed: str, value: object, request_id: str) -> I
                            reason="BAD_SAMPLING_PARAMS")
 
 
+# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+MIN_TIMESTAMP_SECONDS, MAX_TIMESTAMP_SECONDS = -62_135_596_800, 253_402_300_799
+MAX_REQUEST_ID_CHARS = 256  # ids travel in every status's ErrorInfo, which must fit gRPC's metadata limit
+
+
+def valid_request_id(request_id: str, limit: int = MAX_REQUEST_ID_CHARS) -> bool:
+    return len(request_id) <= limit and request_id.isascii() and request_id.isprintable()
+
+
 def check_request_id(request_id: str) -> None:
     if not request_id:
         raise InvalidArgument("request_id is empty; every request needs an id unique among live requests",
                               reason="MISSING_REQUEST_ID")
+    check_request_id_form(request_id)
+
+
+def check_request_id_form(request_id: str) -> None:
+    """Refuse ids a status could not carry back (the ErrorInfo names the request); not echoed here either."""
+    if not valid_request_id(request_id):
+        raise InvalidArgument(f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable ASCII characters, "
+                              f"got {len(request_id)} characters; send a shorter id", reason="BAD_REQUEST_ID")
 
 
 def seconds_left(params: pb.GenerationParams, request_id: str) -> float | None:
     """Time until the request's deadline, or None without one; a past deadline fails at once."""
     if not params.HasField("deadline"):
         return None
-    left = params.deadline.ToNanoseconds() / 1e9 - time.time()
+    deadline = params.deadline
+    if not (MIN_TIMESTAMP_SECONDS <= deadline.seconds <= MAX_TIMESTAMP_SECONDS and 0 <= deadline.nanos < 10**9):
+        raise InvalidArgument(f"deadline must be a Timestamp from year 1 to 9999 with nanos in [0, 999999999], "
+                              f"got seconds={deadline.seconds} nanos={deadline.nanos}", request_id=request_id,
+                              reason="BAD_DEADLINE")
+    left = deadline.ToNanoseconds() / 1e9 - time.time()
     if left <= 0:
         raise DeadlineExceeded("the request's deadline has already passed", request_id=request_id)
     return left

@@ -26,8 +26,9 @@ cpp_packages=(g++ cmake pkg-config libgrpc++-dev libprotobuf-dev protobuf-compil
 go_packages=(golang-go golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev golang-google-protobuf-dev
              golang-google-genproto-dev protoc-gen-go protoc-gen-go-grpc)
 
-# nginx: the HTTP/2 proxy tests/test_mesh_nginx.py puts in front of a router (docs/mesh.md).
-proxy_packages=(nginx)
+# nginx: the HTTP/2 proxy tests/test_mesh_nginx.py puts in front of a router (docs/mesh.md); openssl makes
+# the certificates of its TLS side.
+proxy_packages=(nginx openssl)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 

@@ -15,7 +15,7 @@ import pytest
 
 from control_plane.deployment import Deployment, start_all_in_one
 from dynamo_grpc.channels import CHANNEL_OPTIONS
-from dynamo_grpc.client import RouterClient
+from dynamo_grpc.client import GenerateStream, RouterClient
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine import SimulatedEngineConfig
 from dynamo_grpc.errors import error_reason
@@ -118,6 +118,15 @@ async def running(**engine: object) -> AsyncIterator[Stubs]:
             yield stubs
     finally:
         await registry.close()
+
+
+async def cancel_after_first_tokens(stream: GenerateStream) -> pb.Completion:
+    """Cancel `stream` in-band once its first tokens arrive; the completion it then ends with."""
+    responses = aiter(stream)
+    while not (await anext(responses)).HasField("tokens"):
+        pass
+    stream.cancel()
+    return [r async for r in responses][-1].completion
 
 
 async def rpc_failure(awaitable) -> tuple[grpc.StatusCode, str]:

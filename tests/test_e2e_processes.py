@@ -23,6 +23,7 @@ from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import decode_pb2_grpc as decode_grpc
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
+from tests.cluster import cancel_after_first_tokens
 from tests.processes import RoleProcess, free_port
 
 pytestmark = pytest.mark.slow
@@ -93,12 +94,7 @@ async def test_request_flows_through_separate_processes(fleet: dict[str, RolePro
         assert result.token_ids == local
 
         # (4) A cancel from the client stops decode and leaves no KV anywhere.
-        stream = client.generate("cancel", model=MODEL, max_tokens=5000, ignore_eos=True)
-        responses = aiter(stream)
-        while not (await anext(responses)).HasField("tokens"):
-            pass
-        stream.cancel()
-        completion = [r async for r in responses][-1].completion
+        completion = await cancel_after_first_tokens(client.generate("cancel", model=MODEL, max_tokens=5000, ignore_eos=True))
         assert completion.finish_reason == pb.FINISH_REASON_CANCELLED
         assert completion.usage.completion_tokens < 5000
         d = (await decode.GetDecodeStats(decode_pb.GetDecodeStatsRequest())).stats
@@ -158,6 +154,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+async def _pids_answering(url: str, owner: RoleProcess, count: int) -> set[int]:
+    """The pids of the `count` processes answering /health at `url` (fresh connections until all have)."""
+    pids: set[int] = set()
+
+    async def all_healthy() -> bool:
+        with contextlib.suppress(aiohttp.ClientError):
+            status, text = await _fresh_get(f"{url}/health")
+            if status == 200:
+                pids.add(json.loads(text)["pid"])
+        assert owner.proc.poll() is None, owner.log()
+        return len(pids) == count
+    await eventually(all_healthy, timeout_s=60, what=f"{count} processes answering {url}/health")
+    return pids
+
+
 async def test_frontend_workers_share_one_port_and_stop_together(etcd, fleet: dict[str, RoleProcess],
                                                                   tmp_path: Path) -> None:
     frontend = RoleProcess("frontend", "--etcd", etcd.endpoint, "--namespace", "e2e", "--workers", "2",
@@ -165,16 +176,7 @@ async def test_frontend_workers_share_one_port_and_stop_together(etcd, fleet: di
     url = f"http://{frontend.endpoint}"
     try:
         # Both processes answer /health on the one port, each with its own pid.
-        pids: set[int] = set()
-
-        async def both_healthy() -> bool:
-            with contextlib.suppress(aiohttp.ClientError):
-                status, text = await _fresh_get(f"{url}/health")
-                if status == 200:
-                    pids.add(json.loads(text)["pid"])
-            assert frontend.proc.poll() is None, frontend.log()
-            return len(pids) == 2
-        await eventually(both_healthy, timeout_s=60, what="two frontend processes answering /health")
+        pids = await _pids_answering(url, frontend, 2)
         assert frontend.proc.pid not in pids
 
         # Completions on fresh connections land on both, and each process counts its own.
@@ -221,16 +223,7 @@ async def test_serve_runs_more_http_frontends_on_its_port(etcd, tmp_path: Path) 
                         "--http-port", str(http_port), "--http-workers", "2", log_dir=tmp_path)
     url = f"http://127.0.0.1:{http_port}"
     try:
-        pids: set[int] = set()
-
-        async def both_healthy() -> bool:
-            with contextlib.suppress(aiohttp.ClientError):
-                status, text = await _fresh_get(f"{url}/health")
-                if status == 200:
-                    pids.add(json.loads(text)["pid"])
-            assert serve.proc.poll() is None, serve.log()
-            return len(pids) == 2
-        await eventually(both_healthy, timeout_s=60, what="serve's two HTTP frontends")
+        pids = await _pids_answering(url, serve, 2)
         assert serve.proc.pid in pids  # its own frontend, and one more process
         for _ in range(6):
             assert (await _completion(url))["usage"]["completion_tokens"] == 4

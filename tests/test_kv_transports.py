@@ -112,7 +112,7 @@ def receiver(channels: ChannelPool, *names: str) -> KvReceiver:
 
 
 async def receive(kv: KvReceiver, handle: pb.KvHandle, *order: int):
-    return await kv.receive(handle, prompt_tokens=1, fingerprint=FINGERPRINT, request_id="r",
+    return await kv.receive(handle, prompt=[1], fingerprint=FINGERPRINT, request_id="r",
                             into_segment=True,
                             order=order)
 

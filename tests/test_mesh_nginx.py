@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import getpass
-import shutil
-import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,55 +25,15 @@ from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from dynamo_grpc.v1 import prefill_pb2_grpc as prefill_grpc
 from dynamo_grpc.v1 import router_pb2 as router_pb
 from dynamo_grpc.v1 import router_pb2_grpc as router_grpc
-from tests.processes import REPO, RoleProcess, free_port
+from tests.cluster import cancel_after_first_tokens
+from tests.processes import RoleProcess, free_port
 from tests.test_grpcurl import GRPCURL
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.slow]
 
-NGINX = shutil.which("nginx") or shutil.which("/usr/sbin/nginx")
-EXAMPLE = REPO / "docs" / "mesh" / "nginx.conf"
 MODEL = "sim-tiny"
 NAMESPACE = "mesh"
-TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-
-
-def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and localhost, and its key (openssl)."""
-    cert, key = folder / "server.crt", folder / "server.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    return cert, key
-
-
-def nginx_config(folder: Path, *, port: int, router: str, cert: Path, key: Path) -> Path:
-    """The documented server block with this test's ports and certificate, inside a main config that runs
-    nginx in the foreground with every path in `folder`."""
-    example = EXAMPLE.read_text()
-    for documented, ours in (("listen 8443", f"listen 127.0.0.1:{port}"),
-                             ("server 127.0.0.1:50051", f"server {router}"),
-                             ("/etc/dynamo-grpc/tls/server.crt", str(cert)),
-                             ("/etc/dynamo-grpc/tls/server.key", str(key))):
-        assert example.count(documented) == 1, f"{EXAMPLE} no longer has {documented!r} once"
-        example = example.replace(documented, ours)
-    (folder / "dynamo-grpc.conf").write_text(example)
-    temp = "\n".join(f"    {kind}_temp_path {folder / kind};" for kind in TEMP_PATHS)
-    main = folder / "nginx.conf"
-    main.write_text(f"""user {getpass.getuser()};
-daemon off;
-worker_processes 1;
-pid {folder / "nginx.pid"};
-error_log {folder / "error.log"} info;
-events {{ worker_connections 256; }}
-http {{
-    access_log {folder / "access.log"};
-{temp}
-    include {folder / "dynamo-grpc.conf"};
-}}
-""")
-    return main
 
 
 async def grpcurl_tls(proxied: Proxied, *args: str) -> str:
@@ -110,58 +67,26 @@ class Proxied:
                                                               max_tokens=max_tokens, ignore_eos=True))
 
     async def worker_load(self) -> tuple[int, int, int, int]:
-        """(decode requests, decode KV blocks, prefill KV blocks, prefill transfers held), read from the
-        workers themselves."""
-        load = []
-        for role, stub, stats in (
-                (pb.WORKER_ROLE_DECODE, decode_grpc.DecodeServiceStub, "GetDecodeStats"),
-                (pb.WORKER_ROLE_PREFILL, prefill_grpc.PrefillServiceStub, "GetPrefillStats")):
-            [worker] = await self.registry.list_workers(role)
-            async with grpc.aio.insecure_channel(worker.endpoint) as channel:
-                request = (decode_pb.GetDecodeStatsRequest() if role == pb.WORKER_ROLE_DECODE
-                           else prefill_pb.GetPrefillStatsRequest())
-                load.append((await getattr(stub(channel), stats)(request)).stats)
-        decode, prefill = load
-        return decode.active_requests, decode.used_kv_blocks, prefill.used_kv_blocks, prefill.held_transfers
+        return await worker_load(self.registry)
 
     async def idle(self) -> bool:
         return await self.worker_load() == (0, 0, 0, 0)
 
 
-@pytest.fixture
-def nginx_folder(tmp_path: Path) -> Path:
-    folder = tmp_path / "nginx"
-    folder.mkdir()
-    for kind in TEMP_PATHS:
-        (folder / kind).mkdir()
-    folder.chmod(0o755)
-    tmp_path.chmod(0o755)  # nginx's workers may run as another user when nginx starts as root
-    return folder
-
-
-@pytest.fixture
-def nginx_proxy(nginx_folder: Path) -> Iterator[tuple[int, Path, Callable[[str], None]]]:
-    """(nginx's port, the certificate clients trust, a function that starts nginx in front of a router)."""
-    assert NGINX, "nginx is missing: apt-get install nginx (scripts/setup.sh does)"
-    cert, key = self_signed_certificate(nginx_folder)
-    port = free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(router: str) -> None:
-        config = nginx_config(nginx_folder, port=port, router=router, cert=cert, key=key)
-        check = subprocess.run([NGINX, "-t", "-c", str(config)], check=False, capture_output=True, text=True)
-        assert check.returncode == 0, check.stderr
-        procs.append(subprocess.Popen([NGINX, "-c", str(config)], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True))
-
-    yield port, cert, start
-    for proc in procs:
-        proc.terminate()  # nginx's fast shutdown; it stops its worker itself
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+async def worker_load(registry: EtcdRegistry) -> tuple[int, int, int, int]:
+    """(decode requests, decode KV blocks, prefill KV blocks, prefill transfers held) of a one-pair fleet,
+    read from the workers themselves."""
+    load = []
+    for role, stub, stats in (
+            (pb.WORKER_ROLE_DECODE, decode_grpc.DecodeServiceStub, "GetDecodeStats"),
+            (pb.WORKER_ROLE_PREFILL, prefill_grpc.PrefillServiceStub, "GetPrefillStats")):
+        [worker] = await registry.list_workers(role)
+        async with grpc.aio.insecure_channel(worker.endpoint) as channel:
+            request = (decode_pb.GetDecodeStatsRequest() if role == pb.WORKER_ROLE_DECODE
+                       else prefill_pb.GetPrefillStatsRequest())
+            load.append((await getattr(stub(channel), stats)(request)).stats)
+    decode, prefill = load
+    return decode.active_requests, decode.used_kv_blocks, prefill.used_kv_blocks, prefill.held_transfers
 
 
 @pytest.fixture
@@ -215,12 +140,7 @@ async def test_generations_health_cancels_and_deadlines_through_nginx(proxied: P
     assert messages > 1, "tokens stream in several messages, not one at the end"
 
     # (3) Our cancel message, through nginx: the worker stops at once and the completion says CANCELLED.
-    stream = proxied.generate("cancel-message", 5000)
-    responses = aiter(stream)
-    while not (await anext(responses)).HasField("tokens"):
-        pass
-    stream.cancel()
-    completion = [r async for r in responses][-1].completion
+    completion = await cancel_after_first_tokens(proxied.generate("cancel-message", 5000))
     assert completion.finish_reason == pb.FINISH_REASON_CANCELLED
     assert completion.usage.completion_tokens < 5000
     await eventually(proxied.idle, 10, what="workers idle after an in-band cancel")

@@ -8,6 +8,7 @@ embedded router is linked through the process's own context.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -25,7 +26,7 @@ CLIENT_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
 CLIENT_SPAN = 0xB7AD6B7169203331
 TRACEPARENT = f"00-{CLIENT_TRACE:032x}-{CLIENT_SPAN:016x}-01"
 REQUEST_SPANS = ("POST /v1/completions", "route", "PrefillService/Prefill", "DecodeService/Decode",
-                 "kv.transfer", "KvTransferService/PullKv", "KvTransferService/ReleaseKv")
+                 "kv.transfer", "KvTransferService/PullKv")
 
 
 @pytest.fixture
@@ -43,10 +44,11 @@ def exporter() -> Iterator[InMemorySpanExporter]:
 
 @contextlib.asynccontextmanager
 async def traced_deployment() -> AsyncIterator[Stubs]:
-    """Started while tracing is on, so its servers continue their callers' traces."""
+    """Started while tracing is on, so its servers continue their callers' traces. KV moves over gRPC (the
+    transport every host has): ranged pulls that free the transfer once sent, so no ReleaseKv follows."""
     registry = MemoryRegistry()
     try:
-        async with deployed(worker_config(), registry) as stubs:
+        async with deployed(dataclasses.replace(worker_config(), kv_transports=("grpc",)), registry) as stubs:
             assert await stubs.deployment.router.fleet.until_paired(timeout=10.0)
             yield stubs
     finally:
@@ -77,7 +79,7 @@ async def test_one_trace_per_request_from_the_http_client_to_decode(exporter: In
         async def all_ended() -> bool:
             return set(of_trace(exporter, CLIENT_TRACE)) >= set(names)
 
-        await eventually(all_ended, 5.0, "every span of the request to end")
+        await eventually(all_ended, 20.0, "every span of the request to end")
     spans = of_trace(exporter, CLIENT_TRACE)
     assert set(spans) == set(names)
     http, route = spans["POST /v1/completions"], spans["route"]
@@ -96,7 +98,6 @@ async def test_one_trace_per_request_from_the_http_client_to_decode(exporter: In
     assert parent_of(transfer) == spans["DecodeService/Decode"].context.span_id
     assert transfer.attributes["kv.transport"] == "grpc" and transfer.attributes["kv.bytes"] > 0
     assert parent_of(spans["KvTransferService/PullKv"]) == transfer.context.span_id
-    assert parent_of(spans["KvTransferService/ReleaseKv"]) == transfer.context.span_id
     # Each step starts within its parent.
     for span in spans.values():
         parent = next((p for p in spans.values() if p.context.span_id == parent_of(span)), None)
@@ -116,7 +117,7 @@ async def test_a_grpc_request_without_a_trace_starts_one_at_the_router(exporter:
             return bool(generate_spans()) and "DecodeService/Decode" in of_trace(
                 exporter, generate_spans()[0].context.trace_id)
 
-        await eventually(ended, 5.0, "the request's spans to end")
+        await eventually(ended, 20.0, "the request's spans to end")
     [root] = generate_spans()
     assert root.parent is None
     assert set(of_trace(exporter, root.context.trace_id)) == {"RouterService/Generate", *REQUEST_SPANS[1:]}

@@ -231,6 +231,9 @@ async def test_bad_handles_are_refused_without_leaking(cluster: Stubs) -> None:
         for host in (handle.host, "another-host"):
             wrong = altered(handle, host=host, **{field: value})
             assert await rpc_failure(decode(cluster, "bad", prompt, wrong)) == expected
+    # Another prompt of as many tokens (the same words in another order) is refused by the handle's digest.
+    assert await rpc_failure(decode(cluster, "bad", "a baker and a pilot", handle)) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "KV_HANDLE_PROMPT_MISMATCH")
     # The rightful holder still gets it.
     tokens, completion = await decode(cluster, "bad", prompt, handle)
     assert completion.kv_transfer.path == "shm" and len(tokens) == MAX_TOKENS

@@ -3,7 +3,8 @@
 The answer goes to stdout as it streams, then a newline; the completion's finish reason and usage go to
 stderr. --cancel-after N sends the in-band cancel once N tokens have arrived; --timeout-s gives the request
 a deadline; --sync runs the same request through `SyncRouterClient`, a blocking wrapper for code without an
-event loop. Run it from the repository root (or anywhere with the project installed):
+event loop; --tls-ca, --tls-cert/--tls-key, --token, --deadline-s and --retries are the client's connection
+options. Run it from the repository root (or anywhere with the project installed):
 
     python clients/python/generate.py --router 127.0.0.1:50051 --model tiny-llama "Hello"
 """
@@ -13,11 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import queue
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,13 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's dynamo_grpc, if not installed
 
-from dynamo_grpc.client import GenerateStream, RouterClient, params
+from dynamo_grpc.client import (
+    RouterClient,
+    SyncRouterClient,
+    add_connection_flags,
+    connection_options,
+    params,
+)
 from dynamo_grpc.errors import error_reason
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import router_pb2 as router_pb
@@ -75,10 +80,10 @@ class Printer:
               f"finish: {pb.FinishReason.Name(completion.finish_reason)}]", file=sys.stderr)
 
 
-async def generate_async(args: argparse.Namespace, printer: Printer) -> pb.Completion:
+async def generate_async(args: argparse.Namespace, printer: Printer, options: dict[str, Any]) -> pb.Completion:
     """The async client: iterate the stream; `stream.cancel()` sends the in-band cancel."""
-    async with RouterClient(args.router) as client:
-        stream = GenerateStream(client.stub, args.request_id, generation_params(args))
+    async with RouterClient(args.router, **options) as client:
+        stream = client.open(args.request_id, generation_params(args))
 
         async def read() -> pb.Completion:
             async for response in stream:
@@ -91,83 +96,9 @@ async def generate_async(args: argparse.Namespace, printer: Printer) -> pb.Compl
         return await asyncio.wait_for(read(), wait_s(args))
 
 
-class SyncRouterClient:
-    """A blocking face on `RouterClient` for code without an event loop: the client runs on a loop of its
-    own in a background thread, which reads each call's responses into a queue for the caller."""
-
-    def __init__(self, endpoint: str) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="router-client", daemon=True)
-        self._thread.start()
-        self._client: RouterClient = self._run(self._open(endpoint))
-
-    @staticmethod
-    async def _open(endpoint: str) -> RouterClient:
-        return RouterClient(endpoint)  # made on the loop its channel will run on
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def generate(self, request_id: str, request: pb.GenerationParams, timeout_s: float | None = None
-                 ) -> tuple[Iterator[router_pb.GenerateResponse], Callable[[], None]]:
-        """The responses, and a function that sends the cancel (from any thread). `timeout_s` bounds the
-        whole call (TimeoutError); giving up, or leaving the loop early, cancels the call."""
-        responses: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        done = object()
-
-        async def pump(stream: GenerateStream) -> None:
-            try:
-                async for response in stream:
-                    responses.put(response)
-                responses.put(done)
-            except Exception as error:  # noqa: BLE001 - raised in the caller's thread
-                responses.put(error)
-
-        async def start() -> tuple[GenerateStream, asyncio.Task[None]]:
-            stream = GenerateStream(self._client.stub, request_id, request)  # the call starts on the loop
-            return stream, asyncio.create_task(pump(stream))
-
-        async def stop(task: asyncio.Task[None]) -> None:
-            task.cancel()  # the pump leaves the stream, which cancels the call if it still runs
-            await asyncio.gather(task, return_exceptions=True)
-
-        stream, reading = self._run(start())
-        give_up_at = None if timeout_s is None else time.monotonic() + timeout_s
-
-        def iterate() -> Iterator[router_pb.GenerateResponse]:
-            try:
-                while True:
-                    left = None if give_up_at is None else max(0.0, give_up_at - time.monotonic())
-                    try:
-                        item = responses.get(timeout=left)
-                    except queue.Empty:
-                        raise TimeoutError(f"no answer within {timeout_s:g} s") from None
-                    if item is done:
-                        return
-                    if isinstance(item, Exception):
-                        raise item
-                    yield item
-            finally:
-                self._run(stop(reading))
-
-        return iterate(), lambda: self._loop.call_soon_threadsafe(stream.cancel)
-
-    def close(self) -> None:
-        self._run(self._client.channel.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    def __enter__(self) -> SyncRouterClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def generate_sync(args: argparse.Namespace, printer: Printer) -> pb.Completion:
+def generate_sync(args: argparse.Namespace, printer: Printer, options: dict[str, Any]) -> pb.Completion:
     """The same request through the blocking wrapper."""
-    with SyncRouterClient(args.router) as client:
+    with SyncRouterClient(args.router, **options) as client:
         responses, cancel = client.generate(args.request_id, generation_params(args), wait_s(args))
         with contextlib.closing(responses):
             for response in responses:
@@ -201,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token-ids", action="store_true",
                         help="also print the generated token ids on stderr")
     parser.add_argument("--sync", action="store_true", help="use the blocking SyncRouterClient")
+    add_connection_flags(parser)
     parser.add_argument("prompt", help="prompt text")
     return parser.parse_args(argv)
 
@@ -209,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     printer = Printer(args)
     try:
-        completion = generate_sync(args, printer) if args.sync else asyncio.run(generate_async(args, printer))
+        options = connection_options(args)
+    except ValueError as error:
+        print(f"generate.py: {error}", file=sys.stderr)
+        return 2
+    try:
+        completion = (generate_sync(args, printer, options) if args.sync
+                      else asyncio.run(generate_async(args, printer, options)))
     except grpc.RpcError as error:
         failure = describe(error)
     except (TimeoutError, asyncio.TimeoutError):

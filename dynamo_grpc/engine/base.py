@@ -111,6 +111,16 @@ def check_prompt(prompt: Sequence[int], *, vocab_size: int, max_model_len: int, 
                               f"{max_model_len - 1} tokens or fewer", request_id=request_id, reason="CONTEXT_TOO_LONG")
 
 
+def check_text_length(text: str, *, max_chars_per_token: int, max_model_len: int, request_id: str) -> None:
+    """Refuse text that holds at least a context's worth of tokens by its length alone, before tokenizing it
+    (a prompt of megabytes would take the worker's memory and time first)."""
+    if len(text) >= max_model_len * max_chars_per_token:
+        raise InvalidArgument(f"the prompt has {len(text)} characters, so at least "
+                              f"{len(text) // max_chars_per_token} tokens, and the model's context is "
+                              f"{max_model_len}; a prompt must leave room for at least one generated token, so "
+                              "shorten it", request_id=request_id, reason="CONTEXT_TOO_LONG")
+
+
 def check_stop_token_ids(sampling: Sampling, *, vocab_size: int, request_id: str) -> None:
     bad = [t for t in sampling.stop_token_ids if not 0 <= t < vocab_size]
     if bad:

@@ -29,6 +29,7 @@ from dynamo_grpc.engine.base import (
     check_kv_roles,
     check_prompt,
     check_stop_token_ids,
+    check_text_length,
     within_context,
 )
 from dynamo_grpc.engine.cost_model import (
@@ -331,6 +332,9 @@ class SimulatedEngine:
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         rid = request.request_id
+        if isinstance(request.prompt, str):  # a token per UTF-8 byte: at most one character a token
+            check_text_length(request.prompt, max_chars_per_token=1, max_model_len=self.config.max_model_len,
+                              request_id=rid)
         prompt = self.tokenize(request.prompt)
         request, blocks = self._admit(rid, prompt, request)
         seq = _Sequence(request, prompt, blocks,
@@ -346,7 +350,7 @@ class SimulatedEngine:
             if request.kv_handle is not None:
                 # The prompt's KV comes from a prefill worker; the last prompt token is recomputed.
                 # Not prefix-cache hits: cached_tokens stays 0 (the decode servicer reports the transfer).
-                kv = await self._receiver.receive(request.kv_handle, prompt_tokens=len(prompt),
+                kv = await self._receiver.receive(request.kv_handle, prompt=prompt,
                                                   fingerprint=self.fingerprint, request_id=rid,
                                                   order=request.kv_transports)
                 seq.kv, seq.transfer = kv.data, kv.stats
@@ -445,7 +449,7 @@ class SimulatedEngine:
             self._emit_token(seq)
             return
         first = seq.tokens.next()
-        handle = self._hold(seq.kv, len(seq.prompt), seq.blocks)
+        handle = self._hold(seq.kv, seq.prompt, seq.blocks)
         seq.blocks = 0
         seq.usage.completion_tokens = 1
         out = EngineOutput([first], _text([first]), FinishReason.LENGTH, seq.usage, kv_handle=handle)
@@ -498,10 +502,11 @@ class SimulatedEngine:
                                     "retry later", request_id=rid, reason="WORKER_BUSY")
         return request, blocks
 
-    def _hold(self, kv: bytes, num_tokens: int, blocks: int) -> pb.KvHandle:
+    def _hold(self, kv: bytes, prompt: tuple[int, ...], blocks: int) -> pb.KvHandle:
         assert self._store is not None
-        return self._store.hold(data=kv, num_tokens=num_tokens, layout=self.layout(num_tokens),
-                                fingerprint=self.fingerprint, on_free=lambda: self._blocks.release(blocks))
+        return self._store.hold(data=kv, num_tokens=len(prompt), layout=self.layout(len(prompt)),
+                                fingerprint=self.fingerprint, on_free=lambda: self._blocks.release(blocks),
+                                prompt=prompt)
 
 
 class _TokenStream:

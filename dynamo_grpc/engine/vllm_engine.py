@@ -365,7 +365,7 @@ class VllmEngine:
                     num_tokens = int(saved["num_tokens"])
                     out.kv_handle = await self._store.hold_segment(
                         segment, num_tokens=num_tokens, layout=self.layout(num_tokens), fingerprint=self.fingerprint,
-                        shards=self._shards)
+                        prompt=engine_input["prompt_token_ids"][:num_tokens], shards=self._shards)
                     leased = True
                 elif out.finish_reason in (FinishReason.LENGTH, FinishReason.STOP):
                     raise DynamoError("the engine finished the prefill without saving its KV; see the worker log",
@@ -380,7 +380,7 @@ class VllmEngine:
                       ) -> AsyncIterator[EngineOutput]:
         """Tokens from the prompt's KV, received into a segment of this worker's that the connector reads."""
         assert self._receiver is not None
-        kv = await self._receiver.receive(handle, prompt_tokens=len(engine_input["prompt_token_ids"]),
+        kv = await self._receiver.receive(handle, prompt=engine_input["prompt_token_ids"],
                                           fingerprint=self.fingerprint, request_id=request.request_id,
                                           into_segment=True, order=request.kv_transports)
         try:

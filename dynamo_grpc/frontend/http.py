@@ -14,8 +14,10 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,7 @@ from dynamo_grpc import metrics, tracing
 from dynamo_grpc.errors import DynamoError
 from dynamo_grpc.frontend.backends import Backend, Generation
 from dynamo_grpc.frontend.openai_protocol import (
+    MAX_N,
     BadRequest,
     Job,
     choice,
@@ -38,6 +41,7 @@ from dynamo_grpc.frontend.openai_protocol import (
     parse_job,
     usage_of,
 )
+from dynamo_grpc.params import MAX_REQUEST_ID_CHARS, valid_request_id
 from dynamo_grpc.registry import SCALE_DOCUMENT, Registry, RegistryUnavailable
 from dynamo_grpc.routing.router import PickedPair
 from dynamo_grpc.services.streams import Mailbox
@@ -49,6 +53,11 @@ REQUEST_ID_HEADER = "X-Request-Id"
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"; only ever seen in /metrics
 ABANDONED_GRACE_S = 30.0  # how long a cancelled request may take to wind down before its call is cut
 MAX_BODY_BYTES = 64 * 2**20  # token-id prompts are large JSON
+MAX_JSON_DEPTH = 64  # OpenAI requests nest a few levels
+IDLE_TIMEOUT_S = 75.0  # nginx's keep-alive default
+BODY_TIMEOUT_S = 60.0
+# Room for the `-<i>` of a choice's id within what the router takes.
+MAX_HTTP_REQUEST_ID_CHARS = MAX_REQUEST_ID_CHARS - len(f"-{MAX_N - 1}")
 
 
 class _Relays:
@@ -128,11 +137,86 @@ class _Choice:
     completion: pb.Completion = field(default_factory=pb.Completion)
 
 
-def _loads(raw: bytes) -> Any:
+def _decoded(raw: bytes, encoding: str) -> bytes:
+    """The body without its Content-Encoding, at most MAX_BODY_BYTES (aiohttp's own decoding is off: a
+    truncated deflate body hangs its connection)."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding not in ("gzip", "deflate"):
+        raise BadRequest(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or no encoding")
+    # gzip, or deflate in its zlib wrapping (what HTTP means) or raw (what some clients send).
+    zlib_wrapped = raw[:1] == b"\x78"
+    wbits = zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS if zlib_wrapped else -zlib.MAX_WBITS
+    decompressor = zlib.decompressobj(wbits)
     try:
-        return orjson.loads(raw)
+        body = decompressor.decompress(raw, MAX_BODY_BYTES + 1)
+    except zlib.error as error:
+        raise BadRequest(f"the request body is not valid {encoding} data ({error}), which its Content-Encoding "
+                         "header says it is; send it so encoded, or uncompressed without the header") from None
+    if len(body) > MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=len(body))
+    if not decompressor.eof:
+        raise BadRequest(f"the request body ends before its {encoding} data does; send all of it")
+    return body
+
+
+def _loads(raw: bytes) -> Any:
+    """The body as JSON; raises BadRequest saying what is wrong with it."""
+    try:
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return json.loads(raw)  # what orjson refuses and Python's reader takes (NaN, integers over 64 bits)
+        body = _loads_as_python_does(raw)
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:  # else it cannot be nested so deep: nothing to walk
+        _refuse_deep_nesting(body)
+    return body
+
+
+def _loads_as_python_does(raw: bytes) -> Any:
+    # What orjson refuses and Python's reader may take: NaN, integers over 64 bits, lone surrogates (refused
+    # below), or refuse in words a client can act on.
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"the request body is JSON nested more than {MAX_JSON_DEPTH} deep; nest less") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadRequest(f"the request body is not valid JSON: {error}") from None
+    except ValueError:  # Python's limit on integer digits
+        raise BadRequest(f"a number in the request body has more than {sys.get_int_max_str_digits()} digits"
+                         ) from None
+    _refuse_surrogates(body)
+    return body
+
+
+def _refuse_deep_nesting(body: Any) -> None:
+    """Refuse JSON nested past MAX_JSON_DEPTH: no OpenAI request needs it, and deep values break whatever
+    recurses over them later (comparisons, error messages)."""
+    pending = [(body, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest(f"the request body is JSON nested more than {MAX_JSON_DEPTH} deep; nest less")
+        children = item.values() if isinstance(item, dict) else item
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+def _refuse_surrogates(body: Any) -> None:
+    """Refuse strings with a lone surrogate (JSON allows `\\ud800`; UTF-8, and so protobuf, cannot hold it)."""
+    pending = [body]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError as error:
+                    raise BadRequest(f"a string in the request body holds a lone surrogate "
+                                     f"({item[error.start]!a}); send whole UTF-16 pairs") from None
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
 
 
 def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
@@ -189,6 +273,7 @@ class Frontend:
         self.chat_template = chat_template
         self.metrics = metrics.frontend()
         self.relays: set[asyncio.Task[None]] = set()
+        self.body_timeout_s = BODY_TIMEOUT_S
         self.app = web.Application(middlewares=[self._count_and_shape_errors], client_max_size=MAX_BODY_BYTES)
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
@@ -235,11 +320,26 @@ class Frontend:
 
     async def _answer(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        if not valid_request_id(request_id, MAX_HTTP_REQUEST_ID_CHARS):  # not echoed: it may not be writable
+            return _error(400, f"the {REQUEST_ID_HEADER} header must be 1 to {MAX_HTTP_REQUEST_ID_CHARS} "
+                          "printable ASCII characters; send a shorter id, or none to get one",
+                          "invalid_request_id", param=REQUEST_ID_HEADER)
         headers = {REQUEST_ID_HEADER: request_id}
         try:
-            body = _loads(await request.read())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            return _error(400, f"the request body is not valid JSON: {error}", "invalid_json", headers)
+            raw = await asyncio.wait_for(request.read(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            refusal = _error(408, f"the request body did not arrive within {self.body_timeout_s:g} s",
+                             "request_timeout", headers)
+            refusal.force_close()
+            return refusal
+        try:
+            raw = _decoded(raw, request.headers.get("Content-Encoding", ""))
+        except BadRequest as error:
+            return _error(400, error.message, "invalid_body", headers)
+        try:
+            body = _loads(raw)
+        except BadRequest as error:
+            return _error(400, error.message, "invalid_json", headers)
         try:
             job = parse_job(body, chat=chat, chat_template=self.chat_template)
         except BadRequest as error:
@@ -425,12 +525,18 @@ class RunningFrontend:
 
 
 async def start_frontend(backend: Backend, registry: Registry, *, host: str, port: int,
-                         chat_template: str | None = None, reuse_port: bool = False) -> RunningFrontend:
+                         chat_template: str | None = None, reuse_port: bool = False,
+                         idle_timeout_s: float = IDLE_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S
+                         ) -> RunningFrontend:
     """Serve the OpenAI API on host:port (0 picks a free port), generating through `backend`; with
-    `reuse_port`, beside other processes listening on the same port (SO_REUSEPORT)."""
+    `reuse_port`, beside other processes listening on the same port (SO_REUSEPORT). A connection idle (or
+    with its headers unfinished) for `idle_timeout_s` is closed, a body slower than `body_timeout_s` gets 408."""
     frontend = Frontend(backend, registry, chat_template)
-    # handler_cancellation: a disconnect cancels the handler at once, not at its next write.
-    runner = web.AppRunner(frontend.app, handler_cancellation=True, access_log=None)
+    frontend.body_timeout_s = body_timeout_s
+    # handler_cancellation: a disconnect cancels the handler at once, not at its next write. Our own
+    # decompression (`_decoded`); a response to a body left unread (a 408) leaves within a second.
+    runner = web.AppRunner(frontend.app, handler_cancellation=True, access_log=None, auto_decompress=False,
+                           keepalive_timeout=idle_timeout_s, lingering_time=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     try:

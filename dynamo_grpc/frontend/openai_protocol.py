@@ -45,6 +45,7 @@ HTTP_STATUS = {
 REASON_HTTP_STATUS = {"KV_CACHE_TOO_SMALL": 400, "MESSAGE_TOO_LARGE": 413}
 
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+               408: "invalid_request_error",
                409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
                503: "service_unavailable_error", 504: "timeout_error"}
 
@@ -110,7 +111,10 @@ def _number(body: dict[str, Any], name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRequest(f"`{name}` must be a number, got {value!r}", name)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise BadRequest(f"`{name}` must be a number within a double's range", name) from None
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:

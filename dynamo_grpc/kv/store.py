@@ -9,11 +9,14 @@ callback, which returns the engine's blocks.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import secrets
+import sys
 import time
 import uuid
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +31,15 @@ from dynamo_grpc.kv.nixl_transport import NixlAgent, NixlFailure, Registration
 from dynamo_grpc.v1 import common_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+
+def prompt_digest(token_ids: Sequence[int]) -> bytes:
+    """What a KV handle names its prompt by (`KvHandle.prompt_digest`): BLAKE2b-128 of the ids as
+    little-endian uint32s, a few microseconds for a prompt of thousands of tokens."""
+    ids = array("I", token_ids)
+    if sys.byteorder == "big":
+        ids.byteswap()
+    return hashlib.blake2b(ids, digest_size=16).digest()
 
 _FORGOTTEN_LIMIT = 4096
 
@@ -63,10 +75,11 @@ class LeasedKvStore:
 
     def hold(self, *, data: bytes | memoryview, num_tokens: int, layout: pb.KvLayout, fingerprint: str,
              on_free: Callable[[], None] | None = None, ttl_s: float | None = None,
-             shm_segment: str = "", crc32: int | None = None) -> pb.KvHandle:
+             shm_segment: str = "", crc32: int | None = None, prompt: Sequence[int] = ()) -> pb.KvHandle:
         """Keep `data` for one pull and return the handle that claims it; `shm_segment` names the
         shared memory behind `data` for a same-host decode worker to read in place. `crc32`, when the
-        caller computed it off the event loop, saves computing it here."""
+        caller computed it off the event loop, saves computing it here. `prompt`, the token ids the KV is
+        of, goes in the handle as a digest."""
         ttl = self.ttl_s if ttl_s is None else ttl_s
         expires = timestamp_pb2.Timestamp()
         expires.FromNanoseconds(time.time_ns() + int(ttl * 1e9))
@@ -75,6 +88,7 @@ class LeasedKvStore:
             num_tokens=num_tokens, layout=layout, engine_fingerprint=fingerprint, lease_expires_at=expires,
             total_bytes=len(data), crc32=zlib_ng.crc32(data) if crc32 is None else crc32, host=self.host,
             shm_segment=shm_segment,
+            prompt_digest=prompt_digest(prompt) if prompt else b"",
         )
         held = _Held(handle, data, on_free, registration=self._register(handle, data))
         held.expiry = asyncio.get_running_loop().call_later(ttl, self._expire, handle.transfer_id)
@@ -82,7 +96,7 @@ class LeasedKvStore:
         return handle
 
     async def hold_segment(self, segment: str, *, num_tokens: int, layout: pb.KvLayout, fingerprint: str,
-                           shards: Sequence[pb.KvShard] = ()) -> pb.KvHandle:
+                           prompt: Sequence[int] = (), shards: Sequence[pb.KvShard] = ()) -> pb.KvHandle:
         """Lease a shared-memory segment an engine wrote; freeing the transfer unlinks it. A decode worker
         on this host links it in place, others pull it over gRPC. `shards` name the tensor-parallel ranks
         whose equal parts the segment holds, back to back; their offsets, sizes and checksums are filled in."""
@@ -91,7 +105,7 @@ class LeasedKvStore:
         crc, described = await asyncio.to_thread(_checksums, memoryview(mapping), shards)
         # The store drops its view on free; streams still sending keep theirs until they finish.
         handle = self.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=layout, fingerprint=fingerprint,
-                           on_free=lambda: shm.unlink(segment), shm_segment=segment, crc32=crc)
+                           on_free=lambda: shm.unlink(segment), shm_segment=segment, crc32=crc, prompt=prompt)
         handle.shards.extend(described)
         return handle
 
@@ -167,7 +181,7 @@ class LeasedKvStore:
                 raise NotFound(f"no KV transfer {transfer_id!r} on {self.endpoint}", reason="KV_HANDLE_NOT_FOUND")
             raise NotFound(f"KV transfer {transfer_id!r} is gone ({why}); prefill again",
                            reason="KV_HANDLE_EXPIRED" if why == "lease expired" else "KV_HANDLE_NOT_FOUND")
-        if not hmac.compare_digest(held.handle.pull_token, pull_token):
+        if not hmac.compare_digest(held.handle.pull_token.encode(), pull_token.encode()):  # any text, not ASCII only
             raise PermissionDenied(f"wrong pull token for KV transfer {transfer_id!r}", reason="BAD_PULL_TOKEN")
         return held
 

@@ -39,6 +39,7 @@ from dynamo_grpc.errors import (
 from dynamo_grpc.kv import shm
 from dynamo_grpc.kv.fingerprint import mismatch_hint
 from dynamo_grpc.kv.nixl_transport import NixlAgent, NixlFailure
+from dynamo_grpc.kv.store import prompt_digest
 from dynamo_grpc.kv.wire import PULL_KV_METHOD, parse_chunk
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
@@ -267,7 +268,10 @@ class GrpcTransport:
             response_deserializer=parse_chunk)
         received, crc = start, 0
         try:
-            async for offset, data in pull_kv(ranged, metadata=tracing.metadata()):
+            async for chunk in pull_kv(ranged, metadata=tracing.metadata()):
+                if chunk is None:  # what gRPC hands on for a message its deserializer refused
+                    raise _data_loss(request.request_id, f"a KV chunk from {endpoint} is no PullKvResponse")
+                offset, data = chunk
                 if offset != received or offset + len(data) > end:
                     raise _data_loss(request.request_id, f"KV chunk [{offset}, {offset + len(data)}) does "
                                      f"not follow byte {received} of the range [{start}, {end})")
@@ -400,27 +404,31 @@ class KvReceiver:
                 stats.nixl_registrations = transport.agent.registrations
 
     @staticmethod
-    def check(handle: pb.KvHandle, *, prompt_tokens: int, fingerprint: str, request_id: str) -> None:
+    def check(handle: pb.KvHandle, *, prompt: Sequence[int], fingerprint: str, request_id: str) -> None:
         """Refuse KV for another prompt, or from an engine whose cache this engine cannot read."""
         if not handle.endpoint or not handle.transfer_id:
             raise InvalidArgument("kv_handle needs the prefill worker's endpoint and a transfer id",
                                   request_id=request_id, reason="BAD_KV_HANDLE")
-        if handle.num_tokens != prompt_tokens:
+        if handle.num_tokens != len(prompt):
             raise FailedPrecondition(
-                f"KV handle covers {handle.num_tokens} tokens but the prompt has {prompt_tokens}; "
+                f"KV handle covers {handle.num_tokens} tokens but the prompt has {len(prompt)}; "
                 "send the same prompt that was prefilled", request_id=request_id, reason="KV_HANDLE_PROMPT_MISMATCH")
+        if handle.prompt_digest and handle.prompt_digest != prompt_digest(prompt):
+            raise FailedPrecondition(
+                f"KV handle is of another prompt of {len(prompt)} tokens; send the same prompt that was "
+                "prefilled", request_id=request_id, reason="KV_HANDLE_PROMPT_MISMATCH")
         if handle.engine_fingerprint != fingerprint:
             raise FailedPrecondition(
                 f"KV handle comes from an incompatible engine ({handle.engine_fingerprint}); this decode "
                 f"worker runs {fingerprint}. {mismatch_hint(handle.engine_fingerprint, fingerprint)}",
                 request_id=request_id, reason="ENGINE_FINGERPRINT_MISMATCH")
 
-    async def receive(self, handle: pb.KvHandle, *, prompt_tokens: int, fingerprint: str, request_id: str,
+    async def receive(self, handle: pb.KvHandle, *, prompt: Sequence[int], fingerprint: str, request_id: str,
                       into_segment: bool = False, order: Sequence[int] = ()) -> ReceivedKv:
-        """The KV of a prompt of `prompt_tokens` tokens for an engine with `fingerprint`, checked, its lease
-        ended; in a new shared-memory segment if `into_segment`. `order` names the transports to try (the
+        """The KV of `prompt` (token ids) for an engine with `fingerprint`, checked, its lease ended; in a new
+        shared-memory segment if `into_segment`. `order` names the transports to try (the
         pair's, from the pairing table); empty tries all of this receiver's."""
-        self.check(handle, prompt_tokens=prompt_tokens, fingerprint=fingerprint, request_id=request_id)
+        self.check(handle, prompt=prompt, fingerprint=fingerprint, request_id=request_id)
         with tracing.span("kv.transfer", **{"request.id": request_id, "kv.bytes": handle.total_bytes}) as span:
             received = await self._take(handle, fingerprint=fingerprint, request_id=request_id,
                                         into_segment=into_segment, order=order)

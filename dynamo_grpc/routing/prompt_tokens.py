@@ -10,6 +10,8 @@ from dynamo_grpc.v1 import common_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+MAX_ROUTED_PROMPT_TOKENS = 2**20  # past every served model's context today
+
 
 class PromptTokenizer:
     """Token-id prompts are used as they are; text is tokenized like the serving engine does: by the
@@ -24,12 +26,16 @@ class PromptTokenizer:
         self._warned = False
 
     def token_ids(self, params: pb.GenerationParams, engine: str) -> tuple[int, ...] | None:
+        """The prompt's token ids, or None to route it by load: also when it is longer than any context
+        (MAX_ROUTED_PROMPT_TOKENS), which the worker refuses; hashing it here would stall every request."""
         if params.prompt.WhichOneof("form") == "token_ids":
-            return tuple(params.prompt.token_ids.ids)
+            ids = params.prompt.token_ids.ids
+            return tuple(ids) if len(ids) <= MAX_ROUTED_PROMPT_TOKENS else None
         text = params.prompt.text
         kind = ENGINES.get(engine)
         if kind is not None and kind.tokenize_text is not None:
-            return kind.tokenize_text(text)
+            # An engine tokenizer of this kind (bytes) makes at least a token per character.
+            return kind.tokenize_text(text) if len(text) <= MAX_ROUTED_PROMPT_TOKENS else None
         if self._dir and self._hf is None:
             try:
                 from transformers import AutoTokenizer

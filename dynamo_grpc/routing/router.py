@@ -26,7 +26,14 @@ from dynamo_grpc.errors import (
     from_rpc_error,
     message_too_large,
 )
-from dynamo_grpc.params import deadline_timer, estimated_tokens, prompt_of, sampling_of, seconds_left
+from dynamo_grpc.params import (
+    check_request_id_form,
+    deadline_timer,
+    estimated_tokens,
+    prompt_of,
+    sampling_of,
+    seconds_left,
+)
 from dynamo_grpc.registry import Registry
 from dynamo_grpc.routing.fleet import (
     ALWAYS_DISAGGREGATE,
@@ -111,6 +118,7 @@ class Router:
         the last tokens in `last_tokens`), relayed without being rebuilt.
         """
         with self._metrics.request() as timer, tracing.span("route", **{"request.id": request_id}):
+            check_request_id_form(request_id)
             prompt_of(params, request_id)
             sampling_of(params, request_id)
             timeout = seconds_left(params, request_id)

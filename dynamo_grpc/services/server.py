@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dynamo_grpc import tracing
 from dynamo_grpc.channels import CHANNEL_OPTIONS
-from dynamo_grpc.errors import DynamoError, Unavailable
+from dynamo_grpc.errors import DynamoError, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -132,19 +132,60 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        parse = handler.request_deserializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _guard_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                request_deserializer=_marking_undecodable(parse), response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _guard_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                request_deserializer=_marking_undecodable(parse), response_serializer=handler.response_serializer)
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
                 _guard_stream(handler.stream_stream, method),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                request_deserializer=_refusing_undecodable(parse), response_serializer=handler.response_serializer)
         return handler
+
+
+class _Undecodable:
+    """A single request message that did not parse: gRPC parses it before our handler runs, and a parse
+    error there leaves as UNKNOWN, so the guard refuses this stand-in instead."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _undecodable(error: Exception) -> InvalidArgument:
+    return InvalidArgument(f"the request message does not parse as this method's request type ({error}); "
+                           "send a message serialized from the proto", reason="UNDECODABLE_REQUEST")
+
+
+def _marking_undecodable(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if parse is None:
+        return None
+
+    def parse_or_mark(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as error:  # noqa: BLE001 - the client's bytes, refused by the guard
+            return _Undecodable(error)
+
+    return parse_or_mark
+
+
+def _refusing_undecodable(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A stream's messages are parsed as the handler reads them: the refusal leaves through the guard."""
+    if parse is None:
+        return None
+
+    def parse_or_refuse(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as error:  # noqa: BLE001 - the client's bytes
+            raise _undecodable(error) from None
+
+    return parse_or_refuse
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
@@ -158,6 +199,8 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: st
 def _guard_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if type(request) is _Undecodable:
+                raise _undecodable(request.error)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -173,6 +216,8 @@ def _guard_stream(behavior: Callable[..., Any], method: str) -> Callable[..., An
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
+            if type(request) is _Undecodable:
+                raise _undecodable(request.error)
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:
