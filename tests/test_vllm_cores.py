@@ -24,7 +24,7 @@ from tests.real_engine import QUIET_ENGINE
 pytestmark = [*QUIET_ENGINE, pytest.mark.timeout(720)]
 
 ENGINE_START_S = 480.0
-"""Two engines starting side by side, on two CPU cores other work shares."""
+"""Two engines starting one after the other, on two CPU cores other work shares."""
 
 
 def _titled(processes: list[psutil.Process], title: str) -> list[psutil.Process]:

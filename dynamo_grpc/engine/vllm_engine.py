@@ -19,6 +19,7 @@ import gc
 import logging
 import math
 import os
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,38 +110,44 @@ def _on_cores(cpus: str, ranks: int = 1) -> Iterator[None]:
     """Engine processes started inside run on `cpus` only, and vLLM-CPU's automatic binding places their
     OpenMP threads there.
 
-    vLLM reads its binding from the environment of the engine process as it starts, and the environment is
-    one per process: two engines starting side by side in one process (`serve`) could not each set their
-    own. CPU affinity is per thread and a process inherits the one of the thread that starts it, so this
-    narrows the calling thread's for the duration. A VLLM_CPU_OMP_THREADS_BIND of the user's wins.
-
-    vLLM-CPU's automatic binding wants a NUMA node per tensor-parallel rank; with fewer nodes, the cores
-    are split between the ranks here, in the environment while the engine starts (see `_rank_binding`).
+    CPU affinity is per thread and a process inherits the one of the thread that starts it, so this
+    narrows the calling thread's for the duration. vLLM-CPU's automatic binding wants a NUMA node per
+    tensor-parallel rank; with fewer nodes, the cores are split between the ranks here, in the
+    VLLM_CPU_OMP_THREADS_BIND the engine process inherits (see `_rank_binding`). The environment is one per
+    process, so engines of one process (`serve`) start one at a time (`_binding_lock`). A
+    VLLM_CPU_OMP_THREADS_BIND of the user's wins.
     """
     from vllm.platforms import current_platform
 
-    if (not cpus and ranks == 1) or not current_platform.is_cpu():
+    if not current_platform.is_cpu():
         yield
         return
-    if _BIND_VARIABLE in os.environ:
-        log.info("%s=%s is set: vLLM binds the engine's threads as it says (cpus %s unused)",
-                 _BIND_VARIABLE, os.environ[_BIND_VARIABLE], cpus)
-        yield
-        return
-    usable = os.sched_getaffinity(0)
-    wanted = set(cpu_cores.parse(cpus)) if cpus else usable
-    if not wanted <= usable:
-        raise ValueError(f"--cpus {cpus}: this process may run only on CPUs "
-                         f"{cpu_cores.format_list(sorted(usable))}")
-    os.sched_setaffinity(0, wanted)
-    if ranks > 1:
-        os.environ[_BIND_VARIABLE] = _rank_binding(sorted(wanted), ranks)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, usable)
+    with _binding_lock:
+        if _BIND_VARIABLE in os.environ:  # the user's: ours is gone once its engine has started
+            if cpus or ranks > 1:
+                log.info("%s=%s is set: vLLM binds the engine's threads as it says (cpus %s unused)",
+                         _BIND_VARIABLE, os.environ[_BIND_VARIABLE], cpus)
+            yield
+            return
+        usable = os.sched_getaffinity(0)
+        wanted = set(cpu_cores.parse(cpus)) if cpus else usable
+        if not wanted <= usable:
+            raise ValueError(f"--cpus {cpus}: this process may run only on CPUs "
+                             f"{cpu_cores.format_list(sorted(usable))}")
         if ranks > 1:
-            del os.environ[_BIND_VARIABLE]
+            os.environ[_BIND_VARIABLE] = _rank_binding(sorted(wanted), ranks)
+        os.sched_setaffinity(0, wanted)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, usable)
+            if ranks > 1:
+                del os.environ[_BIND_VARIABLE]
+
+
+_binding_lock = threading.Lock()
+"""Held while a vLLM-CPU engine of this process starts: the VLLM_CPU_OMP_THREADS_BIND set for one engine's
+ranks must not reach another engine starting beside it."""
 
 
 def _rank_binding(cores: list[int], ranks: int) -> str:
