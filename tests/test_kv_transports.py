@@ -141,6 +141,29 @@ async def test_grpc_pulls_in_parallel_streams_and_the_last_chunk_frees_the_trans
     assert not own_segments()
 
 
+@pytest.mark.parametrize("transport", ["shm", pytest.param("nixl", marks=needs_nixl), "grpc"])
+async def test_every_transport_moves_every_tensor_parallel_shard(serve_store, channels, transport: str) -> None:
+    from dynamo_grpc.kv.nixl_transport import NixlAgent
+
+    prefill = await serve_store(nixl=transport == "nixl")
+    data = payload(6 << 20, seed=2)
+    handle = await prefill.store.hold_segment(segment_with(data), num_tokens=1, layout=pb.KvLayout(),
+                                              fingerprint=FINGERPRINT, shards=[pb.KvShard(rank=r) for r in (0, 1)])
+    agent = NixlAgent() if transport == "nixl" else None
+    received = await receive(KvReceiver.over_network(channels, host="prefill-host", names=[transport], nixl=agent),
+                             handle)
+    try:
+        moved = received.stats
+        assert (moved.path, moved.bytes, moved.shards) == (transport, len(data), 2)
+        assert segment_bytes(received.segment) == data
+    finally:
+        received.close()
+        if agent is not None:
+            agent.close()
+    assert prefill.store.held_transfers == 0
+    assert not own_segments()
+
+
 async def test_a_corrupted_tensor_parallel_shard_is_reported_with_its_rank(serve_store, channels) -> None:
     prefill = await serve_store()
     data = payload(4 << 20)

@@ -460,6 +460,7 @@ class KvReceiver:
                 received.close()
                 raise
             received.stats.fallbacks.extend(failures)
+            received.stats.shards = max(1, len(handle.shards))
             self._metrics.observe(transport.name, received.stats.bytes, time.perf_counter() - started)
             return received
         tried = "; ".join(failures) or (f"none of the transports {self._names(order)} reaches "

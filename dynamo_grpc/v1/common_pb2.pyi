@@ -151,16 +151,18 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., kv_transferred_tokens: _Optional[int] = ...) -> None: ...
 
 class KvTransferStats(_message.Message):
-    __slots__ = ("bytes", "duration_us", "path", "fallbacks")
+    __slots__ = ("bytes", "duration_us", "path", "fallbacks", "shards")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     DURATION_US_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     duration_us: int
     path: str
     fallbacks: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, bytes: _Optional[int] = ..., duration_us: _Optional[int] = ..., path: _Optional[str] = ..., fallbacks: _Optional[_Iterable[str]] = ...) -> None: ...
+    shards: int
+    def __init__(self, bytes: _Optional[int] = ..., duration_us: _Optional[int] = ..., path: _Optional[str] = ..., fallbacks: _Optional[_Iterable[str]] = ..., shards: _Optional[int] = ...) -> None: ...
 
 class Completion(_message.Message):
     __slots__ = ("finish_reason", "usage", "kv_transfer", "prefill_worker_id", "decode_worker_id", "last_tokens")
