@@ -66,6 +66,10 @@ def replace(old: str, new: str) -> str:
     (replace("tensor_parallel_size: 2\n  hosts: [node-a, node-b]\n  engine_args",
              "tensor_parallel_size: 3\n  hosts: [node-a, node-b]\n  engine_args"),
      "spec.yaml:12: prefill.tensor_parallel_size: must be a power of two (1, 2, 4, 8, ...), got 3; try 2 or 4"),
+    (replace("workers: 2\n  tensor_parallel_size: 2", "workers: 2\n  tensor_parallel_size: 4"),
+     "spec.yaml:17: decode.tensor_parallel_size: 4 differs from prefill.tensor_parallel_size (2); KV moves only "
+     "between engines of equal tensor-parallel size (it is not re-sharded between sizes), so use the same value "
+     "in both pools"),
     (replace("  hosts: [node-a, node-b]\nrouter", "  hosts: [node-a, nodeb]\nrouter"),
      "spec.yaml:18: decode.hosts[1]: unknown host 'nodeb'; did you mean 'node-b'? (hosts: node-a, node-b)"),
     (replace("workers: 4\n", "workers: 12\n"),

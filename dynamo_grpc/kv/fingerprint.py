@@ -9,6 +9,6 @@ def mismatch_hint(produced: str, wanted: str) -> str:
     (produced_engine, _, produced_tp), (wanted_engine, _, wanted_tp) = produced.rpartition("/"), wanted.rpartition("/")
     if produced_engine == wanted_engine and produced_tp.startswith("tp") and wanted_tp.startswith("tp"):
         return (f"The engines differ in tensor parallelism only ({produced_tp} vs {wanted_tp}): KV moves only "
-                "between equal tensor-parallel sizes; give prefill and decode workers the same "
-                "--tensor-parallel-size.")
+                "between equal tensor-parallel sizes (it is not re-sharded between them); give prefill and "
+                "decode workers the same --tensor-parallel-size.")
     return "Pair only workers with the same engine fingerprint."
