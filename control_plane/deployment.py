@@ -72,12 +72,13 @@ def _own_cores(prefill: WorkerConfig, decode: WorkerConfig) -> tuple[WorkerConfi
     cores = cpu_cores.usable()
     shares = cpu_cores.split(cores, sum(ranks))
     if shares is None:
-        log.info("%d CPU cores (%s) for %d engine ranks: the prefill and decode engines share them", len(cores),
-                 cpu_cores.format_list(cores), sum(ranks))
+        log.info("%d CPU cores (%s) for %d engine ranks: the prefill and decode engines share them",
+                 len(cores), cpu_cores.format_list(cores), sum(ranks))
         return prefill, decode
     own = (sum(shares[:ranks[0]], ()), sum(shares[ranks[0]:], ()))
     prefill, decode = (dataclasses.replace(config, engine=dataclasses.replace(
-        config.engine, **{field: cpu_cores.format_list(share)})) for config, share in zip((prefill, decode), own))
+        config.engine, **{field: cpu_cores.format_list(share)}))
+        for config, share in zip((prefill, decode), own))
     log.info("prefill engine on CPUs %s, decode engine on CPUs %s", getattr(prefill.engine, field),
              getattr(decode.engine, field))
     return prefill, decode

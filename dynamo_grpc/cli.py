@@ -387,14 +387,15 @@ def _serve_tensor_parallel(args: argparse.Namespace, worker: WorkerConfig) -> Wo
     default = worker.engine.tensor_parallel_size
     prefill, decode = prefill or default, decode or default
     if prefill != decode:
-        raise ConfigError(f"--prefill-tensor-parallel-size {prefill} with --decode-tensor-parallel-size {decode}: "
-                          "KV moves only between engines of equal tensor-parallel size (each decode rank loads "
-                          "the shard of the prefill rank of the same number; re-sharding between sizes is not "
-                          "built). Give both the same size.")
+        raise ConfigError(f"--prefill-tensor-parallel-size {prefill} with --decode-tensor-parallel-size "
+                          f"{decode}: KV moves only between engines of equal tensor-parallel size (each decode "
+                          "rank loads the shard of the prefill rank of the same number; re-sharding between "
+                          "sizes is not built). Give both the same size.")
     try:
-        return dataclasses.replace(worker, engine=dataclasses.replace(worker.engine, tensor_parallel_size=prefill))
+        engine = dataclasses.replace(worker.engine, tensor_parallel_size=prefill)
     except ValueError as error:
         raise ConfigError(f"--prefill-tensor-parallel-size {prefill}: {error}") from None
+    return dataclasses.replace(worker, engine=engine)
 
 
 def _http_workers(args: argparse.Namespace, worker: WorkerConfig) -> int:

@@ -58,7 +58,8 @@ async def main(tps: list[int], model_dir: str) -> None:
                                                     kv_connector_module_path=CONNECTOR_MODULE,
                                                     kv_role="kv_both"))))
             total, rows = tree_rss_mib()
-            print(f"engine tp={tp} start {time.perf_counter() - t0:.1f}s; tree RSS now {total:.0f} MiB", flush=True)
+            print(f"engine tp={tp} start {time.perf_counter() - t0:.1f}s; tree RSS now {total:.0f} MiB",
+                  flush=True)
             for pid, cmd, rss in rows:
                 print(f"  pid {pid} {rss:7.0f} MiB  {cmd}", flush=True)
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,

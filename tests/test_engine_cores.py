@@ -101,7 +101,7 @@ def test_cores_this_process_may_not_use_are_refused(monkeypatch: pytest.MonkeyPa
 def test_tensor_parallel_ranks_split_the_cores_of_a_vllm_cpu_engine() -> None:
     assert _rank_binding([0, 1], 2) == "0|1"
     assert _rank_binding([0, 1, 2, 3, 4], 2) == "0-1|2-3"
-    with pytest.raises(ValueError, match="each rank needs a CPU of its own, and this engine may use 1 \\(3\\)"):
+    with pytest.raises(ValueError, match=r"each rank needs a CPU of its own, and this engine may use 1 \(3\)"):
         _rank_binding([3], 2)
 
 

@@ -81,8 +81,8 @@ async def test_a_segment_of_tensor_parallel_shards_is_described_shard_by_shard()
     segment = shm.new_segment_name()
     data = os.urandom(4096) + os.urandom(4096)
     shm.create(segment, len(data)).write(data)
-    handle = await store.hold_segment(segment, num_tokens=1, layout=pb.KvLayout(), fingerprint="f",
-                                      shards=[pb.KvShard(rank=r, first_kv_head=r, num_kv_heads=1) for r in (0, 1)])
+    shards = [pb.KvShard(rank=r, first_kv_head=r, num_kv_heads=1) for r in (0, 1)]
+    handle = await store.hold_segment(segment, num_tokens=1, layout=pb.KvLayout(), fingerprint="f", shards=shards)
     assert handle.crc32 == zlib.crc32(data) and handle.total_bytes == len(data)
     assert [(s.rank, s.first_kv_head, s.offset, s.size, s.crc32) for s in handle.shards] == [
         (0, 0, 0, 4096, zlib.crc32(data[:4096])), (1, 1, 4096, 4096, zlib.crc32(data[4096:]))]
@@ -98,4 +98,5 @@ async def test_a_puller_at_another_tensor_parallel_size_is_told_so() -> None:
         store.claim(handle.transfer_id, handle.pull_token, fingerprint + "/tp1h2")
     assert refusal.value.reason == "ENGINE_FINGERPRINT_MISMATCH"
     with pytest.raises(FailedPrecondition, match="Pair only workers with the same engine fingerprint"):
-        store.claim(handle.transfer_id, handle.pull_token, "vllm-0.32.0/other/float32/kv-float32/bs32/L4xH2xD64/tp2h1")
+        store.claim(handle.transfer_id, handle.pull_token,
+                    "vllm-0.32.0/other/float32/kv-float32/bs32/L4xH2xD64/tp2h1")

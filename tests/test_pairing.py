@@ -107,9 +107,10 @@ def test_workers_at_different_tensor_parallel_sizes_do_not_pair_and_the_table_sa
     assert [(p.prefill_worker_id, p.decode_worker_id) for p in compute_pairings(workers).pairings] == [
         ("p-other-model", "d-other-model")]
     assert unpaired(workers) == [
-        f"model m: prefill workers of {engine}/tp2h1 and decode workers of {engine}/tp1h2 do not pair. The engines "
-        "differ in tensor parallelism only (tp2h1 vs tp1h2): KV moves only between equal tensor-parallel sizes "
-        "(it is not re-sharded between them); give prefill and decode workers the same --tensor-parallel-size."]
+        f"model m: prefill workers of {engine}/tp2h1 and decode workers of {engine}/tp1h2 do not pair. The "
+        "engines differ in tensor parallelism only (tp2h1 vs tp1h2): KV moves only between equal "
+        "tensor-parallel sizes (it is not re-sharded between them); give prefill and decode workers the same "
+        "--tensor-parallel-size."]
 
 
 def test_no_decode_workers_means_no_pairs() -> None:

@@ -67,9 +67,9 @@ def replace(old: str, new: str) -> str:
              "tensor_parallel_size: 3\n  hosts: [node-a, node-b]\n  engine_args"),
      "spec.yaml:12: prefill.tensor_parallel_size: must be a power of two (1, 2, 4, 8, ...), got 3; try 2 or 4"),
     (replace("workers: 2\n  tensor_parallel_size: 2", "workers: 2\n  tensor_parallel_size: 4"),
-     "spec.yaml:17: decode.tensor_parallel_size: 4 differs from prefill.tensor_parallel_size (2); KV moves only "
-     "between engines of equal tensor-parallel size (it is not re-sharded between sizes), so use the same value "
-     "in both pools"),
+     ("spec.yaml:17: decode.tensor_parallel_size: 4 differs from prefill.tensor_parallel_size (2); KV moves "
+      "only between engines of equal tensor-parallel size (it is not re-sharded between sizes), so use the "
+      "same value in both pools")),
     (replace("  hosts: [node-a, node-b]\nrouter", "  hosts: [node-a, nodeb]\nrouter"),
      "spec.yaml:18: decode.hosts[1]: unknown host 'nodeb'; did you mean 'node-b'? (hosts: node-a, node-b)"),
     (replace("workers: 4\n", "workers: 12\n"),
@@ -423,8 +423,8 @@ def test_simulated_workers_take_the_pools_tensor_parallel_size() -> None:
     # vLLM workers take the pool's tensor-parallel size too.
     vllm_plan = compile_spec(parse_spec(GOOD))
     assert not any("runs one rank" in note for note in vllm_plan.notes)
-    vllm_engine = worker_config(build_parser().parse_args(list(vllm_plan.by_role("decode")[0].command[1:]))).engine
-    assert vllm_engine.tensor_parallel_size == 2
+    decode_command = list(vllm_plan.by_role("decode")[0].command[1:])
+    assert worker_config(build_parser().parse_args(decode_command)).engine.tensor_parallel_size == 2
 
 
 CPU_HOSTS = """\

@@ -46,7 +46,8 @@ async def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 async def test_disaggregated_greedy_at_tp2_equals_the_aggregated_tp2_engine(cluster: Stubs,
                                                                             tiny_model_dir: Path) -> None:
     handles = await asyncio.gather(*(prefill(cluster, f"p{i}", p) for i, p in enumerate(PROMPTS)))
-    in_place = await asyncio.gather(*(decode(cluster, f"s{i}", p, h) for i, (p, h) in enumerate(zip(PROMPTS, handles))))
+    in_place = await asyncio.gather(*(decode(cluster, f"s{i}", p, h)
+                                      for i, (p, h) in enumerate(zip(PROMPTS, handles))))
     handles = await asyncio.gather(*(prefill(cluster, f"q{i}", p) for i, p in enumerate(PROMPTS)))
     pulled = await asyncio.gather(*(decode(cluster, f"g{i}", p, elsewhere(h), transports=GRPC_ONLY)
                                     for i, (p, h) in enumerate(zip(PROMPTS, handles))))
@@ -59,7 +60,9 @@ async def test_disaggregated_greedy_at_tp2_equals_the_aggregated_tp2_engine(clus
         assert handle.total_bytes == kv_bytes(n)
         assert [(s.rank, s.first_kv_head, s.num_kv_heads, s.offset, s.size) for s in handle.shards] == [
             (0, 0, 1, 0, kv_bytes(n) // 2), (1, 1, 1, kv_bytes(n) // 2, kv_bytes(n) // 2)]
-        assert (shm_done.kv_transfer.path, grpc_done.kv_transfer.path, done.kv_transfer.bytes) == ("shm", "grpc", 0)
+        assert (shm_done.kv_transfer.path, grpc_done.kv_transfer.path, done.kv_transfer.bytes) == (
+            "shm", "grpc", 0)
+        assert shm_done.kv_transfer.shards == grpc_done.kv_transfer.shards == 2
         # Decoded after the transfers, the aggregated run may reuse their blocks: HF transformers vouches too.
         assert tokens == hf_greedy(tiny_model_dir, prompt, MAX_TOKENS), prompt
         assert shm_tokens == tokens and grpc_tokens == tokens, prompt

@@ -2,8 +2,9 @@
 
 A segment holds one shard per tensor-parallel rank, rank 0 first, all of one size; a shard is
 layer-major, then block, each block byte-for-byte as the rank's engine stores it (dimension 0 of every
-layer's cache indexes blocks). Each rank writes and reads its own shard only. Copying whole blocks keeps this independent of how an
-attention backend lays out heads and tokens inside a block; engines with the same fingerprint agree.
+layer's cache indexes blocks). Each rank writes and reads its own shard only. Copying whole blocks keeps
+this independent of how an attention backend lays out heads and tokens inside a block; engines with the
+same fingerprint agree.
 
 A cache in host memory moves through the segment's file (`os.preadv`/`os.pwritev` of the cache's block
 rows, on a few threads): the kernel copies straight between the cache and the segment's pages, and no

@@ -152,7 +152,8 @@ class DynamoKvConnector(KVConnectorBase_V1):
         assert isinstance(plan, StepPlan)
         for load in plan.loads:
             try:
-                load_blocks(self._kv_caches, load.block_ids, load.segment, load.first_segment_block, self._shard)
+                load_blocks(self._kv_caches, load.block_ids, load.segment, load.first_segment_block,
+                            self._shard)
             except (OSError, ValueError, RuntimeError) as error:
                 log.error("%s: loading KV from segment %s failed: %s", CONNECTOR_NAME, load.segment, error)
                 self._failed_blocks.update(load.block_ids)

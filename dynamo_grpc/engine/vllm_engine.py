@@ -286,7 +286,8 @@ class VllmEngine:
         self._kv_heads_per_rank = kv_heads
         self._kv_dtype = config.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
         # All ranks' shards together (ranks holding replicated heads each carry their copy).
-        self._bytes_per_token = 2 * self._num_layers * kv_heads * self._tp * head_size * model_config.dtype.itemsize
+        self._bytes_per_token = (2 * self._num_layers * kv_heads * self._tp * head_size
+                                 * model_config.dtype.itemsize)
         self._max_model_len = model_config.max_model_len
         # Logits are this wide (stop ids index them); prompt ids may also be any id the tokenizer has, as in vLLM.
         self._vocab_size = model_config.get_vocab_size()

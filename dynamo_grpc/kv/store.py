@@ -99,13 +99,15 @@ class LeasedKvStore:
                            prompt: Sequence[int] = (), shards: Sequence[pb.KvShard] = ()) -> pb.KvHandle:
         """Lease a shared-memory segment an engine wrote; freeing the transfer unlinks it. A decode worker
         on this host links it in place, others pull it over gRPC. `shards` name the tensor-parallel ranks
-        whose equal parts the segment holds, back to back; their offsets, sizes and checksums are filled in."""
+        whose equal parts the segment holds, back to back; their offsets, sizes and checksums are filled
+        in."""
         mapping = shm.attach(segment)
         # About 4 ms per 64 MiB: off the event loop (zlib-ng releases the GIL), so other requests go on.
         crc, described = await asyncio.to_thread(_checksums, memoryview(mapping), shards)
         # The store drops its view on free; streams still sending keep theirs until they finish.
-        handle = self.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=layout, fingerprint=fingerprint,
-                           on_free=lambda: shm.unlink(segment), shm_segment=segment, crc32=crc, prompt=prompt)
+        handle = self.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=layout,
+                           fingerprint=fingerprint, on_free=lambda: shm.unlink(segment), shm_segment=segment,
+                           crc32=crc, prompt=prompt)
         handle.shards.extend(described)
         return handle
 
@@ -229,5 +231,6 @@ def _checksums(data: memoryview, shards: Sequence[pb.KvShard]) -> tuple[int, lis
         shard_crc = zlib_ng.crc32(data[i * size:(i + 1) * size])
         crc = zlib_ng.crc32_combine(crc, shard_crc, size)
         described.append(pb.KvShard(rank=shard.rank, first_kv_head=shard.first_kv_head,
-                                    num_kv_heads=shard.num_kv_heads, offset=i * size, size=size, crc32=shard_crc))
+                                    num_kv_heads=shard.num_kv_heads, offset=i * size, size=size,
+                                    crc32=shard_crc))
     return crc, described
