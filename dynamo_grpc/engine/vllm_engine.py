@@ -281,12 +281,10 @@ class VllmEngine:
         self._num_layers = model_config.get_num_layers(vllm_config.parallel_config)
         parallel = vllm_config.parallel_config
         kv_heads, head_size = model_config.get_num_kv_heads(parallel), model_config.get_head_size()
-        self._tp = parallel.tensor_parallel_size
-        self._total_kv_heads = model_config.get_total_num_kv_heads()
-        self._kv_heads_per_rank = kv_heads
+        ranks, total_kv_heads = parallel.tensor_parallel_size, model_config.get_total_num_kv_heads()
         self._kv_dtype = config.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
         # All ranks' shards together (ranks holding replicated heads each carry their copy).
-        self._bytes_per_token = (2 * self._num_layers * kv_heads * self._tp * head_size
+        self._bytes_per_token = (2 * self._num_layers * ranks * kv_heads * head_size
                                  * model_config.dtype.itemsize)
         self._max_model_len = model_config.max_model_len
         # Logits are this wide (stop ids index them); prompt ids may also be any id the tokenizer has, as in vLLM.
@@ -295,8 +293,8 @@ class VllmEngine:
         self._prompt_vocab_size = max(self._vocab_size, tokenizer.max_token_id + 1 if tokenizer else 0)
         self.fingerprint = (
             f"vllm-{vllm.__version__}/{config.model}/{config.dtype}/kv-{self._kv_dtype}/bs{cache.block_size}"
-            f"/L{self._num_layers}xH{self._total_kv_heads}xD{head_size}/tp{self._tp}h{kv_heads}")
-        self._shards = kv_shards(self._tp, self._total_kv_heads, kv_heads)
+            f"/L{self._num_layers}xH{total_kv_heads}xD{head_size}/tp{ranks}h{kv_heads}")
+        self._shards = kv_shards(ranks, total_kv_heads, kv_heads)
         self._store = kv_store
         self._receiver = kv_receiver
         self._live: set[str] = set()
