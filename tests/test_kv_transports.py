@@ -52,6 +52,7 @@ def segment_with(data: bytes) -> str:
 
 
 def segments_of(pid: int) -> list[str]:
+    shm.wait_released()
     return [path.name for path in shm.SHM_DIR.glob(f"{shm.SEGMENT_PREFIX}{pid}-*")]
 
 
@@ -137,6 +138,7 @@ async def test_grpc_pulls_in_parallel_streams_and_the_last_chunk_frees_the_trans
         received.close()
     # (Freed by the pulls themselves: no ReleaseKv was sent.)
     assert (prefill.store.held_transfers, prefill.store.transfers_completed) == (0, 1)
+    shm.wait_released()
     assert not shm.size_of(handle.shm_segment)
     assert not own_segments()
 
@@ -411,4 +413,5 @@ async def test_a_puller_killed_mid_transfer_leaves_nothing_held_registered_or_li
     await eventually(freed, 30, "the lease to end")
     nixl_left = prefill.store.nixl.registrations if prefill.store.nixl is not None else 0
     assert (prefill.store.transfers_expired, nixl_left) == (1, 0)
+    shm.wait_released()
     assert shm.size_of(handle.shm_segment) is None  # the prefill side's segment is gone too

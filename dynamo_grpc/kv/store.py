@@ -106,8 +106,8 @@ class LeasedKvStore:
         crc, described = await asyncio.to_thread(_checksums, memoryview(mapping), shards)
         # The store drops its view on free; streams still sending keep theirs until they finish.
         handle = self.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=layout,
-                           fingerprint=fingerprint, on_free=lambda: shm.unlink(segment), shm_segment=segment,
-                           crc32=crc, prompt=prompt)
+                           fingerprint=fingerprint, on_free=lambda: shm.release_soon(segment),
+                           shm_segment=segment, crc32=crc, prompt=prompt)
         handle.shards.extend(described)
         return handle
 
