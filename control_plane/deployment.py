@@ -42,7 +42,7 @@ async def start_all_in_one(worker: WorkerConfig, registry: Registry, **router_se
     started: list[RunningRole] = []
     try:
         started.append(await start_control_plane(internal, registry))
-        # Engines start side by side (vLLM-CPU engines one after the other: see vllm_engine._on_cores).
+        # Engines start side by side (a vLLM-CPU engine of several ranks alone: see vllm_engine._on_cores).
         workers = await asyncio.gather(start_prefill(prefill, registry), start_decode(decode, registry),
                                        return_exceptions=True)
         started += [role for role in workers if isinstance(role, RunningRole)]

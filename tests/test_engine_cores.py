@@ -144,3 +144,17 @@ def test_serve_gives_each_engine_a_core_per_rank_or_lets_them_share(monkeypatch:
     monkeypatch.setattr(cpu_cores, "usable", lambda: (0, 1))
     prefill, decode = _own_cores(at(2), at(2))
     assert (prefill.engine.cpus, decode.engine.cpus) == ("", "")
+
+
+def test_engines_of_one_rank_start_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    inside = threading.Barrier(2, timeout=30)  # broken, and raising, unless both are inside at once
+
+    def start() -> None:
+        with _on_cores("", 1):
+            inside.wait()
+
+    other = threading.Thread(target=start)
+    other.start()
+    start()
+    other.join()

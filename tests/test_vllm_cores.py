@@ -24,7 +24,7 @@ from tests.real_engine import QUIET_ENGINE
 pytestmark = [*QUIET_ENGINE, pytest.mark.timeout(720)]
 
 ENGINE_START_S = 480.0
-"""Two engines starting one after the other, on two CPU cores other work shares."""
+"""Two engines starting side by side, on two CPU cores other work shares."""
 
 
 def _titled(processes: list[psutil.Process], title: str) -> list[psutil.Process]:
@@ -68,16 +68,18 @@ async def test_serve_gives_each_engine_its_own_cores_and_still_answers(
         serve.stop()
 
 
+@pytest.mark.timeout(2 * ENGINE_START_S + 120)
 async def test_serve_at_tensor_parallel_size_2_moves_the_kv_in_2_shards(
         tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two engines of two ranks each (on a host of fewer than four cores they share the cores)."""
+    """Two engines of two ranks each (on a host of fewer than four cores they share the cores), which start
+    one after the other."""
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     serve = [sys.executable, "-m", "dynamo_grpc.cli", "serve", "--model-path", str(tiny_model_dir),
              "--http-port", "0", "--prefill-tensor-parallel-size", "2", "--decode-tensor-parallel-size", "2",
              "--max-tokens", "8", "--prompt", "Hello, ranks"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     answer = await asyncio.to_thread(subprocess.run, serve, capture_output=True, text=True,
-                                     timeout=ENGINE_START_S, check=False, env=env)
+                                     timeout=2 * ENGINE_START_S, check=False, env=env)
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout.strip()
     assert "8 completion tokens" in answer.stderr, answer.stderr

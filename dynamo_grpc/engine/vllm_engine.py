@@ -114,16 +114,16 @@ def _on_cores(cpus: str, ranks: int = 1) -> Iterator[None]:
     narrows the calling thread's for the duration. vLLM-CPU's automatic binding wants a NUMA node per
     tensor-parallel rank; with fewer nodes, the cores are split between the ranks here, in the
     VLLM_CPU_OMP_THREADS_BIND the engine process inherits (see `_rank_binding`). The environment is one per
-    process, so engines of one process (`serve`) start one at a time (`_binding_lock`). A
-    VLLM_CPU_OMP_THREADS_BIND of the user's wins.
+    process, so such an engine starts alone among the engines of this process (`serve`); others start side
+    by side (`_starts`). A VLLM_CPU_OMP_THREADS_BIND of the user's wins.
     """
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         yield
         return
-    with _binding_lock:
-        if _BIND_VARIABLE in os.environ:  # the user's: ours is gone once its engine has started
+    with _starts.entered(alone=ranks > 1):
+        if _BIND_VARIABLE in os.environ:  # the user's: ours is set only while nothing else starts
             if cpus or ranks > 1:
                 log.info("%s=%s is set: vLLM binds the engine's threads as it says (cpus %s unused)",
                          _BIND_VARIABLE, os.environ[_BIND_VARIABLE], cpus)
@@ -145,9 +145,32 @@ def _on_cores(cpus: str, ranks: int = 1) -> Iterator[None]:
                 del os.environ[_BIND_VARIABLE]
 
 
-_binding_lock = threading.Lock()
-"""Held while a vLLM-CPU engine of this process starts: the VLLM_CPU_OMP_THREADS_BIND set for one engine's
-ranks must not reach another engine starting beside it."""
+class _EngineStarts:
+    """vLLM-CPU engines of this process as they start: side by side, except that one started `alone` (its
+    VLLM_CPU_OMP_THREADS_BIND in the process's environment must not reach another) waits for the others
+    to finish starting, and they for it."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._starting = 0
+        self._alone = False
+
+    @contextlib.contextmanager
+    def entered(self, *, alone: bool) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._alone and not (alone and self._starting))
+            self._starting += 1
+            self._alone = alone
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._starting -= 1
+                self._alone = False
+                self._changed.notify_all()
+
+
+_starts = _EngineStarts()
 
 
 def _rank_binding(cores: list[int], ranks: int) -> str:
