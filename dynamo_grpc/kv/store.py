@@ -59,14 +59,16 @@ class LeasedKvStore:
     """KV bytes of finished prefills, each claimable with its own pull token until its lease ends."""
 
     def __init__(self, *, endpoint: str, host: str, ttl_s: float = 30.0,
-                 nixl: NixlAgent | None = None) -> None:
-        """With `nixl`, every held transfer is registered with that agent for decode workers to READ."""
+                 nixl: NixlAgent | None = None, nixl_min_bytes: int = 0) -> None:
+        """With `nixl`, every held transfer of at least `nixl_min_bytes` is registered with that agent for
+        decode workers to READ."""
         if ttl_s <= 0:
             raise ValueError(f"KV lease TTL must be positive, got {ttl_s}")
         self.endpoint = endpoint
         self.host = host
         self.ttl_s = ttl_s
         self.nixl = nixl
+        self.nixl_min_bytes = nixl_min_bytes
         self._held: dict[str, _Held] = {}
         # Recently freed transfer ids -> why, so a late puller learns "expired" rather than "unknown".
         self._forgotten: OrderedDict[str, str] = OrderedDict()
@@ -189,7 +191,7 @@ class LeasedKvStore:
 
     def _register(self, handle: pb.KvHandle, data: bytes | memoryview) -> Registration | None:
         """Offer the bytes to NIXL READs too; without a registration the handle offers shm and gRPC only."""
-        if self.nixl is None or not len(data):
+        if self.nixl is None or not len(data) or len(data) < self.nixl_min_bytes:
             return None
         try:
             registration = self.nixl.register(data)

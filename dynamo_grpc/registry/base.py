@@ -16,6 +16,11 @@ class RegistryUnavailable(Exception):
     """The backing store (etcd) cannot be reached."""
 
 
+class RegistryAccessDenied(RegistryUnavailable):
+    """etcd refused this process: wrong credentials or CA, or its user may not touch a key. Retrying does not
+    help; the message says which setting or etcd role to change."""
+
+
 def role_name(role: int) -> str:
     """Short lowercase role name used in keys, e.g. `prefill` for WORKER_ROLE_PREFILL."""
     if role == pb.WORKER_ROLE_UNSPECIFIED or role not in pb.WorkerRole.values():
@@ -80,6 +85,12 @@ class Registry(Protocol):
 
     def watch_document(self, name: str) -> AsyncIterator[bytes | None]:
         """The document now, then after every change; None while it does not exist."""
+        ...
+
+    @property
+    def watch_lost_at(self) -> float | None:
+        """When one of this registry's watches broke and has not been re-established since (time.monotonic),
+        so what it yields may be out of date; None while every watch is live."""
         ...
 
     async def close(self) -> None:
