@@ -6,6 +6,8 @@ the prefill worker's lease:
 - `nixl`: READ the bytes from memory the prefill worker registered with its NIXL agent (`nixl_transport`);
 - `grpc`: anywhere, pull `PullKv` chunk streams (several in parallel) into local memory, checking size
   and CRC-32; the last chunk sent frees the transfer, so no release call follows.
+The transfer of a tensor-parallel engine holds one shard per rank, back to back (`KvHandle.shards`): each
+transport moves them all, gRPC on streams of their own per shard, naming the rank of a corrupted one.
 `KvReceiver` checks that a handle fits the request and this engine, tries the transports in the order the
 pairing table gives for the pair (a transport that cannot reach the bytes, or breaks mid-transfer, hands
 over to the next; the completion names the one that moved them and those that failed), and releases the
