@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from dynamo_grpc import metrics
 from dynamo_grpc.registry import PAIRINGS_DOCUMENT, Registry, RegistryUnavailable
-from dynamo_grpc.routing.pairing import pairing_table
+from dynamo_grpc.routing.pairing import pairing_table, unpaired
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
@@ -81,6 +81,8 @@ class PairingController:
         pairs = sum(len(g.prefill_worker_ids) * len(g.decode_worker_ids) for g in table.groups)
         log.info("pairing table v%d: %d pairs in %d groups among %d workers", table.version, pairs,
                  len(table.groups), len(workers))
+        for reason in unpaired(workers.values()):
+            log.warning("pairing table v%d: %s", table.version, reason)
         self._changes.inc()
         async with self._changed:
             self.table = table

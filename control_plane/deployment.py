@@ -38,11 +38,11 @@ async def start_all_in_one(worker: WorkerConfig, registry: Registry, **router_se
     """Control plane, one prefill and one decode worker on free ports, and the router on `worker.server.port`
     (`router_settings` as `start_router` takes them)."""
     internal = dataclasses.replace(worker.server, port=0)
-    prefill, decode = (dataclasses.replace(config, server=internal) for config in _own_cores(worker))
+    prefill, decode = (dataclasses.replace(config, server=internal) for config in _own_cores(worker, worker))
     started: list[RunningRole] = []
     try:
         started.append(await start_control_plane(internal, registry))
-        # Engines start side by side: each spends much of its start-up in its own processes.
+        # Engines start side by side (a vLLM-CPU engine of several ranks alone: see vllm_engine._on_cores).
         workers = await asyncio.gather(start_prefill(prefill, registry), start_decode(decode, registry),
                                        return_exceptions=True)
         started += [role for role in workers if isinstance(role, RunningRole)]
@@ -61,19 +61,28 @@ async def start_all_in_one(worker: WorkerConfig, registry: Registry, **router_se
     return Deployment(*started)
 
 
-def _own_cores(worker: WorkerConfig) -> tuple[WorkerConfig, WorkerConfig]:
-    """The prefill and decode workers' configs: an engine that runs on CPUs gets half of this process's cores
-    each (prefill the lower half), unless the user chose its cores."""
-    field = worker.kind.cpus_field
-    if not field or getattr(worker.engine, field):
-        return worker, worker
+def _own_cores(prefill: WorkerConfig, decode: WorkerConfig) -> tuple[WorkerConfig, WorkerConfig]:
+    """The prefill and decode workers' configs: an engine that runs on CPUs gets its own share of this
+    process's cores, as many per engine as it has tensor-parallel ranks (prefill the lower ones), unless the
+    user chose its cores. With fewer cores than ranks, the engines share all of them."""
+    field = prefill.kind.cpus_field
+    if not field or getattr(prefill.engine, field) or getattr(decode.engine, field):
+        return prefill, decode
+    ranks = [_ranks(prefill), _ranks(decode)]
     cores = cpu_cores.usable()
-    shares = cpu_cores.split(cores, 2)
+    shares = cpu_cores.split(cores, sum(ranks))
     if shares is None:
-        log.info("one CPU core (%s): the prefill and decode engines share it", cpu_cores.format_list(cores))
-        return worker, worker
-    prefill, decode = (dataclasses.replace(worker, engine=dataclasses.replace(
-        worker.engine, **{field: cpu_cores.format_list(share)})) for share in shares)
+        log.info("%d CPU cores (%s) for %d engine ranks: the prefill and decode engines share them",
+                 len(cores), cpu_cores.format_list(cores), sum(ranks))
+        return prefill, decode
+    own = (sum(shares[:ranks[0]], ()), sum(shares[ranks[0]:], ()))
+    prefill, decode = (dataclasses.replace(config, engine=dataclasses.replace(
+        config.engine, **{field: cpu_cores.format_list(share)}))
+        for config, share in zip((prefill, decode), own))
     log.info("prefill engine on CPUs %s, decode engine on CPUs %s", getattr(prefill.engine, field),
              getattr(decode.engine, field))
     return prefill, decode
+
+
+def _ranks(worker: WorkerConfig) -> int:
+    return getattr(worker.engine, "tensor_parallel_size", 1)

@@ -790,8 +790,9 @@ class _Checker:
             node = top["decode"].value.get("tensor_parallel_size", top["decode"])
             self.problem(node.line, "decode.tensor_parallel_size",
                          f"{decode.tensor_parallel_size} differs from prefill.tensor_parallel_size "
-                         f"({prefill.tensor_parallel_size}); KV moves only between engines with one layout, "
-                         "so use the same value in both pools")
+                         f"({prefill.tensor_parallel_size}); KV moves only between engines of equal "
+                         "tensor-parallel size (it is not re-sharded between sizes), so use the same value "
+                         "in both pools")
         defaults = engine_arg_defaults(model.engine)
         merged = {role: {**defaults, **model.engine_args, **pool.engine_args} for role, pool in pools.items()}
         for arg in ENGINES[model.engine].kv_layout_args:

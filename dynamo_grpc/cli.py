@@ -223,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
              help="HTTP frontend processes sharing --http-port, each routing on its own (needs --etcd for "
              "more than 1); auto: one per core the engines leave (1 beside engines that run on this "
              "host's CPUs)")
+    for role in ("prefill", "decode"):
+        add_flag(sub, f"{role}-tensor-parallel-size", default=0, type=int,
+                 help=f"engine ranks of the {role} worker (default: --tensor-parallel-size); KV moves only "
+                 "between equal sizes")
     add_http_limit_flags(sub)
     add_token_flag(sub, what="RouterService and the HTTP API (health checks and /metrics stay open)")
     add_flag(sub, "prompt", default="", help="send this prompt through the deployment, print the answer, exit")
@@ -390,7 +394,7 @@ async def _run_role(start: Callable[[], Awaitable[RunningRole]], registry: Regis
 async def _serve(args: argparse.Namespace) -> int:
     from dynamo_grpc.frontend.backends import EmbeddedRouter
 
-    worker = worker_config(args)
+    worker = _serve_tensor_parallel(args, worker_config(args))
     registry = await _connect_registry(worker.server, required=False)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(registry.close)
@@ -427,6 +431,29 @@ async def _serve(args: argparse.Namespace) -> int:
         _say("serve", f"Prometheus metrics of every part at {metrics_url or frontend.url + '/metrics'}")
         await _until_signalled()
     return 0
+
+
+def _serve_tensor_parallel(args: argparse.Namespace, worker: WorkerConfig) -> WorkerConfig:
+    """`serve`'s worker config at the tensor-parallel size --prefill/--decode-tensor-parallel-size ask for;
+    sizes that differ are refused, since KV is not re-sharded between them."""
+    prefill, decode = args.prefill_tensor_parallel_size, args.decode_tensor_parallel_size
+    if not prefill and not decode:
+        return worker
+    if not worker.kind.takes_tensor_parallel:
+        raise ConfigError(f"--prefill/--decode-tensor-parallel-size: the {worker.kind.name} engine has no "
+                          "tensor parallelism")
+    default = worker.engine.tensor_parallel_size
+    prefill, decode = prefill or default, decode or default
+    if prefill != decode:
+        raise ConfigError(f"--prefill-tensor-parallel-size {prefill} with --decode-tensor-parallel-size "
+                          f"{decode}: KV moves only between engines of equal tensor-parallel size (each decode "
+                          "rank loads the shard of the prefill rank of the same number; re-sharding between "
+                          "sizes is not built). Give both the same size.")
+    try:
+        engine = dataclasses.replace(worker.engine, tensor_parallel_size=prefill)
+    except ValueError as error:
+        raise ConfigError(f"--prefill-tensor-parallel-size {prefill}: {error}") from None
+    return dataclasses.replace(worker, engine=engine)
 
 
 def _http_workers(args: argparse.Namespace, worker: WorkerConfig) -> int:
@@ -557,7 +584,9 @@ async def _generate(endpoint: str, model: str, prompt: str, max_tokens: int, *, 
                     printed = True
                 else:
                     c = response.completion
-                    kv = (f", KV moved: {c.kv_transfer.bytes} bytes from {c.prefill_worker_id} via "
+                    shards = (f" in {c.kv_transfer.shards} tensor-parallel shards" if c.kv_transfer.shards > 1
+                              else "")
+                    kv = (f", KV moved: {c.kv_transfer.bytes} bytes{shards} from {c.prefill_worker_id} via "
                           f"{c.kv_transfer.path}" if c.kv_transfer.bytes else "")
                     print(flush=True)
                     print(f"[{c.usage.prompt_tokens} prompt + {c.usage.completion_tokens} completion tokens, "

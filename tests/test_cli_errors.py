@@ -81,3 +81,13 @@ async def test_a_bad_workers_count_is_refused_by_name() -> None:
         "argument --workers: expected a number of processes or 'auto', got 'many'")
     status, _, err = await cli("router", "--workers", "-2")
     assert status == 2 and last_line(err).endswith("expected 0 or more processes (0: one per core), got -2")
+
+
+async def test_serve_at_different_prefill_and_decode_tensor_parallel_sizes_says_why_not() -> None:
+    status, _, err = await cli("serve", "--prefill-tensor-parallel-size", "2", "--decode-tensor-parallel-size",
+                               "1", "--prompt", "hi")
+    assert status == 2
+    assert last_line(err) == (
+        "dynamo-grpc serve: --prefill-tensor-parallel-size 2 with --decode-tensor-parallel-size 1: KV moves "
+        "only between engines of equal tensor-parallel size (each decode rank loads the shard of the prefill "
+        "rank of the same number; re-sharding between sizes is not built). Give both the same size.")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from dynamo_grpc.engine.kv_blocks import block_bytes, block_major, load_blocks, save_blocks
+from dynamo_grpc.engine.kv_blocks import Shard, block_bytes, block_major, load_blocks, save_blocks
 from dynamo_grpc.kv import shm
 
 # The copies run on every device this machine has: a GPU machine also checks the device<->host branches.
@@ -38,6 +38,24 @@ def test_blocks_land_where_asked_and_nowhere_else(segment: str, device: str) -> 
     for src, dst in zip(source, target):
         assert torch.equal(dst[0], src[1]) and torch.equal(dst[7], src[6])
         assert not dst[1:7].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_tensor_parallel_rank_moves_its_own_shard_of_one_segment(segment: str, device: str) -> None:
+    """Two ranks (each with half the KV heads) write one segment; each reads back its own half only."""
+    sources = [caches(True, device) for _ in range(2)]
+    for rank in (1, 0):  # the ranks run side by side: either may create the segment
+        save_blocks(sources[rank], [5, 1], segment, Shard(rank, 2))
+    shard_bytes = 2 * block_bytes(sources[0])
+    assert shm.size_of(segment) == 2 * shard_bytes
+    for rank in (0, 1):
+        target = caches(False, device)
+        load_blocks(target, [3, 4], segment, shard=Shard(rank, 2))
+        for src, dst in zip(sources[rank], target):
+            assert torch.equal(dst[3], src[5]) and torch.equal(dst[4], src[1])
+            assert not dst[:3].any() and not dst[5:].any()
+    with pytest.raises(ValueError, match="5 equal shards"):
+        load_blocks(caches(False, device), [0], segment, shard=Shard(0, 5))
 
 
 def test_a_segment_of_the_wrong_shape_is_refused(segment: str) -> None:
@@ -77,3 +95,12 @@ def test_a_layout_without_a_block_dimension_is_refused() -> None:
     assert len(block_major(torch.zeros(8, 2, 4), 8)) == 1
     with pytest.raises(ValueError, match="neither"):
         block_major(torch.zeros(3, 8, 4), 8)
+
+
+def test_kv_heads_split_across_ranks_as_vllm_splits_them() -> None:
+    from dynamo_grpc.engine.vllm_engine import kv_shards
+
+    heads = [(s.rank, s.first_kv_head, s.num_kv_heads) for s in kv_shards(2, 8, 4)]
+    assert heads == [(0, 0, 4), (1, 4, 4)]
+    # Two KV heads over four ranks: each head on two ranks.
+    assert [s.first_kv_head for s in kv_shards(4, 2, 1)] == [0, 0, 1, 1]

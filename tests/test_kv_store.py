@@ -70,3 +70,34 @@ async def test_close_frees_everything() -> None:
 def test_ttl_must_be_positive() -> None:
     with pytest.raises(ValueError, match="TTL"):
         LeasedKvStore(endpoint="e", host="h", ttl_s=0)
+
+
+async def test_a_segment_of_tensor_parallel_shards_is_described_shard_by_shard() -> None:
+    import os
+
+    from dynamo_grpc.kv import shm
+
+    store = LeasedKvStore(endpoint="e", host="h", ttl_s=30)
+    segment = shm.new_segment_name()
+    data = os.urandom(4096) + os.urandom(4096)
+    shm.create(segment, len(data)).write(data)
+    shards = [pb.KvShard(rank=r, first_kv_head=r, num_kv_heads=1) for r in (0, 1)]
+    handle = await store.hold_segment(segment, num_tokens=1, layout=pb.KvLayout(), fingerprint="f", shards=shards)
+    assert handle.crc32 == zlib.crc32(data) and handle.total_bytes == len(data)
+    assert [(s.rank, s.first_kv_head, s.offset, s.size, s.crc32) for s in handle.shards] == [
+        (0, 0, 0, 4096, zlib.crc32(data[:4096])), (1, 1, 4096, 4096, zlib.crc32(data[4096:]))]
+    assert store.release(handle.transfer_id, handle.pull_token)
+    shm.wait_released()  # freed pages go on a thread of their own
+    assert shm.size_of(segment) is None
+
+
+async def test_a_puller_at_another_tensor_parallel_size_is_told_so() -> None:
+    store = LeasedKvStore(endpoint="e", host="h", ttl_s=30)
+    fingerprint = "vllm-0.32.0/tiny/float32/kv-float32/bs32/L4xH2xD64"
+    handle = store.hold(data=b"kv", num_tokens=1, layout=pb.KvLayout(), fingerprint=fingerprint + "/tp2h1")
+    with pytest.raises(FailedPrecondition, match=r"tensor parallelism only \(tp2h1 vs tp1h2\)") as refusal:
+        store.claim(handle.transfer_id, handle.pull_token, fingerprint + "/tp1h2")
+    assert refusal.value.reason == "ENGINE_FINGERPRINT_MISMATCH"
+    with pytest.raises(FailedPrecondition, match="Pair only workers with the same engine fingerprint"):
+        store.claim(handle.transfer_id, handle.pull_token,
+                    "vllm-0.32.0/other/float32/kv-float32/bs32/L4xH2xD64/tp2h1")

@@ -6,7 +6,7 @@ import asyncio
 
 from dynamo_grpc.registry import PAIRINGS_DOCUMENT, MemoryRegistry
 from dynamo_grpc.routing.fleet import Fleet
-from dynamo_grpc.routing.pairing import compute_pairings, pair_transports, pairing_table
+from dynamo_grpc.routing.pairing import compute_pairings, pair_transports, pairing_table, unpaired
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
@@ -97,6 +97,20 @@ async def routes_from_groups(workers: list[pb.WorkerInfo], table: cp_pb.PairingT
     finally:
         await fleet.stop()
         await registry.close()
+
+
+def test_workers_at_different_tensor_parallel_sizes_do_not_pair_and_the_table_says_why() -> None:
+    P, D = pb.WORKER_ROLE_PREFILL, pb.WORKER_ROLE_DECODE
+    engine = "vllm-0.32.0/tiny/float32/kv-float32/bs32/L4xH2xD64"
+    workers = [worker("p", P, fingerprint=f"{engine}/tp2h1"), worker("d", D, fingerprint=f"{engine}/tp1h2"),
+               worker("p-other-model", P, model="other"), worker("d-other-model", D, model="other")]
+    assert [(p.prefill_worker_id, p.decode_worker_id) for p in compute_pairings(workers).pairings] == [
+        ("p-other-model", "d-other-model")]
+    assert unpaired(workers) == [
+        f"model m: prefill workers of {engine}/tp2h1 and decode workers of {engine}/tp1h2 do not pair. The "
+        "engines differ in tensor parallelism only (tp2h1 vs tp1h2): KV moves only between equal "
+        "tensor-parallel sizes (it is not re-sharded between them); give prefill and decode workers the same "
+        "--tensor-parallel-size."]
 
 
 def test_no_decode_workers_means_no_pairs() -> None:

@@ -67,6 +67,10 @@ def replace(old: str, new: str) -> str:
     (replace("tensor_parallel_size: 2\n  hosts: [node-a, node-b]\n  engine_args",
              "tensor_parallel_size: 3\n  hosts: [node-a, node-b]\n  engine_args"),
      "spec.yaml:12: prefill.tensor_parallel_size: must be a power of two (1, 2, 4, 8, ...), got 3; try 2 or 4"),
+    (replace("workers: 2\n  tensor_parallel_size: 2", "workers: 2\n  tensor_parallel_size: 4"),
+     ("spec.yaml:17: decode.tensor_parallel_size: 4 differs from prefill.tensor_parallel_size (2); KV moves "
+      "only between engines of equal tensor-parallel size (it is not re-sharded between sizes), so use the "
+      "same value in both pools")),
     (replace("  hosts: [node-a, node-b]\nrouter", "  hosts: [node-a, nodeb]\nrouter"),
      "spec.yaml:18: decode.hosts[1]: unknown host 'nodeb'; did you mean 'node-b'? (hosts: node-a, node-b)"),
     (replace("workers: 4\n", "workers: 12\n"),
@@ -138,7 +142,8 @@ def test_good_spec_compiles_to_placed_workers_with_devices_ports_and_pairings() 
         "--metrics-port", "51100", "--worker-id", "prefill-0", "--engine", "vllm",
         "--model-path", "/models/llama-3-8b",
         "--model", "llama-3-8b", "--dtype", "bfloat16", "--max-model-len", "8192",
-        "--max-num-batched-tokens", "8192", "--kv-ttl-s", "30", "--kv-pull-failure", "local-prefill")
+        "--max-num-batched-tokens", "8192", "--tensor-parallel-size", "2", "--kv-ttl-s", "30",
+        "--kv-pull-failure", "local-prefill")
     assert "--max-num-batched-tokens" not in plan.by_role("decode")[0].command
     assert compile_spec(parse_spec(GOOD)) == plan
     assert plan_to_json(compile_spec(parse_spec(GOOD))) == plan_to_json(plan)
@@ -171,7 +176,7 @@ def test_plan_outputs_text_json_and_proto() -> None:
     assert "prefill-0      prefill        node-a  10.0.0.1:50100  0,1      2" in text
     assert "prefill-0 -> same host: decode-0; other hosts: decode-1" in text
     assert "CUDA_VISIBLE_DEVICES=0,1 dynamo-grpc prefill --host 0.0.0.0" in text
-    assert "a vllm worker runs one rank" in text and "kv_aware" in text
+    assert "runs one rank" not in text and "kv_aware" in text
     data = json.loads(plan_to_json(plan))
     assert data["processes"][0]["shell"].startswith("CUDA_VISIBLE_DEVICES=0,1 dynamo-grpc prefill")
     assert data["processes"][0]["metrics"] == "http://10.0.0.1:51100/metrics"
@@ -239,7 +244,7 @@ def test_vllm_flags_kept_dropped_and_noted() -> None:
     assert "not passed" not in render_plan(plan)
     with pytest.raises(ConfigError, match="did you mean 'gpu_memory_utilization'"):
         worker_config(build_parser().parse_args(["prefill", "--vllm-arg", "gpu_memory_utilisation=0.9"]))
-    with pytest.raises(ConfigError, match="one engine rank"):
+    with pytest.raises(ConfigError, match="use --tensor-parallel-size"):
         worker_config(build_parser().parse_args(["decode", "--vllm-arg", "tensor_parallel_size=2"]))
     with pytest.raises(ConfigError, match="does not apply to --engine simulated"):
         worker_config(build_parser().parse_args(["prefill", "--engine", "simulated", "--vllm-arg", "seed=1"]))
@@ -440,8 +445,11 @@ def test_simulated_workers_take_the_pools_tensor_parallel_size() -> None:
         GOOD.replace("max_model_len: 8192", "max_model_len: 8192, tensor_parallel_size: 2"))
     with pytest.raises(SpecError, match="tensor_parallel_size above 1 needs a cost_model"):
         parse_spec(dump_spec(spec).replace("cost_model: llama3_70b", "decode_step_s: 0.01"))
-    # vLLM workers run one rank whatever the pool says, and the plan says so.
-    assert any("runs one rank" in note for note in compile_spec(parse_spec(GOOD)).notes)
+    # vLLM workers take the pool's tensor-parallel size too.
+    vllm_plan = compile_spec(parse_spec(GOOD))
+    assert not any("runs one rank" in note for note in vllm_plan.notes)
+    decode_command = list(vllm_plan.by_role("decode")[0].command[1:])
+    assert worker_config(build_parser().parse_args(decode_command)).engine.tensor_parallel_size == 2
 
 
 CPU_HOSTS = """\

@@ -66,3 +66,22 @@ async def test_serve_gives_each_engine_its_own_cores_and_still_answers(
         assert "8 completion tokens" in answer.stderr and "via shm" in answer.stderr, answer.stderr
     finally:
         serve.stop()
+
+
+@pytest.mark.timeout(2 * ENGINE_START_S + 120)
+async def test_serve_at_tensor_parallel_size_2_moves_the_kv_in_2_shards(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two engines of two ranks each (on a host of fewer than four cores they share the cores), which start
+    one after the other."""
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    serve = RoleProcess("serve", "--model-path", str(tiny_model_dir), "--http-port", "0",
+                        "--prefill-tensor-parallel-size", "2", "--decode-tensor-parallel-size", "2",
+                        "--max-tokens", "8", "--prompt", "Hello, ranks", log_dir=tmp_path)
+    try:
+        assert await asyncio.to_thread(serve.wait_exit, 2 * ENGINE_START_S) == 0, serve.log()
+    finally:
+        serve.stop()  # the whole process group, engines included
+    summary = [line for line in serve.log_path.read_text(errors="replace").splitlines() if "KV moved" in line]
+    assert len(summary) == 1, serve.log()
+    assert "8 completion tokens" in summary[0] and "in 2 tensor-parallel shards" in summary[0], summary
+    assert summary[0].endswith("via shm]"), summary

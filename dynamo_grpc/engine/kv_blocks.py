@@ -1,8 +1,10 @@
 """Copying whole KV blocks between an engine's paged cache and a shared-memory segment.
 
-A segment is layer-major, then block, each block byte-for-byte as the engine stores it (dimension 0
-of every layer's cache indexes blocks). Copying whole blocks keeps this independent of how an
-attention backend lays out heads and tokens inside a block; engines with the same fingerprint agree.
+A segment holds one shard per tensor-parallel rank, rank 0 first, all of one size; a shard is
+layer-major, then block, each block byte-for-byte as the rank's engine stores it (dimension 0 of every
+layer's cache indexes blocks). Each rank writes and reads its own shard only. Copying whole blocks keeps
+this independent of how an attention backend lays out heads and tokens inside a block; engines with the
+same fingerprint agree.
 
 A cache in host memory moves through the segment's file (`os.preadv`/`os.pwritev` of the cache's block
 rows, on a few threads): the kernel copies straight between the cache and the segment's pages, and no
@@ -17,6 +19,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,44 +46,64 @@ def block_bytes(caches: Sequence[torch.Tensor]) -> int:
     return sum(math.prod(c.shape[1:]) * c.element_size() for c in caches)
 
 
-def save_blocks(caches: Sequence[torch.Tensor], block_ids: Sequence[int], segment: str) -> None:
-    """Write blocks `block_ids` of every layer into a new segment."""
-    size = block_bytes(caches) * len(block_ids)
+@dataclass(frozen=True)
+class Shard:
+    """Which of a segment's equal shards a rank owns: rank `rank` of `num_ranks`."""
+
+    rank: int = 0
+    num_ranks: int = 1
+
+
+def save_blocks(caches: Sequence[torch.Tensor], block_ids: Sequence[int], segment: str,
+                shard: Shard = Shard()) -> None:
+    """Write blocks `block_ids` of every layer into the rank's shard of a new segment (its other ranks
+    write theirs into the same segment)."""
+    shard_bytes = block_bytes(caches) * len(block_ids)
+    size, base = shard_bytes * shard.num_ranks, shard_bytes * shard.rank
     if _rows_movable(caches):
-        fd = shm.create_file(segment, size)
+        fd = shm.create_file(segment, size, shared=shard.num_ranks > 1)
         try:
-            _move_rows(caches, block_ids, 0, len(block_ids), fd, os.pwritev)
+            _move_rows(caches, block_ids, 0, len(block_ids), fd, os.pwritev, base)
         except BaseException:
             shm.unlink(segment)
             raise
         finally:
             os.close(fd)
         return
-    mapping = shm.create(segment, size)
+    mapping = shm.create(segment, size, shared=shard.num_ranks > 1)
     try:
-        _copy_out(caches, block_ids, mapping)
+        _copy_out(caches, block_ids, memoryview(mapping)[base:base + shard_bytes])
     finally:
         mapping.close()  # the tensor views over it died with _copy_out
 
 
-def load_blocks(caches: Sequence[torch.Tensor], block_ids: Sequence[int], segment: str, first: int = 0) -> None:
-    """Read the segment's blocks `first`, `first + 1`, ... into the cache's blocks `block_ids`."""
+def load_blocks(caches: Sequence[torch.Tensor], block_ids: Sequence[int], segment: str, first: int = 0,
+                shard: Shard = Shard()) -> None:
+    """Read the blocks `first`, `first + 1`, ... of the rank's shard into the cache's blocks `block_ids`."""
     if _rows_movable(caches):
         fd = os.open(shm.SHM_DIR / segment, os.O_RDONLY)
         try:
-            segment_blocks = _whole_blocks(caches, os.fstat(fd).st_size)
+            shard_bytes = _shard_bytes(os.fstat(fd).st_size, shard)
+            segment_blocks = _whole_blocks(caches, shard_bytes)
             if first + len(block_ids) > segment_blocks:
                 raise ValueError(f"segment has {segment_blocks} blocks, asked for "
                                  f"{first}..{first + len(block_ids) - 1}")
-            _move_rows(caches, block_ids, first, segment_blocks, fd, os.preadv)
+            _move_rows(caches, block_ids, first, segment_blocks, fd, os.preadv, shard_bytes * shard.rank)
         finally:
             os.close(fd)
         return
     mapping = shm.attach(segment)
     try:
-        _copy_in(caches, block_ids, mapping, first)
+        shard_bytes = _shard_bytes(len(mapping), shard)
+        _copy_in(caches, block_ids, memoryview(mapping)[shard_bytes * shard.rank:][:shard_bytes], first)
     finally:
         mapping.close()
+
+
+def _shard_bytes(total: int, shard: Shard) -> int:
+    if total % shard.num_ranks:
+        raise ValueError(f"segment of {total} bytes does not split into {shard.num_ranks} equal shards")
+    return total // shard.num_ranks
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -99,10 +122,11 @@ def _whole_blocks(caches: Sequence[torch.Tensor], total: int) -> int:
 
 
 def _move_rows(caches: Sequence[torch.Tensor], block_ids: Sequence[int], first: int, segment_blocks: int,
-               fd: int, move: Callable[[int, list[memoryview], int], int]) -> None:
-    """`os.preadv` or `os.pwritev` between the caches' rows `block_ids` and the segment's blocks `first`, ...,
-    whose layers each hold `segment_blocks` blocks; the layers' batches run on a few threads."""
-    batches, layer_offset = [], 0
+               fd: int, move: Callable[[int, list[memoryview], int], int], base: int = 0) -> None:
+    """`os.preadv` or `os.pwritev` between the caches' rows `block_ids` and the blocks `first`, ... of the
+    shard at byte `base`, whose layers each hold `segment_blocks` blocks; the layers' batches run on a few
+    threads."""
+    batches, layer_offset = [], base
     for cache in caches:
         row_bytes = math.prod(cache.shape[1:]) * cache.element_size()
         offset = layer_offset + first * row_bytes

@@ -18,7 +18,9 @@ and the finished request's `kv_transfer_params` say what was done:
     {"saved_to": NAME, "num_tokens": N}   the prompt's blocks are in NAME
     {"loaded_tokens": N}                  the KV of N prompt tokens came from the segment
 
-Segments hold whole blocks (see `kv_blocks`). Both sides agree on their layout because the router
+vLLM builds one scheduler-side instance per engine and one worker-side instance per tensor-parallel rank
+(each in that rank's process); every rank copies its own shard, its KV heads, of each segment. Segments
+hold whole blocks (see `kv_blocks`). Both sides agree on their layout because the router
 pairs only engines with the same fingerprint (block size and layout included), and the decode adapter
 checks it again before a pull.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from dynamo_grpc.engine.kv_blocks import block_major, load_blocks, save_blocks
+from dynamo_grpc.engine.kv_blocks import Shard, block_major, load_blocks, save_blocks
 from dynamo_grpc.engine.vllm_engine import CONNECTOR_NAME
 from dynamo_grpc.kv import shm
 
@@ -82,6 +85,9 @@ class DynamoKvConnector(KVConnectorBase_V1):
         # Worker side.
         self._kv_caches: list[torch.Tensor] = []
         self._failed_blocks: set[int] = set()
+        self._shard = Shard(_tp_rank(role), vllm_config.parallel_config.tensor_parallel_size)
+        log.info("%s: %s side, tensor-parallel rank %d of %d, pid %d", CONNECTOR_NAME, role.name,
+                 self._shard.rank, self._shard.num_ranks, os.getpid())
 
     # ---- scheduler side ----
 
@@ -146,7 +152,8 @@ class DynamoKvConnector(KVConnectorBase_V1):
         assert isinstance(plan, StepPlan)
         for load in plan.loads:
             try:
-                load_blocks(self._kv_caches, load.block_ids, load.segment, load.first_segment_block)
+                load_blocks(self._kv_caches, load.block_ids, load.segment, load.first_segment_block,
+                            self._shard)
             except (OSError, ValueError, RuntimeError) as error:
                 log.error("%s: loading KV from segment %s failed: %s", CONNECTOR_NAME, load.segment, error)
                 self._failed_blocks.update(load.block_ids)
@@ -162,7 +169,7 @@ class DynamoKvConnector(KVConnectorBase_V1):
         assert isinstance(plan, StepPlan)
         for save in plan.saves:
             try:
-                save_blocks(self._kv_caches, save.block_ids, save.segment)
+                save_blocks(self._kv_caches, save.block_ids, save.segment, self._shard)
             except (OSError, ValueError, RuntimeError) as error:
                 # The adapter sees no segment and fails the prefill with a clear error.
                 log.error("%s: saving KV to segment %s failed: %s", CONNECTOR_NAME, save.segment, error)
@@ -171,3 +178,12 @@ class DynamoKvConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
+
+
+def _tp_rank(role: KVConnectorRole) -> int:
+    """This worker's tensor-parallel rank; the scheduler side, which serves every rank, counts as rank 0."""
+    if role != KVConnectorRole.WORKER:
+        return 0
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()

@@ -19,6 +19,7 @@ import gc
 import logging
 import math
 import os
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,8 @@ class VllmEngineConfig:
     max_num_batched_tokens: int = 0
     """Tokens per engine step; longer prompts prefill in chunks. 0 keeps vLLM's default."""
     kv_cache_gib: int = 1
+    tensor_parallel_size: int = 1
+    """Engine ranks, one process each (vLLM's multiprocess executor); each rank moves its own KV shard."""
     enforce_eager: bool = True
     extra_args: tuple[str, ...] = ()
     """Any other vLLM engine argument, as KEY=VALUE (`--vllm-arg`); VALUE is read as YAML (8, true, fp8)."""
@@ -77,6 +80,8 @@ class VllmEngineConfig:
     own binding. A VLLM_CPU_OMP_THREADS_BIND in the environment wins over it."""
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.cpus:
             try:
                 cpu_cores.parse(self.cpus)
@@ -101,44 +106,92 @@ _BIND_VARIABLE = "VLLM_CPU_OMP_THREADS_BIND"
 
 
 @contextlib.contextmanager
-def _on_cores(cpus: str) -> Iterator[None]:
+def _on_cores(cpus: str, ranks: int = 1) -> Iterator[None]:
     """Engine processes started inside run on `cpus` only, and vLLM-CPU's automatic binding places their
     OpenMP threads there.
 
-    vLLM reads its binding from the environment of the engine process as it starts, and the environment is
-    one per process: two engines starting side by side in one process (`serve`) could not each set their
-    own. CPU affinity is per thread and a process inherits the one of the thread that starts it, so this
-    narrows the calling thread's for the duration. A VLLM_CPU_OMP_THREADS_BIND of the user's wins.
+    CPU affinity is per thread and a process inherits the one of the thread that starts it, so this
+    narrows the calling thread's for the duration. vLLM-CPU's automatic binding wants a NUMA node per
+    tensor-parallel rank; with fewer nodes, the cores are split between the ranks here, in the
+    VLLM_CPU_OMP_THREADS_BIND the engine process inherits (see `_rank_binding`). The environment is one per
+    process, so such an engine starts alone among the engines of this process (`serve`); others start side
+    by side (`_starts`). A VLLM_CPU_OMP_THREADS_BIND of the user's wins.
     """
     from vllm.platforms import current_platform
 
-    if not cpus or not current_platform.is_cpu():
+    if not current_platform.is_cpu():
         yield
         return
-    if _BIND_VARIABLE in os.environ:
-        log.info("%s=%s is set: vLLM binds the engine's threads as it says (cpus %s unused)",
-                 _BIND_VARIABLE, os.environ[_BIND_VARIABLE], cpus)
-        yield
-        return
-    wanted, usable = set(cpu_cores.parse(cpus)), os.sched_getaffinity(0)
-    if not wanted <= usable:
-        raise ValueError(f"--cpus {cpus}: this process may run only on CPUs "
-                         f"{cpu_cores.format_list(sorted(usable))}")
-    os.sched_setaffinity(0, wanted)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, usable)
+    with _starts.entered(alone=ranks > 1):
+        if _BIND_VARIABLE in os.environ:  # the user's: ours is set only while nothing else starts
+            if cpus or ranks > 1:
+                log.info("%s=%s is set: vLLM binds the engine's threads as it says (cpus %s unused)",
+                         _BIND_VARIABLE, os.environ[_BIND_VARIABLE], cpus)
+            yield
+            return
+        usable = os.sched_getaffinity(0)
+        wanted = set(cpu_cores.parse(cpus)) if cpus else usable
+        if not wanted <= usable:
+            raise ValueError(f"--cpus {cpus}: this process may run only on CPUs "
+                             f"{cpu_cores.format_list(sorted(usable))}")
+        if ranks > 1:
+            os.environ[_BIND_VARIABLE] = _rank_binding(sorted(wanted), ranks)
+        os.sched_setaffinity(0, wanted)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, usable)
+            if ranks > 1:
+                del os.environ[_BIND_VARIABLE]
+
+
+class _EngineStarts:
+    """vLLM-CPU engines of this process as they start: side by side, except that one started `alone` (its
+    VLLM_CPU_OMP_THREADS_BIND in the process's environment must not reach another) waits for the others
+    to finish starting, and they for it."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._starting = 0
+        self._alone = False
+
+    @contextlib.contextmanager
+    def entered(self, *, alone: bool) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._alone and not (alone and self._starting))
+            self._starting += 1
+            self._alone = alone
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._starting -= 1
+                self._alone = False
+                self._changed.notify_all()
+
+
+_starts = _EngineStarts()
+
+
+def _rank_binding(cores: list[int], ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` tensor-parallel ranks: consecutive equal groups of `cores`,
+    `|` between ranks."""
+    if len(cores) < ranks:
+        raise ValueError(f"tensor_parallel_size {ranks}: each rank needs a CPU of its own, and this engine "
+                         f"may use {len(cores)} ({cpu_cores.format_list(cores)})")
+    per_rank = len(cores) // ranks
+    return "|".join(cpu_cores.format_list(cores[r * per_rank:(r + 1) * per_rank]) for r in range(ranks))
 
 
 # Engine arguments this adapter sets itself, from its own settings or because the KV path depends on them.
 _OWN_ARGS = {"model": "--model-path", "served_model_name": "--model", "dtype": "--dtype",
              "block_size": "--block-size", "max_model_len": "--max-model-len", "max_num_seqs": "--max-num-seqs",
              "max_num_batched_tokens": "--max-num-batched-tokens", "enforce_eager": "",
+             "tensor_parallel_size": "--tensor-parallel-size",
              "disable_log_stats": "", "kv_transfer_config": "", "kv_events_config": ""}
 
 
-_SINGLE_RANK_ARGS = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+_SINGLE_RANK_ARGS = ("pipeline_parallel_size", "data_parallel_size")
 
 
 def planned_args(model: str, kv_memory_gb: float, batch_limit: int, block_size: int
@@ -171,9 +224,19 @@ def extra_engine_args(pairs: tuple[str, ...]) -> dict[str, Any]:
                              + (f"; did you mean {close[0]!r}?" if close else ""))
         args[key] = yaml.safe_load(raw) if raw.strip() else ""
         if key in _SINGLE_RANK_ARGS and args[key] not in (1, None):
-            raise ValueError(f"--vllm-arg {key}: each worker runs one engine rank, since our KV connector "
-                             f"moves one rank's blocks; run more workers instead")
+            raise ValueError(f"--vllm-arg {key}: a worker splits its engine by tensor parallelism only "
+                             f"(--tensor-parallel-size), since our KV connector moves one shard per tensor-"
+                             f"parallel rank; run more workers instead")
     return args
+
+
+def kv_shards(ranks: int, total_kv_heads: int, kv_heads_per_rank: int) -> list[pb.KvShard]:
+    """Which KV heads each tensor-parallel rank holds: consecutive equal splits, or with fewer heads than
+    ranks, each head on `ranks / total_kv_heads` consecutive ranks (vLLM replicates them)."""
+    return [pb.KvShard(rank=rank, num_kv_heads=kv_heads_per_rank,
+                       first_kv_head=rank * kv_heads_per_rank if total_kv_heads >= ranks
+                       else rank * total_kv_heads // ranks)
+            for rank in range(ranks)]
 
 
 def _refusals() -> tuple[type[Exception], ...]:
@@ -222,12 +285,12 @@ class VllmEngine:
         # Weight-loading progress bars only where vLLM's INFO logs show too.
         engine_args = {"use_tqdm_on_load": logging.getLogger("vllm").isEnabledFor(logging.INFO),
                        **extra_engine_args(config.extra_args)}
-        with _on_cores(config.cpus):
+        with _on_cores(config.cpus, config.tensor_parallel_size):
             self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
                 **engine_args,
                 model=config.model_path, served_model_name=config.model, dtype=config.dtype,
                 block_size=config.block_size, max_model_len=config.max_model_len,
-                max_num_seqs=config.max_num_seqs,
+                max_num_seqs=config.max_num_seqs, tensor_parallel_size=config.tensor_parallel_size,
                 max_num_batched_tokens=config.max_num_batched_tokens or None, enforce_eager=config.enforce_eager,
                 disable_log_stats=False,  # the per-step stats feed `_EngineStats`
                 kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
@@ -239,9 +302,13 @@ class VllmEngine:
         vllm_config = self._llm.vllm_config
         model_config, cache = vllm_config.model_config, vllm_config.cache_config
         self._num_layers = model_config.get_num_layers(vllm_config.parallel_config)
-        kv_heads, head_size = model_config.get_num_kv_heads(vllm_config.parallel_config), model_config.get_head_size()
+        parallel = vllm_config.parallel_config
+        kv_heads, head_size = model_config.get_num_kv_heads(parallel), model_config.get_head_size()
+        ranks, total_kv_heads = parallel.tensor_parallel_size, model_config.get_total_num_kv_heads()
         self._kv_dtype = config.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
-        self._bytes_per_token = 2 * self._num_layers * kv_heads * head_size * model_config.dtype.itemsize
+        # All ranks' shards together (ranks holding replicated heads each carry their copy).
+        self._bytes_per_token = (2 * self._num_layers * ranks * kv_heads * head_size
+                                 * model_config.dtype.itemsize)
         self._max_model_len = model_config.max_model_len
         # Logits are this wide (stop ids index them); prompt ids may also be any id the tokenizer has, as in vLLM.
         self._vocab_size = model_config.get_vocab_size()
@@ -249,7 +316,8 @@ class VllmEngine:
         self._prompt_vocab_size = max(self._vocab_size, tokenizer.max_token_id + 1 if tokenizer else 0)
         self.fingerprint = (
             f"vllm-{vllm.__version__}/{config.model}/{config.dtype}/kv-{self._kv_dtype}/bs{cache.block_size}"
-            f"/L{self._num_layers}xH{kv_heads}xD{head_size}/tp{vllm_config.parallel_config.tensor_parallel_size}")
+            f"/L{self._num_layers}xH{total_kv_heads}xD{head_size}/tp{ranks}h{kv_heads}")
+        self._shards = kv_shards(ranks, total_kv_heads, kv_heads)
         self._store = kv_store
         self._receiver = kv_receiver
         self._live: set[str] = set()
@@ -326,7 +394,7 @@ class VllmEngine:
                     num_tokens = int(saved["num_tokens"])
                     out.kv_handle = await self._store.hold_segment(
                         segment, num_tokens=num_tokens, layout=self.layout(num_tokens), fingerprint=self.fingerprint,
-                        prompt=engine_input["prompt_token_ids"][:num_tokens])
+                        prompt=engine_input["prompt_token_ids"][:num_tokens], shards=self._shards)
                     leased = True
                 elif out.finish_reason in (FinishReason.LENGTH, FinishReason.STOP):
                     raise DynamoError("the engine finished the prefill without saving its KV; see the worker log",

@@ -41,10 +41,11 @@ def _path(name: str) -> Path:
     return SHM_DIR / name
 
 
-def create(name: str, size: int, *, populate: bool = False) -> mmap.mmap:
-    """A new zero-filled, writable segment; fails if the name is taken. `populate` maps every page up front:
-    one call instead of a fault per page when the whole segment is about to be written."""
-    fd = create_file(name, size)
+def create(name: str, size: int, *, populate: bool = False, shared: bool = False) -> mmap.mmap:
+    """A new zero-filled, writable segment; fails if the name is taken, unless `shared` (see `create_file`).
+    `populate` maps every page up front: one call instead of a fault per page when the whole segment is
+    about to be written."""
+    fd = create_file(name, size, shared=shared)
     try:
         return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | (_POPULATE if populate else 0))
     except BaseException:
@@ -54,10 +55,12 @@ def create(name: str, size: int, *, populate: bool = False) -> mmap.mmap:
         os.close(fd)
 
 
-def create_file(name: str, size: int) -> int:
+def create_file(name: str, size: int, *, shared: bool = False) -> int:
     """A new zero-filled segment, open for writing (`os.pwrite`: the kernel copies, nothing faults here);
-    the caller closes the descriptor."""
-    fd = os.open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    the caller closes the descriptor. A `shared` segment is written by several processes (one tensor-parallel
+    rank each, disjoint ranges): whichever comes first creates it, the others open it."""
+    exclusive = 0 if shared else os.O_EXCL
+    fd = os.open(_path(name), os.O_CREAT | exclusive | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, size)
     except BaseException:

@@ -26,6 +26,7 @@ from zlib_ng import zlib_ng
 
 from dynamo_grpc.errors import FailedPrecondition, NotFound, PermissionDenied
 from dynamo_grpc.kv import shm
+from dynamo_grpc.kv.fingerprint import mismatch_hint
 from dynamo_grpc.kv.nixl_transport import NixlAgent, NixlFailure, Registration
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -97,15 +98,20 @@ class LeasedKvStore:
         return handle
 
     async def hold_segment(self, segment: str, *, num_tokens: int, layout: pb.KvLayout, fingerprint: str,
-                           prompt: Sequence[int] = ()) -> pb.KvHandle:
+                           prompt: Sequence[int] = (), shards: Sequence[pb.KvShard] = ()) -> pb.KvHandle:
         """Lease a shared-memory segment an engine wrote; freeing the transfer unlinks it. A decode worker
-        on this host links it in place, others pull it over gRPC."""
+        on this host links it in place, others pull it over gRPC. `shards` name the tensor-parallel ranks
+        whose equal parts the segment holds, back to back; their offsets, sizes and checksums are filled
+        in."""
         mapping = shm.attach(segment)
         # About 4 ms per 64 MiB: off the event loop (zlib-ng releases the GIL), so other requests go on.
-        crc = await asyncio.to_thread(zlib_ng.crc32, mapping)
+        crc, described = await asyncio.to_thread(_checksums, memoryview(mapping), shards)
         # The store drops its view on free; streams still sending keep theirs until they finish.
-        return self.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=layout, fingerprint=fingerprint,
-                         on_free=lambda: shm.release_soon(segment), shm_segment=segment, crc32=crc, prompt=prompt)
+        handle = self.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=layout,
+                           fingerprint=fingerprint, on_free=lambda: shm.release_soon(segment),
+                           shm_segment=segment, crc32=crc, prompt=prompt)
+        handle.shards.extend(described)
+        return handle
 
     def claim(self, transfer_id: str, pull_token: str, fingerprint: str) -> bytes | memoryview:
         """The held bytes, if the caller proves it may have them."""
@@ -114,7 +120,7 @@ class LeasedKvStore:
             raise FailedPrecondition(
                 f"KV transfer {transfer_id} was produced by an incompatible engine "
                 f"({held.handle.engine_fingerprint}); the puller runs {fingerprint}. "
-                "Pair only workers with the same engine fingerprint.",
+                + mismatch_hint(held.handle.engine_fingerprint, fingerprint),
                 reason="ENGINE_FINGERPRINT_MISMATCH")
         return held.data
 
@@ -213,3 +219,20 @@ class LeasedKvStore:
             self._forgotten.popitem(last=False)
         if held.on_free is not None:
             held.on_free()
+
+
+def _checksums(data: memoryview, shards: Sequence[pb.KvShard]) -> tuple[int, list[pb.KvShard]]:
+    """The CRC-32 of all bytes, and the shards with their place and CRC-32 (one pass: the whole's CRC is
+    combined from the shards')."""
+    if not shards:
+        return zlib_ng.crc32(data), []
+    if len(data) % len(shards):
+        raise ValueError(f"{len(data)} bytes do not split into {len(shards)} equal shards")
+    size, crc, described = len(data) // len(shards), 0, []
+    for i, shard in enumerate(shards):
+        shard_crc = zlib_ng.crc32(data[i * size:(i + 1) * size])
+        crc = zlib_ng.crc32_combine(crc, shard_crc, size)
+        described.append(pb.KvShard(rank=shard.rank, first_kv_head=shard.first_kv_head,
+                                    num_kv_heads=shard.num_kv_heads, offset=i * size, size=size,
+                                    crc32=shard_crc))
+    return crc, described

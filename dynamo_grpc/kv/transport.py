@@ -6,6 +6,8 @@ the prefill worker's lease:
 - `nixl`: READ the bytes from memory the prefill worker registered with its NIXL agent (`nixl_transport`);
 - `grpc`: anywhere, pull `PullKv` chunk streams (several in parallel) into local memory, checking size
   and CRC-32; the last chunk sent frees the transfer, so no release call follows.
+The transfer of a tensor-parallel engine holds one shard per rank, back to back (`KvHandle.shards`): each
+transport moves them all, gRPC on streams of their own per shard, naming the rank of a corrupted one.
 `KvReceiver` checks that a handle fits the request and this engine, tries the transports in the order the
 pairing table gives for the pair (a transport that cannot reach the bytes, or breaks mid-transfer, hands
 over to the next; the completion names the one that moved them and those that failed), and releases the
@@ -37,6 +39,7 @@ from dynamo_grpc.errors import (
     from_rpc_error,
 )
 from dynamo_grpc.kv import shm
+from dynamo_grpc.kv.fingerprint import mismatch_hint
 from dynamo_grpc.kv.nixl_transport import NixlAgent, NixlFailure
 from dynamo_grpc.kv.store import prompt_digest
 from dynamo_grpc.kv.wire import PULL_KV_METHOD, parse_chunk
@@ -231,7 +234,7 @@ class GrpcTransport:
         stream in order) and checked against the handle's size and CRC-32; the prefill worker checks
         `fingerprint`. With `release`, the prefill worker frees the transfer once all of it is sent."""
         started = time.perf_counter()
-        ranges = _split(handle.total_bytes, self._streams)
+        ranges = _shard_ranges(handle, self._streams)
         request = kv_pb.PullKvRequest(request_id=request_id, transfer_id=handle.transfer_id,
                                       pull_token=handle.pull_token, engine_fingerprint=fingerprint,
                                       release=release)
@@ -248,7 +251,9 @@ class GrpcTransport:
         for (start, end), range_crc in zip(ranges, crcs):
             crc = zlib_ng.crc32_combine(crc, range_crc, end - start)
         if crc != handle.crc32:
-            raise _data_loss(request_id, "KV bytes failed their CRC-32 check")
+            corrupt = _corrupt_ranks(handle, ranges, crcs)
+            raise _data_loss(request_id, "KV bytes failed their CRC-32 check"
+                             + (f" (the shards of tensor-parallel ranks {corrupt})" if corrupt else ""))
         duration_us = int((time.perf_counter() - started) * 1e6)
         return pb.KvTransferStats(bytes=handle.total_bytes, duration_us=duration_us, path=self.name)
 
@@ -294,6 +299,29 @@ def _split(total: int, streams: int) -> list[tuple[int, int]]:
     count = max(1, min(streams, total // _MIN_STREAM_BYTES))
     step = -(-total // count)
     return [(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+def _shard_ranges(handle: pb.KvHandle, streams: int) -> list[tuple[int, int]]:
+    """`_split` of the transfer; with several tensor-parallel shards, of each shard on its share of the
+    streams (at least one each), so that every range lies in one shard."""
+    if len(handle.shards) < 2:
+        return _split(handle.total_bytes, streams)
+    per_shard = max(1, streams // len(handle.shards))
+    return [(shard.offset + start, shard.offset + end)
+            for shard in handle.shards for start, end in _split(shard.size, per_shard)]
+
+
+def _corrupt_ranks(handle: pb.KvHandle, ranges: list[tuple[int, int]], crcs: list[int]) -> list[int]:
+    """The ranks whose shard's CRC-32, combined from the ranges' that lie in it, is not the handle's."""
+    corrupt = []
+    for shard in handle.shards if len(handle.shards) > 1 else ():
+        crc = 0
+        for (start, end), range_crc in zip(ranges, crcs):
+            if shard.offset <= start < shard.offset + shard.size:
+                crc = zlib_ng.crc32_combine(crc, range_crc, end - start)
+        if crc != shard.crc32:
+            corrupt.append(shard.rank)
+    return corrupt
 
 
 class _FileSink:
@@ -392,7 +420,7 @@ class KvReceiver:
         if handle.engine_fingerprint != fingerprint:
             raise FailedPrecondition(
                 f"KV handle comes from an incompatible engine ({handle.engine_fingerprint}); this decode "
-                f"worker runs {fingerprint}. Pair only workers with the same engine fingerprint.",
+                f"worker runs {fingerprint}. {mismatch_hint(handle.engine_fingerprint, fingerprint)}",
                 request_id=request_id, reason="ENGINE_FINGERPRINT_MISMATCH")
 
     async def receive(self, handle: pb.KvHandle, *, prompt: Sequence[int], fingerprint: str, request_id: str,
@@ -432,6 +460,7 @@ class KvReceiver:
                 received.close()
                 raise
             received.stats.fallbacks.extend(failures)
+            received.stats.shards = max(1, len(handle.shards))
             self._metrics.observe(transport.name, received.stats.bytes, time.perf_counter() - started)
             return received
         tried = "; ".join(failures) or (f"none of the transports {self._names(order)} reaches "

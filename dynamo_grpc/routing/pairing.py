@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from dynamo_grpc.kv.fingerprint import mismatch_hint
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
@@ -51,6 +52,20 @@ def pairing_groups(workers: Iterable[pb.WorkerInfo]) -> list[cp_pb.PairingGroup]
                                decode_worker_ids=sorted(w.worker_id for w in decodes),
                                kv_transports=_group_transports(prefills, decodes))
             for (model, fingerprint), (prefills, decodes) in sorted(by_kind.items()) if prefills and decodes]
+
+
+def unpaired(workers: Iterable[pb.WorkerInfo]) -> list[str]:
+    """Why prefill and decode workers of one model do not pair: one line per pair of engine fingerprints that
+    only one of the roles runs (e.g. tensor-parallel sizes that differ)."""
+    by_model: dict[str, tuple[set[str], set[str]]] = {}
+    for worker in workers:
+        if worker.role in (pb.WORKER_ROLE_PREFILL, pb.WORKER_ROLE_DECODE):
+            prefills, decodes = by_model.setdefault(worker.model, (set(), set()))
+            (prefills if worker.role == pb.WORKER_ROLE_PREFILL else decodes).add(worker.engine_fingerprint)
+    return [f"model {model}: prefill workers of {produced} and decode workers of {wanted} do not pair. "
+            + mismatch_hint(produced, wanted)
+            for model, (prefills, decodes) in sorted(by_model.items())
+            for produced in sorted(prefills - decodes) for wanted in sorted(decodes - prefills)]
 
 
 def pair_transports(group_transports: Sequence[int], prefill: pb.WorkerInfo, decode: pb.WorkerInfo

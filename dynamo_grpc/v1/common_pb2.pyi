@@ -151,16 +151,18 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., kv_transferred_tokens: _Optional[int] = ...) -> None: ...
 
 class KvTransferStats(_message.Message):
-    __slots__ = ("bytes", "duration_us", "path", "fallbacks")
+    __slots__ = ("bytes", "duration_us", "path", "fallbacks", "shards")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     DURATION_US_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     duration_us: int
     path: str
     fallbacks: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, bytes: _Optional[int] = ..., duration_us: _Optional[int] = ..., path: _Optional[str] = ..., fallbacks: _Optional[_Iterable[str]] = ...) -> None: ...
+    shards: int
+    def __init__(self, bytes: _Optional[int] = ..., duration_us: _Optional[int] = ..., path: _Optional[str] = ..., fallbacks: _Optional[_Iterable[str]] = ..., shards: _Optional[int] = ...) -> None: ...
 
 class Completion(_message.Message):
     __slots__ = ("finish_reason", "usage", "kv_transfer", "prefill_worker_id", "decode_worker_id", "last_tokens")
@@ -193,7 +195,7 @@ class KvLayout(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., bytes_per_token: _Optional[int] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("transfer_id", "endpoint", "pull_token", "num_tokens", "layout", "engine_fingerprint", "lease_expires_at", "total_bytes", "crc32", "host", "shm_segment", "nixl", "prompt_digest")
+    __slots__ = ("transfer_id", "endpoint", "pull_token", "num_tokens", "layout", "engine_fingerprint", "lease_expires_at", "total_bytes", "crc32", "host", "shm_segment", "nixl", "prompt_digest", "shards")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     PULL_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +209,7 @@ class KvHandle(_message.Message):
     SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     NIXL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     endpoint: str
     pull_token: str
@@ -220,7 +223,24 @@ class KvHandle(_message.Message):
     shm_segment: str
     nixl: NixlSource
     prompt_digest: bytes
-    def __init__(self, transfer_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., pull_token: _Optional[str] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., engine_fingerprint: _Optional[str] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., host: _Optional[str] = ..., shm_segment: _Optional[str] = ..., nixl: _Optional[_Union[NixlSource, _Mapping]] = ..., prompt_digest: _Optional[bytes] = ...) -> None: ...
+    shards: _containers.RepeatedCompositeFieldContainer[KvShard]
+    def __init__(self, transfer_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., pull_token: _Optional[str] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., engine_fingerprint: _Optional[str] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., host: _Optional[str] = ..., shm_segment: _Optional[str] = ..., nixl: _Optional[_Union[NixlSource, _Mapping]] = ..., prompt_digest: _Optional[bytes] = ..., shards: _Optional[_Iterable[_Union[KvShard, _Mapping]]] = ...) -> None: ...
+
+class KvShard(_message.Message):
+    __slots__ = ("rank", "first_kv_head", "num_kv_heads", "offset", "size", "crc32")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    FIRST_KV_HEAD_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    first_kv_head: int
+    num_kv_heads: int
+    offset: int
+    size: int
+    crc32: int
+    def __init__(self, rank: _Optional[int] = ..., first_kv_head: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class NixlSource(_message.Message):
     __slots__ = ("agent_metadata", "address", "device_id", "memory_kind")

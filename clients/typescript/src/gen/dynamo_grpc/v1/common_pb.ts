@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file dynamo_grpc/v1/common.proto.
  */
 export const file_dynamo_grpc_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("ChtkeW5hbW9fZ3JwYy92MS9jb21tb24ucHJvdG8SDmR5bmFtb19ncnBjLnYxIhcKCFRva2VuSWRzEgsKA2lkcxgBIAMoDSJPCgZQcm9tcHQSDgoEdGV4dBgBIAEoCUgAEi0KCXRva2VuX2lkcxgCIAEoCzIYLmR5bmFtb19ncnBjLnYxLlRva2VuSWRzSABCBgoEZm9ybSKJAgoOU2FtcGxpbmdQYXJhbXMSFwoKbWF4X3Rva2VucxgBIAEoDUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARINCgV0b3BfaxgEIAEoDRIRCgRzZWVkGAUgASgESAOIAQESFgoOc3RvcF90b2tlbl9pZHMYBiADKA0SEgoKaWdub3JlX2VvcxgHIAEoCBIVCghsb2dwcm9icxgIIAEoDUgEiAEBEgwKBHN0b3AYCSADKAlCDQoLX21heF90b2tlbnNCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIHCgVfc2VlZEILCglfbG9ncHJvYnMiuwEKEEdlbmVyYXRpb25QYXJhbXMSDQoFbW9kZWwYASABKAkSJgoGcHJvbXB0GAIgASgLMhYuZHluYW1vX2dycGMudjEuUHJvbXB0EjAKCHNhbXBsaW5nGAMgASgLMh4uZHluYW1vX2dycGMudjEuU2FtcGxpbmdQYXJhbXMSLAoIZGVhZGxpbmUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHByaW9yaXR5GAUgASgFIh4KDENhbmNlbEFjdGlvbhIOCgZyZWFzb24YASABKAkiPgoKVG9wTG9ncHJvYhIQCgh0b2tlbl9pZBgBIAEoDRINCgV0b2tlbhgCIAEoCRIPCgdsb2dwcm9iGAMgASgCImAKDFRva2VuTG9ncHJvYhIPCgdsb2dwcm9iGAEgASgCEg0KBXRva2VuGAIgASgJEjAKDHRvcF9sb2dwcm9icxgDIAMoCzIaLmR5bmFtb19ncnBjLnYxLlRvcExvZ3Byb2IiXQoKVG9rZW5CYXRjaBIRCgl0b2tlbl9pZHMYASADKA0SDAoEdGV4dBgCIAEoCRIuCghsb2dwcm9icxgDIAMoCzIcLmR5bmFtb19ncnBjLnYxLlRva2VuTG9ncHJvYiJvCgVVc2FnZRIVCg1wcm9tcHRfdG9rZW5zGAEgASgNEhkKEWNvbXBsZXRpb25fdG9rZW5zGAIgASgNEhUKDWNhY2hlZF90b2tlbnMYAyABKA0SHQoVa3ZfdHJhbnNmZXJyZWRfdG9rZW5zGAQgASgNIlYKD0t2VHJhbnNmZXJTdGF0cxINCgVieXRlcxgBIAEoBBITCgtkdXJhdGlvbl91cxgCIAEoBBIMCgRwYXRoGAMgASgJEhEKCWZhbGxiYWNrcxgEIAMoCSKDAgoKQ29tcGxldGlvbhIzCg1maW5pc2hfcmVhc29uGAEgASgOMhwuZHluYW1vX2dycGMudjEuRmluaXNoUmVhc29uEiQKBXVzYWdlGAIgASgLMhUuZHluYW1vX2dycGMudjEuVXNhZ2USNAoLa3ZfdHJhbnNmZXIYAyABKAsyHy5keW5hbW9fZ3JwYy52MS5LdlRyYW5zZmVyU3RhdHMSGQoRcHJlZmlsbF93b3JrZXJfaWQYBCABKAkSGAoQZGVjb2RlX3dvcmtlcl9pZBgFIAEoCRIvCgtsYXN0X3Rva2VucxgGIAEoCzIaLmR5bmFtb19ncnBjLnYxLlRva2VuQmF0Y2gibgoIS3ZMYXlvdXQSEgoKYmxvY2tfc2l6ZRgBIAEoDRISCgpudW1fYmxvY2tzGAIgASgNEhcKD2J5dGVzX3Blcl90b2tlbhgDIAEoBBISCgpudW1fbGF5ZXJzGAQgASgNEg0KBWR0eXBlGAUgASgJIt0CCghLdkhhbmRsZRITCgt0cmFuc2Zlcl9pZBgBIAEoCRIQCghlbmRwb2ludBgCIAEoCRISCgpwdWxsX3Rva2VuGAMgASgJEhIKCm51bV90b2tlbnMYBCABKA0SKAoGbGF5b3V0GAUgASgLMhguZHluYW1vX2dycGMudjEuS3ZMYXlvdXQSGgoSZW5naW5lX2ZpbmdlcnByaW50GAYgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3RvdGFsX2J5dGVzGAggASgEEg0KBWNyYzMyGAkgASgNEgwKBGhvc3QYCiABKAkSEwoLc2htX3NlZ21lbnQYCyABKAkSKAoEbml4bBgMIAEoCzIaLmR5bmFtb19ncnBjLnYxLk5peGxTb3VyY2USFQoNcHJvbXB0X2RpZ2VzdBgNIAEoDCJ9CgpOaXhsU291cmNlEhYKDmFnZW50X21ldGFkYXRhGAEgASgMEg8KB2FkZHJlc3MYAiABKAQSEQoJZGV2aWNlX2lkGAMgASgNEjMKC21lbW9yeV9raW5kGAQgASgOMh4uZHluYW1vX2dycGMudjEuTml4bE1lbW9yeUtpbmQiTwoOV29ya2VyQ2FwYWNpdHkSEQoJa3ZfYmxvY2tzGAEgASgNEhIKCmJsb2NrX3NpemUYAiABKA0SFgoObWF4X2JhdGNoX3NpemUYAyABKA0iugIKCldvcmtlckluZm8SEQoJd29ya2VyX2lkGAEgASgJEigKBHJvbGUYAiABKA4yGi5keW5hbW9fZ3JwYy52MS5Xb3JrZXJSb2xlEg0KBW1vZGVsGAMgASgJEhAKCGVuZHBvaW50GAQgASgJEgwKBGhvc3QYBSABKAkSGgoSZW5naW5lX2ZpbmdlcnByaW50GAYgASgJEjAKCGNhcGFjaXR5GAcgASgLMh4uZHluYW1vX2dycGMudjEuV29ya2VyQ2FwYWNpdHkSLgoKc3RhcnRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGZW5naW5lGAkgASgJEjIKDWt2X3RyYW5zcG9ydHMYCiADKA4yGy5keW5hbW9fZ3JwYy52MS5LdlRyYW5zcG9ydCLWAgoLV29ya2VyU3RhdHMSFwoPYWN0aXZlX3JlcXVlc3RzGAEgASgNEhYKDnVzZWRfa3ZfYmxvY2tzGAIgASgNEhcKD3RvdGFsX2t2X2Jsb2NrcxgDIAEoDRIWCg5oZWxkX3RyYW5zZmVycxgEIAEoDRIVCg1oZWxkX2t2X2J5dGVzGAUgASgEEhsKE3RyYW5zZmVyc19jb21wbGV0ZWQYBiABKAQSGQoRdHJhbnNmZXJzX2V4cGlyZWQYByABKAQSGQoRcmVxdWVzdHNfZmluaXNoZWQYCCABKAQSFQoNcHJvbXB0X3Rva2VucxgJIAEoBBIfChdwcmVmaXhfY2FjaGVfaGl0X3Rva2VucxgKIAEoBBITCgt0dGZ0X3A5MF9tcxgLIAEoARISCgppdGxfcDkwX21zGAwgASgBEhoKEm5peGxfcmVnaXN0cmF0aW9ucxgNIAEoDSpyCgpXb3JrZXJSb2xlEhsKF1dPUktFUl9ST0xFX1VOU1BFQ0lGSUVEEAASFwoTV09SS0VSX1JPTEVfUFJFRklMTBABEhYKEldPUktFUl9ST0xFX0RFQ09ERRACEhYKEldPUktFUl9ST0xFX1JPVVRFUhADKnwKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIbChdGSU5JU0hfUkVBU09OX0NBTkNFTExFRBADKm8KC0t2VHJhbnNwb3J0EhwKGEtWX1RSQU5TUE9SVF9VTlNQRUNJRklFRBAAEhQKEEtWX1RSQU5TUE9SVF9TSE0QARIVChFLVl9UUkFOU1BPUlRfTklYTBACEhUKEUtWX1RSQU5TUE9SVF9HUlBDEAMqaAoOTml4bE1lbW9yeUtpbmQSIAocTklYTF9NRU1PUllfS0lORF9VTlNQRUNJRklFRBAAEhkKFU5JWExfTUVNT1JZX0tJTkRfRFJBTRABEhkKFU5JWExfTUVNT1JZX0tJTkRfVlJBTRACYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("ChtkeW5hbW9fZ3JwYy92MS9jb21tb24ucHJvdG8SDmR5bmFtb19ncnBjLnYxIhcKCFRva2VuSWRzEgsKA2lkcxgBIAMoDSJPCgZQcm9tcHQSDgoEdGV4dBgBIAEoCUgAEi0KCXRva2VuX2lkcxgCIAEoCzIYLmR5bmFtb19ncnBjLnYxLlRva2VuSWRzSABCBgoEZm9ybSKJAgoOU2FtcGxpbmdQYXJhbXMSFwoKbWF4X3Rva2VucxgBIAEoDUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARINCgV0b3BfaxgEIAEoDRIRCgRzZWVkGAUgASgESAOIAQESFgoOc3RvcF90b2tlbl9pZHMYBiADKA0SEgoKaWdub3JlX2VvcxgHIAEoCBIVCghsb2dwcm9icxgIIAEoDUgEiAEBEgwKBHN0b3AYCSADKAlCDQoLX21heF90b2tlbnNCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIHCgVfc2VlZEILCglfbG9ncHJvYnMiuwEKEEdlbmVyYXRpb25QYXJhbXMSDQoFbW9kZWwYASABKAkSJgoGcHJvbXB0GAIgASgLMhYuZHluYW1vX2dycGMudjEuUHJvbXB0EjAKCHNhbXBsaW5nGAMgASgLMh4uZHluYW1vX2dycGMudjEuU2FtcGxpbmdQYXJhbXMSLAoIZGVhZGxpbmUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHByaW9yaXR5GAUgASgFIh4KDENhbmNlbEFjdGlvbhIOCgZyZWFzb24YASABKAkiPgoKVG9wTG9ncHJvYhIQCgh0b2tlbl9pZBgBIAEoDRINCgV0b2tlbhgCIAEoCRIPCgdsb2dwcm9iGAMgASgCImAKDFRva2VuTG9ncHJvYhIPCgdsb2dwcm9iGAEgASgCEg0KBXRva2VuGAIgASgJEjAKDHRvcF9sb2dwcm9icxgDIAMoCzIaLmR5bmFtb19ncnBjLnYxLlRvcExvZ3Byb2IiXQoKVG9rZW5CYXRjaBIRCgl0b2tlbl9pZHMYASADKA0SDAoEdGV4dBgCIAEoCRIuCghsb2dwcm9icxgDIAMoCzIcLmR5bmFtb19ncnBjLnYxLlRva2VuTG9ncHJvYiJvCgVVc2FnZRIVCg1wcm9tcHRfdG9rZW5zGAEgASgNEhkKEWNvbXBsZXRpb25fdG9rZW5zGAIgASgNEhUKDWNhY2hlZF90b2tlbnMYAyABKA0SHQoVa3ZfdHJhbnNmZXJyZWRfdG9rZW5zGAQgASgNImYKD0t2VHJhbnNmZXJTdGF0cxINCgVieXRlcxgBIAEoBBITCgtkdXJhdGlvbl91cxgCIAEoBBIMCgRwYXRoGAMgASgJEhEKCWZhbGxiYWNrcxgEIAMoCRIOCgZzaGFyZHMYBSABKA0igwIKCkNvbXBsZXRpb24SMwoNZmluaXNoX3JlYXNvbhgBIAEoDjIcLmR5bmFtb19ncnBjLnYxLkZpbmlzaFJlYXNvbhIkCgV1c2FnZRgCIAEoCzIVLmR5bmFtb19ncnBjLnYxLlVzYWdlEjQKC2t2X3RyYW5zZmVyGAMgASgLMh8uZHluYW1vX2dycGMudjEuS3ZUcmFuc2ZlclN0YXRzEhkKEXByZWZpbGxfd29ya2VyX2lkGAQgASgJEhgKEGRlY29kZV93b3JrZXJfaWQYBSABKAkSLwoLbGFzdF90b2tlbnMYBiABKAsyGi5keW5hbW9fZ3JwYy52MS5Ub2tlbkJhdGNoIm4KCEt2TGF5b3V0EhIKCmJsb2NrX3NpemUYASABKA0SEgoKbnVtX2Jsb2NrcxgCIAEoDRIXCg9ieXRlc19wZXJfdG9rZW4YAyABKAQSEgoKbnVtX2xheWVycxgEIAEoDRINCgVkdHlwZRgFIAEoCSKGAwoIS3ZIYW5kbGUSEwoLdHJhbnNmZXJfaWQYASABKAkSEAoIZW5kcG9pbnQYAiABKAkSEgoKcHVsbF90b2tlbhgDIAEoCRISCgpudW1fdG9rZW5zGAQgASgNEigKBmxheW91dBgFIAEoCzIYLmR5bmFtb19ncnBjLnYxLkt2TGF5b3V0EhoKEmVuZ2luZV9maW5nZXJwcmludBgGIAEoCRI0ChBsZWFzZV9leHBpcmVzX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgt0b3RhbF9ieXRlcxgIIAEoBBINCgVjcmMzMhgJIAEoDRIMCgRob3N0GAogASgJEhMKC3NobV9zZWdtZW50GAsgASgJEigKBG5peGwYDCABKAsyGi5keW5hbW9fZ3JwYy52MS5OaXhsU291cmNlEhUKDXByb21wdF9kaWdlc3QYDSABKAwSJwoGc2hhcmRzGA4gAygLMhcuZHluYW1vX2dycGMudjEuS3ZTaGFyZCJxCgdLdlNoYXJkEgwKBHJhbmsYASABKA0SFQoNZmlyc3Rfa3ZfaGVhZBgCIAEoDRIUCgxudW1fa3ZfaGVhZHMYAyABKA0SDgoGb2Zmc2V0GAQgASgEEgwKBHNpemUYBSABKAQSDQoFY3JjMzIYBiABKA0ifQoKTml4bFNvdXJjZRIWCg5hZ2VudF9tZXRhZGF0YRgBIAEoDBIPCgdhZGRyZXNzGAIgASgEEhEKCWRldmljZV9pZBgDIAEoDRIzCgttZW1vcnlfa2luZBgEIAEoDjIeLmR5bmFtb19ncnBjLnYxLk5peGxNZW1vcnlLaW5kIk8KDldvcmtlckNhcGFjaXR5EhEKCWt2X2Jsb2NrcxgBIAEoDRISCgpibG9ja19zaXplGAIgASgNEhYKDm1heF9iYXRjaF9zaXplGAMgASgNIroCCgpXb3JrZXJJbmZvEhEKCXdvcmtlcl9pZBgBIAEoCRIoCgRyb2xlGAIgASgOMhouZHluYW1vX2dycGMudjEuV29ya2VyUm9sZRINCgVtb2RlbBgDIAEoCRIQCghlbmRwb2ludBgEIAEoCRIMCgRob3N0GAUgASgJEhoKEmVuZ2luZV9maW5nZXJwcmludBgGIAEoCRIwCghjYXBhY2l0eRgHIAEoCzIeLmR5bmFtb19ncnBjLnYxLldvcmtlckNhcGFjaXR5Ei4KCnN0YXJ0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmVuZ2luZRgJIAEoCRIyCg1rdl90cmFuc3BvcnRzGAogAygOMhsuZHluYW1vX2dycGMudjEuS3ZUcmFuc3BvcnQi1gIKC1dvcmtlclN0YXRzEhcKD2FjdGl2ZV9yZXF1ZXN0cxgBIAEoDRIWCg51c2VkX2t2X2Jsb2NrcxgCIAEoDRIXCg90b3RhbF9rdl9ibG9ja3MYAyABKA0SFgoOaGVsZF90cmFuc2ZlcnMYBCABKA0SFQoNaGVsZF9rdl9ieXRlcxgFIAEoBBIbChN0cmFuc2ZlcnNfY29tcGxldGVkGAYgASgEEhkKEXRyYW5zZmVyc19leHBpcmVkGAcgASgEEhkKEXJlcXVlc3RzX2ZpbmlzaGVkGAggASgEEhUKDXByb21wdF90b2tlbnMYCSABKAQSHwoXcHJlZml4X2NhY2hlX2hpdF90b2tlbnMYCiABKAQSEwoLdHRmdF9wOTBfbXMYCyABKAESEgoKaXRsX3A5MF9tcxgMIAEoARIaChJuaXhsX3JlZ2lzdHJhdGlvbnMYDSABKA0qcgoKV29ya2VyUm9sZRIbChdXT1JLRVJfUk9MRV9VTlNQRUNJRklFRBAAEhcKE1dPUktFUl9ST0xFX1BSRUZJTEwQARIWChJXT1JLRVJfUk9MRV9ERUNPREUQAhIWChJXT1JLRVJfUk9MRV9ST1VURVIQAyp8CgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISGwoXRklOSVNIX1JFQVNPTl9DQU5DRUxMRUQQAypvCgtLdlRyYW5zcG9ydBIcChhLVl9UUkFOU1BPUlRfVU5TUEVDSUZJRUQQABIUChBLVl9UUkFOU1BPUlRfU0hNEAESFQoRS1ZfVFJBTlNQT1JUX05JWEwQAhIVChFLVl9UUkFOU1BPUlRfR1JQQxADKmgKDk5peGxNZW1vcnlLaW5kEiAKHE5JWExfTUVNT1JZX0tJTkRfVU5TUEVDSUZJRUQQABIZChVOSVhMX01FTU9SWV9LSU5EX0RSQU0QARIZChVOSVhMX01FTU9SWV9LSU5EX1ZSQU0QAmIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * A list of token ids; a message of its own so it can sit in a oneof.
@@ -408,6 +408,14 @@ export type KvTransferStats = Message<"dynamo_grpc.v1.KvTransferStats"> & {
    * @generated from field: repeated string fallbacks = 4;
    */
   fallbacks: string[];
+
+  /**
+   * Tensor-parallel shards the bytes held, one per rank of the prefill engine (1 for an engine of one
+   * rank); 0 when no transfer happened.
+   *
+   * @generated from field: uint32 shards = 5;
+   */
+  shards: number;
 };
 
 /**
@@ -622,6 +630,14 @@ export type KvHandle = Message<"dynamo_grpc.v1.KvHandle"> & {
    * @generated from field: bytes prompt_digest = 13;
    */
   promptDigest: Uint8Array;
+
+  /**
+   * The bytes split by tensor-parallel rank of the prefill engine, rank 0 first, back to back; each rank
+   * holds the KV of its heads only. One shard for an engine of one rank.
+   *
+   * @generated from field: repeated dynamo_grpc.v1.KvShard shards = 14;
+   */
+  shards: KvShard[];
 };
 
 /**
@@ -630,6 +646,63 @@ export type KvHandle = Message<"dynamo_grpc.v1.KvHandle"> & {
  */
 export const KvHandleSchema: GenMessage<KvHandle> = /*@__PURE__*/
   messageDesc(file_dynamo_grpc_v1_common, 12);
+
+/**
+ * The part of a transfer's bytes one tensor-parallel rank wrote: that rank's KV heads, laid out like
+ * the whole transfer (`KvHandle.layout`) but with `num_kv_heads` heads.
+ *
+ * @generated from message dynamo_grpc.v1.KvShard
+ */
+export type KvShard = Message<"dynamo_grpc.v1.KvShard"> & {
+  /**
+   * Tensor-parallel rank of the prefill engine that wrote it.
+   *
+   * @generated from field: uint32 rank = 1;
+   */
+  rank: number;
+
+  /**
+   * First KV head of the model the shard holds.
+   *
+   * @generated from field: uint32 first_kv_head = 2;
+   */
+  firstKvHead: number;
+
+  /**
+   * KV heads the shard holds, consecutive from `first_kv_head`.
+   *
+   * @generated from field: uint32 num_kv_heads = 3;
+   */
+  numKvHeads: number;
+
+  /**
+   * Offset of the shard's first byte in the transfer.
+   *
+   * @generated from field: uint64 offset = 4;
+   */
+  offset: bigint;
+
+  /**
+   * Bytes of the shard.
+   *
+   * @generated from field: uint64 size = 5;
+   */
+  size: bigint;
+
+  /**
+   * CRC-32 of the shard's bytes, to name the rank whose shard arrived corrupted.
+   *
+   * @generated from field: uint32 crc32 = 6;
+   */
+  crc32: number;
+};
+
+/**
+ * Describes the message dynamo_grpc.v1.KvShard.
+ * Use `create(KvShardSchema)` to create a new message.
+ */
+export const KvShardSchema: GenMessage<KvShard> = /*@__PURE__*/
+  messageDesc(file_dynamo_grpc_v1_common, 13);
 
 /**
  * Memory a prefill worker registered with its NIXL agent, holding one transfer's bytes.
@@ -672,7 +745,7 @@ export type NixlSource = Message<"dynamo_grpc.v1.NixlSource"> & {
  * Use `create(NixlSourceSchema)` to create a new message.
  */
 export const NixlSourceSchema: GenMessage<NixlSource> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_common, 13);
+  messageDesc(file_dynamo_grpc_v1_common, 14);
 
 /**
  * Capacity a worker announces when it registers.
@@ -707,7 +780,7 @@ export type WorkerCapacity = Message<"dynamo_grpc.v1.WorkerCapacity"> & {
  * Use `create(WorkerCapacitySchema)` to create a new message.
  */
 export const WorkerCapacitySchema: GenMessage<WorkerCapacity> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_common, 14);
+  messageDesc(file_dynamo_grpc_v1_common, 15);
 
 /**
  * A live worker as registered in etcd.
@@ -792,7 +865,7 @@ export type WorkerInfo = Message<"dynamo_grpc.v1.WorkerInfo"> & {
  * Use `create(WorkerInfoSchema)` to create a new message.
  */
 export const WorkerInfoSchema: GenMessage<WorkerInfo> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_common, 15);
+  messageDesc(file_dynamo_grpc_v1_common, 16);
 
 /**
  * Live load of a worker engine and its KV store.
@@ -901,7 +974,7 @@ export type WorkerStats = Message<"dynamo_grpc.v1.WorkerStats"> & {
  * Use `create(WorkerStatsSchema)` to create a new message.
  */
 export const WorkerStatsSchema: GenMessage<WorkerStats> = /*@__PURE__*/
-  messageDesc(file_dynamo_grpc_v1_common, 16);
+  messageDesc(file_dynamo_grpc_v1_common, 17);
 
 /**
  * The role a worker process plays in a disaggregated deployment.
