@@ -8,11 +8,13 @@ kills them mid-transfer, in a child process of their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -270,15 +272,28 @@ async def read_while_killing_the_source(monkeypatch, kv_order: tuple[int, ...], 
 @needs_nixl
 def test_an_idle_nixl_agent_sleeps() -> None:
     """The UCX progress thread waits in poll() between transfers rather than spinning a core."""
+    before = set(os.listdir("/proc/self/task"))
     agent = NixlAgent()
     try:
-        time.sleep(0.5)  # the thread is up
-        cpu, wall = time.process_time(), time.monotonic()
+        threads = set(os.listdir("/proc/self/task")) - before  # the agent's own
+        time.sleep(0.5)  # they are up
+        cpu, wall = _cpu_ticks(threads), time.monotonic()
         time.sleep(3)
-        used = (time.process_time() - cpu) / (time.monotonic() - wall)
+        used = (_cpu_ticks(threads) - cpu) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - wall)
     finally:
         agent.close()
-    assert used < 0.05, f"an idle agent used {used:.0%} of a core"
+    assert threads, "the agent started no thread"
+    assert used < 0.05, f"an idle agent's {len(threads)} threads used {used:.0%} of a core"
+
+
+def _cpu_ticks(threads: set[str]) -> int:
+    """User + system clock ticks of these threads of this process."""
+    total = 0
+    for tid in threads:
+        with contextlib.suppress(FileNotFoundError):
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total
 
 
 
