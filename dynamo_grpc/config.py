@@ -14,7 +14,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dynamo_grpc.engine.registry import DEFAULT_ENGINE, ENGINES, EngineKind, kind_of
+from dynamo_grpc.kv.handle_key import KEY_ENV, KvKey, load_kv_key
 from dynamo_grpc.kv.nixl_transport import nixl_installed
+from dynamo_grpc.kv.transport import DEFAULT_PULL_MIN_MIB_S, DEFAULT_PULL_TIMEOUT_S
 from dynamo_grpc.routing.policies import POLICIES
 from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR
 
@@ -97,10 +99,28 @@ class WorkerConfig:
     """KV transports the worker offers (prefill) or receives by (decode); empty: all this host has."""
     stream_interval_ms: float = DEFAULT_STREAM_INTERVAL_MS
     """A decode stream sends its first tokens at once, then gathers tokens for this long per message."""
+    kv_key: KvKey | None = None
+    """The deployment's key for KV handles: a prefill worker signs with it, a decode worker takes only
+    handles signed with it. None: unsigned and unchecked."""
+    kv_held_fraction: float = 0.75
+    """A prefill worker: the share of its KV pool that unpulled transfers may hold, all callers together."""
+    kv_caller_fraction: float = 0.5
+    """A prefill worker: the share of its KV pool that unpulled transfers handed to one caller may hold."""
+    kv_pull_timeout_s: float = DEFAULT_PULL_TIMEOUT_S
+    kv_pull_min_mib_s: float = DEFAULT_PULL_MIN_MIB_S
+    """A decode worker: a KV pull must end within kv_pull_timeout_s plus its bytes at this rate."""
 
     def __post_init__(self) -> None:
         if self.kv_ttl_s <= 0:
             raise ConfigError(f"--kv-ttl-s must be positive, got {self.kv_ttl_s}")
+        for flag, fraction in (("--kv-held-fraction", self.kv_held_fraction),
+                               ("--kv-caller-fraction", self.kv_caller_fraction)):
+            if not 0 < fraction <= 1:
+                raise ConfigError(f"{flag} must be in (0, 1], got {fraction}")
+        for flag, value in (("--kv-pull-timeout-s", self.kv_pull_timeout_s),
+                            ("--kv-pull-min-mib-s", self.kv_pull_min_mib_s)):
+            if value <= 0:
+                raise ConfigError(f"{flag} must be positive, got {value}")
         unknown = [name for name in self.kv_transports if name not in KV_TRANSPORTS]
         if unknown:
             raise ConfigError(f"--kv-transports takes {', '.join(KV_TRANSPORTS)}; got {', '.join(unknown)}")
@@ -196,6 +216,20 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "kv-transports", default="",
              help="KV transports this worker offers (prefill) or receives by (decode), comma-separated among "
              f"{', '.join(KV_TRANSPORTS)} (default: all; nixl where the nixl package is installed)")
+    add_flag(parser, "kv-key-file", default="",
+             help=f"file holding the deployment's KV key (hex, at least 32 bytes): prefill workers sign KV handles "
+             f"with it, decode workers take only handles signed with it (default: the key in env {KEY_ENV} as hex; "
+             "none: handles are neither signed nor checked; `serve` makes one)")
+    add_flag(parser, "kv-held-fraction", default=0.75, type=float,
+             help="prefill worker: share of its KV pool that unpulled KV transfers may hold, all callers together")
+    add_flag(parser, "kv-caller-fraction", default=0.5, type=float,
+             help="prefill worker: share of its KV pool that unpulled KV transfers handed to one caller (a gRPC "
+             "connection) may hold; over it, Prefill is RESOURCE_EXHAUSTED (KV_HELD_LIMIT)")
+    add_flag(parser, "kv-pull-timeout-s", default=DEFAULT_PULL_TIMEOUT_S, type=float,
+             help="decode worker: a KV pull (connecting, moving, releasing) must end within this many seconds "
+             "plus the time its bytes take at --kv-pull-min-mib-s, else DEADLINE_EXCEEDED (KV_PULL_TIMEOUT)")
+    add_flag(parser, "kv-pull-min-mib-s", default=DEFAULT_PULL_MIN_MIB_S, type=float,
+             help="decode worker: the slowest KV transfer rate (MiB/s) a pull's deadline allows for")
     add_flag(parser, "stream-interval-ms", default=DEFAULT_STREAM_INTERVAL_MS, type=float,
              help="decode worker: after a request's first tokens (sent at once), send its tokens at most this "
              "often, gathered into one message (its last at once; 0: send each step's tokens when ready)")
@@ -235,7 +269,14 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         engine = kind.config(**chosen)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    try:
+        kv_key = load_kv_key(args.kv_key_file)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--kv-key-file {args.kv_key_file or f'(env {KEY_ENV})'}: {error}") from None
     return WorkerConfig(server=server_config(args), engine=engine, worker_id=args.worker_id, kv_ttl_s=args.kv_ttl_s,
                         kv_pull_failure=args.kv_pull_failure, stream_interval_ms=args.stream_interval_ms,
+                        kv_key=kv_key, kv_held_fraction=args.kv_held_fraction,
+                        kv_caller_fraction=args.kv_caller_fraction, kv_pull_timeout_s=args.kv_pull_timeout_s,
+                        kv_pull_min_mib_s=args.kv_pull_min_mib_s,
                         kv_transports=tuple(name.strip() for name in args.kv_transports.split(",")
                                             if name.strip()))

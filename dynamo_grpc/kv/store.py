@@ -4,6 +4,11 @@ A transfer is freed exactly once, by whichever comes first: the puller's release
 pulls that asked for it having sent every byte), the lease expiry (the decode worker never came), or
 shutdown. Freeing deregisters the bytes from the NIXL agent, if the store has one, then runs the owner's
 callback, which returns the engine's blocks.
+
+Anyone who can call PrefillService makes the store hold KV until it is pulled or its lease ends; so that no
+caller can pin the pool, `charge` counts each held transfer against the caller it was handed to, and
+refuses one that would take that caller past `caller_limit_bytes`, or all held transfers past
+`limit_bytes` (`set_limits`).
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from dataclasses import dataclass, field
 from google.protobuf import timestamp_pb2
 from zlib_ng import zlib_ng
 
-from dynamo_grpc.errors import FailedPrecondition, NotFound, PermissionDenied
+from dynamo_grpc.errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted
 from dynamo_grpc.kv import shm
+from dynamo_grpc.kv.handle_key import KvKey
 from dynamo_grpc.kv.nixl_transport import NixlAgent, NixlFailure, Registration
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -52,21 +58,29 @@ class _Held:
     registration: Registration | None = None
     sent: list[tuple[int, int]] = field(default_factory=list)
     """Byte ranges that pulls asking for a release have sent."""
+    caller: str = ""
+    """Who the handle was handed to (`charge`)."""
 
 
 class LeasedKvStore:
     """KV bytes of finished prefills, each claimable with its own pull token until its lease ends."""
 
     def __init__(self, *, endpoint: str, host: str, ttl_s: float = 30.0,
-                 nixl: NixlAgent | None = None) -> None:
-        """With `nixl`, every held transfer is registered with that agent for decode workers to READ."""
+                 nixl: NixlAgent | None = None, key: KvKey | None = None) -> None:
+        """With `nixl`, every held transfer is registered with that agent for decode workers to READ; with
+        `key`, every handle is signed with it."""
         if ttl_s <= 0:
             raise ValueError(f"KV lease TTL must be positive, got {ttl_s}")
         self.endpoint = endpoint
         self.host = host
         self.ttl_s = ttl_s
         self.nixl = nixl
+        self.key = key
+        self.limit_bytes: int | None = None
+        self.caller_limit_bytes: int | None = None
         self._held: dict[str, _Held] = {}
+        self._held_bytes = 0
+        self._caller_bytes: dict[str, int] = {}
         # Recently freed transfer ids -> why, so a late puller learns "expired" rather than "unknown".
         self._forgotten: OrderedDict[str, str] = OrderedDict()
         self.transfers_completed = 0
@@ -90,8 +104,11 @@ class LeasedKvStore:
             prompt_digest=prompt_digest(prompt) if prompt else b"",
         )
         held = _Held(handle, data, on_free, registration=self._register(handle, data))
+        if self.key is not None:
+            self.key.sign(handle)
         held.expiry = asyncio.get_running_loop().call_later(ttl, self._expire, handle.transfer_id)
         self._held[handle.transfer_id] = held
+        self._held_bytes += len(data)
         return handle
 
     async def hold_segment(self, segment: str, *, num_tokens: int, layout: pb.KvLayout, fingerprint: str,
@@ -148,6 +165,47 @@ class LeasedKvStore:
         self.transfers_completed += 1
         return True
 
+    def set_limits(self, *, pool_bytes: int, held_fraction: float, caller_fraction: float) -> None:
+        """Let held transfers take at most `held_fraction` of a KV pool of `pool_bytes`, and those handed
+        to any one caller at most `caller_fraction` of it."""
+        self.limit_bytes = int(pool_bytes * held_fraction)
+        self.caller_limit_bytes = int(pool_bytes * caller_fraction)
+
+    def admit(self, caller: str, *, request_id: str) -> None:
+        """Refuse a caller whose transfers are already at its limit (or all of them at theirs) before any
+        work is done for it; `charge` checks the exact size once the KV exists."""
+        self._check(caller, 0, request_id=request_id)
+
+    def charge(self, transfer_id: str, caller: str, *, request_id: str) -> None:
+        """Count a held transfer against the caller it is handed to; one over the caller's or the store's
+        limit is freed at once and refused with RESOURCE_EXHAUSTED."""
+        held = self._held.get(transfer_id)
+        if held is None:  # freed meanwhile (shutdown)
+            return
+        try:
+            self._check(caller, len(held.data), request_id=request_id, this=len(held.data))
+        except ResourceExhausted:
+            self._free(transfer_id, "refused: over the held-KV limit")
+            raise
+        held.caller = caller
+        self._caller_bytes[caller] = self._caller_bytes.get(caller, 0) + len(held.data)
+
+    def _check(self, caller: str, more: int, *, request_id: str, this: int = 0) -> None:
+        """`this`: bytes of `more` already counted in the store's total (a transfer being charged)."""
+        mine = self._caller_bytes.get(caller, 0)
+        if self.caller_limit_bytes is not None and mine and mine + more > self.caller_limit_bytes:
+            raise ResourceExhausted(
+                f"this caller's unpulled KV transfers hold {mine / 2**20:.1f} MiB of the "
+                f"{self.caller_limit_bytes / 2**20:.1f} MiB one caller may hold on this prefill worker; pull "
+                f"them (or let their {self.ttl_s:g} s leases end) before prefilling more",
+                request_id=request_id, reason="KV_HELD_LIMIT")
+        total = self._held_bytes - this
+        if self.limit_bytes is not None and total and total + more > self.limit_bytes:
+            raise ResourceExhausted(
+                f"unpulled KV transfers hold {total / 2**20:.1f} MiB of the {self.limit_bytes / 2**20:.1f} MiB "
+                "this prefill worker keeps for them; retry once decode workers have pulled them",
+                request_id=request_id, reason="KV_HELD_LIMIT")
+
     def close(self) -> None:
         for transfer_id in list(self._held):
             self._free(transfer_id, "shut down")
@@ -167,7 +225,11 @@ class LeasedKvStore:
 
     @property
     def held_bytes(self) -> int:
-        return sum(len(h.data) for h in self._held.values())
+        return self._held_bytes
+
+    def caller_bytes(self, caller: str) -> int:
+        """Bytes of held transfers handed to `caller`."""
+        return self._caller_bytes.get(caller, 0)
 
     def _lookup(self, transfer_id: str, pull_token: str) -> _Held:
         held = self._held.get(transfer_id)
@@ -201,6 +263,11 @@ class LeasedKvStore:
 
     def _free(self, transfer_id: str, why: str) -> None:
         held = self._held.pop(transfer_id)
+        self._held_bytes -= len(held.data)
+        if held.caller:
+            left = self._caller_bytes.pop(held.caller) - len(held.data)
+            if left:
+                self._caller_bytes[held.caller] = left
         if held.expiry is not None:
             held.expiry.cancel()
         if held.registration is not None:
