@@ -236,7 +236,7 @@ async def test_one_caller_cannot_pin_the_prefill_workers_kv() -> None:
             "a routed request", model=MODEL, max_tokens=8)).collect()).completion
         took = time.perf_counter() - started
         assert completion.usage.kv_transferred_tokens == len("a routed request")  # prefilled on the prefill worker
-        assert took < 1.0, f"the routed request took {took:.2f} s"
+        assert took < 2.0, f"the routed request took {took:.2f} s"  # 26 s while the pool was pinned
         for handle in held:
             await release(stubs, handle)
         await channel.close()

@@ -172,39 +172,48 @@ class LeasedKvStore:
         self.caller_limit_bytes = int(pool_bytes * caller_fraction)
 
     def admit(self, caller: str, *, request_id: str) -> None:
-        """Refuse a caller whose transfers are already at its limit (or all of them at theirs) before any
-        work is done for it; `charge` checks the exact size once the KV exists."""
-        self._check(caller, 0, request_id=request_id)
+        """Refuse, before any work is done for it, a caller whose transfers already fill its share (or all
+        transfers theirs); `charge` checks the exact size once the KV exists."""
+        mine = self._caller_bytes.get(caller, 0)
+        if self.caller_limit_bytes is not None and mine and mine >= self.caller_limit_bytes:
+            raise self._over_caller_limit(mine, request_id)
+        if self.limit_bytes is not None and self._held_bytes and self._held_bytes >= self.limit_bytes:
+            raise self._over_limit(self._held_bytes, request_id)
 
     def charge(self, transfer_id: str, caller: str, *, request_id: str) -> None:
-        """Count a held transfer against the caller it is handed to; one over the caller's or the store's
-        limit is freed at once and refused with RESOURCE_EXHAUSTED."""
+        """Count a held transfer against the caller it is handed to. One that takes the caller past its share,
+        or all transfers past theirs, is freed at once and refused with RESOURCE_EXHAUSTED; a caller or a
+        store holding nothing is always given one."""
         held = self._held.get(transfer_id)
         if held is None:  # freed meanwhile (shutdown)
             return
-        try:
-            self._check(caller, len(held.data), request_id=request_id, this=len(held.data))
-        except ResourceExhausted:
+        size, mine = len(held.data), self._caller_bytes.get(caller, 0)
+        others = self._held_bytes - size
+        refusal = None
+        if self.caller_limit_bytes is not None and mine and mine + size > self.caller_limit_bytes:
+            refusal = self._over_caller_limit(mine, request_id)
+        elif self.limit_bytes is not None and others and others + size > self.limit_bytes:
+            refusal = self._over_limit(others, request_id)
+        if refusal is not None:
             self._free(transfer_id, "refused: over the held-KV limit")
-            raise
+            raise refusal
         held.caller = caller
-        self._caller_bytes[caller] = self._caller_bytes.get(caller, 0) + len(held.data)
+        self._caller_bytes[caller] = mine + size
 
-    def _check(self, caller: str, more: int, *, request_id: str, this: int = 0) -> None:
-        """`this`: bytes of `more` already counted in the store's total (a transfer being charged)."""
-        mine = self._caller_bytes.get(caller, 0)
-        if self.caller_limit_bytes is not None and mine and mine + more > self.caller_limit_bytes:
-            raise ResourceExhausted(
-                f"this caller's unpulled KV transfers hold {mine / 2**20:.1f} MiB of the "
-                f"{self.caller_limit_bytes / 2**20:.1f} MiB one caller may hold on this prefill worker; pull "
-                f"them (or let their {self.ttl_s:g} s leases end) before prefilling more",
-                request_id=request_id, reason="KV_HELD_LIMIT")
-        total = self._held_bytes - this
-        if self.limit_bytes is not None and total and total + more > self.limit_bytes:
-            raise ResourceExhausted(
-                f"unpulled KV transfers hold {total / 2**20:.1f} MiB of the {self.limit_bytes / 2**20:.1f} MiB "
-                "this prefill worker keeps for them; retry once decode workers have pulled them",
-                request_id=request_id, reason="KV_HELD_LIMIT")
+    def _over_caller_limit(self, mine: int, request_id: str) -> ResourceExhausted:
+        assert self.caller_limit_bytes is not None
+        return ResourceExhausted(
+            f"this caller's unpulled KV transfers hold {mine / 2**20:.1f} MiB of the "
+            f"{self.caller_limit_bytes / 2**20:.1f} MiB one caller may hold on this prefill worker; pull them (or "
+            f"let their {self.ttl_s:g} s leases end) before prefilling more", request_id=request_id,
+            reason="KV_HELD_LIMIT")
+
+    def _over_limit(self, held: int, request_id: str) -> ResourceExhausted:
+        assert self.limit_bytes is not None
+        return ResourceExhausted(
+            f"unpulled KV transfers hold {held / 2**20:.1f} MiB of the {self.limit_bytes / 2**20:.1f} MiB this "
+            "prefill worker keeps for them; retry once decode workers have pulled them", request_id=request_id,
+            reason="KV_HELD_LIMIT")
 
     def close(self) -> None:
         for transfer_id in list(self._held):

@@ -434,7 +434,8 @@ class KvReceiver:
                 f"is at most {max_bytes}", request_id=request_id, reason="KV_HANDLE_TOO_LARGE")
 
     async def receive(self, handle: pb.KvHandle, *, prompt: Sequence[int], fingerprint: str, request_id: str,
-                      max_bytes: int | None = None, into_segment: bool = False, order: Sequence[int] = ()) -> ReceivedKv:
+                      max_bytes: int | None = None, into_segment: bool = False, order: Sequence[int] = ()
+                      ) -> ReceivedKv:
         """The KV of `prompt` (token ids) for an engine with `fingerprint` (at most `max_bytes` of it), checked,
         its lease ended; in a new shared-memory segment if `into_segment`. `order` names the transports to
         try (the pair's, from the pairing table); empty tries all of this receiver's."""
