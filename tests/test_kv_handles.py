@@ -14,9 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from dynamo_grpc.cli import build_parser
 from dynamo_grpc.client import GenerateStream, params
+from dynamo_grpc.config import ConfigError
+from dynamo_grpc.config import worker_config as worker_config_of
 from dynamo_grpc.errors import error_reason
-from dynamo_grpc.kv.handle_key import CLOCK_SKEW_S
+from dynamo_grpc.kv.handle_key import CLOCK_SKEW_S, KEY_ENV, KvKey
 from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.roles import start_decode
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -230,7 +233,8 @@ async def test_one_caller_cannot_pin_the_prefill_workers_kv() -> None:
                 assert "MiB" in error.details() and "pull" in error.details(), error.details()
                 outcomes.append(error_reason(error))
         assert outcomes == ["held"] * 8 + ["KV_HELD_LIMIT"] * 32
-        assert (await stubs.prefill_stats()).held_transfers == 8
+        stats = await stubs.prefill_stats()
+        assert (stats.held_transfers, stats.requests_finished) == (8, 8)  # the refused ones never ran
         started = time.perf_counter()
         completion = (await GenerateStream(stubs.router.stub, "routed", params(
             "a routed request", model=MODEL, max_tokens=8)).collect()).completion
@@ -241,3 +245,22 @@ async def test_one_caller_cannot_pin_the_prefill_workers_kv() -> None:
             await release(stubs, handle)
         await channel.close()
         await stubs.assert_no_leaks()
+
+
+def test_the_kv_key_comes_from_its_file_or_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def key_of(*flags: str) -> KvKey | None:
+        return worker_config_of(build_parser().parse_args(["decode", "--engine", "simulated", *flags])).kv_key
+
+    handle = pb.KvHandle(transfer_id="t", endpoint="127.0.0.1:1", total_bytes=4096)
+    KV_KEY.sign(handle)
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    assert key_of() is None  # no key: handles go unsigned and unchecked
+    (tmp_path / "key").write_text(KV_KEY.hex() + "\n")
+    from_file = key_of("--kv-key-file", str(tmp_path / "key"))
+    monkeypatch.setenv(KEY_ENV, KV_KEY.hex())
+    for key in (from_file, key_of()):
+        assert key is not None and KV_KEY.hex() not in repr(key)
+        key.verify(handle, request_id="r", now_s=0.0)  # the same key: the MAC holds
+    (tmp_path / "short").write_text("abcd")
+    with pytest.raises(ConfigError, match="--kv-key-file .*short: a KV key needs at least 32 bytes"):
+        key_of("--kv-key-file", str(tmp_path / "short"))
