@@ -4,7 +4,8 @@ Every transfer starts from KV a prefill worker holds and ends in memory of the d
 - memcpy: torch's copy between two existing buffers (the same kernels and threads the cache copies use).
 - shm (same host): the decode side links the held segment under its own name and copies its blocks into a
   paged KV cache (`kv_blocks.load_blocks`, what our vLLM connector runs). Reference: memcpy. Saving the
-  blocks into the segment, the prefill side's part, is printed apart.
+  blocks into the segment, the prefill side's part, is printed apart. `--huge-shm-dir` adds both rows for
+  segments in a tmpfs mounted with `huge=always` (what `DYNAMO_GRPC_SHM_DIR` selects).
 - raw socket: the same bytes over a loopback TCP socket from another process, into an existing buffer.
 - gRPC: a prefill worker process holds the bytes in its leased store and serves KvTransferService; this
   process pulls them with the decode side's transport (ranged PullKv streams, CRC-32 checked), with 1
@@ -14,6 +15,7 @@ Every transfer starts from KV a prefill worker holds and ends in memory of the d
 Receive buffers and caches exist before the clock starts, for every path and reference alike.
 
     python bench/kv_transfer.py --mib 64 384 --repeat 5
+    mount -t tmpfs -o huge=always,size=4g tmpfs /mnt/huge-shm   # root; then --huge-shm-dir /mnt/huge-shm
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -181,18 +184,26 @@ def shm_moves(nbytes: int, count: int) -> tuple[list[float], list[float]]:
         shm.link(held, taken)
         shm.unlink(held)
         load_blocks(target, blocks, taken)
-        shm.unlink(taken)
+        shm.release_soon(taken)  # as a decode worker does: freeing the pages is off the request's path
         takes.append(time.perf_counter() - started)
+        shm.wait_released()
         assert all(torch.equal(s[blocks], t[blocks]) for s, t in zip(source, target))
     del source, target
     return saves, takes
 
 
-def measure(nbytes: int, count: int, streams: list[int], chunk_bytes: int) -> dict[str, list[float]]:
+def measure(nbytes: int, count: int, streams: list[int], chunk_bytes: int,
+            huge_shm_dir: str) -> dict[str, list[float]]:
     """Seconds per transfer of every path, the slow ones once fewer times."""
     buffer = bytearray(nbytes)  # zero-filled, so already faulted in
     times: dict[str, list[float]] = {"memcpy": memcpy(nbytes, count)}
     times["save"], times["shm"] = shm_moves(nbytes, count)
+    if huge_shm_dir:
+        shm_dir, shm.SHM_DIR = shm.SHM_DIR, Path(huge_shm_dir)
+        try:
+            times["save, huge pages"], times["shm, huge pages"] = shm_moves(nbytes, count)
+        finally:
+            shm.SHM_DIR = shm_dir
     times["raw socket"] = raw_socket(nbytes, count, buffer)
     holder_process, handle = start_holder(nbytes, chunk_bytes)
     try:
@@ -235,6 +246,7 @@ def main() -> None:
     parser.add_argument("--chunk-kib", type=int, default=DEFAULT_CHUNK_BYTES >> 10, help="gRPC chunk size")
     parser.add_argument("--sweep-chunk-kib", type=int, nargs="*", default=[],
                         help="also time N-stream gRPC pulls at each of these chunk sizes")
+    parser.add_argument("--huge-shm-dir", default="", help="also time shm in this tmpfs (mounted huge=always)")
     args = parser.parse_args()
     count = args.repeat + 1  # one warm-up each
     print(f"KV transfer, median of {args.repeat} after 1 warm-up; {os.cpu_count()} CPUs, gRPC chunks of "
@@ -245,15 +257,15 @@ def main() -> None:
         def gbps(times: list[float]) -> float:
             return nbytes / statistics.median(times[1:]) / 1e9
 
-        measured = measure(nbytes, count, args.streams, args.chunk_kib << 10)
+        measured = measure(nbytes, count, args.streams, args.chunk_kib << 10, args.huge_shm_dir)
         rates = {name: gbps(times) for name, times in measured.items()}
         print(f"\n{mib} MiB")
-        reference: Callable[[str], str] = lambda name: "memcpy" if name in ("shm", "save") else "raw socket"
+        reference: Callable[[str], str] = lambda name: "memcpy" if name.startswith(("shm", "save")) else "raw socket"
         for name, rate in rates.items():
             ref = reference(name)
             ratio = f"{rate / rates[ref]:5.2f} x {ref}" if name not in ("memcpy", "raw socket") else ""
-            label = "(prefill side: save blocks to a segment)" if name == "save" else name
-            print(f"  {label:42s} {rate:7.2f} GB/s   {ratio}")
+            label = f"(prefill side: save blocks to a segment{name[4:]})" if name.startswith("save") else name
+            print(f"  {label:52s} {rate:7.2f} GB/s   {ratio}")
         for kib, times in chunk_sweep(nbytes, count, args.streams[0], args.sweep_chunk_kib).items():
             print(f"  grpc, {args.streams[0]} streams, chunks of {kib:5d} KiB      {gbps(times):7.2f} GB/s   "
                   f"{gbps(times) / rates['raw socket']:5.2f} x raw socket")

@@ -21,11 +21,11 @@ import contextlib
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dynamo_grpc.config import ConfigError, add_flag
-from dynamo_grpc.registry import SCALE_DOCUMENT, EtcdRegistry
+from dynamo_grpc.config import ConfigError, add_etcd_access_flags, add_flag, etcd_access
+from dynamo_grpc.registry import SCALE_DOCUMENT, EtcdAccess, EtcdRegistry
 from dynamo_grpc.services.server import start_server
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
@@ -58,6 +58,7 @@ class ActuatorConfig:
     resync_s: float = 30.0
     retry_s: float = 2.0
     request_timeout_s: float = 10.0
+    etcd_access: EtcdAccess = field(default_factory=EtcdAccess)
 
     def __post_init__(self) -> None:
         problems = []
@@ -118,7 +119,7 @@ class ReplicaActuator:
         """Keep `target` current; reconnect while etcd is away."""
         config = self._config
         while True:
-            registry = EtcdRegistry(list(config.etcd), namespace=config.namespace)
+            registry = EtcdRegistry(list(config.etcd), namespace=config.namespace, access=config.etcd_access)
             try:
                 await registry.connect()
                 async for data in registry.watch_document(SCALE_DOCUMENT):
@@ -208,6 +209,7 @@ def add_actuator_flags(parser: argparse.ArgumentParser) -> None:
              help="port of the grpc.health.v1 server (0 = any free port)")
     add_flag(parser, "etcd", default="",
              help="etcd endpoints host:port[,host:port...] the control plane uses")
+    add_etcd_access_flags(parser)
     add_flag(parser, "namespace", default="default", help="deployment namespace in etcd")
     add_flag(parser, "k8s-namespace", default="default",
              help="Kubernetes namespace of the pools' Deployments")
@@ -229,7 +231,7 @@ def actuator_config(args: argparse.Namespace) -> ActuatorConfig:
                   for role in POOLS if getattr(args, f"{role}_deployment"))
     return ActuatorConfig(etcd=tuple(e for e in args.etcd.split(",") if e), namespace=args.namespace,
                           k8s_namespace=args.k8s_namespace, pools=pools, resync_s=args.resync_s,
-                          retry_s=args.retry_s)
+                          retry_s=args.retry_s, etcd_access=etcd_access(args))
 
 
 async def run_actuator(args: argparse.Namespace) -> int:

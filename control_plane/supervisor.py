@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from control_plane.compiler import Plan, PlannedProcess
-from dynamo_grpc.registry import SCALE_DOCUMENT, EtcdRegistry
+from dynamo_grpc.registry import SCALE_DOCUMENT, EtcdAccess, EtcdRegistry
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class Supervisor:
     host: str
     state: Path
     max_backoff_s: float = 30.0
+    etcd_access: EtcdAccess = field(default_factory=EtcdAccess)
     children: list[_Child] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -124,7 +125,8 @@ class Supervisor:
     async def _follow_scale_target(self) -> None:
         """Follow the control plane's scale target in etcd; reconnect while etcd is away."""
         while True:
-            registry = EtcdRegistry(list(self.plan.etcd), namespace=self.plan.namespace)
+            registry = EtcdRegistry(list(self.plan.etcd), namespace=self.plan.namespace,
+                                    access=self.etcd_access)
             try:
                 await registry.connect()
                 async for data in registry.watch_document(SCALE_DOCUMENT):

@@ -31,8 +31,10 @@ from dynamo_grpc.config import (
     ServerConfig,
     WorkerConfig,
     add_engine_flags,
+    add_etcd_access_flags,
     add_flag,
     add_server_flags,
+    etcd_access,
     server_config,
     worker_config,
 )
@@ -238,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = roles.add_parser("up", help="run the plan's processes for this host, restarting any that die")
     sub.add_argument("spec", help="the deployment spec")
     sub.add_argument("--host", default="", help="which of the spec's hosts this machine is (default: guessed)")
+    add_etcd_access_flags(sub)
+    sub = roles.add_parser("etcd-setup-auth", help="create the etcd roles and users of docs/security.md for a "
+                           "namespace and turn etcd's authentication on")
+    add_flag(sub, "etcd", default="127.0.0.1:2379", help="etcd endpoints host:port[,host:port...]")
+    add_etcd_access_flags(sub)
+    add_flag(sub, "namespace", default="default", help="deployment namespace in etcd")
+    sub.add_argument("--password-dir", required=True, help="where each user's password file is: read if "
+                     "there (so a rerun keeps them), else generated and written (mode 0600)")
     sub = roles.add_parser("down", help="stop what `dynamo-grpc up SPEC` runs")
     sub.add_argument("spec", help="the deployment spec")
     sub = roles.add_parser("from-vllm", help="turn a `vllm serve ...` command line into a disaggregated spec")
@@ -278,7 +288,8 @@ async def _connect_registry(config: ServerConfig, *, required: bool) -> Registry
             raise ConfigError("--etcd is required for a standalone role (e.g. --etcd 127.0.0.1:2379); "
                               "use `dynamo-grpc serve` for a single-process deployment without etcd")
         return MemoryRegistry(namespace=config.namespace)
-    registry = EtcdRegistry(config.etcd, namespace=config.namespace, lease_ttl_s=config.lease_ttl_s)
+    registry = EtcdRegistry(config.etcd, namespace=config.namespace, lease_ttl_s=config.lease_ttl_s,
+                            access=config.etcd_access)
     await registry.connect()
     return registry
 
@@ -394,6 +405,7 @@ def _more_frontends(args: argparse.Namespace, worker: WorkerConfig, count: int, 
             "--host", args.http_host, "--port", str(port), "--etcd", ",".join(worker.server.etcd),
             "--namespace", worker.server.namespace, "--model-path", worker.kind.model_path(worker.engine),
             *router_flags_argv(args), "--tokenizer", tokenizer]
+    os.environ.update(worker.server.etcd_access.environment())  # credentials for the frontends, off argv
     frontends = process_group.ProcessGroup(argv, count, name="serve's HTTP frontends", first_index=1,
                                            metrics_ports=metrics_ports)
     frontends.start()
@@ -545,6 +557,8 @@ async def _main(args: argparse.Namespace) -> int:
         return await _frontend(args)
     if command == "up":
         return await _up(args)
+    if command == "etcd-setup-auth":
+        return await _etcd_setup_auth(args)
     if command == "serve":
         return await _serve(args)
     if command == "k8s-actuator":
@@ -605,10 +619,12 @@ async def _up(args: argparse.Namespace) -> int:
     from control_plane.supervisor import Supervisor, local_host, state_dir
 
     plan = _compiled(args.spec)
+    access = etcd_access(args)
     os.environ["DYNAMO_GRPC_EVENT_LOOP"] = args.event_loop  # the processes it starts run on the same loop
+    os.environ.update(access.environment())  # and reach etcd the same way
     _share_kv_key(plan)
     try:
-        supervisor = Supervisor(plan, args.host or local_host(plan), state_dir(plan))
+        supervisor = Supervisor(plan, args.host or local_host(plan), state_dir(plan), etcd_access=access)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     stop = asyncio.Event()
@@ -631,6 +647,19 @@ def _share_kv_key(plan: Plan) -> None:
         return
     _say("up", f"KV handles go unsigned: set {KEY_ENV} to the same key (hex, 32 bytes: `python -c 'import "
          f"secrets; print(secrets.token_hex(32))'`) on every host of the plan")
+
+
+async def _etcd_setup_auth(args: argparse.Namespace) -> int:
+    from dynamo_grpc.registry.setup_auth import setup_auth
+
+    endpoints = [e for e in args.etcd.split(",") if e]
+    written = await setup_auth(endpoints, etcd_access(args), namespace=args.namespace,
+                               password_dir=Path(args.password_dir))
+    for user, path in written.items():
+        print(f"{user}: password in {path}")
+    _say("etcd-setup-auth", f"authentication is on at {args.etcd}; start each process with --etcd-user and "
+         "--etcd-password-file of its role (docs/security.md)")
+    return 0
 
 
 def _down(args: argparse.Namespace) -> int:

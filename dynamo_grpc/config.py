@@ -17,6 +17,7 @@ from dynamo_grpc.engine.registry import DEFAULT_ENGINE, ENGINES, EngineKind, kin
 from dynamo_grpc.kv.handle_key import KEY_ENV, KvKey, load_kv_key
 from dynamo_grpc.kv.nixl_transport import nixl_installed
 from dynamo_grpc.kv.transport import DEFAULT_PULL_MIN_MIB_S, DEFAULT_PULL_TIMEOUT_S
+from dynamo_grpc.registry.access import PASSWORD_ENV, EtcdAccess, EtcdAccessError, read_password
 from dynamo_grpc.routing.policies import POLICIES
 from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR
 
@@ -47,6 +48,8 @@ class ServerConfig:
     metrics_port: int = 0
     """Where this process serves Prometheus /metrics over HTTP; 0: not served (an HTTP frontend serves its
     own /metrics on its port either way)."""
+    etcd_access: EtcdAccess = field(default_factory=EtcdAccess)
+    """TLS and credentials for etcd (`--etcd-ca`, `--etcd-user`, ...)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -173,10 +176,34 @@ def add_server_flags(parser: argparse.ArgumentParser, *, port: int = 0) -> None:
     add_flag(parser, "advertise-host", default="", help="host name others use to reach this process")
     add_flag(parser, "node-name", default=socket.gethostname(), help="this host's name, for same-host pairing")
     add_flag(parser, "etcd", default="", help="etcd endpoints host:port[,host:port...]")
+    add_etcd_access_flags(parser)
     add_flag(parser, "namespace", default="default", help="deployment namespace in etcd")
     add_flag(parser, "lease-ttl-s", default=10, type=int, help="etcd lease TTL of this process's registration")
     add_flag(parser, "metrics-port", default=0, type=int, help="serve Prometheus metrics at "
              "http://HOST:PORT/metrics (0: not served; an HTTP frontend serves /metrics on its own port)")
+
+
+def add_etcd_access_flags(parser: argparse.ArgumentParser) -> None:
+    """TLS and credentials for etcd; the password comes from a file or the environment, never a flag."""
+    add_flag(parser, "etcd-ca", default="", help="CA certificate (PEM) that signed etcd's; given, etcd is "
+             "reached over TLS")
+    add_flag(parser, "etcd-cert", default="", help="client certificate (PEM) for an etcd run with "
+             "--client-cert-auth (needs --etcd-ca and --etcd-key)")
+    add_flag(parser, "etcd-key", default="", help="private key (PEM) of --etcd-cert")
+    add_flag(parser, "etcd-user", default="", help="etcd user to authenticate as; its roles decide what this "
+             "process may write (docs/security.md)")
+    add_flag(parser, "etcd-password-file", default="", help=f"file whose first line is --etcd-user's password "
+             f"(or set {PASSWORD_ENV})")
+
+
+def etcd_access(args: argparse.Namespace) -> EtcdAccess:
+    try:
+        password = (read_password(args.etcd_password_file) if args.etcd_password_file
+                    else os.environ.get(PASSWORD_ENV, ""))
+        return EtcdAccess(ca=args.etcd_ca, cert=args.etcd_cert, key=args.etcd_key, user=args.etcd_user,
+                          password=password)
+    except EtcdAccessError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _own_flag_fields(kind: EngineKind) -> list[str]:
@@ -238,7 +265,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, advertise_host=args.advertise_host,
                         node_name=args.node_name, etcd=tuple(e for e in args.etcd.split(",") if e),
-                        namespace=args.namespace, lease_ttl_s=args.lease_ttl_s,
+                        etcd_access=etcd_access(args), namespace=args.namespace, lease_ttl_s=args.lease_ttl_s,
                         metrics_port=args.metrics_port)
 
 

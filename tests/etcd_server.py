@@ -7,12 +7,17 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.throwaway_ca import ThrowawayCA
 
 ETCD_BINARY = os.environ.get("ETCD_BINARY") or shutil.which("etcd") or "/usr/bin/etcd"
 START_TIMEOUT_S = 20.0
@@ -26,9 +31,15 @@ def free_port() -> int:
 
 
 class EtcdServer:
-    """Start/stop/kill/restart an etcd; restart keeps ports and data dir, like a real node reboot."""
+    """Start/stop/kill/restart an etcd; restart keeps ports and data dir, like a real node reboot.
 
-    def __init__(self, base_dir: Path | None = None, name: str = "test-etcd") -> None:
+    With `ca`, clients reach it over TLS with a certificate that CA signs; `client_cert_auth` also makes
+    it require a client certificate from that CA. `auth_token_ttl_s` sets how long an idle auth token
+    lives (etcd's default: 300 s). Authentication itself is switched on through etcd's API, as in use."""
+
+    def __init__(self, base_dir: Path | None = None, name: str = "test-etcd", *,
+                 ca: ThrowawayCA | None = None, client_cert_auth: bool = False,
+                 auth_token_ttl_s: int | None = None) -> None:
         self._owns_dir = base_dir is None
         self.base_dir = Path(tempfile.mkdtemp(prefix="etcd-")) if base_dir is None else base_dir
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -37,11 +48,20 @@ class EtcdServer:
         self.name = name
         self.client_port = free_port()
         self.peer_port = free_port()
+        self.ca = ca
+        self.client_cert_auth = client_cert_auth
+        self.auth_token_ttl_s = auth_token_ttl_s
+        self._server_cert = ca.server(f"{name}-server") if ca is not None else None
+        self._health_cert = ca.client("root") if ca is not None and client_cert_auth else None
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.ca is None else "https"
 
     @property
     def running(self) -> bool:
@@ -50,12 +70,13 @@ class EtcdServer:
     def start(self) -> None:
         if self.running:
             return
-        client_url, peer_url = f"http://{self.endpoint}", f"http://127.0.0.1:{self.peer_port}"
+        client_url, peer_url = f"{self.scheme}://{self.endpoint}", f"http://127.0.0.1:{self.peer_port}"
         command = [
             ETCD_BINARY, "--data-dir", str(self.data_dir),
             "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
             "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
             "--initial-cluster", f"{self.name}={peer_url}", "--name", self.name,
+            *self._security_flags(),
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
         with open(self.log_path, "ab") as log:
@@ -117,6 +138,26 @@ class EtcdServer:
         except ProcessLookupError:
             pass
 
+    def _security_flags(self) -> list[str]:
+        flags = []
+        if self._server_cert is not None:
+            assert self.ca is not None
+            cert, key = self._server_cert
+            flags += ["--cert-file", str(cert), "--key-file", str(key)]
+            if self.client_cert_auth:  # etcd asks every client for a certificate once it has a CA to check
+                flags += ["--client-cert-auth", "--trusted-ca-file", str(self.ca.ca_path)]
+        if self.auth_token_ttl_s is not None:
+            flags += ["--auth-token-ttl", str(self.auth_token_ttl_s)]
+        return flags
+
+    def _health_context(self) -> ssl.SSLContext | None:
+        if self.ca is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.ca.ca_path))
+        if self._health_cert is not None:
+            context.load_cert_chain(*self._health_cert)
+        return context
+
     def _wait_healthy(self) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -126,7 +167,8 @@ class EtcdServer:
                 last_error = f"etcd exited with code {self._proc.returncode}"
                 break
             try:
-                with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1.0) as response:
+                with urllib.request.urlopen(f"{self.scheme}://{self.endpoint}/health", timeout=1.0,
+                                            context=self._health_context()) as response:
                     if json.loads(response.read()).get("health") == "true":
                         return
                     last_error = "health is not true yet"

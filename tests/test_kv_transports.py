@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import pytest_asyncio
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.errors import DynamoError
 from dynamo_grpc.kv import shm
-from dynamo_grpc.kv.nixl_transport import nixl_installed
+from dynamo_grpc.kv.nixl_transport import NixlAgent, nixl_installed
 from dynamo_grpc.kv.store import LeasedKvStore
 from dynamo_grpc.kv.transport import GrpcTransport, KvReceiver
 from dynamo_grpc.kv.wire import SERVICE, add_kv_transfer_service
@@ -52,6 +53,7 @@ def segment_with(data: bytes) -> str:
 
 
 def segments_of(pid: int) -> list[str]:
+    shm.wait_released()
     return [path.name for path in shm.SHM_DIR.glob(f"{shm.SEGMENT_PREFIX}{pid}-*")]
 
 
@@ -78,8 +80,6 @@ async def serve_store() -> AsyncIterator[Callable[..., asyncio.Future]]:
     started: list[Prefill] = []
 
     async def start(*, nixl: bool = False, chunk_bytes: int = 1 << 20, ttl_s: float = 600) -> Prefill:
-        from dynamo_grpc.kv.nixl_transport import NixlAgent
-
         store = LeasedKvStore(endpoint="", host="prefill-host", ttl_s=ttl_s,
                               nixl=NixlAgent() if nixl else None)
         servicer = KvTransferServicer(store, chunk_bytes=chunk_bytes)
@@ -105,8 +105,6 @@ async def channels() -> AsyncIterator[ChannelPool]:
 
 
 def receiver(channels: ChannelPool, *names: str) -> KvReceiver:
-    from dynamo_grpc.kv.nixl_transport import NixlAgent
-
     return KvReceiver.over_network(channels, host="decode-host", names=names,
                                    nixl=NixlAgent() if "nixl" in names else None)
 
@@ -137,6 +135,7 @@ async def test_grpc_pulls_in_parallel_streams_and_the_last_chunk_frees_the_trans
         received.close()
     # (Freed by the pulls themselves: no ReleaseKv was sent.)
     assert (prefill.store.held_transfers, prefill.store.transfers_completed) == (0, 1)
+    shm.wait_released()
     assert not shm.size_of(handle.shm_segment)
     assert not own_segments()
 
@@ -192,10 +191,6 @@ async def test_nixl_reads_registered_memory_and_leaves_nothing_registered(serve_
 def nixl_source(segment: str, sources: mp.Queue) -> None:
     """A prefill worker's NIXL agent in a process of its own: registers a held segment and serves READs of it
     until killed."""
-    import time
-
-    from dynamo_grpc.kv.nixl_transport import NixlAgent
-
     agent = NixlAgent()
     sources.put(agent.source(agent.register(shm.attach(segment))).SerializeToString())
     time.sleep(600)
@@ -229,6 +224,20 @@ async def read_while_killing_the_source(monkeypatch, kv_order: tuple[int, ...], 
         child.kill()
         child.join(10)
     return outcome[0], handle, data, kv, prefill
+
+@needs_nixl
+def test_an_idle_nixl_agent_sleeps() -> None:
+    """The UCX progress thread waits in poll() between transfers rather than spinning a core."""
+    agent = NixlAgent()
+    try:
+        time.sleep(0.5)  # the thread is up
+        cpu, wall = time.process_time(), time.monotonic()
+        time.sleep(3)
+        used = (time.process_time() - cpu) / (time.monotonic() - wall)
+    finally:
+        agent.close()
+    assert used < 0.05, f"an idle agent used {used:.0%} of a core"
+
 
 
 @needs_nixl
@@ -309,8 +318,6 @@ def puller(transport: str, ready: mp.Queue, handles: mp.Queue) -> None:
     os.environ["UCX_TLS"] = "tcp"  # slow enough to be killed mid-read
 
     async def main() -> None:
-        from dynamo_grpc.kv.nixl_transport import NixlAgent
-
         kv = KvReceiver.over_network(ChannelPool(), host="decode-host", names=(transport,),
                                      nixl=NixlAgent() if transport == "nixl" else None)
         ready.put(os.getpid())
@@ -369,4 +376,5 @@ async def test_a_puller_killed_mid_transfer_leaves_nothing_held_registered_or_li
     await eventually(freed, 30, "the lease to end")
     nixl_left = prefill.store.nixl.registrations if prefill.store.nixl is not None else 0
     assert (prefill.store.transfers_expired, nixl_left) == (1, 0)
+    shm.wait_released()
     assert shm.size_of(handle.shm_segment) is None  # the prefill side's segment is gone too

@@ -283,12 +283,14 @@ async def test_cancels_and_expiry_leave_no_blocks_held(cluster: Stubs) -> None:
     await eventually(expired, KV_TTL_S + 5, "the unpulled handle's lease to expire")
     assert await rpc_failure(decode(cluster, "late", "nobody comes", handle)) == (
         grpc.StatusCode.NOT_FOUND, "KV_HANDLE_EXPIRED")
+    shm.wait_released()
     assert not shm.size_of(handle.shm_segment)
     # Nothing is held anywhere: engines, the lease store, shared memory.
     await wait_idle(cluster)
     await cluster.assert_no_leaks()
     prefill_stats = await cluster.prefill_stats()
     assert prefill_stats.transfers_expired >= 1 and prefill_stats.held_kv_bytes == 0
+    shm.wait_released()
     assert not list(shm.SHM_DIR.glob(f"{shm.SEGMENT_PREFIX}{os.getpid()}-*"))
 
 

@@ -35,6 +35,7 @@ _POLL_START_S = 50e-6
 _POLL_MAX_S = 2e-3
 _MEMORY_TYPES = {pb.NIXL_MEMORY_KIND_DRAM: "DRAM", pb.NIXL_MEMORY_KIND_VRAM: "VRAM"}
 _LOADS_BEFORE_FORGETTING = 1024
+_PROGRESS_WAKEUP_US = 1000
 
 
 def nixl_installed() -> bool:
@@ -79,6 +80,19 @@ def _failures() -> tuple[type[Exception], ...]:
                  if name.startswith("nixl") and name.endswith("Error"))
 
 
+def _paced(config_class: type) -> type:
+    """nixl's Python API builds its agent config with no delay between the UCX progress thread's polls, so
+    an idle agent spins a core (a third of one per worker here, measured). With a delay the thread sleeps in
+    poll() until UCX signals work, waking at least every millisecond; transfers still run at full rate,
+    since UCX wakes it (bench/kv_transfer.py)."""
+
+    class PacedAgentConfig(config_class):  # type: ignore[misc, valid-type]
+        def __setattr__(self, name: str, value: Any) -> None:
+            super().__setattr__(name, max(value, _PROGRESS_WAKEUP_US) if name == "pthrDelay" else value)
+
+    return PacedAgentConfig
+
+
 def buffer_address(buffer: Any) -> tuple[int, int, int, int]:
     """(address, bytes, device id, memory kind) of a buffer: anything with the buffer protocol (host memory,
     read-only is fine) or a torch tensor, on the host or a GPU (not run here)."""
@@ -98,7 +112,12 @@ class NixlAgent:
         self.name = name or f"dynamo-grpc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         config = api.nixl_agent_config(backends=["UCX"],
                                        sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
-        self._agent = api.nixl_agent(self.name, config)
+        plain_config = api.nixlBind.nixlAgentConfig
+        api.nixlBind.nixlAgentConfig = _paced(plain_config)
+        try:
+            self._agent = api.nixl_agent(self.name, config)
+        finally:
+            api.nixlBind.nixlAgentConfig = plain_config
         self._failures = _failures()
         self._registered: dict[int, Registration] = {}
         self._loads: dict[str, int] = {}

@@ -120,7 +120,7 @@ class LeasedKvStore:
         crc = await asyncio.to_thread(zlib_ng.crc32, mapping)
         # The store drops its view on free; streams still sending keep theirs until they finish.
         return self.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=layout, fingerprint=fingerprint,
-                         on_free=lambda: shm.unlink(segment), shm_segment=segment, crc32=crc, prompt=prompt)
+                         on_free=lambda: shm.release_soon(segment), shm_segment=segment, crc32=crc, prompt=prompt)
 
     def claim(self, transfer_id: str, pull_token: str, fingerprint: str) -> bytes | memoryview:
         """The held bytes, if the caller proves it may have them."""

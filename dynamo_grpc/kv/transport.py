@@ -78,11 +78,9 @@ class ReceivedKv:
     segment: str = ""
 
     def close(self) -> None:
-        """Drop this worker's claim: the segment's name (the engine has read it) and the mapping."""
-        if self.segment:
-            shm.unlink(self.segment)
-        if isinstance(self.data, mmap.mmap):
-            self.data.close()
+        """Drop this worker's claim: the segment's name (the engine has read it) and the mapping, off the
+        calling thread (see `shm.release_soon`)."""
+        shm.release_soon(self.segment, self.data if isinstance(self.data, mmap.mmap) else None)
 
 
 class KvTransport(Protocol):

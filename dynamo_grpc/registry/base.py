@@ -16,6 +16,11 @@ class RegistryUnavailable(Exception):
     """The backing store (etcd) cannot be reached."""
 
 
+class RegistryAccessDenied(RegistryUnavailable):
+    """etcd refused this process: wrong credentials or CA, or its user may not touch a key. Retrying does not
+    help; the message says which setting or etcd role to change."""
+
+
 def role_name(role: int) -> str:
     """Short lowercase role name used in keys, e.g. `prefill` for WORKER_ROLE_PREFILL."""
     if role == pb.WORKER_ROLE_UNSPECIFIED or role not in pb.WorkerRole.values():
