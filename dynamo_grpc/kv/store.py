@@ -236,10 +236,6 @@ class LeasedKvStore:
     def held_bytes(self) -> int:
         return self._held_bytes
 
-    def caller_bytes(self, caller: str) -> int:
-        """Bytes of held transfers handed to `caller`."""
-        return self._caller_bytes.get(caller, 0)
-
     def _lookup(self, transfer_id: str, pull_token: str) -> _Held:
         held = self._held.get(transfer_id)
         if held is None:
