@@ -306,7 +306,15 @@ def _server_command(spec: Spec, role: str, host: str, port: int) -> tuple[str, .
     address = spec.host(host).address
     return (PROGRAM, role, "--host", _bind_address(address), "--port", str(port), "--advertise-host", address,
             "--node-name", host, "--etcd", ",".join(spec.etcd), "--namespace", spec.namespace,
-            "--metrics-port", str(port + METRICS_PORT_OFFSET))
+            "--metrics-port", str(port + METRICS_PORT_OFFSET), *_security_flags(spec, role))
+
+
+def _security_flags(spec: Spec, role: str) -> tuple[str, ...]:
+    """Every process's TLS flags; the router's token file too."""
+    security = spec.security
+    given = {"tls-cert": security.tls_cert, "tls-key": security.tls_key, "tls-ca": security.tls_ca,
+             "auth-token-file": security.auth_token_file if role == "router" else ""}
+    return tuple(part for name, value in given.items() if value for part in (f"--{name}", value))
 
 
 def _initial_pairings(spec: Spec, processes: list[PlannedProcess]) -> tuple[tuple[str, str, bool], ...]:

@@ -17,10 +17,12 @@ So `vllm serve meta-llama/Llama-3.1-8B-Instruct -tp 8` becomes 4 prefill + 4 dec
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 from control_plane.spec import Spec, spec_from_dict
@@ -53,6 +55,9 @@ class Translation:
     parallel: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SHORT_ALIASES.values(), 1))
     served_name: str = ""
     quantization: str = ""
+    security: dict[str, str] = field(default_factory=dict)
+    """The spec's `security` section so far."""
+    api_key: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,19 @@ def _quantization(translation: Translation, flag: str, value: Any) -> None:
     _keep_verbatim(translation, flag, value)
 
 
+def _security(field_name: str, consequence: str = "") -> Callable[[Translation, str, Any], None]:
+    """A certificate file: the spec's `security.<field_name>`, for every process."""
+    def apply(translation: Translation, flag: str, value: Any) -> None:
+        translation.security[field_name] = str(Path(str(value)).absolute())
+        translation.notes.append(f"--{flag}: security.{field_name}, for every process"
+                                 + (f" ({consequence})" if consequence else ""))
+    return apply
+
+
+def _api_key(translation: Translation, flag: str, value: Any) -> None:
+    translation.api_key = str(value)
+
+
 _KEPT_SWITCH = VllmFlag(_keep_verbatim, boolean=True)
 _FRONTEND = ("a setting of vLLM's OpenAI HTTP frontend; clients reach the router's gRPC RouterService on "
              "router.port")
@@ -158,10 +176,16 @@ VLLM_FLAGS: dict[str, VllmFlag] = {
         "trust-remote-code", "enable-prefix-caching", "enable-chunked-prefill", "disable-custom-all-reduce",
         "enable-lora", "disable-sliding-window", "skip-tokenizer-init", "enable-sleep-mode",
         "disable-async-output-proc", "enable-expert-parallel", "async-scheduling"), _KEPT_SWITCH),
+    # Security: TLS on every process, the API key as the router's bearer token.
+    "ssl-certfile": VllmFlag(_security("tls_cert")),
+    "ssl-keyfile": VllmFlag(_security("tls_key")),
+    "ssl-ca-certs": VllmFlag(_security("tls_ca", "mutual TLS: every process, the router included, requires "
+                                       "client certificates this CA signed")),
+    "api-key": VllmFlag(_api_key),
     # vLLM's OpenAI HTTP frontend: the router replaces it.
     **dict.fromkeys((
-        "host", "port", "uds", "api-key", "allowed-origins", "allowed-methods", "allowed-headers",
-        "ssl-keyfile", "ssl-certfile", "ssl-ca-certs", "ssl-cert-reqs", "root-path", "middleware",
+        "host", "port", "uds", "allowed-origins", "allowed-methods", "allowed-headers",
+        "ssl-cert-reqs", "root-path", "middleware",
         "uvicorn-log-level", "chat-template", "chat-template-content-format", "response-role",
         "tool-call-parser", "tool-parser-plugin", "reasoning-parser", "api-server-count", "log-config-file",
         "max-log-len"), _dropped(_FRONTEND)),
@@ -176,10 +200,14 @@ VLLM_FLAGS: dict[str, VllmFlag] = {
 
 def spec_from_vllm(argv: list[str], *, gpus: int | None = None, host_name: str = "node-0",
                    address: str = "127.0.0.1", etcd: str = "127.0.0.1:2379",
-                   gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB, name: str | None = None) -> tuple[Spec, list[str]]:
+                   gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB, name: str | None = None,
+                   api_key_file: str | Path | None = None) -> tuple[Spec, list[str]]:
     """The disaggregated spec for a `vllm serve` command line, and a note for each flag dropped or decision made.
 
-    `gpus` is the node's GPU count (default: what the command used, at least 2; 0 means a CPU host).
+    `gpus` is the node's GPU count (default: what the command used, at least 2; 0 means a CPU host). An
+    `--api-key` becomes the router's bearer token: it is written to `api_key_file` (default `<name>.api-key`
+    here; readable by its owner only), which the spec's `security.auth_token_file` names, so the key itself
+    is in no spec and on no process's command line.
     Raises ValueError for a command line this cannot read.
     """
     model_tag, flags = _parse_command(argv)
@@ -208,8 +236,22 @@ def spec_from_vllm(argv: list[str], *, gpus: int | None = None, host_name: str =
         "prefill": dict(pool), "decode": dict(pool),
         "router": {"port": 50051, "policy": "kv_aware"},
         "etcd": [etcd],
+        **({"security": translation.security} if translation.security else {}),
     }, source="from-vllm")
+    if translation.api_key:
+        spec = _with_api_key(spec, translation.api_key, Path(api_key_file or f"{spec.name}.api-key"), notes)
     return spec, notes
+
+
+def _with_api_key(spec: Spec, key: str, path: Path, notes: list[str]) -> Spec:
+    """The key written to `path` (owner-only), and the spec's router requiring it."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(key + "\n")
+    notes.append(f"--api-key: written to {path} (mode 600); the router requires it as a bearer token "
+                 "(security.auth_token_file); clients send it as `authorization: Bearer <key>`")
+    security = dataclasses.replace(spec.security, auth_token_file=str(path.absolute()))
+    return dataclasses.replace(spec, security=security)
 
 
 def _fill_engine_defaults(engine_args: dict[str, Any], notes: list[str]) -> None:

@@ -11,8 +11,8 @@ from control_plane.scaling import AutoscalingConfig, ScaleController
 from dynamo_grpc import metrics
 from dynamo_grpc.config import ServerConfig
 from dynamo_grpc.registry import PLAN_DOCUMENT, Registry
-from dynamo_grpc.roles import RunningRole, service_name
-from dynamo_grpc.services.server import ServiceBinding, start_server
+from dynamo_grpc.roles import RunningRole, serve, service_name
+from dynamo_grpc.services.server import ServiceBinding
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
 
@@ -29,13 +29,13 @@ async def start_control_plane(config: ServerConfig, registry: Registry, *, plan:
     await pairings.start()
     cleanups = [metrics.sample(pairings, pairings.metric_samples), pairings.stop]
     if autoscaling is not None:
-        scaler = ScaleController(registry, autoscaling)
+        scaler = ScaleController(registry, autoscaling, tls=config.tls)
         await scaler.start()
         cleanups[:0] = [metrics.sample(scaler, scaler.metric_samples), scaler.stop]
-    server = await start_server([
+    server = await serve(config, [
         ServiceBinding(ControlPlaneServicer(registry, pairings), cp_grpc.add_ControlPlaneServiceServicer_to_server,
                        service_name(cp_pb, "ControlPlaneService")),
-    ], host=config.host, port=config.port)
+    ])
     endpoint = config.endpoint(server.port)
     log.info("control plane serving on %s", endpoint)
     return RunningRole("control plane", endpoint, server, registry, cleanups=cleanups)

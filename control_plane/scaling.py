@@ -28,6 +28,7 @@ from dynamo_grpc import metrics
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.registry import DEMAND_DOCUMENT, SCALE_DOCUMENT, Registry
 from dynamo_grpc.routing.fleet import worker_stats
+from dynamo_grpc.security import Tls
 from dynamo_grpc.slo import Objectives
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
@@ -126,11 +127,11 @@ class ScaleController:
     """Runs the autoscaler against the live fleet and publishes its target for the supervisors."""
 
     def __init__(self, registry: Registry, config: AutoscalingConfig, *, model: str = "",
-                 channels: ChannelPool | None = None) -> None:
+                 channels: ChannelPool | None = None, tls: Tls | None = None) -> None:
         self._registry = registry
         self._config = config
         self._own_channels = channels is None
-        self._channels = channels or ChannelPool()
+        self._channels = channels or ChannelPool(tls)
         self._sampler = FleetSampler(registry, self._channels, model=model,
                                      rate_window_s=config.tuning.rate_window_s)
         self._autoscaler = config.autoscaler()

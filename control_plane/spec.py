@@ -16,6 +16,8 @@ obvious, so a bad spec is fixed in one edit instead of one error per run.
     transfer: {kv_ttl_s: 30, on_pull_failure: fail}
     etcd: [10.0.0.1:2379]
     autoscaling: {prefill_requests_per_s: 1.2, decode_requests_per_s: 2.5}   # optional
+    security: {tls_cert: /etc/dynamo-grpc/tls/node.crt, tls_key: /etc/dynamo-grpc/tls/node.key,
+               tls_ca: /etc/dynamo-grpc/tls/ca.crt, auth_token_file: /etc/dynamo-grpc/token}   # optional
 
 A host with `gpus: 0` is a CPU host: its workers get no devices, and with `cpus: N` (its cores) each
 engine worker gets its own share of the cores 0..N-1, as `--cpus`. A pool's workers are spread over its
@@ -116,6 +118,21 @@ class TransferSpec:
 
 
 @dataclass(frozen=True)
+class SecuritySpec:
+    """Files on every host: each process serves and calls with `tls_cert` and `tls_key` (`--tls-cert`,
+    `--tls-key`); with `tls_ca`, mutual TLS between all of them; the router requires the token in
+    `auth_token_file`. Empty: plaintext, no token."""
+
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    auth_token_file: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {name: value for name, value in vars(self).items() if value}
+
+
+@dataclass(frozen=True)
 class AutoscalingSpec:
     """The `autoscaling` section: per-worker rates, then the knobs of `AutoscalingTuning` by their names."""
 
@@ -150,6 +167,7 @@ class Spec:
     slo: SloSpec = SloSpec()
     transfer: TransferSpec = TransferSpec()
     autoscaling: AutoscalingSpec | None = None
+    security: SecuritySpec = SecuritySpec()
 
     def host(self, name: str) -> HostSpec:
         return next(h for h in self.hosts if h.name == name)
@@ -253,6 +271,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
         out["slo"] = slo
     if spec.autoscaling is not None:
         out["autoscaling"] = spec.autoscaling.to_dict()
+    if spec.security.to_dict():
+        out["security"] = spec.security.to_dict()
     return out
 
 
@@ -446,7 +466,8 @@ class _Checker:
 
     def spec(self, root: _Node) -> Spec:
         top = self.mapping(root, "", ("name", "model", "hosts", "prefill", "decode", "etcd"),
-                           ("namespace", "router", "control_plane", "slo", "transfer", "base_port", "autoscaling"))
+                           ("namespace", "router", "control_plane", "slo", "transfer", "base_port", "autoscaling",
+                            "security"))
         if top is None:
             raise SpecError(self.problems)
         name = self.string(top.get("name"), "name")
@@ -469,13 +490,14 @@ class _Checker:
         transfer = self.transfer(top.get("transfer"))
         etcd = self.etcd(top.get("etcd"))
         autoscaling = self.autoscaling(top.get("autoscaling"), pools["prefill"], slo)
+        security = self.security(top.get("security"))
         if not self.problems:
             self.cross_checks(top, root, model, hosts, pools, router, control_plane, base_port)
         if self.problems:
             raise SpecError(sorted(self.problems, key=lambda p: p.line))
         return Spec(name=name, namespace=namespace, model=model, hosts=tuple(hosts), prefill=pools["prefill"],
                     decode=pools["decode"], router=router, control_plane=control_plane, etcd=tuple(etcd),
-                    base_port=base_port, slo=slo, transfer=transfer, autoscaling=autoscaling)
+                    base_port=base_port, slo=slo, transfer=transfer, autoscaling=autoscaling, security=security)
 
     def model(self, node: _Node | None) -> Any:
         if node is None:
@@ -726,6 +748,23 @@ class _Checker:
                          f"{_suggest(on_failure, KV_PULL_FAILURE_POLICIES)}")
             on_failure = _MISSING
         return _MISSING if _MISSING in (ttl, on_failure) else TransferSpec(kv_ttl_s=ttl, on_pull_failure=on_failure)
+
+    def security(self, node: _Node | None) -> Any:
+        if node is None:
+            return SecuritySpec()
+        names = tuple(f.name for f in fields(SecuritySpec))
+        items = self.mapping(node, "security", (), names)
+        if items is None:
+            return _MISSING
+        values = {name: self.string(items.get(name), f"security.{name}", "") for name in names}
+        if _MISSING in values.values():
+            return _MISSING
+        if bool(values["tls_cert"]) != bool(values["tls_key"]):
+            self.problem(node.line, "security", "tls_cert and tls_key go together")
+        elif values["tls_ca"] and not values["tls_cert"]:
+            self.problem(node.line, "security.tls_ca", "needs tls_cert and tls_key: with mutual TLS every "
+                         "process presents its own certificate")
+        return SecuritySpec(**values)
 
     def etcd(self, node: _Node | None) -> list[str]:
         endpoints = self.string_list(node, "etcd")

@@ -34,6 +34,7 @@ from dynamo_grpc.config import (
     add_etcd_access_flags,
     add_flag,
     add_server_flags,
+    add_token_flag,
     etcd_access,
     server_config,
     worker_config,
@@ -44,6 +45,7 @@ from dynamo_grpc.registry import EtcdRegistry, MemoryRegistry, Registry, Registr
 from dynamo_grpc.roles import RunningRole, start_decode, start_prefill, start_router
 from dynamo_grpc.routing.fleet import DEFAULT_LOAD_POLL_S, DisaggregationPolicy
 from dynamo_grpc.routing.router import DEFAULT_MAX_MIGRATIONS
+from dynamo_grpc.security import read_token
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 
@@ -88,11 +90,38 @@ def add_workers_flag(parser: argparse.ArgumentParser) -> None:
              "0 or auto: one per core")
 
 
+HTTP_TIMEOUT_FLAGS = ("idle-timeout-s", "header-timeout-s", "body-timeout-s")
+
+
+def add_http_timeout_flags(parser: argparse.ArgumentParser) -> None:
+    from dynamo_grpc.frontend import http
+
+    add_flag(parser, "idle-timeout-s", default=http.IDLE_TIMEOUT_S, type=float,
+             help="close an HTTP connection idle this long between requests (keep-alive)")
+    add_flag(parser, "header-timeout-s", default=http.HEADER_TIMEOUT_S, type=float,
+             help="close an HTTP connection whose request headers take longer than this")
+    add_flag(parser, "body-timeout-s", default=http.BODY_TIMEOUT_S, type=float,
+             help="answer 408 to a request body that takes longer than this to arrive")
+
+
+def http_timeouts(args: argparse.Namespace) -> dict[str, float]:
+    return {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name in HTTP_TIMEOUT_FLAGS}
+
+
 def router_flags_argv(args: argparse.Namespace) -> list[str]:
     """The router flags of `args` as command-line arguments, for a process that routes the same way."""
     names = ("policy", "load-poll-s", "tokenizer", "max-migrations", "disagg-min-prompt-tokens",
              "disagg-max-prefill-queue", "cold-start-wait-s")
     return [part for name in names for part in (f"--{name}", str(getattr(args, name.replace("-", "_"))))]
+
+
+def security_flags_argv(args: argparse.Namespace) -> list[str]:
+    """The TLS and token flags of `args` as command-line arguments, for a process of the same deployment (a
+    token given by environment variable reaches it by inheritance)."""
+    names = ("tls-cert", "tls-key", "tls-ca", "auth-token-file")
+    given = [(name, getattr(args, name.replace("-", "_"), "")) for name in names]
+    return [*(part for name, value in given if value for part in (f"--{name}", value)),
+            *(["--no-reflection"] if args.no_reflection else [])]
 
 
 def router_settings(args: argparse.Namespace) -> dict[str, object]:
@@ -167,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_flags(sub, port=DEFAULT_ROUTER_PORT)
     add_workers_flag(sub)
     add_router_flags(sub)
+    add_token_flag(sub, what="RouterService (health checks stay open)")
     add_flag(sub, "ext-proc-port", default=0, type=int,
              help="also serve Envoy's External Processing API here, as the endpoint picker of an Envoy-based "
              "gateway (Gateway API Inference Extension; docs/mesh.md; needs dynamo-grpc[mesh]) (0: off)")
@@ -191,14 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
              help="HTTP frontend processes sharing --http-port, each routing on its own (needs --etcd for "
              "more than 1); auto: one per core the engines leave (1 beside engines that run on this "
              "host's CPUs)")
+    add_http_timeout_flags(sub)
+    add_token_flag(sub, what="RouterService and the HTTP API (health checks and /metrics stay open)")
     add_flag(sub, "prompt", default="", help="send this prompt through the deployment, print the answer, exit")
     add_flag(sub, "max-tokens", default=32, type=int, help="tokens to generate for --prompt")
     sub = roles.add_parser("frontend", help="run the OpenAI-compatible HTTP frontend, routing in its own process")
     add_server_flags(sub, port=DEFAULT_HTTP_PORT)
     add_workers_flag(sub)
     add_flag(sub, "router", default="", help="forward every request to the RouterService at host:port instead "
-             "of routing in this process (then the routing flags below do not apply)")
+             "of routing in this process (then the routing flags below do not apply); several, comma-"
+             "separated, take turns, and a request whose router is down goes to the next before its first "
+             "token")
+    add_token_flag(sub, what="the HTTP API (/health and /metrics stay open)")
+    add_flag(sub, "router-token-file", default="", help="with --router: file holding the bearer token that "
+             "router requires")
     add_router_flags(sub)
+    add_http_timeout_flags(sub)
     add_flag(sub, "model-path", default="", help="model directory whose chat template renders chat requests "
              "(default: plain 'role: content' lines)")
     sub = roles.add_parser("generate", help="send one request to a router and stream the answer")
@@ -224,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(sub, "seed", default=0, type=int, help="workload seed")
     add_flag(sub, "json", default="", help="write the summary and every request here")
     add_flag(sub, "plot", default="", help="write a PNG plot here (needs matplotlib: the bench extra)")
+    add_connection_flags(sub)
     sub = roles.add_parser("compile", help="check a deployment spec (YAML) and print its plan")
     sub.add_argument("spec", help="the deployment spec, e.g. examples/disagg_8gpu.yaml")
     sub.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -256,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--address", default="127.0.0.1", help="address of the node")
     sub.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoint for the spec")
     sub.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU, to size TP")
+    sub.add_argument("--api-key-file", default=None, help="where an --api-key of the command is written, for the "
+                     "router to require as its bearer token (default: SPEC-NAME.api-key here; owner-only)")
     sub.add_argument("vllm_argv", nargs=argparse.REMAINDER, help="-- vllm serve MODEL [flags]")
     sub = roles.add_parser("plan", help="size prefill and decode pools for a workload and SLOs (simulated H100s)")
     sub.add_argument("--model", choices=("llama3_8b", "llama3_70b"), default="llama3_70b", help="model shape")
@@ -359,15 +400,18 @@ async def _serve(args: argparse.Namespace) -> int:
         deployment = await start_all_in_one(worker, registry, **settings)
         stack.push_async_callback(deployment.stop)
         endpoint, model = deployment.router.endpoint, worker.engine.model
-        if args.prompt:
-            return await _generate(endpoint, model, args.prompt, args.max_tokens, command="serve")
+        if args.prompt:  # a client of our own router, with the deployment's certificate and token
+            return await _generate(endpoint, model, args.prompt, args.max_tokens, command="serve",
+                                   options={"tls": worker.server.tls, "token": worker.server.auth_token})
         _say("serve", f"serving {model!r}; send requests to RouterService at {endpoint} "
              f"(try: dynamo-grpc generate --router {endpoint} --model {model} 'Hello')")
         # The frontend routes through the same router as RouterService, in this process: no hop between.
         assert deployment.router.router is not None
         more = _http_workers(args, worker) - 1
         frontend = await _start_frontend(EmbeddedRouter(deployment.router.router), registry, args.http_host,
-                                         args.http_port, model_path=model_path or None, reuse_port=more > 0)
+                                         args.http_port, model_path=model_path or None,
+                                         timeouts=http_timeouts(args), reuse_port=more > 0,
+                                         security=worker.server)
         stack.push_async_callback(frontend.stop)
         group_ports = process_group.free_loopback_ports(1 + more) if more else []
         if more:
@@ -404,7 +448,9 @@ def _more_frontends(args: argparse.Namespace, worker: WorkerConfig, count: int, 
             *(["--log-level", args.log_level] if args.log_level else []), "frontend", "--workers", "1",
             "--host", args.http_host, "--port", str(port), "--etcd", ",".join(worker.server.etcd),
             "--namespace", worker.server.namespace, "--model-path", worker.kind.model_path(worker.engine),
-            *router_flags_argv(args), "--tokenizer", tokenizer]
+            *router_flags_argv(args), "--tokenizer", tokenizer, *security_flags_argv(args),
+            *(arg for name, value in zip(HTTP_TIMEOUT_FLAGS, http_timeouts(args).values())
+              for arg in (f"--{name}", str(value)))]
     os.environ.update(worker.server.etcd_access.environment())  # credentials for the frontends, off argv
     frontends = process_group.ProcessGroup(argv, count, name="serve's HTTP frontends", first_index=1,
                                            metrics_ports=metrics_ports)
@@ -430,13 +476,15 @@ async def _prepare_engines(kind: str, model_path: str) -> None:
 
 
 async def _start_frontend(backend: Backend, registry: Registry, host: str, port: int, *,
-                          model_path: str | None, reuse_port: bool = False) -> RunningFrontend:
+                          model_path: str | None, timeouts: dict[str, float], security: ServerConfig,
+                          reuse_port: bool = False) -> RunningFrontend:
+    """The HTTP frontend, with the TLS certificate and the token of `security`."""
     from dynamo_grpc.frontend.http import start_frontend
     from dynamo_grpc.frontend.openai_protocol import load_chat_template
 
     template = load_chat_template(model_path) if model_path else None
     return await start_frontend(backend, registry, host=host, port=port, chat_template=template,
-                                reuse_port=reuse_port)
+                                reuse_port=reuse_port, tls=security.tls, token=security.auth_token, **timeouts)
 
 
 async def _frontend(args: argparse.Namespace) -> int:
@@ -450,16 +498,18 @@ async def _frontend(args: argparse.Namespace) -> int:
         stack.push_async_callback(registry.close)
         backend: Backend
         if args.router:
-            backend = remote = RemoteRouter(args.router)
+            backend = remote = RemoteRouter([e.strip() for e in args.router.split(",") if e.strip()],
+                                            tls=server.tls, token=_router_token(args))
             stack.push_async_callback(remote.close)
         else:
             settings = router_settings(args)
             settings["tokenizer"] = settings["tokenizer"] or args.model_path  # the prompts the engines read
-            router = await open_router(registry, **settings)
+            router = await open_router(registry, tls=server.tls, **settings)
             stack.push_async_callback(router.close)
             backend = EmbeddedRouter(router)
         frontend = await _start_frontend(backend, registry, args.host, args.port,
-                                         model_path=args.model_path or None,
+                                         model_path=args.model_path or None, timeouts=http_timeouts(args),
+                                         security=server,
                                          reuse_port=process_group.in_group())
         stack.push_async_callback(frontend.stop)
         await _serve_metrics(stack, server)
@@ -467,6 +517,15 @@ async def _frontend(args: argparse.Namespace) -> int:
               f"{frontend.url}/metrics", flush=True)
         await _until_signalled()
     return 0
+
+
+def _router_token(args: argparse.Namespace) -> str | None:
+    if not args.router_token_file:
+        return None
+    try:
+        return read_token(args.router_token_file, "--router-token-file")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 # What to do about a failure, where its message does not say already.
@@ -530,7 +589,7 @@ async def _bench(args: argparse.Namespace) -> int:
     print(f"dynamo-grpc bench: {workload.requests} requests to {args.router} "
           f"({f'{workload.rate:g}/s Poisson' if workload.rate else f'concurrency {workload.concurrency}'})",
           file=sys.stderr)
-    async with RouterClient(args.router) as client:
+    async with RouterClient(args.router, **_connection_options(args)) as client:
         records = await run_load(router_sender(client, args.model), workload)
     summary = summarize(records, Objectives(args.slo_ttft_ms, args.slo_itl_ms))
     if summary["failed"] == summary["requests"]:  # e.g. an unknown model: say why once, not as latencies
@@ -546,11 +605,8 @@ async def _bench(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace) -> int:
     command = args.command
     if command == "generate":
-        try:
-            options = connection_options(args)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        return await _generate(args.router, args.model, args.prompt, args.max_tokens, options=options)
+        return await _generate(args.router, args.model, args.prompt, args.max_tokens,
+                               options=_connection_options(args))
     if command == "bench":
         return await _bench(args)
     if command == "frontend":
@@ -577,6 +633,13 @@ async def _main(args: argparse.Namespace) -> int:
     }
     await _run_role(starts[command], registry, server)
     return 0
+
+
+def _connection_options(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        return connection_options(args)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _endpoint_picker(args: argparse.Namespace) -> EndpointPickerConfig | None:
@@ -697,7 +760,8 @@ def _from_vllm(args: argparse.Namespace) -> int:
     argv = args.vllm_argv[1:] if args.vllm_argv[:1] == ["--"] else args.vllm_argv
     try:
         spec, notes = spec_from_vllm(argv, gpus=args.gpus, host_name=args.host_name, address=args.address,
-                                     etcd=args.etcd, gpu_memory_gib=args.gpu_memory_gib)
+                                     etcd=args.etcd, gpu_memory_gib=args.gpu_memory_gib,
+                                     api_key_file=args.api_key_file)
     except ValueError as error:
         print(f"dynamo-grpc from-vllm: {error}", file=sys.stderr)
         return 2

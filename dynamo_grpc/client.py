@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from dynamo_grpc.channels import CHANNEL_OPTIONS
+from dynamo_grpc.security import PemSource, Tls, open_channel
 from dynamo_grpc.services.streams import CancelSignal, open_bidi
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import router_pb2 as router_pb
@@ -38,35 +39,6 @@ MAX_BACKOFF_S = 2.0
 # find the channel still failing from the last attempt and fail at once without trying.
 RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", int(FIRST_BACKOFF_S * 1000)),
                      ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF_S * 1000)))
-
-PemSource = bytes | str | Path
-"""PEM text as bytes, or the path of a file holding it."""
-
-
-@dataclass(frozen=True)
-class Tls:
-    """TLS towards the router or a proxy in front of it. Without `root_certificates` the system's roots are
-    trusted; a certificate chain and its private key make it mutual TLS; `server_name` is the name the
-    server's certificate must carry when it is not the endpoint's host."""
-
-    root_certificates: PemSource | None = None
-    certificate_chain: PemSource | None = None
-    private_key: PemSource | None = None
-    server_name: str | None = None
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        if (self.certificate_chain is None) != (self.private_key is None):
-            raise ValueError("mutual TLS needs both a certificate chain and its private key")
-        return grpc.ssl_channel_credentials(root_certificates=_pem(self.root_certificates),
-                                            private_key=_pem(self.private_key),
-                                            certificate_chain=_pem(self.certificate_chain))
-
-
-def _pem(source: PemSource | None) -> bytes | None:
-    if source is None or isinstance(source, bytes):
-        return source
-    return Path(source).read_bytes()
-
 
 @dataclass
 class GenerateResult:
@@ -88,16 +60,18 @@ class GenerateStream:
     UNAVAILABLE before any response is made again, the same request, up to `retries` times with a doubling
     wait: the router never started it, so its request id is free. After a response nothing is retried: the
     error is raised, and the generation is not silently started over. `attempts` counts the calls made.
+    With `fallbacks` (other routers), a retry goes to the next router in turn, at once while some router
+    has not been tried yet.
     """
 
     def __init__(self, stub: router_grpc.RouterServiceStub, request_id: str, params: pb.GenerationParams, *,
                  metadata: Sequence[tuple[str, str]] | None = None, timeout_s: float | None = None,
-                 retries: int = 0) -> None:
+                 retries: int = 0, fallbacks: Sequence[router_grpc.RouterServiceStub] = ()) -> None:
         self._cancel = CancelSignal()
         self._start = router_pb.GenerateRequest(request_id=request_id, start=params)
         self._cancel_message = router_pb.GenerateRequest(request_id=request_id,
                                                          cancel=pb.CancelAction(reason="client cancel"))
-        self._method = stub.Generate
+        self._methods = [stub.Generate, *(fallback.Generate for fallback in fallbacks)]
         self._metadata = metadata
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._retries_left = retries
@@ -105,8 +79,8 @@ class GenerateStream:
         self.call = self._open()
 
     def _open(self) -> grpc.aio.StreamStreamCall:
+        method = self._methods[self.attempts % len(self._methods)]
         self.attempts += 1
-        method = self._method
         if self._metadata is not None or self._deadline is not None:
             timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
             method = functools.partial(method, metadata=self._metadata, timeout=timeout)
@@ -136,7 +110,8 @@ class GenerateStream:
         time are left and nobody cancelled."""
         if error.code() != grpc.StatusCode.UNAVAILABLE or self._retries_left <= 0 or self._cancel.is_set():
             return False
-        wait_s = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (self.attempts - 1))
+        rounds = self.attempts // len(self._methods)  # 0 while a router is still untried: no wait
+        wait_s = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (rounds - 1)) if rounds else 0.0
         if self._deadline is not None and time.monotonic() + wait_s >= self._deadline:
             return False
         self._retries_left -= 1
@@ -167,14 +142,9 @@ class RouterClient:
 
     def __init__(self, endpoint: str, *, tls: Tls | PemSource | None = None, token: str | None = None,
                  deadline_s: float | None = None, retries: int = DEFAULT_RETRIES) -> None:
-        options = CHANNEL_OPTIONS + RECONNECT_OPTIONS
-        if tls is None:
-            self.channel = grpc.aio.insecure_channel(endpoint, options=options)
-        else:
-            tls = tls if isinstance(tls, Tls) else Tls(root_certificates=tls)
-            if tls.server_name:
-                options += (("grpc.ssl_target_name_override", tls.server_name),)
-            self.channel = grpc.aio.secure_channel(endpoint, tls.credentials(), options=options)
+        if tls is not None and not isinstance(tls, Tls):
+            tls = Tls(root_certificates=tls)
+        self.channel = open_channel(endpoint, tls, CHANNEL_OPTIONS + RECONNECT_OPTIONS)
         self.stub = router_grpc.RouterServiceStub(self.channel)
         self.metadata = None if token is None else (("authorization", f"Bearer {token}"),)
         self.deadline_s = deadline_s

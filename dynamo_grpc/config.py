@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import ssl
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -15,10 +16,11 @@ from typing import Any
 
 from dynamo_grpc.engine.registry import DEFAULT_ENGINE, ENGINES, EngineKind, kind_of
 from dynamo_grpc.kv.handle_key import KEY_ENV, KvKey, load_kv_key
-from dynamo_grpc.kv.nixl_transport import nixl_installed
+from dynamo_grpc.kv.nixl_transport import DEFAULT_NIXL_MIN_BYTES, nixl_installed
 from dynamo_grpc.kv.transport import DEFAULT_PULL_MIN_MIB_S, DEFAULT_PULL_TIMEOUT_S
 from dynamo_grpc.registry.access import PASSWORD_ENV, EtcdAccess, EtcdAccessError, read_password
 from dynamo_grpc.routing.policies import POLICIES
+from dynamo_grpc.security import Tls, read_token
 from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR
 
 EngineConfig = Any
@@ -50,6 +52,12 @@ class ServerConfig:
     own /metrics on its port either way)."""
     etcd_access: EtcdAccess = field(default_factory=EtcdAccess)
     """TLS and credentials for etcd (`--etcd-ca`, `--etcd-user`, ...)."""
+    tls: Tls | None = None
+    """This process's TLS: its servers' certificate (requiring client certificates where it names a CA),
+    and what its own channels trust and present; None: plaintext."""
+    auth_token: str | None = field(default=None, repr=False)
+    """The bearer token a router or HTTP frontend requires of its callers; None: none required."""
+    reflection: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -100,6 +108,8 @@ class WorkerConfig:
     kv_pull_failure: str = "fail"
     kv_transports: tuple[str, ...] = ()
     """KV transports the worker offers (prefill) or receives by (decode); empty: all this host has."""
+    nixl_min_bytes: int = DEFAULT_NIXL_MIN_BYTES
+    """A prefill worker offers NIXL for transfers at least this large; smaller ones move by shm or gRPC."""
     stream_interval_ms: float = DEFAULT_STREAM_INTERVAL_MS
     """A decode stream sends its first tokens at once, then gathers tokens for this long per message."""
     kv_key: KvKey | None = None
@@ -129,6 +139,8 @@ class WorkerConfig:
             raise ConfigError(f"--kv-transports takes {', '.join(KV_TRANSPORTS)}; got {', '.join(unknown)}")
         if "nixl" in self.kv_transports and not nixl_installed():
             raise ConfigError("--kv-transports nixl needs the nixl package: pip install 'dynamo-grpc[nixl]'")
+        if self.nixl_min_bytes < 0:
+            raise ConfigError(f"--nixl-min-bytes must be at least 0, got {self.nixl_min_bytes}")
         if not 0 <= self.stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
             raise ConfigError(f"--stream-interval-ms must be in [0, {MAX_STREAM_INTERVAL_MS}], "
                               f"got {self.stream_interval_ms}")
@@ -181,6 +193,26 @@ def add_server_flags(parser: argparse.ArgumentParser, *, port: int = 0) -> None:
     add_flag(parser, "lease-ttl-s", default=10, type=int, help="etcd lease TTL of this process's registration")
     add_flag(parser, "metrics-port", default=0, type=int, help="serve Prometheus metrics at "
              "http://HOST:PORT/metrics (0: not served; an HTTP frontend serves /metrics on its own port)")
+    add_tls_flags(parser)
+
+
+def add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "tls-cert", default="", help="PEM certificate chain this process serves with and presents "
+             "to the servers it calls; with --tls-key, TLS on every port and channel (default: plaintext)")
+    add_flag(parser, "tls-key", default="", help="PEM private key of --tls-cert")
+    add_flag(parser, "tls-ca", default="", help="PEM CA this process trusts: its gRPC servers then require "
+             "client certificates the CA signed (mutual TLS), and its channels trust only servers it signed")
+    parser.add_argument("--no-reflection", action="store_true",
+                        default=env_default("no-reflection", "").lower() in ("1", "true"),
+                        help="do not serve gRPC reflection [env DYNAMO_GRPC_NO_REFLECTION]")
+
+
+def add_token_flag(parser: argparse.ArgumentParser, *, what: str) -> None:
+    add_flag(parser, "auth-token-file", default="", help=f"file holding the bearer token {what} requires "
+             f"(env {TOKEN_ENV} may hold the token itself; default: no token required)")
+
+
+TOKEN_ENV = "DYNAMO_GRPC_AUTH_TOKEN"
 
 
 def add_etcd_access_flags(parser: argparse.ArgumentParser) -> None:
@@ -257,6 +289,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
              "plus the time its bytes take at --kv-pull-min-mib-s, else DEADLINE_EXCEEDED (KV_PULL_TIMEOUT)")
     add_flag(parser, "kv-pull-min-mib-s", default=DEFAULT_PULL_MIN_MIB_S, type=float,
              help="decode worker: the slowest KV transfer rate (MiB/s) a pull's deadline allows for")
+    add_flag(parser, "nixl-min-bytes", default=DEFAULT_NIXL_MIN_BYTES, type=int,
+             help="prefill worker: offer NIXL only for KV transfers of at least this many bytes; below it, "
+             "registering memory and the READ's set-up cost more than a gRPC pull (0: always)")
     add_flag(parser, "stream-interval-ms", default=DEFAULT_STREAM_INTERVAL_MS, type=float,
              help="decode worker: after a request's first tokens (sent at once), send its tokens at most this "
              "often, gathered into one message (its last at once; 0: send each step's tokens when ready)")
@@ -266,7 +301,51 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, advertise_host=args.advertise_host,
                         node_name=args.node_name, etcd=tuple(e for e in args.etcd.split(",") if e),
                         etcd_access=etcd_access(args), namespace=args.namespace, lease_ttl_s=args.lease_ttl_s,
-                        metrics_port=args.metrics_port)
+                        metrics_port=args.metrics_port, tls=tls_config(args), auth_token=auth_token(args),
+                        reflection=not args.no_reflection)
+
+
+def tls_config(args: argparse.Namespace) -> Tls | None:
+    """The TLS of `--tls-cert/--tls-key/--tls-ca`, checked now (readable, a key that matches its certificate),
+    or None without them."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if not args.tls_cert:
+        if args.tls_ca:
+            raise ConfigError("--tls-ca needs --tls-cert and --tls-key: with mutual TLS this process presents "
+                              "its own certificate to the servers it calls")
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"--tls-cert {args.tls_cert} / --tls-key {args.tls_key}: "
+                          f"{_ssl_problem(error, 'a PEM certificate chain and its private key')}") from None
+    if args.tls_ca:
+        try:
+            context.load_verify_locations(args.tls_ca)
+        except (OSError, ssl.SSLError) as error:
+            raise ConfigError(f"--tls-ca {args.tls_ca}: {_ssl_problem(error, 'a PEM CA certificate')}") from None
+    return Tls(root_certificates=args.tls_ca or None, certificate_chain=args.tls_cert, private_key=args.tls_key)
+
+
+def _ssl_problem(error: OSError, expected: str) -> str:
+    if isinstance(error, ssl.SSLError):
+        return f"not {expected} ({error.reason or error})"
+    return error.strerror or str(error)
+
+
+def auth_token(args: argparse.Namespace) -> str | None:
+    """The bearer token of `--auth-token-file`, else of the TOKEN_ENV variable; None for neither, or for a
+    role without the flag."""
+    if not hasattr(args, "auth_token_file"):
+        return None
+    if args.auth_token_file:
+        try:
+            return read_token(args.auth_token_file, "--auth-token-file")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    return os.environ.get(TOKEN_ENV) or None
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
@@ -305,5 +384,6 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
                         kv_key=kv_key, kv_held_fraction=args.kv_held_fraction,
                         kv_caller_fraction=args.kv_caller_fraction, kv_pull_timeout_s=args.kv_pull_timeout_s,
                         kv_pull_min_mib_s=args.kv_pull_min_mib_s,
+                        nixl_min_bytes=args.nixl_min_bytes,
                         kv_transports=tuple(name.strip() for name in args.kv_transports.split(",")
                                             if name.strip()))

@@ -76,6 +76,11 @@ class PermissionDenied(DynamoError):
     reason = "PERMISSION_DENIED"
 
 
+class Unauthenticated(DynamoError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
 class FailedPrecondition(DynamoError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "FAILED_PRECONDITION"

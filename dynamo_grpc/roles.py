@@ -7,6 +7,7 @@ server with a grace period for in-flight calls -> shut the engine down.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,13 @@ from dynamo_grpc.v1 import router_pb2_grpc as router_grpc
 log = logging.getLogger(__name__)
 
 GRACE_S = 5.0
+
+
+async def serve(config: ServerConfig, bindings: list[ServiceBinding], *, starting: tuple[str, ...] = (),
+                token: str | None = None) -> RunningServer:
+    """`start_server` where `config` says, with its TLS and reflection."""
+    return await start_server(bindings, host=config.host, port=config.port, starting=starting, tls=config.tls,
+                              token=token, reflection=config.reflection)
 
 
 def service_name(module: object, name: str) -> str:
@@ -126,8 +134,7 @@ async def _start_worker(config: WorkerConfig, parts: EngineParts,
                         ) -> tuple[RunningServer, Engine]:
     """Open the worker's port first, its services NOT_SERVING, then start the engine and serve them:
     probes and balancers get an answer while the engine loads."""
-    server = await start_server([], host=config.server.host, port=config.server.port,
-                                starting=(*starting, service_name(events_pb, "KvEventService")))
+    server = await serve(config.server, [], starting=(*starting, service_name(events_pb, "KvEventService")))
     try:
         engine = await start_engine(config, parts)
     except BaseException:
@@ -140,7 +147,7 @@ async def _start_worker(config: WorkerConfig, parts: EngineParts,
 async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole:
     nixl = _nixl_agent(config)
     store = LeasedKvStore(endpoint="", host=config.server.node_name, ttl_s=config.kv_ttl_s, nixl=nixl,
-                          key=config.kv_key)
+                          nixl_min_bytes=config.nixl_min_bytes, key=config.kv_key)
     worker_id = config.resolved_worker_id("prefill")
     server, engine = await _start_worker(config, EngineParts(kv_store=store), lambda engine: [
         ServiceBinding(PrefillServicer(engine, worker_id=worker_id, store=_limited(store, engine, config)),
@@ -172,7 +179,7 @@ def _limited(store: LeasedKvStore, engine: Engine, config: WorkerConfig) -> Leas
 
 
 async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
-    channels = ChannelPool()
+    channels = ChannelPool(config.server.tls)
     nixl = _nixl_agent(config)
     worker_id = config.resolved_worker_id("decode")
     parts = EngineParts(kv_receiver=KvReceiver.over_network(
@@ -202,11 +209,11 @@ async def start_router(config: ServerConfig, registry: Registry, *,
                        ext_proc: EndpointPickerConfig | None = None, **settings: Any) -> RunningRole:
     """RouterService on `config`'s port, over a router following `registry` (`settings` as `open_router`
     takes them); with `ext_proc`, also the endpoint picker for Envoy-based gateways on a port of its own."""
-    router = await open_router(registry, **settings)
-    server = await start_server([
+    router = await open_router(registry, tls=config.tls, **settings)
+    server = await serve(config, [
         ServiceBinding(RouterServicer(router), router_grpc.add_RouterServiceServicer_to_server,
                        service_name(router_pb, "RouterService")),
-    ], host=config.host, port=config.port)
+    ], token=config.auth_token)
     endpoint = config.endpoint(server.port)
     log.info("router serving on %s (%d workers known)", endpoint, len(router.fleet.workers))
     cleanups: list[Callable[[], Awaitable[None]]] = [router.close]
@@ -226,8 +233,8 @@ async def _start_endpoint_picker(router: Router, config: ServerConfig, ext_proc:
                           "pip install 'dynamo-grpc[mesh]'") from None
     picker = EndpointPicker(router, target_port=ext_proc.target_port,
                             chat_template=load_chat_template(model_dir) if model_dir else None)
-    server = await start_server([ServiceBinding(picker, add_to_server, SERVICE_NAME)], host=config.host,
-                                port=ext_proc.port)
+    server = await serve(dataclasses.replace(config, port=ext_proc.port),
+                         [ServiceBinding(picker, add_to_server, SERVICE_NAME)])
     log.info("endpoint picker (Envoy ext_proc) serving on %s, picking frontends on port %d",
              config.endpoint(server.port), ext_proc.target_port)
     return server

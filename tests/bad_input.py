@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,11 +98,18 @@ async def assert_message_limit_holds(endpoint: str, model: str) -> None:
 
 
 async def assert_body_limits_hold(http: httpx.AsyncClient, model: str) -> None:
-    """Over the HTTP body limit, or within it but over the gRPC message limit: 413 saying the limit, not 429."""
+    """A body over the HTTP limit is 413 naming the limit: said up front (Content-Length, refused before it
+    is read) or streamed (chunked, refused once the limit is passed)."""
     head = json.dumps({"model": model, "prompt": ""})[:-2]
-    for size, code in ((MAX_BODY_BYTES + 1, "request_too_large"), (MAX_BODY_BYTES, "message_too_large")):
-        body = head + "x" * (size - len(head) - 2) + '"}'
-        response = await http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    body = (head + "x" * (MAX_BODY_BYTES + 1 - len(head) - 2) + '"}').encode()
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 2**16):
+            yield body[start:start + 2**16]
+
+    for content in (body, chunked()):
+        response = await http.post("/v1/completions", content=content,
+                                   headers={"Content-Type": "application/json"})
         error = response.json()["error"]
-        assert (response.status_code, error["code"]) == (413, code), error
-        assert "64 MiB" in error["message"], error["message"]
+        assert (response.status_code, error["code"]) == (413, "request_too_large"), error
+        assert f"{MAX_BODY_BYTES / 2**20:g} MiB" in error["message"], error["message"]

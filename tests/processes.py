@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -10,8 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dynamo_grpc.security import Tls, open_channel
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,13 +29,17 @@ def free_port() -> int:
 class RoleProcess:
     """`dynamo-grpc <role> ...` as a child process listening on a port of its own."""
 
-    def __init__(self, role: str, *args: str, log_dir: Path) -> None:
+    def __init__(self, role: str, *args: str, log_dir: Path, port: int | None = None,
+                 tls: Tls | None = None) -> None:
+        """`port`: where it listens (default: a free one), e.g. the port of a process it replaces; `tls`: what
+        the health checks of `wait_serving` connect with, for a process serving TLS."""
         self.role = role
-        self.port = free_port()
+        self.tls = tls
+        self.port = port or free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{role}-{self.port}.log"
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "ab") as log:  # a process replacing another adds to its log
             self.proc = subprocess.Popen([sys.executable, "-m", "dynamo_grpc.cli", role, "--port", str(self.port), *args],
                                          stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -39,7 +47,7 @@ class RoleProcess:
         """Poll grpc.health.v1 until the process reports SERVING."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        async with grpc.aio.insecure_channel(self.endpoint) as channel:
+        async with open_channel(self.endpoint, self.tls) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.proc.poll() is not None:
@@ -52,6 +60,22 @@ class RoleProcess:
                     pass
                 if loop.time() > deadline:
                     raise AssertionError(f"{self.role} not serving after {timeout_s} s:\n{self.log()}")
+                await asyncio.sleep(0.1)
+
+    async def wait_http_healthy(self, timeout_s: float = 60.0) -> None:
+        """Poll the HTTP frontend's /health until it answers 200."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        async with aiohttp.ClientSession() as session:
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"{self.role} exited with {self.proc.returncode}:\n{self.log()}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"http://{self.endpoint}/health") as response:
+                        if response.status == 200:
+                            return
+                if loop.time() > deadline:
+                    raise AssertionError(f"{self.role} not healthy after {timeout_s} s:\n{self.log()}")
                 await asyncio.sleep(0.1)
 
     def log(self) -> str:

@@ -14,7 +14,7 @@ import pytest
 
 from control_plane.deployment import start_all_in_one
 from dynamo_grpc.client import params
-from dynamo_grpc.kv.nixl_transport import nixl_installed
+from dynamo_grpc.kv.nixl_transport import DEFAULT_NIXL_MIN_BYTES, nixl_installed
 from dynamo_grpc.registry import MemoryRegistry
 from dynamo_grpc.routing.fleet import DisaggregationPolicy
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -55,11 +55,13 @@ async def test_disaggregated_output_equals_aggregated(cluster: Stubs) -> None:
         completion = result.completion
         prompt_tokens = len(prompt.encode()) if isinstance(prompt, str) else len(prompt)
         # (2) The KV really crossed: the decode worker took all of it from the prefill worker, by the pair's
-        #     first transport (a simulated prefill holds its KV in process memory: no shm segment).
+        #     first transport (a simulated prefill holds its KV in process memory: no shm segment), NIXL
+        #     only from DEFAULT_NIXL_MIN_BYTES up.
         assert completion.prefill_worker_id == prefill_id
         assert completion.decode_worker_id == cluster.deployment.decode.worker_id
         assert completion.kv_transfer.bytes == prompt_tokens * 4096
-        assert completion.kv_transfer.path == ("nixl" if nixl_installed() else "grpc")
+        large = completion.kv_transfer.bytes >= DEFAULT_NIXL_MIN_BYTES
+        assert completion.kv_transfer.path == ("nixl" if nixl_installed() and large else "grpc")
         assert not completion.kv_transfer.fallbacks
         assert completion.usage.prompt_tokens == prompt_tokens
         # Moved, not found in a cache: every prompt is new to the prefill worker (none shares a whole block).

@@ -15,6 +15,7 @@ from dynamo_grpc.tiny_model import CHAT_TEMPLATE
 from dynamo_grpc.v1 import control_plane_pb2 as cp_pb
 from tests.bad_input import BadInput, assert_body_limits_hold, assert_refused_by_frontend, bad_inputs
 from tests.cluster import FAST_ENGINE, FRONTEND_MODES, MODEL, Served, openai_frontend, running, text_of
+from tests.waiting import eventually
 
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
 
@@ -107,16 +108,23 @@ async def test_models_and_health(served: Served) -> None:
 
     registry = served.stubs.deployment.decode.registry
     await registry.deregister(served.stubs.deployment.decode.worker_id)
+
+    async def unhealthy() -> bool:  # once the frontend's view of the fleet has followed
+        return (await served.http.get("/health")).status_code == 503
+    await eventually(unhealthy, 5.0, "/health to answer 503")
     health = await served.http.get("/health")
-    assert health.status_code == 503 and "no decode worker" in health.json()["reason"]
+    assert "no decode worker" in health.json()["reason"] and health.json()["registry_connected"] is True
     assert (await served.client.models.list()).data == []
     with pytest.raises(openai.APIStatusError) as refused:  # the router's UNAVAILABLE (NO_WORKERS)
         await served.client.completions.create(model=MODEL, prompt="anyone?", max_tokens=3)
     assert refused.value.status_code == 503 and refused.value.code == "no_workers"
     # An autoscaled deployment at zero is still ready: the next request starts a decode worker.
     await registry.put_document("scale", cp_pb.ScaleTarget(decode_workers=0, version=3).SerializeToString())
-    health = await served.http.get("/health")
-    assert health.status_code == 200 and health.json()["status"] == "scaled_to_zero"
+
+    async def scaled_to_zero() -> bool:
+        health = await served.http.get("/health")
+        return health.status_code == 200 and health.json()["status"] == "scaled_to_zero"
+    await eventually(scaled_to_zero, 5.0, "/health to answer scaled_to_zero")
     await registry.delete_document("scale")
 
 

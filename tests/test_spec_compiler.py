@@ -18,6 +18,7 @@ from dynamo_grpc.cli import build_parser
 from dynamo_grpc.config import ConfigError, server_config, worker_config
 from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
 from dynamo_grpc.v1 import common_pb2 as pb
+from tests.certificates import CertificateAuthority
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -214,7 +215,7 @@ def test_vllm_flags_kept_dropped_and_noted() -> None:
     spec, notes = spec_from_vllm([
         "vllm", "serve", "my-org/custom-model", "-tp", "2", "--max-num-seqs=64", "--block-size", "16",
         "--enforce-eager", "--served-model-name", "custom", "--host", "0.0.0.0", "--port", "8000",
-        "--api-key", "secret", "--gpu-memory-utilization=0.85", "--trust-remote-code", "--max_num_batched_tokens",
+        "--gpu-memory-utilization=0.85", "--trust-remote-code", "--max_num_batched_tokens",
         "4096", "--pipeline-parallel-size", "2"])
     args = spec.model.engine_args
     assert (args["max_num_seqs"], args["block_size"], args["enforce_eager"], args["max_num_batched_tokens"]) == (
@@ -222,7 +223,7 @@ def test_vllm_flags_kept_dropped_and_noted() -> None:
     assert spec.model.served_name == "custom" and spec.name == "custom"
     assert spec.model.extra_engine_args == {"gpu_memory_utilization": "0.85", "trust_remote_code": True}
     joined = "\n".join(notes)
-    for flag in ("--host", "--port", "--api-key"):
+    for flag in ("--host", "--port"):
         assert f"{flag} dropped: a setting of vLLM's OpenAI HTTP frontend" in joined
     assert "--pipeline-parallel-size 2 dropped: pipeline parallelism is not supported" in joined
     assert "--gpu-memory-utilization kept verbatim under model.engine_args.extra" in joined
@@ -242,6 +243,30 @@ def test_vllm_flags_kept_dropped_and_noted() -> None:
         worker_config(build_parser().parse_args(["decode", "--vllm-arg", "tensor_parallel_size=2"]))
     with pytest.raises(ConfigError, match="does not apply to --engine simulated"):
         worker_config(build_parser().parse_args(["prefill", "--engine", "simulated", "--vllm-arg", "seed=1"]))
+
+
+def test_vllm_api_key_and_certificates_secure_every_process(tmp_path: Path) -> None:
+    ca = CertificateAuthority(tmp_path)
+    node = ca.issue("node")
+    key_file = tmp_path / "router.key"
+    spec, notes = spec_from_vllm(["vllm", "serve", "org/model-8B", "--api-key", "s3cret", "--ssl-certfile",
+                                  str(node.cert), "--ssl-keyfile", str(node.key), "--ssl-ca-certs", str(ca.cert)],
+                                 api_key_file=key_file)
+    # The key is in a file only its owner reads, which the spec names; the certificates are the spec's.
+    assert key_file.read_text() == "s3cret\n" and key_file.stat().st_mode & 0o777 == 0o600
+    assert "s3cret" not in dump_spec(spec) and "s3cret" not in "\n".join(notes)
+    assert spec.security.to_dict() == {"tls_cert": str(node.cert), "tls_key": str(node.key), "tls_ca": str(ca.cert),
+                                       "auth_token_file": str(key_file)}
+    assert parse_spec(dump_spec(spec)).security == spec.security
+    assert "--ssl-ca-certs: security.tls_ca, for every process (mutual TLS" in "\n".join(notes)
+    # Every process serves mutual TLS with the node's certificate; the router alone requires the key.
+    plan = compile_spec(spec)
+    for process in plan.processes:
+        config = server_config(build_parser().parse_args(list(process.command[1:])))
+        assert config.tls is not None and config.tls.mutual, process.id
+        assert config.auth_token == ("s3cret" if process.role == "router" else None), process.id
+    with pytest.raises(SpecError, match="security.tls_ca: needs tls_cert and tls_key"):
+        parse_spec(dump_spec(spec).replace("  tls_cert:", "  #").replace("  tls_key:", "  #"))
 
 
 def test_vllm_flag_table_decides_values_negations_and_drops() -> None:

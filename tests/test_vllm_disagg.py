@@ -70,7 +70,8 @@ async def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     etcd.start()
     registry = EtcdRegistry([etcd.endpoint], namespace="vllm-disagg")
     await registry.connect()
-    config = WorkerConfig(server=ServerConfig(port=0), kv_ttl_s=KV_TTL_S, kv_key=KV_KEY,
+    # nixl_min_bytes=0: these prompts' KV is far below the size NIXL is offered for by default.
+    config = WorkerConfig(server=ServerConfig(port=0), kv_ttl_s=KV_TTL_S, nixl_min_bytes=0, kv_key=KV_KEY,
                           engine=VllmEngineConfig(model_path=str(tiny_model_dir), max_num_seqs=16,
                                                   max_num_batched_tokens=STEP_TOKENS))
     try:

@@ -1,5 +1,5 @@
 """Where the frontend's generations run: the router in the frontend's own process (the default: one hop
-fewer), or a RouterService over gRPC (`--router host:port`).
+fewer), or RouterServices over gRPC (`--router host:port[,host:port...]`).
 
 Both give the same stream for a request: token batches, then a completion (whose `last_tokens`, when set,
 come before it), or a `DynamoError` with the reason a RouterService client would get.
@@ -7,7 +7,8 @@ come before it), or a `DynamoError` with the reason a RouterService client would
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import itertools
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,7 +17,9 @@ import grpc
 from dynamo_grpc import tracing
 from dynamo_grpc.client import GenerateStream, RouterClient
 from dynamo_grpc.errors import from_rpc_error
+from dynamo_grpc.routing.fleet import Fleet
 from dynamo_grpc.routing.router import PickedPair, Router
+from dynamo_grpc.security import Tls
 from dynamo_grpc.services.streams import CancelSignal
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -35,6 +38,8 @@ class Generation:
 class Backend(Protocol):
     description: str
     """Where generations run, for logs."""
+    fleet: Fleet | None
+    """The view of the fleet it routes over, when it routes in this process."""
 
     def open(self, request_id: str, params: pb.GenerationParams, picked: PickedPair | None = None
              ) -> Generation:
@@ -49,6 +54,7 @@ class EmbeddedRouter:
 
     def __init__(self, router: Router) -> None:
         self.router = router
+        self.fleet: Fleet | None = router.fleet
 
     def open(self, request_id: str, params: pb.GenerationParams, picked: PickedPair | None = None
              ) -> Generation:
@@ -58,21 +64,42 @@ class EmbeddedRouter:
 
 
 class RemoteRouter:
-    """Forwards every generation to the RouterService at `endpoint`; `close()` closes the channel."""
+    """Forwards every generation to a RouterService (TLS with `tls`, and `token` as the bearer token where
+    the routers require one); `close()` closes the channels.
 
-    def __init__(self, endpoint: str) -> None:
-        self.description = f"forwarding to the router at {endpoint}"
-        self._client = RouterClient(endpoint)
+    With several router endpoints, requests take turns among them, and one that fails UNAVAILABLE before
+    its first response (its router is down or restarting) goes to the next router with the same request id;
+    after a response it is never retried (the router may have generated, and the stream would repeat)."""
+
+    fleet: Fleet | None = None
+
+    def __init__(self, endpoints: str | Sequence[str], *, tls: Tls | None = None, token: str | None = None) -> None:
+        endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        if not endpoints:
+            raise ValueError("a remote router needs at least one host:port")
+        routers = "routers" if len(endpoints) > 1 else "router"
+        self.description = f"forwarding to the {routers} at {', '.join(endpoints)}"
+        self._clients = [RouterClient(endpoint, tls=tls, token=token) for endpoint in endpoints]
+        self._turn = itertools.count()
+        # Each other router once at once, then two more tries with a short backoff (a lone router restarting).
+        self._retries = len(endpoints) + 1
 
     def open(self, request_id: str, params: pb.GenerationParams, picked: PickedPair | None = None
              ) -> Generation:
         """`picked` is not followed: RouterService picks again (an endpoint picker needs the frontend to
         route in its own process)."""
-        stream = GenerateStream(self._client.stub, request_id, params, metadata=tracing.metadata())
+        first = next(self._turn) % len(self._clients)
+        stubs = [client.stub for client in self._clients[first:] + self._clients[:first]]
+        metadata = tracing.metadata()
+        if self._clients[0].metadata is not None:
+            metadata = (*(metadata or ()), *self._clients[0].metadata)
+        stream = GenerateStream(stubs[0], request_id, params, metadata=metadata,
+                                retries=self._retries, fallbacks=stubs[1:])
         return Generation(request_id, _with_our_errors(stream), stream.cancel)
 
     async def close(self) -> None:
-        await self._client.channel.close()
+        for client in self._clients:
+            await client.channel.close()
 
 
 async def _with_our_errors(stream: GenerateStream) -> AsyncIterator[Any]:

@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from dynamo_grpc import metrics, tracing
 from dynamo_grpc.errors import DynamoError
@@ -42,8 +43,11 @@ from dynamo_grpc.frontend.openai_protocol import (
     usage_of,
 )
 from dynamo_grpc.params import MAX_REQUEST_ID_CHARS, valid_request_id
-from dynamo_grpc.registry import SCALE_DOCUMENT, Registry, RegistryUnavailable
+from dynamo_grpc.registry import SCALE_DOCUMENT, Registry
+from dynamo_grpc.routing.fleet import Fleet
+from dynamo_grpc.routing.policies import RoundRobin
 from dynamo_grpc.routing.router import PickedPair
+from dynamo_grpc.security import Tls, bearer_matches, is_loopback
 from dynamo_grpc.services.streams import Mailbox
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -52,10 +56,14 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "X-Request-Id"
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"; only ever seen in /metrics
 ABANDONED_GRACE_S = 30.0  # how long a cancelled request may take to wind down before its call is cut
-MAX_BODY_BYTES = 64 * 2**20  # token-id prompts are large JSON
+MAX_BODY_BYTES = 4 * 2**20  # a 128k-token prompt is under 1 MiB of JSON, even as token ids
 MAX_JSON_DEPTH = 64  # OpenAI requests nest a few levels
-IDLE_TIMEOUT_S = 75.0  # nginx's keep-alive default
-BODY_TIMEOUT_S = 60.0
+IDLE_TIMEOUT_S = 60.0
+"""A connection with no request under way for this long is closed (keep-alive)."""
+HEADER_TIMEOUT_S = 10.0
+"""A request's headers must arrive within this long of their first byte."""
+BODY_TIMEOUT_S = 10.0
+"""A request's body must arrive within this long of its headers (else 408)."""
 # Room for the `-<i>` of a choice's id within what the router takes.
 MAX_HTTP_REQUEST_ID_CHARS = MAX_REQUEST_ID_CHARS - len(f"-{MAX_N - 1}")
 
@@ -219,6 +227,27 @@ def _refuse_surrogates(body: Any) -> None:
             pending.extend(item)
 
 
+OPEN_PATHS = frozenset(("/health", "/metrics"))
+"""What answers without the bearer token: probes and scrapers hold no secret."""
+
+
+def _requiring_token(token: bytes) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """A middleware that answers 401 (OpenAI's shape, `WWW-Authenticate: Bearer`) to a request without
+    `Authorization: Bearer <token>`, except on OPEN_PATHS."""
+
+    @web.middleware
+    async def require_token(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                            ) -> web.StreamResponse:
+        if request.path in OPEN_PATHS or bearer_matches(request.headers.get("Authorization"), token):
+            return await handler(request)
+        given = "Authorization" in request.headers
+        message = ("the API key is not valid for this server" if given else
+                   "this server requires an API key: send `Authorization: Bearer <key>`")
+        return _error(401, message, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+    return require_token
+
+
 def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", charset="utf-8",
                         headers=headers)
@@ -267,14 +296,22 @@ DONE = b"data: [DONE]\n\n"
 class Frontend:
     """The HTTP handlers; every generation runs through `backend`."""
 
-    def __init__(self, backend: Backend, registry: Registry, chat_template: str | None = None) -> None:
+    def __init__(self, backend: Backend, registry: Registry, fleet: Fleet, chat_template: str | None = None,
+                 token: str | None = None) -> None:
         self.backend = backend
         self.registry = registry
+        self.fleet = fleet
+        """The workers as this process last saw them: /health and /v1/models answer from it at once."""
+        self.scaled_to_zero = False
+        """The deployment autoscales (its scale document exists), as last seen (`follow_scale`)."""
         self.chat_template = chat_template
         self.metrics = metrics.frontend()
         self.relays: set[asyncio.Task[None]] = set()
         self.body_timeout_s = BODY_TIMEOUT_S
-        self.app = web.Application(middlewares=[self._count_and_shape_errors], client_max_size=MAX_BODY_BYTES)
+        middlewares = [self._count_and_shape_errors]
+        if token is not None:  # no per-request check without a token
+            middlewares.append(_requiring_token(token.encode()))
+        self.app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
@@ -325,6 +362,8 @@ class Frontend:
                           "printable ASCII characters; send a shorter id, or none to get one",
                           "invalid_request_id", param=REQUEST_ID_HEADER)
         headers = {REQUEST_ID_HEADER: request_id}
+        if (request.content_length or 0) > MAX_BODY_BYTES:  # refused before a byte of it is read
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length)
         try:
             raw = await asyncio.wait_for(request.read(), self.body_timeout_s)
         except asyncio.TimeoutError:
@@ -471,33 +510,37 @@ class Frontend:
         return http
 
     async def models(self, request: web.Request) -> web.Response:
-        try:
-            workers = await self.registry.list_workers(pb.WORKER_ROLE_DECODE)
-        except RegistryUnavailable as error:
-            return _error(503, f"the worker registry is unreachable: {error}", "registry_unavailable")
         created: dict[str, int] = {}
-        for worker in workers:
-            started = worker.started_at.seconds
-            created[worker.model] = min(created.get(worker.model, started), started)
+        for worker in self.fleet.workers.values():
+            if worker.role == pb.WORKER_ROLE_DECODE:
+                started = worker.started_at.seconds
+                created[worker.model] = min(created.get(worker.model, started), started)
         return _json_response(200, {"object": "list", "data": [
             {"id": model, "object": "model", "created": at, "owned_by": "dynamo-grpc"}
             for model, at in sorted(created.items())]})
 
     async def health(self, request: web.Request) -> web.Response:
-        """Ready once a decode worker is registered: without one every generation request fails, unless
-        the deployment autoscales (then the next request starts one, and a balancer must keep sending)."""
-        try:
-            decode_workers = await self.registry.list_workers(pb.WORKER_ROLE_DECODE)
-            autoscaled = not decode_workers and await self.registry.get_document(SCALE_DOCUMENT) is not None
-        except RegistryUnavailable as error:
-            return _json_response(503, {"status": "unhealthy", "reason": f"registry unreachable: {error}"})
-        if autoscaled:
-            return _json_response(200, {"status": "scaled_to_zero", "decode_workers": 0,
+        """Ready while a decode worker is in this process's view of the fleet: without one every generation
+        request fails, unless the deployment autoscales (then the next request starts one, and a balancer
+        must keep sending). Answered from that view at once, also while etcd is out of reach (the view is
+        then as etcd last showed it, and generation goes on over it): `registry_connected` and
+        `view_age_s` (0 while the view is live) say how current it is."""
+        lost_at = self.registry.watch_lost_at
+        age_s = 0.0 if lost_at is None else round(time.monotonic() - lost_at, 3)
+        state = {"registry_connected": lost_at is None, "view_age_s": age_s, "pid": os.getpid()}
+        decode_workers = sum(w.role == pb.WORKER_ROLE_DECODE for w in self.fleet.workers.values())
+        if decode_workers:
+            return _json_response(200, {"status": "healthy", "decode_workers": decode_workers, **state})
+        if self.scaled_to_zero:
+            return _json_response(200, {"status": "scaled_to_zero", "decode_workers": 0, **state,
                                         "reason": "the next request starts a decode worker (cold start)"})
-        if not decode_workers:
-            return _json_response(503, {"status": "unhealthy", "reason": "no decode worker is registered"})
-        return _json_response(200, {"status": "healthy", "decode_workers": len(decode_workers),
-                                    "pid": os.getpid()})
+        return _json_response(503, {"status": "unhealthy", "decode_workers": 0, **state,
+                                    "reason": "no decode worker is registered"})
+
+    async def follow_scale(self) -> None:
+        """Keep `scaled_to_zero` current (the registry retries a broken watch itself)."""
+        async for data in self.registry.watch_document(SCALE_DOCUMENT):
+            self.scaled_to_zero = data is not None
 
 
 @dataclass
@@ -508,42 +551,107 @@ class RunningFrontend:
     runner: web.AppRunner
     host: str
     port: int
+    following: asyncio.Task[None]
+    """The scale document's watch."""
+    own_fleet: Fleet | None = None
+    """The view of the fleet it follows itself, when its backend routes elsewhere."""
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     async def stop(self) -> None:
         await self.runner.cleanup()
         if self.frontend.relays:  # cancelled requests winding down at the router
             await asyncio.wait(set(self.frontend.relays), timeout=5.0)
-        for task in set(self.frontend.relays):
+        for task in [*self.frontend.relays, self.following]:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        if self.own_fleet is not None:
+            await self.own_fleet.stop()
+
+
+class _Connection(RequestHandler):
+    """aiohttp's connection, which also closes when a request's headers are still unfinished
+    `header_timeout_s` after their first byte (aiohttp itself bounds only the wait for a first byte, by its
+    keep-alive timeout)."""
+
+    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout_s = header_timeout_s
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._header_timer is None and self._waiting_for_headers():
+            self._header_timer = self._loop.call_later(self._header_timeout_s, self._headers_late,
+                                                       self._request_count)
+
+    def _waiting_for_headers(self) -> bool:
+        """Bytes came, yet no request is complete or being handled: its headers are unfinished."""
+        return not (self._request_in_progress or self._messages or self._force_close)
+
+    def _headers_late(self, requests_before: int) -> None:
+        self._header_timer = None
+        if self._request_count == requests_before and self._waiting_for_headers():
+            log.info("closing a connection whose request headers took over %g s", self._header_timeout_s)
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+
+class _Server(web.Server):
+    """Makes `_Connection`s."""
+
+    header_timeout_s = HEADER_TIMEOUT_S
+
+    def __call__(self) -> RequestHandler:
+        return _Connection(self, loop=self._loop, header_timeout_s=self.header_timeout_s, **self._kwargs)
 
 
 async def start_frontend(backend: Backend, registry: Registry, *, host: str, port: int,
                          chat_template: str | None = None, reuse_port: bool = False,
-                         idle_timeout_s: float = IDLE_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S
-                         ) -> RunningFrontend:
+                         idle_timeout_s: float = IDLE_TIMEOUT_S, header_timeout_s: float = HEADER_TIMEOUT_S,
+                         body_timeout_s: float = BODY_TIMEOUT_S, tls: Tls | None = None,
+                         token: str | None = None) -> RunningFrontend:
     """Serve the OpenAI API on host:port (0 picks a free port), generating through `backend`; with
-    `reuse_port`, beside other processes listening on the same port (SO_REUSEPORT). A connection idle (or
-    with its headers unfinished) for `idle_timeout_s` is closed, a body slower than `body_timeout_s` gets 408."""
-    frontend = Frontend(backend, registry, chat_template)
+    `reuse_port`, beside other processes listening on the same port (SO_REUSEPORT). A connection idle between
+    requests for `idle_timeout_s`, or whose request headers take over `header_timeout_s`, is closed; a body
+    slower than `body_timeout_s` gets 408. A running response is never cut by them. `tls`: HTTPS with its
+    certificate; `token`: the bearer token (API key) every request but /health and /metrics needs."""
+    fleet, own_fleet = backend.fleet, None
+    if fleet is None:  # routing happens elsewhere: follow the workers for /health and /v1/models
+        fleet = own_fleet = Fleet(registry, routing=RoundRobin.name, load_poll_s=0)
+        await own_fleet.start()
+    frontend = Frontend(backend, registry, fleet, chat_template, token)
     frontend.body_timeout_s = body_timeout_s
+    following = asyncio.create_task(frontend.follow_scale())
     # handler_cancellation: a disconnect cancels the handler at once, not at its next write. Our own
     # decompression (`_decoded`); a response to a body left unread (a 408) leaves within a second.
     runner = web.AppRunner(frontend.app, handler_cancellation=True, access_log=None, auto_decompress=False,
                            keepalive_timeout=idle_timeout_s, lingering_time=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     try:
+        await runner.setup()
+        runner.server.__class__ = _Server  # the same server, making our connections (aiohttp has no hook)
+        runner.server.header_timeout_s = header_timeout_s
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None,
+                           ssl_context=None if tls is None else tls.http_context())
         await site.start()
     except BaseException:
         await runner.cleanup()
+        following.cancel()
+        if own_fleet is not None:
+            await own_fleet.stop()
         raise
     bound = runner.addresses[0][1]
-    log.info("OpenAI frontend serving on http://%s:%d (%s)", host, bound, backend.description)
-    return RunningFrontend(frontend, runner, host, bound)
+    scheme = "http" if tls is None else "https"
+    log.info("OpenAI frontend serving on %s://%s:%d (%s)", scheme, host, bound, backend.description)
+    if tls is None and not is_loopback(host):
+        log.warning("HTTP on %s:%d is plaintext; give --tls-cert and --tls-key for HTTPS", host, bound)
+    return RunningFrontend(frontend, runner, host, bound, following, own_fleet, scheme)

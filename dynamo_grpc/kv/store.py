@@ -66,15 +66,16 @@ class LeasedKvStore:
     """KV bytes of finished prefills, each claimable with its own pull token until its lease ends."""
 
     def __init__(self, *, endpoint: str, host: str, ttl_s: float = 30.0,
-                 nixl: NixlAgent | None = None, key: KvKey | None = None) -> None:
-        """With `nixl`, every held transfer is registered with that agent for decode workers to READ; with
-        `key`, every handle is signed with it."""
+                 nixl: NixlAgent | None = None, nixl_min_bytes: int = 0, key: KvKey | None = None) -> None:
+        """With `nixl`, every held transfer of at least `nixl_min_bytes` is registered with that agent for
+        decode workers to READ; with `key`, every handle is signed with it."""
         if ttl_s <= 0:
             raise ValueError(f"KV lease TTL must be positive, got {ttl_s}")
         self.endpoint = endpoint
         self.host = host
         self.ttl_s = ttl_s
         self.nixl = nixl
+        self.nixl_min_bytes = nixl_min_bytes
         self.key = key
         self.limit_bytes: int | None = None
         self.caller_limit_bytes: int | None = None
@@ -250,7 +251,7 @@ class LeasedKvStore:
 
     def _register(self, handle: pb.KvHandle, data: bytes | memoryview) -> Registration | None:
         """Offer the bytes to NIXL READs too; without a registration the handle offers shm and gRPC only."""
-        if self.nixl is None or not len(data):
+        if self.nixl is None or not len(data) or len(data) < self.nixl_min_bytes:
             return None
         try:
             registration = self.nixl.register(data)

@@ -87,6 +87,12 @@ class Registry(Protocol):
         """The document now, then after every change; None while it does not exist."""
         ...
 
+    @property
+    def watch_lost_at(self) -> float | None:
+        """When one of this registry's watches broke and has not been re-established since (time.monotonic),
+        so what it yields may be out of date; None while every watch is live."""
+        ...
+
     async def close(self) -> None:
         """Withdraw everything this registry registered and release its resources."""
         ...

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TypeVar
@@ -106,6 +107,8 @@ class EtcdRegistry:
         self._lease_lock = asyncio.Lock()
         self._keepalive_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._watches_lost: dict[str, float] = {}
+        """Per key range followed whose watch is broken, since when."""
 
     async def connect(self) -> None:
         """Open the connection, failing fast with RegistryUnavailable if etcd does not answer."""
@@ -230,6 +233,10 @@ class EtcdRegistry:
             self._lease_id = 0
             self._registered.clear()
             await client.close()
+
+    @property
+    def watch_lost_at(self) -> float | None:
+        return min(self._watches_lost.values(), default=None)
 
     async def __aenter__(self) -> EtcdRegistry:
         await self.connect()
@@ -402,46 +409,51 @@ class EtcdRegistry:
         """
         state: dict[bytes, bytes] | None = None
         backoff = _RESYNC_BACKOFF_S[0]
-        while not self._closed:
-            try:
-                client = self._connected()
-                kv = self._kv()
-                listed = await self._with_token(lambda: kv.get(key, range_end, timeout=OP_TIMEOUT_S))
-                fresh = {entry.key: entry.value for entry in listed.kvs}
-                if fresh != state:
-                    state = fresh
-                    yield dict(state)
-                watch = _watch_stream(client, key, range_end, listed.header.revision + 1)
-                async with contextlib.aclosing(watch) as responses:
-                    async for response in responses:
-                        if response.canceled and "permission denied" in response.cancel_reason:
-                            denied = EtcdPermissionDeniedError(response.cancel_reason)
-                            raise RegistryAccessDenied(self._refusal(denied, "watching", key, write=False))
-                        if response.canceled or response.compact_revision:
-                            reason = response.cancel_reason or f"compacted at {response.compact_revision}"
-                            raise _WatchCancelled(reason)
-                        if not response.events:
-                            continue
-                        for event in response.events:
-                            if event.type == event.DELETE:
-                                state.pop(event.kv.key, None)
-                            else:
-                                state[event.kv.key] = event.kv.value
-                        backoff = _RESYNC_BACKOFF_S[0]
+        try:
+            while not self._closed:
+                try:
+                    client = self._connected()
+                    kv = self._kv()
+                    listed = await self._with_token(lambda: kv.get(key, range_end, timeout=OP_TIMEOUT_S))
+                    self._watches_lost.pop(key, None)
+                    fresh = {entry.key: entry.value for entry in listed.kvs}
+                    if fresh != state:
+                        state = fresh
                         yield dict(state)
-            except asyncio.CancelledError:
-                if self._closed and _not_cancelling():
-                    return
-                raise
-            except Exception as exc:
-                if self._closed:
-                    return
-                if not _retryable(exc):
+                    watch = _watch_stream(client, key, range_end, listed.header.revision + 1)
+                    async with contextlib.aclosing(watch) as responses:
+                        async for response in responses:
+                            if response.canceled and "permission denied" in response.cancel_reason:
+                                denied = EtcdPermissionDeniedError(response.cancel_reason)
+                                raise RegistryAccessDenied(self._refusal(denied, "watching", key, write=False))
+                            if response.canceled or response.compact_revision:
+                                reason = response.cancel_reason or f"compacted at {response.compact_revision}"
+                                raise _WatchCancelled(reason)
+                            if not response.events:
+                                continue
+                            for event in response.events:
+                                if event.type == event.DELETE:
+                                    state.pop(event.kv.key, None)
+                                else:
+                                    state[event.kv.key] = event.kv.value
+                            backoff = _RESYNC_BACKOFF_S[0]
+                            yield dict(state)
+                except asyncio.CancelledError:
+                    if self._closed and _not_cancelling():
+                        return
                     raise
-                log.warning("registry: watching %s failed (%s); listing again in %.1fs",
-                            key, _describe(exc), backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _RESYNC_BACKOFF_S[1])
+                except Exception as exc:
+                    if self._closed:
+                        return
+                    if not _retryable(exc):
+                        raise
+                    self._watches_lost.setdefault(key, time.monotonic())
+                    log.warning("registry: watching %s failed (%s); listing again in %.1fs",
+                                key, _describe(exc), backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _RESYNC_BACKOFF_S[1])
+        finally:
+            self._watches_lost.pop(key, None)  # nobody reads this range any more
 
 
 class _WatchCancelled(EtcdError):

@@ -36,6 +36,10 @@ class MemoryRegistry:
         self._document_changed: dict[str, _Signal] = {}
         self._closed = False
 
+    @property
+    def watch_lost_at(self) -> float | None:
+        return None  # in this process: never out of reach
+
     async def register(self, info: pb.WorkerInfo) -> None:
         worker_key(self.namespace, info.role, info.worker_id)
         self._check_open()

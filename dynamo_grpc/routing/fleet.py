@@ -307,12 +307,22 @@ class Fleet:
             if joined or left:
                 log.info("fleet: %d workers (joined: %s; left: %s)", len(snapshot), sorted(joined) or "-",
                          sorted(left) or "-")
+            self._reset_renewed(snapshot)
             self.workers = snapshot
             self._engines = {}
             for worker in snapshot.values():
                 self._engines.setdefault(worker.model, worker.engine)
             self._follow_each_worker()
             self._first_snapshot.set()
+
+    def _reset_renewed(self, snapshot: dict[str, pb.WorkerInfo]) -> None:
+        """A worker record new to this view, or changed, is a process (re)started at its endpoint: channels
+        to that endpoint may be waiting out a reconnect backoff from the process that was there before, so
+        they are made afresh and the next call connects at once."""
+        for worker_id, worker in snapshot.items():
+            before = self.workers.get(worker_id)
+            if before is not worker and before != worker and self._channels.reset(worker.endpoint):
+                log.info("fleet: worker %s (re)started at %s; reconnecting to it", worker_id, worker.endpoint)
 
     def _follow_each_worker(self) -> None:
         """Per worker, its reported load and (for kv_aware) its KV-event feed."""
@@ -334,9 +344,9 @@ class Fleet:
 
     async def _poll_load(self, worker: pb.WorkerInfo) -> None:
         """The worker's own count of running requests and used KV blocks, from every router's requests."""
-        channel = self._channels.get(worker.endpoint)
         while True:
             try:
+                channel = self._channels.get(worker.endpoint)  # anew each time: it may have been reset
                 self._reported[worker.worker_id] = await worker_stats(channel, worker.role,
                                                                       timeout=self._load_poll_s * 4)
             except grpc.aio.AioRpcError:
@@ -348,8 +358,8 @@ class Fleet:
         """Index the worker's cache; a broken feed is dropped from the index and restarted (it begins
         with a full snapshot). A worker whose engine reports no events stays out of the index."""
         delay = 0.5
-        stub = events_grpc.KvEventServiceStub(self._channels.get(worker.endpoint))
         while True:
+            stub = events_grpc.KvEventServiceStub(self._channels.get(worker.endpoint))  # it may be reset
             try:
                 async for change in stub.WatchKvEvents(events_pb.WatchKvEventsRequest()):
                     self.prefix_index.apply(worker.worker_id, change)

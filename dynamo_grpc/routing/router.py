@@ -44,6 +44,7 @@ from dynamo_grpc.routing.fleet import (
 )
 from dynamo_grpc.routing.policies import DEFAULT_POLICY
 from dynamo_grpc.routing.prompt_tokens import PromptTokenizer
+from dynamo_grpc.security import Tls
 from dynamo_grpc.services.streams import CancelSignal, send_quietly
 from dynamo_grpc.v1 import common_pb2 as pb
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
@@ -88,8 +89,9 @@ class Router:
         self._cold_start_wait_s = cold_start_wait_s
         self._tokenizer = tokenizer or PromptTokenizer()
         self._live: set[str] = set()
-        self._prefill_calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
-        self._decode_calls: dict[str, grpc.aio.StreamStreamMultiCallable] = {}
+        # Per endpoint, the method over its channel (and that channel: a reset one makes a new method).
+        self._prefill_calls: dict[str, tuple[grpc.aio.Channel, grpc.aio.UnaryUnaryMultiCallable]] = {}
+        self._decode_calls: dict[str, tuple[grpc.aio.Channel, grpc.aio.StreamStreamMultiCallable]] = {}
         self._cancels: set[asyncio.Task[None]] = set()
         """Cancel messages on their way to decode workers (held here so none is collected mid-send)."""
         self._metrics = metrics.router()
@@ -267,10 +269,12 @@ class Router:
     async def _prefill(self, worker: pb.WorkerInfo, request_id: str, params: pb.GenerationParams,
                        timeout: float | None, tokens: int) -> prefill_pb.PrefillResponse | None:
         """The KV handle and usage, or None when the prefill worker is gone (then decode prefills)."""
-        prefill = self._prefill_calls.get(worker.endpoint)
-        if prefill is None:
-            prefill = prefill_grpc.PrefillServiceStub(self._channels.get(worker.endpoint)).Prefill
-            self._prefill_calls[worker.endpoint] = prefill
+        channel = self._channels.get(worker.endpoint)
+        cached = self._prefill_calls.get(worker.endpoint)
+        if cached is None or cached[0] is not channel:  # first call there, or its channel was reset
+            cached = (channel, prefill_grpc.PrefillServiceStub(channel).Prefill)
+            self._prefill_calls[worker.endpoint] = cached
+        prefill = cached[1]
         with self.fleet.busy(worker, tokens):
             try:
                 response = await prefill(prefill_pb.PrefillRequest(request_id=request_id, params=params),
@@ -292,10 +296,12 @@ class Router:
                       cancelled: CancelSignal, to_compute: int) -> AsyncIterator[decode_pb.DecodeResponse]:
         """The decode worker's stream; a cancel goes to the worker in-band the moment `cancelled` is set,
         and closing this stream early cancels the call, so the worker aborts the request either way."""
-        decode = self._decode_calls.get(worker.endpoint)
-        if decode is None:
-            decode = decode_grpc.DecodeServiceStub(self._channels.get(worker.endpoint)).Decode
-            self._decode_calls[worker.endpoint] = decode
+        channel = self._channels.get(worker.endpoint)
+        cached = self._decode_calls.get(worker.endpoint)
+        if cached is None or cached[0] is not channel:  # first call there, or its channel was reset
+            cached = (channel, decode_grpc.DecodeServiceStub(channel).Decode)
+            self._decode_calls[worker.endpoint] = cached
+        decode = cached[1]
         with self.fleet.busy(worker, to_compute):
             call = decode(metadata=tracing.metadata())
 
@@ -341,9 +347,10 @@ def _field_size(payload: int) -> int:
 async def open_router(registry: Registry, *, max_migrations: int = DEFAULT_MAX_MIGRATIONS,
                       policy: DisaggregationPolicy = ALWAYS_DISAGGREGATE, routing: str = DEFAULT_POLICY,
                       tokenizer: str = "", load_poll_s: float = DEFAULT_LOAD_POLL_S,
-                      cold_start_wait_s: float = 0.0) -> Router:
-    """A router following the fleet in `registry`, ready to route; `close()` stops it."""
-    channels = ChannelPool()
+                      cold_start_wait_s: float = 0.0, tls: Tls | None = None) -> Router:
+    """A router following the fleet in `registry`, ready to route, its channels to workers TLS with `tls`;
+    `close()` stops it."""
+    channels = ChannelPool(tls)
     fleet = Fleet(registry, policy, routing=routing, channels=channels, load_poll_s=load_poll_s)
     await fleet.start()
     return Router(fleet, channels, max_migrations=max_migrations, tokenizer=PromptTokenizer(tokenizer),

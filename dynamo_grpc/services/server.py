@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -18,15 +19,17 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection as grpc_reflection
 
 from dynamo_grpc import tracing
 from dynamo_grpc.channels import CHANNEL_OPTIONS
-from dynamo_grpc.errors import DynamoError, InvalidArgument, Unavailable
+from dynamo_grpc.errors import DynamoError, InvalidArgument, Unauthenticated, Unavailable
+from dynamo_grpc.security import Tls, bearer_matches, listen
 
 log = logging.getLogger(__name__)
 
 FIRST_MESSAGE_WAIT_S = 1.0
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,17 @@ class RunningServer:
         await self.server.stop(grace_s)
 
 
-async def start_server(bindings: list[ServiceBinding], *, host: str, port: int,
-                       starting: tuple[str, ...] = ()) -> RunningServer:
+async def start_server(bindings: list[ServiceBinding], *, host: str, port: int, starting: tuple[str, ...] = (),
+                       tls: Tls | None = None, token: str | None = None, reflection: bool = True
+                       ) -> RunningServer:
     """Serve `bindings` at once; the services named in `starting` answer NOT_SERVING (health) and
-    UNAVAILABLE (calls) until `serve_late` binds them, and the server as a whole is NOT_SERVING till then."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *tracing.server_interceptors()], options=CHANNEL_OPTIONS)
+    UNAVAILABLE (calls) until `serve_late` binds them, and the server as a whole is NOT_SERVING till then.
+    `tls`: TLS, mutual where it names a CA; `token`: every call but health checks needs it as a bearer token
+    (no interceptor without one); `reflection` off hides the services from grpcurl and the like."""
+    interceptors = [ErrorInterceptor(), *tracing.server_interceptors()]
+    if token is not None:
+        interceptors.insert(0, TokenInterceptor(token))
+    server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)
     late = LateServices(starting)
@@ -71,8 +80,10 @@ async def start_server(bindings: list[ServiceBinding], *, host: str, port: int,
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = tuple(b.service_name for b in bindings)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    reflection.enable_server_reflection((*names, *starting, health_name, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if reflection:
+        grpc_reflection.enable_server_reflection((*names, *starting, health_name, grpc_reflection.SERVICE_NAME),
+                                                 server)
+    bound = listen(server, host, port, tls)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}: address in use or not available; pick another --port")
     for name in starting:
@@ -121,6 +132,36 @@ async def _not_ready(requests: Any, context: grpc.aio.ServicerContext) -> AsyncI
     with contextlib.suppress(asyncio.TimeoutError, StopAsyncIteration):
         await asyncio.wait_for(anext(aiter(requests)), FIRST_MESSAGE_WAIT_S)
     raise Unavailable("this worker's engine is still starting; retry shortly", reason="NOT_READY")
+    yield  # a stream handler, so it answers every kind of call
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without `authorization: Bearer <token>` (UNAUTHENTICATED); health checks stay open, so
+    probes and balancers need no secret."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        if handler_call_details.method.startswith(HEALTH_PREFIX):
+            return await continuation(handler_call_details)
+        given = next((value for key, value in handler_call_details.invocation_metadata or ()
+                      if key == "authorization"), None)
+        if bearer_matches(given if isinstance(given, str) else None, self._token):
+            return await continuation(handler_call_details)
+        if given is None:
+            refusal = Unauthenticated("this server requires a bearer token: send `authorization: Bearer <token>` "
+                                      "metadata", reason="MISSING_TOKEN")
+        else:
+            refusal = Unauthenticated("the bearer token is not valid for this server", reason="BAD_TOKEN")
+        return grpc.stream_stream_rpc_method_handler(functools.partial(_refuse, refusal))
+
+
+async def _refuse(refusal: DynamoError, requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    # As _not_ready: take the first message, so the client reads our status rather than a failed send.
+    with contextlib.suppress(asyncio.TimeoutError, StopAsyncIteration):
+        await asyncio.wait_for(anext(aiter(requests)), FIRST_MESSAGE_WAIT_S)
+    await context.abort_with_status(refusal.to_status())
     yield  # a stream handler, so it answers every kind of call
 
 
