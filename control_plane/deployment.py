@@ -11,6 +11,7 @@ from typing import Any
 from control_plane.role import start_control_plane
 from dynamo_grpc.config import WorkerConfig
 from dynamo_grpc.engine import cpu_cores
+from dynamo_grpc.kv.handle_key import KvKey
 from dynamo_grpc.registry import Registry
 from dynamo_grpc.roles import RunningRole, start_decode, start_prefill, start_router
 
@@ -36,9 +37,11 @@ class Deployment:
 
 async def start_all_in_one(worker: WorkerConfig, registry: Registry, **router_settings: Any) -> Deployment:
     """Control plane, one prefill and one decode worker on free ports, and the router on `worker.server.port`
-    (`router_settings` as `start_router` takes them)."""
+    (`router_settings` as `start_router` takes them). The two workers share `worker`'s KV key, or a new one."""
     internal = dataclasses.replace(worker.server, port=0)
-    prefill, decode = (dataclasses.replace(config, server=internal) for config in _own_cores(worker, worker))
+    key = worker.kv_key or KvKey.generate()
+    prefill, decode = (dataclasses.replace(config, server=internal, kv_key=key)
+                       for config in _own_cores(worker, worker))
     started: list[RunningRole] = []
     try:
         started.append(await start_control_plane(internal, registry))

@@ -40,6 +40,7 @@ from dynamo_grpc.config import (
     worker_config,
 )
 from dynamo_grpc.errors import describe
+from dynamo_grpc.kv.handle_key import KEY_ENV, KvKey
 from dynamo_grpc.registry import EtcdRegistry, MemoryRegistry, Registry, RegistryUnavailable
 from dynamo_grpc.roles import RunningRole, start_decode, start_prefill, start_router
 from dynamo_grpc.routing.fleet import DEFAULT_LOAD_POLL_S, DisaggregationPolicy
@@ -716,6 +717,7 @@ async def _up(args: argparse.Namespace) -> int:
     access = etcd_access(args)
     os.environ["DYNAMO_GRPC_EVENT_LOOP"] = args.event_loop  # the processes it starts run on the same loop
     os.environ.update(access.environment())  # and reach etcd the same way
+    _share_kv_key(plan)
     try:
         supervisor = Supervisor(plan, args.host or local_host(plan), state_dir(plan), etcd_access=access)
     except ValueError as error:
@@ -728,6 +730,18 @@ async def _up(args: argparse.Namespace) -> int:
           f"{supervisor.state}; stop with Ctrl-C or `dynamo-grpc down {args.spec}`", flush=True)
     await supervisor.run(stop)
     return 0
+
+
+def _share_kv_key(plan: Plan) -> None:
+    """Give the workers `up` starts one KV key (`DYNAMO_GRPC_KV_KEY`), made here for a plan on one host. A plan
+    across hosts needs the same key on every host, which no host can make alone: set it there."""
+    if os.environ.get(KEY_ENV):
+        return
+    if len({process.host for process in plan.processes}) == 1:
+        os.environ[KEY_ENV] = KvKey.generate().hex()
+        return
+    _say("up", f"KV handles go unsigned: set {KEY_ENV} to the same key (hex, 32 bytes: `python -c 'import "
+         f"secrets; print(secrets.token_hex(32))'`) on every host of the plan")
 
 
 async def _etcd_setup_auth(args: argparse.Namespace) -> int:

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dynamo_grpc.engine.registry import DEFAULT_ENGINE, ENGINES, EngineKind, kind_of
+from dynamo_grpc.kv.handle_key import KEY_ENV, KvKey, load_kv_key
 from dynamo_grpc.kv.nixl_transport import DEFAULT_NIXL_MIN_BYTES, nixl_installed
+from dynamo_grpc.kv.transport import DEFAULT_PULL_MIN_MIB_S, DEFAULT_PULL_TIMEOUT_S
 from dynamo_grpc.registry.access import PASSWORD_ENV, EtcdAccess, EtcdAccessError, read_password
 from dynamo_grpc.routing.policies import POLICIES
 from dynamo_grpc.security import Tls, read_token
@@ -110,10 +112,28 @@ class WorkerConfig:
     """A prefill worker offers NIXL for transfers at least this large; smaller ones move by shm or gRPC."""
     stream_interval_ms: float = DEFAULT_STREAM_INTERVAL_MS
     """A decode stream sends its first tokens at once, then gathers tokens for this long per message."""
+    kv_key: KvKey | None = None
+    """The deployment's key for KV handles: a prefill worker signs with it, a decode worker takes only
+    handles signed with it. None: unsigned and unchecked."""
+    kv_held_fraction: float = 0.75
+    """A prefill worker: the share of its KV pool that unpulled transfers may hold, all callers together."""
+    kv_caller_fraction: float = 0.5
+    """A prefill worker: the share of its KV pool that unpulled transfers handed to one caller may hold."""
+    kv_pull_timeout_s: float = DEFAULT_PULL_TIMEOUT_S
+    kv_pull_min_mib_s: float = DEFAULT_PULL_MIN_MIB_S
+    """A decode worker: a KV pull must end within kv_pull_timeout_s plus its bytes at this rate."""
 
     def __post_init__(self) -> None:
         if self.kv_ttl_s <= 0:
             raise ConfigError(f"--kv-ttl-s must be positive, got {self.kv_ttl_s}")
+        for flag, fraction in (("--kv-held-fraction", self.kv_held_fraction),
+                               ("--kv-caller-fraction", self.kv_caller_fraction)):
+            if not 0 < fraction <= 1:
+                raise ConfigError(f"{flag} must be in (0, 1], got {fraction}")
+        for flag, value in (("--kv-pull-timeout-s", self.kv_pull_timeout_s),
+                            ("--kv-pull-min-mib-s", self.kv_pull_min_mib_s)):
+            if value <= 0:
+                raise ConfigError(f"{flag} must be positive, got {value}")
         unknown = [name for name in self.kv_transports if name not in KV_TRANSPORTS]
         if unknown:
             raise ConfigError(f"--kv-transports takes {', '.join(KV_TRANSPORTS)}; got {', '.join(unknown)}")
@@ -255,6 +275,20 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "kv-transports", default="",
              help="KV transports this worker offers (prefill) or receives by (decode), comma-separated among "
              f"{', '.join(KV_TRANSPORTS)} (default: all; nixl where the nixl package is installed)")
+    add_flag(parser, "kv-key-file", default="",
+             help=f"file holding the deployment's KV key (hex, at least 32 bytes): prefill workers sign KV handles "
+             f"with it, decode workers take only handles signed with it (default: the key in env {KEY_ENV} as hex; "
+             "none: handles are neither signed nor checked; `serve` makes one)")
+    add_flag(parser, "kv-held-fraction", default=0.75, type=float,
+             help="prefill worker: share of its KV pool that unpulled KV transfers may hold, all callers together")
+    add_flag(parser, "kv-caller-fraction", default=0.5, type=float,
+             help="prefill worker: share of its KV pool that unpulled KV transfers handed to one caller (a gRPC "
+             "connection) may hold; over it, Prefill is RESOURCE_EXHAUSTED (KV_HELD_LIMIT)")
+    add_flag(parser, "kv-pull-timeout-s", default=DEFAULT_PULL_TIMEOUT_S, type=float,
+             help="decode worker: a KV pull (connecting, moving, releasing) must end within this many seconds "
+             "plus the time its bytes take at --kv-pull-min-mib-s, else DEADLINE_EXCEEDED (KV_PULL_TIMEOUT)")
+    add_flag(parser, "kv-pull-min-mib-s", default=DEFAULT_PULL_MIN_MIB_S, type=float,
+             help="decode worker: the slowest KV transfer rate (MiB/s) a pull's deadline allows for")
     add_flag(parser, "nixl-min-bytes", default=DEFAULT_NIXL_MIN_BYTES, type=int,
              help="prefill worker: offer NIXL only for KV transfers of at least this many bytes; below it, "
              "registering memory and the READ's set-up cost more than a gRPC pull (0: always)")
@@ -341,8 +375,15 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         engine = kind.config(**chosen)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    try:
+        kv_key = load_kv_key(args.kv_key_file)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--kv-key-file {args.kv_key_file or f'(env {KEY_ENV})'}: {error}") from None
     return WorkerConfig(server=server_config(args), engine=engine, worker_id=args.worker_id, kv_ttl_s=args.kv_ttl_s,
                         kv_pull_failure=args.kv_pull_failure, stream_interval_ms=args.stream_interval_ms,
+                        kv_key=kv_key, kv_held_fraction=args.kv_held_fraction,
+                        kv_caller_fraction=args.kv_caller_fraction, kv_pull_timeout_s=args.kv_pull_timeout_s,
+                        kv_pull_min_mib_s=args.kv_pull_min_mib_s,
                         nixl_min_bytes=args.nixl_min_bytes,
                         kv_transports=tuple(name.strip() for name in args.kv_transports.split(",")
                                             if name.strip()))

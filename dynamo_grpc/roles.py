@@ -22,7 +22,7 @@ from dynamo_grpc.engine.base import Engine
 from dynamo_grpc.engine.registry import EngineParts
 from dynamo_grpc.kv.nixl_transport import NixlAgent
 from dynamo_grpc.kv.store import LeasedKvStore
-from dynamo_grpc.kv.transport import KvReceiver
+from dynamo_grpc.kv.transport import KvReceiver, layout_bytes
 from dynamo_grpc.kv.wire import add_kv_transfer_service
 from dynamo_grpc.registry import Registry
 from dynamo_grpc.routing.fleet import Fleet
@@ -147,10 +147,10 @@ async def _start_worker(config: WorkerConfig, parts: EngineParts,
 async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole:
     nixl = _nixl_agent(config)
     store = LeasedKvStore(endpoint="", host=config.server.node_name, ttl_s=config.kv_ttl_s, nixl=nixl,
-                          nixl_min_bytes=config.nixl_min_bytes)
+                          nixl_min_bytes=config.nixl_min_bytes, key=config.kv_key)
     worker_id = config.resolved_worker_id("prefill")
     server, engine = await _start_worker(config, EngineParts(kv_store=store), lambda engine: [
-        ServiceBinding(PrefillServicer(engine, worker_id=worker_id),
+        ServiceBinding(PrefillServicer(engine, worker_id=worker_id, store=_limited(store, engine, config)),
                        prefill_grpc.add_PrefillServiceServicer_to_server,
                        service_name(prefill_pb, "PrefillService")),
         ServiceBinding(KvTransferServicer(store), add_kv_transfer_service,
@@ -169,12 +169,22 @@ async def start_prefill(config: WorkerConfig, registry: Registry) -> RunningRole
                        [_sample_engine("prefill", worker_id, engine), engine.shutdown, close_store])
 
 
+def _limited(store: LeasedKvStore, engine: Engine, config: WorkerConfig) -> LeasedKvStore:
+    """The store, its unpulled transfers limited to shares of the engine's KV pool."""
+    capacity = engine.capacity()
+    pool_bytes = capacity.kv_blocks * layout_bytes(engine.layout(capacity.block_size))
+    store.set_limits(pool_bytes=pool_bytes, held_fraction=config.kv_held_fraction,
+                     caller_fraction=config.kv_caller_fraction)
+    return store
+
+
 async def start_decode(config: WorkerConfig, registry: Registry) -> RunningRole:
     channels = ChannelPool(config.server.tls)
     nixl = _nixl_agent(config)
     worker_id = config.resolved_worker_id("decode")
     parts = EngineParts(kv_receiver=KvReceiver.over_network(
-        channels, host=config.server.node_name, names=config.resolved_kv_transports, nixl=nixl))
+        channels, host=config.server.node_name, names=config.resolved_kv_transports, nixl=nixl,
+        key=config.kv_key, timeout_s=config.kv_pull_timeout_s, min_mib_s=config.kv_pull_min_mib_s))
     server, engine = await _start_worker(config, parts, lambda engine: [
         ServiceBinding(DecodeServicer(engine, worker_id=worker_id, local_prefill_on_pull_failure=
                                       config.kv_pull_failure == "local-prefill",

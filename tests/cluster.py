@@ -21,6 +21,7 @@ from dynamo_grpc.engine import SimulatedEngineConfig
 from dynamo_grpc.errors import error_reason
 from dynamo_grpc.frontend.backends import Backend, EmbeddedRouter, RemoteRouter
 from dynamo_grpc.frontend.http import RunningFrontend, start_frontend
+from dynamo_grpc.kv.handle_key import KvKey
 from dynamo_grpc.registry import MemoryRegistry, Registry
 from dynamo_grpc.routing.router import open_router
 from dynamo_grpc.v1 import common_pb2 as pb
@@ -34,6 +35,8 @@ from tests.waiting import eventually
 
 MODEL = "sim-tiny"
 FAST_ENGINE = SimulatedEngineConfig(model=MODEL, decode_step_s=0.001, prefill_s_per_token=1e-5, num_blocks=512)
+KV_KEY = KvKey(b"the test deployment's KV key...." * 2)
+"""The KV key of every deployment these helpers start, so tests can sign handles of their own."""
 
 
 def text_of(token_ids: list[int]) -> str:
@@ -42,7 +45,8 @@ def text_of(token_ids: list[int]) -> str:
 
 
 def worker_config(**engine: object) -> WorkerConfig:
-    return WorkerConfig(server=ServerConfig(port=0), engine=dataclasses.replace(FAST_ENGINE, **engine))
+    return WorkerConfig(server=ServerConfig(port=0), engine=dataclasses.replace(FAST_ENGINE, **engine),
+                        kv_key=KV_KEY)
 
 
 @dataclass

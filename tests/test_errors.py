@@ -20,7 +20,7 @@ from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
 from tests.bad_input import BadInput, assert_message_limit_holds, assert_refused_by_router, bad_inputs
-from tests.cluster import FAST_ENGINE, MODEL, Stubs, rpc_failure, worker_config
+from tests.cluster import FAST_ENGINE, KV_KEY, MODEL, Stubs, rpc_failure, worker_config
 from tests.waiting import eventually
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
@@ -139,6 +139,7 @@ async def test_missing_kv_handle(cluster: Stubs) -> None:
     bogus = pb.KvHandle()
     bogus.CopyFrom(handle)
     bogus.transfer_id = "no-such-transfer"
+    KV_KEY.sign(bogus)  # as the deployment's prefill worker would have (else its MAC refuses it)
     assert await rpc_failure(decode_with(cluster, bogus)) == (NOT_FOUND, "KV_HANDLE_NOT_FOUND")
     await cluster.kv.ReleaseKv(kv_pb.ReleaseKvRequest(transfer_id=handle.transfer_id, pull_token=handle.pull_token))
 

@@ -23,7 +23,7 @@ from dynamo_grpc.v1 import control_plane_pb2_grpc as cp_grpc
 from dynamo_grpc.v1 import decode_pb2 as decode_pb
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
-from tests.cluster import MODEL, Served, Stubs, openai_frontend, rpc_failure, running
+from tests.cluster import KV_KEY, MODEL, Served, Stubs, openai_frontend, rpc_failure, running
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 JSON = {"Content-Type": "application/json"}
@@ -183,6 +183,7 @@ async def test_empty_kv_handle_endpoint(stubs: Stubs) -> None:
     forged = pb.KvHandle()
     forged.CopyFrom(handle)
     forged.endpoint = ""
+    KV_KEY.sign(forged)  # the deployment's own prefill worker handed out such a handle
     start = decode_pb.DecodeStart(params=params("abc", model=MODEL), kv_handle=forged)
     assert await rpc_failure(_decode(stubs, start)) == (INVALID, "BAD_KV_HANDLE")
     await _release(stubs, handle)
@@ -205,6 +206,7 @@ async def test_malformed_pull_response_is_data_loss(stubs: Stubs) -> None:
     forged.CopyFrom(handle)
     forged.endpoint, forged.host, forged.shm_segment = f"127.0.0.1:{port}", "", ""
     forged.ClearField("nixl")  # only the PullKv stream reaches the bytes
+    KV_KEY.sign(forged)  # a prefill worker of the deployment that misbehaves
     start = decode_pb.DecodeStart(params=params("abc", model=MODEL), kv_handle=forged)
     try:
         assert await rpc_failure(_decode(stubs, start)) == (grpc.StatusCode.DATA_LOSS, "KV_TRANSFER_CORRUPT")

@@ -34,7 +34,7 @@ from dynamo_grpc.v1 import kv_events_pb2 as events_pb
 from dynamo_grpc.v1 import kv_events_pb2_grpc as events_grpc
 from dynamo_grpc.v1 import kv_transfer_pb2 as kv_pb
 from dynamo_grpc.v1 import prefill_pb2 as prefill_pb
-from tests.cluster import Stubs, deployed, openai_frontend, rpc_failure
+from tests.cluster import KV_KEY, Stubs, deployed, openai_frontend, rpc_failure
 from tests.etcd_server import EtcdServer
 from tests.hf_reference import hf_greedy
 from tests.real_engine import ONE_DEPLOYMENT_PER_MODULE
@@ -71,7 +71,7 @@ async def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     registry = EtcdRegistry([etcd.endpoint], namespace="vllm-disagg")
     await registry.connect()
     # nixl_min_bytes=0: these prompts' KV is far below the size NIXL is offered for by default.
-    config = WorkerConfig(server=ServerConfig(port=0), kv_ttl_s=KV_TTL_S, nixl_min_bytes=0,
+    config = WorkerConfig(server=ServerConfig(port=0), kv_ttl_s=KV_TTL_S, nixl_min_bytes=0, kv_key=KV_KEY,
                           engine=VllmEngineConfig(model_path=str(tiny_model_dir), max_num_seqs=16,
                                                   max_num_batched_tokens=STEP_TOKENS))
     try:
@@ -114,10 +114,12 @@ async def decode(stubs: Stubs, request_id: str, prompt: str | list[int], handle:
 
 
 def altered(handle: pb.KvHandle, **fields: str) -> pb.KvHandle:
+    """The handle with `fields` changed, signed again with the deployment's key (else the MAC refuses it)."""
     copy = pb.KvHandle()
     copy.CopyFrom(handle)
     for name, value in fields.items():
         setattr(copy, name, value)
+    KV_KEY.sign(copy)
     return copy
 
 
@@ -225,6 +227,11 @@ async def test_nixl_path_equals_the_grpc_path(cluster: Stubs, tiny_model_dir: Pa
 async def test_bad_handles_are_refused_without_leaking(cluster: Stubs) -> None:
     prompt = "a pilot and a baker"
     handle = await prefill(cluster, "bad", prompt)
+    assert handle.mac  # signed: changed by anyone without the deployment's key, it is refused
+    unsigned = altered(handle, host="another-host")
+    unsigned.mac = handle.mac
+    assert await rpc_failure(decode(cluster, "bad", prompt, unsigned)) == (grpc.StatusCode.PERMISSION_DENIED,
+                                                                          "BAD_KV_HANDLE_MAC")
     for field, value, expected in (
             ("pull_token", "guess", (grpc.StatusCode.PERMISSION_DENIED, "BAD_PULL_TOKEN")),
             ("engine_fingerprint", "vllm-0/other", (grpc.StatusCode.FAILED_PRECONDITION,

@@ -148,6 +148,10 @@ class Engine(Protocol):
 
     def capacity(self) -> pb.WorkerCapacity: ...
 
+    def layout(self, num_tokens: int) -> pb.KvLayout:
+        """How the KV of `num_tokens` prompt tokens is laid out in a transfer."""
+        ...
+
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         """Stream outputs until the request finishes; closing the iterator aborts it."""
         ...

@@ -41,7 +41,7 @@ from dynamo_grpc.engine.cost_model import (
 from dynamo_grpc.errors import AlreadyExists, InvalidArgument, ResourceExhausted
 from dynamo_grpc.kv.events import KvEventLog, block_hashes, prefix_hashes
 from dynamo_grpc.kv.store import LeasedKvStore
-from dynamo_grpc.kv.transport import KvReceiver
+from dynamo_grpc.kv.transport import KvReceiver, layout_bytes
 from dynamo_grpc.v1 import common_pb2 as pb
 
 VOCAB_SIZE = 257
@@ -352,6 +352,7 @@ class SimulatedEngine:
                 # Not prefix-cache hits: cached_tokens stays 0 (the decode servicer reports the transfer).
                 kv = await self._receiver.receive(request.kv_handle, prompt=prompt,
                                                   fingerprint=self.fingerprint, request_id=rid,
+                                                  max_bytes=layout_bytes(self.layout(len(prompt))),
                                                   order=request.kv_transports)
                 seq.kv, seq.transfer = kv.data, kv.stats
                 seq.to_prefill = 1

@@ -40,7 +40,7 @@ from dynamo_grpc.errors import AlreadyExists, DynamoError, InvalidArgument
 from dynamo_grpc.kv import shm
 from dynamo_grpc.kv.events import KvEventLog
 from dynamo_grpc.kv.store import LeasedKvStore
-from dynamo_grpc.kv.transport import KvReceiver
+from dynamo_grpc.kv.transport import KvReceiver, layout_bytes
 from dynamo_grpc.tiny_model import DEFAULT_MODEL_DIR
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -409,7 +409,8 @@ class VllmEngine:
                       ) -> AsyncIterator[EngineOutput]:
         """Tokens from the prompt's KV, received into a segment of this worker's that the connector reads."""
         assert self._receiver is not None
-        kv = await self._receiver.receive(handle, prompt=engine_input["prompt_token_ids"],
+        prompt = engine_input["prompt_token_ids"]
+        kv = await self._receiver.receive(handle, prompt=prompt, max_bytes=layout_bytes(self.layout(len(prompt))),
                                           fingerprint=self.fingerprint, request_id=request.request_id,
                                           into_segment=True, order=request.kv_transports)
         try:

@@ -4,6 +4,11 @@ A transfer is freed exactly once, by whichever comes first: the puller's release
 pulls that asked for it having sent every byte), the lease expiry (the decode worker never came), or
 shutdown. Freeing deregisters the bytes from the NIXL agent, if the store has one, then runs the owner's
 callback, which returns the engine's blocks.
+
+Anyone who can call PrefillService makes the store hold KV until it is pulled or its lease ends; so that no
+caller can pin the pool, `charge` counts each held transfer against the caller it was handed to, and
+refuses one that would take that caller past `caller_limit_bytes`, or all held transfers past
+`limit_bytes` (`set_limits`).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from dataclasses import dataclass, field
 from google.protobuf import timestamp_pb2
 from zlib_ng import zlib_ng
 
-from dynamo_grpc.errors import FailedPrecondition, NotFound, PermissionDenied
+from dynamo_grpc.errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted
 from dynamo_grpc.kv import shm
 from dynamo_grpc.kv.fingerprint import mismatch_hint
+from dynamo_grpc.kv.handle_key import KvKey
 from dynamo_grpc.kv.nixl_transport import NixlAgent, NixlFailure, Registration
 from dynamo_grpc.v1 import common_pb2 as pb
 
@@ -53,15 +59,17 @@ class _Held:
     registration: Registration | None = None
     sent: list[tuple[int, int]] = field(default_factory=list)
     """Byte ranges that pulls asking for a release have sent."""
+    caller: str = ""
+    """Who the handle was handed to (`charge`)."""
 
 
 class LeasedKvStore:
     """KV bytes of finished prefills, each claimable with its own pull token until its lease ends."""
 
     def __init__(self, *, endpoint: str, host: str, ttl_s: float = 30.0,
-                 nixl: NixlAgent | None = None, nixl_min_bytes: int = 0) -> None:
+                 nixl: NixlAgent | None = None, nixl_min_bytes: int = 0, key: KvKey | None = None) -> None:
         """With `nixl`, every held transfer of at least `nixl_min_bytes` is registered with that agent for
-        decode workers to READ."""
+        decode workers to READ; with `key`, every handle is signed with it."""
         if ttl_s <= 0:
             raise ValueError(f"KV lease TTL must be positive, got {ttl_s}")
         self.endpoint = endpoint
@@ -69,7 +77,12 @@ class LeasedKvStore:
         self.ttl_s = ttl_s
         self.nixl = nixl
         self.nixl_min_bytes = nixl_min_bytes
+        self.key = key
+        self.limit_bytes: int | None = None
+        self.caller_limit_bytes: int | None = None
         self._held: dict[str, _Held] = {}
+        self._held_bytes = 0
+        self._caller_bytes: dict[str, int] = {}
         # Recently freed transfer ids -> why, so a late puller learns "expired" rather than "unknown".
         self._forgotten: OrderedDict[str, str] = OrderedDict()
         self.transfers_completed = 0
@@ -93,8 +106,11 @@ class LeasedKvStore:
             prompt_digest=prompt_digest(prompt) if prompt else b"",
         )
         held = _Held(handle, data, on_free, registration=self._register(handle, data))
+        if self.key is not None:
+            self.key.sign(handle)
         held.expiry = asyncio.get_running_loop().call_later(ttl, self._expire, handle.transfer_id)
         self._held[handle.transfer_id] = held
+        self._held_bytes += len(data)
         return handle
 
     async def hold_segment(self, segment: str, *, num_tokens: int, layout: pb.KvLayout, fingerprint: str,
@@ -156,6 +172,56 @@ class LeasedKvStore:
         self.transfers_completed += 1
         return True
 
+    def set_limits(self, *, pool_bytes: int, held_fraction: float, caller_fraction: float) -> None:
+        """Let held transfers take at most `held_fraction` of a KV pool of `pool_bytes`, and those handed
+        to any one caller at most `caller_fraction` of it."""
+        self.limit_bytes = int(pool_bytes * held_fraction)
+        self.caller_limit_bytes = int(pool_bytes * caller_fraction)
+
+    def admit(self, caller: str, *, request_id: str) -> None:
+        """Refuse, before any work is done for it, a caller whose transfers already fill its share (or all
+        transfers theirs); `charge` checks the exact size once the KV exists."""
+        mine = self._caller_bytes.get(caller, 0)
+        if self.caller_limit_bytes is not None and mine and mine >= self.caller_limit_bytes:
+            raise self._over_caller_limit(mine, request_id)
+        if self.limit_bytes is not None and self._held_bytes and self._held_bytes >= self.limit_bytes:
+            raise self._over_limit(self._held_bytes, request_id)
+
+    def charge(self, transfer_id: str, caller: str, *, request_id: str) -> None:
+        """Count a held transfer against the caller it is handed to. One that takes the caller past its share,
+        or all transfers past theirs, is freed at once and refused with RESOURCE_EXHAUSTED; a caller or a
+        store holding nothing is always given one."""
+        held = self._held.get(transfer_id)
+        if held is None:  # freed meanwhile (shutdown)
+            return
+        size, mine = len(held.data), self._caller_bytes.get(caller, 0)
+        others = self._held_bytes - size
+        refusal = None
+        if self.caller_limit_bytes is not None and mine and mine + size > self.caller_limit_bytes:
+            refusal = self._over_caller_limit(mine, request_id)
+        elif self.limit_bytes is not None and others and others + size > self.limit_bytes:
+            refusal = self._over_limit(others, request_id)
+        if refusal is not None:
+            self._free(transfer_id, "refused: over the held-KV limit")
+            raise refusal
+        held.caller = caller
+        self._caller_bytes[caller] = mine + size
+
+    def _over_caller_limit(self, mine: int, request_id: str) -> ResourceExhausted:
+        assert self.caller_limit_bytes is not None
+        return ResourceExhausted(
+            f"this caller's unpulled KV transfers hold {mine / 2**20:.1f} MiB of the "
+            f"{self.caller_limit_bytes / 2**20:.1f} MiB one caller may hold on this prefill worker; pull them (or "
+            f"let their {self.ttl_s:g} s leases end) before prefilling more", request_id=request_id,
+            reason="KV_HELD_LIMIT")
+
+    def _over_limit(self, held: int, request_id: str) -> ResourceExhausted:
+        assert self.limit_bytes is not None
+        return ResourceExhausted(
+            f"unpulled KV transfers hold {held / 2**20:.1f} MiB of the {self.limit_bytes / 2**20:.1f} MiB this "
+            "prefill worker keeps for them; retry once decode workers have pulled them", request_id=request_id,
+            reason="KV_HELD_LIMIT")
+
     def close(self) -> None:
         for transfer_id in list(self._held):
             self._free(transfer_id, "shut down")
@@ -175,7 +241,7 @@ class LeasedKvStore:
 
     @property
     def held_bytes(self) -> int:
-        return sum(len(h.data) for h in self._held.values())
+        return self._held_bytes
 
     def _lookup(self, transfer_id: str, pull_token: str) -> _Held:
         held = self._held.get(transfer_id)
@@ -209,6 +275,11 @@ class LeasedKvStore:
 
     def _free(self, transfer_id: str, why: str) -> None:
         held = self._held.pop(transfer_id)
+        self._held_bytes -= len(held.data)
+        if held.caller:
+            left = self._caller_bytes.pop(held.caller) - len(held.data)
+            if left:
+                self._caller_bytes[held.caller] = left
         if held.expiry is not None:
             held.expiry.cancel()
         if held.registration is not None:

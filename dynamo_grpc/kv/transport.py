@@ -8,8 +8,10 @@ the prefill worker's lease:
   and CRC-32; the last chunk sent frees the transfer, so no release call follows.
 The transfer of a tensor-parallel engine holds one shard per rank, back to back (`KvHandle.shards`): each
 transport moves them all, gRPC on streams of their own per shard, naming the rank of a corrupted one.
-`KvReceiver` checks that a handle fits the request and this engine, tries the transports in the order the
-pairing table gives for the pair (a transport that cannot reach the bytes, or breaks mid-transfer, hands
+`KvReceiver` checks that a handle fits the request and this engine (its MAC under the deployment's KV key,
+when there is one, and a size no larger than this engine's KV of the prompt), before it allocates or connects
+anywhere; tries the transports, all within one deadline sized from the bytes, in the order the pairing table
+gives for the pair (a transport that cannot reach the bytes, or breaks mid-transfer, hands
 over to the next; the completion names the one that moved them and those that failed), and releases the
 transfer. Engines only see the bytes that arrived (`ReceivedKv`), never how.
 """
@@ -31,6 +33,7 @@ from zlib_ng import zlib_ng
 from dynamo_grpc import metrics, tracing
 from dynamo_grpc.channels import ChannelPool
 from dynamo_grpc.errors import (
+    DeadlineExceeded,
     DynamoError,
     FailedPrecondition,
     InvalidArgument,
@@ -40,6 +43,7 @@ from dynamo_grpc.errors import (
 )
 from dynamo_grpc.kv import shm
 from dynamo_grpc.kv.fingerprint import mismatch_hint
+from dynamo_grpc.kv.handle_key import KvKey
 from dynamo_grpc.kv.nixl_transport import NixlAgent, NixlFailure
 from dynamo_grpc.kv.store import prompt_digest
 from dynamo_grpc.kv.wire import PULL_KV_METHOD, parse_chunk
@@ -57,6 +61,9 @@ DEFAULT_PULL_STREAMS = max(1, min(4, _CORES // 2))
 to 4. Every chunk costs Python time on both ends, so on 2 cores one stream was the fastest
 (`bench/kv_transfer.py`, docs/experiments.md §5); larger hosts get more, a choice not measured there."""
 _MIN_STREAM_BYTES = 4 << 20
+DEFAULT_PULL_TIMEOUT_S = 10.0
+DEFAULT_PULL_MIN_MIB_S = 64.0
+"""A pull may take `DEFAULT_PULL_TIMEOUT_S` plus the time its bytes need at this rate (1 GiB: 16 s more)."""
 # Failures that say something about the transfer itself; any other failure of a pull is the transport's.
 _TRANSFER_REFUSALS = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
                                 grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
@@ -369,19 +376,37 @@ def _discard(buffer: Any, segment: str) -> None:
         shm.unlink(segment)
 
 
+def layout_bytes(layout: pb.KvLayout) -> int:
+    """The most bytes KV of this layout takes: whole blocks of `bytes_per_token` per token."""
+    return layout.num_blocks * layout.block_size * layout.bytes_per_token
+
+
 class KvReceiver:
     """One per decode worker: checks a handle against the request and the engine, takes its bytes by the
-    first transport that moves them, and ends the prefill worker's lease."""
+    first transport that moves them, and ends the prefill worker's lease.
 
-    def __init__(self, transports: Sequence[KvTransport]) -> None:
+    With `key`, only handles signed with it are taken. Every pull (connecting, moving the bytes, ending the
+    lease, over every transport tried) must end within `timeout_s` plus the time its bytes need at
+    `min_mib_s`."""
+
+    def __init__(self, transports: Sequence[KvTransport], *, key: KvKey | None = None,
+                 timeout_s: float = DEFAULT_PULL_TIMEOUT_S, min_mib_s: float = DEFAULT_PULL_MIN_MIB_S) -> None:
+        if timeout_s <= 0 or min_mib_s <= 0:
+            raise ValueError(f"a KV pull deadline needs a positive floor and rate, got {timeout_s} s and "
+                             f"{min_mib_s} MiB/s")
         self.transports = list(transports)
+        self.key = key
+        self.timeout_s = timeout_s
+        self.min_mib_s = min_mib_s
         self._metrics = metrics.kv_transfer()
 
     @classmethod
     def over_network(cls, channels: ChannelPool, *, host: str, names: Sequence[str] = TRANSPORT_NAMES,
-                     nixl: NixlAgent | None = None, grpc_streams: int = DEFAULT_PULL_STREAMS) -> KvReceiver:
+                     nixl: NixlAgent | None = None, grpc_streams: int = DEFAULT_PULL_STREAMS,
+                     **limits: Any) -> KvReceiver:
         """The transports `names`, in order of preference: shared memory with prefill workers on this host,
-        NIXL through the agent `nixl`, gRPC with anyone."""
+        NIXL through the agent `nixl`, gRPC with anyone; `limits` (key, timeout_s, min_mib_s) as the
+        constructor takes them."""
         built: dict[str, KvTransport] = {"shm": ShmTransport(channels, host),
                                          "grpc": GrpcTransport(channels, streams=grpc_streams)}
         if nixl is not None:
@@ -390,7 +415,7 @@ class KvReceiver:
         if missing:
             raise ValueError(f"no KV transport {', '.join(missing)} here (nixl needs an agent); known: "
                              f"{', '.join(TRANSPORT_NAMES)}")
-        return cls([built[name] for name in TRANSPORT_NAMES if name in names])
+        return cls([built[name] for name in TRANSPORT_NAMES if name in names], **limits)
 
     @property
     def kinds(self) -> list[int]:
@@ -403,9 +428,16 @@ class KvReceiver:
             if isinstance(transport, NixlTransport):
                 stats.nixl_registrations = transport.agent.registrations
 
-    @staticmethod
-    def check(handle: pb.KvHandle, *, prompt: Sequence[int], fingerprint: str, request_id: str) -> None:
-        """Refuse KV for another prompt, or from an engine whose cache this engine cannot read."""
+    def deadline_s(self, total_bytes: int) -> float:
+        """How long a pull of `total_bytes` may take, connecting and ending the lease included."""
+        return self.timeout_s + total_bytes / (self.min_mib_s * 2**20)
+
+    def check(self, handle: pb.KvHandle, *, prompt: Sequence[int], fingerprint: str, request_id: str,
+              max_bytes: int | None = None) -> None:
+        """Refuse a handle this deployment did not sign, KV for another prompt, from an engine whose cache
+        this engine cannot read, or larger than `max_bytes` (this engine's KV of the prompt)."""
+        if self.key is not None:
+            self.key.verify(handle, request_id=request_id)
         if not handle.endpoint or not handle.transfer_id:
             raise InvalidArgument("kv_handle needs the prefill worker's endpoint and a transfer id",
                                   request_id=request_id, reason="BAD_KV_HANDLE")
@@ -422,16 +454,29 @@ class KvReceiver:
                 f"KV handle comes from an incompatible engine ({handle.engine_fingerprint}); this decode "
                 f"worker runs {fingerprint}. {mismatch_hint(handle.engine_fingerprint, fingerprint)}",
                 request_id=request_id, reason="ENGINE_FINGERPRINT_MISMATCH")
+        if max_bytes is not None and handle.total_bytes > max_bytes:
+            raise InvalidArgument(
+                f"kv_handle claims {handle.total_bytes} bytes; this engine's KV of {len(prompt)} prompt tokens "
+                f"is at most {max_bytes}", request_id=request_id, reason="KV_HANDLE_TOO_LARGE")
 
     async def receive(self, handle: pb.KvHandle, *, prompt: Sequence[int], fingerprint: str, request_id: str,
-                      into_segment: bool = False, order: Sequence[int] = ()) -> ReceivedKv:
-        """The KV of `prompt` (token ids) for an engine with `fingerprint`, checked, its lease ended; in a new
-        shared-memory segment if `into_segment`. `order` names the transports to try (the
-        pair's, from the pairing table); empty tries all of this receiver's."""
-        self.check(handle, prompt=prompt, fingerprint=fingerprint, request_id=request_id)
+                      max_bytes: int | None = None, into_segment: bool = False, order: Sequence[int] = ()
+                      ) -> ReceivedKv:
+        """The KV of `prompt` (token ids) for an engine with `fingerprint` (at most `max_bytes` of it), checked,
+        its lease ended; in a new shared-memory segment if `into_segment`. `order` names the transports to
+        try (the pair's, from the pairing table); empty tries all of this receiver's."""
+        self.check(handle, prompt=prompt, fingerprint=fingerprint, request_id=request_id, max_bytes=max_bytes)
+        deadline = self.deadline_s(handle.total_bytes)
         with tracing.span("kv.transfer", **{"request.id": request_id, "kv.bytes": handle.total_bytes}) as span:
-            received = await self._take(handle, fingerprint=fingerprint, request_id=request_id,
-                                        into_segment=into_segment, order=order)
+            try:
+                async with asyncio.timeout(deadline):
+                    received = await self._take(handle, fingerprint=fingerprint, request_id=request_id,
+                                                into_segment=into_segment, order=order)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"the KV pull of {handle.total_bytes} bytes from {handle.endpoint} did not finish within "
+                    f"{deadline:.1f} s; the prefill worker may be overloaded or unreachable",
+                    request_id=request_id, reason="KV_PULL_TIMEOUT") from None
             if span is not None:
                 span.set_attribute("kv.transport", received.stats.path)
             return received

@@ -294,7 +294,12 @@ class Router:
                     log.warning("request %s: prefill worker %s unavailable (%s); prefilling on decode",
                                 request_id, worker.worker_id, error.details())
                     return None
-                raise from_rpc_error(error, request_id=request_id) from None
+                failure = from_rpc_error(error, request_id=request_id)
+                if failure.reason == "KV_HELD_LIMIT":  # its unpulled KV is at its limit: not this request's fault
+                    log.warning("request %s: prefill worker %s holds all the unpulled KV it may (%s); prefilling "
+                                "on decode", request_id, worker.worker_id, failure.message)
+                    return None
+                raise failure from None
         return response
 
     async def _decode(self, worker: pb.WorkerInfo, request_id: str, start: decode_pb.DecodeStart,

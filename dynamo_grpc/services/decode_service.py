@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # Failures of the pull itself, after which prefilling locally can still answer the request.
 PULL_FAILURES = frozenset({"KV_HANDLE_NOT_FOUND", "KV_HANDLE_EXPIRED", "BAD_PULL_TOKEN", "KV_TRANSFER_CORRUPT",
-                           "KV_TRANSFER_FAILED", "ENGINE_FINGERPRINT_MISMATCH"})
+                           "KV_TRANSFER_FAILED", "KV_PULL_TIMEOUT", "ENGINE_FINGERPRINT_MISMATCH"})
 
 
 class DecodeServicer(decode_grpc.DecodeServiceServicer):

@@ -195,7 +195,7 @@ class KvLayout(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., bytes_per_token: _Optional[int] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("transfer_id", "endpoint", "pull_token", "num_tokens", "layout", "engine_fingerprint", "lease_expires_at", "total_bytes", "crc32", "host", "shm_segment", "nixl", "prompt_digest", "shards")
+    __slots__ = ("transfer_id", "endpoint", "pull_token", "num_tokens", "layout", "engine_fingerprint", "lease_expires_at", "total_bytes", "crc32", "host", "shm_segment", "nixl", "prompt_digest", "shards", "mac")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     PULL_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,7 @@ class KvHandle(_message.Message):
     NIXL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     endpoint: str
     pull_token: str
@@ -224,7 +225,8 @@ class KvHandle(_message.Message):
     nixl: NixlSource
     prompt_digest: bytes
     shards: _containers.RepeatedCompositeFieldContainer[KvShard]
-    def __init__(self, transfer_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., pull_token: _Optional[str] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., engine_fingerprint: _Optional[str] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., host: _Optional[str] = ..., shm_segment: _Optional[str] = ..., nixl: _Optional[_Union[NixlSource, _Mapping]] = ..., prompt_digest: _Optional[bytes] = ..., shards: _Optional[_Iterable[_Union[KvShard, _Mapping]]] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, transfer_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., pull_token: _Optional[str] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., engine_fingerprint: _Optional[str] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., host: _Optional[str] = ..., shm_segment: _Optional[str] = ..., nixl: _Optional[_Union[NixlSource, _Mapping]] = ..., prompt_digest: _Optional[bytes] = ..., shards: _Optional[_Iterable[_Union[KvShard, _Mapping]]] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class KvShard(_message.Message):
     __slots__ = ("rank", "first_kv_head", "num_kv_heads", "offset", "size", "crc32")
