@@ -29,12 +29,14 @@ go_packages=(golang-go golang-google-grpc-dev golang-github-golang-protobuf-1-5-
 # nginx: the HTTP/2 proxy tests/test_mesh_nginx.py puts in front of a router (docs/mesh.md); openssl makes
 # the certificates of its TLS side.
 proxy_packages=(nginx openssl)
+# iproute2: `ip netns`, the hosts tests/test_netns_faults.py makes (as root) to fault a fleet across addresses.
+host_packages=(iproute2)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
-for package in "${cpp_packages[@]}" "${go_packages[@]}" "${proxy_packages[@]}"; do
+for package in "${cpp_packages[@]}" "${go_packages[@]}" "${proxy_packages[@]}" "${host_packages[@]}"; do
   installed "$package" || missing+=("$package")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
