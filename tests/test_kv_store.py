@@ -76,8 +76,10 @@ async def test_a_segment_of_tensor_parallel_shards_is_described_shard_by_shard()
     import os
 
     from dynamo_grpc.kv import shm
+    from dynamo_grpc.kv.handle_key import KvKey
 
-    store = LeasedKvStore(endpoint="e", host="h", ttl_s=30)
+    key = KvKey.generate()
+    store = LeasedKvStore(endpoint="e", host="h", ttl_s=30, key=key)
     segment = shm.new_segment_name()
     data = os.urandom(4096) + os.urandom(4096)
     shm.create(segment, len(data)).write(data)
@@ -86,6 +88,7 @@ async def test_a_segment_of_tensor_parallel_shards_is_described_shard_by_shard()
     assert handle.crc32 == zlib.crc32(data) and handle.total_bytes == len(data)
     assert [(s.rank, s.first_kv_head, s.offset, s.size, s.crc32) for s in handle.shards] == [
         (0, 0, 0, 4096, zlib.crc32(data[:4096])), (1, 1, 4096, 4096, zlib.crc32(data[4096:]))]
+    key.verify(handle, request_id="r")  # signed with its shards
     assert store.release(handle.transfer_id, handle.pull_token)
     shm.wait_released()  # freed pages go on a thread of their own
     assert shm.size_of(segment) is None

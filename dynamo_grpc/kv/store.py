@@ -90,11 +90,13 @@ class LeasedKvStore:
 
     def hold(self, *, data: bytes | memoryview, num_tokens: int, layout: pb.KvLayout, fingerprint: str,
              on_free: Callable[[], None] | None = None, ttl_s: float | None = None,
-             shm_segment: str = "", crc32: int | None = None, prompt: Sequence[int] = ()) -> pb.KvHandle:
+             shm_segment: str = "", crc32: int | None = None, prompt: Sequence[int] = (),
+             shards: Sequence[pb.KvShard] = ()) -> pb.KvHandle:
         """Keep `data` for one pull and return the handle that claims it; `shm_segment` names the
         shared memory behind `data` for a same-host decode worker to read in place. `crc32`, when the
         caller computed it off the event loop, saves computing it here. `prompt`, the token ids the KV is
-        of, goes in the handle as a digest."""
+        of, goes in the handle as a digest; `shards`, its tensor-parallel parts, as they are (all of it
+        is signed)."""
         ttl = self.ttl_s if ttl_s is None else ttl_s
         expires = timestamp_pb2.Timestamp()
         expires.FromNanoseconds(time.time_ns() + int(ttl * 1e9))
@@ -103,7 +105,7 @@ class LeasedKvStore:
             num_tokens=num_tokens, layout=layout, engine_fingerprint=fingerprint, lease_expires_at=expires,
             total_bytes=len(data), crc32=zlib_ng.crc32(data) if crc32 is None else crc32, host=self.host,
             shm_segment=shm_segment,
-            prompt_digest=prompt_digest(prompt) if prompt else b"",
+            prompt_digest=prompt_digest(prompt) if prompt else b"", shards=shards,
         )
         held = _Held(handle, data, on_free, registration=self._register(handle, data))
         if self.key is not None:
@@ -125,8 +127,7 @@ class LeasedKvStore:
         # The store drops its view on free; streams still sending keep theirs until they finish.
         handle = self.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=layout,
                            fingerprint=fingerprint, on_free=lambda: shm.release_soon(segment),
-                           shm_segment=segment, crc32=crc, prompt=prompt)
-        handle.shards.extend(described)
+                           shm_segment=segment, crc32=crc, prompt=prompt, shards=described)
         return handle
 
     def claim(self, transfer_id: str, pull_token: str, fingerprint: str) -> bytes | memoryview:
