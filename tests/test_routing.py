@@ -86,7 +86,10 @@ def test_the_index_finds_each_workers_longest_cached_prefix() -> None:
 @contextlib.asynccontextmanager
 async def fleet_of(etcd: EtcdServer, prefills: int, decodes: int, **engine: object
                    ) -> AsyncIterator[tuple[EtcdRegistry, list[RunningRole], list[RunningRole]]]:
-    config = dataclasses.replace(worker_config(block_size=BLOCK, **engine), server=ServerConfig(port=0))
+    # One router is every prefill worker's only caller, and these pools are a few prompts deep: the share of a
+    # pool one caller's unpulled KV may hold (a bound against rogue callers) would send prompts to decode.
+    config = dataclasses.replace(worker_config(block_size=BLOCK, **engine), server=ServerConfig(port=0),
+                                 kv_caller_fraction=1.0)
     registry = EtcdRegistry([etcd.endpoint], namespace="prefix-routing")
     await registry.connect()
     roles: list[RunningRole] = []
