@@ -19,7 +19,7 @@ import pytest_asyncio
 from dynamo_grpc.config import ServerConfig, WorkerConfig
 from dynamo_grpc.engine.vllm_engine import VllmEngineConfig
 from dynamo_grpc.registry import MemoryRegistry
-from tests.cluster import Stubs, deployed
+from tests.cluster import KV_KEY, Stubs, deployed
 from tests.hf_reference import hf_greedy
 from tests.real_engine import ONE_DEPLOYMENT_PER_MODULE
 from tests.test_vllm_disagg import GRPC_ONLY, MAX_TOKENS, decode, elsewhere, kv_bytes, prefill, scribble
@@ -34,7 +34,8 @@ PROMPTS: list[str | list[int]] = ["Hello", SENTENCE * 6, list(range(100, 100 + 2
 async def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stubs]:
     os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
     registry = MemoryRegistry()
-    config = WorkerConfig(server=ServerConfig(port=0), engine=VllmEngineConfig(
+    # The deployment's KV key is the one `elsewhere` signs the handles it alters with.
+    config = WorkerConfig(server=ServerConfig(port=0), kv_key=KV_KEY, engine=VllmEngineConfig(
         model_path=str(tiny_model_dir), max_num_seqs=4, tensor_parallel_size=2))
     try:
         async with deployed(config, registry, tokenizer=str(tiny_model_dir)) as stubs:
