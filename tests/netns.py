@@ -24,6 +24,8 @@ from types import TracebackType
 
 import pytest
 
+from dynamo_grpc.kv.shm import process_alive
+
 IP = "/usr/sbin/ip" if os.path.exists("/usr/sbin/ip") else "ip"
 PREFIX = "dgns"
 """Every namespace a run makes is called dgns-PID-RUN-HOST; its bridge has the alias `dgns pid=PID`."""
@@ -47,16 +49,6 @@ def require_root() -> None:
                     pytrace=False)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _kill_namespace(namespace: str) -> None:
     """SIGKILL whatever still runs in `namespace`, then delete it (which deletes its veth and the peer)."""
     pids = ip("netns", "pids", namespace, check=False).stdout.split()
@@ -72,12 +64,12 @@ def sweep() -> list[str]:
     for line in ip("netns", "list").stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         parts = name.split("-")
-        if len(parts) >= 4 and parts[0] == PREFIX and parts[1].isdigit() and not _alive(int(parts[1])):
+        if len(parts) >= 4 and parts[0] == PREFIX and parts[1].isdigit() and not process_alive(int(parts[1])):
             _kill_namespace(name)
             removed.append(name)
     for link in json.loads(ip("-j", "link", "show", "type", "bridge").stdout or "[]"):
         alias = link.get("ifalias", "")
-        if alias.startswith(f"{PREFIX} pid=") and not _alive(int(alias.split("=", 1)[1])):
+        if alias.startswith(f"{PREFIX} pid=") and not process_alive(int(alias.split("=", 1)[1])):
             ip("link", "del", link["ifname"], check=False)
             removed.append(link["ifname"])
     return removed

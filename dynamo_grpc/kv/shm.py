@@ -141,12 +141,13 @@ def sweep(prefix: str = SEGMENT_PREFIX) -> int:
     removed = 0
     for path in SHM_DIR.glob(f"{prefix}*"):
         pid = owner_pid(path.name, prefix)
-        if pid is not None and not _alive(pid):
+        if pid is not None and not process_alive(pid):
             removed += unlink(path.name)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

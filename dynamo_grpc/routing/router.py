@@ -10,9 +10,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
 
@@ -276,15 +276,20 @@ class Router:
         return error.code == grpc.StatusCode.UNAVAILABLE or (
             error.code == grpc.StatusCode.CANCELLED and not cancelled.is_set())
 
+    def _method(self, calls: dict[str, tuple[grpc.aio.Channel, Any]], endpoint: str,
+                make: Callable[[grpc.aio.Channel], Any]) -> Any:
+        """A stub method on `endpoint`'s channel, made at its first call and again once the channel is reset."""
+        channel = self._channels.get(endpoint)
+        cached = calls.get(endpoint)
+        if cached is None or cached[0] is not channel:
+            cached = calls[endpoint] = (channel, make(channel))
+        return cached[1]
+
     async def _prefill(self, worker: pb.WorkerInfo, request_id: str, params: pb.GenerationParams,
                        timeout: float | None, tokens: int) -> prefill_pb.PrefillResponse | None:
         """The KV handle and usage, or None when the prefill worker is gone (then decode prefills)."""
-        channel = self._channels.get(worker.endpoint)
-        cached = self._prefill_calls.get(worker.endpoint)
-        if cached is None or cached[0] is not channel:  # first call there, or its channel was reset
-            cached = (channel, prefill_grpc.PrefillServiceStub(channel).Prefill)
-            self._prefill_calls[worker.endpoint] = cached
-        prefill = cached[1]
+        prefill = self._method(self._prefill_calls, worker.endpoint,
+                               lambda channel: prefill_grpc.PrefillServiceStub(channel).Prefill)
         with self.fleet.busy(worker, tokens):
             try:
                 response = await prefill(prefill_pb.PrefillRequest(request_id=request_id, params=params),
@@ -306,12 +311,8 @@ class Router:
                       cancelled: CancelSignal, to_compute: int) -> AsyncIterator[decode_pb.DecodeResponse]:
         """The decode worker's stream; a cancel goes to the worker in-band the moment `cancelled` is set,
         and closing this stream early cancels the call, so the worker aborts the request either way."""
-        channel = self._channels.get(worker.endpoint)
-        cached = self._decode_calls.get(worker.endpoint)
-        if cached is None or cached[0] is not channel:  # first call there, or its channel was reset
-            cached = (channel, decode_grpc.DecodeServiceStub(channel).Decode)
-            self._decode_calls[worker.endpoint] = cached
-        decode = cached[1]
+        decode = self._method(self._decode_calls, worker.endpoint,
+                              lambda channel: decode_grpc.DecodeServiceStub(channel).Decode)
         with self.fleet.busy(worker, to_compute):
             call = decode(metadata=tracing.metadata())
 
