@@ -86,10 +86,11 @@ def test_the_index_finds_each_workers_longest_cached_prefix() -> None:
 @contextlib.asynccontextmanager
 async def fleet_of(etcd: EtcdServer, prefills: int, decodes: int, **engine: object
                    ) -> AsyncIterator[tuple[EtcdRegistry, list[RunningRole], list[RunningRole]]]:
-    # One router is every prefill worker's only caller, and these pools are a few prompts deep: the share of a
-    # pool one caller's unpulled KV may hold (a bound against rogue callers) would send prompts to decode.
+    # These pools are a few prompts deep, and one router is every prefill worker's only caller: the bounds on
+    # unpulled KV (against rogue callers: a share of the pool in all, and per caller) would send prompts to
+    # decode whenever a pull lags.
     config = dataclasses.replace(worker_config(block_size=BLOCK, **engine), server=ServerConfig(port=0),
-                                 kv_caller_fraction=1.0)
+                                 kv_held_fraction=1.0, kv_caller_fraction=1.0)
     registry = EtcdRegistry([etcd.endpoint], namespace="prefix-routing")
     await registry.connect()
     roles: list[RunningRole] = []
