@@ -37,8 +37,8 @@ _MAX_RETRY_S = 10.0
 DEFAULT_LOAD_POLL_S = 0.5
 
 DOWN_FOR_S = 5.0
-"""How long routing passes by a decode worker a call found unreachable; its registration outlives a crash
-by up to its lease TTL (10 s by default)."""
+"""How long routing passes by a worker a call found unreachable; its registration outlives a crash by up
+to its lease TTL (10 s by default)."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ class Fleet:
         self._first_snapshot = asyncio.Event()
         self._called_for_capacity = -math.inf
         self._down: dict[str, float] = {}
-        """Decode workers a call just found unreachable -> until when routing passes them by."""
+        """Workers a call just found unreachable -> until when routing passes them by."""
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._keep_following("workers", self._follow_workers)),
@@ -217,7 +217,7 @@ class Fleet:
         prefill_id, decode_id = choose_pair(sides, self.routing, load, view.hosts.__getitem__, turn)
         decode, prefill, policy = self.workers[decode_id], self.workers[prefill_id], self._policy
         transports = pair_transports(view.transports.get(prefill_id, ()), prefill, decode)
-        if not transports or uncached(decode_id) < policy.min_prompt_tokens or (
+        if not transports or uncached(decode_id) < policy.min_prompt_tokens or prefill_id in self._down or (
                 policy.max_prefill_queue and self._requests[prefill_id] >= policy.max_prefill_queue):
             return Route(decode=decode, prefill=None, uncached_tokens=uncached(decode_id))
         return Route(decode=decode, prefill=prefill, uncached_tokens=uncached(prefill_id),
@@ -325,8 +325,9 @@ class Fleet:
             self._first_snapshot.set()
 
     def mark_down(self, worker_id: str, for_s: float = DOWN_FOR_S) -> None:
-        """A call to the decode worker failed as if it were gone (refused, reset): route around it for `for_s`,
-        or until its record changes (a restart), rather than send every request to it until its lease ends."""
+        """A call to the worker failed as if it were gone (refused, reset): route around it for `for_s`, or
+        until its record changes (a restart), rather than send every request to it until its lease ends. A
+        decode worker is passed by; the decode worker paired with a prefill worker that is down prefills."""
         self._down[worker_id] = time.monotonic() + for_s
 
     def _excluding_down(self, exclude: Collection[str], candidates: Collection[str]) -> Collection[str]:

@@ -298,6 +298,7 @@ class Router:
                 if error.code() == grpc.StatusCode.UNAVAILABLE:
                     log.warning("request %s: prefill worker %s unavailable (%s); prefilling on decode",
                                 request_id, worker.worker_id, error.details())
+                    self.fleet.mark_down(worker.worker_id)
                     return None
                 failure = from_rpc_error(error, request_id=request_id)
                 if failure.reason == "KV_HELD_LIMIT":  # its unpulled KV is at its limit: not this request's fault
