@@ -125,10 +125,9 @@ class LeasedKvStore:
         # About 4 ms per 64 MiB: off the event loop (zlib-ng releases the GIL), so other requests go on.
         crc, described = await asyncio.to_thread(_checksums, memoryview(mapping), shards)
         # The store drops its view on free; streams still sending keep theirs until they finish.
-        handle = self.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=layout,
-                           fingerprint=fingerprint, on_free=lambda: shm.release_soon(segment),
-                           shm_segment=segment, crc32=crc, prompt=prompt, shards=described)
-        return handle
+        return self.hold(data=memoryview(mapping), num_tokens=num_tokens, layout=layout,
+                         fingerprint=fingerprint, on_free=lambda: shm.release_soon(segment),
+                         shm_segment=segment, crc32=crc, prompt=prompt, shards=described)
 
     def claim(self, transfer_id: str, pull_token: str, fingerprint: str) -> bytes | memoryview:
         """The held bytes, if the caller proves it may have them."""
@@ -150,8 +149,7 @@ class LeasedKvStore:
             if require_held:
                 raise
             return False
-        self._free(transfer_id, "released")
-        self.transfers_completed += 1
+        self._complete(transfer_id)
         return True
 
     def sent(self, transfer_id: str, pull_token: str, start: int, end: int) -> bool:
@@ -169,9 +167,13 @@ class LeasedKvStore:
             covered = max(covered, last)
         if covered < len(held.data):
             return False
+        self._complete(transfer_id)
+        return True
+
+    def _complete(self, transfer_id: str) -> None:
+        """Free a transfer its puller has taken."""
         self._free(transfer_id, "released")
         self.transfers_completed += 1
-        return True
 
     def set_limits(self, *, pool_bytes: int, held_fraction: float, caller_fraction: float) -> None:
         """Let held transfers take at most `held_fraction` of a KV pool of `pool_bytes`, and those handed

@@ -343,12 +343,13 @@ class Fleet:
     def _reset_renewed(self, snapshot: dict[str, pb.WorkerInfo]) -> None:
         """A worker record new to this view, or changed, is a process (re)started at its endpoint: channels
         to that endpoint may be waiting out a reconnect backoff from the process that was there before, so
-        they are made afresh and the next call connects at once."""
+        they are made afresh and the next call connects at once, and a mark of it as down ends."""
         for worker_id, worker in snapshot.items():
             before = self.workers.get(worker_id)
-            if before is not worker and before != worker:
-                self._down.pop(worker_id, None)
-            if before is not worker and before != worker and self._channels.reset(worker.endpoint):
+            if before is worker or before == worker:
+                continue
+            self._down.pop(worker_id, None)
+            if self._channels.reset(worker.endpoint):
                 log.info("fleet: worker %s (re)started at %s; reconnecting to it", worker_id, worker.endpoint)
 
     def _follow_each_worker(self) -> None:
